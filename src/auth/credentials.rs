@@ -1,0 +1,193 @@
+//! The three ways a ClickHouse HTTP client presents credentials: HTTP Basic auth,
+//! `X-ClickHouse-User`/`X-ClickHouse-Key` headers, and `user`/`password` URL parameters.
+
+use http::HeaderMap;
+use percent_encoding::percent_decode_str;
+
+/// Credentials a client presented. The password is kept only for verification.
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CredentialsError {
+    #[error("it is not allowed to use more than one authentication method (Authorization header, X-ClickHouse-User/Key headers, user/password parameters) in one request")]
+    Ambiguous,
+    #[error("the Authorization header is not valid HTTP Basic authentication")]
+    MalformedBasic,
+    #[error("credentials are not valid UTF-8")]
+    NotUtf8,
+}
+
+/// Finds the credentials in a request. ClickHouse's rules: one method per request; with no
+/// credentials at all the user is `default` with an empty password.
+pub fn extract(headers: &HeaderMap, query: Option<&str>) -> Result<Credentials, CredentialsError> {
+    let basic = headers.get(http::header::AUTHORIZATION);
+    let header_user = headers.get("x-clickhouse-user");
+    let header_key = headers.get("x-clickhouse-key");
+    let (mut url_user, mut url_password) = (None, None);
+    for (name, value) in query_pairs(query) {
+        match name.as_ref() {
+            "user" => url_user = Some(value),
+            "password" => url_password = Some(value),
+            _ => {}
+        }
+    }
+    let methods = [
+        basic.is_some(),
+        header_user.is_some() || header_key.is_some(),
+        url_user.is_some() || url_password.is_some(),
+    ];
+    if methods.iter().filter(|m| **m).count() > 1 {
+        return Err(CredentialsError::Ambiguous);
+    }
+    if let Some(value) = basic {
+        return parse_basic(value.as_bytes());
+    }
+    if header_user.is_some() || header_key.is_some() {
+        let to_string = |v: Option<&http::HeaderValue>| -> Result<String, CredentialsError> {
+            v.map(|v| std::str::from_utf8(v.as_bytes()).map(str::to_owned))
+                .transpose()
+                .map_err(|_| CredentialsError::NotUtf8)
+                .map(Option::unwrap_or_default)
+        };
+        return Ok(Credentials {
+            user: non_empty_or_default(to_string(header_user)?),
+            password: to_string(header_key)?,
+        });
+    }
+    Ok(Credentials {
+        user: non_empty_or_default(url_user.unwrap_or_default()),
+        password: url_password.unwrap_or_default(),
+    })
+}
+
+fn non_empty_or_default(user: String) -> String {
+    if user.is_empty() {
+        "default".to_string()
+    } else {
+        user
+    }
+}
+
+fn parse_basic(value: &[u8]) -> Result<Credentials, CredentialsError> {
+    use base64::Engine as _;
+    let value = std::str::from_utf8(value).map_err(|_| CredentialsError::MalformedBasic)?;
+    let (scheme, encoded) = value
+        .trim()
+        .split_once(' ')
+        .ok_or(CredentialsError::MalformedBasic)?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(CredentialsError::MalformedBasic);
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|_| CredentialsError::MalformedBasic)?;
+    let decoded = String::from_utf8(decoded).map_err(|_| CredentialsError::NotUtf8)?;
+    let (user, password) = decoded
+        .split_once(':')
+        .ok_or(CredentialsError::MalformedBasic)?;
+    Ok(Credentials {
+        user: non_empty_or_default(user.to_string()),
+        password: password.to_string(),
+    })
+}
+
+/// Decoded `name=value` pairs of a URL query string (`+` is a space, as in HTML forms,
+/// which is how ClickHouse reads them).
+pub fn query_pairs(
+    query: Option<&str>,
+) -> impl Iterator<Item = (std::borrow::Cow<'_, str>, String)> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode_component(name).into(), decode_component(value))
+        })
+}
+
+/// Percent-decodes one query component, with `+` as space. Invalid UTF-8 is replaced, never
+/// an error: the raw component is what gets forwarded.
+pub fn decode_component(s: &str) -> String {
+    if !s.contains(['%', '+']) {
+        return s.to_string();
+    }
+    let spaced = s.replace('+', " ");
+    percent_decode_str(&spaced).decode_utf8_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn basic_auth() {
+        // "bi:p:ss" - a password may contain ':'.
+        let h = headers(&[("authorization", "Basic Ymk6cDpzcw==")]);
+        let c = extract(&h, Some("query=SELECT+1")).unwrap();
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("bi", "p:ss"));
+        let h = headers(&[("authorization", "Basic !!!")]);
+        assert_eq!(
+            extract(&h, None).unwrap_err(),
+            CredentialsError::MalformedBasic
+        );
+        let h = headers(&[("authorization", "Bearer abc")]);
+        assert_eq!(
+            extract(&h, None).unwrap_err(),
+            CredentialsError::MalformedBasic
+        );
+    }
+
+    #[test]
+    fn clickhouse_headers_and_url_parameters() {
+        let h = headers(&[("x-clickhouse-user", "etl"), ("x-clickhouse-key", "k")]);
+        let c = extract(&h, None).unwrap();
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("etl", "k"));
+        let c = extract(&HeaderMap::new(), Some("user=etl&password=a%26b+c&query=x")).unwrap();
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("etl", "a&b c"));
+    }
+
+    #[test]
+    fn no_credentials_means_default_user() {
+        let c = extract(&HeaderMap::new(), Some("query=SELECT+1")).unwrap();
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("default", ""));
+    }
+
+    #[test]
+    fn two_methods_are_refused() {
+        let h = headers(&[("authorization", "Basic Ymk6cA==")]);
+        assert_eq!(
+            extract(&h, Some("user=x&password=y")).unwrap_err(),
+            CredentialsError::Ambiguous
+        );
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let c = Credentials {
+            user: "u".into(),
+            password: "hunter2".into(),
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,174 @@
+//! The command line: `chgate proxy | config check | passwd | version`.
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "chgate", version, about = "A ClickHouse-aware gateway")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CHGATE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy: ClickHouse's HTTP interface with mapped accounts in front of a cluster.
+    Proxy {
+        /// The config file (TOML).
+        #[arg(long, short, env = "CHGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Work with config files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Hash a client password for a user's `password_hash`. Reads the password from the
+    /// terminal (twice), or from standard input with --stdin.
+    Passwd {
+        /// Read the password from standard input (up to the first newline).
+        #[arg(long)]
+        stdin: bool,
+    },
+    /// Print the version.
+    Version,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file; print every problem with its key and reason.
+    Check { file: PathBuf },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Version => {
+            println!("chgate {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => match crate::config::load(&file) {
+            Ok(v) => {
+                println!(
+                    "{}: ok ({} users, {} clusters)",
+                    file.display(),
+                    v.config.users.len(),
+                    v.config.clusters.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                print_problems(&file, &problems);
+                ExitCode::FAILURE
+            }
+        },
+        Command::Passwd { stdin } => passwd(stdin),
+        Command::Proxy { config } => {
+            // Validate fully before building a runtime or binding anything.
+            let validated = match crate::config::load(&config) {
+                Ok(v) => v,
+                Err(problems) => {
+                    print_problems(&config, &problems);
+                    return ExitCode::FAILURE;
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("chgate-worker")
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("chgate: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(crate::proxy::run(config, validated)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("chgate: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn print_problems(file: &std::path::Path, problems: &[crate::config::Problem]) {
+    for p in problems {
+        eprintln!("{}: {p}", file.display());
+    }
+    eprintln!(
+        "{}: {} problem{} found",
+        file.display(),
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+}
+
+fn passwd(from_stdin: bool) -> ExitCode {
+    let password = if from_stdin || !std::io::stdin().is_terminal() {
+        let mut s = String::new();
+        if let Err(e) = std::io::stdin().read_to_string(&mut s) {
+            eprintln!("chgate passwd: cannot read standard input: {e}");
+            return ExitCode::FAILURE;
+        }
+        s.lines().next().unwrap_or("").to_string()
+    } else {
+        let first = rpassword::prompt_password("Password: ");
+        let second = rpassword::prompt_password("Again: ");
+        match (first, second) {
+            (Ok(a), Ok(b)) if a == b => a,
+            (Ok(_), Ok(_)) => {
+                eprintln!("chgate passwd: the passwords differ");
+                return ExitCode::FAILURE;
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("chgate passwd: cannot read the password: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    if password.is_empty() {
+        eprintln!("chgate passwd: refusing to hash an empty password");
+        return ExitCode::FAILURE;
+    }
+    match crate::auth::hash_password(&password) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("chgate passwd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

@@ -1,0 +1,381 @@
+//! Whole-config validation: every problem is reported with its key, none is fatal alone.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use argon2::PasswordHash;
+
+use super::Config;
+use crate::secret::Secret;
+
+/// One thing wrong with a config: where (a dotted key path) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(super) fn from_toml(e: &toml::de::Error) -> Self {
+        // toml reports "TOML parse error at line L, column C" plus a caret drawing; keep the
+        // position and the reason on one line.
+        let message = e.message().to_string();
+        let location = e
+            .span()
+            .map(|s| format!(" (at byte {})", s.start))
+            .unwrap_or_default();
+        Self::new("", format!("{message}{location}"))
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// A config that passed validation, with what validation had to load to be sure: the
+/// cluster account secrets and the TLS server config.
+#[derive(Clone)]
+pub struct Validated {
+    pub config: Config,
+    /// Keyed by (cluster, account).
+    pub secrets: BTreeMap<(String, String), Secret>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl fmt::Debug for Validated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Validated")
+            .field("config", &self.config)
+            .field("secrets", &self.secrets.len())
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// Names of users, clusters and accounts appear in URLs, metric labels and upstream session
+/// ids: keep them to a safe alphabet.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@'))
+}
+
+pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut p = |key: String, message: String| problems.push(Problem::new(key, message));
+
+    // Listeners.
+    if config.proxy.http_listen.is_none() && config.proxy.tls.is_none() {
+        p(
+            "proxy".into(),
+            "no client listener: set proxy.http_listen and/or [proxy.tls]".into(),
+        );
+    }
+    if let (Some(http), Some(tls)) = (config.proxy.http_listen, &config.proxy.tls) {
+        if http == tls.listen {
+            p(
+                "proxy.tls.listen".into(),
+                format!("{http} is already proxy.http_listen"),
+            );
+        }
+    }
+    if let (Some(admin), Some(http)) = (config.admin.listen, config.proxy.http_listen) {
+        if admin == http {
+            p(
+                "admin.listen".into(),
+                format!("{admin} is already proxy.http_listen"),
+            );
+        }
+    }
+    if config.proxy.drain_timeout.is_zero() {
+        p(
+            "proxy.drain_timeout".into(),
+            "must be greater than zero".into(),
+        );
+    }
+    if config.proxy.header_read_timeout.is_zero() {
+        p(
+            "proxy.header_read_timeout".into(),
+            "must be greater than zero".into(),
+        );
+    }
+
+    let tls = config.proxy.tls.as_ref().and_then(|tls| {
+        crate::tls::server_config(&base.join(&tls.cert_file), &base.join(&tls.key_file))
+            .map_err(|e| p("proxy.tls".into(), e.to_string()))
+            .ok()
+    });
+
+    // Auth policy.
+    let auth = &config.auth;
+    if auth.failure_window.is_zero() {
+        p(
+            "auth.failure_window".into(),
+            "must be greater than zero".into(),
+        );
+    }
+    if auth.base_delay > auth.max_delay {
+        p(
+            "auth.base_delay".into(),
+            "must not exceed auth.max_delay".into(),
+        );
+    }
+    if auth.max_concurrent_verifications == 0 {
+        p(
+            "auth.max_concurrent_verifications".into(),
+            "must be at least 1".into(),
+        );
+    }
+
+    // Upstream.
+    let up = &config.upstream;
+    for (key, value) in [
+        ("upstream.connect_timeout", up.connect_timeout),
+        ("upstream.down_backoff_min", up.down_backoff_min),
+    ] {
+        if value.is_zero() {
+            p(key.into(), "must be greater than zero".into());
+        }
+    }
+    if up.down_backoff_min > up.down_backoff_max {
+        p(
+            "upstream.down_backoff_min".into(),
+            "must not exceed upstream.down_backoff_max".into(),
+        );
+    }
+    if up.max_attempts == 0 {
+        p("upstream.max_attempts".into(), "must be at least 1".into());
+    }
+
+    // Clusters and their accounts.
+    let mut secrets = BTreeMap::new();
+    if config.clusters.is_empty() {
+        p("clusters".into(), "at least one cluster is required".into());
+    }
+    for (name, cluster) in &config.clusters {
+        let key = format!("clusters.{name}");
+        if !valid_name(name) {
+            p(
+                key.clone(),
+                "cluster names use letters, digits, '_', '-', '.', '@' (at most 64)".into(),
+            );
+        }
+        if cluster.shards.is_empty() {
+            p(
+                format!("{key}.shards"),
+                "at least one shard is required".into(),
+            );
+        }
+        let mut seen = HashSet::new();
+        for (i, shard) in cluster.shards.iter().enumerate() {
+            let skey = format!("{key}.shards[{i}]");
+            if shard.replicas.is_empty() {
+                p(
+                    format!("{skey}.replicas"),
+                    "at least one replica is required".into(),
+                );
+            }
+            for (j, r) in shard.replicas.iter().enumerate() {
+                let rkey = format!("{skey}.replicas[{j}]");
+                if r.host.trim().is_empty() {
+                    p(format!("{rkey}.host"), "must not be empty".into());
+                }
+                if r.http_port == 0 {
+                    p(format!("{rkey}.http_port"), "must not be 0".into());
+                }
+                if !seen.insert((r.host.clone(), r.http_port)) {
+                    p(
+                        rkey,
+                        format!("{}:{} appears twice in cluster {name}", r.host, r.http_port),
+                    );
+                }
+            }
+        }
+        if cluster.accounts.is_empty() {
+            p(
+                format!("{key}.accounts"),
+                "at least one account is required".into(),
+            );
+        }
+        for (acc_name, acc) in &cluster.accounts {
+            let akey = format!("{key}.accounts.{acc_name}");
+            if acc.user.is_empty() {
+                p(format!("{akey}.user"), "must not be empty".into());
+            }
+            match crate::secret::load(
+                acc.password_env.as_deref(),
+                acc.password_file.as_deref(),
+                base,
+            ) {
+                Ok(secret) => {
+                    secrets.insert((name.clone(), acc_name.clone()), secret);
+                }
+                Err(e) => p(akey, e.to_string()),
+            }
+        }
+    }
+
+    // Users.
+    if config.users.is_empty() {
+        p("users".into(), "at least one user is required".into());
+    }
+    for (name, user) in &config.users {
+        let key = format!("users.{name}");
+        if !valid_name(name) {
+            p(
+                key.clone(),
+                "user names use letters, digits, '_', '-', '.', '@' (at most 64)".into(),
+            );
+        }
+        match PasswordHash::new(&user.password_hash) {
+            Ok(h) if h.algorithm.as_str().starts_with("argon2") => {}
+            Ok(h) => p(
+                format!("{key}.password_hash"),
+                format!(
+                    "algorithm {} is not accepted; use an Argon2 hash from `chgate passwd`",
+                    h.algorithm
+                ),
+            ),
+            Err(e) => p(
+                format!("{key}.password_hash"),
+                format!("not a PHC password hash ({e}); make one with `chgate passwd`"),
+            ),
+        }
+        match config.clusters.get(&user.cluster) {
+            None => p(
+                format!("{key}.cluster"),
+                format!(
+                    "unknown cluster {:?} (known: {})",
+                    user.cluster,
+                    join_keys(&config.clusters)
+                ),
+            ),
+            Some(cluster) if !cluster.accounts.contains_key(&user.account) => p(
+                format!("{key}.account"),
+                format!(
+                    "cluster {} has no account {:?} (known: {})",
+                    user.cluster,
+                    user.account,
+                    join_keys(&cluster.accounts)
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
+
+    if problems.is_empty() {
+        Ok(Validated {
+            config,
+            secrets,
+            tls,
+        })
+    } else {
+        Err(problems)
+    }
+}
+
+fn join_keys<V>(map: &BTreeMap<String, V>) -> String {
+    if map.is_empty() {
+        return "none".into();
+    }
+    map.keys().cloned().collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0Q0cBJqm8bGZ0c2r0l1f0mYvSxQ2nM+4rW3W1QqkQ3E";
+
+    fn parse(text: &str) -> Result<Validated, Vec<Problem>> {
+        super::super::parse(text, Path::new("."))
+    }
+
+    fn good() -> String {
+        format!(
+            r#"
+            [clusters.demo]
+            shards = [{{ replicas = [{{ host = "127.0.0.11" }}, {{ host = "127.0.0.12" }}] }}]
+            [clusters.demo.accounts.chgate]
+            user = "chgate"
+            password_env = "CHGATE_TEST_SECRET_VALIDATE"
+            [users.bi]
+            password_hash = "{HASH}"
+            cluster = "demo"
+            account = "chgate"
+            readonly = true
+            networks = ["127.0.0.0/8"]
+            "#
+        )
+    }
+
+    #[test]
+    fn accepts_a_good_config() {
+        std::env::set_var("CHGATE_TEST_SECRET_VALIDATE", "s3cret");
+        let v = parse(&good()).expect("valid");
+        assert_eq!(v.config.users["bi"].networks.len(), 1);
+        assert_eq!(v.secrets.len(), 1);
+        // The secret never shows in Debug output.
+        assert!(!format!("{v:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_key() {
+        std::env::set_var("CHGATE_TEST_SECRET_VALIDATE", "s3cret");
+        let text = good()
+            .replace("cluster = \"demo\"", "cluster = \"dmo\"")
+            .replace(HASH, "plaintext")
+            .replace("[{ host = \"127.0.0.12\" }]", "[]");
+        let problems = parse(&text).unwrap_err();
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"users.bi.password_hash"), "{problems:?}");
+        assert!(keys.contains(&"users.bi.cluster"), "{problems:?}");
+        let cluster = problems
+            .iter()
+            .find(|p| p.key == "users.bi.cluster")
+            .unwrap();
+        assert!(cluster.message.contains("known: demo"), "{cluster}");
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        let problems = parse("[proxy]\nhttp_listen = \"nope\"\n").unwrap_err();
+        assert!(
+            problems[0].message.contains("invalid socket address"),
+            "{problems:?}"
+        );
+        let problems = parse("[proxy]\nlisten_http = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(
+            problems[0].message.contains("unknown field"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn missing_secret_is_a_problem_not_a_panic() {
+        let text = good().replace(
+            "password_env = \"CHGATE_TEST_SECRET_VALIDATE\"",
+            "password_env = \"CHGATE_TEST_SECRET_NOT_SET\"",
+        );
+        let problems = parse(&text).unwrap_err();
+        assert_eq!(problems[0].key, "clusters.demo.accounts.chgate");
+        assert!(problems[0].message.contains("CHGATE_TEST_SECRET_NOT_SET"));
+    }
+}

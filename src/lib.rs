@@ -1,0 +1,27 @@
+//! chgate: a ClickHouse-aware gateway.
+//!
+//! A tour, following a request through `chgate proxy`:
+//!
+//! - [`cli`] parses the command line; `main.rs` only calls [`cli::main`].
+//! - [`config`] turns a TOML file into typed, fully validated settings ([`config::load`]);
+//!   [`secret`] loads cluster account passwords from the environment or files.
+//! - [`proxy::server`] binds the listeners and runs one task per client connection;
+//!   [`proxy::handler`](proxy) takes each request through
+//!   - [`auth`]: which credentials it carries, whether they are right, throttling failures;
+//!   - policy: read-only users ([`proxy::sql`] tells reads from writes), allowed networks;
+//!   - rewriting for the mapped cluster account, then [`upstream`]: picking a node of the
+//!     user's cluster, pooled connections, retrying a read on another node;
+//!   - streaming the response back ([`proxy::body`]).
+//! - [`admin`] serves `/metrics`, `/healthz` and `/readyz` on its own thread;
+//!   [`metrics`] defines what is exported.
+//! - [`tls`] builds the HTTPS listener's rustls config.
+
+pub mod admin;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod proxy;
+pub mod secret;
+pub mod tls;
+pub mod upstream;

@@ -1,0 +1,562 @@
+//! One HTTP request, through its stages: authenticate the client, apply its policy, rewrite
+//! the request for the cluster account, look at just enough of the body to know what the
+//! statement is, then send it to a node (retrying a read elsewhere if the node fails before
+//! answering) and stream the answer back.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::body::{Exchange, ReqBody, RespBody, UpstreamBody};
+use super::error::ClientError;
+use super::sql::{classify, StatementKind};
+use super::state::{Proxy, User};
+use crate::auth::credentials::{decode_component, extract};
+use crate::metrics::METRICS;
+use crate::upstream::{Node, UpstreamError};
+
+/// Bytes of a request body read at most to find the first keyword of the statement.
+const SNIFF_LIMIT: usize = 64 * 1024;
+
+/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus `expect`: the
+/// proxy answers `100-continue` itself.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+];
+
+/// Client credentials, never forwarded.
+const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "x-clickhouse-user",
+    "x-clickhouse-key",
+    "x-clickhouse-ssl-certificate-auth",
+];
+
+impl Proxy {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<RespBody> {
+        match req.uri().path() {
+            "/" => {}
+            "/ping" if matches!(*req.method(), Method::GET | Method::HEAD) => {
+                let mut resp = Response::new(RespBody::full("Ok.\n"));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/html; charset=UTF-8"),
+                );
+                return resp;
+            }
+            other => {
+                let e = ClientError::UnknownHandler(other.chars().take(128).collect());
+                return self.error_response(e, "-");
+            }
+        }
+        let started = Instant::now();
+        METRICS.http_in_flight.inc();
+        let (user, result) = self.query(req, peer.ip(), started).await;
+        match result {
+            // The in-flight gauge is decremented by the response body's `Exchange`.
+            Ok(resp) => resp,
+            Err(e) => {
+                METRICS.http_in_flight.dec();
+                self.error_response(e, user.as_deref().unwrap_or("-"))
+            }
+        }
+    }
+
+    fn error_response(&self, e: ClientError, user: &str) -> Response<RespBody> {
+        let resp = e.to_response();
+        METRICS.http_errors.with_label_values(&[e.kind()]).inc();
+        METRICS
+            .http_requests
+            .with_label_values(&[user, resp.status().as_str(), "-"])
+            .inc();
+        if self.settings.access_log {
+            tracing::info!(target: "chgate::access", user, status = resp.status().as_u16(), error = e.kind(), "Request refused");
+        }
+        resp
+    }
+
+    /// Returns the authenticated user's name (for labelling errors) and the response.
+    async fn query(
+        &self,
+        req: Request<Incoming>,
+        ip: IpAddr,
+        started: Instant,
+    ) -> (Option<Arc<str>>, Result<Response<RespBody>, ClientError>) {
+        let user = match self.authenticate(&req, ip).await {
+            Ok(user) => user,
+            Err(e) => return (None, Err(e)),
+        };
+        let name = user.name.clone();
+        (Some(name), self.forward(req, user, ip, started).await)
+    }
+
+    async fn authenticate(
+        &self,
+        req: &Request<Incoming>,
+        ip: IpAddr,
+    ) -> Result<Arc<User>, ClientError> {
+        let creds = extract(req.headers(), req.uri().query()).map_err(|e| {
+            METRICS
+                .auth_failures
+                .with_label_values(&["bad_credentials"])
+                .inc();
+            ClientError::BadCredentials(e)
+        })?;
+        if let Some(delay) = self.throttle.delay(ip) {
+            tokio::time::sleep(delay).await;
+        }
+        let state = self.state.load();
+        let Some(user) = state.users.get(creds.user.as_str()).cloned() else {
+            self.verifier.reject_unknown(&creds.password).await;
+            self.throttle.failure(ip);
+            METRICS
+                .auth_failures
+                .with_label_values(&["unknown_user"])
+                .inc();
+            return Err(ClientError::AuthFailed { user: creds.user });
+        };
+        if !self.verifier.verify(&user.password, &creds.password).await {
+            self.throttle.failure(ip);
+            METRICS
+                .auth_failures
+                .with_label_values(&["bad_password"])
+                .inc();
+            return Err(ClientError::AuthFailed { user: creds.user });
+        }
+        self.throttle.success(ip);
+        if !user.networks.is_empty() && !user.networks.iter().any(|n| n.contains(&ip)) {
+            METRICS
+                .auth_failures
+                .with_label_values(&["network_not_allowed"])
+                .inc();
+            return Err(ClientError::NetworkNotAllowed {
+                user: creds.user,
+                ip,
+            });
+        }
+        Ok(user)
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        user: Arc<User>,
+        ip: IpAddr,
+        started: Instant,
+    ) -> Result<Response<RespBody>, ClientError> {
+        let (parts, mut body) = req.into_parts();
+        let rewritten = rewrite_query(parts.uri.query(), &user, &parts.method);
+        let headers = upstream_headers(&parts.headers, &user, ip);
+        // The body cannot be read by us if it is compressed: by Content-Encoding, or in
+        // ClickHouse's own block format (`decompress=1`).
+        let opaque = rewritten.decompress || parts.headers.contains_key(header::CONTENT_ENCODING);
+
+        // What is the statement? The `query` parameter comes first; ClickHouse appends the
+        // body to it, so the body only matters while the parameter is blank or a comment.
+        let mut head = BytesMut::new();
+        let mut ended = body.is_end_stream();
+        let param = rewritten.query.as_deref().unwrap_or("").as_bytes();
+        let mut kind = classify(param, ended);
+        // Unknown: compressed, so we could not tell; treated as a write for retries.
+        let unknown = kind == StatementKind::Incomplete && opaque;
+        if unknown {
+            kind = StatementKind::Write;
+        }
+        while kind == StatementKind::Incomplete {
+            ended = read_more(&mut body, &mut head, SNIFF_LIMIT).await?;
+            kind = if param.is_empty() {
+                classify(&head, ended || head.len() >= SNIFF_LIMIT)
+            } else {
+                let mut joined = Vec::with_capacity(param.len() + 1 + head.len());
+                joined.extend_from_slice(param);
+                joined.push(b'\n');
+                joined.extend_from_slice(&head);
+                classify(&joined, ended || head.len() >= SNIFF_LIMIT)
+            };
+        }
+        // Read-only users: refuse what is not a read. A compressed body we cannot look into
+        // still meets the server-side guard (`readonly=1`, or GET's implied readonly).
+        if user.readonly && kind == StatementKind::Write && !unknown {
+            return Err(ClientError::ReadOnly {
+                user: user.name.to_string(),
+            });
+        }
+        // A read small enough to keep is kept whole, so it can be sent again elsewhere.
+        let limit = self.settings.max_replay_body_bytes;
+        if kind == StatementKind::Read && !ended {
+            ended = read_more(&mut body, &mut head, limit).await?;
+            while !ended && head.len() < limit {
+                ended = read_more(&mut body, &mut head, limit).await?;
+            }
+        }
+        let head = head.freeze();
+        user.request_bytes.inc_by(head.len() as u64);
+        let mut payload = if ended {
+            Payload::Replayable(head)
+        } else {
+            Payload::Streaming(Some(ReqBody::Stream {
+                head: (!head.is_empty()).then_some(head),
+                rest: body,
+                counted: user.request_bytes.clone(),
+            }))
+        };
+        let retry_reads = kind == StatementKind::Read;
+
+        let uri: Uri = rewritten
+            .path_and_query
+            .parse()
+            .map_err(|_| ClientError::RequestBody("the request URI cannot be forwarded".into()))?;
+        let cluster = &user.cluster;
+        let candidates = cluster.candidates(rewritten.session.as_deref());
+        let mut tried = 0usize;
+        let mut sent = 0usize;
+        for node in candidates {
+            let mut sender = match node.checkout().await {
+                Ok(s) => s,
+                Err(e) => {
+                    note_failure(&node, &e);
+                    tried += 1;
+                    continue;
+                }
+            };
+            tried += 1;
+            let Some(req_body) = payload.next_body() else {
+                break;
+            };
+            let mut builder = Request::builder()
+                .method(parts.method.clone())
+                .uri(uri.clone());
+            if let Some(h) = builder.headers_mut() {
+                h.clone_from(&headers);
+                h.insert(header::HOST, node.authority.clone());
+            }
+            let upstream_req = builder
+                .body(req_body)
+                .map_err(|_| ClientError::RequestBody("the request cannot be forwarded".into()))?;
+            node.in_flight.inc();
+            sent += 1;
+            match sender.send_request(upstream_req).await {
+                Ok(resp) => {
+                    node.mark_up();
+                    return Ok(self.respond(
+                        resp,
+                        sender,
+                        node,
+                        &user,
+                        rewritten.query_id,
+                        started,
+                        sent,
+                    ));
+                }
+                Err(e) => {
+                    node.in_flight.dec();
+                    let e = UpstreamError::Send(e);
+                    note_failure(&node, &e);
+                    let replayable = matches!(payload, Payload::Replayable(_));
+                    if !(retry_reads && replayable) {
+                        return Err(ClientError::UpstreamFailed {
+                            reason: "connection lost",
+                            why: if retry_reads {
+                                "had a body too large to keep for a retry"
+                            } else {
+                                "is not a read, and might have been executed"
+                            },
+                        });
+                    }
+                    if sent >= self.settings.max_attempts {
+                        break;
+                    }
+                    METRICS.http_retries.with_label_values(&[&node.label]).inc();
+                }
+            }
+        }
+        Err(ClientError::NoNodeAvailable {
+            cluster: cluster.name.clone(),
+            tried,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn respond(
+        &self,
+        resp: Response<Incoming>,
+        sender: hyper::client::conn::http1::SendRequest<ReqBody>,
+        node: Arc<Node>,
+        user: &User,
+        query_id: String,
+        started: Instant,
+        attempts: usize,
+    ) -> Response<RespBody> {
+        let (mut parts, inner) = resp.into_parts();
+        strip(&mut parts.headers, HOP_BY_HOP);
+        // 18.16 does not send the query id back; later versions do. Either way the client
+        // gets it.
+        if !parts.headers.contains_key("x-clickhouse-query-id") {
+            if let Ok(v) = HeaderValue::from_str(&query_id) {
+                parts.headers.insert("x-clickhouse-query-id", v);
+            }
+        }
+        METRICS
+            .http_requests
+            .with_label_values(&[&user.name, parts.status.as_str(), &node.label])
+            .inc();
+        let exchange = Exchange {
+            user: user.name.clone(),
+            node: node.clone(),
+            status: parts.status.as_u16(),
+            query_id,
+            started,
+            bytes_out: 0,
+            response_bytes: user.response_bytes.clone(),
+            duration: user.duration.clone(),
+            access_log: self.settings.access_log,
+            attempts: attempts as u32,
+        };
+        if inner.is_end_stream() {
+            node.checkin(sender);
+            drop(exchange);
+            return Response::from_parts(parts, RespBody::Full(None));
+        }
+        Response::from_parts(
+            parts,
+            RespBody::Upstream(Box::new(UpstreamBody::new(inner, sender, exchange))),
+        )
+    }
+}
+
+fn note_failure(node: &Node, e: &UpstreamError) {
+    METRICS
+        .upstream_errors
+        .with_label_values(&[&node.label, e.kind()])
+        .inc();
+    node.mark_down(e);
+}
+
+/// The request body across attempts: a kept body can be sent any number of times, a
+/// streamed one once.
+enum Payload {
+    Replayable(Bytes),
+    Streaming(Option<ReqBody>),
+}
+
+impl Payload {
+    fn next_body(&mut self) -> Option<ReqBody> {
+        match self {
+            Payload::Replayable(b) if b.is_empty() => Some(ReqBody::Empty),
+            Payload::Replayable(b) => Some(ReqBody::Full(Some(b.clone()))),
+            Payload::Streaming(body) => body.take(),
+        }
+    }
+}
+
+/// Reads body frames into `buf` until it holds more than it did, the body ends (returns
+/// true) or `buf` reaches `limit`.
+async fn read_more(
+    body: &mut Incoming,
+    buf: &mut BytesMut,
+    limit: usize,
+) -> Result<bool, ClientError> {
+    let before = buf.len();
+    while buf.len() == before && buf.len() < limit {
+        match body.frame().await {
+            None => return Ok(true),
+            Some(Err(e)) => return Err(ClientError::RequestBody(e.to_string())),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    buf.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+    Ok(body.is_end_stream())
+}
+
+/// The URL query as forwarded, and what the proxy needs from it.
+#[derive(Debug, Default)]
+struct Rewritten {
+    path_and_query: String,
+    /// The decoded `query` parameter.
+    query: Option<String>,
+    query_id: String,
+    /// The client's own session id (before namespacing), for stickiness.
+    session: Option<String>,
+    decompress: bool,
+}
+
+/// Drops the client's credentials (and, for read-only users, any `readonly` it sent),
+/// namespaces `session_id` by user, makes sure there is a `query_id`, and adds `readonly=1`
+/// for read-only users' POSTs. Every other parameter is forwarded byte for byte.
+fn rewrite_query(query: Option<&str>, user: &User, method: &Method) -> Rewritten {
+    let mut out = Rewritten {
+        path_and_query: String::with_capacity(query.map_or(0, str::len) + 64),
+        ..Default::default()
+    };
+    out.path_and_query.push_str("/?");
+    let push_raw = |out: &mut Rewritten, raw: &str| {
+        if out.path_and_query.len() > 2 {
+            out.path_and_query.push('&');
+        }
+        out.path_and_query.push_str(raw);
+    };
+    for raw in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (raw_name, raw_value) = raw.split_once('=').unwrap_or((raw, ""));
+        let name = decode_component(raw_name);
+        match name.as_str() {
+            "user" | "password" => continue,
+            "readonly" if user.readonly => continue,
+            "query" => out.query = Some(decode_component(raw_value)),
+            "query_id" => {
+                out.query_id = decode_component(raw_value);
+                if out.query_id.is_empty() {
+                    continue;
+                }
+            }
+            "decompress" => out.decompress = raw_value != "0" && !raw_value.is_empty(),
+            "session_id" => {
+                let session = decode_component(raw_value);
+                let namespaced = format!("{}/{}", user.name, session);
+                let encoded: String =
+                    form_urlencoded::byte_serialize(namespaced.as_bytes()).collect();
+                push_raw(&mut out, &format!("session_id={encoded}"));
+                out.session = Some(session);
+                continue;
+            }
+            _ => {}
+        }
+        push_raw(&mut out, raw);
+    }
+    if out.query_id.is_empty() {
+        out.query_id = uuid::Uuid::new_v4().to_string();
+        let id = out.query_id.clone();
+        push_raw(&mut out, &format!("query_id={id}"));
+    }
+    // GET already implies readonly on the server, and ClickHouse refuses to change it there.
+    if user.readonly && method != Method::GET && method != Method::HEAD {
+        push_raw(&mut out, "readonly=1");
+    }
+    out
+}
+
+fn strip(headers: &mut HeaderMap, names: &[&str]) {
+    // Connection may name further hop-by-hop headers.
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in names {
+        headers.remove(*name);
+    }
+}
+
+fn upstream_headers(client: &HeaderMap, user: &User, ip: IpAddr) -> HeaderMap {
+    let mut h = client.clone();
+    strip(&mut h, HOP_BY_HOP);
+    strip(&mut h, CREDENTIAL_HEADERS);
+    h.remove(header::HOST);
+    h.insert(header::AUTHORIZATION, user.account.authorization.clone());
+    let forwarded = match client.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        h.insert("x-forwarded-for", v);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::state::tests::test_user;
+
+    #[test]
+    fn rewrite_strips_credentials_and_namespaces_sessions() {
+        let user = test_user("bi", true);
+        let r = rewrite_query(
+            Some(
+                "user=bi&password=se%26cret&query=SELECT+1&readonly=0&session_id=s+1&max_threads=2",
+            ),
+            &user,
+            &Method::POST,
+        );
+        let pq = &r.path_and_query;
+        assert!(!pq.contains("password") && !pq.contains("user=bi"), "{pq}");
+        assert!(!pq.contains("readonly=0"), "{pq}");
+        assert!(
+            pq.contains("query=SELECT+1&"),
+            "raw parameters are kept: {pq}"
+        );
+        assert!(pq.contains("session_id=bi%2Fs+1"), "{pq}");
+        assert!(pq.contains("max_threads=2"));
+        assert!(pq.ends_with("&readonly=1"), "{pq}");
+        assert_eq!(r.query.as_deref(), Some("SELECT 1"));
+        assert_eq!(r.session.as_deref(), Some("s 1"));
+        assert_eq!(r.query_id.len(), 36, "a query id is generated");
+        assert!(pq.contains(&format!("query_id={}", r.query_id)));
+    }
+
+    #[test]
+    fn rewrite_keeps_client_query_id_and_leaves_get_readonly_to_the_server() {
+        let user = test_user("bi", true);
+        let r = rewrite_query(Some("query_id=mine&query=SELECT+1"), &user, &Method::GET);
+        assert_eq!(r.query_id, "mine");
+        assert_eq!(r.path_and_query, "/?query_id=mine&query=SELECT+1");
+        let rw = test_user("etl", false);
+        let r = rewrite_query(Some("readonly=2&decompress=1"), &rw, &Method::POST);
+        assert!(r
+            .path_and_query
+            .starts_with("/?readonly=2&decompress=1&query_id="));
+        assert!(r.decompress);
+    }
+
+    #[test]
+    fn headers_swap_credentials() {
+        let user = test_user("bi", false);
+        let mut client = HeaderMap::new();
+        client.insert("authorization", HeaderValue::from_static("Basic Ymk6cA=="));
+        client.insert("x-clickhouse-key", HeaderValue::from_static("p"));
+        client.insert("x-clickhouse-format", HeaderValue::from_static("JSON"));
+        client.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        client.insert("x-secret", HeaderValue::from_static("1"));
+        client.insert("host", HeaderValue::from_static("proxy:8123"));
+        let h = upstream_headers(&client, &user, "10.0.0.9".parse().unwrap());
+        assert_eq!(h["authorization"], user.account.authorization);
+        assert!(h.get("x-clickhouse-key").is_none());
+        assert!(
+            h.get("x-secret").is_none(),
+            "headers named by Connection are dropped"
+        );
+        assert!(h.get("host").is_none());
+        assert_eq!(h["x-clickhouse-format"], "JSON");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+    }
+}
