@@ -89,7 +89,7 @@ pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Pro
         );
     }
     if let (Some(http), Some(tls)) = (config.proxy.http_listen, &config.proxy.tls) {
-        if http == tls.listen {
+        if http == tls.listen && http.port() != 0 {
             p(
                 "proxy.tls.listen".into(),
                 format!("{http} is already proxy.http_listen"),
@@ -97,7 +97,7 @@ pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Pro
         }
     }
     if let (Some(admin), Some(http)) = (config.admin.listen, config.proxy.http_listen) {
-        if admin == http {
+        if admin == http && admin.port() != 0 {
             p(
                 "admin.listen".into(),
                 format!("{admin} is already proxy.http_listen"),

@@ -1,0 +1,311 @@
+//! Shared harness for the end-to-end tests: the real stack started by `scripts/dev-stack up`,
+//! chgate started in-process on port 0 (or as a real process where a test needs one), and
+//! real clients (curl, the official `clickhouse` crate).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+pub const NODES: [&str; 4] = ["127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"];
+
+pub fn stack_dir() -> PathBuf {
+    std::env::var_os("CHGATE_STACK_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".stack"))
+}
+
+pub fn secret_file(name: &str) -> PathBuf {
+    stack_dir().join("secrets").join(format!("{name}.password"))
+}
+
+pub fn secret(name: &str) -> String {
+    std::fs::read_to_string(secret_file(name))
+        .unwrap_or_else(|e| panic!("no stack secret {name} ({e}): run scripts/dev-stack up first"))
+        .trim()
+        .to_string()
+}
+
+/// Runs SQL straight against one node as the cluster account (for setup and checks).
+pub fn direct(node: &str, sql: &str) -> String {
+    let out = curl(&[
+        "-sS",
+        "--fail-with-body",
+        "-u",
+        &format!("chgate:{}", secret("chgate")),
+        &format!("http://{node}:8123/"),
+        "--data-binary",
+        sql,
+    ]);
+    assert!(out.ok, "direct query on {node} failed: {sql}: {}", out.body);
+    out.body
+}
+
+pub struct CurlOutput {
+    pub ok: bool,
+    pub status: u16,
+    pub body: String,
+    pub headers: String,
+}
+
+/// Runs curl; appends a trailer with the HTTP status, and captures headers separately.
+pub fn curl(args: &[&str]) -> CurlOutput {
+    let header_file = tempfile_path("curl-headers");
+    let out = Command::new("curl")
+        .args(args)
+        .args([
+            "-D",
+            header_file.to_str().unwrap(),
+            "-w",
+            "\n@@status=%{http_code}",
+        ])
+        .output()
+        .expect("curl is installed (scripts/dev-stack up installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text
+        .rsplit_once("\n@@status=")
+        .map(|(b, s)| (b.to_string(), s.trim().parse().unwrap_or(0)))
+        .unwrap_or((text.clone(), 0));
+    let headers = std::fs::read_to_string(&header_file).unwrap_or_default();
+    let _ = std::fs::remove_file(&header_file);
+    CurlOutput {
+        ok: out.status.success(),
+        status,
+        body,
+        headers,
+    }
+}
+
+pub fn tempfile_path(prefix: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        "chgate-{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// Argon2 hashes for the test users (made once per test binary).
+pub fn hash(password: &str) -> String {
+    chgate::auth::hash_password(password).unwrap()
+}
+
+/// A config for the demo cluster with users `bi` (read-only) and `etl`, listening on port 0.
+/// `extra` is appended (more users, sections).
+pub fn config(nodes: &[(&str, u16)], extra: &str) -> String {
+    let replicas: Vec<String> = nodes
+        .iter()
+        .map(|(h, p)| format!("{{ host = \"{h}\", http_port = {p} }}"))
+        .collect();
+    format!(
+        r#"
+[proxy]
+http_listen = "127.0.0.1:0"
+access_log = false
+[admin]
+listen = "127.0.0.1:0"
+[upstream]
+connect_timeout = "500ms"
+[[clusters.demo.shards]]
+replicas = [{replicas}]
+[clusters.demo.accounts.chgate]
+user = "chgate"
+password_file = "{secret}"
+[users.bi]
+password_hash = "{bi}"
+cluster = "demo"
+account = "chgate"
+readonly = true
+[users.etl]
+password_hash = "{etl}"
+cluster = "demo"
+account = "chgate"
+{extra}
+"#,
+        replicas = replicas.join(", "),
+        secret = secret_file("chgate").display(),
+        bi = hash("bi-pass"),
+        etl = hash("etl-pass"),
+    )
+}
+
+pub fn demo_nodes() -> Vec<(&'static str, u16)> {
+    NODES.iter().map(|n| (*n, 8123)).collect()
+}
+
+/// chgate running inside the test process.
+pub struct TestProxy {
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub https: Option<SocketAddr>,
+    shutdown: CancellationToken,
+}
+
+impl TestProxy {
+    pub async fn start(config_text: &str) -> Self {
+        let v = chgate::config::parse(config_text, std::path::Path::new("."))
+            .unwrap_or_else(|p| panic!("test config invalid: {p:?}"));
+        let server = chgate::proxy::Server::bind(v).await.expect("bind");
+        let shutdown = CancellationToken::new();
+        let proxy = Self {
+            http: server.http_addr().expect("http listener"),
+            admin: server.admin_addr().expect("admin listener"),
+            https: server.https_addr(),
+            shutdown: shutdown.clone(),
+        };
+        tokio::spawn(server.serve(shutdown));
+        proxy
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    pub async fn metrics(&self) -> String {
+        let admin = self.admin;
+        tokio::task::spawn_blocking(move || curl(&["-sS", &format!("http://{admin}/metrics")]).body)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Sums every sample of a metric whose labels contain all of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// curl on a blocking thread, for async tests.
+pub async fn curl_async(args: Vec<String>) -> CurlOutput {
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl(&refs)
+    })
+    .await
+    .unwrap()
+}
+
+/// Polls `check` until it returns true or `deadline` passes.
+pub async fn wait_until<F: FnMut() -> bool>(what: &str, deadline: Duration, mut check: F) {
+    let end = Instant::now() + deadline;
+    while !check() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// chgate as a real process (for memory, signal and CLI tests). Reads its JSON log to
+/// learn the bound addresses.
+pub struct ProxyProcess {
+    pub child: Child,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+}
+
+impl ProxyProcess {
+    pub fn start(config_text: &str) -> Self {
+        let config_path = tempfile_path("config").with_extension("toml");
+        std::fs::write(&config_path, config_text).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chgate"))
+            .args(["--log-format", "json", "proxy", "--config"])
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start chgate");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    // Nobody listens any more; keep draining so the child never blocks.
+                    continue;
+                }
+            }
+        });
+        let (mut http, mut admin) = (None, None);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http.is_none() || admin.is_none() {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("chgate logs its listeners within 20 s");
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if v["message"] == "Listening" {
+                let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
+                match v["kind"].as_str() {
+                    Some("http") => http = Some(addr),
+                    Some("admin") => admin = Some(addr),
+                    _ => {}
+                }
+            }
+        }
+        Self {
+            child,
+            http: http.unwrap(),
+            admin: admin.unwrap(),
+            config_path,
+        }
+    }
+
+    /// Resident memory now and at its peak, in KiB, from /proc.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config_path);
+    }
+}
+
+/// A name unique to this test run, for tables, events and topics.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    )
+}
