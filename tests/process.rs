@@ -247,3 +247,18 @@ fn passwd_makes_a_hash_the_proxy_accepts() {
     ]);
     assert_eq!(r.body, "7\n");
 }
+
+#[test]
+fn the_reference_config_uses_only_real_keys() {
+    // config/example.toml names secrets and TLS files that do not exist here; everything
+    // else in it must parse and validate, so the reference cannot drift from the code.
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml");
+    let problems = chgate::config::load(std::path::Path::new(path)).unwrap_err();
+    for p in &problems {
+        assert!(
+            p.key.starts_with("clusters.analytics.accounts.") || p.key == "proxy.tls",
+            "unexpected problem in the reference config: {p}"
+        );
+    }
+    assert_eq!(problems.len(), 3, "{problems:?}");
+}

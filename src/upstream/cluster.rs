@@ -106,7 +106,7 @@ impl Cluster {
                         (h.finish(), node)
                     })
                     .collect();
-                scored.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+                scored.sort_unstable_by_key(|s| std::cmp::Reverse(s.0));
                 scored.into_iter().map(|(_, node)| node.clone()).collect()
             }
             None => {
