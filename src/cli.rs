@@ -53,6 +53,7 @@ enum ConfigCommand {
 }
 
 pub fn main() -> ExitCode {
+    pin_malloc_mmap_threshold();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
@@ -170,5 +171,18 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// glibc raises its mmap threshold each time a large mmapped block is freed, after which
+/// blocks of that size (Argon2's 19 MiB, 400 KiB I/O buffers) come from per-thread arenas
+/// and their memory stays resident after they are freed. Measured: a burst of logins left
+/// the proxy at 650 MiB resident. A fixed threshold keeps large blocks mmapped, so freeing
+/// them returns the memory to the system.
+fn pin_malloc_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
 }

@@ -29,6 +29,9 @@ pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Er
 pub struct PasswordCheck {
     phc: Arc<str>,
     verified: ArcSwapOption<hmac::Tag>,
+    /// Held while this user's hash is being verified. A BI tool opening 64 connections at
+    /// once then pays for one Argon2 run, not 64: the others wait, then take the fast path.
+    slow: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl PasswordCheck {
@@ -37,7 +40,15 @@ impl PasswordCheck {
         Self {
             phc: phc.into(),
             verified: ArcSwapOption::empty(),
+            slow: Arc::default(),
         }
+    }
+
+    fn fast(&self, key: &hmac::Key, password: &str) -> bool {
+        self.verified
+            .load()
+            .as_deref()
+            .is_some_and(|tag| hmac::verify(key, password.as_bytes(), tag.as_ref()).is_ok())
     }
 
     pub fn phc(&self) -> &str {
@@ -49,6 +60,7 @@ impl PasswordCheck {
         Self {
             phc: self.phc.clone(),
             verified: ArcSwapOption::new(self.verified.load_full()),
+            slow: Arc::default(),
         }
     }
 }
@@ -78,10 +90,13 @@ impl Verifier {
 
     /// True if `password` matches. Allocation-free when this password verified before.
     pub async fn verify(&self, check: &PasswordCheck, password: &str) -> bool {
-        if let Some(tag) = check.verified.load().as_deref() {
-            if hmac::verify(&self.key, password.as_bytes(), tag.as_ref()).is_ok() {
-                return true;
-            }
+        if check.fast(&self.key, password) {
+            return true;
+        }
+        let _one_at_a_time = check.slow.lock().await;
+        // Racing: another request may have verified this password while we waited.
+        if check.fast(&self.key, password) {
+            return true;
         }
         if !self.slow_verify(check.phc.clone(), password).await {
             return false;
@@ -132,6 +147,32 @@ mod tests {
         // Fast path still refuses a different password and still accepts the right one.
         assert!(!v.verify(&check, "bi-pass2").await);
         assert!(v.verify(&check, "bi-pass").await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_first_logins_verify_once() {
+        let check = Arc::new(PasswordCheck::new(&hash_password("pw").unwrap()));
+        let v = Arc::new(Verifier::new(4));
+        let start = std::time::Instant::now();
+        let one = {
+            let (c, v) = (check.clone(), v.clone());
+            tokio::spawn(async move { v.verify(&c, "pw").await }).await.unwrap()
+        };
+        let single = start.elapsed();
+        assert!(one);
+        // Reset, then 16 at once: about one Argon2 run, not 16.
+        check.verified.store(None);
+        let start = std::time::Instant::now();
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let (c, v) = (check.clone(), v.clone());
+                tokio::spawn(async move { v.verify(&c, "pw").await })
+            })
+            .collect();
+        for t in tasks {
+            assert!(t.await.unwrap());
+        }
+        assert!(start.elapsed() < single * 6, "{:?} vs one run {:?}", start.elapsed(), single);
     }
 
     #[tokio::test]
