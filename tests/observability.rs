@@ -9,14 +9,26 @@ use chgate::metrics::METRICS;
 
 fn exposition() -> String {
     // Touch each labelled family so it appears in the output.
-    METRICS.http_requests.with_label_values(&["u", "200", "n"]).inc();
-    METRICS.http_request_duration.with_label_values(&["u"]).observe(0.01);
+    METRICS
+        .http_requests
+        .with_label_values(&["u", "200", "n"])
+        .inc();
+    METRICS
+        .http_request_duration
+        .with_label_values(&["u"])
+        .observe(0.01);
     METRICS.http_request_bytes.with_label_values(&["u"]).inc();
     METRICS.http_response_bytes.with_label_values(&["u"]).inc();
     METRICS.http_errors.with_label_values(&["readonly"]).inc();
     METRICS.http_retries.with_label_values(&["n"]).inc();
-    METRICS.auth_failures.with_label_values(&["bad_password"]).inc();
-    METRICS.upstream_errors.with_label_values(&["n", "connect"]).inc();
+    METRICS
+        .auth_failures
+        .with_label_values(&["bad_password"])
+        .inc();
+    METRICS
+        .upstream_errors
+        .with_label_values(&["n", "connect"])
+        .inc();
     METRICS.upstream_in_flight.with_label_values(&["n"]).set(0);
     METRICS.upstream_node_down.with_label_values(&["n"]).set(0);
     METRICS.upstream_connections.with_label_values(&["n"]).inc();
@@ -36,12 +48,27 @@ fn exposition_passes_promtool() {
     else {
         panic!("promtool not found: scripts/dev-stack up installs the prometheus package");
     };
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && report.trim().is_empty(), "promtool:\n{report}");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool:\n{report}"
+    );
     for line in text.lines().filter(|l| l.starts_with("# HELP chgate_")) {
-        assert!(line.split_whitespace().count() > 3, "metric without help text: {line}");
+        assert!(
+            line.split_whitespace().count() > 3,
+            "metric without help text: {line}"
+        );
     }
 }
 
@@ -54,7 +81,10 @@ fn dashboards_only_query_exported_metrics() {
         .filter_map(|l| l.split(['{', ' ']).next())
         .map(str::to_string)
         .collect();
-    exported.extend(["process_resident_memory_bytes".to_string(), "process_cpu_seconds_total".to_string()]);
+    exported.extend([
+        "process_resident_memory_bytes".to_string(),
+        "process_cpu_seconds_total".to_string(),
+    ]);
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/grafana");
     let mut checked = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -62,9 +92,14 @@ fn dashboards_only_query_exported_metrics() {
         if path.extension().is_none_or(|e| e != "json") {
             continue;
         }
-        let dash: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
-            .unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", path.display()));
-        assert!(dash["uid"].is_string() && dash["title"].is_string(), "{}", path.display());
+        let dash: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", path.display()));
+        assert!(
+            dash["uid"].is_string() && dash["title"].is_string(),
+            "{}",
+            path.display()
+        );
         for panel in dash["panels"].as_array().expect("panels") {
             for target in panel["targets"].as_array().expect("targets") {
                 let expr = target["expr"].as_str().expect("expr");
@@ -72,9 +107,18 @@ fn dashboards_only_query_exported_metrics() {
                     .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                     .filter(|w| w.starts_with("chgate_") || w.starts_with("process_"))
                     .collect();
-                assert!(!names.is_empty(), "{}: no chgate metric in {expr}", path.display());
+                assert!(
+                    !names.is_empty(),
+                    "{}: no chgate metric in {expr}",
+                    path.display()
+                );
                 for name in names {
-                    assert!(exported.contains(name), "{}: panel {:?} queries {name}, which chgate does not export", path.display(), panel["title"]);
+                    assert!(
+                        exported.contains(name),
+                        "{}: panel {:?} queries {name}, which chgate does not export",
+                        path.display(),
+                        panel["title"]
+                    );
                     checked += 1;
                 }
             }

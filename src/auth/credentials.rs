@@ -35,10 +35,12 @@ pub fn extract(headers: &HeaderMap, query: Option<&str>) -> Result<Credentials, 
     let header_user = headers.get("x-clickhouse-user");
     let header_key = headers.get("x-clickhouse-key");
     let (mut url_user, mut url_password) = (None, None);
-    for (name, value) in query_pairs(query) {
-        match name.as_ref() {
-            "user" => url_user = Some(value),
-            "password" => url_password = Some(value),
+    // Only names are decoded: the `query` parameter can be large and is not ours to copy.
+    for pair in query.unwrap_or("").split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match decode_component(name).as_ref() {
+            "user" => url_user = Some(decode_component(value).into_owned()),
+            "password" => url_password = Some(decode_component(value).into_owned()),
             _ => {}
         }
     }
@@ -102,29 +104,15 @@ fn parse_basic(value: &[u8]) -> Result<Credentials, CredentialsError> {
     })
 }
 
-/// Decoded `name=value` pairs of a URL query string (`+` is a space, as in HTML forms,
-/// which is how ClickHouse reads them).
-pub fn query_pairs(
-    query: Option<&str>,
-) -> impl Iterator<Item = (std::borrow::Cow<'_, str>, String)> {
-    query
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (decode_component(name).into(), decode_component(value))
-        })
-}
-
-/// Percent-decodes one query component, with `+` as space. Invalid UTF-8 is replaced, never
-/// an error: the raw component is what gets forwarded.
-pub fn decode_component(s: &str) -> String {
+/// Percent-decodes one query component, with `+` as space; borrows when there is nothing
+/// to decode. Invalid UTF-8 is replaced, never an error: the raw component is what gets
+/// forwarded.
+pub fn decode_component(s: &str) -> std::borrow::Cow<'_, str> {
     if !s.contains(['%', '+']) {
-        return s.to_string();
+        return std::borrow::Cow::Borrowed(s);
     }
     let spaced = s.replace('+', " ");
-    percent_decode_str(&spaced).decode_utf8_lossy().into_owned()
+    std::borrow::Cow::Owned(percent_decode_str(&spaced).decode_utf8_lossy().into_owned())
 }
 
 #[cfg(test)]

@@ -88,9 +88,15 @@ impl Verifier {
         }
     }
 
+    /// The fast path alone: true if `password` is the one that last verified for `check`.
+    /// No allocation, no lock, about a microsecond.
+    pub fn verify_cached(&self, check: &PasswordCheck, password: &str) -> bool {
+        check.fast(&self.key, password)
+    }
+
     /// True if `password` matches. Allocation-free when this password verified before.
     pub async fn verify(&self, check: &PasswordCheck, password: &str) -> bool {
-        if check.fast(&self.key, password) {
+        if self.verify_cached(check, password) {
             return true;
         }
         let _one_at_a_time = check.slow.lock().await;
@@ -156,7 +162,9 @@ mod tests {
         let start = std::time::Instant::now();
         let one = {
             let (c, v) = (check.clone(), v.clone());
-            tokio::spawn(async move { v.verify(&c, "pw").await }).await.unwrap()
+            tokio::spawn(async move { v.verify(&c, "pw").await })
+                .await
+                .unwrap()
         };
         let single = start.elapsed();
         assert!(one);
@@ -172,7 +180,12 @@ mod tests {
         for t in tasks {
             assert!(t.await.unwrap());
         }
-        assert!(start.elapsed() < single * 6, "{:?} vs one run {:?}", start.elapsed(), single);
+        assert!(
+            start.elapsed() < single * 6,
+            "{:?} vs one run {:?}",
+            start.elapsed(),
+            single
+        );
     }
 
     #[tokio::test]

@@ -421,19 +421,19 @@ fn rewrite_query(query: Option<&str>, user: &User, method: &Method) -> Rewritten
     for raw in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (raw_name, raw_value) = raw.split_once('=').unwrap_or((raw, ""));
         let name = decode_component(raw_name);
-        match name.as_str() {
+        match name.as_ref() {
             "user" | "password" => continue,
             "readonly" if user.readonly => continue,
-            "query" => out.query = Some(decode_component(raw_value)),
+            "query" => out.query = Some(decode_component(raw_value).into_owned()),
             "query_id" => {
-                out.query_id = decode_component(raw_value);
+                out.query_id = decode_component(raw_value).into_owned();
                 if out.query_id.is_empty() {
                     continue;
                 }
             }
             "decompress" => out.decompress = raw_value != "0" && !raw_value.is_empty(),
             "session_id" => {
-                let session = decode_component(raw_value);
+                let session = decode_component(raw_value).into_owned();
                 let namespaced = format!("{}/{}", user.name, session);
                 let encoded: String =
                     form_urlencoded::byte_serialize(namespaced.as_bytes()).collect();
