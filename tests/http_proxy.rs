@@ -184,6 +184,50 @@ async fn readonly_user_cannot_write_but_can_read_with_settings() {
     assert!(limited.body.contains("Code: 396"), "{}", limited.body);
     let threads = get(&p, &["-u", "bi:bi-pass", "{proxy}/?max_threads=3&query=SELECT%20value%20FROM%20system.settings%20WHERE%20name%3D'max_threads'"]).await;
     assert_eq!(threads.body, "3\n");
+    // readonly=1 upstream (the default) also refuses a SETTINGS clause: ClickHouse's
+    // message comes back as it sent it. upstream_readonly = 2 allows it.
+    let settings_clause = "SELECT 5 SETTINGS max_threads = 1";
+    let strict = get(
+        &p,
+        &[
+            "-u",
+            "bi:bi-pass",
+            "{proxy}/",
+            "--data-binary",
+            settings_clause,
+        ],
+    )
+    .await;
+    assert!(strict.body.contains("Code: 164"), "{}", strict.body);
+    let extra = format!(
+        "[users.grafana]\npassword_hash = \"{}\"\ncluster = \"demo\"\naccount = \"chgate\"\nreadonly = true\nupstream_readonly = 2\n",
+        hash("grafana-pass")
+    );
+    let p2 = TestProxy::start(&config(&demo_nodes(), &extra)).await;
+    let relaxed = get(
+        &p2,
+        &[
+            "-u",
+            "grafana:grafana-pass",
+            "{proxy}/",
+            "--data-binary",
+            settings_clause,
+        ],
+    )
+    .await;
+    assert_eq!(relaxed.body, "5\n");
+    let write = get(
+        &p2,
+        &[
+            "-u",
+            "grafana:grafana-pass",
+            "{proxy}/?query=INSERT%20INTO%20demo.events%20FORMAT%20TSV",
+            "--data-binary",
+            "x",
+        ],
+    )
+    .await;
+    assert_eq!(write.status, 403);
     // Nothing was written.
     let count = direct(
         NODES[0],

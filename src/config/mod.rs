@@ -181,6 +181,10 @@ pub struct ReplicaConfig {
     pub native_port: u16,
 }
 
+fn default_upstream_readonly() -> u8 {
+    1
+}
+
 fn default_http_port() -> u16 {
     8123
 }
@@ -209,6 +213,11 @@ pub struct UserConfig {
     pub account: String,
     #[serde(default)]
     pub readonly: bool,
+    /// For read-only users: the `readonly` level sent to the server with POSTs. 1 (the
+    /// default) also refuses queries that change settings (`SETTINGS` clauses, `SET`); 2
+    /// allows them and still refuses every write.
+    #[serde(default = "default_upstream_readonly")]
+    pub upstream_readonly: u8,
     /// Client networks allowed to log in as this user; empty means any.
     #[serde(default)]
     pub networks: Vec<IpNet>,

@@ -258,6 +258,12 @@ pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Pro
                 format!("not a PHC password hash ({e}); make one with `chgate passwd`"),
             ),
         }
+        if !(1..=2).contains(&user.upstream_readonly) {
+            p(
+                format!("{key}.upstream_readonly"),
+                format!("must be 1 or 2, not {}", user.upstream_readonly),
+            );
+        }
         match config.clusters.get(&user.cluster) {
             None => p(
                 format!("{key}.cluster"),

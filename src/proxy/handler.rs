@@ -452,7 +452,14 @@ fn rewrite_query(query: Option<&str>, user: &User, method: &Method) -> Rewritten
     }
     // GET already implies readonly on the server, and ClickHouse refuses to change it there.
     if user.readonly && method != Method::GET && method != Method::HEAD {
-        push_raw(&mut out, "readonly=1");
+        push_raw(
+            &mut out,
+            if user.upstream_readonly == 2 {
+                "readonly=2"
+            } else {
+                "readonly=1"
+            },
+        );
     }
     out
 }
