@@ -102,7 +102,7 @@ impl Metrics {
         );
         let upstream_errors = counter(
             "chgate_upstream_errors_total",
-            "Failures talking to ClickHouse nodes, by node and kind (connect, connect_timeout, handshake, send).",
+            "Failures talking to ClickHouse nodes, by node and kind (connect, connect_timeout, handshake, send, stale_connection: a pooled connection the server had closed; the request went on a fresh one).",
             &["node", "kind"],
         );
         let upstream_in_flight = gauge_vec(

@@ -262,3 +262,77 @@ fn the_reference_config_uses_only_real_keys() {
     }
     assert_eq!(problems.len(), 3, "{problems:?}");
 }
+
+#[test]
+fn a_pooled_connection_the_server_closed_is_not_used() {
+    // Keep idle connections far longer than ClickHouse's keep_alive_timeout (3 s), so the
+    // server closes ours while it sits in the pool.
+    let text = config(&[("127.0.0.14", 8123)], "").replace(
+        "connect_timeout = \"500ms\"",
+        "connect_timeout = \"500ms\"\nidle_timeout = \"60s\"",
+    );
+    let p = ProxyProcess::start(&text);
+    let url = format!("http://{}/", p.http);
+    let r = curl(&[
+        "-sS",
+        "-u",
+        "etl:etl-pass",
+        &url,
+        "--data-binary",
+        "SELECT 1",
+    ]);
+    assert_eq!(r.body, "1\n");
+    // Wait until the server has closed it: our socket is in CLOSE_WAIT.
+    let owner = format!("pid={},", p.child.id());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ss = Command::new("ss")
+            .args(["-tnpH", "state", "close-wait"])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&ss.stdout)
+            .lines()
+            .any(|l| l.contains(&owner) && l.contains("127.0.0.14:8123"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ClickHouse never closed the idle connection"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A write (never retried) must not be sent on the dead connection.
+    let marker = unique("stale");
+    let r = curl(&[
+        "-sS",
+        "-u",
+        "etl:etl-pass",
+        &format!("{url}?query=INSERT%20INTO%20demo.events_local%20FORMAT%20TSV"),
+        "--data-binary",
+        &format!("2026-01-01 00:00:00\t1\t{marker}\t1\n"),
+    ]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        direct(
+            "127.0.0.14",
+            &format!("SELECT count() FROM demo.events_local WHERE event = '{marker}'")
+        ),
+        "1\n"
+    );
+    let m = curl(&["-sS", &format!("http://{}/metrics", p.admin)]).body;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "chgate_upstream_connections_opened_total",
+            &["127.0.0.14:8123"]
+        ),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_sum(&m, "chgate_upstream_errors_total", &[]),
+        0.0,
+        "{m}"
+    );
+}

@@ -14,11 +14,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use prometheus::{Histogram, IntCounter};
 
 use crate::metrics::METRICS;
-use crate::upstream::Node;
+use crate::upstream::{Node, Upstream};
 
 /// A request body on its way to ClickHouse.
 pub enum ReqBody {
@@ -132,18 +131,36 @@ impl Drop for Exchange {
 /// ClickHouse's response body, streamed to the client.
 pub struct UpstreamBody {
     inner: Incoming,
-    /// The connection, returned to its node's pool once the body was read to the end.
-    sender: Option<SendRequest<ReqBody>>,
+    /// The connection: driven from here, and returned to its node's pool once the body was
+    /// read to the end.
+    upstream: Option<Upstream>,
     exchange: Exchange,
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, sender: SendRequest<ReqBody>, exchange: Exchange) -> Self {
+    pub fn new(inner: Incoming, upstream: Upstream, exchange: Exchange) -> Self {
         Self {
             inner,
-            sender: Some(sender),
+            upstream: Some(upstream),
             exchange,
         }
+    }
+
+    fn poll_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        // Twice: taking a frame lets the connection decode the next one (often the end of
+        // the body), which it does when polled again.
+        for _ in 0..2 {
+            if let Some(up) = self.upstream.as_mut() {
+                up.poll_conn(cx);
+            }
+            if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+                return Poll::Ready(frame);
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -170,7 +187,7 @@ impl Body for RespBody {
         match self.get_mut() {
             RespBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             RespBody::Upstream(up) => {
-                let frame = ready!(Pin::new(&mut up.inner).poll_frame(cx));
+                let frame = ready!(up.poll_inner(cx));
                 match &frame {
                     Some(Ok(f)) => {
                         if let Some(d) = f.data_ref() {
@@ -178,12 +195,12 @@ impl Body for RespBody {
                         }
                     }
                     None => {
-                        if let Some(sender) = up.sender.take() {
-                            up.exchange.node.checkin(sender);
+                        if let Some(upstream) = up.upstream.take() {
+                            up.exchange.node.checkin(upstream);
                         }
                     }
                     // The connection is broken: drop it rather than pool it.
-                    Some(Err(_)) => up.sender = None,
+                    Some(Err(_)) => up.upstream = None,
                 }
                 Poll::Ready(frame)
             }

@@ -20,7 +20,7 @@ use super::sql::{classify, StatementKind};
 use super::state::{Proxy, User};
 use crate::auth::credentials::{decode_component, extract};
 use crate::metrics::METRICS;
-use crate::upstream::{Node, UpstreamError};
+use crate::upstream::{Node, SendFailure, Upstream, UpstreamError};
 
 /// Bytes of a request body read at most to find the first keyword of the statement.
 const SNIFF_LIMIT: usize = 64 * 1024;
@@ -230,37 +230,35 @@ impl Proxy {
         let candidates = cluster.candidates(rewritten.session.as_deref());
         let mut tried = 0usize;
         let mut sent = 0usize;
+        // A request that never reached a node (it could not connect) comes back whole and
+        // goes to the next one, whatever its kind.
+        let mut unsent: Option<Request<ReqBody>> = None;
         for node in candidates {
-            let mut sender = match node.checkout().await {
-                Ok(s) => s,
-                Err(e) => {
-                    note_failure(&node, &e);
-                    tried += 1;
-                    continue;
+            tried += 1;
+            let mut upstream_req = match unsent.take() {
+                Some(req) => req,
+                None => {
+                    let Some(body) = payload.next_body() else {
+                        break;
+                    };
+                    let mut req = Request::new(body);
+                    *req.method_mut() = parts.method.clone();
+                    *req.uri_mut() = uri.clone();
+                    *req.headers_mut() = headers.clone();
+                    req
                 }
             };
-            tried += 1;
-            let Some(req_body) = payload.next_body() else {
-                break;
-            };
-            let mut builder = Request::builder()
-                .method(parts.method.clone())
-                .uri(uri.clone());
-            if let Some(h) = builder.headers_mut() {
-                h.clone_from(&headers);
-                h.insert(header::HOST, node.authority.clone());
-            }
-            let upstream_req = builder
-                .body(req_body)
-                .map_err(|_| ClientError::RequestBody("the request cannot be forwarded".into()))?;
+            upstream_req
+                .headers_mut()
+                .insert(header::HOST, node.authority.clone());
             node.in_flight.inc();
-            sent += 1;
-            match sender.send_request(upstream_req).await {
-                Ok(resp) => {
+            match send_to(&node, upstream_req).await {
+                Ok((resp, upstream)) => {
+                    sent += 1;
                     node.mark_up();
                     return Ok(self.respond(
                         resp,
-                        sender,
+                        upstream,
                         node,
                         &user,
                         rewritten.query_id,
@@ -268,10 +266,21 @@ impl Proxy {
                         sent,
                     ));
                 }
-                Err(e) => {
+                Err(SendFailure {
+                    error,
+                    unsent: Some(req),
+                }) => {
                     node.in_flight.dec();
-                    let e = UpstreamError::Send(e);
-                    note_failure(&node, &e);
+                    note_failure(&node, &error);
+                    unsent = Some(req);
+                }
+                Err(SendFailure {
+                    error,
+                    unsent: None,
+                }) => {
+                    sent += 1;
+                    node.in_flight.dec();
+                    note_failure(&node, &error);
                     let replayable = matches!(payload, Payload::Replayable(_));
                     if !(retry_reads && replayable) {
                         return Err(ClientError::UpstreamFailed {
@@ -300,7 +309,7 @@ impl Proxy {
     fn respond(
         &self,
         resp: Response<Incoming>,
-        sender: hyper::client::conn::http1::SendRequest<ReqBody>,
+        upstream: Upstream,
         node: Arc<Node>,
         user: &User,
         query_id: String,
@@ -333,15 +342,55 @@ impl Proxy {
             attempts: attempts as u32,
         };
         if inner.is_end_stream() {
-            node.checkin(sender);
+            node.checkin(upstream);
             drop(exchange);
             return Response::from_parts(parts, RespBody::Full(None));
         }
         Response::from_parts(
             parts,
-            RespBody::Upstream(Box::new(UpstreamBody::new(inner, sender, exchange))),
+            RespBody::Upstream(Box::new(UpstreamBody::new(inner, upstream, exchange))),
         )
     }
+}
+
+/// Sends on a pooled (or new) connection to `node`. A pooled connection that turns out to
+/// have closed before the request left is not the node's fault: the request goes once more
+/// on a fresh connection to the same node.
+async fn send_to(
+    node: &Node,
+    req: Request<ReqBody>,
+) -> Result<(Response<Incoming>, Upstream), SendFailure> {
+    let mut upstream = match node.checkout().await {
+        Ok(u) => u,
+        Err(error) => {
+            return Err(SendFailure {
+                error,
+                unsent: Some(req),
+            })
+        }
+    };
+    let req = match upstream.send(req).await {
+        Ok(resp) => return Ok((resp, upstream)),
+        Err(SendFailure {
+            error: UpstreamError::Stale,
+            unsent: Some(req),
+        }) => {
+            note_failure(node, &UpstreamError::Stale);
+            req
+        }
+        Err(failure) => return Err(failure),
+    };
+    let mut fresh = match node.connect().await {
+        Ok(u) => u,
+        Err(error) => {
+            return Err(SendFailure {
+                error,
+                unsent: Some(req),
+            })
+        }
+    };
+    let resp = fresh.send(req).await?;
+    Ok((resp, fresh))
 }
 
 fn note_failure(node: &Node, e: &UpstreamError) {
@@ -349,7 +398,9 @@ fn note_failure(node: &Node, e: &UpstreamError) {
         .upstream_errors
         .with_label_values(&[&node.label, e.kind()])
         .inc();
-    node.mark_down(e);
+    if e.node_at_fault() {
+        node.mark_down(e);
+    }
 }
 
 /// The request body across attempts: a kept body can be sent any number of times, a

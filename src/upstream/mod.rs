@@ -9,4 +9,4 @@ mod cluster;
 mod node;
 
 pub use cluster::{Account, Cluster};
-pub use node::{Node, UpstreamError};
+pub use node::{Node, SendFailure, Upstream, UpstreamError};
