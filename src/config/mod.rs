@@ -234,6 +234,6 @@ pub fn load(path: &Path) -> Result<Validated, Vec<Problem>> {
 
 /// Parses and validates config text; `base` is the directory relative paths are taken from.
 pub fn parse(text: &str, base: &Path) -> Result<Validated, Vec<Problem>> {
-    let config: Config = toml::from_str(text).map_err(|e| vec![Problem::from_toml(&e)])?;
+    let config: Config = toml::from_str(text).map_err(|e| vec![Problem::from_toml(&e, text)])?;
     validate::validate(config, base)
 }

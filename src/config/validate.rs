@@ -25,15 +25,19 @@ impl Problem {
         }
     }
 
-    pub(super) fn from_toml(e: &toml::de::Error) -> Self {
-        // toml reports "TOML parse error at line L, column C" plus a caret drawing; keep the
-        // position and the reason on one line.
-        let message = e.message().to_string();
+    pub(super) fn from_toml(e: &toml::de::Error, text: &str) -> Self {
+        // toml's Display draws a caret diagram over several lines; keep one line with the
+        // position a person can go to.
         let location = e
             .span()
-            .map(|s| format!(" (at byte {})", s.start))
+            .map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!("line {line}, column {column}: ")
+            })
             .unwrap_or_default();
-        Self::new("", format!("{message}{location}"))
+        Self::new("", format!("{location}{}", e.message().trim_end()))
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use prometheus::{Histogram, IntCounter};
 
@@ -23,7 +24,7 @@ use crate::upstream::{Node, Upstream};
 pub enum ReqBody {
     Empty,
     /// Buffered bytes, sent as one frame.
-    Full(Option<Bytes>),
+    Full(Full<Bytes>),
     /// The part already read, then the rest of the client's body as it arrives.
     Stream {
         head: Option<Bytes>,
@@ -42,7 +43,9 @@ impl Body for ReqBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ReqBody::Empty => Poll::Ready(None),
-            ReqBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ReqBody::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
             ReqBody::Stream {
                 head,
                 rest,
@@ -65,7 +68,7 @@ impl Body for ReqBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ReqBody::Empty => true,
-            ReqBody::Full(data) => data.is_none(),
+            ReqBody::Full(full) => full.is_end_stream(),
             ReqBody::Stream { head, rest, .. } => head.is_none() && rest.is_end_stream(),
         }
     }
@@ -73,9 +76,7 @@ impl Body for ReqBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ReqBody::Empty => SizeHint::with_exact(0),
-            ReqBody::Full(data) => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
+            ReqBody::Full(full) => full.size_hint(),
             ReqBody::Stream { head, rest, .. } => {
                 let extra = head.as_ref().map_or(0, |h| h.len() as u64);
                 let inner = rest.size_hint();
@@ -166,13 +167,13 @@ impl UpstreamBody {
 
 /// A response body on its way to the client.
 pub enum RespBody {
-    Full(Option<Bytes>),
+    Full(Full<Bytes>),
     Upstream(Box<UpstreamBody>),
 }
 
 impl RespBody {
     pub fn full(data: impl Into<Bytes>) -> Self {
-        RespBody::Full(Some(data.into()))
+        RespBody::Full(Full::new(data.into()))
     }
 }
 
@@ -185,7 +186,9 @@ impl Body for RespBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            RespBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            RespBody::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
             RespBody::Upstream(up) => {
                 let frame = ready!(up.poll_inner(cx));
                 match &frame {
@@ -209,16 +212,14 @@ impl Body for RespBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RespBody::Full(data) => data.is_none(),
+            RespBody::Full(full) => full.is_end_stream(),
             RespBody::Upstream(up) => up.inner.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RespBody::Full(data) => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
+            RespBody::Full(full) => full.size_hint(),
             RespBody::Upstream(up) => up.inner.size_hint(),
         }
     }

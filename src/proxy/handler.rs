@@ -125,23 +125,19 @@ impl Proxy {
         if let Some(delay) = self.throttle.delay(ip) {
             tokio::time::sleep(delay).await;
         }
+        // Both failures look the same to the client; only the metric tells them apart.
+        let failed = |reason: &str, user: String| {
+            self.throttle.failure(ip);
+            METRICS.auth_failures.with_label_values(&[reason]).inc();
+            Err(ClientError::AuthFailed { user })
+        };
         let state = self.state.load();
         let Some(user) = state.users.get(creds.user.as_str()).cloned() else {
             self.verifier.reject_unknown(&creds.password).await;
-            self.throttle.failure(ip);
-            METRICS
-                .auth_failures
-                .with_label_values(&["unknown_user"])
-                .inc();
-            return Err(ClientError::AuthFailed { user: creds.user });
+            return failed("unknown_user", creds.user);
         };
         if !self.verifier.verify(&user.password, &creds.password).await {
-            self.throttle.failure(ip);
-            METRICS
-                .auth_failures
-                .with_label_values(&["bad_password"])
-                .inc();
-            return Err(ClientError::AuthFailed { user: creds.user });
+            return failed("bad_password", creds.user);
         }
         self.throttle.success(ip);
         if !user.networks.is_empty() && !user.networks.iter().any(|n| n.contains(&ip)) {
@@ -344,7 +340,7 @@ impl Proxy {
         if inner.is_end_stream() {
             node.checkin(upstream);
             drop(exchange);
-            return Response::from_parts(parts, RespBody::Full(None));
+            return Response::from_parts(parts, RespBody::full(Bytes::new()));
         }
         Response::from_parts(
             parts,
@@ -414,7 +410,7 @@ impl Payload {
     fn next_body(&mut self) -> Option<ReqBody> {
         match self {
             Payload::Replayable(b) if b.is_empty() => Some(ReqBody::Empty),
-            Payload::Replayable(b) => Some(ReqBody::Full(Some(b.clone()))),
+            Payload::Replayable(b) => Some(ReqBody::Full(http_body_util::Full::new(b.clone()))),
             Payload::Streaming(body) => body.take(),
         }
     }
