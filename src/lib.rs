@@ -6,12 +6,14 @@
 //! - [`config`] turns a TOML file into typed, fully validated settings ([`config::load`]);
 //!   [`secret`] loads cluster account passwords from the environment or files.
 //! - [`proxy::server`] binds the listeners and runs one task per client connection;
-//!   [`proxy::handler`](proxy) takes each request through
+//!   the request handler takes each request through
 //!   - [`auth`]: which credentials it carries, whether they are right, throttling failures;
 //!   - policy: read-only users ([`proxy::sql`] tells reads from writes), allowed networks;
-//!   - rewriting for the mapped cluster account, then [`upstream`]: picking a node of the
-//!     user's cluster, pooled connections, retrying a read on another node;
-//!   - streaming the response back ([`proxy::body`]).
+//!   - rewriting for the mapped cluster account, then [`upstream`]: ordering the nodes of
+//!     the user's cluster, pooled keep-alive connections (driven by the request's own task),
+//!     passive health, retrying a read on another node;
+//!   - streaming the response back ([`proxy::body`]), which also returns the connection to
+//!     its pool and records the request's metrics and access log line.
 //! - [`admin`] serves `/metrics`, `/healthz` and `/readyz` on its own thread;
 //!   [`metrics`] defines what is exported.
 //! - [`tls`] builds the HTTPS listener's rustls config.

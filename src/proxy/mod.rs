@@ -1,7 +1,7 @@
 //! `chgate proxy`: ClickHouse's HTTP interface in front of a cluster, with mapped accounts.
 //!
 //! - [`server`]: listeners (HTTP, HTTPS), connection tasks, graceful drain.
-//! - [`handler`]: one request, from credentials to the streamed response.
+//! - `handler`: one request, from credentials to the streamed response.
 //! - [`state`]: users and clusters, swapped atomically on reload.
 //! - [`sql`]: telling reads from writes.
 //! - [`body`], [`error`]: what flows back and forth, and the errors the proxy answers itself.
