@@ -328,3 +328,72 @@ fn a_pooled_connection_the_server_closed_is_not_used() {
         "{m}"
     );
 }
+
+#[test]
+fn a_large_upload_streams_through_with_bounded_memory() {
+    // 512 MiB of RowBinary UInt64 zeros, uploaded chunked from a pipe, into a Null table
+    // on one node: ClickHouse counts the rows, nothing is stored.
+    const BYTES: u64 = 512 << 20;
+    let node = "127.0.0.14";
+    let table = unique("sink");
+    direct(
+        node,
+        &format!("CREATE TABLE default.{table} (x UInt64) ENGINE = Null"),
+    );
+    let inserted = || -> u64 {
+        direct(
+            node,
+            "SELECT sum(value) FROM system.events WHERE event = 'InsertedRows'",
+        )
+        .trim()
+        .parse()
+        .unwrap_or(0)
+    };
+    let before = inserted();
+    let p = ProxyProcess::start(&config(&[(node, 8123)], ""));
+    let url = format!(
+        "http://{}/?query=INSERT%20INTO%20default.{table}%20FORMAT%20RowBinary",
+        p.http
+    );
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c {BYTES} /dev/zero | curl -sS -u etl:etl-pass -X POST -T - -w '%{{http_code}}' '{url}'"
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "upload took over 5 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    assert!(
+        inserted() - before >= BYTES / 8,
+        "ClickHouse received every row"
+    );
+    let m = curl(&["-sS", &format!("http://{}/metrics", p.admin)]).body;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "chgate_http_request_body_bytes_total",
+            &["user=\"etl\""]
+        ),
+        BYTES as f64
+    );
+    let (_, hwm) = p.memory_kib();
+    eprintln!(
+        "512 MiB upload in {:.1} s; chgate high-water mark {hwm} KiB",
+        start.elapsed().as_secs_f64()
+    );
+    assert!(
+        hwm < 64 * 1024,
+        "chgate peaked at {hwm} KiB while streaming 512 MiB in"
+    );
+    direct(node, &format!("DROP TABLE default.{table}"));
+}
