@@ -90,7 +90,7 @@ impl Proxy {
             .with_label_values(&[user, resp.status().as_str(), "-"])
             .inc();
         if self.settings.access_log {
-            tracing::info!(target: "chgate::access", user, status = resp.status().as_u16(), error = e.kind(), "Request refused");
+            tracing::info!(target: "chgate::access", user = %user, status = resp.status().as_u16(), error = e.kind(), "Request refused");
         }
         resp
     }
