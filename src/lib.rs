@@ -23,6 +23,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod metrics;
+pub mod picker;
 pub mod proxy;
 pub mod secret;
 pub mod tls;

@@ -1,4 +1,4 @@
-//! The auth fast path and statement classification allocate nothing per call: counted with
+//! The auth fast path, statement classification and picks allocate nothing per call: counted with
 //! a counting global allocator (this test binary only).
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -30,6 +30,16 @@ fn hot_paths_do_not_allocate() {
     let verifier = chgate::auth::Verifier::new(1);
     assert!(runtime.block_on(verifier.verify(&check, "pw")));
 
+    let ids: Vec<String> = (0..64).map(|i| format!("10.0.0.{i}:8123")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let weights: Vec<u32> = (0..64).map(|i| 1 + i % 5).collect();
+    let snapshot =
+        arc_swap::ArcSwap::from_pointee(chgate::picker::select::Snapshot::new(&weights, &refs));
+    let in_flight: Vec<std::sync::atomic::AtomicU32> =
+        (0..64).map(|_| Default::default()).collect();
+    // The thread-local RNG allocates once, on first use.
+    let _warm: u64 = rand::random();
+
     let before = ALLOCATIONS.load(Ordering::Relaxed);
     let mut ok = 0;
     for _ in 0..1000 {
@@ -37,11 +47,16 @@ fn hot_paths_do_not_allocate() {
         ok += (!verifier.verify_cached(&check, "wrong")) as usize;
         ok += (chgate::proxy::sql::classify(b"-- x\n(SELECT 1)", true)
             == chgate::proxy::sql::StatementKind::Read) as usize;
+        let picked = snapshot
+            .load()
+            .pick(&in_flight, [rand::random(), rand::random()]);
+        ok += picked.is_some() as usize;
+        ok += snapshot.load().pick_sticky(b"session").is_some() as usize;
     }
     let allocated = ALLOCATIONS.load(Ordering::Relaxed) - before;
-    assert_eq!(ok, 3000);
+    assert_eq!(ok, 5000);
     assert_eq!(
         allocated, 0,
-        "{allocated} allocations in 3000 hot-path calls"
+        "{allocated} allocations in 5000 hot-path calls"
     );
 }

@@ -1,0 +1,13 @@
+//! The shard picker (issue 3, in progress). Done so far: the two pure parts every other
+//! piece builds on.
+//!
+//! - [`health`]: hysteresis on probe results and the slow-start ramp after recovery.
+//! - [`select`]: lock-free, allocation-free weighted power-of-two-choices over a published
+//!   snapshot of weights, and weighted rendezvous for sticky sessions.
+//!
+//! Not yet: the probes (ping, system tables, ZooKeeper `mntr`), the score from load,
+//! latency and errors, exclusions by purpose, wiring into the proxy's routing (which still
+//! uses [`crate::upstream::Cluster::candidates`]), the pick API and its metrics.
+
+pub mod health;
+pub mod select;
