@@ -1,0 +1,332 @@
+//! Active probes: what a ClickHouse node and a ZooKeeper ensemble say about themselves.
+//!
+//! A node probe is one `GET /?query=...` with the cluster account: scalar subqueries over
+//! system tables, one TSV row back. Servers differ (18.16 has no `system.disks`, newer ones
+//! renamed background pool metrics), so [`detect`] asks once which tables exist and the
+//! query only uses those; a figure the server cannot give is `None`, never a guess.
+//! A ZooKeeper probe is the four-letter words `ruok` and `mntr` over plain TCP.
+
+use std::time::{Duration, Instant};
+
+use http::{header, Method, Request};
+use http_body::Body as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::proxy::body::ReqBody;
+use crate::upstream::{Account, Node, UpstreamError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("reading the answer failed: {0}")]
+    Body(hyper::Error),
+    #[error("the server answered {status}: {text}")]
+    Status { status: u16, text: String },
+    #[error("unexpected answer: {0}")]
+    Parse(String),
+    #[error("ZooKeeper: {0}")]
+    ZooKeeper(String),
+}
+
+/// What a server offers, asked once per node (and again after it restarts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `system.disks` (19.15+): free space per disk.
+    pub disks: bool,
+    /// `system.replicas` is readable (replication figures).
+    pub replicas: bool,
+}
+
+/// One probe's figures.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeFigures {
+    pub round_trip: Duration,
+    pub running_queries: u64,
+    pub merges: u64,
+    pub background_pool_tasks: u64,
+    /// Replicated tables in read-only mode (lost ZooKeeper, or a readonly replica).
+    pub readonly_replicas: u64,
+    pub session_expired: bool,
+    /// Seconds the most delayed replicated table lags behind.
+    pub replica_delay_s: u64,
+    pub replica_queue: u64,
+    /// Active parts in the fullest partition: the "too many parts" risk.
+    pub max_parts_in_partition: u64,
+    /// Free bytes on the emptiest disk; `None` if the server cannot tell.
+    pub free_disk_bytes: Option<u64>,
+}
+
+async fn run_query(
+    node: &Node,
+    account: &Account,
+    sql: &str,
+    timeout: Duration,
+) -> Result<(String, Duration), ProbeError> {
+    let started = Instant::now();
+    let work = async {
+        let mut upstream = node.connect().await?;
+        let uri = format!(
+            "/?query={}",
+            form_urlencoded::byte_serialize(sql.as_bytes()).collect::<String>()
+        );
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(uri)
+            .header(header::HOST, node.authority.clone())
+            .header(header::AUTHORIZATION, account.authorization.clone())
+            .body(ReqBody::Empty)
+            .map_err(|e| ProbeError::Parse(e.to_string()))?;
+        let resp = upstream
+            .send(req)
+            .await
+            .map_err(|f| ProbeError::Upstream(f.error))?;
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        let mut text = Vec::new();
+        // Drive the connection while reading: this task owns it.
+        loop {
+            let frame = std::future::poll_fn(|cx| {
+                upstream.poll_conn(cx);
+                std::pin::Pin::new(&mut body).poll_frame(cx)
+            })
+            .await;
+            match frame {
+                None => break,
+                Some(Err(e)) => return Err(ProbeError::Body(e)),
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        text.extend_from_slice(&d);
+                    }
+                }
+            }
+        }
+        let text = String::from_utf8_lossy(&text).into_owned();
+        if status != 200 {
+            return Err(ProbeError::Status {
+                status,
+                text: text.trim().chars().take(300).collect(),
+            });
+        }
+        Ok(text)
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(text)) => Ok((text, started.elapsed())),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ProbeError::Timeout(timeout)),
+    }
+}
+
+/// Asks the node which system tables it has.
+pub async fn detect(
+    node: &Node,
+    account: &Account,
+    timeout: Duration,
+) -> Result<Capabilities, ProbeError> {
+    let (text, _) = run_query(
+        node,
+        account,
+        "SELECT name FROM system.tables WHERE database = 'system' AND name IN ('disks', 'replicas') FORMAT TSV",
+        timeout,
+    )
+    .await?;
+    let names: Vec<&str> = text.lines().collect();
+    Ok(Capabilities {
+        disks: names.contains(&"disks"),
+        replicas: names.contains(&"replicas"),
+    })
+}
+
+fn figures_query(caps: Capabilities) -> String {
+    let replicas = if caps.replicas {
+        "(SELECT toUInt64(countIf(is_readonly)) FROM system.replicas), \
+         (SELECT toUInt64(max(is_session_expired)) FROM system.replicas), \
+         (SELECT toUInt64(max(absolute_delay)) FROM system.replicas), \
+         (SELECT toUInt64(max(queue_size)) FROM system.replicas)"
+    } else {
+        "toUInt64(0), toUInt64(0), toUInt64(0), toUInt64(0)"
+    };
+    let disks = if caps.disks {
+        "(SELECT min(free_space) FROM system.disks)"
+    } else {
+        "CAST(NULL AS Nullable(UInt64))"
+    };
+    format!(
+        "SELECT \
+         (SELECT count() FROM system.processes), \
+         (SELECT count() FROM system.merges), \
+         (SELECT toUInt64(sum(value)) FROM system.metrics WHERE metric LIKE 'Background%PoolTask'), \
+         {replicas}, \
+         (SELECT toUInt64(max(c)) FROM (SELECT count() AS c FROM system.parts WHERE active GROUP BY database, table, partition)), \
+         {disks} \
+         FORMAT TSV"
+    )
+}
+
+fn parse_figures(text: &str, round_trip: Duration) -> Result<NodeFigures, ProbeError> {
+    let fields: Vec<&str> = text.trim_end_matches('\n').split('\t').collect();
+    if fields.len() != 9 {
+        return Err(ProbeError::Parse(format!(
+            "expected 9 fields, got {}: {:?}",
+            fields.len(),
+            text.chars().take(200).collect::<String>()
+        )));
+    }
+    let num = |i: usize| -> Result<u64, ProbeError> {
+        fields[i]
+            .parse()
+            .map_err(|_| ProbeError::Parse(format!("field {i} is not a number: {:?}", fields[i])))
+    };
+    Ok(NodeFigures {
+        round_trip,
+        running_queries: num(0)?,
+        merges: num(1)?,
+        background_pool_tasks: num(2)?,
+        readonly_replicas: num(3)?,
+        session_expired: num(4)? > 0,
+        replica_delay_s: num(5)?,
+        replica_queue: num(6)?,
+        max_parts_in_partition: num(7)?,
+        free_disk_bytes: match fields[8] {
+            "\\N" => None,
+            _ => Some(num(8)?),
+        },
+    })
+}
+
+/// Probes a node: load, replication state, parts and disk, in one round trip.
+pub async fn probe(
+    node: &Node,
+    account: &Account,
+    caps: Capabilities,
+    timeout: Duration,
+) -> Result<NodeFigures, ProbeError> {
+    let (text, rtt) = run_query(node, account, &figures_query(caps), timeout).await?;
+    parse_figures(&text, rtt)
+}
+
+/// What `mntr` says about an ensemble member.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ZooKeeperFigures {
+    pub round_trip: Duration,
+    pub server_state: String,
+    pub avg_latency_ms: f64,
+    pub outstanding_requests: u64,
+}
+
+async fn four_letter_word(
+    addr: &str,
+    word: &[u8],
+    timeout: Duration,
+) -> Result<String, ProbeError> {
+    let work = async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| ProbeError::ZooKeeper(format!("cannot connect: {e}")))?;
+        stream
+            .write_all(word)
+            .await
+            .map_err(|e| ProbeError::ZooKeeper(e.to_string()))?;
+        let mut out = Vec::new();
+        // The server closes the connection after answering; 64 KiB is far above any answer.
+        stream
+            .take(64 * 1024)
+            .read_to_end(&mut out)
+            .await
+            .map_err(|e| ProbeError::ZooKeeper(e.to_string()))?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| ProbeError::Timeout(timeout))?
+}
+
+/// `ruok` then `mntr` on one ensemble member.
+pub async fn probe_zookeeper(
+    addr: &str,
+    timeout: Duration,
+) -> Result<ZooKeeperFigures, ProbeError> {
+    let started = Instant::now();
+    let ruok = four_letter_word(addr, b"ruok", timeout).await?;
+    if ruok != "imok" {
+        return Err(ProbeError::ZooKeeper(format!("ruok answered {ruok:?}")));
+    }
+    let round_trip = started.elapsed();
+    let mntr = four_letter_word(addr, b"mntr", timeout).await?;
+    parse_mntr(&mntr, round_trip)
+}
+
+fn parse_mntr(text: &str, round_trip: Duration) -> Result<ZooKeeperFigures, ProbeError> {
+    let mut figures = ZooKeeperFigures {
+        round_trip,
+        ..Default::default()
+    };
+    let mut seen = 0;
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once('\t') else {
+            continue;
+        };
+        match key {
+            "zk_server_state" => {
+                figures.server_state = value.to_string();
+                seen += 1;
+            }
+            "zk_avg_latency" => {
+                figures.avg_latency_ms = value.parse().unwrap_or(0.0);
+                seen += 1;
+            }
+            "zk_outstanding_requests" => {
+                figures.outstanding_requests = value.parse().unwrap_or(0);
+                seen += 1;
+            }
+            _ => {}
+        }
+    }
+    if seen < 3 {
+        // mntr not whitelisted answers "mntr is not executed because it is not in the whitelist."
+        return Err(ProbeError::ZooKeeper(format!(
+            "mntr gave no figures: {:?}",
+            text.chars().take(200).collect::<String>()
+        )));
+    }
+    Ok(figures)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_figures_with_and_without_disks() {
+        let f = parse_figures("3\t1\t2\t0\t0\t12\t4\t17\t\\N\n", Duration::from_millis(2)).unwrap();
+        assert_eq!(f.running_queries, 3);
+        assert_eq!(f.replica_delay_s, 12);
+        assert_eq!(f.max_parts_in_partition, 17);
+        assert_eq!(f.free_disk_bytes, None);
+        let f = parse_figures("0\t0\t0\t1\t1\t0\t0\t5\t1024\n", Duration::ZERO).unwrap();
+        assert!(f.session_expired);
+        assert_eq!(f.readonly_replicas, 1);
+        assert_eq!(f.free_disk_bytes, Some(1024));
+        assert!(parse_figures("Code: 60. DB::Exception", Duration::ZERO).is_err());
+        assert!(parse_figures("a\tb\tc\td\te\tf\tg\th\ti", Duration::ZERO).is_err());
+    }
+
+    #[test]
+    fn parses_mntr_and_refuses_a_non_answer() {
+        let f = parse_mntr(
+            "zk_version\t3.8.0\nzk_server_state\tstandalone\nzk_avg_latency\t1.5\nzk_outstanding_requests\t2\n",
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert_eq!(f.server_state, "standalone");
+        assert_eq!(f.outstanding_requests, 2);
+        assert!(parse_mntr(
+            "mntr is not executed because it is not in the whitelist.\n",
+            Duration::ZERO
+        )
+        .is_err());
+    }
+}
