@@ -15,8 +15,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use prometheus::{Histogram, IntCounter};
+use prometheus::IntCounter;
 
+use super::state::User;
 use crate::metrics::METRICS;
 use crate::upstream::{Node, Upstream};
 
@@ -93,14 +94,12 @@ impl Body for ReqBody {
 
 /// What the proxy learns about a request as it is served, for metrics and the access log.
 pub struct Exchange {
-    pub user: Arc<str>,
+    pub user: Arc<User>,
     pub node: Arc<Node>,
     pub status: u16,
     pub query_id: String,
     pub started: Instant,
     pub bytes_out: u64,
-    pub response_bytes: IntCounter,
-    pub duration: Histogram,
     pub access_log: bool,
     pub attempts: u32,
 }
@@ -109,14 +108,14 @@ impl Drop for Exchange {
     // Runs when the response body finished or the client went away, whichever is first.
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
-        self.duration.observe(elapsed.as_secs_f64());
-        self.response_bytes.inc_by(self.bytes_out);
+        self.user.duration.observe(elapsed.as_secs_f64());
+        self.user.response_bytes.inc_by(self.bytes_out);
         self.node.in_flight.dec();
         METRICS.http_in_flight.dec();
         if self.access_log {
             tracing::info!(
                 target: "chgate::access",
-                user = %self.user,
+                user = %self.user.name,
                 node = %self.node.label,
                 status = self.status,
                 query_id = %self.query_id,

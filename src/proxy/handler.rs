@@ -162,7 +162,8 @@ impl Proxy {
     ) -> Result<Response<RespBody>, ClientError> {
         let (parts, mut body) = req.into_parts();
         let rewritten = rewrite_query(parts.uri.query(), &user, &parts.method);
-        let headers = upstream_headers(&parts.headers, &user, ip);
+        // Taken by the first attempt; a retry (rare) builds them again.
+        let mut headers = Some(upstream_headers(&parts.headers, &user, ip));
         // The body cannot be read by us if it is compressed: by Content-Encoding, or in
         // ClickHouse's own block format (`decompress=1`).
         let opaque = rewritten.decompress || parts.headers.contains_key(header::CONTENT_ENCODING);
@@ -240,7 +241,9 @@ impl Proxy {
                     let mut req = Request::new(body);
                     *req.method_mut() = parts.method.clone();
                     *req.uri_mut() = uri.clone();
-                    *req.headers_mut() = headers.clone();
+                    *req.headers_mut() = headers
+                        .take()
+                        .unwrap_or_else(|| upstream_headers(&parts.headers, &user, ip));
                     req
                 }
             };
@@ -256,7 +259,7 @@ impl Proxy {
                         resp,
                         upstream,
                         node,
-                        &user,
+                        user.clone(),
                         rewritten.query_id,
                         started,
                         sent,
@@ -307,7 +310,7 @@ impl Proxy {
         resp: Response<Incoming>,
         upstream: Upstream,
         node: Arc<Node>,
-        user: &User,
+        user: Arc<User>,
         query_id: String,
         started: Instant,
         attempts: usize,
@@ -326,14 +329,12 @@ impl Proxy {
             .with_label_values(&[&user.name, parts.status.as_str(), &node.label])
             .inc();
         let exchange = Exchange {
-            user: user.name.clone(),
+            user,
             node: node.clone(),
             status: parts.status.as_u16(),
             query_id,
             started,
             bytes_out: 0,
-            response_bytes: user.response_bytes.clone(),
-            duration: user.duration.clone(),
             access_log: self.settings.access_log,
             attempts: attempts as u32,
         };
@@ -358,12 +359,7 @@ async fn send_to(
 ) -> Result<(Response<Incoming>, Upstream), SendFailure> {
     let mut upstream = match node.checkout().await {
         Ok(u) => u,
-        Err(error) => {
-            return Err(SendFailure {
-                error,
-                unsent: Some(req),
-            })
-        }
+        Err(error) => return Err(SendFailure::unsent(error, req)),
     };
     let req = match upstream.send(req).await {
         Ok(resp) => return Ok((resp, upstream)),
@@ -378,12 +374,7 @@ async fn send_to(
     };
     let mut fresh = match node.connect().await {
         Ok(u) => u,
-        Err(error) => {
-            return Err(SendFailure {
-                error,
-                unsent: Some(req),
-            })
-        }
+        Err(error) => return Err(SendFailure::unsent(error, req)),
     };
     let resp = fresh.send(req).await?;
     Ok((resp, fresh))

@@ -67,7 +67,7 @@ impl Runtime {
                 let account = cluster.accounts.get(&u.account)?.clone();
                 let same_hash = previous
                     .and_then(|p| p.users.get(name))
-                    .filter(|old| old.password_phc_matches(&u.password_hash));
+                    .filter(|old| old.password.phc() == u.password_hash);
                 let password = match same_hash {
                     // Keep the remembered verification when the hash did not change.
                     Some(old) => old.password.clone_for_reload(),
@@ -89,12 +89,6 @@ impl Runtime {
             })
             .collect();
         Self { users, clusters }
-    }
-}
-
-impl User {
-    fn password_phc_matches(&self, phc: &str) -> bool {
-        self.password.phc() == phc
     }
 }
 

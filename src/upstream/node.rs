@@ -101,10 +101,7 @@ impl Upstream {
         })
         .await;
         if ready.is_err() {
-            return Err(SendFailure {
-                error: UpstreamError::Stale,
-                unsent: Some(req),
-            });
+            return Err(SendFailure::unsent(UpstreamError::Stale, req));
         }
         let mut response = std::pin::pin!(self.sender.try_send_request(req));
         std::future::poll_fn(|cx| {
@@ -113,10 +110,7 @@ impl Upstream {
         })
         .await
         .map_err(|mut e| match e.take_message() {
-            Some(req) => SendFailure {
-                error: UpstreamError::Stale,
-                unsent: Some(req),
-            },
+            Some(req) => SendFailure::unsent(UpstreamError::Stale, req),
             None => SendFailure {
                 error: UpstreamError::Send(e.into_error()),
                 unsent: None,
@@ -133,6 +127,16 @@ impl Upstream {
 pub struct SendFailure {
     pub error: UpstreamError,
     pub unsent: Option<http::Request<ReqBody>>,
+}
+
+impl SendFailure {
+    /// The request never reached the node and comes back whole.
+    pub fn unsent(error: UpstreamError, req: http::Request<ReqBody>) -> Self {
+        Self {
+            error,
+            unsent: Some(req),
+        }
+    }
 }
 
 struct Idle {
