@@ -2,44 +2,54 @@
 //! less loaded. 4, 64 and 1024 nodes; one thread, then all cores picking at once.
 //! `cargo bench --bench pick`
 
+use std::collections::HashMap;
 use std::hint::black_box;
-use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
-use chgate::picker::select::Snapshot;
+use chgate::config::ClusterConfig;
+use chgate::picker::{Cluster, Purpose};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-struct Setup {
-    snapshot: ArcSwap<Snapshot>,
-    in_flight: Vec<AtomicU32>,
+/// A cluster of `n` nodes (2 replicas per shard) as the proxy builds it, with uneven
+/// weights and uneven load: the realistic case.
+fn setup(n: usize) -> Arc<Cluster> {
+    let mut text = String::new();
+    for shard in 0..n / 2 {
+        let replica = |i: usize| {
+            format!(
+                "{{ host = \"10.{}.{}.1\", weight = {} }}",
+                i / 256,
+                i % 256,
+                1.0 + (i * 37 % 200) as f64 / 100.0
+            )
+        };
+        text.push_str(&format!(
+            "[[shards]]\nreplicas = [{}, {}]\n",
+            replica(2 * shard),
+            replica(2 * shard + 1)
+        ));
+    }
+    let config: ClusterConfig = toml::from_str(&text).expect("valid");
+    let cluster = Cluster::new(
+        &format!("bench{n}"),
+        &config,
+        &Default::default(),
+        &Default::default(),
+        &Default::default(),
+        &HashMap::new(),
+        &HashMap::new(),
+    );
+    for (i, node) in cluster.topology().nodes.iter().enumerate() {
+        node.in_flight.set((i % 7) as i64);
+    }
+    Arc::new(cluster)
 }
 
-fn setup(n: usize) -> Arc<Setup> {
-    let ids: Vec<String> = (0..n)
-        .map(|i| format!("10.{}.{}.1:8123", i / 256, i % 256))
-        .collect();
-    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    // Uneven weights, a few excluded, uneven load: the realistic case.
-    let weights: Vec<u32> = (0..n)
-        .map(|i| {
-            if i % 17 == 5 {
-                0
-            } else {
-                50 + (i as u32 * 37) % 200
-            }
-        })
-        .collect();
-    Arc::new(Setup {
-        snapshot: ArcSwap::from_pointee(Snapshot::new(&weights, &refs)),
-        in_flight: (0..n).map(|i| AtomicU32::new((i % 7) as u32)).collect(),
-    })
-}
-
-fn pick_once(s: &Setup) -> Option<usize> {
-    let snapshot = s.snapshot.load();
-    snapshot.pick(&s.in_flight, [rand::random(), rand::random()])
+/// What a proxied read does to choose its node.
+fn pick_once(c: &Cluster) -> Option<usize> {
+    c.view()
+        .choose(Purpose::Read, None, [rand::random(), rand::random()])
 }
 
 fn pick(c: &mut Criterion) {

@@ -7,8 +7,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -19,13 +19,22 @@ pub struct Metrics {
     pub http_response_bytes: IntCounterVec,
     pub http_in_flight: IntGauge,
     pub http_errors: IntCounterVec,
-    pub http_retries: IntCounterVec,
     pub auth_failures: IntCounterVec,
     pub upstream_errors: IntCounterVec,
     pub upstream_in_flight: IntGaugeVec,
     pub upstream_node_down: IntGaugeVec,
     pub upstream_connections: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    pub picks: IntCounterVec,
+    pub failovers: IntCounterVec,
+    pub retry_budget_exhausted: IntCounterVec,
+    pub node_health: IntGaugeVec,
+    pub node_weight: GaugeVec,
+    pub node_probe_seconds: GaugeVec,
+    pub node_replication_delay: IntGaugeVec,
+    pub node_probe_failures: IntCounterVec,
+    pub zookeeper_healthy: IntGaugeVec,
+    pub topology_refreshes: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -90,11 +99,6 @@ impl Metrics {
             "Requests the gateway answered with an error of its own, by kind.",
             &["kind"],
         );
-        let http_retries = counter(
-            "chgate_http_retries_total",
-            "Reads retried on another node after the node tried failed before answering, by the failed node.",
-            &["node"],
-        );
         let auth_failures = counter(
             "chgate_auth_failures_total",
             "Failed client logins, by reason (unknown_user, bad_password, network_not_allowed, bad_credentials).",
@@ -125,6 +129,63 @@ impl Metrics {
             "Config reloads on SIGHUP, by result (ok, rejected).",
             &["result"],
         );
+        let float_gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let picks = counter(
+            "chgate_picks_total",
+            "Nodes chosen by the picker, by node and purpose (read, write): the proxy's own requests and /v1/pick answers.",
+            &["node", "purpose"],
+        );
+        let failovers = counter(
+            "chgate_failovers_total",
+            "Requests sent again to another node after this node failed before answering (or could not be reached).",
+            &["node"],
+        );
+        let retry_budget_exhausted = counter(
+            "chgate_retry_budget_exhausted_total",
+            "Failovers refused because the cluster's retry budget was spent; the client got the error.",
+            &["cluster"],
+        );
+        let node_health = gauge_vec(
+            "chgate_node_up",
+            "1 while a node passes its health probes (with hysteresis), 0 while it is down.",
+            &["cluster", "shard", "node"],
+        );
+        let node_weight = float_gauge_vec(
+            "chgate_node_weight",
+            "A node's current picker weight by purpose (read, write); 0 = excluded. 1000 is an idle healthy node of weight 1.",
+            &["cluster", "shard", "node", "purpose"],
+        );
+        let node_probe_seconds = float_gauge_vec(
+            "chgate_node_probe_round_trip_seconds",
+            "The last successful /ping round trip of each node's probe.",
+            &["node"],
+        );
+        let node_replication_delay = gauge_vec(
+            "chgate_node_replication_delay_seconds",
+            "The largest absolute_delay of the node's replicated tables, from the last probe.",
+            &["node"],
+        );
+        let node_probe_failures = counter(
+            "chgate_node_probe_failures_total",
+            "Failed node probes, by node and reason (timeout, connect, status, parse).",
+            &["node", "reason"],
+        );
+        let zookeeper_healthy = gauge_vec(
+            "chgate_zookeeper_healthy",
+            "1 while a shard group's ZooKeeper ensemble has a healthy quorum, else 0.",
+            &["cluster", "group"],
+        );
+        let topology_refreshes = counter(
+            "chgate_topology_refreshes_total",
+            "Topology refreshes from system.clusters, by result (unchanged, changed, failed).",
+            &["cluster", "result"],
+        );
         let build = IntGaugeVec::new(
             Opts::new(
                 "chgate_build_info",
@@ -149,13 +210,22 @@ impl Metrics {
             http_response_bytes,
             http_in_flight,
             http_errors,
-            http_retries,
             auth_failures,
             upstream_errors,
             upstream_in_flight,
             upstream_node_down,
             upstream_connections,
             config_reloads,
+            picks,
+            failovers,
+            retry_budget_exhausted,
+            node_health,
+            node_weight,
+            node_probe_seconds,
+            node_replication_delay,
+            node_probe_failures,
+            zookeeper_healthy,
+            topology_refreshes,
         }
     }
 

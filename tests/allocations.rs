@@ -30,13 +30,22 @@ fn hot_paths_do_not_allocate() {
     let verifier = chgate::auth::Verifier::new(1);
     assert!(runtime.block_on(verifier.verify(&check, "pw")));
 
-    let ids: Vec<String> = (0..64).map(|i| format!("10.0.0.{i}:8123")).collect();
-    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let weights: Vec<u32> = (0..64).map(|i| 1 + i % 5).collect();
-    let snapshot =
-        arc_swap::ArcSwap::from_pointee(chgate::picker::select::Snapshot::new(&weights, &refs));
-    let in_flight: Vec<std::sync::atomic::AtomicU32> =
-        (0..64).map(|_| Default::default()).collect();
+    let mut text = String::new();
+    for shard in 0..32 {
+        text.push_str(&format!(
+            "[[shards]]\nreplicas = [{{ host = \"10.0.{shard}.1\" }}, {{ host = \"10.0.{shard}.2\", weight = 2.0 }}]\n"
+        ));
+    }
+    let cluster = chgate::picker::Cluster::new(
+        "alloc",
+        &toml::from_str(&text).unwrap(),
+        &Default::default(),
+        &Default::default(),
+        &Default::default(),
+        &Default::default(),
+        &Default::default(),
+    );
+    use chgate::picker::Purpose;
     // The thread-local RNG allocates once, on first use.
     let _warm: u64 = rand::random();
 
@@ -47,16 +56,21 @@ fn hot_paths_do_not_allocate() {
         ok += (!verifier.verify_cached(&check, "wrong")) as usize;
         ok += (chgate::proxy::sql::classify(b"-- x\n(SELECT 1)", true)
             == chgate::proxy::sql::StatementKind::Read) as usize;
-        let picked = snapshot
-            .load()
-            .pick(&in_flight, [rand::random(), rand::random()]);
-        ok += picked.is_some() as usize;
-        ok += snapshot.load().pick_sticky(b"session").is_some() as usize;
+        let view = cluster.view();
+        ok += view
+            .choose(Purpose::Read, None, [rand::random(), rand::random()])
+            .is_some() as usize;
+        ok += view
+            .choose(Purpose::Read, Some(b"session"), [1, 2])
+            .is_some() as usize;
+        ok += view
+            .pick(Purpose::Write, None, [rand::random(), rand::random()])
+            .is_ok() as usize;
     }
     let allocated = ALLOCATIONS.load(Ordering::Relaxed) - before;
-    assert_eq!(ok, 5000);
+    assert_eq!(ok, 6000);
     assert_eq!(
         allocated, 0,
-        "{allocated} allocations in 5000 hot-path calls"
+        "{allocated} allocations in 6000 hot-path calls"
     );
 }

@@ -20,7 +20,40 @@ fn exposition() -> String {
     METRICS.http_request_bytes.with_label_values(&["u"]).inc();
     METRICS.http_response_bytes.with_label_values(&["u"]).inc();
     METRICS.http_errors.with_label_values(&["readonly"]).inc();
-    METRICS.http_retries.with_label_values(&["n"]).inc();
+    METRICS.failovers.with_label_values(&["n"]).inc();
+    METRICS.picks.with_label_values(&["n", "read"]).inc();
+    METRICS
+        .retry_budget_exhausted
+        .with_label_values(&["c"])
+        .inc();
+    METRICS
+        .node_health
+        .with_label_values(&["c", "1", "n"])
+        .set(1);
+    METRICS
+        .node_weight
+        .with_label_values(&["c", "1", "n", "read"])
+        .set(1000.0);
+    METRICS
+        .node_probe_seconds
+        .with_label_values(&["n"])
+        .set(0.001);
+    METRICS
+        .node_replication_delay
+        .with_label_values(&["n"])
+        .set(0);
+    METRICS
+        .node_probe_failures
+        .with_label_values(&["n", "timeout"])
+        .inc();
+    METRICS
+        .zookeeper_healthy
+        .with_label_values(&["c", "g"])
+        .set(1);
+    METRICS
+        .topology_refreshes
+        .with_label_values(&["c", "changed"])
+        .inc();
     METRICS
         .auth_failures
         .with_label_values(&["bad_password"])

@@ -248,11 +248,13 @@ fn the_reference_config_uses_only_real_keys() {
     let problems = chgate::config::load(std::path::Path::new(path)).unwrap_err();
     for p in &problems {
         assert!(
-            p.key.starts_with("clusters.analytics.accounts.") || p.key == "proxy.tls",
+            p.key.starts_with("clusters.analytics.accounts.")
+                || p.key == "proxy.tls"
+                || p.key == "admin",
             "unexpected problem in the reference config: {p}"
         );
     }
-    assert_eq!(problems.len(), 3, "{problems:?}");
+    assert_eq!(problems.len(), 4, "{problems:?}");
 }
 
 #[test]

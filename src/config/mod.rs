@@ -29,6 +29,8 @@ pub struct Config {
     #[serde(default)]
     pub upstream: UpstreamConfig,
     #[serde(default)]
+    pub picker: PickerConfig,
+    #[serde(default)]
     pub clusters: BTreeMap<String, ClusterConfig>,
     #[serde(default)]
     pub users: BTreeMap<String, UserConfig>,
@@ -81,12 +83,18 @@ pub struct TlsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
+    /// A bearer token every admin request except `/healthz` and `/readyz` must carry
+    /// (`Authorization: Bearer ...`), from an environment variable or a file.
+    pub token_env: Option<String>,
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 9188))),
+            token_env: None,
+            token_file: None,
         }
     }
 }
@@ -141,6 +149,11 @@ pub struct UpstreamConfig {
     pub down_backoff_max: Duration,
     /// Nodes tried for one read before giving up.
     pub max_attempts: usize,
+    /// Failovers (a request sent again to another node) allowed per cluster, as a share of
+    /// its requests, so a sick cluster is not stormed with retries ...
+    pub retry_budget_ratio: f64,
+    /// ... plus this many per second, so a quiet cluster can still fail over.
+    pub retry_budget_min_per_second: u32,
 }
 
 impl Default for UpstreamConfig {
@@ -152,26 +165,129 @@ impl Default for UpstreamConfig {
             down_backoff_min: Duration::from_millis(500),
             down_backoff_max: Duration::from_secs(30),
             max_attempts: 3,
+            retry_budget_ratio: 0.1,
+            retry_budget_min_per_second: 10,
         }
     }
 }
 
-/// A ClickHouse cluster: shards of replicas, and the accounts chgate may use on it.
+/// The shard picker: how nodes and ZooKeeper ensembles are probed, and how the results
+/// become weights.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PickerConfig {
+    /// Every node (and every shard group's ZooKeeper ensemble) is probed this often.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// After a failed probe the next one starts this soon after it (but not before it
+    /// ended), so a node goes down within about `probe_interval + fall x probe_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub probe_retry_interval: Duration,
+    /// A probe without an answer within this long has failed.
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    /// Consecutive failed probes that take a node down.
+    pub fall: u32,
+    /// Consecutive good probes that bring it back.
+    pub rise: u32,
+    /// A node that came back ramps from 10% to its full weight over this long.
+    #[serde(with = "humantime_serde")]
+    pub slow_start: Duration,
+    /// Replicas lagging more than this take no reads.
+    #[serde(with = "humantime_serde")]
+    pub max_replica_delay: Duration,
+    /// A node whose fullest partition has this many active parts takes no writes
+    /// (ClickHouse's `parts_to_throw_insert`, 300 by default before 23.6, 3000 since).
+    pub max_parts_in_partition: u64,
+    /// Running queries + background tasks at which a node's weight halves.
+    pub load_scale: f64,
+    /// Probe round trip at which a node's weight halves.
+    #[serde(with = "humantime_serde")]
+    pub latency_scale: Duration,
+}
+
+impl Default for PickerConfig {
+    fn default() -> Self {
+        Self {
+            probe_interval: Duration::from_secs(2),
+            probe_retry_interval: Duration::from_millis(500),
+            probe_timeout: Duration::from_millis(800),
+            fall: 2,
+            rise: 2,
+            slow_start: Duration::from_secs(30),
+            max_replica_delay: Duration::from_secs(30),
+            max_parts_in_partition: 300,
+            load_scale: 16.0,
+            latency_scale: Duration::from_millis(50),
+        }
+    }
+}
+
+/// A ClickHouse cluster: shard groups of shards of replicas, and the accounts chgate may
+/// use on it. Shards are numbered from 1 in the order they appear, across groups, like
+/// `shard_num` in `system.clusters`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
+    /// Shorthand for one shard group without a ZooKeeper ensemble of its own.
+    #[serde(default)]
     pub shards: Vec<ShardConfig>,
     #[serde(default)]
+    pub shard_groups: Vec<ShardGroupConfig>,
+    #[serde(default)]
     pub accounts: BTreeMap<String, AccountConfig>,
+    /// The account the picker probes with; may be left out when there is one account.
+    pub probe_account: Option<String>,
+    /// Refresh the replicas of each shard from a node's `system.clusters`.
+    pub discovery: Option<DiscoveryConfig>,
+}
+
+impl ClusterConfig {
+    /// The shard groups, the `shards` shorthand included (as group `default`).
+    pub fn groups(&self) -> Vec<ShardGroupConfig> {
+        let mut groups = Vec::new();
+        if !self.shards.is_empty() {
+            groups.push(ShardGroupConfig {
+                name: Some("default".into()),
+                zookeeper: Vec::new(),
+                shards: self.shards.clone(),
+            });
+        }
+        for (i, g) in self.shard_groups.iter().enumerate() {
+            let mut g = g.clone();
+            if g.name.is_none() {
+                g.name = Some(format!("group{}", i + 1));
+            }
+            groups.push(g);
+        }
+        groups
+    }
+}
+
+/// Shards that share a ZooKeeper ensemble: when the ensemble is unhealthy, they take no
+/// writes into replicated tables.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardGroupConfig {
+    /// Defaults to `groupN` (N counted from 1).
+    pub name: Option<String>,
+    /// The ensemble's members, `host:port` (client port).
+    #[serde(default)]
+    pub zookeeper: Vec<String>,
+    pub shards: Vec<ShardConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardConfig {
     pub replicas: Vec<ReplicaConfig>,
+    /// How much of a write load spread over shards this shard takes (like `<weight>` in
+    /// `remote_servers`).
+    #[serde(default = "default_shard_weight")]
+    pub weight: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicaConfig {
     pub host: String,
@@ -179,6 +295,44 @@ pub struct ReplicaConfig {
     pub http_port: u16,
     #[serde(default = "default_native_port")]
     pub native_port: u16,
+    /// Relative weight against the other replicas (e.g. 2 for a node twice as big).
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+    /// Lower is preferred: replicas of a higher priority number only take traffic when no
+    /// replica with a lower one can.
+    #[serde(default)]
+    pub priority: u32,
+}
+
+/// Refreshing a cluster's replicas from `system.clusters` on one of its nodes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// The cluster's name in the servers' `remote_servers`; defaults to this cluster's name.
+    pub system_cluster: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// `system.clusters` lists native ports only: discovered replicas get this HTTP port,
+    /// unless the replica is also in the config.
+    pub http_port: u16,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            system_cluster: None,
+            interval: Duration::from_secs(60),
+            http_port: 8123,
+        }
+    }
+}
+
+fn default_weight() -> f64 {
+    1.0
+}
+
+fn default_shard_weight() -> u32 {
+    1
 }
 
 fn default_upstream_readonly() -> u8 {

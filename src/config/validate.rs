@@ -59,6 +59,8 @@ pub struct Validated {
     /// Keyed by (cluster, account).
     pub secrets: BTreeMap<(String, String), Secret>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The admin listener's bearer token, if one is configured.
+    pub admin_token: Option<Secret>,
 }
 
 impl fmt::Debug for Validated {
@@ -67,6 +69,7 @@ impl fmt::Debug for Validated {
             .field("config", &self.config)
             .field("secrets", &self.secrets.len())
             .field("tls", &self.tls.is_some())
+            .field("admin_token", &self.admin_token.is_some())
             .finish()
     }
 }
@@ -127,6 +130,14 @@ pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Pro
             .ok()
     });
 
+    let admin = &config.admin;
+    let admin_token = match (&admin.token_env, &admin.token_file) {
+        (None, None) => None,
+        (env, file) => crate::secret::load(env.as_deref(), file.as_deref(), base)
+            .map_err(|e| p("admin".into(), e.to_string().replace("password_", "token_")))
+            .ok(),
+    };
+
     // Auth policy.
     let auth = &config.auth;
     if auth.failure_window.is_zero() {
@@ -167,6 +178,49 @@ pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Pro
     if up.max_attempts == 0 {
         p("upstream.max_attempts".into(), "must be at least 1".into());
     }
+    if !(0.0..=1.0).contains(&up.retry_budget_ratio) {
+        p(
+            "upstream.retry_budget_ratio".into(),
+            format!("must be between 0 and 1, not {}", up.retry_budget_ratio),
+        );
+    }
+
+    // Picker.
+    let pk = &config.picker;
+    for (key, value) in [
+        ("picker.probe_interval", pk.probe_interval),
+        ("picker.probe_retry_interval", pk.probe_retry_interval),
+        ("picker.probe_timeout", pk.probe_timeout),
+        ("picker.latency_scale", pk.latency_scale),
+    ] {
+        if value.is_zero() {
+            p(key.into(), "must be greater than zero".into());
+        }
+    }
+    if pk.probe_timeout > pk.probe_interval {
+        p(
+            "picker.probe_timeout".into(),
+            "must not exceed picker.probe_interval".into(),
+        );
+    }
+    if pk.fall == 0 {
+        p("picker.fall".into(), "must be at least 1".into());
+    }
+    if pk.rise == 0 {
+        p("picker.rise".into(), "must be at least 1".into());
+    }
+    if pk.max_parts_in_partition == 0 {
+        p(
+            "picker.max_parts_in_partition".into(),
+            "must be at least 1".into(),
+        );
+    }
+    if !(pk.load_scale > 0.0 && pk.load_scale.is_finite()) {
+        p(
+            "picker.load_scale".into(),
+            "must be a positive number".into(),
+        );
+    }
 
     // Clusters and their accounts.
     let mut secrets = BTreeMap::new();
@@ -181,36 +235,122 @@ pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Pro
                 "cluster names use letters, digits, '_', '-', '.', '@' (at most 64)".into(),
             );
         }
-        if cluster.shards.is_empty() {
+        if cluster.shards.is_empty() && cluster.shard_groups.is_empty() {
             p(
                 format!("{key}.shards"),
-                "at least one shard is required".into(),
+                "at least one shard is required (in shards or shard_groups)".into(),
+            );
+        }
+        if !cluster.shards.is_empty() && !cluster.shard_groups.is_empty() {
+            p(
+                format!("{key}.shards"),
+                "use shards (one group without ZooKeeper) or shard_groups, not both".into(),
             );
         }
         let mut seen = HashSet::new();
-        for (i, shard) in cluster.shards.iter().enumerate() {
-            let skey = format!("{key}.shards[{i}]");
-            if shard.replicas.is_empty() {
+        let mut group_names = HashSet::new();
+        let mut shard_number = 0;
+        let sections: Vec<(String, &[crate::config::ShardConfig])> =
+            if cluster.shard_groups.is_empty() {
+                vec![(key.clone(), &cluster.shards)]
+            } else {
+                cluster
+                    .shard_groups
+                    .iter()
+                    .enumerate()
+                    .map(|(g, group)| (format!("{key}.shard_groups[{g}]"), &group.shards[..]))
+                    .collect()
+            };
+        for (g, group) in cluster.shard_groups.iter().enumerate() {
+            let gkey = format!("{key}.shard_groups[{g}]");
+            let name = group
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("group{}", g + 1));
+            if !valid_name(&name) {
                 p(
-                    format!("{skey}.replicas"),
-                    "at least one replica is required".into(),
+                    format!("{gkey}.name"),
+                    "group names use letters, digits, '_', '-', '.', '@' (at most 64)".into(),
                 );
             }
-            for (j, r) in shard.replicas.iter().enumerate() {
-                let rkey = format!("{skey}.replicas[{j}]");
-                if r.host.trim().is_empty() {
-                    p(format!("{rkey}.host"), "must not be empty".into());
-                }
-                if r.http_port == 0 {
-                    p(format!("{rkey}.http_port"), "must not be 0".into());
-                }
-                if !seen.insert((r.host.clone(), r.http_port)) {
+            if !group_names.insert(name.clone()) {
+                p(
+                    format!("{gkey}.name"),
+                    format!("group {name} appears twice"),
+                );
+            }
+            if group.shards.is_empty() {
+                p(
+                    format!("{gkey}.shards"),
+                    "at least one shard is required".into(),
+                );
+            }
+            for (z, member) in group.zookeeper.iter().enumerate() {
+                if !valid_host_port(member) {
                     p(
-                        rkey,
-                        format!("{}:{} appears twice in cluster {name}", r.host, r.http_port),
+                        format!("{gkey}.zookeeper[{z}]"),
+                        format!("{member:?} is not host:port"),
                     );
                 }
             }
+        }
+        for (skey_base, shards) in sections {
+            for (i, shard) in shards.iter().enumerate() {
+                shard_number += 1;
+                let skey = format!("{skey_base}.shards[{i}]");
+                if shard.replicas.is_empty() {
+                    p(
+                        format!("{skey}.replicas"),
+                        format!("at least one replica is required (shard {shard_number})"),
+                    );
+                }
+                for (j, r) in shard.replicas.iter().enumerate() {
+                    let rkey = format!("{skey}.replicas[{j}]");
+                    if r.host.trim().is_empty() {
+                        p(format!("{rkey}.host"), "must not be empty".into());
+                    }
+                    if r.http_port == 0 {
+                        p(format!("{rkey}.http_port"), "must not be 0".into());
+                    }
+                    if !(r.weight > 0.0 && r.weight.is_finite()) {
+                        p(format!("{rkey}.weight"), "must be a positive number".into());
+                    }
+                    if !seen.insert((r.host.clone(), r.http_port)) {
+                        p(
+                            rkey,
+                            format!("{}:{} appears twice in cluster {name}", r.host, r.http_port),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(d) = &cluster.discovery {
+            if d.interval.is_zero() {
+                p(
+                    format!("{key}.discovery.interval"),
+                    "must be greater than zero".into(),
+                );
+            }
+            if d.http_port == 0 {
+                p(format!("{key}.discovery.http_port"), "must not be 0".into());
+            }
+        }
+        match &cluster.probe_account {
+            Some(acc) if !cluster.accounts.contains_key(acc) => p(
+                format!("{key}.probe_account"),
+                format!(
+                    "no account {acc:?} in this cluster (known: {})",
+                    join_keys(&cluster.accounts)
+                ),
+            ),
+            None if cluster.accounts.len() > 1 => p(
+                format!("{key}.probe_account"),
+                format!(
+                    "required with more than one account: which one probes the nodes? ({})",
+                    join_keys(&cluster.accounts)
+                ),
+            ),
+            _ => {}
         }
         if cluster.accounts.is_empty() {
             p(
@@ -295,9 +435,18 @@ pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Pro
             config,
             secrets,
             tls,
+            admin_token,
         })
     } else {
         Err(problems)
+    }
+}
+
+/// `host:port` with a non-empty host and a port number.
+fn valid_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => !host.trim().is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+        None => false,
     }
 }
 

@@ -59,6 +59,19 @@ impl Health {
         self.state
     }
 
+    /// Applies new thresholds (after a reload) without forgetting the current state.
+    pub fn set_config(&mut self, config: HealthConfig) {
+        self.config = config;
+    }
+
+    /// Time left in the slow-start ramp, if the node is ramping.
+    pub fn ramp_remaining(&self) -> Option<Duration> {
+        match (self.state, self.recovered_at) {
+            (State::Up, Some(at)) => self.config.slow_start.checked_sub(at.elapsed()),
+            _ => None,
+        }
+    }
+
     /// Records one probe result.
     pub fn record(&mut self, ok: bool) -> Option<Transition> {
         if ok {

@@ -1,20 +1,30 @@
-//! The shard picker (issue 3, in progress). Done so far: the two pure parts every other
-//! piece builds on.
+//! The shard picker: it knows every cluster's topology and the live health and load of
+//! every node, and answers "which node should take this" for the proxy's requests and, over
+//! the admin API, for other components' batches.
 //!
+//! - [`probe`]: one-round-trip node probes over system tables (feature-detected per server),
+//!   `/ping`, ZooKeeper `ruok`/`mntr`, `system.clusters`.
 //! - [`health`]: hysteresis on probe results and the slow-start ramp after recovery.
-//! - [`select`]: lock-free, allocation-free weighted power-of-two-choices over a published
-//!   snapshot of weights, and weighted rendezvous for sticky sessions.
-//! - [`probe`]: one-round-trip node probes over system tables (feature-detected per server)
-//!   and ZooKeeper `ruok`/`mntr`.
-//! - [`score`]: figures, health and passive errors to a weight per purpose, or the reason
-//!   the node is excluded.
-//!
-//! Not yet: the config (probe schedule, thresholds, a ZooKeeper ensemble per shard group),
-//! the per-node probe tasks that feed `health` and `score` and publish `select` snapshots,
-//! wiring into the proxy's reads (which still use [`crate::upstream::Cluster::candidates`]),
-//! the retry budget, `/v1/pick` and `/v1/topology`, the admin token and the per-node metrics.
+//! - [`state`]: what is known per node and per ZooKeeper ensemble.
+//! - [`score`]: a node's weight per purpose, or the reason it is excluded.
+//! - [`topology`]: shard groups, shards, replicas; from the config or `system.clusters`.
+//! - [`view`]: the published weights and the picks drawn from them.
+//! - [`select`]: lock-free, allocation-free weighted power-of-two-choices and weighted
+//!   rendezvous for sessions.
+//! - [`cluster`]: a cluster's accounts, view, retry budget and background tasks.
+//! - [`api`]: `/v1/pick` and `/v1/topology`.
 
+pub mod api;
+pub mod budget;
+pub mod cluster;
 pub mod health;
 pub mod probe;
 pub mod score;
 pub mod select;
+pub mod state;
+pub mod topology;
+pub mod view;
+
+pub use cluster::Cluster;
+pub use state::NodeState;
+pub use view::{Purpose, View};

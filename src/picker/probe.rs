@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::proxy::body::ReqBody;
-use crate::upstream::{Account, Node, UpstreamError};
+use crate::upstream::{Account, Node, Upstream, UpstreamError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -60,24 +60,77 @@ pub struct NodeFigures {
     pub free_disk_bytes: Option<u64>,
 }
 
+impl ProbeError {
+    /// A fixed label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Timeout(_) => "timeout",
+            Self::Upstream(_) | Self::Body(_) => "connect",
+            Self::Status { .. } => "status",
+            Self::Parse(_) => "parse",
+            Self::ZooKeeper(_) => "zookeeper",
+        }
+    }
+}
+
+/// `GET /ping`: the server's HTTP handler answers without touching any table.
+pub async fn ping(node: &Node, timeout: Duration) -> Result<Duration, ProbeError> {
+    ping_on(node, &mut None, timeout).await
+}
+
+async fn ping_on(
+    node: &Node,
+    conn: &mut Option<Upstream>,
+    timeout: Duration,
+) -> Result<Duration, ProbeError> {
+    let (text, rtt) = get(node, conn, None, "/ping".into(), timeout).await?;
+    if text.trim_end() != "Ok." {
+        return Err(ProbeError::Parse(format!(
+            "/ping answered {:?}",
+            text.chars().take(100).collect::<String>()
+        )));
+    }
+    Ok(rtt)
+}
+
 async fn run_query(
     node: &Node,
+    conn: &mut Option<Upstream>,
     account: &Account,
     sql: &str,
     timeout: Duration,
 ) -> Result<(String, Duration), ProbeError> {
+    let uri = format!(
+        "/?query={}",
+        form_urlencoded::byte_serialize(sql.as_bytes()).collect::<String>()
+    );
+    get(node, conn, Some(account), uri, timeout).await
+}
+
+/// One GET on the probe's own connection, opened on first use and kept for the next GET of
+/// the same probe (probes never take pooled connections from requests, and a probe that
+/// hangs must not leave a connection in the pool).
+async fn get(
+    node: &Node,
+    conn: &mut Option<Upstream>,
+    account: Option<&Account>,
+    uri: String,
+    timeout: Duration,
+) -> Result<(String, Duration), ProbeError> {
     let started = Instant::now();
     let work = async {
-        let mut upstream = node.connect().await?;
-        let uri = format!(
-            "/?query={}",
-            form_urlencoded::byte_serialize(sql.as_bytes()).collect::<String>()
-        );
-        let req = Request::builder()
+        let mut upstream = match conn.take() {
+            Some(u) => u,
+            None => node.open().await?,
+        };
+        let mut req = Request::builder()
             .method(Method::GET)
             .uri(uri)
-            .header(header::HOST, node.authority.clone())
-            .header(header::AUTHORIZATION, account.authorization.clone())
+            .header(header::HOST, node.authority.clone());
+        if let Some(account) = account {
+            req = req.header(header::AUTHORIZATION, account.authorization.clone());
+        }
+        let req = req
             .body(ReqBody::Empty)
             .map_err(|e| ProbeError::Parse(e.to_string()))?;
         let resp = upstream
@@ -104,6 +157,9 @@ async fn run_query(
                 }
             }
         }
+        if upstream.reusable() {
+            *conn = Some(upstream);
+        }
         let text = String::from_utf8_lossy(&text).into_owned();
         if status != 200 {
             return Err(ProbeError::Status {
@@ -126,8 +182,18 @@ pub async fn detect(
     account: &Account,
     timeout: Duration,
 ) -> Result<Capabilities, ProbeError> {
+    detect_on(node, &mut None, account, timeout).await
+}
+
+async fn detect_on(
+    node: &Node,
+    conn: &mut Option<Upstream>,
+    account: &Account,
+    timeout: Duration,
+) -> Result<Capabilities, ProbeError> {
     let (text, _) = run_query(
         node,
+        conn,
         account,
         "SELECT name FROM system.tables WHERE database = 'system' AND name IN ('disks', 'replicas') FORMAT TSV",
         timeout,
@@ -197,15 +263,93 @@ fn parse_figures(text: &str, round_trip: Duration) -> Result<NodeFigures, ProbeE
     })
 }
 
-/// Probes a node: load, replication state, parts and disk, in one round trip.
+/// Probes a node's load, replication state, parts and disk, in one query.
 pub async fn probe(
     node: &Node,
     account: &Account,
     caps: Capabilities,
     timeout: Duration,
 ) -> Result<NodeFigures, ProbeError> {
-    let (text, rtt) = run_query(node, account, &figures_query(caps), timeout).await?;
+    probe_on(node, &mut None, account, caps, timeout).await
+}
+
+async fn probe_on(
+    node: &Node,
+    conn: &mut Option<Upstream>,
+    account: &Account,
+    caps: Capabilities,
+    timeout: Duration,
+) -> Result<NodeFigures, ProbeError> {
+    let (text, rtt) = run_query(node, conn, account, &figures_query(caps), timeout).await?;
     parse_figures(&text, rtt)
+}
+
+/// A full probe within `timeout`: `/ping` (its round trip is the node's latency figure),
+/// capabilities if not known yet, then the figures.
+pub async fn probe_node(
+    node: &Node,
+    account: &Account,
+    known: Option<Capabilities>,
+    timeout: Duration,
+) -> Result<(NodeFigures, Capabilities), ProbeError> {
+    let deadline = Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    // One connection for the whole probe.
+    let mut conn = None;
+    let rtt = ping_on(node, &mut conn, timeout).await?;
+    let caps = match known {
+        Some(c) => c,
+        None => detect_on(node, &mut conn, account, left()).await?,
+    };
+    let mut figures = probe_on(node, &mut conn, account, caps, left()).await?;
+    figures.round_trip = rtt;
+    Ok((figures, caps))
+}
+
+/// What `system.clusters` on a node says a cluster is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterRow {
+    pub shard_num: u32,
+    pub shard_weight: u32,
+    pub replica_num: u32,
+    pub host_name: String,
+    pub port: u16,
+}
+
+/// Reads a cluster's shards and replicas from a node's `system.clusters`.
+pub async fn system_clusters(
+    node: &Node,
+    account: &Account,
+    cluster: &str,
+    timeout: Duration,
+) -> Result<Vec<ClusterRow>, ProbeError> {
+    let quoted = cluster.replace('\\', "\\\\").replace('\'', "\\'");
+    let sql = format!(
+        "SELECT shard_num, shard_weight, replica_num, host_name, port FROM system.clusters \
+         WHERE cluster = '{quoted}' ORDER BY shard_num, replica_num FORMAT TSV"
+    );
+    let (text, _) = run_query(node, &mut None, account, &sql, timeout).await?;
+    parse_cluster_rows(&text)
+}
+
+fn parse_cluster_rows(text: &str) -> Result<Vec<ClusterRow>, ProbeError> {
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(|line| {
+            let f: Vec<&str> = line.split('\t').collect();
+            let bad = || ProbeError::Parse(format!("unexpected system.clusters row {line:?}"));
+            if f.len() != 5 {
+                return Err(bad());
+            }
+            Ok(ClusterRow {
+                shard_num: f[0].parse().map_err(|_| bad())?,
+                shard_weight: f[1].parse().map_err(|_| bad())?,
+                replica_num: f[2].parse().map_err(|_| bad())?,
+                host_name: f[3].to_string(),
+                port: f[4].parse().map_err(|_| bad())?,
+            })
+        })
+        .collect()
 }
 
 /// What `mntr` says about an ensemble member.
@@ -256,6 +400,14 @@ pub async fn probe_zookeeper(
     }
     let round_trip = started.elapsed();
     let mntr = four_letter_word(addr, b"mntr", timeout).await?;
+    if mntr.contains("not in the whitelist") {
+        // The operator has not allowed mntr: ruok is all there is to go on.
+        return Ok(ZooKeeperFigures {
+            round_trip,
+            server_state: "unknown (mntr not whitelisted)".into(),
+            ..Default::default()
+        });
+    }
     parse_mntr(&mntr, round_trip)
 }
 
@@ -324,9 +476,29 @@ mod tests {
         assert_eq!(f.server_state, "standalone");
         assert_eq!(f.outstanding_requests, 2);
         assert!(parse_mntr(
-            "mntr is not executed because it is not in the whitelist.\n",
+            "This ZooKeeper instance is not currently serving requests\n",
             Duration::ZERO
         )
         .is_err());
+    }
+
+    #[test]
+    fn parses_system_clusters() {
+        let rows =
+            parse_cluster_rows("1\t1\t1\tch1\t9000\n1\t1\t2\tch2\t9000\n2\t3\t1\tch3\t9440\n")
+                .unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(
+            rows[2],
+            ClusterRow {
+                shard_num: 2,
+                shard_weight: 3,
+                replica_num: 1,
+                host_name: "ch3".into(),
+                port: 9440
+            }
+        );
+        assert!(parse_cluster_rows("Code: 516\n").is_err());
+        assert_eq!(parse_cluster_rows("").unwrap(), vec![]);
     }
 }

@@ -57,23 +57,56 @@ pub struct NodeView {
     pub error_rate: f64,
     /// Health of the ZooKeeper ensemble behind this node's shard.
     pub zookeeper_healthy: bool,
+    /// Skipped by the proxy after failed connections, for this much longer.
+    pub refused_for: Option<Duration>,
 }
 
 /// Why a node takes no traffic of some kind. Shown to operators by the pick API.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Exclusion {
     Down,
-    ReplicaDelay { seconds: u64, max: u64 },
-    ReadonlyReplica { tables: u64 },
+    /// The proxy's own connections failed; skipped for a backoff.
+    Refused {
+        retry_in_ms: u64,
+    },
+    ReplicaDelay {
+        seconds: u64,
+        max: u64,
+    },
+    ReadonlyReplica {
+        tables: u64,
+    },
     SessionExpired,
     ZooKeeperUnhealthy,
-    TooManyParts { parts: u64, max: u64 },
+    TooManyParts {
+        parts: u64,
+        max: u64,
+    },
+}
+
+impl Exclusion {
+    /// A few words for a client-facing summary (no figures, no addresses).
+    pub fn short(&self) -> &'static str {
+        match self {
+            Self::Down => "down",
+            Self::Refused { .. } => "unreachable",
+            Self::ReplicaDelay { .. } => "lagging",
+            Self::ReadonlyReplica { .. } => "read-only",
+            Self::SessionExpired => "without a ZooKeeper session",
+            Self::ZooKeeperUnhealthy => "behind an unhealthy ZooKeeper",
+            Self::TooManyParts { .. } => "with too many parts",
+        }
+    }
 }
 
 impl fmt::Display for Exclusion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Down => write!(f, "node is down (failed its last health probes)"),
+            Self::Refused { retry_in_ms } => write!(
+                f,
+                "connections to the node failed; skipped for another {retry_in_ms} ms"
+            ),
             Self::ReplicaDelay { seconds, max } => {
                 write!(f, "replication delay {seconds} s exceeds {max} s")
             }
@@ -105,6 +138,15 @@ pub fn score(node: &NodeView, config: &ScoreConfig) -> Score {
             write: Err(Exclusion::Down),
         };
     }
+    if let Some(d) = node.refused_for {
+        let e = Exclusion::Refused {
+            retry_in_ms: d.as_millis() as u64,
+        };
+        return Score {
+            read: Err(e.clone()),
+            write: Err(e),
+        };
+    }
     let figures = node.figures.clone().unwrap_or_default();
     let load = (figures.running_queries + figures.background_pool_tasks) as f64;
     let load_factor = 1.0 / (1.0 + load / config.load_scale.max(f64::MIN_POSITIVE));
@@ -129,14 +171,16 @@ pub fn score(node: &NodeView, config: &ScoreConfig) -> Score {
         Ok(to_weight(common))
     };
 
-    let write = if figures.readonly_replicas > 0 {
+    // The ensemble first: when it is down, read-only tables and expired sessions follow,
+    // and the operator wants the cause.
+    let write = if !node.zookeeper_healthy {
+        Err(Exclusion::ZooKeeperUnhealthy)
+    } else if figures.readonly_replicas > 0 {
         Err(Exclusion::ReadonlyReplica {
             tables: figures.readonly_replicas,
         })
     } else if figures.session_expired {
         Err(Exclusion::SessionExpired)
-    } else if !node.zookeeper_healthy {
-        Err(Exclusion::ZooKeeperUnhealthy)
     } else if figures.max_parts_in_partition >= config.max_parts_in_partition {
         Err(Exclusion::TooManyParts {
             parts: figures.max_parts_in_partition,
@@ -167,6 +211,7 @@ mod tests {
             figures: Some(NodeFigures::default()),
             error_rate: 0.0,
             zookeeper_healthy: true,
+            refused_for: None,
         }
     }
 

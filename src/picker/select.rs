@@ -13,8 +13,6 @@
 //! eligible and moves only when it must. The hash is stable across processes, so several
 //! chgate instances agree on a session's node.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-
 /// Effective weights of the nodes for one purpose, with the alias table to sample them.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -105,9 +103,9 @@ impl Snapshot {
         }
     }
 
-    /// Weighted power-of-two-choices. `in_flight[i]` is node `i`'s current load; `random`
-    /// supplies two independent 64-bit draws.
-    pub fn pick(&self, in_flight: &[AtomicU32], random: [u64; 2]) -> Option<usize> {
+    /// Weighted power-of-two-choices. `load(i)` is node `i`'s current load (requests in
+    /// flight); `random` supplies two independent 64-bit draws.
+    pub fn pick(&self, load: impl Fn(usize) -> u64, random: [u64; 2]) -> Option<usize> {
         if self.eligible == 0 {
             return None;
         }
@@ -116,7 +114,6 @@ impl Snapshot {
         if a == b {
             return Some(a);
         }
-        let load = |i: usize| in_flight.get(i).map_or(0, |c| c.load(Ordering::Relaxed)) as u64;
         // a's load per weight <= b's, without division.
         if load(a) * self.weights[b] as u64 <= load(b) * self.weights[a] as u64 {
             Some(a)
@@ -173,8 +170,14 @@ mod tests {
         Snapshot::new(weights, &refs)
     }
 
+    use std::sync::atomic::{AtomicU32, Ordering};
+
     fn counters(n: usize) -> Vec<AtomicU32> {
         (0..n).map(|_| AtomicU32::new(0)).collect()
+    }
+
+    fn of(c: &[AtomicU32]) -> impl Fn(usize) -> u64 + '_ {
+        |i| c[i].load(Ordering::Relaxed) as u64
     }
 
     #[test]
@@ -189,7 +192,7 @@ mod tests {
             let mut counts = vec![0u64; weights.len()];
             let picks = 1_000_000;
             for _ in 0..picks {
-                counts[s.pick(&load, [rand::random(), rand::random()]).unwrap()] += 1;
+                counts[s.pick(of(&load), [rand::random(), rand::random()]).unwrap()] += 1;
             }
             let total: u64 = weights.iter().map(|&w| w as u64).sum();
             for (i, &w) in weights.iter().enumerate() {
@@ -211,9 +214,9 @@ mod tests {
     #[test]
     fn nothing_eligible_means_no_pick() {
         let s = snapshot(&[0, 0, 0]);
-        assert_eq!(s.pick(&counters(3), [1, 2]), None);
+        assert_eq!(s.pick(of(&counters(3)), [1, 2]), None);
         assert_eq!(s.pick_sticky(b"x"), None);
-        assert_eq!(snapshot(&[]).pick(&[], [1, 2]), None);
+        assert_eq!(snapshot(&[]).pick(|_| 0, [1, 2]), None);
     }
 
     #[test]
@@ -222,14 +225,17 @@ mod tests {
         let load = counters(2);
         load[0].store(10, Ordering::Relaxed);
         let picks: usize = (0..10_000)
-            .filter(|_| s.pick(&load, [rand::random(), rand::random()]) == Some(1))
+            .filter(|_| s.pick(of(&load), [rand::random(), rand::random()]) == Some(1))
             .count();
         // Node 1 wins every time both are drawn (half the pairs), and when drawn twice.
         assert!(picks > 7_000, "{picks}");
         // Load is per unit of weight: 10 in flight on a node 20x as heavy is lighter.
         let s = snapshot(&[20, 1]);
         load[1].store(1, Ordering::Relaxed);
-        assert_eq!(s.pick(&load, [0, u64::MAX]).map(|i| s.weight(i)), Some(20));
+        assert_eq!(
+            s.pick(of(&load), [0, u64::MAX]).map(|i| s.weight(i)),
+            Some(20)
+        );
     }
 
     #[test]

@@ -23,10 +23,14 @@ pub enum ClientError {
     NetworkNotAllowed { user: String, ip: std::net::IpAddr },
     #[error("{user}: Cannot execute query in readonly mode: this user may only run SELECT, WITH, SHOW, DESCRIBE, EXISTS and EXPLAIN statements")]
     ReadOnly { user: String },
-    #[error(
-        "No node of cluster {cluster} could take the query ({tried} tried): all are unreachable"
-    )]
-    NoNodeAvailable { cluster: String, tried: usize },
+    #[error("No node of cluster {cluster} could take the query ({tried} tried): {why}")]
+    NoNodeAvailable {
+        cluster: String,
+        tried: usize,
+        why: String,
+    },
+    #[error("The ClickHouse node failed before it answered, and the query was not retried on another node: cluster {cluster} has spent its retry budget (too many failures right now)")]
+    RetryBudgetExhausted { cluster: String },
     #[error("The connection to the ClickHouse node failed before it answered ({reason}); the query was not retried because it {why}")]
     UpstreamFailed {
         reason: &'static str,
@@ -47,6 +51,7 @@ impl ClientError {
             Self::NetworkNotAllowed { .. } => "network_not_allowed",
             Self::ReadOnly { .. } => "readonly",
             Self::NoNodeAvailable { .. } => "no_node_available",
+            Self::RetryBudgetExhausted { .. } => "retry_budget_exhausted",
             Self::UpstreamFailed { .. } => "upstream_failed",
             Self::RequestBody(_) => "request_body",
             Self::UnknownHandler(_) => "unknown_handler",
@@ -59,7 +64,9 @@ impl ClientError {
             Self::AuthFailed { .. } | Self::BadCredentials(_) => (516, "AUTHENTICATION_FAILED"),
             Self::NetworkNotAllowed { .. } => (195, "IP_ADDRESS_NOT_ALLOWED"),
             Self::ReadOnly { .. } => (164, "READONLY"),
-            Self::NoNodeAvailable { .. } => (279, "ALL_CONNECTION_TRIES_FAILED"),
+            Self::NoNodeAvailable { .. } | Self::RetryBudgetExhausted { .. } => {
+                (279, "ALL_CONNECTION_TRIES_FAILED")
+            }
             Self::UpstreamFailed { .. } => (210, "NETWORK_ERROR"),
             Self::RequestBody(_) => (33, "CANNOT_READ_ALL_DATA"),
             Self::UnknownHandler(_) => (0, "UNKNOWN_HANDLER"),
@@ -70,7 +77,9 @@ impl ClientError {
         match self {
             Self::AuthFailed { .. } | Self::BadCredentials(_) => StatusCode::UNAUTHORIZED,
             Self::NetworkNotAllowed { .. } | Self::ReadOnly { .. } => StatusCode::FORBIDDEN,
-            Self::NoNodeAvailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoNodeAvailable { .. } | Self::RetryBudgetExhausted { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             Self::RequestBody(_) => StatusCode::BAD_REQUEST,
             Self::UnknownHandler(_) => StatusCode::NOT_FOUND,

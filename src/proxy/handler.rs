@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -20,6 +20,7 @@ use super::sql::{classify, StatementKind};
 use super::state::{Proxy, User};
 use crate::auth::credentials::{decode_component, extract};
 use crate::metrics::METRICS;
+use crate::picker::{Purpose, View};
 use crate::upstream::{Node, SendFailure, Upstream, UpstreamError};
 
 /// Bytes of a request body read at most to find the first keyword of the statement.
@@ -217,21 +218,39 @@ impl Proxy {
                 counted: user.request_bytes.clone(),
             }))
         };
-        let retry_reads = kind == StatementKind::Read;
 
         let uri: Uri = rewritten
             .path_and_query
             .parse()
             .map_err(|_| ClientError::RequestBody("the request URI cannot be forwarded".into()))?;
         let cluster = &user.cluster;
-        let candidates = cluster.candidates(rewritten.session.as_deref());
-        let mut tried = 0usize;
+        cluster.budget.deposit();
+        let purpose = if kind == StatementKind::Read {
+            Purpose::Read
+        } else {
+            Purpose::Write
+        };
+        let session = rewritten.session.as_deref().map(str::as_bytes);
+        let mut node = {
+            let view = cluster.view();
+            match first_node(&view, purpose, session) {
+                Some(i) => view.topology.nodes[i].clone(),
+                None => {
+                    return Err(ClientError::NoNodeAvailable {
+                        cluster: cluster.name.clone(),
+                        tried: 0,
+                        why: summary(&view, purpose),
+                    })
+                }
+            }
+        };
+        // Nodes that failed this request; allocates only on a failover.
+        let mut tried: Vec<Arc<Node>> = Vec::new();
         let mut sent = 0usize;
         // A request that never reached a node (it could not connect) comes back whole and
         // goes to the next one, whatever its kind.
         let mut unsent: Option<Request<ReqBody>> = None;
-        for node in candidates {
-            tried += 1;
+        loop {
             let mut upstream_req = match unsent.take() {
                 Some(req) => req,
                 None => {
@@ -250,11 +269,14 @@ impl Proxy {
             upstream_req
                 .headers_mut()
                 .insert(header::HOST, node.authority.clone());
+            node.picks[purpose.index()].inc();
             node.in_flight.inc();
+            let attempt_started = Instant::now();
             match send_to(&node, upstream_req).await {
                 Ok((resp, upstream)) => {
                     sent += 1;
                     node.mark_up();
+                    node.state.record_passive(true, attempt_started.elapsed());
                     return Ok(self.respond(
                         resp,
                         upstream,
@@ -281,26 +303,52 @@ impl Proxy {
                     node.in_flight.dec();
                     note_failure(&node, &error);
                     let replayable = matches!(payload, Payload::Replayable(_));
-                    if !(retry_reads && replayable) {
+                    if !(kind == StatementKind::Read && replayable) {
                         return Err(ClientError::UpstreamFailed {
                             reason: "connection lost",
-                            why: if retry_reads {
+                            why: if kind == StatementKind::Read {
                                 "had a body too large to keep for a retry"
                             } else {
                                 "is not a read, and might have been executed"
                             },
                         });
                     }
-                    if sent >= self.settings.max_attempts {
-                        break;
-                    }
-                    METRICS.http_retries.with_label_values(&[&node.label]).inc();
                 }
             }
+            tried.push(node.clone());
+            if tried.len() >= self.settings.max_attempts {
+                break;
+            }
+            let next = {
+                let view = cluster.view();
+                let tried_here: Vec<usize> = (0..view.topology.nodes.len())
+                    .filter(|&i| {
+                        tried
+                            .iter()
+                            .any(|t| Arc::ptr_eq(t, &view.topology.nodes[i]))
+                    })
+                    .collect();
+                next_node(&view, purpose, &tried_here).map(|i| view.topology.nodes[i].clone())
+            };
+            let Some(next) = next else {
+                break;
+            };
+            if !cluster.budget.try_withdraw() {
+                METRICS
+                    .retry_budget_exhausted
+                    .with_label_values(&[&cluster.name])
+                    .inc();
+                return Err(ClientError::RetryBudgetExhausted {
+                    cluster: cluster.name.clone(),
+                });
+            }
+            METRICS.failovers.with_label_values(&[&node.label]).inc();
+            node = next;
         }
         Err(ClientError::NoNodeAvailable {
             cluster: cluster.name.clone(),
-            tried,
+            tried: tried.len(),
+            why: "every node tried failed before answering".into(),
         })
     }
 
@@ -386,8 +434,53 @@ fn note_failure(node: &Node, e: &UpstreamError) {
         .with_label_values(&[&node.label, e.kind()])
         .inc();
     if e.node_at_fault() {
+        node.state.record_passive(false, Duration::ZERO);
         node.mark_down(e);
     }
+}
+
+/// The first node for a request. A statement that is not a read goes where writes can go;
+/// if nowhere can (every ensemble down, say), it goes where reads can, so the client gets
+/// ClickHouse's own answer. A read with no eligible node falls back to the least lagging
+/// replica.
+fn first_node(view: &View, purpose: Purpose, session: Option<&[u8]>) -> Option<usize> {
+    let random = [rand::random(), rand::random()];
+    view.choose(purpose, session, random)
+        .or_else(|| {
+            (purpose == Purpose::Write)
+                .then(|| view.choose(Purpose::Read, session, random))
+                .flatten()
+        })
+        .or_else(|| view.fallback(Purpose::Read, &[]))
+}
+
+/// The next node after `tried` failed.
+fn next_node(view: &View, purpose: Purpose, tried: &[usize]) -> Option<usize> {
+    view.fallback(purpose, tried).or_else(|| {
+        (purpose == Purpose::Write)
+            .then(|| view.fallback(Purpose::Read, tried))
+            .flatten()
+    })
+}
+
+/// Why no node can take a request, for the client: counts by reason, no addresses.
+fn summary(view: &View, purpose: Purpose) -> String {
+    let mut reasons: Vec<(&'static str, usize)> = Vec::new();
+    for s in view.standings.iter() {
+        let label = match s.get(purpose) {
+            Ok(_) => continue,
+            Err(e) => e.short(),
+        };
+        match reasons.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, n)) => *n += 1,
+            None => reasons.push((label, 1)),
+        }
+    }
+    if reasons.is_empty() {
+        return "the cluster has no nodes".into();
+    }
+    let parts: Vec<String> = reasons.iter().map(|(l, n)| format!("{n} {l}")).collect();
+    format!("none is healthy ({})", parts.join(", "))
 }
 
 /// The request body across attempts: a kept body can be sent any number of times, a

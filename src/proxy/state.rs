@@ -13,7 +13,10 @@ use prometheus::{Histogram, IntCounter};
 use crate::auth::{PasswordCheck, Throttle, Verifier};
 use crate::config::Validated;
 use crate::metrics::METRICS;
-use crate::upstream::{Account, Cluster, Node};
+use crate::picker::state::Group;
+use crate::picker::Cluster;
+use crate::secret::Secret;
+use crate::upstream::{Account, Node};
 
 /// A client-facing user with everything a request needs, resolved once per config.
 pub struct User {
@@ -34,26 +37,36 @@ pub struct User {
 pub struct Runtime {
     pub users: HashMap<String, Arc<User>>,
     pub clusters: HashMap<String, Arc<Cluster>>,
+    pub admin_token: Option<Secret>,
 }
 
 impl Runtime {
     /// Builds from a validated config, reusing nodes of `previous` (their connection pools
     /// and health) where the same node is still configured.
     pub fn build(v: &Validated, previous: Option<&Runtime>) -> Self {
-        let existing: HashMap<String, Arc<Node>> = previous
-            .map(|p| {
-                p.clusters
-                    .values()
-                    .flat_map(|c| c.nodes.iter().map(|n| (n.label.clone(), n.clone())))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut existing: HashMap<String, Arc<Node>> = HashMap::new();
+        let mut groups: HashMap<(String, Vec<String>), Arc<Group>> = HashMap::new();
+        for c in previous.iter().flat_map(|p| p.clusters.values()) {
+            existing.extend(c.topology().node_map());
+            for g in c.groups() {
+                groups.insert((g.name.clone(), g.zookeeper.clone()), g);
+            }
+        }
         let clusters: HashMap<String, Arc<Cluster>> = v
             .config
             .clusters
             .iter()
             .map(|(name, c)| {
-                let cluster = Cluster::new(name, c, &v.secrets, &v.config.upstream, &existing);
+                let cluster = Cluster::new(
+                    name,
+                    c,
+                    &v.secrets,
+                    &v.config.upstream,
+                    &v.config.picker,
+                    &existing,
+                    &groups,
+                );
+                cluster.start();
                 (name.clone(), Arc::new(cluster))
             })
             .collect();
@@ -88,7 +101,11 @@ impl Runtime {
                 Some((name.clone(), Arc::new(user)))
             })
             .collect();
-        Self { users, clusters }
+        Self {
+            users,
+            clusters,
+            admin_token: v.admin_token.clone(),
+        }
     }
 }
 
@@ -138,9 +155,15 @@ impl Proxy {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Ready to serve: not draining, and every cluster has a node that is not being skipped.
+    /// Ready to serve: not draining, and every cluster has a node that can take reads.
     pub fn ready(&self) -> bool {
-        !self.draining() && self.state.load().clusters.values().all(|c| c.any_up())
+        !self.draining()
+            && self
+                .state
+                .load()
+                .clusters
+                .values()
+                .all(|c| c.view().readable())
     }
 }
 
@@ -155,10 +178,15 @@ pub(crate) mod tests {
             "c",
             &crate::config::ClusterConfig {
                 shards: vec![],
+                shard_groups: vec![],
                 accounts: Default::default(),
+                probe_account: None,
+                discovery: None,
             },
             &Default::default(),
             &Default::default(),
+            &Default::default(),
+            &HashMap::new(),
             &HashMap::new(),
         ));
         let account = Arc::new(Account::new(

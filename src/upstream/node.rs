@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 
 use crate::config::UpstreamConfig;
 use crate::metrics::METRICS;
+use crate::picker::NodeState;
 use crate::proxy::body::ReqBody;
 
 /// Why talking to a node failed, and so whether the request may go elsewhere.
@@ -118,7 +119,8 @@ impl Upstream {
         })
     }
 
-    fn reusable(&self) -> bool {
+    /// True if another request can go on this connection.
+    pub fn reusable(&self) -> bool {
         self.conn.is_some() && !self.sender.is_closed()
     }
 }
@@ -144,13 +146,19 @@ struct Idle {
     since: Instant,
 }
 
-/// One ClickHouse node's HTTP endpoint.
+/// One ClickHouse node: its HTTP endpoint with a connection pool, and what the picker
+/// knows about it. A node outlives config generations (reloads reuse it by label), so its
+/// pool and health carry over.
 pub struct Node {
-    /// `host:port`, used in logs and as the metric label; never shown to clients.
+    /// `host:port` (HTTP), used in logs and as the metric label; never shown to clients.
     pub label: String,
-    pub shard: usize,
-    host: String,
-    port: u16,
+    pub host: String,
+    pub port: u16,
+    pub native_port: u16,
+    /// Probe results, health and passive figures, kept by the picker.
+    pub state: NodeState,
+    /// Picks by purpose (read, write): the proxy's and the pick API's.
+    pub picks: [IntCounter; 2],
     pub authority: HeaderValue,
     idle: ArrayQueue<Idle>,
     idle_timeout: Duration,
@@ -176,7 +184,7 @@ fn now_ms() -> u64 {
 }
 
 impl Node {
-    pub fn new(host: &str, port: u16, shard: usize, config: &UpstreamConfig) -> Self {
+    pub fn new(host: &str, port: u16, native_port: u16, config: &UpstreamConfig) -> Self {
         let label = if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
@@ -188,10 +196,15 @@ impl Node {
             in_flight: METRICS.upstream_in_flight.with_label_values(&[&label]),
             down_gauge: METRICS.upstream_node_down.with_label_values(&[&label]),
             connections_opened: METRICS.upstream_connections.with_label_values(&[&label]),
+            picks: [
+                METRICS.picks.with_label_values(&[&label, "read"]),
+                METRICS.picks.with_label_values(&[&label, "write"]),
+            ],
+            state: NodeState::default(),
             label,
-            shard,
             host: host.to_string(),
             port,
+            native_port,
             authority,
             idle: ArrayQueue::new(config.max_idle_per_node.max(1)),
             idle_timeout: config.idle_timeout,
@@ -206,6 +219,20 @@ impl Node {
     /// True while the node is being skipped after failures.
     pub fn is_down(&self) -> bool {
         self.down_until.load(Ordering::Relaxed) > now_ms()
+    }
+
+    /// How much longer the node is skipped after failures.
+    pub fn down_for(&self) -> Duration {
+        Duration::from_millis(
+            self.down_until
+                .load(Ordering::Relaxed)
+                .saturating_sub(now_ms()),
+        )
+    }
+
+    /// Requests in flight to this node now.
+    pub fn load(&self) -> u64 {
+        self.in_flight.get().max(0) as u64
     }
 
     /// Records a failure: the node is skipped for a backoff that doubles per consecutive
@@ -278,8 +305,16 @@ impl Node {
         });
     }
 
-    /// A new connection, bypassing the pool.
+    /// A new connection for requests, bypassing the pool (counted in
+    /// `chgate_upstream_connections_opened_total`).
     pub async fn connect(&self) -> Result<Upstream, UpstreamError> {
+        let upstream = self.open().await?;
+        self.connections_opened.inc();
+        Ok(upstream)
+    }
+
+    /// A new connection not counted as the request path's (the picker's probes).
+    pub async fn open(&self) -> Result<Upstream, UpstreamError> {
         let stream = tokio::time::timeout(
             self.connect_timeout,
             TcpStream::connect((self.host.as_str(), self.port)),
@@ -293,7 +328,6 @@ impl Node {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Handshake)?;
-        self.connections_opened.inc();
         Ok(Upstream {
             sender,
             conn: Some(Box::pin(conn)),
@@ -312,7 +346,7 @@ mod tests {
             down_backoff_max: Duration::from_secs(25),
             ..UpstreamConfig::default()
         };
-        let node = Node::new("127.0.0.250", 1, 0, &config);
+        let node = Node::new("127.0.0.250", 1, 9000, &config);
         assert!(!node.is_down());
         let err = UpstreamError::ConnectTimeout;
         node.mark_down(&err);

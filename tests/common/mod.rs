@@ -309,3 +309,37 @@ pub fn unique(prefix: &str) -> String {
             .subsec_nanos()
     )
 }
+
+/// The demo cluster as the quickstart describes it: shard group `a` (shard 1, ZooKeeper A)
+/// and `b` (shard 2, ZooKeeper B), with `extra` appended (e.g. a `[picker]` section).
+pub fn grouped_config(extra: &str) -> String {
+    let flat = config(&demo_nodes(), extra);
+    let start = flat.find("[[clusters.demo.shards]]").unwrap();
+    let end = flat.find("[clusters.demo.accounts.chgate]").unwrap();
+    format!(
+        "{}{}{}",
+        &flat[..start],
+        r#"[[clusters.demo.shard_groups]]
+name = "a"
+zookeeper = ["127.0.0.1:2181"]
+shards = [{ replicas = [{ host = "127.0.0.11" }, { host = "127.0.0.12" }] }]
+[[clusters.demo.shard_groups]]
+name = "b"
+zookeeper = ["127.0.0.1:2182"]
+shards = [{ replicas = [{ host = "127.0.0.13" }, { host = "127.0.0.14" }] }]
+"#,
+        &flat[end..]
+    )
+}
+
+/// GET on the admin listener; the status and the parsed JSON body.
+pub async fn admin_json(admin: SocketAddr, path_and_query: &str) -> (u16, serde_json::Value) {
+    let out = curl_async(vec![
+        "-sS".into(),
+        format!("http://{admin}{path_and_query}"),
+    ])
+    .await;
+    let v = serde_json::from_str(&out.body)
+        .unwrap_or_else(|e| panic!("{path_and_query}: not JSON ({e}): {}", out.body));
+    (out.status, v)
+}
