@@ -528,6 +528,40 @@ mod tests {
     }
 
     #[test]
+    fn picker_and_shard_group_problems_name_their_keys() {
+        std::env::set_var("CHGATE_TEST_SECRET_VALIDATE", "s3cret");
+        let text = good()
+            .replace(
+                "shards = [{ replicas = [{ host = \"127.0.0.11\" }, { host = \"127.0.0.12\" }] }]",
+                r#"[[clusters.demo.shard_groups]]
+            name = "a"
+            zookeeper = ["127.0.0.1:2181", "nope"]
+            shards = [{ replicas = [{ host = "127.0.0.11", weight = 0.0 }] }]
+            [[clusters.demo.shard_groups]]
+            name = "a"
+            shards = []"#,
+            )
+            .replace(
+                "[clusters.demo.accounts.chgate]",
+                "[clusters.demo.accounts.other]\nuser = \"u\"\npassword_env = \"CHGATE_TEST_SECRET_VALIDATE\"\n[clusters.demo.accounts.chgate]",
+            )
+            + "\n[picker]\nprobe_timeout = \"5s\"\nfall = 0\n";
+        let problems = parse(&text).unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "clusters.demo.shard_groups[0].zookeeper[1]",
+            "clusters.demo.shard_groups[0].shards[0].replicas[0].weight",
+            "clusters.demo.shard_groups[1].name",
+            "clusters.demo.shard_groups[1].shards",
+            "clusters.demo.probe_account",
+            "picker.probe_timeout",
+            "picker.fall",
+        ] {
+            assert!(keys.contains(&key), "{key} not in {problems:#?}");
+        }
+    }
+
+    #[test]
     fn missing_secret_is_a_problem_not_a_panic() {
         let text = good().replace(
             "password_env = \"CHGATE_TEST_SECRET_VALIDATE\"",

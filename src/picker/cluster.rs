@@ -298,6 +298,8 @@ async fn probe_node_loop(shared: Arc<Shared>, node: Arc<Node>, stop: Cancellatio
         let recorded = match result {
             Ok((figures, caps)) => {
                 node.state.set_capabilities(Some(caps));
+                // The node answers: whatever passive backoff the proxy put on it is over.
+                node.mark_up();
                 METRICS
                     .node_probe_seconds
                     .with_label_values(&[&node.label])
