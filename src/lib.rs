@@ -9,19 +9,22 @@
 //!   the request handler takes each request through
 //!   - [`auth`]: which credentials it carries, whether they are right, throttling failures;
 //!   - policy: read-only users ([`proxy::sql`] tells reads from writes), allowed networks;
-//!   - rewriting for the mapped cluster account, then [`upstream`]: ordering the nodes of
-//!     the user's cluster, pooled keep-alive connections (driven by the request's own task),
-//!     passive health, retrying a read on another node;
+//!   - rewriting for the mapped cluster account, then the shard [`picker`] chooses a node
+//!     by health and load, and [`upstream`] sends it over a pooled keep-alive connection
+//!     (driven by the request's own task), retrying a read on the next best node;
 //!   - streaming the response back ([`proxy::body`]), which also returns the connection to
 //!     its pool and records the request's metrics and access log line.
-//! - [`admin`] serves `/metrics`, `/healthz` and `/readyz` on its own thread;
+//! - [`admin`] serves `/metrics`, `/healthz`, `/readyz` and the picker's `/v1` API on its
+//!   own thread;
 //!   [`metrics`] defines what is exported.
 //! - [`tls`] builds the HTTPS listener's rustls config.
+//! - [`ingest`] (in progress): `chgate ingest`'s format templates and RowBinary encoding.
 
 pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod ingest;
 pub mod metrics;
 pub mod picker;
 pub mod proxy;
