@@ -1,0 +1,387 @@
+//! `chgate ingest`'s config: the Kafka consumer, where picks come from, the clusters
+//! (the same sections as the proxy's, for the embedded picker and the insert account),
+//! format templates and tasks.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::template::TemplateConfig;
+use crate::config::{ClusterConfig, PickerConfig, Problem, UpstreamConfig};
+use crate::secret::Secret;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    pub kafka: KafkaConfig,
+    /// The proxy's pick API. Without it (or when it cannot be reached) the sidecar's own
+    /// copy of the picker, probing the cluster itself, chooses.
+    #[serde(default)]
+    pub pick_api: Option<PickApiConfig>,
+    #[serde(default)]
+    pub admin: IngestAdminConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub picker: PickerConfig,
+    pub clusters: BTreeMap<String, ClusterConfig>,
+    pub templates: BTreeMap<String, TemplateConfig>,
+    pub tasks: BTreeMap<String, TaskConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub group_id: String,
+    /// Static group membership (`group.instance.id`): a restarted sidecar gets its
+    /// partitions back without a rebalance. Default: `chgate-ingest-<hostname>`; give each
+    /// sidecar on one host its own.
+    pub instance_id: Option<String>,
+    #[serde(default = "default_session_timeout", with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// Any other librdkafka consumer/producer property.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_session_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PickApiConfig {
+    /// The proxy's admin listener, e.g. `http://127.0.0.1:9188`.
+    pub url: String,
+    pub token_env: Option<String>,
+    pub token_file: Option<PathBuf>,
+    #[serde(default = "default_pick_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_pick_timeout() -> Duration {
+    Duration::from_millis(500)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestAdminConfig {
+    /// `/metrics`, `/healthz`. `None` disables it.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+impl Default for IngestAdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9189))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Parser worker threads; each drains its own ring.
+    pub workers: usize,
+    /// Messages each ring holds.
+    pub ring_capacity: usize,
+    /// Bytes of messages and encoded batches held at once; past it the consumer pauses.
+    pub max_pending_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            ring_capacity: 65_536,
+            max_pending_bytes: 128 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Sharding {
+    /// The picker chooses the shard per batch, by health.
+    Random,
+    /// A hash of the `key` column chooses the shard: one key, one shard.
+    Key,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    pub topic: String,
+    pub template: String,
+    pub cluster: String,
+    /// The cluster account inserts run as.
+    pub account: String,
+    /// The local (replicated) table on each node: `database.table`.
+    pub table: String,
+    #[serde(default = "default_sharding")]
+    pub sharding: Sharding,
+    /// The column whose value chooses the shard with `sharding = "key"`.
+    pub key: Option<String>,
+    #[serde(default = "default_batch_rows")]
+    pub batch_rows: usize,
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: usize,
+    #[serde(default = "default_batch_age", with = "humantime_serde")]
+    pub batch_age: Duration,
+    /// Where messages that cannot become rows go, with headers saying why.
+    pub dead_letter_topic: String,
+    pub time_window: Option<TimeWindowConfig>,
+}
+
+fn default_sharding() -> Sharding {
+    Sharding::Random
+}
+fn default_batch_rows() -> usize {
+    100_000
+}
+fn default_batch_bytes() -> usize {
+    16 << 20
+}
+fn default_batch_age() -> Duration {
+    Duration::from_secs(1)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeWindowConfig {
+    /// A DateTime column of the template.
+    pub column: String,
+    /// Rows older than this (against the batch's clock) are dead-lettered.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Rows further in the future than this are dead-lettered.
+    #[serde(default, with = "humantime_serde")]
+    pub max_future: Duration,
+}
+
+/// A checked config with its secrets (redacted in `Debug`).
+#[derive(Debug)]
+pub struct ValidatedIngest {
+    pub config: IngestConfig,
+    pub secrets: BTreeMap<(String, String), Secret>,
+    pub pick_token: Option<Secret>,
+}
+
+/// Reads and validates; every problem is reported with its key. (Templates are checked
+/// against the tables' real columns at start, when ClickHouse can be asked.)
+pub fn load(path: &Path) -> Result<ValidatedIngest, Vec<Problem>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![Problem::new("", format!("cannot read the file: {e}"))])?;
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    let config: IngestConfig = toml::from_str(&text).map_err(|e| {
+        vec![Problem::new(
+            "",
+            match e.span() {
+                Some(span) => {
+                    let before = &text[..span.start.min(text.len())];
+                    format!(
+                        "line {}: {}",
+                        before.matches('\n').count() + 1,
+                        e.message().trim_end()
+                    )
+                }
+                None => e.message().trim_end().to_string(),
+            },
+        )]
+    })?;
+    let mut problems = Vec::new();
+    let mut p = |k: String, m: String| problems.push(Problem::new(k, m));
+    let mut secrets = BTreeMap::new();
+    for (name, cluster) in &config.clusters {
+        for (acc_name, acc) in &cluster.accounts {
+            match crate::secret::load(
+                acc.password_env.as_deref(),
+                acc.password_file.as_deref(),
+                base,
+            ) {
+                Ok(s) => {
+                    secrets.insert((name.clone(), acc_name.clone()), s);
+                }
+                Err(e) => p(
+                    format!("clusters.{name}.accounts.{acc_name}"),
+                    e.to_string(),
+                ),
+            }
+        }
+        if cluster.shards.is_empty() && cluster.shard_groups.is_empty() {
+            p(
+                format!("clusters.{name}"),
+                "at least one shard is required".into(),
+            );
+        }
+    }
+    let pick_token = match &config.pick_api {
+        Some(api) if api.token_env.is_some() || api.token_file.is_some() => {
+            crate::secret::load(api.token_env.as_deref(), api.token_file.as_deref(), base)
+                .map_err(|e| {
+                    p(
+                        "pick_api".into(),
+                        e.to_string().replace("password_", "token_"),
+                    )
+                })
+                .ok()
+        }
+        _ => None,
+    };
+    if let Some(api) = &config.pick_api {
+        if !api.url.starts_with("http://") {
+            p(
+                "pick_api.url".into(),
+                format!("{:?} must start with http://", api.url),
+            );
+        }
+    }
+    if config.limits.workers == 0 {
+        p("limits.workers".into(), "must be at least 1".into());
+    }
+    if config.limits.ring_capacity < 16 {
+        p("limits.ring_capacity".into(), "must be at least 16".into());
+    }
+    if config.tasks.is_empty() {
+        p("tasks".into(), "at least one task is required".into());
+    }
+    let mut topics = std::collections::HashSet::new();
+    for (name, t) in &config.tasks {
+        let key = format!("tasks.{name}");
+        if !topics.insert(t.topic.clone()) {
+            p(
+                format!("{key}.topic"),
+                format!("topic {} is already consumed by another task", t.topic),
+            );
+        }
+        if !config.templates.contains_key(&t.template) {
+            p(
+                format!("{key}.template"),
+                format!("no template {:?}", t.template),
+            );
+        }
+        match config.clusters.get(&t.cluster) {
+            None => p(
+                format!("{key}.cluster"),
+                format!("no cluster {:?}", t.cluster),
+            ),
+            Some(c) if !c.accounts.contains_key(&t.account) => p(
+                format!("{key}.account"),
+                format!("cluster {} has no account {:?}", t.cluster, t.account),
+            ),
+            Some(_) => {}
+        }
+        if t.table.split('.').count() != 2 {
+            p(
+                format!("{key}.table"),
+                format!("{:?} must be database.table", t.table),
+            );
+        }
+        if t.sharding == Sharding::Key && t.key.is_none() {
+            p(
+                format!("{key}.key"),
+                "sharding = \"key\" needs the key column".into(),
+            );
+        }
+        if t.batch_rows == 0 || t.batch_bytes == 0 || t.batch_age.is_zero() {
+            p(
+                key.clone(),
+                "batch_rows, batch_bytes and batch_age must be above zero".into(),
+            );
+        }
+        if t.dead_letter_topic == t.topic {
+            p(
+                format!("{key}.dead_letter_topic"),
+                "must differ from the topic".into(),
+            );
+        }
+    }
+    if problems.is_empty() {
+        Ok(ValidatedIngest {
+            config,
+            secrets,
+            pick_token,
+        })
+    } else {
+        Err(problems)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_config_is_valid() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/ingest-local.toml"
+        ));
+        // The stack's secret may not exist where unit tests run: only that may be wrong.
+        match load(path) {
+            Ok(v) => {
+                let t = &v.config.tasks["events"];
+                assert_eq!(t.sharding, Sharding::Random);
+                assert_eq!(t.batch_age, Duration::from_secs(1));
+                assert!(v.config.pick_api.is_some());
+            }
+            Err(problems) => {
+                assert!(
+                    problems
+                        .iter()
+                        .all(|p| p.key == "clusters.demo.accounts.ingest"),
+                    "{problems:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn problems_name_their_keys() {
+        let dir = std::env::temp_dir().join(format!("chgate-ingest-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(
+            &path,
+            r#"
+            [kafka]
+            brokers = "b:9092"
+            group_id = "g"
+            [clusters.demo]
+            shards = [{ replicas = [{ host = "h" }] }]
+            [clusters.demo.accounts.a]
+            user = "u"
+            password_env = "CHGATE_TEST_INGEST_SECRET"
+            [templates.t]
+            format = "json"
+            [tasks.x]
+            topic = "in"
+            template = "nope"
+            cluster = "demo"
+            account = "b"
+            table = "events_local"
+            sharding = "key"
+            dead_letter_topic = "in"
+            "#,
+        )
+        .unwrap();
+        std::env::set_var("CHGATE_TEST_INGEST_SECRET", "s");
+        let problems = load(&path).unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "tasks.x.template",
+            "tasks.x.account",
+            "tasks.x.table",
+            "tasks.x.key",
+            "tasks.x.dead_letter_topic",
+        ] {
+            assert!(keys.contains(&key), "{key} missing: {problems:?}");
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
