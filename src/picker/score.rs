@@ -107,6 +107,12 @@ impl fmt::Display for Exclusion {
                 f,
                 "connections to the node failed; skipped for another {retry_in_ms} ms"
             ),
+            // Right after a restart ClickHouse reports the delay since the epoch until the
+            // replica has loaded its queue.
+            Self::ReplicaDelay { seconds, .. } if *seconds > 10 * 365 * 86_400 => write!(
+                f,
+                "the replica has not synced since it started (no replication queue update yet)"
+            ),
             Self::ReplicaDelay { seconds, max } => {
                 write!(f, "replication delay {seconds} s exceeds {max} s")
             }

@@ -65,8 +65,9 @@ pub struct View {
     pub cache_for: Duration,
     /// Over all nodes, per purpose, priority applied.
     cluster: [Snapshot; 2],
-    /// Sessions: the configured weight of every node eligible for reads, so a session's
-    /// node does not move with load, only when it stops being eligible.
+    /// Sessions: the configured weight of every node that is up, so a session's node does
+    /// not move with load or lag (moving a session loses its temporary tables and
+    /// settings, which is worse than a stale read), only when the node is down.
     sticky: Snapshot,
     /// Per shard (node indices local to the shard), per purpose.
     per_shard: Box<[[Snapshot; 2]]>,
@@ -125,7 +126,9 @@ impl View {
         let sticky_raw: Vec<u32> = all
             .iter()
             .map(|&i| match standings[i].get(Purpose::Read) {
-                Ok(_) => ((topology.replicas[i].weight * WEIGHT_SCALE).round() as u32).max(1),
+                Ok(_) | Err(Exclusion::ReplicaDelay { .. }) => {
+                    ((topology.replicas[i].weight * WEIGHT_SCALE).round() as u32).max(1)
+                }
                 Err(_) => 0,
             })
             .collect();
@@ -478,5 +481,31 @@ mod tests {
             );
         }
         assert!(!homes.contains(&Some(2)), "the standby holds no sessions");
+        // Lag does not move sessions either; going down does.
+        for node in t.nodes.iter() {
+            node.state.record_probe(
+                HEALTH,
+                Ok(NodeFigures {
+                    replica_delay_s: 1_000,
+                    ..Default::default()
+                }),
+            );
+        }
+        let lagging = build(&t);
+        for (k, home) in homes.iter().enumerate() {
+            assert_eq!(
+                lagging.choose(Purpose::Read, Some(format!("s-{k}").as_bytes()), [1, 1]),
+                *home
+            );
+        }
+        let home0 = homes[0].unwrap();
+        t.nodes[home0]
+            .state
+            .record_probe(HEALTH, Err("gone".into()));
+        let down = build(&t);
+        assert_ne!(
+            down.choose(Purpose::Read, Some(b"s-0"), [1, 1]),
+            Some(home0)
+        );
     }
 }
