@@ -30,6 +30,12 @@ enum Command {
         #[arg(long, short, env = "CHGATE_CONFIG")]
         config: PathBuf,
     },
+    /// Run the ingest sidecar: Kafka topics into ClickHouse, one picked node per batch.
+    Ingest {
+        /// The ingest config file (TOML).
+        #[arg(long, short, env = "CHGATE_INGEST_CONFIG")]
+        config: PathBuf,
+    },
     /// Work with config files.
     Config {
         #[command(subcommand)]
@@ -79,6 +85,28 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Passwd { stdin } => passwd(stdin),
+        Command::Ingest { config } => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .thread_name("chgate-ingest")
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("chgate: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(crate::ingest::run(&config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("chgate ingest: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Proxy { config } => {
             // Validate fully before building a runtime or binding anything.
             let validated = match crate::config::load(&config) {

@@ -35,6 +35,15 @@ pub struct Metrics {
     pub node_probe_failures: IntCounterVec,
     pub zookeeper_healthy: IntGaugeVec,
     pub topology_refreshes: IntCounterVec,
+    pub ingest_consumed: IntCounterVec,
+    pub ingest_dead_letters: IntCounterVec,
+    pub ingest_rows: IntCounterVec,
+    pub ingest_batches: IntCounterVec,
+    pub ingest_insert_seconds: HistogramVec,
+    pub ingest_insert_failures: IntCounterVec,
+    pub ingest_ring_occupancy: IntGaugeVec,
+    pub ingest_paused: IntGauge,
+    pub ingest_pending_bytes: IntGauge,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -186,6 +195,66 @@ impl Metrics {
             "Topology refreshes from system.clusters, by result (unchanged, changed, failed).",
             &["cluster", "result"],
         );
+        let ingest_consumed = counter(
+            "chgate_ingest_consumed_total",
+            "Kafka messages consumed by chgate ingest, by task.",
+            &["task"],
+        );
+        let ingest_dead_letters = counter(
+            "chgate_ingest_dead_letters_total",
+            "Messages sent to the dead-letter topic, by task and reason (parse, type, time_window, refused).",
+            &["task", "reason"],
+        );
+        let ingest_rows = counter(
+            "chgate_ingest_rows_written_total",
+            "Rows inserted, by task, shard and node.",
+            &["task", "shard", "node"],
+        );
+        let ingest_batches = counter(
+            "chgate_ingest_batches_written_total",
+            "Inserts that succeeded, by task, shard and node.",
+            &["task", "shard", "node"],
+        );
+        let ingest_insert_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "chgate_ingest_insert_duration_seconds",
+                "Time one insert took, by task.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["task"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(ingest_insert_seconds.clone()))
+            .expect("unique metric");
+        let ingest_insert_failures = counter(
+            "chgate_ingest_insert_failures_total",
+            "Inserts a node failed (the batch went to another replica or waited), by task and node.",
+            &["task", "node"],
+        );
+        let ingest_ring_occupancy = gauge_vec(
+            "chgate_ingest_ring_messages",
+            "Messages waiting in each parser worker's ring.",
+            &["worker"],
+        );
+        let ingest_paused = IntGauge::new(
+            "chgate_ingest_paused",
+            "1 while consumption is paused (a ring or the memory ceiling is full).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(ingest_paused.clone()))
+            .expect("unique metric");
+        let ingest_pending_bytes = IntGauge::new(
+            "chgate_ingest_pending_bytes",
+            "Message bytes consumed and not yet committed (held in rings and batches).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(ingest_pending_bytes.clone()))
+            .expect("unique metric");
         let build = IntGaugeVec::new(
             Opts::new(
                 "chgate_build_info",
@@ -226,6 +295,15 @@ impl Metrics {
             node_probe_failures,
             zookeeper_healthy,
             topology_refreshes,
+            ingest_consumed,
+            ingest_dead_letters,
+            ingest_rows,
+            ingest_batches,
+            ingest_insert_seconds,
+            ingest_insert_failures,
+            ingest_ring_occupancy,
+            ingest_paused,
+            ingest_pending_bytes,
         }
     }
 

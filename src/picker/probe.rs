@@ -93,6 +93,18 @@ async fn ping_on(
     Ok(rtt)
 }
 
+/// Runs one query on a node (on a fresh connection) and returns its text.
+pub async fn query(
+    node: &Node,
+    account: &Account,
+    sql: &str,
+    timeout: Duration,
+) -> Result<String, ProbeError> {
+    run_query(node, &mut None, account, sql, timeout)
+        .await
+        .map(|(text, _)| text)
+}
+
 async fn run_query(
     node: &Node,
     conn: &mut Option<Upstream>,

@@ -343,3 +343,128 @@ pub async fn admin_json(admin: SocketAddr, path_and_query: &str) -> (u16, serde_
         .unwrap_or_else(|e| panic!("{path_and_query}: not JSON ({e}): {}", out.body));
     (out.status, v)
 }
+
+/// Runs a bash script with `scripts/dev-stack env` applied (the venv, tansu, and the
+/// newer librdkafka kcat needs for the broker).
+pub fn stack_shell(script: &str) -> std::process::Output {
+    let env = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dev-stack"))
+        .arg("env")
+        .output()
+        .unwrap();
+    assert!(env.status.success(), "dev-stack env failed");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -e\n{}\n{script}",
+            String::from_utf8_lossy(&env.stdout)
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `chgate ingest` as a real process; learns its admin address from its JSON log.
+pub struct IngestProcess {
+    pub child: Child,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl IngestProcess {
+    pub fn start(config_text: &str) -> Self {
+        let config_path = tempfile_path("ingest").with_extension("toml");
+        std::fs::write(&config_path, config_text).unwrap();
+        Self::start_with(config_path)
+    }
+
+    pub fn start_with(config_path: PathBuf) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chgate"))
+            .args(["--log-format", "json", "ingest", "--config"])
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start chgate ingest");
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    log.lock().unwrap().push(line.clone());
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let admin = loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| {
+                    panic!("chgate ingest did not start: {:?}", log.lock().unwrap())
+                });
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if v["message"] == "Listening" && v["kind"] == "admin" {
+                break v["addr"].as_str().unwrap().parse().unwrap();
+            }
+        };
+        Self {
+            child,
+            admin,
+            config_path,
+            log,
+        }
+    }
+
+    pub fn metrics(&self) -> String {
+        curl(&["-sS", &format!("http://{}/metrics", self.admin)]).body
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit; its status.
+    pub fn wait(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let end = Instant::now() + deadline;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < end,
+                "chgate ingest did not exit: {:?}",
+                self.log
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .rev()
+                    .take(10)
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for IngestProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,364 @@
+//! Cutting a partition's messages into segments: a segment is a contiguous offset range of
+//! one partition, encoded into one RowBinary part per target shard (one part in `random`
+//! mode, where the picker chooses the shard; one per shard the keys hash to in `key`
+//! mode), plus the messages that could not become rows. A segment is cut by rows, bytes or
+//! age, whichever comes first, and its offsets are committed only after every part is in.
+//!
+//! Everything about a segment is a function of its messages and its `clock` (the instant
+//! the time window is measured from), so the same range rebuilt after a crash gives the
+//! same parts byte for byte.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::config::Sharding;
+use super::template::{Template, Window};
+use crate::picker::select::fnv1a;
+
+/// A message as the consumer hands it to a worker.
+#[derive(Debug)]
+pub struct Message {
+    pub task: usize,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+}
+
+/// A message that goes to the dead-letter topic, and why.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub reason: &'static str,
+    pub error: String,
+}
+
+/// Rows for one shard.
+#[derive(Debug, Clone, Default)]
+pub struct Part {
+    /// The 1-based shard; `None` lets the picker choose (random sharding).
+    pub shard: Option<u32>,
+    pub data: Vec<u8>,
+    /// Where each row ends in `data`, so a batch ClickHouse refuses can be split.
+    pub row_ends: Vec<usize>,
+    /// The offset of each row's message.
+    pub offsets: Vec<i64>,
+    /// Each row's original message (key, payload), for the dead-letter topic should
+    /// ClickHouse refuse the row.
+    pub originals: Vec<(Option<Vec<u8>>, Vec<u8>)>,
+}
+
+impl Part {
+    pub fn rows(&self) -> usize {
+        self.row_ends.len()
+    }
+
+    /// Rows `[from, to)` as one RowBinary body.
+    pub fn slice(&self, from: usize, to: usize) -> &[u8] {
+        let start = if from == 0 {
+            0
+        } else {
+            self.row_ends[from - 1]
+        };
+        let end = if to == 0 { 0 } else { self.row_ends[to - 1] };
+        &self.data[start..end]
+    }
+}
+
+#[derive(Debug)]
+pub struct Segment {
+    pub task: usize,
+    pub partition: i32,
+    pub first: i64,
+    pub last: i64,
+    /// Unix seconds the time window was measured from.
+    pub clock: i64,
+    pub parts: Vec<Part>,
+    pub dead: Vec<DeadLetter>,
+    /// Message bytes held by this segment (for the memory ceiling).
+    pub bytes: usize,
+}
+
+/// What a task's batches need to know, fixed at start.
+pub struct TaskSpec {
+    pub template: Arc<Template>,
+    pub sharding: Sharding,
+    pub key_column: Option<usize>,
+    /// The cluster's shard numbers, for `key` sharding.
+    pub shards: Vec<u32>,
+    /// (column, max age, max future) of the time window.
+    pub window: Option<(usize, Duration, Duration)>,
+    pub batch_rows: usize,
+    pub batch_bytes: usize,
+    pub batch_age: Duration,
+}
+
+impl TaskSpec {
+    /// The shard a key goes to: a stable hash over the shard list, so one key always lands
+    /// on one shard while the shard list stays the same.
+    pub fn shard_for(&self, key: &[u8]) -> u32 {
+        let n = self.shards.len().max(1) as u64;
+        self.shards
+            .get((fnv1a(key) % n) as usize)
+            .copied()
+            .unwrap_or(1)
+    }
+}
+
+struct Open {
+    first: i64,
+    last: i64,
+    clock: i64,
+    opened: Instant,
+    parts: Vec<Part>,
+    dead: Vec<DeadLetter>,
+    rows: usize,
+    bytes: usize,
+}
+
+/// One partition's open segment.
+pub struct Batcher {
+    spec: Arc<TaskSpec>,
+    task: usize,
+    partition: i32,
+    open: Option<Open>,
+    key: Vec<u8>,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Batcher {
+    pub fn new(spec: Arc<TaskSpec>, task: usize, partition: i32) -> Self {
+        Self {
+            spec,
+            task,
+            partition,
+            open: None,
+            key: Vec::new(),
+        }
+    }
+
+    /// Adds a message; returns the segment if it is now full.
+    pub fn add(&mut self, msg: Message) -> Option<Segment> {
+        let clock = unix_now();
+        self.add_at(msg, clock)
+    }
+
+    /// [`Self::add`] with the clock a new segment starts from (tests, and rebuilding a
+    /// segment after a crash).
+    pub fn add_at(&mut self, msg: Message, clock: i64) -> Option<Segment> {
+        let spec = self.spec.clone();
+        let open = self.open.get_or_insert_with(|| Open {
+            first: msg.offset,
+            last: msg.offset,
+            clock,
+            opened: Instant::now(),
+            parts: match spec.sharding {
+                Sharding::Random => vec![Part::default()],
+                Sharding::Key => spec
+                    .shards
+                    .iter()
+                    .map(|&s| Part {
+                        shard: Some(s),
+                        ..Default::default()
+                    })
+                    .collect(),
+            },
+            dead: Vec::new(),
+            rows: 0,
+            bytes: 0,
+        });
+        open.last = msg.offset;
+        open.bytes += msg.payload.len();
+        let window = spec.window.map(|(column, age, future)| Window {
+            column,
+            min: open.clock - age.as_secs() as i64,
+            max: open.clock + future.as_secs() as i64,
+        });
+        // Encode into a scratch part first when the shard depends on the key.
+        let result = match spec.sharding {
+            Sharding::Random => {
+                let part = &mut open.parts[0];
+                spec.template
+                    .encode_row(&msg.payload, &mut part.data, window, None, &mut self.key)
+                    .map(|()| 0)
+            }
+            Sharding::Key => {
+                let mut row = Vec::new();
+                spec.template
+                    .encode_row(
+                        &msg.payload,
+                        &mut row,
+                        window,
+                        spec.key_column,
+                        &mut self.key,
+                    )
+                    .map(|()| {
+                        let shard = spec.shard_for(&self.key);
+                        let i = spec.shards.iter().position(|&s| s == shard).unwrap_or(0);
+                        open.parts[i].data.extend_from_slice(&row);
+                        i
+                    })
+            }
+        };
+        match result {
+            Ok(i) => {
+                let part = &mut open.parts[i];
+                part.row_ends.push(part.data.len());
+                part.offsets.push(msg.offset);
+                part.originals.push((msg.key, msg.payload));
+                open.rows += 1;
+            }
+            Err(e) => open.dead.push(DeadLetter {
+                partition: msg.partition,
+                offset: msg.offset,
+                key: msg.key,
+                payload: msg.payload,
+                reason: e.kind,
+                error: e.message,
+            }),
+        }
+        let encoded: usize = open.parts.iter().map(|p| p.data.len()).sum();
+        if open.rows >= spec.batch_rows || encoded >= spec.batch_bytes {
+            return self.seal();
+        }
+        None
+    }
+
+    /// True once the open segment is older than the task's batch age.
+    pub fn due(&self, now: Instant) -> bool {
+        self.open
+            .as_ref()
+            .is_some_and(|o| now.duration_since(o.opened) >= self.spec.batch_age)
+    }
+
+    /// Closes the open segment, if any.
+    pub fn seal(&mut self) -> Option<Segment> {
+        let open = self.open.take()?;
+        Some(Segment {
+            task: self.task,
+            partition: self.partition,
+            first: open.first,
+            last: open.last,
+            clock: open.clock,
+            parts: open.parts.into_iter().filter(|p| p.rows() > 0).collect(),
+            dead: open.dead,
+            bytes: open.bytes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::template::TemplateConfig;
+    use crate::ingest::types::ColumnType;
+
+    fn spec(sharding: Sharding, rows: usize) -> Arc<TaskSpec> {
+        let table: Vec<(String, ColumnType)> = vec![
+            ("ts".into(), ColumnType::DateTime),
+            ("user_id".into(), ColumnType::UInt64),
+        ];
+        let c: TemplateConfig = toml::from_str("format = \"json\"").unwrap();
+        let template = Arc::new(Template::compile(&c, &table).unwrap());
+        Arc::new(TaskSpec {
+            key_column: template.column_index("user_id"),
+            template,
+            sharding,
+            shards: vec![1, 2],
+            window: Some((0, Duration::from_secs(100), Duration::from_secs(10))),
+            batch_rows: rows,
+            batch_bytes: 1 << 20,
+            batch_age: Duration::from_millis(50),
+        })
+    }
+
+    fn msg(offset: i64, text: &str) -> Message {
+        Message {
+            task: 0,
+            partition: 3,
+            offset,
+            key: None,
+            payload: text.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn cuts_by_rows_and_keeps_bad_messages_aside() {
+        let mut b = Batcher::new(spec(Sharding::Random, 3), 0, 3);
+        assert!(b
+            .add_at(msg(10, r#"{"ts": 1000, "user_id": 1}"#), 1000)
+            .is_none());
+        assert!(b.add_at(msg(11, "garbage"), 1000).is_none());
+        assert!(b
+            .add_at(msg(12, r#"{"ts": 5000, "user_id": 1}"#), 1000)
+            .is_none());
+        assert!(b
+            .add_at(msg(13, r#"{"ts": 990, "user_id": 2}"#), 1000)
+            .is_none());
+        let s = b
+            .add_at(msg(14, r#"{"ts": 1001, "user_id": 3}"#), 1000)
+            .unwrap();
+        assert_eq!((s.first, s.last, s.partition), (10, 14, 3));
+        assert_eq!(s.parts.len(), 1);
+        assert_eq!(s.parts[0].rows(), 3);
+        assert_eq!(s.parts[0].offsets, [10, 13, 14]);
+        let reasons: Vec<_> = s.dead.iter().map(|d| (d.offset, d.reason)).collect();
+        assert_eq!(reasons, [(11, "parse"), (12, "time_window")]);
+        assert_eq!(s.parts[0].slice(1, 2).len(), 12);
+        assert!(b.seal().is_none());
+    }
+
+    #[test]
+    fn key_sharding_sends_each_key_to_one_shard_and_is_deterministic() {
+        let spec = spec(Sharding::Key, 1000);
+        let build = || {
+            let mut b = Batcher::new(spec.clone(), 0, 0);
+            for i in 0..200 {
+                b.add_at(
+                    msg(i, &format!(r#"{{"ts": 1000, "user_id": {}}}"#, i % 17)),
+                    1000,
+                );
+            }
+            b.seal().unwrap()
+        };
+        let s = build();
+        assert_eq!(s.parts.len(), 2, "17 keys over 2 shards use both");
+        let rows: usize = s.parts.iter().map(Part::rows).sum();
+        assert_eq!(rows, 200);
+        for k in 0..17u64 {
+            let shard = spec.shard_for(k.to_string().as_bytes());
+            let part = s.parts.iter().find(|p| p.shard == Some(shard)).unwrap();
+            let mine = part
+                .offsets
+                .iter()
+                .filter(|o| (**o as u64) % 17 == k)
+                .count();
+            let want = (0..200).filter(|i| i % 17 == k).count();
+            assert_eq!(mine, want, "key {k} is all on shard {shard}");
+        }
+        let again = build();
+        for (a, b) in s.parts.iter().zip(&again.parts) {
+            assert_eq!(
+                a.data, b.data,
+                "the same messages and clock give the same bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn cuts_by_age() {
+        let mut b = Batcher::new(spec(Sharding::Random, 1000), 0, 0);
+        assert!(!b.due(Instant::now()));
+        b.add_at(msg(1, r#"{"ts": 1000}"#), 1000);
+        assert!(!b.due(Instant::now()));
+        assert!(b.due(Instant::now() + Duration::from_millis(60)));
+    }
+}

@@ -1,0 +1,329 @@
+//! Writing one part (a shard's rows of a segment) into a node's local table.
+//!
+//! The node comes from the proxy's pick API (`purpose=write`, pinned to the part's shard
+//! once it has one); if the API cannot be reached, from the sidecar's own picker, which
+//! probes the same cluster. A node that fails the insert is set aside for this part and
+//! another replica of the same shard tried; when none is left, the part waits (doubling
+//! backoff) and tries again: a part is never dropped. A part ClickHouse refuses for its
+//! data is split in halves until the refused rows are isolated; only those are returned.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request};
+use http_body::Body as _;
+use tokio_util::sync::CancellationToken;
+
+use super::batch::Part;
+use crate::metrics::METRICS;
+use crate::picker::{Cluster, Purpose};
+use crate::proxy::body::ReqBody;
+use crate::upstream::{Account, Node};
+
+/// ClickHouse error codes that mean "this data is wrong", not "this node is unwell".
+const DATA_ERRORS: &[u32] = &[6, 26, 27, 32, 33, 38, 41, 53, 69, 70, 72, 117, 131, 469];
+
+#[derive(Debug)]
+pub enum InsertError {
+    /// The node refused the data itself: splitting finds the rows at fault.
+    Data(String),
+    /// The node, the network or the server's state: try another replica.
+    Node(String),
+}
+
+/// The proxy's pick API.
+pub struct PickApi {
+    pub host: String,
+    pub port: u16,
+    pub token: Option<HeaderValue>,
+    pub timeout: Duration,
+}
+
+pub struct Target {
+    pub task: String,
+    pub cluster: Arc<Cluster>,
+    pub account: Arc<Account>,
+    /// `/?query=INSERT ...` for this table and column list.
+    pub path_and_query: String,
+    pub pick_api: Option<PickApi>,
+    pub insert_timeout: Duration,
+}
+
+/// What became of a part.
+#[derive(Debug)]
+pub struct Written {
+    pub shard: u32,
+    /// (row index, ClickHouse's error) for rows it refused.
+    pub refused: Vec<(usize, String)>,
+}
+
+/// Sends one request on a pooled connection and reads the whole answer.
+async fn exchange(
+    node: &Node,
+    req: Request<ReqBody>,
+    timeout: Duration,
+) -> Result<(u16, Bytes), String> {
+    let work = async {
+        let mut upstream = node.checkout().await.map_err(|e| e.to_string())?;
+        let resp = upstream.send(req).await.map_err(|f| f.error.to_string())?;
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        let mut out = bytes::BytesMut::new();
+        loop {
+            let frame = std::future::poll_fn(|cx| {
+                upstream.poll_conn(cx);
+                std::pin::Pin::new(&mut body).poll_frame(cx)
+            })
+            .await;
+            match frame {
+                None => break,
+                Some(Err(e)) => return Err(format!("reading the answer: {e}")),
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        out.extend_from_slice(&d);
+                    }
+                }
+            }
+        }
+        node.checkin(upstream);
+        Ok((status, out.freeze()))
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
+fn error_code(text: &str) -> Option<u32> {
+    let at = text.find("Code: ")? + 6;
+    let digits: String = text[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+impl Target {
+    /// The node for a part: the pick API's choice, or the embedded picker's; never one of
+    /// `failed`. `Err` says why no node can take it now.
+    async fn pick(
+        &self,
+        shard: Option<u32>,
+        failed: &[Arc<Node>],
+    ) -> Result<(u32, Arc<Node>), String> {
+        if failed.is_empty() {
+            if let Some(api) = &self.pick_api {
+                match self.pick_from_api(api, shard).await {
+                    Ok(Some(pick)) => return Ok(pick),
+                    Ok(None) => {}
+                    Err(refusal) => return Err(refusal),
+                }
+            }
+        }
+        let view = self.cluster.view();
+        let t = &view.topology;
+        let tried: Vec<usize> = (0..t.nodes.len())
+            .filter(|&i| failed.iter().any(|f| Arc::ptr_eq(f, &t.nodes[i])))
+            .collect();
+        let pick = if tried.is_empty() {
+            view.pick(Purpose::Write, shard, [rand::random(), rand::random()])
+                .map_err(|no| {
+                    let reasons: Vec<String> = no
+                        .reasons
+                        .iter()
+                        .map(|(i, e)| format!("{}: {e}", t.nodes[*i].label))
+                        .collect();
+                    format!("no node can take writes ({})", reasons.join("; "))
+                })?
+        } else {
+            // A replica of the same shard that has not failed this part.
+            let shard_index = shard.and_then(|n| t.shard_index(n));
+            let candidates: Vec<usize> = match shard_index {
+                Some(s) => t.shards[s]
+                    .nodes
+                    .iter()
+                    .copied()
+                    .filter(|i| !tried.contains(i))
+                    .collect(),
+                None => (0..t.nodes.len()).filter(|i| !tried.contains(i)).collect(),
+            };
+            candidates
+                .into_iter()
+                .filter(|&i| view.standings[i].get(Purpose::Write).is_ok())
+                .max_by_key(|&i| *view.standings[i].get(Purpose::Write).as_ref().unwrap_or(&0))
+                .ok_or_else(|| "every replica of the shard failed this batch".to_string())?
+        };
+        let number = t.shards[t.replicas[pick].shard].number;
+        Ok((number, t.nodes[pick].clone()))
+    }
+
+    /// `Ok(None)`: the API could not be reached (use the embedded picker); `Err`: it
+    /// answered that no node can take the write.
+    async fn pick_from_api(
+        &self,
+        api: &PickApi,
+        shard: Option<u32>,
+    ) -> Result<Option<(u32, Arc<Node>)>, String> {
+        let mut uri = format!("/v1/pick?cluster={}&purpose=write", self.cluster.name);
+        if let Some(s) = shard {
+            uri.push_str(&format!("&shard={s}"));
+        }
+        let probe_node = Node::new(&api.host, api.port, 0, &Default::default());
+        let mut req = Request::builder()
+            .method(Method::GET)
+            .uri(uri)
+            .header(header::HOST, probe_node.authority.clone());
+        if let Some(t) = &api.token {
+            req = req.header(header::AUTHORIZATION, t.clone());
+        }
+        let Ok(req) = req.body(ReqBody::Empty) else {
+            return Ok(None);
+        };
+        let (status, body) = match exchange(&probe_node, req, api.timeout).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "Pick API unreachable; using the embedded picker");
+                return Ok(None);
+            }
+        };
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        match status {
+            200 => {
+                let (Some(host), Some(port), Some(shard)) = (
+                    v["host"].as_str(),
+                    v["http_port"].as_u64(),
+                    v["shard"].as_u64(),
+                ) else {
+                    return Ok(None);
+                };
+                // Reuse our own node (its pool) when it is one we know.
+                let topology = self.cluster.topology();
+                let known = topology
+                    .nodes
+                    .iter()
+                    .find(|n| n.host == host && u64::from(n.port) == port)
+                    .cloned();
+                let node = known.unwrap_or_else(|| {
+                    Arc::new(Node::new(host, port as u16, 9000, &Default::default()))
+                });
+                Ok(Some((shard as u32, node)))
+            }
+            503 => Err(v["reason"].as_str().unwrap_or("no node").to_string()),
+            _ => Ok(None),
+        }
+    }
+
+    async fn insert(&self, node: &Node, body: Bytes) -> Result<(), InsertError> {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(self.path_and_query.as_str())
+            .header(header::HOST, node.authority.clone())
+            .header(header::AUTHORIZATION, self.account.authorization.clone())
+            .header(header::CONTENT_LENGTH, body.len())
+            .body(ReqBody::Full(http_body_util::Full::new(body)))
+            .map_err(|e| InsertError::Node(e.to_string()))?;
+        let (status, text) = exchange(node, req, self.insert_timeout)
+            .await
+            .map_err(InsertError::Node)?;
+        if status == 200 {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&text).trim().to_string();
+        match error_code(&text) {
+            Some(code) if DATA_ERRORS.contains(&code) => Err(InsertError::Data(text)),
+            _ => Err(InsertError::Node(format!("HTTP {status}: {text}"))),
+        }
+    }
+
+    /// Writes a part, whatever it takes; `None` only if stopped first.
+    pub async fn write(&self, part: &Part, stop: &CancellationToken) -> Option<Written> {
+        let mut shard = part.shard;
+        let mut refused = Vec::new();
+        // Row ranges still to write; a refused range is split.
+        let mut pending = vec![(0usize, part.rows())];
+        let mut failed: Vec<Arc<Node>> = Vec::new();
+        let mut backoff = Duration::from_millis(100);
+        while let Some((from, to)) = pending.pop() {
+            loop {
+                if stop.is_cancelled() {
+                    return None;
+                }
+                let (number, node) = match self.pick(shard, &failed).await {
+                    Ok(p) => p,
+                    Err(why) => {
+                        tracing::warn!(task = %self.task, shard = ?shard, reason = %why, retry_in_ms = backoff.as_millis() as u64, "No node for a batch; waiting");
+                        failed.clear();
+                        tokio::select! {
+                            _ = stop.cancelled() => return None,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                };
+                // The first pick decides the shard of a random-sharded part: a retry must go
+                // back to the same shard.
+                shard = Some(number);
+                let started = Instant::now();
+                let body = Bytes::copy_from_slice(part.slice(from, to));
+                match self.insert(&node, body).await {
+                    Ok(()) => {
+                        let labels = [self.task.as_str(), &number.to_string(), node.label.as_str()];
+                        METRICS
+                            .ingest_rows
+                            .with_label_values(&labels)
+                            .inc_by((to - from) as u64);
+                        METRICS.ingest_batches.with_label_values(&labels).inc();
+                        METRICS
+                            .ingest_insert_seconds
+                            .with_label_values(&[self.task.as_str()])
+                            .observe(started.elapsed().as_secs_f64());
+                        backoff = Duration::from_millis(100);
+                        break;
+                    }
+                    Err(InsertError::Data(e)) if to - from == 1 => {
+                        refused.push((from, e));
+                        break;
+                    }
+                    Err(InsertError::Data(_)) => {
+                        let mid = from + (to - from) / 2;
+                        pending.push((mid, to));
+                        pending.push((from, mid));
+                        break;
+                    }
+                    Err(InsertError::Node(e)) => {
+                        tracing::warn!(task = %self.task, node = %node.label, shard = number, error = %e, "Insert failed; trying another replica");
+                        METRICS
+                            .ingest_insert_failures
+                            .with_label_values(&[self.task.as_str(), node.label.as_str()])
+                            .inc();
+                        failed.push(node);
+                    }
+                }
+            }
+        }
+        refused.sort_by_key(|(row, _)| *row);
+        Some(Written {
+            shard: shard.unwrap_or(0),
+            refused,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_clickhouse_error_codes() {
+        assert_eq!(
+            error_code("Code: 33, e.displayText() = DB::Exception: Cannot read all data"),
+            Some(33)
+        );
+        assert_eq!(
+            error_code("Code: 252. DB::Exception: Too many parts"),
+            Some(252)
+        );
+        assert_eq!(error_code("bad gateway"), None);
+    }
+}

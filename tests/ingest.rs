@@ -1,0 +1,306 @@
+//! `chgate ingest` end to end: the real broker (tansu), kcat producing, the real cluster,
+//! and the proxy's pick API. Each test uses its own topics and event names.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn create_topics(topic: &str, dlq: &str) {
+    stack_shell(&format!(
+        "tansu topic create {topic} --partitions 3 --broker tcp://127.0.0.1:9092 >/dev/null\n\
+         tansu topic create {dlq} --partitions 1 --broker tcp://127.0.0.1:9092 >/dev/null"
+    ));
+}
+
+/// Produces `lines` (each `key\tpayload`) with kcat; keys spread them over partitions.
+fn produce(topic: &str, lines: &[String]) {
+    let file = tempfile_path("produce");
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    stack_shell(&format!(
+        "kcat -P -b 127.0.0.1:9092 -t {topic} -K '\t' -l {}",
+        file.display()
+    ));
+    let _ = std::fs::remove_file(file);
+}
+
+/// The dead-letter topic's messages: (payload, headers as kcat prints them).
+fn dead_letters(dlq: &str, expected: usize) -> Vec<(String, String)> {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = stack_shell(&format!(
+            "kcat -C -b 127.0.0.1:9092 -t {dlq} -o beginning -e -q -f '%s\\t%h\\n'"
+        ));
+        let got: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.rsplit_once('\t'))
+            .map(|(p, h)| (p.to_string(), h.to_string()))
+            .collect();
+        if got.len() >= expected || Instant::now() > end {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Polls a count over the Distributed table until it reaches `want` (or the deadline).
+fn wait_for_rows(event: &str, want: u64) -> u64 {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: u64 = direct(
+            NODES[0],
+            &format!("SELECT count() FROM demo.events WHERE event = '{event}'"),
+        )
+        .trim()
+        .parse()
+        .unwrap();
+        if n >= want || Instant::now() > end {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn ingest_config(
+    topic: &str,
+    dlq: &str,
+    pick_api: Option<std::net::SocketAddr>,
+    extra_task: &str,
+    template: &str,
+) -> String {
+    let pick = pick_api
+        .map(|a| format!("[pick_api]\nurl = \"http://{a}\"\n"))
+        .unwrap_or_default();
+    format!(
+        r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+group_id = "{topic}-group"
+instance_id = "{topic}-1"
+session_timeout = "10s"
+{pick}
+[admin]
+listen = "127.0.0.1:0"
+[picker]
+probe_interval = "1s"
+[[clusters.demo.shard_groups]]
+name = "a"
+zookeeper = ["127.0.0.1:2181"]
+shards = [{{ replicas = [{{ host = "127.0.0.11" }}, {{ host = "127.0.0.12" }}] }}]
+[[clusters.demo.shard_groups]]
+name = "b"
+zookeeper = ["127.0.0.1:2182"]
+shards = [{{ replicas = [{{ host = "127.0.0.13" }}, {{ host = "127.0.0.14" }}] }}]
+[clusters.demo.accounts.ingest]
+user = "chgate"
+password_file = "{secret}"
+[templates.t]
+{template}
+[tasks.main]
+topic = "{topic}"
+template = "t"
+cluster = "demo"
+account = "ingest"
+table = "demo.events_local"
+batch_rows = 5000
+batch_age = "300ms"
+dead_letter_topic = "{dlq}"
+{extra_task}
+"#,
+        secret = secret_file("chgate").display(),
+    )
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_lands_once_and_bad_messages_are_dead_lettered_with_reasons() {
+    let topic = unique("ing_json");
+    let dlq = format!("{topic}_dlq");
+    create_topics(&topic, &dlq);
+    let proxy = TestProxy::start(&grouped_config("")).await;
+    let event = unique("ev");
+    let now = unix_now();
+    let n = 20_000u64;
+    let mut lines: Vec<String> = (0..n)
+        .map(|i| {
+            // Both time forms, unknown fields, nested junk.
+            let ts = if i % 2 == 0 {
+                format!("{}", now - i % 3600)
+            } else {
+                "\"2026-11-01 12:00:00\"".to_string()
+            };
+            format!(
+                "k{i}\t{{\"ts\": {ts}, \"user_id\": {i}, \"event\": \"{event}\", \"value\": {}, \"extra\": {{\"a\": [1, 2]}}}}",
+                i as f64 / 2.0
+            )
+        })
+        .collect();
+    lines.push("bad1\tnot json at all".into());
+    lines.push(format!(
+        "bad2\t{{\"ts\": {now}, \"user_id\": \"seven\", \"event\": \"{event}\"}}"
+    ));
+    lines.push(format!(
+        "bad3\t{{\"ts\": 1000000000, \"user_id\": 1, \"event\": \"{event}\"}}"
+    ));
+    let config = ingest_config(
+        &topic,
+        &dlq,
+        Some(proxy.admin),
+        "[tasks.main.time_window]\ncolumn = \"ts\"\nmax_age = \"400d\"\nmax_future = \"1h\"",
+        "format = \"json\"\n[templates.t.columns.ts]\nformats = [\"unix\", \"%Y-%m-%d %H:%M:%S\"]",
+    );
+    let mut ingest = tokio::task::spawn_blocking(move || IngestProcess::start(&config))
+        .await
+        .unwrap();
+    let lines2 = lines.clone();
+    let topic2 = topic.clone();
+    tokio::task::spawn_blocking(move || produce(&topic2, &lines2))
+        .await
+        .unwrap();
+    let ev = event.clone();
+    let got = tokio::task::spawn_blocking(move || wait_for_rows(&ev, n))
+        .await
+        .unwrap();
+    assert_eq!(got, n);
+    let check = direct(
+        NODES[0],
+        &format!("SELECT count(), uniqExact(user_id), sum(user_id), sum(value) FROM demo.events WHERE event = '{event}'"),
+    );
+    let sum: u64 = (0..n).sum();
+    let values: f64 = (0..n).map(|i| i as f64 / 2.0).sum();
+    assert_eq!(check, format!("{n}\t{n}\t{sum}\t{values}\n"));
+
+    let dlq2 = dlq.clone();
+    let dead = tokio::task::spawn_blocking(move || dead_letters(&dlq2, 3))
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    let find = |payload: &str| {
+        dead.iter()
+            .find(|(p, _)| p.contains(payload))
+            .unwrap_or_else(|| panic!("{payload} not dead-lettered: {dead:?}"))
+    };
+    assert!(find("not json").1.contains("chgate-reason=parse"));
+    let type_error = &find("seven").1;
+    assert!(
+        type_error.contains("chgate-reason=type") && type_error.contains("user_id"),
+        "{type_error}"
+    );
+    assert!(
+        type_error.contains(&format!("chgate-source-topic={topic}")),
+        "{type_error}"
+    );
+    assert!(type_error.contains("chgate-source-offset="), "{type_error}");
+    assert!(find("1000000000").1.contains("chgate-reason=time_window"));
+
+    // Every batch went through the proxy's pick API.
+    let m = proxy.metrics().await;
+    assert!(
+        metric_sum(&m, "chgate_picks_total", &["purpose=\"write\""]) >= 4.0,
+        "{m}"
+    );
+    let im = ingest.metrics();
+    assert_eq!(
+        metric_sum(&im, "chgate_ingest_consumed_total", &[]),
+        (n + 3) as f64
+    );
+    assert_eq!(
+        metric_sum(&im, "chgate_ingest_rows_written_total", &[]),
+        n as f64
+    );
+
+    // A clean stop commits: a restart writes nothing again.
+    ingest.signal("TERM");
+    assert!(ingest.wait(Duration::from_secs(30)).success());
+    let path = ingest.config_path.clone();
+    let again = tokio::task::spawn_blocking(move || IngestProcess::start_with(path))
+        .await
+        .unwrap();
+    // Once it has its partitions back (and a few batch ages more), nothing new arrived.
+    let end = Instant::now() + Duration::from_secs(30);
+    while !again
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("Partitions assigned"))
+    {
+        assert!(
+            Instant::now() < end,
+            "the restarted sidecar never got its partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = direct(
+        NODES[0],
+        &format!("SELECT count() FROM demo.events WHERE event = '{event}'"),
+    );
+    assert_eq!(
+        after,
+        format!("{n}\n"),
+        "rows written twice after a clean restart"
+    );
+    assert_eq!(
+        metric_sum(&again.metrics(), "chgate_ingest_rows_written_total", &[]),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delimited_text_and_key_sharding_put_each_key_on_one_shard() {
+    let topic = unique("ing_delim");
+    let dlq = format!("{topic}_dlq");
+    create_topics(&topic, &dlq);
+    let event = unique("dl");
+    let n = 3_000u64;
+    let lines: Vec<String> = (0..n)
+        .map(|i| format!("k{i}\t{}||{}||\"{event}\"||{}", unix_now(), i % 50, i))
+        .collect();
+    // No pick API: the sidecar's own picker chooses replicas.
+    let config = ingest_config(
+        &topic,
+        &dlq,
+        None,
+        "sharding = \"key\"\nkey = \"user_id\"",
+        "format = \"delimited\"\nseparator = \"||\"\nfields = [\"ts\", \"user_id\", \"event\", \"value\"]",
+    );
+    let _ingest = tokio::task::spawn_blocking(move || IngestProcess::start(&config))
+        .await
+        .unwrap();
+    let topic2 = topic.clone();
+    tokio::task::spawn_blocking(move || produce(&topic2, &lines))
+        .await
+        .unwrap();
+    let ev = event.clone();
+    let got = tokio::task::spawn_blocking(move || wait_for_rows(&ev, n))
+        .await
+        .unwrap();
+    assert_eq!(got, n);
+    let keys = |node: &str| -> Vec<u64> {
+        direct(
+            node,
+            &format!("SELECT DISTINCT user_id FROM demo.events_local WHERE event = '{event}' ORDER BY user_id"),
+        )
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect()
+    };
+    let (shard1, shard2) = (keys(NODES[0]), keys(NODES[2]));
+    assert!(
+        !shard1.is_empty() && !shard2.is_empty(),
+        "{shard1:?} {shard2:?}"
+    );
+    assert!(
+        shard1.iter().all(|k| !shard2.contains(k)),
+        "a key on both shards"
+    );
+    assert_eq!(shard1.len() + shard2.len(), 50);
+}
