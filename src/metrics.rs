@@ -7,8 +7,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -44,6 +44,7 @@ pub struct Metrics {
     pub ingest_ring_occupancy: IntGaugeVec,
     pub ingest_paused: IntGauge,
     pub ingest_pending_bytes: IntGauge,
+    pub ingest_skipped_by_broker: IntCounter,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -255,6 +256,14 @@ impl Metrics {
         registry
             .register(Box::new(ingest_pending_bytes.clone()))
             .expect("unique metric");
+        let ingest_skipped_by_broker = IntCounter::new(
+            "chgate_ingest_broker_skipped_offsets_total",
+            "Offsets the broker did not deliver when a partition was started at its recorded position (data that will not be written; raise kafka.start_rewind).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(ingest_skipped_by_broker.clone()))
+            .expect("unique metric");
         let build = IntGaugeVec::new(
             Opts::new(
                 "chgate_build_info",
@@ -304,6 +313,7 @@ impl Metrics {
             ingest_ring_occupancy,
             ingest_paused,
             ingest_pending_bytes,
+            ingest_skipped_by_broker,
         }
     }
 

@@ -79,11 +79,17 @@ brokers = "127.0.0.1:9092"
 group_id = "{topic}-group"
 instance_id = "{topic}-1"
 session_timeout = "10s"
+start_rewind = 10000
 {pick}
 [admin]
 listen = "127.0.0.1:0"
+[coordination]
+zookeeper = ["127.0.0.1:2181"]
+root = "/chgate-tests/{topic}"
 [picker]
 probe_interval = "1s"
+probe_timeout = "300ms"
+probe_retry_interval = "250ms"
 [[clusters.demo.shard_groups]]
 name = "a"
 zookeeper = ["127.0.0.1:2181"]
@@ -303,4 +309,103 @@ async fn delimited_text_and_key_sharding_put_each_key_on_one_shard() {
         "a key on both shards"
     );
     assert_eq!(shard1.len() + shard2.len(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_three_times_with_a_replica_stopped_still_exactly_once() {
+    let topic = unique("ing_kill");
+    let dlq = format!("{topic}_dlq");
+    create_topics(&topic, &dlq);
+    let event = unique("kill");
+    let n = 200_000u64;
+    let now = unix_now();
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "k{i}\t{{\"ts\": {}, \"user_id\": {i}, \"event\": \"{event}\", \"value\": 1}}",
+                now - i % 1000
+            )
+        })
+        .collect();
+    let topic2 = topic.clone();
+    tokio::task::spawn_blocking(move || produce(&topic2, &lines))
+        .await
+        .unwrap();
+    let config = ingest_config(
+        &topic,
+        &dlq,
+        None,
+        "batch_rows = 2000\nbatch_age = \"200ms\"",
+        "format = \"json\"",
+    )
+    .replace("batch_rows = 5000\nbatch_age = \"300ms\"\n", "");
+    let mut ingest = tokio::task::spawn_blocking(move || IngestProcess::start(&config))
+        .await
+        .unwrap();
+    let count = |event: String| async move {
+        tokio::task::spawn_blocking(move || {
+            direct(
+                NODES[0],
+                &format!("SELECT count() FROM demo.events WHERE event = '{event}'"),
+            )
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    // One replica of shard 2 stops answering for part of the run.
+    let ch4 = std::fs::read_to_string(stack_dir().join("ch4/pid"))
+        .unwrap()
+        .trim()
+        .to_string();
+    struct Cont(String);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &self.0])
+                .status();
+        }
+    }
+    let mut stopped = None;
+    for round in 1..=3u64 {
+        let target = n * round / 5;
+        let end = Instant::now() + Duration::from_secs(120);
+        while count(event.clone()).await < target {
+            assert!(Instant::now() < end, "round {round}: stuck below {target}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if round == 1 {
+            let ok = std::process::Command::new("kill")
+                .args(["-STOP", &ch4])
+                .status()
+                .unwrap();
+            assert!(ok.success());
+            stopped = Some(Cont(ch4.clone()));
+        }
+        ingest.signal("KILL");
+        ingest.wait(Duration::from_secs(10));
+        let path = ingest.config_path.clone();
+        ingest = tokio::task::spawn_blocking(move || IngestProcess::start_with(path))
+            .await
+            .unwrap();
+    }
+    drop(stopped);
+    let end = Instant::now() + Duration::from_secs(180);
+    while count(event.clone()).await < n {
+        assert!(Instant::now() < end, "never reached {n} rows");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let check = direct(
+        NODES[0],
+        &format!("SELECT count(), uniqExact(user_id), sum(user_id) FROM demo.events WHERE event = '{event}'"),
+    );
+    let sum: u64 = (0..n).sum();
+    assert_eq!(
+        check,
+        format!("{n}\t{n}\t{sum}\n"),
+        "killed 3 times: no row lost, none twice"
+    );
 }

@@ -80,6 +80,9 @@ pub struct Segment {
     pub dead: Vec<DeadLetter>,
     /// Message bytes held by this segment (for the memory ceiling).
     pub bytes: usize,
+    /// A segment rebuilt from an unfinished intent: its shard and clock are the recorded
+    /// ones, and its intent is already in ZooKeeper.
+    pub replay: bool,
 }
 
 /// What a task's batches need to know, fixed at start.
@@ -109,6 +112,8 @@ impl TaskSpec {
 }
 
 struct Open {
+    /// The offset the segment must end at (a replay).
+    ends_at: Option<i64>,
     first: i64,
     last: i64,
     clock: i64,
@@ -154,14 +159,44 @@ impl Batcher {
     /// [`Self::add`] with the clock a new segment starts from (tests, and rebuilding a
     /// segment after a crash).
     pub fn add_at(&mut self, msg: Message, clock: i64) -> Option<Segment> {
+        self.add_inner(msg, clock, None)
+    }
+
+    /// Adds a message of an unfinished segment being rebuilt: the segment takes the
+    /// recorded clock and shard, and is cut exactly at `last`.
+    pub fn add_replay(
+        &mut self,
+        msg: Message,
+        clock: i64,
+        shard: Option<u32>,
+        last: i64,
+    ) -> Option<Segment> {
+        self.add_inner(msg, clock, Some((shard, last)))
+    }
+
+    /// True while a rebuilt segment is open.
+    pub fn replaying(&self) -> bool {
+        self.open.as_ref().is_some_and(|o| o.ends_at.is_some())
+    }
+
+    fn add_inner(
+        &mut self,
+        msg: Message,
+        clock: i64,
+        replay: Option<(Option<u32>, i64)>,
+    ) -> Option<Segment> {
         let spec = self.spec.clone();
         let open = self.open.get_or_insert_with(|| Open {
+            ends_at: replay.map(|(_, last)| last),
             first: msg.offset,
             last: msg.offset,
             clock,
             opened: Instant::now(),
             parts: match spec.sharding {
-                Sharding::Random => vec![Part::default()],
+                Sharding::Random => vec![Part {
+                    shard: replay.and_then(|(shard, _)| shard),
+                    ..Default::default()
+                }],
                 Sharding::Key => spec
                     .shards
                     .iter()
@@ -225,6 +260,10 @@ impl Batcher {
                 error: e.message,
             }),
         }
+        if let Some(end) = open.ends_at {
+            // A rebuilt segment ends where it ended before, whatever the limits say.
+            return if open.last >= end { self.seal() } else { None };
+        }
         let encoded: usize = open.parts.iter().map(|p| p.data.len()).sum();
         if open.rows >= spec.batch_rows || encoded >= spec.batch_bytes {
             return self.seal();
@@ -232,17 +271,19 @@ impl Batcher {
         None
     }
 
-    /// True once the open segment is older than the task's batch age.
+    /// True once the open segment is older than the task's batch age (never for a
+    /// rebuilt segment: it ends at its recorded offset).
     pub fn due(&self, now: Instant) -> bool {
-        self.open
-            .as_ref()
-            .is_some_and(|o| now.duration_since(o.opened) >= self.spec.batch_age)
+        self.open.as_ref().is_some_and(|o| {
+            o.ends_at.is_none() && now.duration_since(o.opened) >= self.spec.batch_age
+        })
     }
 
     /// Closes the open segment, if any.
     pub fn seal(&mut self) -> Option<Segment> {
         let open = self.open.take()?;
         Some(Segment {
+            replay: open.ends_at.is_some(),
             task: self.task,
             partition: self.partition,
             first: open.first,
@@ -351,6 +392,31 @@ mod tests {
                 "the same messages and clock give the same bytes"
             );
         }
+    }
+
+    #[test]
+    fn a_replayed_segment_is_rebuilt_byte_for_byte() {
+        let spec = spec(Sharding::Random, 2);
+        let mut b = Batcher::new(spec.clone(), 0, 3);
+        let first = b.add_at(msg(10, r#"{"ts": 1000, "user_id": 1}"#), 1000);
+        assert!(first.is_none());
+        let original = b
+            .add_at(msg(11, r#"{"ts": 1005, "user_id": 2}"#), 1000)
+            .unwrap();
+        // Rebuilt later, at another time and with other limits in force: same bytes.
+        let mut again = Batcher::new(spec, 0, 3);
+        assert!(again
+            .add_replay(msg(10, r#"{"ts": 1000, "user_id": 1}"#), 1000, Some(2), 11)
+            .is_none());
+        assert!(again.replaying());
+        assert!(!again.due(Instant::now() + Duration::from_secs(60)));
+        let rebuilt = again
+            .add_replay(msg(11, r#"{"ts": 1005, "user_id": 2}"#), 1000, Some(2), 11)
+            .unwrap();
+        assert!(rebuilt.replay);
+        assert_eq!(rebuilt.parts[0].shard, Some(2));
+        assert_eq!(rebuilt.parts[0].data, original.parts[0].data);
+        assert_eq!((rebuilt.first, rebuilt.last, rebuilt.clock), (10, 11, 1000));
     }
 
     #[test]

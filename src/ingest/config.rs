@@ -20,6 +20,10 @@ pub struct IngestConfig {
     /// copy of the picker, probing the cluster itself, chooses.
     #[serde(default)]
     pub pick_api: Option<PickApiConfig>,
+    /// Where batch intents live (exactly-once across crashes). Without it, a crash can
+    /// write a batch twice.
+    #[serde(default)]
+    pub coordination: Option<CoordinationConfig>,
     #[serde(default)]
     pub admin: IngestAdminConfig,
     #[serde(default)]
@@ -44,6 +48,12 @@ pub struct KafkaConfig {
     pub instance_id: Option<String>,
     #[serde(default = "default_session_timeout", with = "humantime_serde")]
     pub session_timeout: Duration,
+    /// With `[coordination]`, a partition is started this many offsets before its recorded
+    /// position (what lies before is skipped). 0 for Kafka; the test broker (tansu 0.6)
+    /// answers a fetch from the middle of a record batch with the next batch, so it needs
+    /// more than a producer batch (10000 is safe for kcat's defaults).
+    #[serde(default)]
+    pub start_rewind: i64,
     /// Any other librdkafka consumer/producer property.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -51,6 +61,19 @@ pub struct KafkaConfig {
 
 fn default_session_timeout() -> Duration {
     Duration::from_secs(30)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinationConfig {
+    /// The ensemble's members, `host:port`.
+    pub zookeeper: Vec<String>,
+    #[serde(default = "default_root")]
+    pub root: String,
+}
+
+fn default_root() -> String {
+    "/chgate/ingest".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -238,6 +261,20 @@ pub fn load(path: &Path) -> Result<ValidatedIngest, Vec<Problem>> {
             p(
                 "pick_api.url".into(),
                 format!("{:?} must start with http://", api.url),
+            );
+        }
+    }
+    if let Some(c) = &config.coordination {
+        if c.zookeeper.is_empty() {
+            p(
+                "coordination.zookeeper".into(),
+                "at least one member is required".into(),
+            );
+        }
+        if !c.root.starts_with('/') || c.root.len() < 2 {
+            p(
+                "coordination.root".into(),
+                format!("{:?} must be an absolute path like /chgate/ingest", c.root),
             );
         }
     }

@@ -13,6 +13,7 @@
 pub mod batch;
 pub mod config;
 pub mod encode;
+pub mod intents;
 pub mod pipeline;
 pub mod ring;
 pub mod template;
@@ -224,7 +225,18 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             form_urlencoded::byte_serialize(sql.as_bytes()).collect::<String>()
         );
         let shards = cluster.topology().shards.iter().map(|s| s.number).collect();
-        tracing::info!(task = %name, topic = %t.topic, table = %t.table, columns = %template.insert_columns(), "Task ready");
+        let dedup_token = match crate::picker::probe::query(
+            &cluster.topology().nodes[0],
+            &account,
+            "SELECT count() FROM system.settings WHERE name = 'insert_deduplication_token'",
+            Duration::from_secs(5),
+        )
+        .await
+        {
+            Ok(text) => text.trim() == "1",
+            Err(_) => false,
+        };
+        tracing::info!(task = %name, topic = %t.topic, table = %t.table, columns = %template.insert_columns(), dedup_token, "Task ready");
         tasks.push(pipeline::Task {
             name: name.clone(),
             topic: t.topic.clone(),
@@ -253,6 +265,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
                         timeout: *timeout,
                     }),
                 insert_timeout: Duration::from_secs(60),
+                dedup_token,
             }),
         });
     }
@@ -289,12 +302,28 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         }
         signals.cancel();
     });
-    tracing::info!(group = %c.kafka.group_id, instance = %instance, tasks = tasks.len(), "Consuming");
+    let intents = match &c.coordination {
+        Some(co) => Some(Arc::new(
+            intents::Intents::connect(&co.zookeeper, &co.root)
+                .await
+                .map_err(|e| anyhow::anyhow!("coordination: {e}"))?,
+        )),
+        None => {
+            tracing::warn!(
+                "No [coordination] ZooKeeper: a crash may write a batch twice (at-least-once)"
+            );
+            None
+        }
+    };
+    tracing::info!(group = %c.kafka.group_id, instance = %instance, tasks = tasks.len(), exactly_once = intents.is_some(), "Consuming");
     pipeline::run(
         tasks,
         consumer_config,
         producer,
         pipeline::Settings {
+            group: c.kafka.group_id.clone(),
+            rewind: c.kafka.start_rewind.max(0),
+            intents,
             workers: c.limits.workers,
             ring_capacity: c.limits.ring_capacity,
             max_pending_bytes: c.limits.max_pending_bytes,

@@ -31,6 +31,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::batch::{Batcher, DeadLetter, Message, Segment, TaskSpec};
+use super::config::Sharding;
+use super::intents::{Disposition, Intent, Intents};
 use super::ring::{ring, Receiver, Sender};
 use super::writer::Target;
 use crate::metrics::METRICS;
@@ -45,6 +47,11 @@ pub struct Task {
 }
 
 pub struct Settings {
+    pub group: String,
+    /// See `Context::rewind`.
+    pub rewind: i64,
+    /// Batch intents (exactly-once); `None` runs at-least-once.
+    pub intents: Option<Arc<Intents>>,
     pub workers: usize,
     pub ring_capacity: usize,
     pub max_pending_bytes: usize,
@@ -57,18 +64,111 @@ struct Commit {
     next: i64,
 }
 
-struct Context;
+/// What travels through a ring: messages, and, in order with them, the news that a
+/// partition was taken away (so the worker drops what it holds of it and its writer stops
+/// before the next segment: the partition's next owner resumes from the intent).
+enum Item {
+    Message(Message),
+    Revoked { task: usize, partition: i32 },
+}
+
+struct Context {
+    /// (topic, partition) revoked during the last poll, for the consume loop to pass on.
+    revoked: std::sync::Mutex<Vec<(String, i32)>>,
+    /// With intents, where each assigned partition starts is what ZooKeeper says, not the
+    /// committed offset (which can lag, and which the test broker was seen to overtake).
+    intents: Option<(Arc<Intents>, String, tokio::runtime::Handle)>,
+    /// Start this many offsets before the intent's position (the worker skips what is
+    /// before it): brokers that answer a fetch from the middle of a record batch with the
+    /// next batch (tansu 0.6 does) would otherwise skip the rest of that batch.
+    rewind: i64,
+}
 
 impl ClientContext for Context {}
 
+impl Context {
+    /// The first offset to read from a partition: right after its last finished segment,
+    /// or the start of its unfinished one.
+    fn start_offset(&self, topic: &str, partition: i32) -> Option<i64> {
+        let (intents, group, handle) = self.intents.as_ref()?;
+        loop {
+            match handle.block_on(intents.load(group, topic, partition)) {
+                Ok(Some(i)) if i.done => return Some(i.last + 1),
+                Ok(Some(i)) => return Some(i.first),
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::warn!(topic, partition, error = %e, "Cannot read the batch intent to position the partition; retrying");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
 impl ConsumerContext for Context {
+    fn rebalance(
+        &self,
+        base_consumer: &BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        use rdkafka::consumer::RebalanceProtocol;
+        use rdkafka::types::RDKafkaRespErr;
+        let cooperative = matches!(
+            base_consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let starts: Vec<(String, i32, i64)> = tpl
+                    .elements()
+                    .iter()
+                    .filter_map(|e| {
+                        let start = self.start_offset(e.topic(), e.partition())?;
+                        Some((e.topic().to_string(), e.partition(), start))
+                    })
+                    .collect();
+                for (topic, partition, start) in starts {
+                    let from = (start - self.rewind).max(0);
+                    tracing::info!(topic = %topic, partition, offset = start, fetch_from = from, "Starting the partition where its batch intent says");
+                    let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(from));
+                }
+                self.pre_rebalance(base_consumer, &Rebalance::Assign(tpl));
+                if cooperative {
+                    base_consumer.incremental_assign(tpl)
+                } else {
+                    base_consumer.assign(tpl)
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.pre_rebalance(base_consumer, &Rebalance::Revoke(tpl));
+                if cooperative {
+                    base_consumer.incremental_unassign(tpl)
+                } else {
+                    base_consumer.unassign()
+                }
+            }
+            other => {
+                tracing::warn!(error = ?other, "Rebalance error");
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "Applying a rebalance failed");
+        }
+    }
+
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = tpl.count(), "Partitions assigned")
             }
             Rebalance::Revoke(tpl) => {
-                tracing::info!(partitions = tpl.count(), "Partitions revoked")
+                tracing::info!(partitions = tpl.count(), "Partitions revoked");
+                let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+                for e in tpl.elements() {
+                    revoked.push((e.topic().to_string(), e.partition()));
+                }
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "Rebalance error"),
         }
@@ -113,7 +213,14 @@ pub async fn run(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky");
-    let consumer: BaseConsumer<Context> = consumer_config.create_with_context(Context)?;
+    let consumer: BaseConsumer<Context> = consumer_config.create_with_context(Context {
+        revoked: Default::default(),
+        intents: settings
+            .intents
+            .clone()
+            .map(|i| (i, settings.group.clone(), tokio::runtime::Handle::current())),
+        rewind: settings.rewind,
+    })?;
     let topics: Vec<&str> = tasks.iter().map(|t| t.topic.as_str()).collect();
     consumer.subscribe(&topics)?;
 
@@ -129,9 +236,13 @@ pub async fn run(
     let mut senders = Vec::new();
     let mut workers = Vec::new();
     for w in 0..settings.workers {
-        let (tx, rx) = ring::<Message>(settings.ring_capacity);
+        let (tx, rx) = ring::<Item>(settings.ring_capacity);
         senders.push(tx);
         let worker = Worker {
+            group: settings.group.clone(),
+            intents: settings.intents.clone(),
+            intent_of: HashMap::new(),
+            seen: HashMap::new(),
             index: w,
             rx,
             tasks: tasks.clone(),
@@ -207,7 +318,7 @@ pub async fn run(
 fn consume(
     consumer: BaseConsumer<Context>,
     tasks: &[Task],
-    mut senders: Vec<Sender<Message>>,
+    mut senders: Vec<Sender<Item>>,
     commit_rx: mpsc::Receiver<Commit>,
     pending: Arc<AtomicUsize>,
     max_pending: usize,
@@ -221,7 +332,9 @@ fn consume(
         .enumerate()
         .map(|(i, t)| (t.topic.as_str(), i))
         .collect();
-    let mut stash: VecDeque<(usize, Message)> = VecDeque::new();
+    let mut stash: VecDeque<(usize, Item)> = VecDeque::new();
+    // Per partition, the offset after the last message taken from the client.
+    let mut position: HashMap<(usize, i32), i64> = HashMap::new();
     let mut paused = false;
     let mut latest: HashMap<(usize, i32), i64> = HashMap::new();
     let commit = |rx: &mpsc::Receiver<Commit>,
@@ -254,12 +367,34 @@ fn consume(
                 let r = if want_pause {
                     consumer.pause(&assignment)
                 } else {
-                    consumer.resume(&assignment)
+                    consumer.resume(&assignment).and_then(|()| {
+                        // Pausing drops what the client had fetched ahead; resuming may
+                        // fetch from beyond it. Go back to exactly after the last message
+                        // taken, per partition (measured: without this, a pause lost the
+                        // ~900 messages of a fetch).
+                        let mut tpl = TopicPartitionList::new();
+                        for e in assignment.elements() {
+                            if let Some(&task) = task_of.get(e.topic()) {
+                                if let Some(&next) = position.get(&(task, e.partition())) {
+                                    tpl.add_partition_offset(
+                                        e.topic(),
+                                        e.partition(),
+                                        Offset::Offset(next),
+                                    )?;
+                                }
+                            }
+                        }
+                        if tpl.count() > 0 {
+                            consumer.seek_partitions(tpl, Duration::from_secs(5))?;
+                        }
+                        Ok(())
+                    })
                 };
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "Pausing or resuming partitions failed");
                 }
             }
+            tracing::debug!(paused = want_pause, "Consumption paused or resumed");
             paused = want_pause;
             METRICS.ingest_paused.set(paused as i64);
         }
@@ -275,8 +410,22 @@ fn consume(
                 .set(pending.load(Ordering::Relaxed) as i64);
             last_gauges = Instant::now();
         }
-        let Some(result) = consumer.poll(Duration::from_millis(if paused { 20 } else { 100 }))
-        else {
+        let polled = consumer.poll(Duration::from_millis(if paused { 20 } else { 100 }));
+        let revoked: Vec<(String, i32)> = std::mem::take(
+            &mut *consumer
+                .context()
+                .revoked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for (topic, partition) in revoked {
+            if let Some(&task) = task_of.get(topic.as_str()) {
+                position.remove(&(task, partition));
+                let w = worker_for(task, partition, workers);
+                stash.push_back((w, Item::Revoked { task, partition }));
+            }
+        }
+        let Some(result) = polled else {
             continue;
         };
         let m = match result {
@@ -289,6 +438,16 @@ fn consume(
         let Some(&task) = task_of.get(m.topic()) else {
             continue;
         };
+        if position
+            .insert((task, m.partition()), m.offset() + 1)
+            .is_none()
+        {
+            tracing::debug!(
+                partition = m.partition(),
+                offset = m.offset(),
+                "First message polled"
+            );
+        }
         let payload = m.payload().unwrap_or_default().to_vec();
         pending.fetch_add(payload.len(), Ordering::Relaxed);
         METRICS
@@ -305,20 +464,20 @@ fn consume(
         let w = worker_for(task, msg.partition, workers);
         if !stash.is_empty() {
             // Keep order: nothing overtakes a message waiting for room.
-            stash.push_back((w, msg));
+            stash.push_back((w, Item::Message(msg)));
             continue;
         }
-        if let Err(msg) = senders[w].push(msg) {
-            stash.push_back((w, msg));
+        if let Err(item) = senders[w].push(Item::Message(msg)) {
+            stash.push_back((w, item));
         }
     }
     // Stop fetching; hand over what was already taken.
     if let Ok(assignment) = consumer.assignment() {
         let _ = consumer.pause(&assignment);
     }
-    while let Some((w, mut m)) = stash.pop_front() {
-        while let Err(back) = senders[w].push(m) {
-            m = back;
+    while let Some((w, mut item)) = stash.pop_front() {
+        while let Err(back) = senders[w].push(item) {
+            item = back;
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -343,11 +502,24 @@ fn consume(
 }
 
 struct Worker {
+    group: String,
+    intents: Option<Arc<Intents>>,
+    /// Per partition, its intent while messages still fall in or before it.
+    intent_of: HashMap<(usize, i32), Option<Intent>>,
+    /// Per partition, the next offset expected: anything below it is already in a batch
+    /// (a consumer that re-reads from the committed offset must not write it twice).
+    seen: HashMap<(usize, i32), i64>,
     index: usize,
-    rx: Receiver<Message>,
+    rx: Receiver<Item>,
     tasks: Arc<Vec<Task>>,
     batchers: HashMap<(usize, i32), Batcher>,
-    writers: HashMap<(usize, i32), tokio::sync::mpsc::UnboundedSender<Segment>>,
+    writers: HashMap<
+        (usize, i32),
+        (
+            tokio::sync::mpsc::UnboundedSender<Segment>,
+            CancellationToken,
+        ),
+    >,
     handle: tokio::runtime::Handle,
     tracker: TaskTracker,
     producer: Arc<FutureProducer>,
@@ -362,16 +534,8 @@ impl Worker {
     fn run(mut self) {
         let mut last_sweep = Instant::now();
         loop {
-            if let Some(msg) = self.rx.pop_or_park(Duration::from_millis(10)) {
-                let key = (msg.task, msg.partition);
-                let spec = self.tasks[msg.task].spec.clone();
-                let batcher = self
-                    .batchers
-                    .entry(key)
-                    .or_insert_with(|| Batcher::new(spec, msg.task, msg.partition));
-                if let Some(segment) = batcher.add(msg) {
-                    self.dispatch(segment);
-                }
+            if let Some(item) = self.rx.pop_or_park(Duration::from_millis(10)) {
+                self.take(item);
             }
             let now = Instant::now();
             if now.duration_since(last_sweep) >= Duration::from_millis(10) {
@@ -389,16 +553,8 @@ impl Worker {
                 }
             }
             if self.stop.is_cancelled() && self.fetching_done.load(Ordering::SeqCst) {
-                while let Some(msg) = self.rx.pop() {
-                    let key = (msg.task, msg.partition);
-                    let spec = self.tasks[msg.task].spec.clone();
-                    let b = self
-                        .batchers
-                        .entry(key)
-                        .or_insert_with(|| Batcher::new(spec, msg.task, msg.partition));
-                    if let Some(s) = b.add(msg) {
-                        self.dispatch(s);
-                    }
+                while let Some(item) = self.rx.pop() {
+                    self.take(item);
                 }
                 let keys: Vec<_> = self.batchers.keys().copied().collect();
                 for k in keys {
@@ -412,19 +568,147 @@ impl Worker {
         }
     }
 
+    /// The partition's intent, read once when the partition is first seen. While ZooKeeper
+    /// cannot be read the worker waits (nothing is written without knowing); if stopped
+    /// meanwhile, the partition's messages are left uncommitted.
+    fn load_intent(&self, task: usize, partition: i32) -> Option<Intent> {
+        let intents = self.intents.as_ref()?;
+        let topic = &self.tasks[task].topic;
+        loop {
+            match self
+                .handle
+                .block_on(intents.load(&self.group, topic, partition))
+            {
+                Ok(intent) => {
+                    if let Some(i) = &intent {
+                        tracing::info!(topic = %topic, partition, first = i.first, last = i.last, done = i.done, "Resuming from the recorded batch intent");
+                    }
+                    return intent;
+                }
+                Err(e) if self.stop.is_cancelled() => {
+                    tracing::warn!(topic = %topic, partition, error = %e, "Stopping without the intent; leaving the partition uncommitted");
+                    return Some(Intent {
+                        first: i64::MAX,
+                        last: i64::MAX,
+                        clock: 0,
+                        shard: None,
+                        done: false,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %topic, partition, error = %e, "Cannot read the batch intent; retrying");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    fn take(&mut self, item: Item) {
+        match item {
+            Item::Message(msg) => self.accept(msg),
+            Item::Revoked { task, partition } => self.revoke(task, partition),
+        }
+    }
+
+    /// The partition went to another consumer (or will come back from its committed
+    /// offset): drop what is held of it; its writer stops before its next segment.
+    fn revoke(&mut self, task: usize, partition: i32) {
+        let key = (task, partition);
+        if let Some(mut b) = self.batchers.remove(&key) {
+            if let Some(open) = b.seal() {
+                self.pending.fetch_sub(open.bytes, Ordering::Relaxed);
+            }
+        }
+        if let Some((_, stop)) = self.writers.remove(&key) {
+            stop.cancel();
+        }
+        self.intent_of.remove(&key);
+        self.seen.remove(&key);
+    }
+
+    fn accept(&mut self, msg: Message) {
+        let key = (msg.task, msg.partition);
+        if let Some(&next) = self.seen.get(&key) {
+            if msg.offset < next {
+                self.pending.fetch_sub(msg.payload.len(), Ordering::Relaxed);
+                return;
+            }
+        }
+        self.seen.insert(key, msg.offset + 1);
+        if !self.intent_of.contains_key(&key) {
+            tracing::debug!(
+                partition = msg.partition,
+                offset = msg.offset,
+                "First message of a partition"
+            );
+            let intent = self.load_intent(msg.task, msg.partition);
+            if let Some(i) = &intent {
+                let expected = if i.done { i.last + 1 } else { i.first };
+                if msg.offset > expected {
+                    tracing::error!(
+                        topic = %self.tasks[msg.task].topic, partition = msg.partition,
+                        expected, got = msg.offset,
+                        "The broker skipped offsets at the start of the partition: those messages will not be written (raise kafka.start_rewind)"
+                    );
+                    METRICS
+                        .ingest_skipped_by_broker
+                        .inc_by((msg.offset - expected) as u64);
+                }
+            }
+            self.intent_of.insert(key, intent);
+        }
+        let spec = self.tasks[msg.task].spec.clone();
+        let batcher = self
+            .batchers
+            .entry(key)
+            .or_insert_with(|| Batcher::new(spec, msg.task, msg.partition));
+        let sealed = match self.intent_of.get(&key).copied().flatten() {
+            Some(intent) => match intent.disposition(msg.offset) {
+                Disposition::Skip => {
+                    self.pending.fetch_sub(msg.payload.len(), Ordering::Relaxed);
+                    None
+                }
+                Disposition::Replay => {
+                    batcher.add_replay(msg, intent.clock, intent.shard, intent.last)
+                }
+                Disposition::Fresh => {
+                    // Past the recorded segment: from here on, batches are new.
+                    self.intent_of.insert(key, None);
+                    let replayed = if batcher.replaying() {
+                        batcher.seal()
+                    } else {
+                        None
+                    };
+                    let next = batcher.add(msg);
+                    if let Some(r) = replayed {
+                        self.dispatch(r);
+                    }
+                    next
+                }
+            },
+            None => batcher.add(msg),
+        };
+        if let Some(segment) = sealed {
+            self.dispatch(segment);
+        }
+    }
+
     fn dispatch(&mut self, segment: Segment) {
         let key = (segment.task, segment.partition);
-        let tx = self.writers.entry(key).or_insert_with(|| {
+        let (tx, _) = self.writers.entry(key).or_insert_with(|| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let stop = self.hard_stop.child_token();
             let writer = PartitionWriter {
+                group: self.group.clone(),
+                intents: self.intents.clone(),
                 tasks: self.tasks.clone(),
                 producer: self.producer.clone(),
                 commit_tx: self.commit_tx.clone(),
                 pending: self.pending.clone(),
-                hard_stop: self.hard_stop.clone(),
+                hard_stop: stop.clone(),
             };
             self.tracker.spawn_on(writer.run(rx), &self.handle);
-            tx
+            (tx, stop)
         });
         if let Err(e) = tx.send(segment) {
             tracing::error!(
@@ -438,6 +722,8 @@ impl Worker {
 }
 
 struct PartitionWriter {
+    group: String,
+    intents: Option<Arc<Intents>>,
     tasks: Arc<Vec<Task>>,
     producer: Arc<FutureProducer>,
     commit_tx: mpsc::Sender<Commit>,
@@ -447,9 +733,15 @@ struct PartitionWriter {
 
 impl PartitionWriter {
     async fn run(self, mut rx: tokio::sync::mpsc::UnboundedReceiver<Segment>) {
-        while let Some(segment) = rx.recv().await {
-            if !self.write(&segment).await {
-                // Stopped before the segment was in: its offsets stay uncommitted.
+        while let Some(mut segment) = rx.recv().await {
+            if self.hard_stop.is_cancelled() || !self.write(&mut segment).await {
+                // Stopped (or the partition was revoked) before the segment was in: its
+                // offsets stay uncommitted, and whoever consumes the partition next resumes
+                // from its intent.
+                self.pending.fetch_sub(segment.bytes, Ordering::Relaxed);
+                while let Ok(s) = rx.try_recv() {
+                    self.pending.fetch_sub(s.bytes, Ordering::Relaxed);
+                }
                 return;
             }
             let _ = self.commit_tx.send(Commit {
@@ -461,12 +753,71 @@ impl PartitionWriter {
         }
     }
 
+    /// Records an intent, retrying until ZooKeeper takes it (or a hard stop).
+    async fn record(&self, task: &Task, partition: i32, intent: &Intent) -> bool {
+        let Some(intents) = &self.intents else {
+            return true;
+        };
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match intents
+                .record(&self.group, &task.topic, partition, intent)
+                .await
+            {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(topic = %task.topic, partition, error = %e, "Cannot record the batch intent; retrying");
+                    tokio::select! {
+                        _ = self.hard_stop.cancelled() => return false,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
     /// True once every row is in ClickHouse and every dead letter is acknowledged.
-    async fn write(&self, segment: &Segment) -> bool {
+    async fn write(&self, segment: &mut Segment) -> bool {
         let task = &self.tasks[segment.task];
+        let mut intent = Intent {
+            first: segment.first,
+            last: segment.last,
+            clock: segment.clock,
+            shard: None,
+            done: false,
+        };
+        if self.intents.is_some() && !segment.replay {
+            // A random-sharded segment's shard is chosen before anything is written, so a
+            // rebuild after a crash goes back to it.
+            if task.spec.sharding == Sharding::Random {
+                for part in &mut segment.parts {
+                    if part.shard.is_none() {
+                        let Some(shard) = task.target.choose_shard(&self.hard_stop).await else {
+                            return false;
+                        };
+                        part.shard = Some(shard);
+                    }
+                }
+                intent.shard = segment.parts.first().and_then(|p| p.shard);
+            }
+            if !self.record(task, segment.partition, &intent).await {
+                return false;
+            }
+        } else if segment.replay {
+            intent.shard = segment.parts.first().and_then(|p| p.shard);
+        }
         let mut dead: Vec<DeadLetter> = segment.dead.clone();
         for part in &segment.parts {
-            let Some(written) = task.target.write(part, &self.hard_stop).await else {
+            let token = format!(
+                "{}:{}:{}-{}:{}",
+                task.topic,
+                segment.partition,
+                segment.first,
+                segment.last,
+                part.shard.unwrap_or(0)
+            );
+            let Some(written) = task.target.write(part, &token, &self.hard_stop).await else {
                 return false;
             };
             for (row, error) in written.refused {
@@ -485,6 +836,10 @@ impl PartitionWriter {
             if !self.dead_letter(task, d).await {
                 return false;
             }
+        }
+        if self.intents.is_some() {
+            intent.done = true;
+            return self.record(task, segment.partition, &intent).await;
         }
         true
     }

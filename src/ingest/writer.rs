@@ -48,6 +48,9 @@ pub struct Target {
     pub path_and_query: String,
     pub pick_api: Option<PickApi>,
     pub insert_timeout: Duration,
+    /// The servers know `insert_deduplication_token` (22.2+): each insert names its
+    /// segment, so two segments with identical rows are never taken for one.
+    pub dedup_token: bool,
 }
 
 /// What became of a part.
@@ -92,6 +95,13 @@ async fn exchange(
     tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
+/// Resolves once the picker's probes mark `node` down.
+async fn went_down(node: &Node) {
+    while !node.state.is_down() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn error_code(text: &str) -> Option<u32> {
@@ -213,12 +223,42 @@ impl Target {
         }
     }
 
-    async fn insert(&self, node: &Node, body: Bytes) -> Result<(), InsertError> {
+    /// One insert. The body goes gzip-compressed, and that is about safety more than
+    /// size: if the connection breaks mid-body (a crash, a network cut), ClickHouse sees
+    /// a gzip stream without its trailer and refuses it, where a truncated RowBinary body
+    /// that happens to end on a row boundary would be inserted as a smaller block, which
+    /// the rebuilt batch could then not be deduplicated against.
+    async fn insert(
+        &self,
+        node: &Node,
+        body: &[u8],
+        token: Option<&str>,
+    ) -> Result<(), InsertError> {
+        let body = {
+            use std::io::Write as _;
+            let mut gz = flate2::write::GzEncoder::new(
+                Vec::with_capacity(body.len() / 3),
+                flate2::Compression::fast(),
+            );
+            gz.write_all(body)
+                .and_then(|()| gz.finish())
+                .map(Bytes::from)
+                .map_err(|e| InsertError::Node(format!("compressing the batch: {e}")))?
+        };
+        let uri = match token {
+            Some(t) if self.dedup_token => format!(
+                "{}&insert_deduplication_token={}",
+                self.path_and_query,
+                form_urlencoded::byte_serialize(t.as_bytes()).collect::<String>()
+            ),
+            _ => self.path_and_query.clone(),
+        };
         let req = Request::builder()
             .method(Method::POST)
-            .uri(self.path_and_query.as_str())
+            .uri(uri)
             .header(header::HOST, node.authority.clone())
             .header(header::AUTHORIZATION, self.account.authorization.clone())
+            .header(header::CONTENT_ENCODING, "gzip")
             .header(header::CONTENT_LENGTH, body.len())
             .body(ReqBody::Full(http_body_util::Full::new(body)))
             .map_err(|e| InsertError::Node(e.to_string()))?;
@@ -235,8 +275,33 @@ impl Target {
         }
     }
 
-    /// Writes a part, whatever it takes; `None` only if stopped first.
-    pub async fn write(&self, part: &Part, stop: &CancellationToken) -> Option<Written> {
+    /// The shard for a random-sharded segment, as the picker chooses it now (waiting while
+    /// no shard can take writes); `None` only if stopped first.
+    pub async fn choose_shard(&self, stop: &CancellationToken) -> Option<u32> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.pick(None, &[]).await {
+                Ok((shard, _)) => return Some(shard),
+                Err(why) => {
+                    tracing::warn!(task = %self.task, reason = %why, "No shard takes writes; waiting");
+                    tokio::select! {
+                        _ = stop.cancelled() => return None,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Writes a part, whatever it takes; `None` only if stopped first. `token` names the
+    /// part (topic, partition, offsets) for servers that take a deduplication token.
+    pub async fn write(
+        &self,
+        part: &Part,
+        token: &str,
+        stop: &CancellationToken,
+    ) -> Option<Written> {
         let mut shard = part.shard;
         let mut refused = Vec::new();
         // Row ranges still to write; a refused range is split.
@@ -265,8 +330,17 @@ impl Target {
                 // back to the same shard.
                 shard = Some(number);
                 let started = Instant::now();
-                let body = Bytes::copy_from_slice(part.slice(from, to));
-                match self.insert(&node, body).await {
+                let body = part.slice(from, to);
+                let range_token = format!("{token}:{from}-{to}");
+                // A node that goes down under an insert (stopped, partitioned) would hold
+                // it until the timeout: give up on it as soon as the probes say so. The
+                // retry on another replica is safe: the shard deduplicates the block.
+                let outcome = tokio::select! {
+                    r = self.insert(&node, body, Some(&range_token)) => r,
+                    _ = went_down(&node) => Err(InsertError::Node("the node went down during the insert".into())),
+                };
+                tracing::debug!(task = %self.task, node = %node.label, shard = number, token = %range_token, ok = outcome.is_ok(), "Insert");
+                match outcome {
                     Ok(()) => {
                         let labels = [self.task.as_str(), &number.to_string(), node.label.as_str()];
                         METRICS
@@ -285,7 +359,8 @@ impl Target {
                         refused.push((from, e));
                         break;
                     }
-                    Err(InsertError::Data(_)) => {
+                    Err(InsertError::Data(e)) => {
+                        tracing::warn!(task = %self.task, node = %node.label, rows = to - from, error = %e, "ClickHouse refused the batch's data; splitting it");
                         let mid = from + (to - from) / 2;
                         pending.push((mid, to));
                         pending.push((from, mid));

@@ -75,6 +75,11 @@ impl NodeState {
         self.lock().clone()
     }
 
+    /// True while the probes say the node is down.
+    pub fn is_down(&self) -> bool {
+        self.lock().health.state() == State::Down
+    }
+
     pub fn capabilities(&self) -> Option<Capabilities> {
         self.lock().capabilities
     }

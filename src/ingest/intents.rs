@@ -1,0 +1,157 @@
+//! Batch intents in ZooKeeper: what makes a crash exactly-once.
+//!
+//! Per (group, topic, partition) one znode holds the partition's current segment:
+//! `{first, last, clock, shard, done}`. A writer records it (`done = false`) before the
+//! first insert of a segment and marks it done after the last; Kafka's committed offset
+//! follows. After a crash or a rebalance, whoever consumes the partition reads the intent
+//! first:
+//!
+//! - messages below `first` belong to earlier segments, which were all done: skipped;
+//! - `done`: messages up to `last` are in ClickHouse: skipped;
+//! - not done: the segment `[first, last]` is rebuilt exactly (same messages, same
+//!   `clock` for the time window, same shard) and inserted again, so ClickHouse's
+//!   replicated-block deduplication drops whatever part of it had already landed.
+//!
+//! Kafka's commit is then only an optimisation (where to start reading); ZooKeeper is the
+//! source of truth. (The test broker does not keep commit metadata, so the intent cannot
+//! live there.)
+
+use serde::{Deserialize, Serialize};
+use zookeeper_client as zk;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    pub first: i64,
+    pub last: i64,
+    /// Unix seconds the segment's time window was measured from.
+    pub clock: i64,
+    /// The shard of a random-sharded segment.
+    pub shard: Option<u32>,
+    pub done: bool,
+}
+
+/// What to do with a message of a partition, given its intent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Already in ClickHouse.
+    Skip,
+    /// Part of the unfinished segment: rebuild it exactly.
+    Replay,
+    /// New.
+    Fresh,
+}
+
+impl Intent {
+    pub fn disposition(&self, offset: i64) -> Disposition {
+        if offset < self.first || (self.done && offset <= self.last) {
+            Disposition::Skip
+        } else if offset <= self.last {
+            Disposition::Replay
+        } else {
+            Disposition::Fresh
+        }
+    }
+}
+
+pub struct Intents {
+    client: zk::Client,
+    root: String,
+}
+
+impl Intents {
+    pub async fn connect(servers: &[String], root: &str) -> Result<Self, String> {
+        let client = zk::Client::connector()
+            .with_session_timeout(std::time::Duration::from_secs(10))
+            .connect(&servers.join(","))
+            .await
+            .map_err(|e| format!("cannot connect to ZooKeeper {}: {e}", servers.join(",")))?;
+        let root = root.trim_end_matches('/').to_string();
+        client
+            .mkdir(
+                &root,
+                &zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all()),
+            )
+            .await
+            .map_err(|e| format!("cannot create {root} in ZooKeeper: {e}"))?;
+        Ok(Self { client, root })
+    }
+
+    fn path(&self, group: &str, topic: &str, partition: i32) -> String {
+        format!("{}/{group}/{topic}/{partition}", self.root)
+    }
+
+    pub async fn load(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<Intent>, String> {
+        let path = self.path(group, topic, partition);
+        match self.client.get_data(&path).await {
+            Ok((data, _)) => serde_json::from_slice(&data)
+                .map(Some)
+                .map_err(|e| format!("{path} holds something that is not an intent: {e}")),
+            Err(zk::Error::NoNode) => Ok(None),
+            Err(e) => Err(format!("reading {path}: {e}")),
+        }
+    }
+
+    pub async fn record(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+        intent: &Intent,
+    ) -> Result<(), String> {
+        let path = self.path(group, topic, partition);
+        let data = serde_json::to_vec(intent).map_err(|e| e.to_string())?;
+        match self.client.set_data(&path, &data, None).await {
+            Ok(_) => Ok(()),
+            Err(zk::Error::NoNode) => {
+                let parent = path.rsplit_once('/').map(|(p, _)| p).unwrap_or(&self.root);
+                let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+                self.client
+                    .mkdir(parent, &options)
+                    .await
+                    .map_err(|e| format!("creating {parent}: {e}"))?;
+                match self.client.create(&path, &data, &options).await {
+                    Ok(_) => Ok(()),
+                    Err(zk::Error::NodeExists) => self
+                        .client
+                        .set_data(&path, &data, None)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| format!("writing {path}: {e}")),
+                    Err(e) => Err(format!("creating {path}: {e}")),
+                }
+            }
+            Err(e) => Err(format!("writing {path}: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dispositions() {
+        let pending = Intent {
+            first: 10,
+            last: 19,
+            clock: 0,
+            shard: Some(2),
+            done: false,
+        };
+        assert_eq!(pending.disposition(9), Disposition::Skip);
+        assert_eq!(pending.disposition(10), Disposition::Replay);
+        assert_eq!(pending.disposition(19), Disposition::Replay);
+        assert_eq!(pending.disposition(20), Disposition::Fresh);
+        let done = Intent {
+            done: true,
+            ..pending
+        };
+        assert_eq!(done.disposition(15), Disposition::Skip);
+        assert_eq!(done.disposition(20), Disposition::Fresh);
+    }
+}
