@@ -45,6 +45,7 @@ pub struct Metrics {
     pub ingest_paused: IntGauge,
     pub ingest_pending_bytes: IntGauge,
     pub ingest_skipped_by_broker: IntCounter,
+    pub ingest_lag: IntGaugeVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -256,6 +257,11 @@ impl Metrics {
         registry
             .register(Box::new(ingest_pending_bytes.clone()))
             .expect("unique metric");
+        let ingest_lag = gauge_vec(
+            "chgate_ingest_consumer_lag_messages",
+            "Messages in each partition not yet taken by the consumer (end offset minus position), every 5 s.",
+            &["task", "partition"],
+        );
         let ingest_skipped_by_broker = IntCounter::new(
             "chgate_ingest_broker_skipped_offsets_total",
             "Offsets the broker did not deliver when a partition was started at its recorded position (data that will not be written; raise kafka.start_rewind).",
@@ -314,6 +320,7 @@ impl Metrics {
             ingest_paused,
             ingest_pending_bytes,
             ingest_skipped_by_broker,
+            ingest_lag,
         }
     }
 

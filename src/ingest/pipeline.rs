@@ -353,6 +353,7 @@ fn consume(
         }
     };
     let mut last_gauges = Instant::now();
+    let mut last_lag = Instant::now();
     while !stop.is_cancelled() {
         commit(&commit_rx, &mut latest, CommitMode::Async);
         while let Some((w, m)) = stash.pop_front() {
@@ -409,6 +410,23 @@ fn consume(
                 .ingest_pending_bytes
                 .set(pending.load(Ordering::Relaxed) as i64);
             last_gauges = Instant::now();
+        }
+        if last_lag.elapsed() > Duration::from_secs(5) {
+            // Lag: the partition's end minus the next offset taken from it (one short
+            // metadata round trip per partition every 5 s).
+            for (&(task, partition), &next) in &position {
+                if let Ok((_, high)) = consumer.fetch_watermarks(
+                    &tasks[task].topic,
+                    partition,
+                    Duration::from_millis(200),
+                ) {
+                    METRICS
+                        .ingest_lag
+                        .with_label_values(&[tasks[task].name.as_str(), &partition.to_string()])
+                        .set((high - next).max(0));
+                }
+            }
+            last_lag = Instant::now();
         }
         let polled = consumer.poll(Duration::from_millis(if paused { 20 } else { 100 }));
         let revoked: Vec<(String, i32)> = std::mem::take(
