@@ -18,7 +18,8 @@
 //!   own thread;
 //!   [`metrics`] defines what is exported.
 //! - [`tls`] builds the HTTPS listener's rustls config.
-//! - [`ingest`] (in progress): `chgate ingest`'s format templates and RowBinary encoding.
+//! - [`ingest`]: `chgate ingest`, Kafka into the nodes' local tables through rings, parser
+//!   workers and the picker, exactly once with ZooKeeper batch intents.
 
 pub mod admin;
 pub mod auth;

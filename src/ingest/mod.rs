@@ -1,14 +1,19 @@
-//! `chgate ingest` (issue 4, in progress): Kafka to ClickHouse through lock-free rings and
-//! parser workers, one picked node per batch.
+//! `chgate ingest`: Kafka to ClickHouse through lock-free rings and parser workers, one
+//! picked node per batch, exactly once with ZooKeeper batch intents (`DESIGN.md` beside
+//! this file has the guarantee, the states and how the tests prove it).
 //!
-//! Done so far, the parsing core:
+//! - [`config`]: the sidecar's config file;
 //! - [`types`]: ClickHouse column types from `system.columns` names;
 //! - [`encode`]: message values to RowBinary, converted to the column's type;
 //! - [`template`]: format templates (JSON paths, delimited text with a multi-character
 //!   separator and quoting, mapping by name or position, defaults, the time window),
 //!   compiled against the table's columns;
-//! - [`ring`]: the lock-free consumer-to-worker hand-off;
-//! - [`config`]: the sidecar's config file.
+//! - [`ring`]: the wait-free consumer-to-worker hand-off;
+//! - [`batch`]: per-partition segments, cut by rows, bytes or age, deterministic;
+//! - [`writer`]: one part into a picked node's local table, retried, never dropped;
+//! - [`intents`]: the ZooKeeper record that makes a crash exactly-once;
+//! - [`pipeline`]: the consumer thread, the workers and the per-partition writers;
+//! - [`run`]: start-up (tables' columns, templates, picker, Kafka) and shutdown.
 
 pub mod batch;
 pub mod config;
