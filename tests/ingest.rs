@@ -409,3 +409,112 @@ async fn killed_three_times_with_a_replica_stopped_still_exactly_once() {
         "killed 3 times: no row lost, none twice"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_shard_down_holds_only_what_must_go_there() {
+    let topic = unique("ing_shard");
+    let dlq = format!("{topic}_dlq");
+    create_topics(&topic, &dlq);
+    let event = unique("sh");
+    let n = 60_000u64;
+    let now = unix_now();
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "k{i}\t{{\"ts\": {now}, \"user_id\": {i}, \"event\": \"{event}\", \"value\": 1}}"
+            )
+        })
+        .collect();
+    let topic2 = topic.clone();
+    tokio::task::spawn_blocking(move || produce(&topic2, &lines))
+        .await
+        .unwrap();
+    let config = ingest_config(
+        &topic,
+        &dlq,
+        None,
+        "batch_rows = 1000\nbatch_age = \"200ms\"",
+        "format = \"json\"",
+    )
+    .replace("batch_rows = 5000\nbatch_age = \"300ms\"\n", "");
+    // Both replicas of shard 2 stop answering before the sidecar starts.
+    let pids: Vec<String> = ["ch3", "ch4"]
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(stack_dir().join(n).join("pid"))
+                .unwrap()
+                .trim()
+                .to_string()
+        })
+        .collect();
+    struct Cont(Vec<String>);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                let _ = std::process::Command::new("kill")
+                    .args(["-CONT", p])
+                    .status();
+            }
+        }
+    }
+    for p in &pids {
+        assert!(std::process::Command::new("kill")
+            .args(["-STOP", p])
+            .status()
+            .unwrap()
+            .success());
+    }
+    let cont = Cont(pids);
+    let ingest = tokio::task::spawn_blocking(move || IngestProcess::start(&config))
+        .await
+        .unwrap();
+    // Shard 1 keeps taking batches: most rows arrive while shard 2 is down. (Count on shard
+    // 1's node directly: the Distributed table would wait for shard 2.)
+    let local = |node: &'static str, event: String| async move {
+        tokio::task::spawn_blocking(move || {
+            direct(
+                node,
+                &format!("SELECT count() FROM demo.events_local WHERE event = '{event}'"),
+            )
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let end = Instant::now() + Duration::from_secs(90);
+    while local(NODES[0], event.clone()).await < n * 8 / 10 {
+        assert!(
+            Instant::now() < end,
+            "shard 1 stopped flowing while shard 2 was down"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let waiting = n - local(NODES[0], event.clone()).await;
+    drop(cont);
+    // Shard 2 back: what waited for it lands; nothing is lost or doubled.
+    let end = Instant::now() + Duration::from_secs(90);
+    loop {
+        let total = local(NODES[0], event.clone()).await + local(NODES[2], event.clone()).await;
+        if total >= n {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "stuck at {total} of {n} after shard 2 came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let check = direct(
+        NODES[0],
+        &format!("SELECT count(), uniqExact(user_id) FROM demo.events WHERE event = '{event}'"),
+    );
+    assert_eq!(
+        check,
+        format!("{n}\t{n}\n"),
+        "{waiting} rows had waited for shard 2"
+    );
+    drop(ingest);
+}
