@@ -131,6 +131,8 @@ pub struct Batcher {
     partition: i32,
     open: Option<Open>,
     key: Vec<u8>,
+    /// A row being encoded before its shard is known (key sharding), reused.
+    row: Vec<u8>,
 }
 
 fn unix_now() -> i64 {
@@ -147,19 +149,19 @@ impl Batcher {
             partition,
             open: None,
             key: Vec::new(),
+            row: Vec::new(),
         }
     }
 
     /// Adds a message; returns the segment if it is now full.
     pub fn add(&mut self, msg: Message) -> Option<Segment> {
-        let clock = unix_now();
-        self.add_at(msg, clock)
+        self.add_inner(msg, None, None)
     }
 
     /// [`Self::add`] with the clock a new segment starts from (tests, and rebuilding a
     /// segment after a crash).
     pub fn add_at(&mut self, msg: Message, clock: i64) -> Option<Segment> {
-        self.add_inner(msg, clock, None)
+        self.add_inner(msg, Some(clock), None)
     }
 
     /// Adds a message of an unfinished segment being rebuilt: the segment takes the
@@ -171,7 +173,7 @@ impl Batcher {
         shard: Option<u32>,
         last: i64,
     ) -> Option<Segment> {
-        self.add_inner(msg, clock, Some((shard, last)))
+        self.add_inner(msg, Some(clock), Some((shard, last)))
     }
 
     /// True while a rebuilt segment is open.
@@ -179,18 +181,20 @@ impl Batcher {
         self.open.as_ref().is_some_and(|o| o.ends_at.is_some())
     }
 
+    /// `clock`: the instant a segment opened by this message measures its window from
+    /// (`None`: now, read only when a segment opens).
     fn add_inner(
         &mut self,
         msg: Message,
-        clock: i64,
+        clock: Option<i64>,
         replay: Option<(Option<u32>, i64)>,
     ) -> Option<Segment> {
-        let spec = self.spec.clone();
+        let spec = &*self.spec;
         let open = self.open.get_or_insert_with(|| Open {
             ends_at: replay.map(|(_, last)| last),
             first: msg.offset,
             last: msg.offset,
-            clock,
+            clock: clock.unwrap_or_else(unix_now),
             opened: Instant::now(),
             parts: match spec.sharding {
                 Sharding::Random => vec![Part {
@@ -226,11 +230,11 @@ impl Batcher {
                     .map(|()| 0)
             }
             Sharding::Key => {
-                let mut row = Vec::new();
+                self.row.clear();
                 spec.template
                     .encode_row(
                         &msg.payload,
-                        &mut row,
+                        &mut self.row,
                         window,
                         spec.key_column,
                         &mut self.key,
@@ -238,7 +242,7 @@ impl Batcher {
                     .map(|()| {
                         let shard = spec.shard_for(&self.key);
                         let i = spec.shards.iter().position(|&s| s == shard).unwrap_or(0);
-                        open.parts[i].data.extend_from_slice(&row);
+                        open.parts[i].data.extend_from_slice(&self.row);
                         i
                     })
             }
@@ -260,15 +264,19 @@ impl Batcher {
                 error: e.message,
             }),
         }
-        if let Some(end) = open.ends_at {
+        let full = match open.ends_at {
             // A rebuilt segment ends where it ended before, whatever the limits say.
-            return if open.last >= end { self.seal() } else { None };
+            Some(end) => open.last >= end,
+            None => {
+                let encoded: usize = open.parts.iter().map(|p| p.data.len()).sum();
+                open.rows >= spec.batch_rows || encoded >= spec.batch_bytes
+            }
+        };
+        if full {
+            self.seal()
+        } else {
+            None
         }
-        let encoded: usize = open.parts.iter().map(|p| p.data.len()).sum();
-        if open.rows >= spec.batch_rows || encoded >= spec.batch_bytes {
-            return self.seal();
-        }
-        None
     }
 
     /// True once the open segment is older than the task's batch age (never for a

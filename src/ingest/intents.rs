@@ -96,6 +96,30 @@ impl Intents {
         }
     }
 
+    /// [`Self::load`] from a plain thread, retrying every second while ZooKeeper cannot
+    /// answer. `None` only if `stop` is cancelled before an answer.
+    pub fn load_waiting(
+        &self,
+        handle: &tokio::runtime::Handle,
+        group: &str,
+        topic: &str,
+        partition: i32,
+        stop: Option<&tokio_util::sync::CancellationToken>,
+    ) -> Option<Option<Intent>> {
+        loop {
+            match handle.block_on(self.load(group, topic, partition)) {
+                Ok(intent) => return Some(intent),
+                Err(e) => {
+                    if stop.is_some_and(|s| s.is_cancelled()) {
+                        return None;
+                    }
+                    tracing::warn!(topic, partition, error = %e, "Cannot read the batch intent; retrying in 1 s");
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
     pub async fn record(
         &self,
         group: &str,

@@ -8,6 +8,7 @@
 //! - [`template`]: format templates (JSON paths, delimited text with a multi-character
 //!   separator and quoting, mapping by name or position, defaults, the time window),
 //!   compiled against the table's columns;
+//! - [`backoff`]: how every retry waits;
 //! - [`ring`]: the wait-free consumer-to-worker hand-off;
 //! - [`batch`]: per-partition segments, cut by rows, bytes or age, deterministic;
 //! - [`writer`]: one part into a picked node's local table, retried, never dropped;
@@ -15,6 +16,7 @@
 //! - [`pipeline`]: the consumer thread, the workers and the per-partition writers;
 //! - [`run`]: start-up (tables' columns, templates, picker, Kafka) and shutdown.
 
+pub mod backoff;
 pub mod batch;
 pub mod config;
 pub mod encode;
@@ -264,8 +266,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
                 pick_api: pick_api
                     .as_ref()
                     .map(|(host, port, token, timeout)| writer::PickApi {
-                        host: host.clone(),
-                        port: *port,
+                        endpoint: crate::upstream::Node::new(host, *port, 0, &c.upstream),
                         token: token.clone(),
                         timeout: *timeout,
                     }),

@@ -30,6 +30,7 @@ use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::backoff::Backoff;
 use super::batch::{Batcher, DeadLetter, Message, Segment, TaskSpec};
 use super::config::Sharding;
 use super::intents::{Disposition, Intent, Intents};
@@ -91,17 +92,13 @@ impl Context {
     /// or the start of its unfinished one.
     fn start_offset(&self, topic: &str, partition: i32) -> Option<i64> {
         let (intents, group, handle) = self.intents.as_ref()?;
-        loop {
-            match handle.block_on(intents.load(group, topic, partition)) {
-                Ok(Some(i)) if i.done => return Some(i.last + 1),
-                Ok(Some(i)) => return Some(i.first),
-                Ok(None) => return None,
-                Err(e) => {
-                    tracing::warn!(topic, partition, error = %e, "Cannot read the batch intent to position the partition; retrying");
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-            }
-        }
+        // The rebalance cannot go on without knowing: wait for ZooKeeper as long as it takes.
+        let intent = intents.load_waiting(handle, group, topic, partition, None)??;
+        Some(if intent.done {
+            intent.last + 1
+        } else {
+            intent.first
+        })
     }
 }
 
@@ -592,31 +589,29 @@ impl Worker {
     fn load_intent(&self, task: usize, partition: i32) -> Option<Intent> {
         let intents = self.intents.as_ref()?;
         let topic = &self.tasks[task].topic;
-        loop {
-            match self
-                .handle
-                .block_on(intents.load(&self.group, topic, partition))
-            {
-                Ok(intent) => {
-                    if let Some(i) = &intent {
-                        tracing::info!(topic = %topic, partition, first = i.first, last = i.last, done = i.done, "Resuming from the recorded batch intent");
-                    }
-                    return intent;
+        match intents.load_waiting(
+            &self.handle,
+            &self.group,
+            topic,
+            partition,
+            Some(&self.stop),
+        ) {
+            Some(intent) => {
+                if let Some(i) = &intent {
+                    tracing::info!(topic = %topic, partition, first = i.first, last = i.last, done = i.done, "Resuming from the recorded batch intent");
                 }
-                Err(e) if self.stop.is_cancelled() => {
-                    tracing::warn!(topic = %topic, partition, error = %e, "Stopping without the intent; leaving the partition uncommitted");
-                    return Some(Intent {
-                        first: i64::MAX,
-                        last: i64::MAX,
-                        clock: 0,
-                        shard: None,
-                        done: false,
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(topic = %topic, partition, error = %e, "Cannot read the batch intent; retrying");
-                    std::thread::sleep(Duration::from_secs(1));
-                }
+                intent
+            }
+            None => {
+                tracing::warn!(topic = %topic, partition, "Stopping without the intent; leaving the partition uncommitted");
+                // Everything is below `first`: skipped, never written, never committed.
+                Some(Intent {
+                    first: i64::MAX,
+                    last: i64::MAX,
+                    clock: 0,
+                    shard: None,
+                    done: false,
+                })
             }
         }
     }
@@ -675,11 +670,11 @@ impl Worker {
             }
             self.intent_of.insert(key, intent);
         }
-        let spec = self.tasks[msg.task].spec.clone();
+        let tasks = &self.tasks;
         let batcher = self
             .batchers
             .entry(key)
-            .or_insert_with(|| Batcher::new(spec, msg.task, msg.partition));
+            .or_insert_with(|| Batcher::new(tasks[key.0].spec.clone(), key.0, key.1));
         let sealed = match self.intent_of.get(&key).copied().flatten() {
             Some(intent) => match intent.disposition(msg.offset) {
                 Disposition::Skip => {
@@ -776,7 +771,7 @@ impl PartitionWriter {
         let Some(intents) = &self.intents else {
             return true;
         };
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::default();
         loop {
             match intents
                 .record(&self.group, &task.topic, partition, intent)
@@ -785,11 +780,9 @@ impl PartitionWriter {
                 Ok(()) => return true,
                 Err(e) => {
                     tracing::warn!(topic = %task.topic, partition, error = %e, "Cannot record the batch intent; retrying");
-                    tokio::select! {
-                        _ = self.hard_stop.cancelled() => return false,
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !backoff.wait(&self.hard_stop).await {
+                        return false;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -865,7 +858,7 @@ impl PartitionWriter {
     async fn dead_letter(&self, task: &Task, d: &DeadLetter) -> bool {
         let partition = d.partition.to_string();
         let offset = d.offset.to_string();
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::default();
         loop {
             let headers = OwnedHeaders::new()
                 .insert(Header {
@@ -908,11 +901,9 @@ impl PartitionWriter {
                 }
                 Err((e, _)) => {
                     tracing::warn!(topic = %task.dead_letter_topic, error = %e, "Dead letter not delivered; retrying");
-                    tokio::select! {
-                        _ = self.hard_stop.cancelled() => return false,
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !backoff.wait(&self.hard_stop).await {
+                        return false;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }

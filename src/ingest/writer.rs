@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request};
-use http_body::Body as _;
 use tokio_util::sync::CancellationToken;
 
+use super::backoff::Backoff;
 use super::batch::Part;
 use crate::metrics::METRICS;
 use crate::picker::{Cluster, Purpose};
@@ -34,8 +34,8 @@ pub enum InsertError {
 
 /// The proxy's pick API.
 pub struct PickApi {
-    pub host: String,
-    pub port: u16,
+    /// The proxy's admin listener, with a keep-alive pool like any node's.
+    pub endpoint: Node,
     pub token: Option<HeaderValue>,
     pub timeout: Duration,
 }
@@ -71,26 +71,12 @@ async fn exchange(
         let mut upstream = node.checkout().await.map_err(|e| e.to_string())?;
         let resp = upstream.send(req).await.map_err(|f| f.error.to_string())?;
         let status = resp.status().as_u16();
-        let mut body = resp.into_body();
-        let mut out = bytes::BytesMut::new();
-        loop {
-            let frame = std::future::poll_fn(|cx| {
-                upstream.poll_conn(cx);
-                std::pin::Pin::new(&mut body).poll_frame(cx)
-            })
-            .await;
-            match frame {
-                None => break,
-                Some(Err(e)) => return Err(format!("reading the answer: {e}")),
-                Some(Ok(f)) => {
-                    if let Ok(d) = f.into_data() {
-                        out.extend_from_slice(&d);
-                    }
-                }
-            }
-        }
+        let body = upstream
+            .read_body(resp.into_body())
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?;
         node.checkin(upstream);
-        Ok((status, out.freeze()))
+        Ok((status, body))
     };
     tokio::time::timeout(timeout, work)
         .await
@@ -178,18 +164,17 @@ impl Target {
         if let Some(s) = shard {
             uri.push_str(&format!("&shard={s}"));
         }
-        let probe_node = Node::new(&api.host, api.port, 0, &Default::default());
         let mut req = Request::builder()
             .method(Method::GET)
             .uri(uri)
-            .header(header::HOST, probe_node.authority.clone());
+            .header(header::HOST, api.endpoint.authority.clone());
         if let Some(t) = &api.token {
             req = req.header(header::AUTHORIZATION, t.clone());
         }
         let Ok(req) = req.body(ReqBody::Empty) else {
             return Ok(None);
         };
-        let (status, body) = match exchange(&probe_node, req, api.timeout).await {
+        let (status, body) = match exchange(&api.endpoint, req, api.timeout).await {
             Ok(x) => x,
             Err(e) => {
                 tracing::debug!(error = %e, "Pick API unreachable; using the embedded picker");
@@ -278,17 +263,15 @@ impl Target {
     /// The shard for a random-sharded segment, as the picker chooses it now (waiting while
     /// no shard can take writes); `None` only if stopped first.
     pub async fn choose_shard(&self, stop: &CancellationToken) -> Option<u32> {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::default();
         loop {
             match self.pick(None, &[]).await {
                 Ok((shard, _)) => return Some(shard),
                 Err(why) => {
                     tracing::warn!(task = %self.task, reason = %why, "No shard takes writes; waiting");
-                    tokio::select! {
-                        _ = stop.cancelled() => return None,
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !backoff.wait(stop).await {
+                        return None;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -307,7 +290,7 @@ impl Target {
         // Row ranges still to write; a refused range is split.
         let mut pending = vec![(0usize, part.rows())];
         let mut failed: Vec<Arc<Node>> = Vec::new();
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::default();
         while let Some((from, to)) = pending.pop() {
             loop {
                 if stop.is_cancelled() {
@@ -316,13 +299,11 @@ impl Target {
                 let (number, node) = match self.pick(shard, &failed).await {
                     Ok(p) => p,
                     Err(why) => {
-                        tracing::warn!(task = %self.task, shard = ?shard, reason = %why, retry_in_ms = backoff.as_millis() as u64, "No node for a batch; waiting");
+                        tracing::warn!(task = %self.task, shard = ?shard, reason = %why, retry_in_ms = backoff.next().as_millis() as u64, "No node for a batch; waiting");
                         failed.clear();
-                        tokio::select! {
-                            _ = stop.cancelled() => return None,
-                            _ = tokio::time::sleep(backoff) => {}
+                        if !backoff.wait(stop).await {
+                            return None;
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
                         continue;
                     }
                 };
@@ -352,7 +333,7 @@ impl Target {
                             .ingest_insert_seconds
                             .with_label_values(&[self.task.as_str()])
                             .observe(started.elapsed().as_secs_f64());
-                        backoff = Duration::from_millis(100);
+                        backoff.reset();
                         break;
                     }
                     Err(InsertError::Data(e)) if to - from == 1 => {

@@ -9,7 +9,6 @@
 use std::time::{Duration, Instant};
 
 use http::{header, Method, Request};
-use http_body::Body as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -150,25 +149,10 @@ async fn get(
             .await
             .map_err(|f| ProbeError::Upstream(f.error))?;
         let status = resp.status().as_u16();
-        let mut body = resp.into_body();
-        let mut text = Vec::new();
-        // Drive the connection while reading: this task owns it.
-        loop {
-            let frame = std::future::poll_fn(|cx| {
-                upstream.poll_conn(cx);
-                std::pin::Pin::new(&mut body).poll_frame(cx)
-            })
-            .await;
-            match frame {
-                None => break,
-                Some(Err(e)) => return Err(ProbeError::Body(e)),
-                Some(Ok(f)) => {
-                    if let Ok(d) = f.into_data() {
-                        text.extend_from_slice(&d);
-                    }
-                }
-            }
-        }
+        let text = upstream
+            .read_body(resp.into_body())
+            .await
+            .map_err(ProbeError::Body)?;
         if upstream.reusable() {
             *conn = Some(upstream);
         }

@@ -119,6 +119,31 @@ impl Upstream {
         })
     }
 
+    /// Reads a whole (small) response body, driving the connection meanwhile: this task
+    /// owns it. For the picker's probes and ingest's inserts, not for proxied responses
+    /// (those stream).
+    pub async fn read_body(&mut self, body: Incoming) -> Result<bytes::Bytes, hyper::Error> {
+        use http_body::Body as _;
+        let mut body = body;
+        let mut out = bytes::BytesMut::new();
+        loop {
+            let frame = std::future::poll_fn(|cx| {
+                self.poll_conn(cx);
+                Pin::new(&mut body).poll_frame(cx)
+            })
+            .await;
+            match frame {
+                None => return Ok(out.freeze()),
+                Some(Err(e)) => return Err(e),
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        out.extend_from_slice(&d);
+                    }
+                }
+            }
+        }
+    }
+
     /// True if another request can go on this connection.
     pub fn reusable(&self) -> bool {
         self.conn.is_some() && !self.sender.is_closed()
