@@ -356,18 +356,6 @@ async fn killed_three_times_with_a_replica_stopped_still_exactly_once() {
         .unwrap()
     };
     // One replica of shard 2 stops answering for part of the run.
-    let ch4 = std::fs::read_to_string(stack_dir().join("ch4/pid"))
-        .unwrap()
-        .trim()
-        .to_string();
-    struct Cont(String);
-    impl Drop for Cont {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("kill")
-                .args(["-CONT", &self.0])
-                .status();
-        }
-    }
     let mut stopped = None;
     for round in 1..=3u64 {
         let target = n * round / 5;
@@ -377,12 +365,7 @@ async fn killed_three_times_with_a_replica_stopped_still_exactly_once() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         if round == 1 {
-            let ok = std::process::Command::new("kill")
-                .args(["-STOP", &ch4])
-                .status()
-                .unwrap();
-            assert!(ok.success());
-            stopped = Some(Cont(ch4.clone()));
+            stopped = Some(Frozen::stop(&[("ch4", NODES[3])]));
         }
         ingest.signal("KILL");
         ingest.wait(Duration::from_secs(10));
@@ -438,33 +421,7 @@ async fn a_whole_shard_down_holds_only_what_must_go_there() {
     )
     .replace("batch_rows = 5000\nbatch_age = \"300ms\"\n", "");
     // Both replicas of shard 2 stop answering before the sidecar starts.
-    let pids: Vec<String> = ["ch3", "ch4"]
-        .iter()
-        .map(|n| {
-            std::fs::read_to_string(stack_dir().join(n).join("pid"))
-                .unwrap()
-                .trim()
-                .to_string()
-        })
-        .collect();
-    struct Cont(Vec<String>);
-    impl Drop for Cont {
-        fn drop(&mut self) {
-            for p in &self.0 {
-                let _ = std::process::Command::new("kill")
-                    .args(["-CONT", p])
-                    .status();
-            }
-        }
-    }
-    for p in &pids {
-        assert!(std::process::Command::new("kill")
-            .args(["-STOP", p])
-            .status()
-            .unwrap()
-            .success());
-    }
-    let cont = Cont(pids);
+    let frozen = Frozen::stop(&[("ch3", NODES[2]), ("ch4", NODES[3])]);
     let ingest = tokio::task::spawn_blocking(move || IngestProcess::start(&config))
         .await
         .unwrap();
@@ -492,7 +449,7 @@ async fn a_whole_shard_down_holds_only_what_must_go_there() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let waiting = n - local(NODES[0], event.clone()).await;
-    drop(cont);
+    drop(frozen);
     // Shard 2 back: what waited for it lands; nothing is lost or doubled.
     let end = Instant::now() + Duration::from_secs(90);
     loop {

@@ -10,6 +10,9 @@ use chgate::secret::Secret;
 use chgate::upstream::{Account, Node};
 use common::*;
 
+/// The probe test reads ch4's figures; the stop test freezes ch4. One at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn account() -> Account {
     Account::new(
         &AccountConfig {
@@ -23,8 +26,11 @@ fn account() -> Account {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_every_node_and_detects_what_it_lacks() {
+    let _serial = SERIAL.lock().await;
     let account = account();
     for host in NODES {
+        // An earlier test may have frozen a node long enough to expire its session.
+        settled(host, Duration::from_secs(90)).unwrap();
         let node = Node::new(host, 8123, 0, &UpstreamConfig::default());
         let caps = detect(&node, &account, Duration::from_secs(5))
             .await
@@ -59,29 +65,20 @@ async fn probes_every_node_and_detects_what_it_lacks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_node_fails_its_probe_within_the_timeout() {
+    let _serial = SERIAL.lock().await;
     // A SIGSTOPped server still completes TCP handshakes (the kernel does), so only an
     // answer-level probe with a deadline tells it is gone.
     let host = NODES[3];
-    let pid = std::fs::read_to_string(stack_dir().join("ch4").join("pid")).unwrap();
-    let pid = pid.trim().to_string();
     let node = Node::new(host, 8123, 0, &UpstreamConfig::default());
     let account = account();
     let caps = detect(&node, &account, Duration::from_secs(5))
         .await
         .unwrap();
-    let status = std::process::Command::new("kill")
-        .args(["-STOP", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let frozen = Frozen::stop(&[("ch4", host)]);
     let started = Instant::now();
     let result = probe(&node, &account, caps, Duration::from_millis(800)).await;
     let elapsed = started.elapsed();
-    let resumed = std::process::Command::new("kill")
-        .args(["-CONT", &pid])
-        .status()
-        .unwrap();
-    assert!(resumed.success());
+    drop(frozen);
     assert!(matches!(result, Err(ProbeError::Timeout(_))), "{result:?}");
     assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
     // And it answers again once resumed.

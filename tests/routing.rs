@@ -157,9 +157,7 @@ async fn a_stopped_replica_is_routed_around_and_ramps_back() {
     let p = TestProxy::start(&grouped_config(PICKER)).await;
     all_probed(p.admin).await;
     let victim = NODES[3];
-    let pid = pid_of("ch4");
-    kill("STOP", &pid);
-    let _cont = Undo(|| kill("CONT", &pid));
+    let frozen = Frozen::stop(&[("ch4", victim)]);
     let stopped = Instant::now();
 
     // Within two probe intervals it is out, with the reason.
@@ -198,7 +196,7 @@ async fn a_stopped_replica_is_routed_around_and_ramps_back() {
     );
 
     // Back: up after `rise` probes, at a reduced weight while it ramps, then full.
-    kill("CONT", &pid);
+    drop(frozen);
     let t = wait_for_topology(p.admin, "ch4 back up", Duration::from_secs(5), |t| {
         replica(t, victim)["health"] == "up"
     })

@@ -468,3 +468,76 @@ impl Drop for IngestProcess {
         let _ = self.child.wait();
     }
 }
+
+/// ClickHouse nodes of the stack frozen with SIGSTOP for as long as this lives. Dropping it
+/// resumes them and waits (bounded, without panicking) until each has its ZooKeeper session
+/// back and no read-only replica, so a test that froze a node long enough to expire its
+/// session does not leave the next test a half-recovered cluster.
+pub struct Frozen {
+    nodes: Vec<(&'static str, String)>,
+}
+
+impl Frozen {
+    /// `nodes` are stack names and addresses, e.g. `("ch4", "127.0.0.14")`.
+    pub fn stop(nodes: &[(&'static str, &'static str)]) -> Frozen {
+        let mut frozen = Frozen { nodes: Vec::new() };
+        for (name, host) in nodes {
+            let pid = std::fs::read_to_string(stack_dir().join(name).join("pid"))
+                .unwrap_or_else(|e| panic!("{name}: no pid file: {e}"))
+                .trim()
+                .to_string();
+            signal(&pid, "STOP");
+            frozen.nodes.push((host, pid));
+        }
+        frozen
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for (_, pid) in &self.nodes {
+            let _ = Command::new("kill").args(["-CONT", pid]).status();
+        }
+        for (host, _) in &self.nodes {
+            if let Err(e) = settled(host, Duration::from_secs(90)) {
+                eprintln!("{host} did not settle after SIGCONT: {e}");
+            }
+        }
+    }
+}
+
+fn signal(pid: &str, signal: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{signal}"), pid])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill -{signal} {pid}");
+}
+
+/// Waits until `host` answers and every replicated table on it has a live ZooKeeper
+/// session and is writable.
+pub fn settled(host: &str, deadline: Duration) -> Result<(), String> {
+    let end = Instant::now() + deadline;
+    loop {
+        let out = curl(&[
+            "-sS",
+            "--max-time",
+            "5",
+            "-u",
+            &format!("chgate:{}", secret("chgate")),
+            &format!("http://{host}:8123/"),
+            "--data-binary",
+            "SELECT countIf(is_session_expired OR is_readonly) FROM system.replicas",
+        ]);
+        let last = if out.ok && out.body.trim() == "0" {
+            return Ok(());
+        } else {
+            out.body
+        };
+        if Instant::now() >= end {
+            return Err(last);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
