@@ -43,6 +43,7 @@ pub struct Metrics {
     pub ingest_insert_failures: IntCounterVec,
     pub ingest_ring_occupancy: IntGaugeVec,
     pub ingest_paused: IntGauge,
+    pub ingest_pauses: IntCounter,
     pub ingest_pending_bytes: IntGauge,
     pub ingest_skipped_by_broker: IntCounter,
     pub ingest_lag: IntGaugeVec,
@@ -242,16 +243,24 @@ impl Metrics {
             &["worker"],
         );
         let ingest_paused = IntGauge::new(
-            "chgate_ingest_paused",
-            "1 while consumption is paused (a ring or the memory ceiling is full).",
+            "chgate_ingest_paused_partitions",
+            "Partitions paused because a ring or the memory ceiling (limits.max_pending_bytes) is full.",
         )
         .expect("valid metric");
         registry
             .register(Box::new(ingest_paused.clone()))
             .expect("unique metric");
+        let ingest_pauses = IntCounter::new(
+            "chgate_ingest_pauses_total",
+            "Times consumption was paused for a full ring or the memory ceiling.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(ingest_pauses.clone()))
+            .expect("unique metric");
         let ingest_pending_bytes = IntGauge::new(
             "chgate_ingest_pending_bytes",
-            "Message bytes consumed and not yet committed (held in rings and batches).",
+            "Bytes consumed and not yet committed: messages in the rings, rows (as encoded) and dead letters in batches.",
         )
         .expect("valid metric");
         registry
@@ -264,7 +273,7 @@ impl Metrics {
         );
         let ingest_skipped_by_broker = IntCounter::new(
             "chgate_ingest_broker_skipped_offsets_total",
-            "Offsets the broker did not deliver when a partition was started at its recorded position (data that will not be written; raise kafka.start_rewind).",
+            "Offsets the broker did not deliver (at a partition's recorded start, or missing when read again with kafka.start_rewind): messages that will not be written.",
         )
         .expect("valid metric");
         registry
@@ -318,6 +327,7 @@ impl Metrics {
             ingest_insert_failures,
             ingest_ring_occupancy,
             ingest_paused,
+            ingest_pauses,
             ingest_pending_bytes,
             ingest_skipped_by_broker,
             ingest_lag,

@@ -8,6 +8,7 @@
 //! the time window is measured from), so the same range rebuilt after a crash gives the
 //! same parts byte for byte.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,11 +45,10 @@ pub struct Part {
     pub data: Vec<u8>,
     /// Where each row ends in `data`, so a batch ClickHouse refuses can be split.
     pub row_ends: Vec<usize>,
-    /// The offset of each row's message.
+    /// The offset of each row's message (should ClickHouse refuse a row, its original is
+    /// read again from the partition for the dead-letter topic: parsed messages are not
+    /// kept, a row costs ~20 times less memory than its JSON).
     pub offsets: Vec<i64>,
-    /// Each row's original message (key, payload), for the dead-letter topic should
-    /// ClickHouse refuse the row.
-    pub originals: Vec<(Option<Vec<u8>>, Vec<u8>)>,
 }
 
 impl Part {
@@ -78,7 +78,8 @@ pub struct Segment {
     pub clock: i64,
     pub parts: Vec<Part>,
     pub dead: Vec<DeadLetter>,
-    /// Message bytes held by this segment (for the memory ceiling).
+    /// Bytes this segment holds (for the memory ceiling): rows as encoded, dead letters
+    /// whole.
     pub bytes: usize,
     /// A segment rebuilt from an unfinished intent: its shard and clock are the recorded
     /// ones, and its intent is already in ZooKeeper.
@@ -124,11 +125,17 @@ struct Open {
     bytes: usize,
 }
 
+/// Memory a row holds besides its encoded bytes: its end and its offset.
+const ROW_OVERHEAD: usize = 2 * std::mem::size_of::<u64>();
+
 /// One partition's open segment.
 pub struct Batcher {
     spec: Arc<TaskSpec>,
     task: usize,
     partition: i32,
+    /// Bytes held between the consumer and the commit (the memory ceiling): a message
+    /// counts its payload until it is added here, then what the segment keeps of it.
+    pending: Arc<AtomicUsize>,
     open: Option<Open>,
     key: Vec<u8>,
     /// A row being encoded before its shard is known (key sharding), reused.
@@ -142,11 +149,17 @@ fn unix_now() -> i64 {
 }
 
 impl Batcher {
-    pub fn new(spec: Arc<TaskSpec>, task: usize, partition: i32) -> Self {
+    pub fn new(
+        spec: Arc<TaskSpec>,
+        task: usize,
+        partition: i32,
+        pending: Arc<AtomicUsize>,
+    ) -> Self {
         Self {
             spec,
             task,
             partition,
+            pending,
             open: None,
             key: Vec::new(),
             row: Vec::new(),
@@ -215,7 +228,8 @@ impl Batcher {
             bytes: 0,
         });
         open.last = msg.offset;
-        open.bytes += msg.payload.len();
+        let consumed = msg.payload.len();
+        let encoded_before: usize = open.parts.iter().map(|p| p.data.len()).sum();
         let window = spec.window.map(|(column, age, future)| Window {
             column,
             min: open.clock - age.as_secs() as i64,
@@ -247,30 +261,36 @@ impl Batcher {
                     })
             }
         };
-        match result {
+        let encoded: usize = open.parts.iter().map(|p| p.data.len()).sum();
+        let kept = match result {
             Ok(i) => {
                 let part = &mut open.parts[i];
                 part.row_ends.push(part.data.len());
                 part.offsets.push(msg.offset);
-                part.originals.push((msg.key, msg.payload));
                 open.rows += 1;
+                encoded - encoded_before + ROW_OVERHEAD
             }
-            Err(e) => open.dead.push(DeadLetter {
-                partition: msg.partition,
-                offset: msg.offset,
-                key: msg.key,
-                payload: msg.payload,
-                reason: e.kind,
-                error: e.message,
-            }),
-        }
+            Err(e) => {
+                let kept = consumed + msg.key.as_ref().map_or(0, Vec::len) + e.message.len();
+                open.dead.push(DeadLetter {
+                    partition: msg.partition,
+                    offset: msg.offset,
+                    key: msg.key,
+                    payload: msg.payload,
+                    reason: e.kind,
+                    error: e.message,
+                });
+                kept
+            }
+        };
+        open.bytes += kept;
+        // Add before subtracting: the consumer counted `consumed` already.
+        self.pending.fetch_add(kept, Ordering::Relaxed);
+        self.pending.fetch_sub(consumed, Ordering::Relaxed);
         let full = match open.ends_at {
             // A rebuilt segment ends where it ended before, whatever the limits say.
             Some(end) => open.last >= end,
-            None => {
-                let encoded: usize = open.parts.iter().map(|p| p.data.len()).sum();
-                open.rows >= spec.batch_rows || encoded >= spec.batch_bytes
-            }
+            None => open.rows >= spec.batch_rows || encoded >= spec.batch_bytes,
         };
         if full {
             self.seal()
@@ -341,7 +361,7 @@ mod tests {
 
     #[test]
     fn cuts_by_rows_and_keeps_bad_messages_aside() {
-        let mut b = Batcher::new(spec(Sharding::Random, 3), 0, 3);
+        let mut b = Batcher::new(spec(Sharding::Random, 3), 0, 3, Arc::default());
         assert!(b
             .add_at(msg(10, r#"{"ts": 1000, "user_id": 1}"#), 1000)
             .is_none());
@@ -369,7 +389,7 @@ mod tests {
     fn key_sharding_sends_each_key_to_one_shard_and_is_deterministic() {
         let spec = spec(Sharding::Key, 1000);
         let build = || {
-            let mut b = Batcher::new(spec.clone(), 0, 0);
+            let mut b = Batcher::new(spec.clone(), 0, 0, Arc::default());
             for i in 0..200 {
                 b.add_at(
                     msg(i, &format!(r#"{{"ts": 1000, "user_id": {}}}"#, i % 17)),
@@ -405,14 +425,14 @@ mod tests {
     #[test]
     fn a_replayed_segment_is_rebuilt_byte_for_byte() {
         let spec = spec(Sharding::Random, 2);
-        let mut b = Batcher::new(spec.clone(), 0, 3);
+        let mut b = Batcher::new(spec.clone(), 0, 3, Arc::default());
         let first = b.add_at(msg(10, r#"{"ts": 1000, "user_id": 1}"#), 1000);
         assert!(first.is_none());
         let original = b
             .add_at(msg(11, r#"{"ts": 1005, "user_id": 2}"#), 1000)
             .unwrap();
         // Rebuilt later, at another time and with other limits in force: same bytes.
-        let mut again = Batcher::new(spec, 0, 3);
+        let mut again = Batcher::new(spec, 0, 3, Arc::default());
         assert!(again
             .add_replay(msg(10, r#"{"ts": 1000, "user_id": 1}"#), 1000, Some(2), 11)
             .is_none());
@@ -429,10 +449,35 @@ mod tests {
 
     #[test]
     fn cuts_by_age() {
-        let mut b = Batcher::new(spec(Sharding::Random, 1000), 0, 0);
+        let mut b = Batcher::new(spec(Sharding::Random, 1000), 0, 0, Arc::default());
         assert!(!b.due(Instant::now()));
         b.add_at(msg(1, r#"{"ts": 1000}"#), 1000);
         assert!(!b.due(Instant::now()));
         assert!(b.due(Instant::now() + Duration::from_millis(60)));
+    }
+
+    #[test]
+    fn holds_what_it_keeps_of_a_message_not_the_message() {
+        let pending = Arc::new(AtomicUsize::new(0));
+        let mut b = Batcher::new(spec(Sharding::Random, 1000), 0, 0, pending.clone());
+        let padding = "x".repeat(700);
+        let mut consumed = 0;
+        for i in 0..100 {
+            let m = msg(
+                i,
+                &format!(r#"{{"ts": 1000, "user_id": {i}, "pad": "{padding}"}}"#),
+            );
+            // What the consumer does before handing the message over.
+            pending.fetch_add(m.payload.len(), Ordering::Relaxed);
+            consumed += m.payload.len();
+            b.add_at(m, 1000);
+        }
+        pending.fetch_add(8, Ordering::Relaxed);
+        b.add_at(msg(100, "not json"), 1000);
+        let held = pending.load(Ordering::Relaxed);
+        // 100 rows of 12 bytes (+ their bookkeeping) and one dead letter, not 70 KB of JSON.
+        assert!(held < consumed / 10, "{held} of {consumed}");
+        let s = b.seal().unwrap();
+        assert_eq!(s.bytes, held);
     }
 }

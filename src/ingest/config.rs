@@ -48,10 +48,12 @@ pub struct KafkaConfig {
     pub instance_id: Option<String>,
     #[serde(default = "default_session_timeout", with = "humantime_serde")]
     pub session_timeout: Duration,
-    /// With `[coordination]`, a partition is started this many offsets before its recorded
-    /// position (what lies before is skipped). 0 for Kafka; the test broker (tansu 0.6)
-    /// answers a fetch from the middle of a record batch with the next batch, so it needs
-    /// more than a producer batch (10000 is safe for kcat's defaults).
+    /// For brokers that answer a fetch from the middle of a record batch with the next
+    /// batch (the test broker, tansu 0.6): a partition is started this many offsets before
+    /// its recorded position, a resume after a pause seeks this far back, and a gap in the
+    /// offsets is read again from this far back once (what was taken already is dropped).
+    /// Must exceed a producer batch (10000 is safe for kcat's defaults). 0 for Kafka, where
+    /// gaps (transaction markers, compaction) are normal.
     #[serde(default)]
     pub start_rewind: i64,
     /// Any other librdkafka consumer/producer property.

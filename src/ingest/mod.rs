@@ -22,6 +22,7 @@ pub mod config;
 pub mod encode;
 pub mod intents;
 pub mod pipeline;
+pub mod reread;
 pub mod ring;
 pub mod template;
 pub mod types;
@@ -334,6 +335,11 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             ring_capacity: c.limits.ring_capacity,
             max_pending_bytes: c.limits.max_pending_bytes,
             drain_timeout: Duration::from_secs(30),
+            reread: Arc::new(reread::Rereader::new(
+                pipeline::kafka_config(&c.kafka.brokers, &c.kafka.properties),
+                &c.kafka.group_id,
+                c.kafka.start_rewind.max(0),
+            )),
         },
         stop,
     )

@@ -34,6 +34,7 @@ use super::backoff::Backoff;
 use super::batch::{Batcher, DeadLetter, Message, Segment, TaskSpec};
 use super::config::Sharding;
 use super::intents::{Disposition, Intent, Intents};
+use super::reread::Rereader;
 use super::ring::{ring, Receiver, Sender};
 use super::writer::Target;
 use crate::metrics::METRICS;
@@ -57,6 +58,8 @@ pub struct Settings {
     pub ring_capacity: usize,
     pub max_pending_bytes: usize,
     pub drain_timeout: Duration,
+    /// Reads the originals of refused rows again.
+    pub reread: Arc<Rereader>,
 }
 
 struct Commit {
@@ -208,8 +211,15 @@ pub async fn run(
     consumer_config
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky");
+        .set("auto.offset.reset", "earliest");
+    // Incremental rebalances by default; `kafka.properties` may choose another strategy
+    // (the test broker needs one, see config/ingest-local.toml).
+    if consumer_config
+        .get("partition.assignment.strategy")
+        .is_none()
+    {
+        consumer_config.set("partition.assignment.strategy", "cooperative-sticky");
+    }
     let consumer: BaseConsumer<Context> = consumer_config.create_with_context(Context {
         revoked: Default::default(),
         intents: settings
@@ -237,6 +247,7 @@ pub async fn run(
         senders.push(tx);
         let worker = Worker {
             group: settings.group.clone(),
+            reread: settings.reread.clone(),
             intents: settings.intents.clone(),
             intent_of: HashMap::new(),
             seen: HashMap::new(),
@@ -333,6 +344,9 @@ fn consume(
     // Per partition, the offset after the last message taken from the client.
     let mut position: HashMap<(usize, i32), i64> = HashMap::new();
     let mut paused = false;
+    let rewind = consumer.context().rewind;
+    // Per partition, the gap last read again (each gap is read again once).
+    let mut reread: HashMap<(usize, i32), i64> = HashMap::new();
     let mut latest: HashMap<(usize, i32), i64> = HashMap::new();
     let commit = |rx: &mpsc::Receiver<Commit>,
                   latest: &mut HashMap<(usize, i32), i64>,
@@ -362,14 +376,24 @@ fn consume(
         let want_pause = !stash.is_empty() || pending.load(Ordering::Relaxed) > max_pending;
         if want_pause != paused {
             if let Ok(assignment) = consumer.assignment() {
+                METRICS.ingest_paused.set(if want_pause {
+                    assignment.count() as i64
+                } else {
+                    0
+                });
+                if want_pause {
+                    METRICS.ingest_pauses.inc();
+                }
                 let r = if want_pause {
                     consumer.pause(&assignment)
                 } else {
                     consumer.resume(&assignment).and_then(|()| {
                         // Pausing drops what the client had fetched ahead; resuming may
-                        // fetch from beyond it. Go back to exactly after the last message
-                        // taken, per partition (measured: without this, a pause lost the
-                        // ~900 messages of a fetch).
+                        // fetch from beyond it. Go back to after the last message taken,
+                        // per partition (measured: without this, a pause lost the ~900
+                        // messages of a fetch), less the rewind: a mid-batch fetch on
+                        // tansu skips the rest of the batch. What was taken is dropped
+                        // below when it comes again.
                         let mut tpl = TopicPartitionList::new();
                         for e in assignment.elements() {
                             if let Some(&task) = task_of.get(e.topic()) {
@@ -377,7 +401,7 @@ fn consume(
                                     tpl.add_partition_offset(
                                         e.topic(),
                                         e.partition(),
-                                        Offset::Offset(next),
+                                        Offset::Offset((next - rewind).max(0)),
                                     )?;
                                 }
                             }
@@ -394,7 +418,6 @@ fn consume(
             }
             tracing::debug!(paused = want_pause, "Consumption paused or resumed");
             paused = want_pause;
-            METRICS.ingest_paused.set(paused as i64);
         }
         if last_gauges.elapsed() > Duration::from_millis(500) {
             for (w, s) in senders.iter().enumerate() {
@@ -436,6 +459,7 @@ fn consume(
         for (topic, partition) in revoked {
             if let Some(&task) = task_of.get(topic.as_str()) {
                 position.remove(&(task, partition));
+                reread.remove(&(task, partition));
                 let w = worker_for(task, partition, workers);
                 stash.push_back((w, Item::Revoked { task, partition }));
             }
@@ -453,16 +477,57 @@ fn consume(
         let Some(&task) = task_of.get(m.topic()) else {
             continue;
         };
-        if position
-            .insert((task, m.partition()), m.offset() + 1)
-            .is_none()
-        {
-            tracing::debug!(
+        let key = (task, m.partition());
+        match position.get(&key) {
+            None => tracing::debug!(
                 partition = m.partition(),
                 offset = m.offset(),
                 "First message polled"
-            );
+            ),
+            // Taken already: read again after a rewound seek.
+            Some(&next) if m.offset() < next => continue,
+            Some(&next) if m.offset() > next => {
+                if rewind > 0 && reread.insert(key, next) != Some(next) {
+                    // A broker that answers a mid-batch fetch with the next batch skipped
+                    // the rest of one: read again from before it, once per gap.
+                    tracing::debug!(
+                        partition = m.partition(),
+                        expected = next,
+                        got = m.offset(),
+                        "Offsets skipped by the broker; reading again from earlier"
+                    );
+                    let mut tpl = TopicPartitionList::new();
+                    let sought = tpl
+                        .add_partition_offset(
+                            m.topic(),
+                            m.partition(),
+                            Offset::Offset((next - rewind).max(0)),
+                        )
+                        .and_then(|()| consumer.seek_partitions(tpl, Duration::from_secs(5)));
+                    match sought {
+                        Ok(_) => continue,
+                        Err(e) => tracing::warn!(error = %e, "Seeking back over a gap failed"),
+                    }
+                }
+                // Kafka leaves gaps where transaction markers or compacted records were;
+                // with a rewind configured, a gap that is there again when read again is
+                // real too.
+                if rewind > 0 {
+                    tracing::warn!(
+                        topic = m.topic(),
+                        partition = m.partition(),
+                        expected = next,
+                        got = m.offset(),
+                        "Offsets missing from the partition even when read again; going on without them"
+                    );
+                    METRICS
+                        .ingest_skipped_by_broker
+                        .inc_by((m.offset() - next) as u64);
+                }
+            }
+            Some(_) => {}
         }
+        position.insert(key, m.offset() + 1);
         let payload = m.payload().unwrap_or_default().to_vec();
         pending.fetch_add(payload.len(), Ordering::Relaxed);
         METRICS
@@ -518,6 +583,7 @@ fn consume(
 
 struct Worker {
     group: String,
+    reread: Arc<Rereader>,
     intents: Option<Arc<Intents>>,
     /// Per partition, its intent while messages still fall in or before it.
     intent_of: HashMap<(usize, i32), Option<Intent>>,
@@ -670,11 +736,10 @@ impl Worker {
             }
             self.intent_of.insert(key, intent);
         }
-        let tasks = &self.tasks;
-        let batcher = self
-            .batchers
-            .entry(key)
-            .or_insert_with(|| Batcher::new(tasks[key.0].spec.clone(), key.0, key.1));
+        let (tasks, pending) = (&self.tasks, &self.pending);
+        let batcher = self.batchers.entry(key).or_insert_with(|| {
+            Batcher::new(tasks[key.0].spec.clone(), key.0, key.1, pending.clone())
+        });
         let sealed = match self.intent_of.get(&key).copied().flatten() {
             Some(intent) => match intent.disposition(msg.offset) {
                 Disposition::Skip => {
@@ -713,6 +778,7 @@ impl Worker {
             let stop = self.hard_stop.child_token();
             let writer = PartitionWriter {
                 group: self.group.clone(),
+                reread: self.reread.clone(),
                 intents: self.intents.clone(),
                 tasks: self.tasks.clone(),
                 producer: self.producer.clone(),
@@ -736,6 +802,7 @@ impl Worker {
 
 struct PartitionWriter {
     group: String,
+    reread: Arc<Rereader>,
     intents: Option<Arc<Intents>>,
     tasks: Arc<Vec<Task>>,
     producer: Arc<FutureProducer>,
@@ -819,6 +886,7 @@ impl PartitionWriter {
             intent.shard = segment.parts.first().and_then(|p| p.shard);
         }
         let mut dead: Vec<DeadLetter> = segment.dead.clone();
+        let mut refused = Vec::new();
         for part in &segment.parts {
             let token = format!(
                 "{}:{}:{}-{}:{}",
@@ -831,17 +899,18 @@ impl PartitionWriter {
             let Some(written) = task.target.write(part, &token, &self.hard_stop).await else {
                 return false;
             };
-            for (row, error) in written.refused {
-                let (key, payload) = part.originals[row].clone();
-                dead.push(DeadLetter {
-                    partition: segment.partition,
-                    offset: part.offsets[row],
-                    key,
-                    payload,
-                    reason: "refused",
-                    error: format!("ClickHouse refused the row: {error}"),
-                });
-            }
+            refused.extend(
+                written
+                    .refused
+                    .into_iter()
+                    .map(|(row, error)| (part.offsets[row], error)),
+            );
+        }
+        if !refused.is_empty() {
+            let Some(letters) = self.refused(task, segment.partition, refused).await else {
+                return false;
+            };
+            dead.extend(letters);
         }
         for d in &dead {
             if !self.dead_letter(task, d).await {
@@ -853,6 +922,70 @@ impl PartitionWriter {
             return self.record(task, segment.partition, &intent).await;
         }
         true
+    }
+
+    /// Dead letters for the rows ClickHouse refused, with their messages read again. A
+    /// message that cannot be read again (gone by retention) goes without its payload,
+    /// saying so; `None` only if stopped first.
+    async fn refused(
+        &self,
+        task: &Task,
+        partition: i32,
+        refused: Vec<(i64, String)>,
+    ) -> Option<Vec<DeadLetter>> {
+        let offsets: Vec<i64> = refused.iter().map(|(o, _)| *o).collect();
+        let mut originals = HashMap::new();
+        let mut backoff = Backoff::default();
+        for attempt in 1..=3 {
+            let (reread, topic, wanted) =
+                (self.reread.clone(), task.topic.clone(), offsets.clone());
+            let read = tokio::task::spawn_blocking(move || {
+                reread.read(&topic, partition, &wanted, Duration::from_secs(10))
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            match read {
+                Ok(found) => originals.extend(found),
+                Err(e) => {
+                    tracing::warn!(topic = %task.topic, partition, error = %e, "Cannot read refused messages again")
+                }
+            }
+            if originals.len() == offsets.len()
+                || attempt == 3
+                || !backoff.wait(&self.hard_stop).await
+            {
+                break;
+            }
+        }
+        if self.hard_stop.is_cancelled() {
+            return None;
+        }
+        Some(
+            refused
+                .into_iter()
+                .map(|(offset, error)| {
+                    let (key, payload, error) = match originals.remove(&offset) {
+                        Some((key, payload)) => {
+                            (key, payload, format!("ClickHouse refused the row: {error}"))
+                        }
+                        None => (
+                            None,
+                            Vec::new(),
+                            format!("ClickHouse refused the row (its message could not be read again): {error}"),
+                        ),
+                    };
+                    DeadLetter {
+                        partition,
+                        offset,
+                        key,
+                        payload,
+                        reason: "refused",
+                        error,
+                    }
+                })
+                .collect(),
+        )
     }
 
     async fn dead_letter(&self, task: &Task, d: &DeadLetter) -> bool {

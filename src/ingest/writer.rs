@@ -21,8 +21,13 @@ use crate::picker::{Cluster, Purpose};
 use crate::proxy::body::ReqBody;
 use crate::upstream::{Account, Node};
 
-/// ClickHouse error codes that mean "this data is wrong", not "this node is unwell".
-const DATA_ERRORS: &[u32] = &[6, 26, 27, 32, 33, 38, 41, 53, 69, 70, 72, 117, 131, 469];
+/// ClickHouse error codes that mean "this data is wrong", not "this node is unwell":
+/// parse and conversion errors, 190 (the arrays of a Nested column differ in length), 349
+/// (NULL into a non-Nullable column), 395 (`throwIf` in a materialized view), 469 (a
+/// constraint).
+const DATA_ERRORS: &[u32] = &[
+    6, 26, 27, 32, 33, 38, 41, 53, 69, 70, 72, 117, 131, 190, 349, 395, 469,
+];
 
 #[derive(Debug)]
 pub enum InsertError {
