@@ -66,6 +66,32 @@ fn exposition() -> String {
     METRICS.upstream_node_down.with_label_values(&["n"]).set(0);
     METRICS.upstream_connections.with_label_values(&["n"]).inc();
     METRICS.config_reloads.with_label_values(&["ok"]).inc();
+    METRICS.ingest_consumed.with_label_values(&["t"]).inc();
+    METRICS
+        .ingest_dead_letters
+        .with_label_values(&["t", "parse"])
+        .inc();
+    METRICS
+        .ingest_rows
+        .with_label_values(&["t", "1", "n"])
+        .inc();
+    METRICS
+        .ingest_batches
+        .with_label_values(&["t", "1", "n"])
+        .inc();
+    METRICS
+        .ingest_insert_seconds
+        .with_label_values(&["t"])
+        .observe(0.1);
+    METRICS
+        .ingest_insert_failures
+        .with_label_values(&["t", "n"])
+        .inc();
+    METRICS
+        .ingest_ring_occupancy
+        .with_label_values(&["0"])
+        .set(0);
+    METRICS.ingest_lag.with_label_values(&["t", "0"]).set(0);
     String::from_utf8(METRICS.render()).unwrap()
 }
 
