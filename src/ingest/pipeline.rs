@@ -17,7 +17,7 @@
 //! - Shutdown: stop fetching, let the workers cut what they hold, let the writers finish
 //!   (up to `drain_timeout`), commit synchronously, leave the group.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -38,6 +38,10 @@ use super::reread::Rereader;
 use super::ring::{ring, Receiver, Sender};
 use super::writer::Target;
 use crate::metrics::METRICS;
+
+/// Maps keyed by (task, partition) are read several times per message: a fast hasher (the
+/// keys come from the broker's assignment, not from message contents).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// A task as the pipeline runs it.
 pub struct Task {
@@ -249,13 +253,13 @@ pub async fn run(
             group: settings.group.clone(),
             reread: settings.reread.clone(),
             intents: settings.intents.clone(),
-            intent_of: HashMap::new(),
-            seen: HashMap::new(),
+            intent_of: HashMap::default(),
+            seen: HashMap::default(),
             index: w,
             rx,
             tasks: tasks.clone(),
-            batchers: HashMap::new(),
-            writers: HashMap::new(),
+            batchers: HashMap::default(),
+            writers: HashMap::default(),
             handle: handle.clone(),
             tracker: tracker.clone(),
             producer: producer.clone(),
@@ -342,12 +346,12 @@ fn consume(
         .collect();
     let mut stash: VecDeque<(usize, Item)> = VecDeque::new();
     // Per partition, the offset after the last message taken from the client.
-    let mut position: HashMap<(usize, i32), i64> = HashMap::new();
+    let mut position: HashMap<(usize, i32), i64> = HashMap::default();
     let mut paused = false;
     let rewind = consumer.context().rewind;
     // Per partition, the gap last read again (each gap is read again once).
-    let mut reread: HashMap<(usize, i32), i64> = HashMap::new();
-    let mut latest: HashMap<(usize, i32), i64> = HashMap::new();
+    let mut reread: HashMap<(usize, i32), i64> = HashMap::default();
+    let mut latest: HashMap<(usize, i32), i64> = HashMap::default();
     let commit = |rx: &mpsc::Receiver<Commit>,
                   latest: &mut HashMap<(usize, i32), i64>,
                   mode: CommitMode| {
@@ -365,6 +369,7 @@ fn consume(
     };
     let mut last_gauges = Instant::now();
     let mut last_lag = Instant::now();
+    let (mut iterations, mut idle) = (0u32, true);
     while !stop.is_cancelled() {
         commit(&commit_rx, &mut latest, CommitMode::Async);
         while let Some((w, m)) = stash.pop_front() {
@@ -419,7 +424,10 @@ fn consume(
             tracing::debug!(paused = want_pause, "Consumption paused or resumed");
             paused = want_pause;
         }
-        if last_gauges.elapsed() > Duration::from_millis(500) {
+        // The clock is read every 256 messages (or when idle), not per message.
+        iterations = iterations.wrapping_add(1);
+        let housekeeping = idle || iterations % 256 == 0;
+        if housekeeping && last_gauges.elapsed() > Duration::from_millis(500) {
             for (w, s) in senders.iter().enumerate() {
                 METRICS
                     .ingest_ring_occupancy
@@ -431,7 +439,7 @@ fn consume(
                 .set(pending.load(Ordering::Relaxed) as i64);
             last_gauges = Instant::now();
         }
-        if last_lag.elapsed() > Duration::from_secs(5) {
+        if housekeeping && last_lag.elapsed() > Duration::from_secs(5) {
             // Lag: the partition's end minus the next offset taken from it (one short
             // metadata round trip per partition every 5 s).
             for (&(task, partition), &next) in &position {
@@ -449,6 +457,7 @@ fn consume(
             last_lag = Instant::now();
         }
         let polled = consumer.poll(Duration::from_millis(if paused { 20 } else { 100 }));
+        idle = polled.is_none();
         let revoked: Vec<(String, i32)> = std::mem::take(
             &mut *consumer
                 .context()
@@ -474,7 +483,8 @@ fn consume(
                 continue;
             }
         };
-        let Some(&task) = task_of.get(m.topic()) else {
+        // A few tasks: comparing names beats hashing one per message.
+        let Some(task) = tasks.iter().position(|t| t.topic == m.topic()) else {
             continue;
         };
         let key = (task, m.partition());
@@ -934,7 +944,7 @@ impl PartitionWriter {
         refused: Vec<(i64, String)>,
     ) -> Option<Vec<DeadLetter>> {
         let offsets: Vec<i64> = refused.iter().map(|(o, _)| *o).collect();
-        let mut originals = HashMap::new();
+        let mut originals = HashMap::default();
         let mut backoff = Backoff::default();
         for attempt in 1..=3 {
             let (reread, topic, wanted) =
