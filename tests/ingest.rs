@@ -743,3 +743,61 @@ async fn a_second_sidecar_takes_partitions_over_mid_stream_exactly_once() {
     let took = metric_sum(&second.metrics(), "chgate_ingest_consumed_total", &[]);
     assert!(took > 0.0, "the second sidecar consumed nothing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_topic_is_consumed_from_its_start() {
+    // The intents outlive the topic: once it is deleted and created again its offsets start
+    // at 0, below what was recorded. Kept, the intents would skip every new message.
+    let topic = unique("ing_recreate");
+    let dlq = format!("{topic}_dlq");
+    create_topics(&topic, &dlq);
+    let now = unix_now();
+    let batch = |event: &str, n: u64| -> Vec<String> {
+        (0..n)
+            .map(|i| format!("k{i}\t{{\"ts\": {now}, \"user_id\": {i}, \"event\": \"{event}\", \"value\": 1}}"))
+            .collect()
+    };
+    let before = unique("rc1");
+    let config = ingest_config(&topic, &dlq, None, "", "format = \"json\"");
+    let mut ingest = tokio::task::spawn_blocking(move || IngestProcess::start(&config))
+        .await
+        .unwrap();
+    let (topic2, lines) = (topic.clone(), batch(&before, 3_000));
+    tokio::task::spawn_blocking(move || produce(&topic2, &lines))
+        .await
+        .unwrap();
+    let ev = before.clone();
+    let got = tokio::task::spawn_blocking(move || wait_for_rows(&ev, 3_000))
+        .await
+        .unwrap();
+    assert_eq!(got, 3_000);
+    ingest.signal("TERM");
+    assert!(ingest.wait(Duration::from_secs(30)).success());
+
+    stack_shell(&format!(
+        "tansu topic delete {topic} --broker tcp://127.0.0.1:9092 >/dev/null\n\
+         tansu topic create {topic} --partitions 3 --broker tcp://127.0.0.1:9092 >/dev/null"
+    ));
+    let after = unique("rc2");
+    let (topic2, lines) = (topic.clone(), batch(&after, 500));
+    tokio::task::spawn_blocking(move || produce(&topic2, &lines))
+        .await
+        .unwrap();
+    let path = ingest.config_path.clone();
+    let again = tokio::task::spawn_blocking(move || IngestProcess::start_with(path))
+        .await
+        .unwrap();
+    let ev = after.clone();
+    let got = tokio::task::spawn_blocking(move || wait_for_rows(&ev, 500))
+        .await
+        .unwrap();
+    assert_eq!(got, 500);
+    let dropped = again
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("past the partition's end"))
+        .count();
+    assert!(dropped >= 1, "no stale intent was noticed");
+}

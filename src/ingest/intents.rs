@@ -120,6 +120,16 @@ impl Intents {
         }
     }
 
+    /// Drops a partition's intent (its topic was recreated: the recorded offsets name
+    /// messages that no longer exist).
+    pub async fn forget(&self, group: &str, topic: &str, partition: i32) -> Result<(), String> {
+        let path = self.path(group, topic, partition);
+        match self.client.delete(&path, None).await {
+            Ok(()) | Err(zk::Error::NoNode) => Ok(()),
+            Err(e) => Err(format!("deleting {path}: {e}")),
+        }
+    }
+
     pub async fn record(
         &self,
         group: &str,

@@ -96,16 +96,40 @@ impl ClientContext for Context {}
 
 impl Context {
     /// The first offset to read from a partition: right after its last finished segment,
-    /// or the start of its unfinished one.
-    fn start_offset(&self, topic: &str, partition: i32) -> Option<i64> {
+    /// or the start of its unfinished one. An intent past the partition's end names
+    /// messages that are gone (the topic was deleted and created again, or the broker lost
+    /// its log): it is dropped and the partition starts like a new one, as Kafka does with
+    /// a committed offset out of range; keeping it would skip every new message below it.
+    fn start_offset(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        topic: &str,
+        partition: i32,
+    ) -> Option<i64> {
         let (intents, group, handle) = self.intents.as_ref()?;
         // The rebalance cannot go on without knowing: wait for ZooKeeper as long as it takes.
         let intent = intents.load_waiting(handle, group, topic, partition, None)??;
-        Some(if intent.done {
+        let start = if intent.done {
             intent.last + 1
         } else {
             intent.first
-        })
+        };
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)) {
+            Ok((_, end)) if start > end => {
+                tracing::warn!(
+                    topic, partition, recorded = start, end,
+                    "The batch intent is past the partition's end (the topic was recreated?): dropping it and starting the partition anew"
+                );
+                // Kept, it would make the worker skip every new message below it: wait for
+                // ZooKeeper like the read above.
+                while let Err(e) = handle.block_on(intents.forget(group, topic, partition)) {
+                    tracing::warn!(topic, partition, error = %e, "Cannot drop the stale batch intent; retrying in 1 s");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                None
+            }
+            _ => Some(start),
+        }
     }
 }
 
@@ -128,7 +152,7 @@ impl ConsumerContext for Context {
                     .elements()
                     .iter()
                     .filter_map(|e| {
-                        let start = self.start_offset(e.topic(), e.partition())?;
+                        let start = self.start_offset(base_consumer, e.topic(), e.partition())?;
                         Some((e.topic().to_string(), e.partition(), start))
                     })
                     .collect();
