@@ -46,6 +46,9 @@ pub struct KafkaConfig {
     /// partitions back without a rebalance. Default: `chgate-ingest-<hostname>`; give each
     /// sidecar on one host its own.
     pub instance_id: Option<String>,
+    /// `false`: no `group.instance.id` (dynamic membership; a restart rebalances).
+    #[serde(default = "yes")]
+    pub static_membership: bool,
     #[serde(default = "default_session_timeout", with = "humantime_serde")]
     pub session_timeout: Duration,
     /// For brokers that answer a fetch from the middle of a record batch with the next
@@ -59,6 +62,10 @@ pub struct KafkaConfig {
     /// Any other librdkafka consumer/producer property.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_session_timeout() -> Duration {

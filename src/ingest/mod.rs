@@ -286,13 +286,13 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
                 .trim()
         )
     });
-    consumer_config
-        .set("group.id", &c.kafka.group_id)
-        .set("group.instance.id", &instance)
-        .set(
-            "session.timeout.ms",
-            c.kafka.session_timeout.as_millis().to_string(),
-        );
+    if c.kafka.static_membership {
+        consumer_config.set("group.instance.id", &instance);
+    }
+    consumer_config.set("group.id", &c.kafka.group_id).set(
+        "session.timeout.ms",
+        c.kafka.session_timeout.as_millis().to_string(),
+    );
     let producer: rdkafka::producer::FutureProducer =
         pipeline::kafka_config(&c.kafka.brokers, &c.kafka.properties)
             .set("enable.idempotence", "false")
@@ -321,6 +321,11 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             );
             None
         }
+    };
+    let instance = if c.kafka.static_membership {
+        instance
+    } else {
+        "(dynamic membership)".to_string()
     };
     tracing::info!(group = %c.kafka.group_id, instance = %instance, tasks = tasks.len(), exactly_once = intents.is_some(), "Consuming");
     pipeline::run(
