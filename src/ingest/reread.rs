@@ -25,7 +25,8 @@ impl Rereader {
             .set("group.id", format!("{group}-reread"))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "error");
+            // Starting before the log's start (retention) starts at its start.
+            .set("auto.offset.reset", "earliest");
         Self { config, rewind }
     }
 
