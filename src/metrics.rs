@@ -36,6 +36,7 @@ pub struct Metrics {
     pub zookeeper_healthy: IntGaugeVec,
     pub topology_refreshes: IntCounterVec,
     pub ingest_consumed: IntCounterVec,
+    pub ingest_parsed: IntCounterVec,
     pub ingest_dead_letters: IntCounterVec,
     pub ingest_rows: IntCounterVec,
     pub ingest_batches: IntCounterVec,
@@ -203,6 +204,11 @@ impl Metrics {
             "Kafka messages consumed by chgate ingest, by task.",
             &["task"],
         );
+        let ingest_parsed = counter(
+            "chgate_ingest_parsed_total",
+            "Messages parsed into rows, by task (counted as their batch is cut; a batch rebuilt after a crash counts again).",
+            &["task"],
+        );
         let ingest_dead_letters = counter(
             "chgate_ingest_dead_letters_total",
             "Messages sent to the dead-letter topic, by task and reason (parse, type, time_window, refused).",
@@ -320,6 +326,7 @@ impl Metrics {
             zookeeper_healthy,
             topology_refreshes,
             ingest_consumed,
+            ingest_parsed,
             ingest_dead_letters,
             ingest_rows,
             ingest_batches,

@@ -223,6 +223,7 @@ async fn json_lands_once_and_bad_messages_are_dead_lettered_with_reasons() {
         metric_sum(&im, "chgate_ingest_rows_written_total", &[]),
         n as f64
     );
+    assert_eq!(metric_sum(&im, "chgate_ingest_parsed_total", &[]), n as f64);
 
     // A clean stop commits: a restart writes nothing again.
     ingest.signal("TERM");

@@ -67,6 +67,7 @@ fn exposition() -> String {
     METRICS.upstream_connections.with_label_values(&["n"]).inc();
     METRICS.config_reloads.with_label_values(&["ok"]).inc();
     METRICS.ingest_consumed.with_label_values(&["t"]).inc();
+    METRICS.ingest_parsed.with_label_values(&["t"]).inc();
     METRICS
         .ingest_dead_letters
         .with_label_values(&["t", "parse"])

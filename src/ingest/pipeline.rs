@@ -807,6 +807,11 @@ impl Worker {
 
     fn dispatch(&mut self, segment: Segment) {
         let key = (segment.task, segment.partition);
+        let rows: usize = segment.parts.iter().map(|p| p.rows()).sum();
+        METRICS
+            .ingest_parsed
+            .with_label_values(&[self.tasks[segment.task].name.as_str()])
+            .inc_by(rows as u64);
         let (tx, _) = self.writers.entry(key).or_insert_with(|| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let stop = self.hard_stop.child_token();
