@@ -216,13 +216,13 @@ impl Metrics {
         );
         let ingest_rows = counter(
             "chgate_ingest_rows_written_total",
-            "Rows inserted, by task, shard and node.",
-            &["task", "shard", "node"],
+            "Rows inserted, by task, table, shard and node.",
+            &["task", "table", "shard", "node"],
         );
         let ingest_batches = counter(
             "chgate_ingest_batches_written_total",
-            "Inserts that succeeded, by task, shard and node.",
-            &["task", "shard", "node"],
+            "Inserts that succeeded, by task, table, shard and node.",
+            &["task", "table", "shard", "node"],
         );
         let ingest_insert_seconds = HistogramVec::new(
             HistogramOpts::new(

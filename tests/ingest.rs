@@ -220,7 +220,11 @@ async fn json_lands_once_and_bad_messages_are_dead_lettered_with_reasons() {
         (n + 3) as f64
     );
     assert_eq!(
-        metric_sum(&im, "chgate_ingest_rows_written_total", &[]),
+        metric_sum(
+            &im,
+            "chgate_ingest_rows_written_total",
+            &["table=\"demo.events_local\""]
+        ),
         n as f64
     );
     assert_eq!(metric_sum(&im, "chgate_ingest_parsed_total", &[]), n as f64);

@@ -74,11 +74,11 @@ fn exposition() -> String {
         .inc();
     METRICS
         .ingest_rows
-        .with_label_values(&["t", "1", "n"])
+        .with_label_values(&["t", "d.t", "1", "n"])
         .inc();
     METRICS
         .ingest_batches
-        .with_label_values(&["t", "1", "n"])
+        .with_label_values(&["t", "d.t", "1", "n"])
         .inc();
     METRICS
         .ingest_insert_seconds

@@ -261,6 +261,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             }),
             target: Arc::new(writer::Target {
                 task: name.clone(),
+                table: t.table.clone(),
                 cluster,
                 account,
                 path_and_query,

@@ -47,6 +47,8 @@ pub struct PickApi {
 
 pub struct Target {
     pub task: String,
+    /// `db.table`, for the metrics.
+    pub table: String,
     pub cluster: Arc<Cluster>,
     pub account: Arc<Account>,
     /// `/?query=INSERT ...` for this table and column list.
@@ -328,7 +330,12 @@ impl Target {
                 tracing::debug!(task = %self.task, node = %node.label, shard = number, token = %range_token, ok = outcome.is_ok(), "Insert");
                 match outcome {
                     Ok(()) => {
-                        let labels = [self.task.as_str(), &number.to_string(), node.label.as_str()];
+                        let labels = [
+                            self.task.as_str(),
+                            self.table.as_str(),
+                            &number.to_string(),
+                            node.label.as_str(),
+                        ];
                         METRICS
                             .ingest_rows
                             .with_label_values(&labels)
