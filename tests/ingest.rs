@@ -62,6 +62,83 @@ fn wait_for_rows(event: &str, want: u64) -> u64 {
     }
 }
 
+/// Starts a sidecar on `config` (off the runtime: it waits for the process to listen).
+async fn start_ingest(config: String) -> IngestProcess {
+    tokio::task::spawn_blocking(move || IngestProcess::start(&config))
+        .await
+        .unwrap()
+}
+
+/// Starts a sidecar again on its config file.
+async fn restart_ingest(path: std::path::PathBuf) -> IngestProcess {
+    tokio::task::spawn_blocking(move || IngestProcess::start_with(path))
+        .await
+        .unwrap()
+}
+
+/// Waits until a line of the sidecar's log contains `text`; fails saying `what` if none
+/// does `within`.
+async fn wait_for_log(ingest: &IngestProcess, text: &str, within: Duration, what: &str) {
+    let end = Instant::now() + within;
+    while !ingest.log.lock().unwrap().iter().any(|l| l.contains(text)) {
+        assert!(Instant::now() < end, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Rows of `event` over the Distributed table, now (off the runtime).
+async fn count_of(event: &str) -> u64 {
+    let event = event.to_string();
+    tokio::task::spawn_blocking(move || {
+        direct(
+            NODES[0],
+            &format!("SELECT count() FROM demo.events WHERE event = '{event}'"),
+        )
+        .trim()
+        .parse::<u64>()
+        .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits for `n` rows of `event` (user ids 0..n), lets a quiet moment pass for anything
+/// extra to arrive, then checks that every id is there exactly once.
+async fn exactly_once(event: &str, n: u64, what: &str) {
+    let end = Instant::now() + Duration::from_secs(180);
+    while count_of(event).await < n {
+        assert!(Instant::now() < end, "{what}: never reached {n} rows");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let check = direct(
+        NODES[0],
+        &format!("SELECT count(), uniqExact(user_id), sum(user_id) FROM demo.events WHERE event = '{event}'"),
+    );
+    let sum: u64 = (0..n).sum();
+    assert_eq!(
+        check,
+        format!("{n}\t{n}\t{sum}\n"),
+        "{what}: a row lost or written twice"
+    );
+}
+
+/// [`produce`] off the runtime.
+async fn produce_off(topic: &str, lines: Vec<String>) {
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || produce(&topic, &lines))
+        .await
+        .unwrap()
+}
+
+/// [`wait_for_rows`] off the runtime.
+async fn rows_reaching(event: &str, want: u64) -> u64 {
+    let event = event.to_string();
+    tokio::task::spawn_blocking(move || wait_for_rows(&event, want))
+        .await
+        .unwrap()
+}
+
 fn ingest_config(
     topic: &str,
     dlq: &str,
@@ -164,18 +241,10 @@ async fn json_lands_once_and_bad_messages_are_dead_lettered_with_reasons() {
         "[tasks.main.time_window]\ncolumn = \"ts\"\nmax_age = \"400d\"\nmax_future = \"1h\"",
         "format = \"json\"\n[templates.t.columns.ts]\nformats = [\"unix\", \"%Y-%m-%d %H:%M:%S\"]",
     );
-    let mut ingest = tokio::task::spawn_blocking(move || IngestProcess::start(&config))
-        .await
-        .unwrap();
+    let mut ingest = start_ingest(config).await;
     let lines2 = lines.clone();
-    let topic2 = topic.clone();
-    tokio::task::spawn_blocking(move || produce(&topic2, &lines2))
-        .await
-        .unwrap();
-    let ev = event.clone();
-    let got = tokio::task::spawn_blocking(move || wait_for_rows(&ev, n))
-        .await
-        .unwrap();
+    produce_off(&topic, lines2).await;
+    let got = rows_reaching(&event, n).await;
     assert_eq!(got, n);
     let check = direct(
         NODES[0],
@@ -233,24 +302,15 @@ async fn json_lands_once_and_bad_messages_are_dead_lettered_with_reasons() {
     ingest.signal("TERM");
     assert!(ingest.wait(Duration::from_secs(30)).success());
     let path = ingest.config_path.clone();
-    let again = tokio::task::spawn_blocking(move || IngestProcess::start_with(path))
-        .await
-        .unwrap();
+    let again = restart_ingest(path).await;
     // Once it has its partitions back (and a few batch ages more), nothing new arrived.
-    let end = Instant::now() + Duration::from_secs(30);
-    while !again
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.contains("Partitions assigned"))
-    {
-        assert!(
-            Instant::now() < end,
-            "the restarted sidecar never got its partitions"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_log(
+        &again,
+        "Partitions assigned",
+        Duration::from_secs(30),
+        "the restarted sidecar never got its partitions",
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = direct(
         NODES[0],
@@ -285,17 +345,9 @@ async fn delimited_text_and_key_sharding_put_each_key_on_one_shard() {
         "sharding = \"key\"\nkey = \"user_id\"",
         "format = \"delimited\"\nseparator = \"||\"\nfields = [\"ts\", \"user_id\", \"event\", \"value\"]",
     );
-    let _ingest = tokio::task::spawn_blocking(move || IngestProcess::start(&config))
-        .await
-        .unwrap();
-    let topic2 = topic.clone();
-    tokio::task::spawn_blocking(move || produce(&topic2, &lines))
-        .await
-        .unwrap();
-    let ev = event.clone();
-    let got = tokio::task::spawn_blocking(move || wait_for_rows(&ev, n))
-        .await
-        .unwrap();
+    let _ingest = start_ingest(config).await;
+    produce_off(&topic, lines).await;
+    let got = rows_reaching(&event, n).await;
     assert_eq!(got, n);
     let keys = |node: &str| -> Vec<u64> {
         direct(
@@ -334,10 +386,7 @@ async fn killed_three_times_with_a_replica_stopped_still_exactly_once() {
             )
         })
         .collect();
-    let topic2 = topic.clone();
-    tokio::task::spawn_blocking(move || produce(&topic2, &lines))
-        .await
-        .unwrap();
+    produce_off(&topic, lines).await;
     let config = ingest_config(
         &topic,
         &dlq,
@@ -346,28 +395,13 @@ async fn killed_three_times_with_a_replica_stopped_still_exactly_once() {
         "format = \"json\"",
     )
     .replace("batch_rows = 5000\nbatch_age = \"300ms\"\n", "");
-    let mut ingest = tokio::task::spawn_blocking(move || IngestProcess::start(&config))
-        .await
-        .unwrap();
-    let count = |event: String| async move {
-        tokio::task::spawn_blocking(move || {
-            direct(
-                NODES[0],
-                &format!("SELECT count() FROM demo.events WHERE event = '{event}'"),
-            )
-            .trim()
-            .parse::<u64>()
-            .unwrap()
-        })
-        .await
-        .unwrap()
-    };
+    let mut ingest = start_ingest(config).await;
     // One replica of shard 2 stops answering for part of the run.
     let mut stopped = None;
     for round in 1..=3u64 {
         let target = n * round / 5;
         let end = Instant::now() + Duration::from_secs(120);
-        while count(event.clone()).await < target {
+        while count_of(&event).await < target {
             assert!(Instant::now() < end, "round {round}: stuck below {target}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -377,27 +411,10 @@ async fn killed_three_times_with_a_replica_stopped_still_exactly_once() {
         ingest.signal("KILL");
         ingest.wait(Duration::from_secs(10));
         let path = ingest.config_path.clone();
-        ingest = tokio::task::spawn_blocking(move || IngestProcess::start_with(path))
-            .await
-            .unwrap();
+        ingest = restart_ingest(path).await;
     }
     drop(stopped);
-    let end = Instant::now() + Duration::from_secs(180);
-    while count(event.clone()).await < n {
-        assert!(Instant::now() < end, "never reached {n} rows");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let check = direct(
-        NODES[0],
-        &format!("SELECT count(), uniqExact(user_id), sum(user_id) FROM demo.events WHERE event = '{event}'"),
-    );
-    let sum: u64 = (0..n).sum();
-    assert_eq!(
-        check,
-        format!("{n}\t{n}\t{sum}\n"),
-        "killed 3 times: no row lost, none twice"
-    );
+    exactly_once(&event, n, "killed 3 times").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -415,10 +432,7 @@ async fn a_whole_shard_down_holds_only_what_must_go_there() {
             )
         })
         .collect();
-    let topic2 = topic.clone();
-    tokio::task::spawn_blocking(move || produce(&topic2, &lines))
-        .await
-        .unwrap();
+    produce_off(&topic, lines).await;
     let config = ingest_config(
         &topic,
         &dlq,
@@ -429,9 +443,7 @@ async fn a_whole_shard_down_holds_only_what_must_go_there() {
     .replace("batch_rows = 5000\nbatch_age = \"300ms\"\n", "");
     // Both replicas of shard 2 stop answering before the sidecar starts.
     let frozen = Frozen::stop(&[("ch3", NODES[2]), ("ch4", NODES[3])]);
-    let ingest = tokio::task::spawn_blocking(move || IngestProcess::start(&config))
-        .await
-        .unwrap();
+    let ingest = start_ingest(config).await;
     // Shard 1 keeps taking batches: most rows arrive while shard 2 is down. (Count on shard
     // 1's node directly: the Distributed table would wait for shard 2.)
     let local = |node: &'static str, event: String| async move {
@@ -533,13 +545,8 @@ async fn rows_clickhouse_refuses_go_alone_to_the_dead_letter_topic() {
         "format = \"json\"\n[templates.t.columns.\"n.a\"]\npath = \"a\"\n[templates.t.columns.\"n.b\"]\npath = \"b\"",
     )
     .replace("table = \"demo.events_local\"", "table = \"demo.refusals_local\"");
-    let ingest = tokio::task::spawn_blocking(move || IngestProcess::start(&config))
-        .await
-        .unwrap();
-    let topic2 = topic.clone();
-    tokio::task::spawn_blocking(move || produce(&topic2, &lines))
-        .await
-        .unwrap();
+    let ingest = start_ingest(config).await;
+    produce_off(&topic, lines).await;
     let good = n - (0..n).filter(|&i| bad(i)).count() as u64;
     let end = Instant::now() + Duration::from_secs(120);
     loop {
@@ -610,17 +617,9 @@ async fn the_memory_ceiling_pauses_the_partitions_and_loses_nothing() {
         "[limits]\nmax_pending_bytes = 4194304",
         "format = \"json\"",
     );
-    let ingest = tokio::task::spawn_blocking(move || IngestProcess::start(&config))
-        .await
-        .unwrap();
-    let topic2 = topic.clone();
-    tokio::task::spawn_blocking(move || produce(&topic2, &lines))
-        .await
-        .unwrap();
-    let ev = event.clone();
-    let got = tokio::task::spawn_blocking(move || wait_for_rows(&ev, n))
-        .await
-        .unwrap();
+    let ingest = start_ingest(config).await;
+    produce_off(&topic, lines).await;
+    let got = rows_reaching(&event, n).await;
     assert_eq!(got, n);
     let check = direct(
         NODES[0],
@@ -666,10 +665,7 @@ async fn a_second_sidecar_takes_partitions_over_mid_stream_exactly_once() {
         })
         .collect();
     let later = lines.split_off(n as usize / 2);
-    let topic2 = topic.clone();
-    tokio::task::spawn_blocking(move || produce(&topic2, &lines))
-        .await
-        .unwrap();
+    produce_off(&topic, lines).await;
     // tansu 0.6 never hands a partition a static member gave up under cooperative-sticky
     // to the member that joined: an eager strategy (config/ingest-local.toml says more).
     let config = ingest_config(&topic, &dlq, None, "", "format = \"json\"").replace(
@@ -681,63 +677,25 @@ async fn a_second_sidecar_takes_partitions_over_mid_stream_exactly_once() {
         &format!("instance_id = \"{topic}-2\""),
     );
     assert_ne!(config, second);
-    let first = tokio::task::spawn_blocking(move || IngestProcess::start(&config))
-        .await
-        .unwrap();
-    let count = |event: String| async move {
-        tokio::task::spawn_blocking(move || {
-            direct(
-                NODES[0],
-                &format!("SELECT count() FROM demo.events WHERE event = '{event}'"),
-            )
-            .trim()
-            .parse::<u64>()
-            .unwrap()
-        })
-        .await
-        .unwrap()
-    };
+    let first = start_ingest(config).await;
     let end = Instant::now() + Duration::from_secs(120);
-    while count(event.clone()).await < n / 10 {
+    while count_of(&event).await < n / 10 {
         assert!(Instant::now() < end, "the first sidecar wrote nothing");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The group rebalances: the first sidecar gives partitions up mid-stream (what it held
     // of them is dropped; their new owner resumes from the intents).
-    let second = tokio::task::spawn_blocking(move || IngestProcess::start(&second))
-        .await
-        .unwrap();
+    let second = start_ingest(second).await;
     // The second half arrives once the second sidecar has partitions of its own.
-    let end = Instant::now() + Duration::from_secs(60);
-    while !second
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.contains("Partitions assigned"))
-    {
-        assert!(
-            Instant::now() < end,
-            "the second sidecar never got partitions"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let topic2 = topic.clone();
-    tokio::task::spawn_blocking(move || produce(&topic2, &later))
-        .await
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs(180);
-    while count(event.clone()).await < n {
-        assert!(Instant::now() < end, "never reached {n} rows");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let check = direct(
-        NODES[0],
-        &format!("SELECT count(), uniqExact(user_id), sum(user_id) FROM demo.events WHERE event = '{event}'"),
-    );
-    let sum: u64 = (0..n).sum();
-    assert_eq!(check, format!("{n}\t{n}\t{sum}\n"));
+    wait_for_log(
+        &second,
+        "Partitions assigned",
+        Duration::from_secs(60),
+        "the second sidecar never got partitions",
+    )
+    .await;
+    produce_off(&topic, later).await;
+    exactly_once(&event, n, "two sidecars").await;
     let revoked = first
         .log
         .lock()
@@ -764,17 +722,9 @@ async fn a_recreated_topic_is_consumed_from_its_start() {
     };
     let before = unique("rc1");
     let config = ingest_config(&topic, &dlq, None, "", "format = \"json\"");
-    let mut ingest = tokio::task::spawn_blocking(move || IngestProcess::start(&config))
-        .await
-        .unwrap();
-    let (topic2, lines) = (topic.clone(), batch(&before, 3_000));
-    tokio::task::spawn_blocking(move || produce(&topic2, &lines))
-        .await
-        .unwrap();
-    let ev = before.clone();
-    let got = tokio::task::spawn_blocking(move || wait_for_rows(&ev, 3_000))
-        .await
-        .unwrap();
+    let mut ingest = start_ingest(config).await;
+    produce_off(&topic, batch(&before, 3_000)).await;
+    let got = rows_reaching(&before, 3_000).await;
     assert_eq!(got, 3_000);
     ingest.signal("TERM");
     assert!(ingest.wait(Duration::from_secs(30)).success());
@@ -784,18 +734,10 @@ async fn a_recreated_topic_is_consumed_from_its_start() {
          tansu topic create {topic} --partitions 3 --broker tcp://127.0.0.1:9092 >/dev/null"
     ));
     let after = unique("rc2");
-    let (topic2, lines) = (topic.clone(), batch(&after, 500));
-    tokio::task::spawn_blocking(move || produce(&topic2, &lines))
-        .await
-        .unwrap();
+    produce_off(&topic, batch(&after, 500)).await;
     let path = ingest.config_path.clone();
-    let again = tokio::task::spawn_blocking(move || IngestProcess::start_with(path))
-        .await
-        .unwrap();
-    let ev = after.clone();
-    let got = tokio::task::spawn_blocking(move || wait_for_rows(&ev, 500))
-        .await
-        .unwrap();
+    let again = restart_ingest(path).await;
+    let got = rows_reaching(&after, 500).await;
     assert_eq!(got, 500);
     let dropped = again
         .log
