@@ -54,12 +54,7 @@ async fn reads_keep_succeeding_while_a_node_is_killed() {
         assert!(Instant::now() < deadline, "reads did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let pid = std::fs::read_to_string(stack_dir().join(victim).join("pid")).unwrap();
-    let killed = std::process::Command::new("kill")
-        .args(["-KILL", pid.trim()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    send_signal(&stack_pid(victim), "KILL");
     let killed_at = done.load(Ordering::Relaxed);
     for r in readers {
         r.await.expect("a read failed while the node was down");

@@ -123,6 +123,18 @@ async fn exactly_once(event: &str, n: u64, what: &str) {
     );
 }
 
+/// `n` JSON events (user ids 0..n, value 1) keyed `k<id>`, with `ts(id)` as their time.
+fn events(event: &str, n: u64, ts: impl Fn(u64) -> u64) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            format!(
+                "k{i}\t{{\"ts\": {}, \"user_id\": {i}, \"event\": \"{event}\", \"value\": 1}}",
+                ts(i)
+            )
+        })
+        .collect()
+}
+
 /// [`produce`] off the runtime.
 async fn produce_off(topic: &str, lines: Vec<String>) {
     let topic = topic.to_string();
@@ -378,14 +390,7 @@ async fn killed_three_times_with_a_replica_stopped_still_exactly_once() {
     let event = unique("kill");
     let n = 1_000_000u64;
     let now = unix_now();
-    let lines: Vec<String> = (0..n)
-        .map(|i| {
-            format!(
-                "k{i}\t{{\"ts\": {}, \"user_id\": {i}, \"event\": \"{event}\", \"value\": 1}}",
-                now - i % 1000
-            )
-        })
-        .collect();
+    let lines = events(&event, n, |i| now - i % 1000);
     produce_off(&topic, lines).await;
     let config = ingest_config(
         &topic,
@@ -425,13 +430,7 @@ async fn a_whole_shard_down_holds_only_what_must_go_there() {
     let event = unique("sh");
     let n = 60_000u64;
     let now = unix_now();
-    let lines: Vec<String> = (0..n)
-        .map(|i| {
-            format!(
-                "k{i}\t{{\"ts\": {now}, \"user_id\": {i}, \"event\": \"{event}\", \"value\": 1}}"
-            )
-        })
-        .collect();
+    let lines = events(&event, n, |_| now);
     produce_off(&topic, lines).await;
     let config = ingest_config(
         &topic,
@@ -657,13 +656,7 @@ async fn a_second_sidecar_takes_partitions_over_mid_stream_exactly_once() {
     let event = unique("pr");
     let now = unix_now();
     let n = 150_000u64;
-    let mut lines: Vec<String> = (0..n)
-        .map(|i| {
-            format!(
-                "k{i}\t{{\"ts\": {now}, \"user_id\": {i}, \"event\": \"{event}\", \"value\": 2}}"
-            )
-        })
-        .collect();
+    let mut lines = events(&event, n, |_| now);
     let later = lines.split_off(n as usize / 2);
     produce_off(&topic, lines).await;
     // tansu 0.6 never hands a partition a static member gave up under cooperative-sticky
@@ -715,11 +708,7 @@ async fn a_recreated_topic_is_consumed_from_its_start() {
     let dlq = format!("{topic}_dlq");
     create_topics(&topic, &dlq);
     let now = unix_now();
-    let batch = |event: &str, n: u64| -> Vec<String> {
-        (0..n)
-            .map(|i| format!("k{i}\t{{\"ts\": {now}, \"user_id\": {i}, \"event\": \"{event}\", \"value\": 1}}"))
-            .collect()
-    };
+    let batch = |event: &str, n: u64| events(event, n, |_| now);
     let before = unique("rc1");
     let config = ingest_config(&topic, &dlq, None, "", "format = \"json\"");
     let mut ingest = start_ingest(config).await;

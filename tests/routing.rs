@@ -29,22 +29,6 @@ slow_start = "3s"
 max_replica_delay = "2s"
 "#;
 
-fn pid_of(service: &str) -> String {
-    std::fs::read_to_string(stack_dir().join(service).join("pid"))
-        .unwrap_or_else(|e| panic!("no pid file for {service}: {e}"))
-        .trim()
-        .to_string()
-}
-
-fn kill(signal: &str, pid: &str) {
-    let ok = Command::new("kill")
-        .args([&format!("-{signal}"), pid])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -{signal} {pid}");
-}
-
 fn dev_stack_up() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dev-stack");
     let out = Command::new(script).arg("up").output().unwrap();
@@ -225,7 +209,7 @@ async fn without_its_zookeeper_a_shard_takes_no_writes_but_serves_reads() {
     let _serial = SERIAL.lock().await;
     let p = TestProxy::start(&grouped_config(PICKER)).await;
     all_probed(p.admin).await;
-    kill("TERM", &pid_of("zk-b"));
+    send_signal(&stack_pid("zk-b"), "TERM");
     let _restart = Undo(dev_stack_up);
 
     // The pick API refuses shard 2 for writes, naming the ensemble.

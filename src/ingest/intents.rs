@@ -106,14 +106,53 @@ impl Intents {
         partition: i32,
         stop: Option<&tokio_util::sync::CancellationToken>,
     ) -> Option<Option<Intent>> {
+        Self::waiting(
+            handle,
+            stop,
+            topic,
+            partition,
+            "read the batch intent",
+            || self.load(group, topic, partition),
+        )
+    }
+
+    /// [`Self::forget`] from a plain thread, retrying every second while ZooKeeper cannot
+    /// answer (a stale intent kept would make the worker skip every new message below it).
+    pub fn forget_waiting(
+        &self,
+        handle: &tokio::runtime::Handle,
+        group: &str,
+        topic: &str,
+        partition: i32,
+    ) {
+        Self::waiting(
+            handle,
+            None,
+            topic,
+            partition,
+            "drop the stale batch intent",
+            || self.forget(group, topic, partition),
+        );
+    }
+
+    /// Runs `op` until it succeeds, pausing a second after each failure; `None` only if
+    /// `stop` is cancelled first.
+    fn waiting<T, F: std::future::Future<Output = Result<T, String>>>(
+        handle: &tokio::runtime::Handle,
+        stop: Option<&tokio_util::sync::CancellationToken>,
+        topic: &str,
+        partition: i32,
+        what: &str,
+        op: impl Fn() -> F,
+    ) -> Option<T> {
         loop {
-            match handle.block_on(self.load(group, topic, partition)) {
-                Ok(intent) => return Some(intent),
+            match handle.block_on(op()) {
+                Ok(v) => return Some(v),
                 Err(e) => {
                     if stop.is_some_and(|s| s.is_cancelled()) {
                         return None;
                     }
-                    tracing::warn!(topic, partition, error = %e, "Cannot read the batch intent; retrying in 1 s");
+                    tracing::warn!(topic, partition, error = %e, "Cannot {what}; retrying in 1 s");
                     std::thread::sleep(std::time::Duration::from_secs(1));
                 }
             }

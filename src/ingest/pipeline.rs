@@ -120,12 +120,7 @@ impl Context {
                     topic, partition, recorded = start, end,
                     "The batch intent is past the partition's end (the topic was recreated?): dropping it and starting the partition anew"
                 );
-                // Kept, it would make the worker skip every new message below it: wait for
-                // ZooKeeper like the read above.
-                while let Err(e) = handle.block_on(intents.forget(group, topic, partition)) {
-                    tracing::warn!(topic, partition, error = %e, "Cannot drop the stale batch intent; retrying in 1 s");
-                    std::thread::sleep(Duration::from_secs(1));
-                }
+                intents.forget_waiting(handle, group, topic, partition);
                 None
             }
             _ => Some(start),
@@ -368,6 +363,15 @@ fn consume(
         .enumerate()
         .map(|(i, t)| (t.topic.as_str(), i))
         .collect();
+    // Resolved once: a label lookup per message is a hash and a lock.
+    let consumed: Vec<_> = tasks
+        .iter()
+        .map(|t| {
+            METRICS
+                .ingest_consumed
+                .with_label_values(&[t.name.as_str()])
+        })
+        .collect();
     let mut stash: VecDeque<(usize, Item)> = VecDeque::new();
     // Per partition, the offset after the last message taken from the client.
     let mut position: HashMap<(usize, i32), i64> = HashMap::default();
@@ -564,10 +568,7 @@ fn consume(
         position.insert(key, m.offset() + 1);
         let payload = m.payload().unwrap_or_default().to_vec();
         pending.fetch_add(payload.len(), Ordering::Relaxed);
-        METRICS
-            .ingest_consumed
-            .with_label_values(&[&tasks[task].name])
-            .inc();
+        consumed[task].inc();
         let msg = Message {
             task,
             partition: m.partition(),

@@ -281,12 +281,7 @@ impl ProxyProcess {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig} failed");
+        send_signal(&self.child.id().to_string(), sig);
     }
 }
 
@@ -431,12 +426,7 @@ impl IngestProcess {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig} failed");
+        send_signal(&self.child.id().to_string(), sig);
     }
 
     /// Waits for the process to exit; its status.
@@ -482,11 +472,8 @@ impl Frozen {
     pub fn stop(nodes: &[(&'static str, &'static str)]) -> Frozen {
         let mut frozen = Frozen { nodes: Vec::new() };
         for (name, host) in nodes {
-            let pid = std::fs::read_to_string(stack_dir().join(name).join("pid"))
-                .unwrap_or_else(|e| panic!("{name}: no pid file: {e}"))
-                .trim()
-                .to_string();
-            signal(&pid, "STOP");
+            let pid = stack_pid(name);
+            send_signal(&pid, "STOP");
             frozen.nodes.push((host, pid));
         }
         frozen
@@ -496,7 +483,7 @@ impl Frozen {
 impl Drop for Frozen {
     fn drop(&mut self) {
         for (_, pid) in &self.nodes {
-            let _ = Command::new("kill").args(["-CONT", pid]).status();
+            try_signal(pid, "CONT");
         }
         for (host, _) in &self.nodes {
             if let Err(e) = settled(host, Duration::from_secs(90)) {
@@ -506,13 +493,25 @@ impl Drop for Frozen {
     }
 }
 
-fn signal(pid: &str, signal: &str) {
-    let ok = Command::new("kill")
+/// The pid of a stack service (`ch4`, `zk-b`, ...), from its pid file.
+pub fn stack_pid(service: &str) -> String {
+    std::fs::read_to_string(stack_dir().join(service).join("pid"))
+        .unwrap_or_else(|e| panic!("no pid file for {service}: {e}"))
+        .trim()
+        .to_string()
+}
+
+/// Sends `signal` (e.g. "STOP") to `pid`; true if it was delivered.
+pub fn try_signal(pid: &str, signal: &str) -> bool {
+    Command::new("kill")
         .args([&format!("-{signal}"), pid])
         .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "kill -{signal} {pid}");
+        .is_ok_and(|s| s.success())
+}
+
+/// [`try_signal`], failing the test if the signal was not delivered.
+pub fn send_signal(pid: &str, signal: &str) {
+    assert!(try_signal(pid, signal), "kill -{signal} {pid}");
 }
 
 /// Waits until `host` answers and every replicated table on it has a live ZooKeeper
