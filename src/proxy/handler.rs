@@ -105,7 +105,10 @@ impl Proxy {
     ) -> (Option<Arc<str>>, Result<Response<RespBody>, ClientError>) {
         let user = match self.authenticate(&req, ip).await {
             Ok(user) => user,
-            Err(e) => return (None, Err(e)),
+            Err(e) => {
+                discard(&mut req.into_body()).await;
+                return (None, Err(e));
+            }
         };
         let name = user.name.clone();
         (Some(name), self.forward(req, user, ip, started).await)
@@ -195,6 +198,7 @@ impl Proxy {
         // Read-only users: refuse what is not a read. A compressed body we cannot look into
         // still meets the server-side guard (`readonly=1`, or GET's implied readonly).
         if user.readonly && kind == StatementKind::Write && !unknown {
+            discard(&mut body).await;
             return Err(ClientError::ReadOnly {
                 user: user.name.to_string(),
             });
@@ -502,6 +506,29 @@ impl Payload {
 
 /// Reads body frames into `buf` until it holds more than it did, the body ends (returns
 /// true) or `buf` reaches `limit`.
+/// What is read and dropped of a refused request's body, at most.
+const DISCARD_LIMIT: usize = 1 << 20;
+const DISCARD_TIME: Duration = Duration::from_secs(1);
+
+/// Reads and drops what is left of a refused request's body (up to `DISCARD_LIMIT`
+/// bytes or `DISCARD_TIME`): a client still sending it would otherwise have the connection
+/// closed under it (seen as "channel closed") instead of reading the answer.
+async fn discard(body: &mut Incoming) {
+    let mut left = DISCARD_LIMIT;
+    let _ = tokio::time::timeout(DISCARD_TIME, async {
+        while left > 0 {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    let n = frame.data_ref().map_or(0, |d| d.len());
+                    left = left.saturating_sub(n);
+                }
+                _ => break,
+            }
+        }
+    })
+    .await;
+}
+
 async fn read_more(
     body: &mut Incoming,
     buf: &mut BytesMut,
