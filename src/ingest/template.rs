@@ -396,12 +396,20 @@ impl Template {
         key_column: Option<usize>,
         key: &mut Vec<u8>,
     ) -> Result<(), RowError> {
-        let mut found: Vec<Option<Value>> = vec![None; self.top_keys.len()];
+        // The values of the wanted top-level keys; on the stack for up to 8 of them.
+        let mut inline: [Option<Value>; 8] = Default::default();
+        let mut spilled = Vec::new();
+        let found: &mut [Option<Value>] = if self.top_keys.len() <= inline.len() {
+            &mut inline[..self.top_keys.len()]
+        } else {
+            spilled.resize(self.top_keys.len(), None);
+            &mut spilled
+        };
         let mut de = serde_json::Deserializer::from_slice(payload);
         serde::de::DeserializeSeed::deserialize(
             Wanted {
                 keys: &self.top_keys,
-                found: &mut found,
+                found: &mut *found,
             },
             &mut de,
         )
@@ -491,14 +499,16 @@ impl<'de> serde::de::Visitor<'de> for Wanted<'_> {
     }
 }
 
-/// A key's index among the wanted keys, compared without allocating.
+/// A key's index among the wanted keys, compared as bytes: without allocating, and
+/// without checking that keys nobody wants are valid UTF-8 (wanted ones are, being equal
+/// to a `String`).
 struct KeyIndex<'a>(&'a [String]);
 
 impl<'de> serde::de::DeserializeSeed<'de> for KeyIndex<'_> {
     type Value = Option<usize>;
 
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
-        d.deserialize_str(self)
+        d.deserialize_bytes(self)
     }
 }
 
@@ -509,8 +519,12 @@ impl<'de> serde::de::Visitor<'de> for KeyIndex<'_> {
         f.write_str("a key")
     }
 
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Option<usize>, E> {
+        Ok(self.0.iter().position(|k| k.as_bytes() == v))
+    }
+
     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<usize>, E> {
-        Ok(self.0.iter().position(|k| k == v))
+        self.visit_bytes(v.as_bytes())
     }
 }
 
@@ -655,6 +669,34 @@ mod tests {
             Ok(expected(0, 5, "", 0.0)),
             "escaped keys match; skipped values may nest"
         );
+        // The whole message is read, not just up to the last wanted key.
+        let e = row(
+            &t,
+            r#"{"ts": 1, "user_id": 2, "event": "e", "value": 1, "rest": {"a": tru}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, "parse", "{e:?}");
+    }
+
+    #[test]
+    fn json_with_more_wanted_keys_than_fit_on_the_stack() {
+        let table: Vec<(String, ColumnType)> = (0..12)
+            .map(|i| (format!("c{i}"), ColumnType::parse("UInt8").unwrap()))
+            .collect();
+        let c: TemplateConfig = toml::from_str("format = \"json\"").unwrap();
+        let t = Template::compile(&c, &table).unwrap();
+        let msg = format!(
+            "{{{}}}",
+            (0..12)
+                .rev()
+                .map(|i| format!("\"c{i}\": {i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mut out = Vec::new();
+        t.encode_row(msg.as_bytes(), &mut out, None, None, &mut Vec::new())
+            .unwrap();
+        assert_eq!(out, (0..12).collect::<Vec<u8>>());
     }
 
     #[test]
