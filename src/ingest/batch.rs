@@ -16,15 +16,7 @@ use super::config::Sharding;
 use super::template::{Template, Window};
 use crate::picker::select::fnv1a;
 
-/// A message as the consumer hands it to a worker.
-#[derive(Debug)]
-pub struct Message {
-    pub task: usize,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
-}
+pub use super::message::Message;
 
 /// A message that goes to the dead-letter topic, and why.
 #[derive(Debug, Clone)]
@@ -228,7 +220,7 @@ impl Batcher {
             bytes: 0,
         });
         open.last = msg.offset;
-        let consumed = msg.payload.len();
+        let consumed = msg.payload().len();
         let encoded_before: usize = open.parts.iter().map(|p| p.data.len()).sum();
         let window = spec.window.map(|(column, age, future)| Window {
             column,
@@ -240,14 +232,14 @@ impl Batcher {
             Sharding::Random => {
                 let part = &mut open.parts[0];
                 spec.template
-                    .encode_row(&msg.payload, &mut part.data, window, None, &mut self.key)
+                    .encode_row(msg.payload(), &mut part.data, window, None, &mut self.key)
                     .map(|()| 0)
             }
             Sharding::Key => {
                 self.row.clear();
                 spec.template
                     .encode_row(
-                        &msg.payload,
+                        msg.payload(),
                         &mut self.row,
                         window,
                         spec.key_column,
@@ -271,12 +263,14 @@ impl Batcher {
                 encoded - encoded_before + ROW_OVERHEAD
             }
             Err(e) => {
-                let kept = consumed + msg.key.as_ref().map_or(0, Vec::len) + e.message.len();
+                let (partition, offset) = (msg.partition, msg.offset);
+                let (key, payload) = msg.into_parts();
+                let kept = consumed + key.as_ref().map_or(0, Vec::len) + e.message.len();
                 open.dead.push(DeadLetter {
-                    partition: msg.partition,
-                    offset: msg.offset,
-                    key: msg.key,
-                    payload: msg.payload,
+                    partition,
+                    offset,
+                    key,
+                    payload,
                     reason: e.kind,
                     error: e.message,
                 });
@@ -350,13 +344,7 @@ mod tests {
     }
 
     fn msg(offset: i64, text: &str) -> Message {
-        Message {
-            task: 0,
-            partition: 3,
-            offset,
-            key: None,
-            payload: text.as_bytes().to_vec(),
-        }
+        Message::owned(0, 3, offset, None, text.as_bytes().to_vec())
     }
 
     #[test]
@@ -468,8 +456,8 @@ mod tests {
                 &format!(r#"{{"ts": 1000, "user_id": {i}, "pad": "{padding}"}}"#),
             );
             // What the consumer does before handing the message over.
-            pending.fetch_add(m.payload.len(), Ordering::Relaxed);
-            consumed += m.payload.len();
+            pending.fetch_add(m.payload().len(), Ordering::Relaxed);
+            consumed += m.payload().len();
             b.add_at(m, 1000);
         }
         pending.fetch_add(8, Ordering::Relaxed);

@@ -21,6 +21,7 @@ pub mod batch;
 pub mod config;
 pub mod encode;
 pub mod intents;
+pub mod message;
 pub mod pipeline;
 pub mod reread;
 pub mod ring;

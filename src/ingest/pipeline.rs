@@ -31,9 +31,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::backoff::Backoff;
-use super::batch::{Batcher, DeadLetter, Message, Segment, TaskSpec};
+use super::batch::{Batcher, DeadLetter, Segment, TaskSpec};
 use super::config::Sharding;
 use super::intents::{Disposition, Intent, Intents};
+use super::message::{Held, Message};
 use super::reread::Rereader;
 use super::ring::{ring, Receiver, Sender};
 use super::writer::Target;
@@ -83,6 +84,8 @@ enum Item {
 struct Context {
     /// (topic, partition) revoked during the last poll, for the consume loop to pass on.
     revoked: std::sync::Mutex<Vec<(String, i32)>>,
+    /// Set with `revoked`, so the loop takes the lock only when there is something.
+    any_revoked: AtomicBool,
     /// With intents, where each assigned partition starts is what ZooKeeper says, not the
     /// committed offset (which can lag, and which the test broker was seen to overtake).
     intents: Option<(Arc<Intents>, String, tokio::runtime::Handle)>,
@@ -192,6 +195,7 @@ impl ConsumerContext for Context {
                 for e in tpl.elements() {
                     revoked.push((e.topic().to_string(), e.partition()));
                 }
+                self.any_revoked.store(true, Ordering::Release);
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "Rebalance error"),
         }
@@ -243,14 +247,19 @@ pub async fn run(
     {
         consumer_config.set("partition.assignment.strategy", "cooperative-sticky");
     }
-    let consumer: BaseConsumer<Context> = consumer_config.create_with_context(Context {
-        revoked: Default::default(),
-        intents: settings
-            .intents
-            .clone()
-            .map(|i| (i, settings.group.clone(), tokio::runtime::Handle::current())),
-        rewind: settings.rewind,
-    })?;
+    // Shared: messages go to the workers without being copied (see `message::Held`), and
+    // whoever holds messages keeps the consumer alive until they are dropped.
+    let consumer: Arc<BaseConsumer<Context>> = Arc::new(
+        consumer_config.create_with_context(Context {
+            revoked: Default::default(),
+            any_revoked: AtomicBool::new(false),
+            intents: settings
+                .intents
+                .clone()
+                .map(|i| (i, settings.group.clone(), tokio::runtime::Handle::current())),
+            rewind: settings.rewind,
+        })?,
+    );
     let topics: Vec<&str> = tasks.iter().map(|t| t.topic.as_str()).collect();
     consumer.subscribe(&topics)?;
 
@@ -276,6 +285,7 @@ pub async fn run(
             seen: HashMap::default(),
             index: w,
             rx,
+            _consumer: consumer.clone(),
             tasks: tasks.clone(),
             batchers: HashMap::default(),
             writers: HashMap::default(),
@@ -347,7 +357,7 @@ pub async fn run(
 
 #[allow(clippy::too_many_arguments)]
 fn consume(
-    consumer: BaseConsumer<Context>,
+    consumer: Arc<BaseConsumer<Context>>,
     tasks: &[Task],
     mut senders: Vec<Sender<Item>>,
     commit_rx: mpsc::Receiver<Commit>,
@@ -363,7 +373,9 @@ fn consume(
         .enumerate()
         .map(|(i, t)| (t.topic.as_str(), i))
         .collect();
-    // Resolved once: a label lookup per message is a hash and a lock.
+    // Resolved once (a label lookup per message is a hash and a lock) and added to in
+    // bulk at housekeeping.
+    let mut uncounted = vec![0u64; tasks.len()];
     let consumed: Vec<_> = tasks
         .iter()
         .map(|t| {
@@ -383,22 +395,24 @@ fn consume(
     let commit = |rx: &mpsc::Receiver<Commit>,
                   latest: &mut HashMap<(usize, i32), i64>,
                   mode: CommitMode| {
+        // Called once per message: a list is only made when there is something to commit.
+        let Ok(first) = rx.try_recv() else {
+            return;
+        };
         let mut tpl = TopicPartitionList::new();
-        while let Ok(c) = rx.try_recv() {
+        for c in std::iter::once(first).chain(rx.try_iter()) {
             latest.insert((c.task, c.partition), c.next);
             let _ =
                 tpl.add_partition_offset(&tasks[c.task].topic, c.partition, Offset::Offset(c.next));
         }
-        if tpl.count() > 0 {
-            if let Err(e) = consumer.commit(&tpl, mode) {
-                tracing::warn!(error = %e, "Offset commit failed; the next commit covers it");
-            }
+        if let Err(e) = consumer.commit(&tpl, mode) {
+            tracing::warn!(error = %e, "Offset commit failed; the next commit covers it");
         }
     };
     let mut last_gauges = Instant::now();
     let mut last_lag = Instant::now();
     let (mut iterations, mut idle) = (0u32, true);
-    while !stop.is_cancelled() {
+    loop {
         commit(&commit_rx, &mut latest, CommitMode::Async);
         while let Some((w, m)) = stash.pop_front() {
             if let Err(m) = senders[w].push(m) {
@@ -452,9 +466,18 @@ fn consume(
             tracing::debug!(paused = want_pause, "Consumption paused or resumed");
             paused = want_pause;
         }
-        // The clock is read every 256 messages (or when idle), not per message.
+        // The clock and the stop token (a lock) are read every 256 messages (or when
+        // idle), not per message.
         iterations = iterations.wrapping_add(1);
         let housekeeping = idle || iterations % 256 == 0;
+        if housekeeping {
+            if stop.is_cancelled() {
+                break;
+            }
+            for (n, counter) in uncounted.iter_mut().zip(&consumed) {
+                counter.inc_by(std::mem::take(n));
+            }
+        }
         if housekeeping && last_gauges.elapsed() > Duration::from_millis(500) {
             for (w, s) in senders.iter().enumerate() {
                 METRICS
@@ -486,13 +509,22 @@ fn consume(
         }
         let polled = consumer.poll(Duration::from_millis(if paused { 20 } else { 100 }));
         idle = polled.is_none();
-        let revoked: Vec<(String, i32)> = std::mem::take(
-            &mut *consumer
+        let revoked: Vec<(String, i32)> = if consumer.context().any_revoked.load(Ordering::Acquire)
+        {
+            consumer
                 .context()
-                .revoked
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
+                .any_revoked
+                .store(false, Ordering::Relaxed);
+            std::mem::take(
+                &mut *consumer
+                    .context()
+                    .revoked
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+            )
+        } else {
+            Vec::new()
+        };
         for (topic, partition) in revoked {
             if let Some(&task) = task_of.get(topic.as_str()) {
                 position.remove(&(task, partition));
@@ -511,9 +543,15 @@ fn consume(
                 continue;
             }
         };
-        // A few tasks: comparing names beats hashing one per message.
-        let Some(task) = tasks.iter().position(|t| t.topic == m.topic()) else {
-            continue;
+        // One task reads one topic. A few tasks: comparing names beats hashing one per
+        // message (naming the topic checks it is UTF-8, so not even that for one).
+        let task = if tasks.len() == 1 {
+            0
+        } else {
+            match tasks.iter().position(|t| t.topic == m.topic()) {
+                Some(task) => task,
+                None => continue,
+            }
         };
         let key = (task, m.partition());
         match position.get(&key) {
@@ -566,16 +604,11 @@ fn consume(
             Some(_) => {}
         }
         position.insert(key, m.offset() + 1);
-        let payload = m.payload().unwrap_or_default().to_vec();
-        pending.fetch_add(payload.len(), Ordering::Relaxed);
-        consumed[task].inc();
-        let msg = Message {
-            task,
-            partition: m.partition(),
-            offset: m.offset(),
-            key: m.key().map(<[u8]>::to_vec),
-            payload,
-        };
+        pending.fetch_add(m.payload_len(), Ordering::Relaxed);
+        uncounted[task] += 1;
+        // SAFETY: the consumer is in an `Arc` that every holder of messages also holds,
+        // dropping its messages first (the workers, and this thread below).
+        let msg = Message::kafka(task, unsafe { Held::new(m) });
         let w = worker_for(task, msg.partition, workers);
         if !stash.is_empty() {
             // Keep order: nothing overtakes a message waiting for room.
@@ -585,6 +618,9 @@ fn consume(
         if let Err(item) = senders[w].push(Item::Message(msg)) {
             stash.push_back((w, item));
         }
+    }
+    for (n, counter) in uncounted.iter().zip(&consumed) {
+        counter.inc_by(*n);
     }
     // Stop fetching; hand over what was already taken.
     if let Ok(assignment) = consumer.assignment() {
@@ -596,6 +632,9 @@ fn consume(
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+    // Messages are dropped before this thread's hold on the consumer.
+    drop(stash);
+    drop(senders);
     fetching_done.store(true, Ordering::SeqCst);
     // Keep the group membership alive and apply commits until the writers are done.
     while !flushed.load(Ordering::SeqCst) {
@@ -627,6 +666,8 @@ struct Worker {
     seen: HashMap<(usize, i32), i64>,
     index: usize,
     rx: Receiver<Item>,
+    /// Declared after `rx`: the messages left in the ring are dropped before it.
+    _consumer: Arc<BaseConsumer<Context>>,
     tasks: Arc<Vec<Task>>,
     batchers: HashMap<(usize, i32), Batcher>,
     writers: HashMap<
@@ -650,8 +691,18 @@ impl Worker {
     fn run(mut self) {
         let mut last_sweep = Instant::now();
         loop {
-            if let Some(item) = self.rx.pop_or_park(Duration::from_millis(10)) {
+            // Up to 256 items a turn: the clock and the stop token (a lock) are read once
+            // a turn, not per message.
+            let mut taken = 0;
+            while taken < 256 {
+                let Some(item) = self.rx.pop() else { break };
                 self.take(item);
+                taken += 1;
+            }
+            if taken == 0 {
+                if let Some(item) = self.rx.pop_or_park(Duration::from_millis(10)) {
+                    self.take(item);
+                }
             }
             let now = Instant::now();
             if now.duration_since(last_sweep) >= Duration::from_millis(10) {
@@ -744,7 +795,8 @@ impl Worker {
         let key = (msg.task, msg.partition);
         if let Some(&next) = self.seen.get(&key) {
             if msg.offset < next {
-                self.pending.fetch_sub(msg.payload.len(), Ordering::Relaxed);
+                self.pending
+                    .fetch_sub(msg.payload().len(), Ordering::Relaxed);
                 return;
             }
         }
@@ -778,7 +830,8 @@ impl Worker {
         let sealed = match self.intent_of.get(&key).copied().flatten() {
             Some(intent) => match intent.disposition(msg.offset) {
                 Disposition::Skip => {
-                    self.pending.fetch_sub(msg.payload.len(), Ordering::Relaxed);
+                    self.pending
+                        .fetch_sub(msg.payload().len(), Ordering::Relaxed);
                     None
                 }
                 Disposition::Replay => {
