@@ -202,16 +202,16 @@ impl ConsumerContext for Context {
     }
 }
 
-/// Which worker takes a partition's messages.
-fn worker_for(task: usize, partition: i32, workers: usize) -> usize {
-    let h = crate::picker::select::fnv1a(
-        &[
-            (task as u64).to_le_bytes(),
-            (partition as i64).to_le_bytes(),
-        ]
-        .concat(),
-    );
-    (h % workers as u64) as usize
+/// A partition as the consumer thread knows it.
+struct Taken {
+    /// The offset after the last message taken from the client; `None` until one is
+    /// taken after the partition was (re)assigned.
+    next: Option<i64>,
+    /// The worker that takes its messages: the one with the fewest partitions when it was
+    /// first seen (a hash put 2 of 3 partitions on one of 2 workers, and that worker
+    /// capped the sidecar), and the same one when it comes back after a revocation, so
+    /// one worker at a time ever holds it.
+    worker: usize,
 }
 
 pub fn kafka_config(
@@ -385,8 +385,8 @@ fn consume(
         })
         .collect();
     let mut stash: VecDeque<(usize, Item)> = VecDeque::new();
-    // Per partition, the offset after the last message taken from the client.
-    let mut position: HashMap<(usize, i32), i64> = HashMap::default();
+    let mut taken: HashMap<(usize, i32), Taken> = HashMap::default();
+    let mut partitions_of = vec![0usize; workers];
     let mut paused = false;
     let rewind = consumer.context().rewind;
     // Per partition, the gap last read again (each gap is read again once).
@@ -444,7 +444,9 @@ fn consume(
                         let mut tpl = TopicPartitionList::new();
                         for e in assignment.elements() {
                             if let Some(&task) = task_of.get(e.topic()) {
-                                if let Some(&next) = position.get(&(task, e.partition())) {
+                                if let Some(next) =
+                                    taken.get(&(task, e.partition())).and_then(|t| t.next)
+                                {
                                     tpl.add_partition_offset(
                                         e.topic(),
                                         e.partition(),
@@ -493,7 +495,7 @@ fn consume(
         if housekeeping && last_lag.elapsed() > Duration::from_secs(5) {
             // Lag: the partition's end minus the next offset taken from it (one short
             // metadata round trip per partition every 5 s).
-            for (&(task, partition), &next) in &position {
+            for (&(task, partition), next) in taken.iter().filter_map(|(k, t)| Some((k, t.next?))) {
                 if let Ok((_, high)) = consumer.fetch_watermarks(
                     &tasks[task].topic,
                     partition,
@@ -527,10 +529,12 @@ fn consume(
         };
         for (topic, partition) in revoked {
             if let Some(&task) = task_of.get(topic.as_str()) {
-                position.remove(&(task, partition));
                 reread.remove(&(task, partition));
-                let w = worker_for(task, partition, workers);
-                stash.push_back((w, Item::Revoked { task, partition }));
+                // A worker holds something of it only if a message of it was taken.
+                if let Some(t) = taken.get_mut(&(task, partition)) {
+                    t.next = None;
+                    stash.push_back((t.worker, Item::Revoked { task, partition }));
+                }
             }
         }
         let Some(result) = polled else {
@@ -554,15 +558,23 @@ fn consume(
             }
         };
         let key = (task, m.partition());
-        match position.get(&key) {
+        let t = match taken.get_mut(&key) {
+            Some(t) => t,
+            None => {
+                let worker = (0..workers).min_by_key(|&w| partitions_of[w]).unwrap_or(0);
+                partitions_of[worker] += 1;
+                taken.entry(key).or_insert(Taken { next: None, worker })
+            }
+        };
+        match t.next {
             None => tracing::debug!(
                 partition = m.partition(),
                 offset = m.offset(),
                 "First message polled"
             ),
             // Taken already: read again after a rewound seek.
-            Some(&next) if m.offset() < next => continue,
-            Some(&next) if m.offset() > next => {
+            Some(next) if m.offset() < next => continue,
+            Some(next) if m.offset() > next => {
                 if rewind > 0 && reread.insert(key, next) != Some(next) {
                     // A broker that answers a mid-batch fetch with the next batch skipped
                     // the rest of one: read again from before it, once per gap.
@@ -603,13 +615,13 @@ fn consume(
             }
             Some(_) => {}
         }
-        position.insert(key, m.offset() + 1);
+        t.next = Some(m.offset() + 1);
+        let w = t.worker;
         pending.fetch_add(m.payload_len(), Ordering::Relaxed);
         uncounted[task] += 1;
         // SAFETY: the consumer is in an `Arc` that every holder of messages also holds,
         // dropping its messages first (the workers, and this thread below).
         let msg = Message::kafka(task, unsafe { Held::new(m) });
-        let w = worker_for(task, msg.partition, workers);
         if !stash.is_empty() {
             // Keep order: nothing overtakes a message waiting for room.
             stash.push_back((w, Item::Message(msg)));
