@@ -749,3 +749,71 @@ async fn a_recreated_topic_is_consumed_from_its_start() {
         .count();
     assert!(dropped >= 1, "no stale intent was noticed");
 }
+
+/// The sidecar's insert body is one compressed block (`ingest::compress`), so a body cut
+/// short by a crash mid-send is refused whole; a plain RowBinary body cut on a row boundary
+/// is inserted as a smaller block, which a rebuilt batch could not be deduplicated against.
+#[test]
+fn a_cut_insert_body_is_refused() {
+    let event = unique("cut");
+    let row = |i: u64| {
+        let mut out = Vec::new();
+        out.extend_from_slice(&1_767_225_600u32.to_le_bytes());
+        out.extend_from_slice(&i.to_le_bytes());
+        out.push(event.len() as u8);
+        out.extend_from_slice(event.as_bytes());
+        out.extend_from_slice(&(i as f64).to_le_bytes());
+        out
+    };
+    let rows: Vec<u8> = (0..3).flat_map(row).collect();
+    let two_rows = 2 * rows.len() / 3;
+    let insert = |body: &[u8], compressed: bool| {
+        let path = tempfile_path("cut-body");
+        std::fs::write(&path, body).unwrap();
+        let sql = "INSERT INTO demo.events_local (ts, user_id, event, value) FORMAT RowBinary";
+        let url = format!(
+            "http://{}:8123/?decompress={}&query={}",
+            NODES[0],
+            u8::from(compressed),
+            sql.replace(' ', "+")
+        );
+        let out = curl(&[
+            "-sS",
+            "-u",
+            &format!("chgate:{}", secret("chgate")),
+            &url,
+            "--data-binary",
+            &format!("@{}", path.display()),
+        ]);
+        let _ = std::fs::remove_file(&path);
+        out
+    };
+    let count = || {
+        direct(
+            NODES[0],
+            &format!("SELECT count() FROM demo.events_local WHERE event = '{event}'"),
+        )
+        .trim()
+        .parse::<u64>()
+        .unwrap()
+    };
+
+    let block = chgate::ingest::compress::lz4_block(&rows).unwrap();
+    for cut in [block.len() - 1, block.len() / 2, 30, 10] {
+        let out = insert(&block[..cut], true);
+        assert_ne!(out.status, 200, "a block cut at {cut} bytes was taken");
+        assert!(
+            out.body.contains("Cannot read all data") || out.body.contains("compressed"),
+            "cut at {cut}: {}",
+            out.body
+        );
+    }
+    assert_eq!(count(), 0, "nothing of a cut block lands");
+    // Plain RowBinary cut after two rows: ClickHouse takes the two.
+    let out = insert(&rows[..two_rows], false);
+    assert_eq!(out.status, 200, "{}", out.body);
+    assert_eq!(count(), 2);
+    let out = insert(&block, true);
+    assert_eq!(out.status, 200, "{}", out.body);
+    assert_eq!(count(), 5);
+}

@@ -176,6 +176,10 @@ fn default_sharding() -> Sharding {
 fn default_batch_rows() -> usize {
     100_000
 }
+/// A batch goes as one compressed block (`compress`); this leaves room for the rows of
+/// the message that crossed the line.
+const MAX_BATCH_BYTES: usize = 256 << 20;
+
 fn default_batch_bytes() -> usize {
     16 << 20
 }
@@ -338,6 +342,16 @@ pub fn load(path: &Path) -> Result<ValidatedIngest, Vec<Problem>> {
             p(
                 key.clone(),
                 "batch_rows, batch_bytes and batch_age must be above zero".into(),
+            );
+        }
+        if t.batch_bytes > MAX_BATCH_BYTES {
+            p(
+                format!("{key}.batch_bytes"),
+                format!(
+                    "{} is over the limit of {MAX_BATCH_BYTES} (a batch is sent as one compressed block, \
+                     which ClickHouse takes up to 1 GiB)",
+                    t.batch_bytes
+                ),
             );
         }
         if t.dead_letter_topic == t.topic {

@@ -18,6 +18,7 @@
 
 pub mod backoff;
 pub mod batch;
+pub mod compress;
 pub mod config;
 pub mod encode;
 pub mod intents;
@@ -230,7 +231,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             template.insert_columns()
         );
         let path_and_query = format!(
-            "/?insert_deduplicate=1&query={}",
+            "/?insert_deduplicate=1&decompress=1&query={}",
             form_urlencoded::byte_serialize(sql.as_bytes()).collect::<String>()
         );
         let shards = cluster.topology().shards.iter().map(|s| s.number).collect();

@@ -215,28 +215,15 @@ impl Target {
         }
     }
 
-    /// One insert. The body goes gzip-compressed, and that is about safety more than
-    /// size: if the connection breaks mid-body (a crash, a network cut), ClickHouse sees
-    /// a gzip stream without its trailer and refuses it, where a truncated RowBinary body
-    /// that happens to end on a row boundary would be inserted as a smaller block, which
-    /// the rebuilt batch could then not be deduplicated against.
+    /// One insert, its body one compressed block (see `compress`: a body cut short is
+    /// refused whole, never inserted as a smaller block).
     async fn insert(
         &self,
         node: &Node,
         body: &[u8],
         token: Option<&str>,
     ) -> Result<(), InsertError> {
-        let body = {
-            use std::io::Write as _;
-            let mut gz = flate2::write::GzEncoder::new(
-                Vec::with_capacity(body.len() / 3),
-                flate2::Compression::fast(),
-            );
-            gz.write_all(body)
-                .and_then(|()| gz.finish())
-                .map(Bytes::from)
-                .map_err(|e| InsertError::Node(format!("compressing the batch: {e}")))?
-        };
+        let body = super::compress::lz4_block(body).map_err(InsertError::Node)?;
         let uri = match token {
             Some(t) if self.dedup_token => format!(
                 "{}&insert_deduplication_token={}",
@@ -250,7 +237,6 @@ impl Target {
             .uri(uri)
             .header(header::HOST, node.authority.clone())
             .header(header::AUTHORIZATION, self.account.authorization.clone())
-            .header(header::CONTENT_ENCODING, "gzip")
             .header(header::CONTENT_LENGTH, body.len())
             .body(ReqBody::Full(http_body_util::Full::new(body)))
             .map_err(|e| InsertError::Node(e.to_string()))?;
