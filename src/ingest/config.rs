@@ -426,6 +426,7 @@ mod tests {
             account = "b"
             table = "events_local"
             sharding = "key"
+            batch_bytes = 1073741824
             dead_letter_topic = "in"
             "#,
         )
@@ -439,6 +440,7 @@ mod tests {
             "tasks.x.table",
             "tasks.x.key",
             "tasks.x.dead_letter_topic",
+            "tasks.x.batch_bytes",
         ] {
             assert!(keys.contains(&key), "{key} missing: {problems:?}");
         }
