@@ -754,25 +754,26 @@ fn consume(
                 topic.and_then(|topic| tasks.iter().position(|t| t.topic == topic))
             }
         };
+        let mut take = |msg: Message| {
+            if let Some(w) = positions.admit(&consumer, tasks, msg.task, msg.partition, msg.offset)
+            {
+                pending.fetch_add(msg.payload().len(), Ordering::Relaxed);
+                uncounted[msg.task] += 1;
+                hand_over(&mut stash, &mut senders, w, msg);
+            }
+        };
         match polled {
             Some(Ok(m)) => {
                 // A partition assigned before the batch queue existed: copied.
                 idle = false;
                 if let Some(task) = task_for(Some(m.topic())) {
-                    if let Some(w) =
-                        positions.admit(&consumer, tasks, task, m.partition(), m.offset())
-                    {
-                        pending.fetch_add(m.payload_len(), Ordering::Relaxed);
-                        uncounted[task] += 1;
-                        let msg = Message::owned(
-                            task,
-                            m.partition(),
-                            m.offset(),
-                            m.key().map(<[u8]>::to_vec),
-                            m.payload().unwrap_or_default().to_vec(),
-                        );
-                        hand_over(&mut stash, &mut senders, w, msg);
-                    }
+                    take(Message::owned(
+                        task,
+                        m.partition(),
+                        m.offset(),
+                        m.key().map(<[u8]>::to_vec),
+                        m.payload().unwrap_or_default().to_vec(),
+                    ));
                 }
             }
             Some(Err(e)) => {
@@ -793,17 +794,9 @@ fn consume(
                         tracing::warn!(partition = held.partition(), error = %error, "Kafka consumer error");
                         continue;
                     }
-                    let Some(task) = task_for(held.topic()) else {
-                        continue;
-                    };
-                    let Some(w) =
-                        positions.admit(&consumer, tasks, task, held.partition(), held.offset())
-                    else {
-                        continue;
-                    };
-                    pending.fetch_add(held.payload().len(), Ordering::Relaxed);
-                    uncounted[task] += 1;
-                    hand_over(&mut stash, &mut senders, w, Message::kafka(task, held));
+                    if let Some(task) = task_for(held.topic()) {
+                        take(Message::kafka(task, held));
+                    }
                 }
             }
         }
