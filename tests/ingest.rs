@@ -44,46 +44,33 @@ fn dead_letters(dlq: &str, expected: usize) -> Vec<(String, String)> {
     }
 }
 
-/// A query on one node that gives up after 3 s (`None`): tests freeze replicas, and a query
-/// sent to a stopped server (or through a Distributed table to one) waits for it.
-fn try_direct(node: &str, sql: &str) -> Option<String> {
-    let out = curl(&[
-        "-sS",
-        "--fail-with-body",
-        "-m",
-        "3",
-        "-u",
-        &format!("chgate:{}", secret("chgate")),
-        &format!("http://{node}:8123/"),
-        "--data-binary",
-        sql,
-    ]);
-    out.ok.then_some(out.body)
-}
-
 /// The shards' replicas, by shard.
 const SHARDS: [[&str; 2]; 2] = [[NODES[0], NODES[1]], [NODES[2], NODES[3]]];
 
-/// Rows of `event` now: per shard, the most any replica that answers has (a replica that
-/// is stopped is left out; its twin has at least what was acknowledged to the sidecar).
-fn rows_now(event: &str) -> u64 {
+/// Per shard, the replica with the most rows of `event` and how many, among those that
+/// answer within 3 s (tests stop replicas; a twin may still be fetching).
+fn fullest_replicas(event: &str) -> Vec<Option<(u64, &'static str)>> {
+    let sql = format!("SELECT count() FROM demo.events_local WHERE event = '{event}'");
     SHARDS
         .iter()
         .map(|replicas| {
             replicas
                 .iter()
                 .filter_map(|node| {
-                    try_direct(
-                        node,
-                        &format!("SELECT count() FROM demo.events_local WHERE event = '{event}'"),
-                    )?
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
+                    let n = direct_within(node, &sql, 3)?.trim().parse::<u64>().ok()?;
+                    Some((n, *node))
                 })
                 .max()
-                .unwrap_or(0)
         })
+        .collect()
+}
+
+/// Rows of `event` now: per shard, what its fullest answering replica has.
+fn rows_now(event: &str) -> u64 {
+    fullest_replicas(event)
+        .iter()
+        .flatten()
+        .map(|(n, _)| n)
         .sum()
 }
 
@@ -133,31 +120,33 @@ async fn count_of(event: &str) -> u64 {
 
 /// Waits for `n` rows of `event` (user ids 0..n), lets a quiet moment pass for anything
 /// extra to arrive, then checks that every id is there exactly once.
-async fn exactly_once(event: &str, n: u64, what: &str) {
+/// `sidecars` are the ones running, whose warnings a failure shows.
+async fn exactly_once(event: &str, n: u64, what: &str, sidecars: &[&IngestProcess]) {
     let end = Instant::now() + Duration::from_secs(180);
-    while count_of(event).await < n {
-        assert!(Instant::now() < end, "{what}: never reached {n} rows");
+    loop {
+        let got = count_of(event).await;
+        if got >= n {
+            break;
+        }
+        if Instant::now() >= end {
+            let warnings: Vec<String> = sidecars
+                .iter()
+                .flat_map(|s| s.log.lock().unwrap().clone())
+                .filter(|l| !l.contains("\"INFO\"") && !l.contains("\"DEBUG\""))
+                .collect();
+            let tail = &warnings[warnings.len().saturating_sub(30)..];
+            panic!("{what}: {got} rows, never reached {n}; the sidecars' last warnings: {tail:#?}");
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    // Over the fullest answering replica of each shard (another test may have frozen one;
-    // a twin may still be fetching).
+    // Over the fullest answering replica of each shard (another test may have stopped one).
     let event = event.to_string();
     let check = tokio::task::spawn_blocking(move || {
-        let live: Vec<&str> = SHARDS
+        let live: Vec<&str> = fullest_replicas(&event)
             .iter()
-            .map(|replicas| {
-                replicas
-                    .iter()
-                    .filter_map(|node| {
-                        let sql =
-                            format!("SELECT count() FROM demo.events_local WHERE event = '{event}'");
-                        Some((try_direct(node, &sql)?.trim().parse::<u64>().ok()?, *node))
-                    })
-                    .max()
-                    .map(|(_, node)| node)
-                    .unwrap_or_else(|| panic!("no replica of {replicas:?} answers"))
-            })
+            .zip(SHARDS)
+            .map(|(r, replicas)| r.unwrap_or_else(|| panic!("no replica of {replicas:?} answers")).1)
             .collect();
         direct(
             NODES[0],
@@ -486,7 +475,7 @@ async fn killed_three_times_with_a_replica_stopped_still_exactly_once() {
         ingest = restart_ingest(path).await;
     }
     drop(stopped);
-    exactly_once(&event, n, "killed 3 times").await;
+    exactly_once(&event, n, "killed 3 times", &[&ingest]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -766,7 +755,7 @@ async fn a_second_sidecar_takes_partitions_over_mid_stream_exactly_once() {
     )
     .await;
     produce_off(&topic, later).await;
-    exactly_once(&event, n, "two sidecars").await;
+    exactly_once(&event, n, "two sidecars", &[&first, &second]).await;
     let revoked = first
         .log
         .lock()

@@ -32,17 +32,35 @@ pub fn secret(name: &str) -> String {
 
 /// Runs SQL straight against one node as the cluster account (for setup and checks).
 pub fn direct(node: &str, sql: &str) -> String {
-    let out = curl(&[
+    let out = direct_query(node, sql, None);
+    assert!(out.ok, "direct query on {node} failed: {sql}: {}", out.body);
+    out.body
+}
+
+/// [`direct`] that gives up after `seconds` (`None`): a query sent to a replica a test has
+/// stopped (or through a Distributed table to one) waits for it.
+pub fn direct_within(node: &str, sql: &str, seconds: u32) -> Option<String> {
+    let out = direct_query(node, sql, Some(seconds));
+    out.ok.then_some(out.body)
+}
+
+fn direct_query(node: &str, sql: &str, seconds: Option<u32>) -> CurlOutput {
+    let max_time = seconds.map(|s| s.to_string());
+    let auth = format!("chgate:{}", secret("chgate"));
+    let url = format!("http://{node}:8123/");
+    let mut args = vec![
         "-sS",
         "--fail-with-body",
         "-u",
-        &format!("chgate:{}", secret("chgate")),
-        &format!("http://{node}:8123/"),
+        &auth,
+        &url,
         "--data-binary",
         sql,
-    ]);
-    assert!(out.ok, "direct query on {node} failed: {sql}: {}", out.body);
-    out.body
+    ];
+    if let Some(t) = &max_time {
+        args.extend(["--max-time", t.as_str()]);
+    }
+    curl(&args)
 }
 
 pub struct CurlOutput {
