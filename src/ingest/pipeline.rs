@@ -315,6 +315,10 @@ struct Positions {
     /// Per partition, the gap last read again (each gap is read again once).
     reread: HashMap<(usize, i32), i64>,
     rewind: i64,
+    /// Partitions sought back during the batch being taken: the rest of the batch's
+    /// messages of them were read before the seek, so they are dropped here as librdkafka
+    /// drops them after it (taking them would pass over the gap being read again).
+    sought: Vec<(usize, i32)>,
 }
 
 impl Positions {
@@ -330,6 +334,9 @@ impl Positions {
         offset: i64,
     ) -> Option<usize> {
         let key = (task, partition);
+        if self.sought.contains(&key) {
+            return None;
+        }
         let t = match self.taken.get_mut(&key) {
             Some(t) => t,
             None => {
@@ -366,7 +373,10 @@ impl Positions {
                         )
                         .and_then(|()| consumer.seek_partitions(tpl, Duration::from_secs(5)));
                     match sought {
-                        Ok(_) => return None,
+                        Ok(_) => {
+                            self.sought.push(key);
+                            return None;
+                        }
                         Err(e) => tracing::warn!(error = %e, "Seeking back over a gap failed"),
                     }
                 }
@@ -581,6 +591,7 @@ fn consume(
         partitions_of: vec![0usize; senders.len()],
         reread: HashMap::default(),
         rewind: consumer.context().rewind,
+        sought: Vec::new(),
     };
     let mut paused = false;
     let rewind = positions.rewind;
@@ -612,6 +623,7 @@ fn consume(
     };
     let mut last_gauges = Instant::now();
     let mut last_lag = Instant::now();
+    let mut last_forward = Instant::now();
     let (mut iterations, mut idle) = (0u32, true);
     loop {
         commit(&commit_rx, &mut latest, CommitMode::Async);
@@ -682,6 +694,17 @@ fn consume(
             for (n, counter) in uncounted.iter_mut().zip(&consumed) {
                 counter.inc_by(std::mem::take(n));
             }
+        }
+        if housekeeping && last_forward.elapsed() > Duration::from_millis(250) {
+            // A partition revoked and assigned again at once can lose its forwarding: the
+            // stop of the revocation, which clears it, may run after the assignment set it
+            // again (librdkafka stops partitions asynchronously, and starts them only once
+            // stopped). Its messages would then wait in the partition's own queue, unread.
+            // Setting it again is harmless and moves what waits there, in order.
+            if let Ok(assignment) = consumer.assignment() {
+                consumer.context().forward(&consumer, &assignment);
+            }
+            last_forward = Instant::now();
         }
         if housekeeping && last_gauges.elapsed() > Duration::from_millis(500) {
             for (w, s) in senders.iter().enumerate() {
@@ -754,6 +777,7 @@ fn consume(
                 topic.and_then(|topic| tasks.iter().position(|t| t.topic == topic))
             }
         };
+        positions.sought.clear();
         let mut take = |msg: Message| {
             if let Some(w) = positions.admit(&consumer, tasks, msg.task, msg.partition, msg.offset)
             {
