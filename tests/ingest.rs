@@ -135,7 +135,16 @@ async fn exactly_once(event: &str, n: u64, what: &str, sidecars: &[&IngestProces
                 .filter(|l| !l.contains("\"INFO\"") && !l.contains("\"DEBUG\""))
                 .collect();
             let tail = &warnings[warnings.len().saturating_sub(30)..];
-            panic!("{what}: {got} rows, never reached {n}; the sidecars' last warnings: {tail:#?}");
+            let all: Vec<String> = sidecars
+                .iter()
+                .flat_map(|s| s.log.lock().unwrap().clone())
+                .collect();
+            let path = tempfile_path("ingest-failure");
+            let _ = std::fs::write(&path, all.join("\n"));
+            panic!(
+                "{what}: {got} rows, never reached {n}; the sidecars' last warnings: {tail:#?}; whole logs in {}",
+                path.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -143,11 +152,15 @@ async fn exactly_once(event: &str, n: u64, what: &str, sidecars: &[&IngestProces
     // Over the fullest answering replica of each shard (another test may have stopped one).
     let event = event.to_string();
     let check = tokio::task::spawn_blocking(move || {
-        let live: Vec<&str> = fullest_replicas(&event)
-            .iter()
-            .zip(SHARDS)
-            .map(|(r, replicas)| r.unwrap_or_else(|| panic!("no replica of {replicas:?} answers")).1)
-            .collect();
+        // Both replicas of a shard may be stopped by another test for a while.
+        let end = Instant::now() + Duration::from_secs(60);
+        let live: Vec<&str> = loop {
+            let fullest = fullest_replicas(&event);
+            if fullest.iter().all(Option::is_some) {
+                break fullest.into_iter().flatten().map(|(_, node)| node).collect();
+            }
+            assert!(Instant::now() < end, "a shard has no replica answering: {fullest:?}");
+        };
         direct(
             NODES[0],
             &format!(
@@ -455,7 +468,15 @@ async fn killed_three_times_with_a_replica_stopped_still_exactly_once() {
         "batch_rows = 2000\nbatch_age = \"200ms\"",
         "format = \"json\"",
     )
-    .replace("batch_rows = 5000\nbatch_age = \"300ms\"\n", "");
+    .replace("batch_rows = 5000\nbatch_age = \"300ms\"\n", "")
+    // Dynamic membership, as in the quickstart: when a killed static member's session
+    // runs out after its successor (same instance id) has joined, tansu 0.6 revokes the
+    // successor's partitions and never assigns them again (seen in 1 of 3 suite runs, the
+    // revocation 10 s, the session timeout, after the kill).
+    .replace(
+        "instance_id = ",
+        "static_membership = false\n# instance_id = ",
+    );
     let mut ingest = start_ingest(config).await;
     // One replica of shard 2 stops answering for part of the run.
     let mut stopped = None;
