@@ -118,6 +118,25 @@ async fn count_of(event: &str) -> u64 {
         .unwrap()
 }
 
+/// Fails with `message`, the sidecars' last warnings, and their whole logs in a file.
+fn fail_with_logs(message: &str, sidecars: &[&IngestProcess]) -> ! {
+    let all: Vec<String> = sidecars
+        .iter()
+        .flat_map(|s| s.log.lock().unwrap().clone())
+        .collect();
+    let warnings: Vec<&String> = all
+        .iter()
+        .filter(|l| !l.contains("\"INFO\"") && !l.contains("\"DEBUG\""))
+        .collect();
+    let tail = &warnings[warnings.len().saturating_sub(30)..];
+    let path = tempfile_path("ingest-failure");
+    let _ = std::fs::write(&path, all.join("\n"));
+    panic!(
+        "{message}; the sidecars' last warnings: {tail:#?}; whole logs in {}",
+        path.display()
+    );
+}
+
 /// Waits for `n` rows of `event` (user ids 0..n), lets a quiet moment pass for anything
 /// extra to arrive, then checks that every id is there exactly once.
 /// `sidecars` are the ones running, whose warnings a failure shows.
@@ -129,22 +148,7 @@ async fn exactly_once(event: &str, n: u64, what: &str, sidecars: &[&IngestProces
             break;
         }
         if Instant::now() >= end {
-            let warnings: Vec<String> = sidecars
-                .iter()
-                .flat_map(|s| s.log.lock().unwrap().clone())
-                .filter(|l| !l.contains("\"INFO\"") && !l.contains("\"DEBUG\""))
-                .collect();
-            let tail = &warnings[warnings.len().saturating_sub(30)..];
-            let all: Vec<String> = sidecars
-                .iter()
-                .flat_map(|s| s.log.lock().unwrap().clone())
-                .collect();
-            let path = tempfile_path("ingest-failure");
-            let _ = std::fs::write(&path, all.join("\n"));
-            panic!(
-                "{what}: {got} rows, never reached {n}; the sidecars' last warnings: {tail:#?}; whole logs in {}",
-                path.display()
-            );
+            fail_with_logs(&format!("{what}: {got} rows, never reached {n}"), sidecars);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -173,11 +177,13 @@ async fn exactly_once(event: &str, n: u64, what: &str, sidecars: &[&IngestProces
     .await
     .unwrap();
     let sum: u64 = (0..n).sum();
-    assert_eq!(
-        check,
-        format!("{n}\t{n}\t{sum}\n"),
-        "{what}: a row lost or written twice"
-    );
+    let want = format!("{n}\t{n}\t{sum}\n");
+    if check != want {
+        fail_with_logs(
+            &format!("{what}: a row lost or written twice: count, distinct ids, sum {check:?}, want {want:?}"),
+            sidecars,
+        );
+    }
 }
 
 /// `n` JSON events (user ids 0..n, value 1) keyed `k<id>`, with `ts(id)` as their time.
@@ -475,8 +481,17 @@ async fn killed_three_times_with_a_replica_stopped_still_exactly_once() {
     for round in 1..=3u64 {
         let target = n * round / 5;
         let end = Instant::now() + Duration::from_secs(120);
-        while count_of(&event).await < target {
-            assert!(Instant::now() < end, "round {round}: stuck below {target}");
+        loop {
+            let got = count_of(&event).await;
+            if got >= target {
+                break;
+            }
+            if Instant::now() >= end {
+                fail_with_logs(
+                    &format!("round {round}: stuck at {got}, below {target}"),
+                    &[&ingest],
+                );
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         if round == 1 {
@@ -778,6 +793,47 @@ async fn a_second_sidecar_takes_partitions_over_mid_stream_exactly_once() {
     assert!(revoked, "the first sidecar never gave a partition up");
     let took = metric_sum(&second.metrics(), "chgate_ingest_consumed_total", &[]);
     assert!(took > 0.0, "the second sidecar consumed nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_after_catching_up_it_writes_nothing_twice() {
+    // A sidecar that has written everything records intents at the partitions' very ends.
+    // tansu reports an end below that (the first offset of the last record batch): taken
+    // for a recreated topic, the intents were dropped and the partitions written again
+    // from the committed offset, which a SIGKILL leaves behind.
+    let topic = unique("ing_caught_up");
+    let dlq = format!("{topic}_dlq");
+    create_topics(&topic, &dlq);
+    let event = unique("cu");
+    let now = unix_now();
+    let all = events(&event, 20_000, |_| now);
+    let config = ingest_config(&topic, &dlq, None, "", "format = \"json\"");
+    let mut ingest = start_ingest(config).await;
+    produce_off(&topic, all[..10_000].to_vec()).await;
+    assert_eq!(rows_reaching(&event, 10_000).await, 10_000);
+    ingest.signal("KILL");
+    ingest.wait(Duration::from_secs(10));
+    let path = ingest.config_path.clone();
+    let again = restart_ingest(path).await;
+    // The rest only once the partitions are back (and their ends looked up).
+    wait_for_log(
+        &again,
+        "Partitions assigned",
+        Duration::from_secs(60),
+        "the restarted sidecar got no partitions",
+    )
+    .await;
+    produce_off(&topic, all[10_000..].to_vec()).await;
+    exactly_once(&event, 20_000, "restarted after catching up", &[&again]).await;
+    let dropped: Vec<String> = again
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("past the partition's end"))
+        .cloned()
+        .collect();
+    assert!(dropped.is_empty(), "intents dropped: {dropped:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

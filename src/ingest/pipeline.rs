@@ -93,6 +93,8 @@ struct Context {
     /// before it): brokers that answer a fetch from the middle of a record batch with the
     /// next batch (tansu 0.6 does) would otherwise skip the rest of that batch.
     rewind: i64,
+    /// Tells a recreated topic from a broker that reports too low an end.
+    reread: Arc<Rereader>,
 }
 
 impl ClientContext for Context {}
@@ -103,6 +105,11 @@ impl Context {
     /// messages that are gone (the topic was deleted and created again, or the broker lost
     /// its log): it is dropped and the partition starts like a new one, as Kafka does with
     /// a committed offset out of range; keeping it would skip every new message below it.
+    /// Dropping one wrongly writes again whatever lies between the committed offset and
+    /// the intent, so the end the broker reports is not taken alone: the intent is only
+    /// dropped if its last message cannot be read either (tansu 0.6 reports the first
+    /// offset of the partition's last record batch as its end, below a sidecar that has
+    /// caught up).
     fn start_offset(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -118,7 +125,7 @@ impl Context {
             intent.first
         };
         match consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)) {
-            Ok((_, end)) if start > end => {
+            Ok((_, end)) if start > end && !self.readable(topic, partition, intent.last) => {
                 tracing::warn!(
                     topic, partition, recorded = start, end,
                     "The batch intent is past the partition's end (the topic was recreated?): dropping it and starting the partition anew"
@@ -127,6 +134,32 @@ impl Context {
                 None
             }
             _ => Some(start),
+        }
+    }
+
+    /// Whether the message at `offset` can be read (a few seconds at most).
+    fn readable(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        match self
+            .reread
+            .read(topic, partition, &[offset], Duration::from_secs(5))
+        {
+            Ok(found) => {
+                let there = found.contains_key(&offset);
+                if there {
+                    tracing::debug!(
+                        topic,
+                        partition,
+                        offset,
+                        "The broker reports the partition's end below the batch intent, but its last message is there: keeping it"
+                    );
+                }
+                there
+            }
+            // Not known to be gone: keep the intent.
+            Err(e) => {
+                tracing::warn!(topic, partition, offset, error = %e, "Cannot read the batch intent's last message; keeping the intent");
+                true
+            }
         }
     }
 }
@@ -258,6 +291,7 @@ pub async fn run(
                 .clone()
                 .map(|i| (i, settings.group.clone(), tokio::runtime::Handle::current())),
             rewind: settings.rewind,
+            reread: settings.reread.clone(),
         })?,
     );
     let topics: Vec<&str> = tasks.iter().map(|t| t.topic.as_str()).collect();

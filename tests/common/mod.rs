@@ -410,8 +410,13 @@ impl IngestProcess {
         let (tx, rx) = std::sync::mpsc::channel();
         {
             let log = log.clone();
+            let echo = std::env::var_os("CHGATE_TEST_ECHO").is_some();
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    // CHGATE_TEST_ECHO=1 shows the sidecars' logs as they come (with --nocapture).
+                    if echo {
+                        eprintln!("{line}");
+                    }
                     log.lock().unwrap().push(line.clone());
                     let _ = tx.send(line);
                 }
