@@ -47,6 +47,7 @@ pub struct Metrics {
     pub ingest_pauses: IntCounter,
     pub ingest_pending_bytes: IntGauge,
     pub ingest_skipped_by_broker: IntCounter,
+    pub ingest_fenced: IntCounterVec,
     pub ingest_lag: IntGaugeVec,
 }
 
@@ -214,6 +215,11 @@ impl Metrics {
             "Messages sent to the dead-letter topic, by task and reason (parse, type, time_window, refused).",
             &["task", "reason"],
         );
+        let ingest_fenced = counter(
+            "chgate_ingest_fenced_total",
+            "Times a partition's writer found that another consumer had claimed the partition and stopped writing it.",
+            &["task"],
+        );
         let ingest_rows = counter(
             "chgate_ingest_rows_written_total",
             "Rows inserted, by task, table, shard and node.",
@@ -337,6 +343,7 @@ impl Metrics {
             ingest_pauses,
             ingest_pending_bytes,
             ingest_skipped_by_broker,
+            ingest_fenced,
             ingest_lag,
         }
     }

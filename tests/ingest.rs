@@ -798,6 +798,54 @@ async fn a_second_sidecar_takes_partitions_over_mid_stream_exactly_once() {
     assert!(took > 0.0, "the second sidecar consumed nothing");
 }
 
+/// The fencing under a partition hand-over (`ingest::intents`), against the stack's
+/// ZooKeeper: two clients stand for the old and the new owner of a partition.
+#[tokio::test]
+async fn a_partition_claimed_by_another_consumer_fences_its_old_writer() {
+    use chgate::ingest::intents::{Intent, Intents, RecordError};
+    let root = format!("/chgate-tests/{}", unique("fence"));
+    let zk = ["127.0.0.1:2181".to_string()];
+    let old = Intents::connect(&zk, &root).await.unwrap();
+    let new = Intents::connect(&zk, &root).await.unwrap();
+    let (nothing, v_old) = old.claim("g", "t", 0).await.unwrap();
+    assert_eq!(nothing, None);
+    let pending = Intent {
+        first: 0,
+        last: 9,
+        clock: 0,
+        shard: Some(1),
+        done: false,
+    };
+    let v_old = old.record("g", "t", 0, &pending, v_old).await.unwrap();
+    // The new owner takes over and sees what the old one had recorded.
+    let (seen, v_new) = new.claim("g", "t", 0).await.unwrap();
+    assert_eq!(seen, Some(pending));
+    // The old owner, still believing it holds the partition, can record nothing more.
+    let done = Intent {
+        done: true,
+        ..pending
+    };
+    assert!(matches!(
+        old.record("g", "t", 0, &done, v_old).await,
+        Err(RecordError::Fenced)
+    ));
+    let next = Intent {
+        first: 10,
+        last: 19,
+        ..pending
+    };
+    assert!(matches!(
+        old.record("g", "t", 0, &next, v_old).await,
+        Err(RecordError::Fenced)
+    ));
+    // The new owner goes on; a partition never seen is claimed too.
+    let v_new = new.record("g", "t", 0, &done, v_new).await.unwrap();
+    new.record("g", "t", 0, &next, v_new).await.unwrap();
+    assert_eq!(old.load("g", "t", 0).await.unwrap(), Some(next));
+    let (nothing, _) = new.claim("g", "t", 1).await.unwrap();
+    assert_eq!(nothing, None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_after_catching_up_it_writes_nothing_twice() {
     // A sidecar that has written everything records intents at the partitions' very ends.

@@ -15,6 +15,13 @@
 //! Kafka's commit is then only an optimisation (where to start reading); ZooKeeper is the
 //! source of truth. (The test broker does not keep commit metadata, so the intent cannot
 //! live there.)
+//!
+//! Fencing: whoever takes a partition over *claims* its znode (a write that bumps its
+//! version) before reading further, and every later write names the version it last saw.
+//! A writer that still believes it owns the partition (a consumer whose group session ran
+//! out, or a writer of this process still finishing after a revocation) fails its next
+//! write and stops before inserting anything more; what it had recorded before the claim
+//! is what the new owner reads and rebuilds.
 
 use serde::{Deserialize, Serialize};
 use zookeeper_client as zk;
@@ -49,6 +56,24 @@ impl Intent {
             Disposition::Replay
         } else {
             Disposition::Fresh
+        }
+    }
+}
+
+/// Why an intent could not be recorded.
+#[derive(Debug)]
+pub enum RecordError {
+    /// Another writer claimed the partition since this one did.
+    Fenced,
+    /// ZooKeeper did not answer or refused: worth retrying.
+    Other(String),
+}
+
+impl std::fmt::Display for RecordError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Fenced => f.write_str("another consumer has claimed the partition"),
+            Self::Other(e) => f.write_str(e),
         }
     }
 }
@@ -88,12 +113,86 @@ impl Intents {
     ) -> Result<Option<Intent>, String> {
         let path = self.path(group, topic, partition);
         match self.client.get_data(&path).await {
-            Ok((data, _)) => serde_json::from_slice(&data)
-                .map(Some)
-                .map_err(|e| format!("{path} holds something that is not an intent: {e}")),
+            Ok((data, _)) => Self::decode(&path, &data),
             Err(zk::Error::NoNode) => Ok(None),
             Err(e) => Err(format!("reading {path}: {e}")),
         }
+    }
+
+    /// A claimed znode without a segment yet is empty.
+    fn decode(path: &str, data: &[u8]) -> Result<Option<Intent>, String> {
+        if data.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_slice(data)
+            .map(Some)
+            .map_err(|e| format!("{path} holds something that is not an intent: {e}"))
+    }
+
+    /// Takes a partition over: reads its intent and bumps the znode's version (creating it
+    /// empty if there is none), so that writes by whoever held it before fail. Returns the
+    /// intent and the version to name in [`Self::record`].
+    pub async fn claim(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Result<(Option<Intent>, i32), String> {
+        let path = self.path(group, topic, partition);
+        loop {
+            match self.client.get_data(&path).await {
+                Ok((data, stat)) => {
+                    let intent = Self::decode(&path, &data)?;
+                    match self.client.set_data(&path, &data, Some(stat.version)).await {
+                        Ok(stat) => return Ok((intent, stat.version)),
+                        // Written or dropped meanwhile: read it again.
+                        Err(zk::Error::BadVersion | zk::Error::NoNode) => continue,
+                        Err(e) => return Err(format!("claiming {path}: {e}")),
+                    }
+                }
+                Err(zk::Error::NoNode) => {
+                    self.mkdir_parent(&path).await?;
+                    match self.client.create(&path, &[], &Self::options()).await {
+                        Ok((stat, _)) => return Ok((None, stat.version)),
+                        Err(zk::Error::NodeExists) => continue,
+                        Err(e) => return Err(format!("creating {path}: {e}")),
+                    }
+                }
+                Err(e) => return Err(format!("reading {path}: {e}")),
+            }
+        }
+    }
+
+    fn options() -> zk::CreateOptions<'static> {
+        zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all())
+    }
+
+    async fn mkdir_parent(&self, path: &str) -> Result<(), String> {
+        let parent = path.rsplit_once('/').map(|(p, _)| p).unwrap_or(&self.root);
+        self.client
+            .mkdir(parent, &Self::options())
+            .await
+            .map_err(|e| format!("creating {parent}: {e}"))
+    }
+
+    /// [`Self::claim`] from a plain thread, retrying every second while ZooKeeper cannot
+    /// answer. `None` only if `stop` is cancelled before an answer.
+    pub fn claim_waiting(
+        &self,
+        handle: &tokio::runtime::Handle,
+        group: &str,
+        topic: &str,
+        partition: i32,
+        stop: Option<&tokio_util::sync::CancellationToken>,
+    ) -> Option<(Option<Intent>, i32)> {
+        Self::waiting(
+            handle,
+            stop,
+            topic,
+            partition,
+            "claim the partition's batch intent",
+            || self.claim(group, topic, partition),
+        )
     }
 
     /// [`Self::load`] from a plain thread, retrying every second while ZooKeeper cannot
@@ -169,36 +268,23 @@ impl Intents {
         }
     }
 
+    /// Writes a partition's intent if the znode is still at `version` (the one its claim
+    /// or this writer's last record left); returns the new version.
     pub async fn record(
         &self,
         group: &str,
         topic: &str,
         partition: i32,
         intent: &Intent,
-    ) -> Result<(), String> {
+        version: i32,
+    ) -> Result<i32, RecordError> {
         let path = self.path(group, topic, partition);
-        let data = serde_json::to_vec(intent).map_err(|e| e.to_string())?;
-        match self.client.set_data(&path, &data, None).await {
-            Ok(_) => Ok(()),
-            Err(zk::Error::NoNode) => {
-                let parent = path.rsplit_once('/').map(|(p, _)| p).unwrap_or(&self.root);
-                let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
-                self.client
-                    .mkdir(parent, &options)
-                    .await
-                    .map_err(|e| format!("creating {parent}: {e}"))?;
-                match self.client.create(&path, &data, &options).await {
-                    Ok(_) => Ok(()),
-                    Err(zk::Error::NodeExists) => self
-                        .client
-                        .set_data(&path, &data, None)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| format!("writing {path}: {e}")),
-                    Err(e) => Err(format!("creating {path}: {e}")),
-                }
-            }
-            Err(e) => Err(format!("writing {path}: {e}")),
+        let data = serde_json::to_vec(intent).map_err(|e| RecordError::Other(e.to_string()))?;
+        match self.client.set_data(&path, &data, Some(version)).await {
+            Ok(stat) => Ok(stat.version),
+            // Claimed by another writer, or dropped by one that found the topic recreated.
+            Err(zk::Error::BadVersion | zk::Error::NoNode) => Err(RecordError::Fenced),
+            Err(e) => Err(RecordError::Other(format!("writing {path}: {e}"))),
         }
     }
 }

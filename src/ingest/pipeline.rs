@@ -18,7 +18,7 @@
 //!   (up to `drain_timeout`), commit synchronously, leave the group.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ use tokio_util::task::TaskTracker;
 use super::backoff::Backoff;
 use super::batch::{Batcher, DeadLetter, Segment, TaskSpec};
 use super::config::Sharding;
-use super::intents::{Disposition, Intent, Intents};
+use super::intents::{Disposition, Intent, Intents, RecordError};
 use super::message::{Held, Message};
 use super::reread::Rereader;
 use super::ring::{ring, Receiver, Sender};
@@ -316,6 +316,7 @@ pub async fn run(
             reread: settings.reread.clone(),
             intents: settings.intents.clone(),
             intent_of: HashMap::default(),
+            claimed: HashMap::default(),
             seen: HashMap::default(),
             index: w,
             rx,
@@ -707,6 +708,9 @@ struct Worker {
     intents: Option<Arc<Intents>>,
     /// Per partition, its intent while messages still fall in or before it.
     intent_of: HashMap<(usize, i32), Option<Intent>>,
+    /// Per partition, the intent znode's version its claim left (see `intents.rs`): its
+    /// writer's records name it, so they fail once another consumer claims the partition.
+    claimed: HashMap<(usize, i32), i32>,
     /// Per partition, the next offset expected: anything below it is already in a batch
     /// (a consumer that re-reads from the committed offset must not write it twice).
     seen: HashMap<(usize, i32), i64>,
@@ -781,23 +785,24 @@ impl Worker {
         }
     }
 
-    /// The partition's intent, read once when the partition is first seen. While ZooKeeper
-    /// cannot be read the worker waits (nothing is written without knowing); if stopped
-    /// meanwhile, the partition's messages are left uncommitted.
-    fn load_intent(&self, task: usize, partition: i32) -> Option<Intent> {
+    /// The partition's intent, read (and the partition claimed) once when the partition is
+    /// first seen. While ZooKeeper cannot be reached the worker waits (nothing is written
+    /// without knowing); if stopped meanwhile, the partition's messages are left uncommitted.
+    fn load_intent(&mut self, task: usize, partition: i32) -> Option<Intent> {
         let intents = self.intents.as_ref()?;
         let topic = &self.tasks[task].topic;
-        match intents.load_waiting(
+        match intents.claim_waiting(
             &self.handle,
             &self.group,
             topic,
             partition,
             Some(&self.stop),
         ) {
-            Some(intent) => {
+            Some((intent, version)) => {
                 if let Some(i) = &intent {
                     tracing::info!(topic = %topic, partition, first = i.first, last = i.last, done = i.done, "Resuming from the recorded batch intent");
                 }
+                self.claimed.insert((task, partition), version);
                 intent
             }
             None => {
@@ -834,6 +839,7 @@ impl Worker {
             stop.cancel();
         }
         self.intent_of.remove(&key);
+        self.claimed.remove(&key);
         self.seen.remove(&key);
     }
 
@@ -912,6 +918,7 @@ impl Worker {
             .ingest_parsed
             .with_label_values(&[self.tasks[segment.task].name.as_str()])
             .inc_by(rows as u64);
+        let version = self.claimed.get(&key).copied().unwrap_or(-1);
         let (tx, _) = self.writers.entry(key).or_insert_with(|| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let stop = self.hard_stop.child_token();
@@ -924,22 +931,28 @@ impl Worker {
                 commit_tx: self.commit_tx.clone(),
                 pending: self.pending.clone(),
                 hard_stop: stop.clone(),
+                version: AtomicI32::new(version),
             };
             self.tracker.spawn_on(writer.run(rx), &self.handle);
             (tx, stop)
         });
         if let Err(e) = tx.send(segment) {
-            tracing::error!(
+            // Its writer stopped: another consumer claimed the partition (this one hears of
+            // the revocation soon). Left uncommitted, for the new owner.
+            tracing::debug!(
                 partition = key.1,
-                "Writer gone; segment {}..{} will be consumed again",
+                "Writer gone; segment {}..{} left to the partition's next owner",
                 e.0.first,
                 e.0.last
             );
+            self.pending.fetch_sub(e.0.bytes, Ordering::Relaxed);
         }
     }
 }
 
 struct PartitionWriter {
+    /// The intent znode's version this writer last left (see `Worker::claimed`).
+    version: AtomicI32,
     group: String,
     reread: Arc<Rereader>,
     intents: Option<Arc<Intents>>,
@@ -972,18 +985,31 @@ impl PartitionWriter {
         }
     }
 
-    /// Records an intent, retrying until ZooKeeper takes it (or a hard stop).
+    /// Records an intent, retrying until ZooKeeper takes it; false on a hard stop or once
+    /// another consumer has claimed the partition (then nothing more is written).
     async fn record(&self, task: &Task, partition: i32, intent: &Intent) -> bool {
         let Some(intents) = &self.intents else {
             return true;
         };
         let mut backoff = Backoff::default();
         loop {
+            let version = self.version.load(Ordering::Relaxed);
             match intents
-                .record(&self.group, &task.topic, partition, intent)
+                .record(&self.group, &task.topic, partition, intent, version)
                 .await
             {
-                Ok(()) => return true,
+                Ok(next) => {
+                    self.version.store(next, Ordering::Relaxed);
+                    return true;
+                }
+                Err(RecordError::Fenced) => {
+                    tracing::warn!(topic = %task.topic, partition, first = intent.first, last = intent.last, "Another consumer has claimed the partition: this one stops writing it");
+                    METRICS
+                        .ingest_fenced
+                        .with_label_values(&[task.name.as_str()])
+                        .inc();
+                    return false;
+                }
                 Err(e) => {
                     tracing::warn!(topic = %task.topic, partition, error = %e, "Cannot record the batch intent; retrying");
                     if !backoff.wait(&self.hard_stop).await {
