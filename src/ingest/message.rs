@@ -5,8 +5,10 @@
 //! with it. Measured on the benchmark's ~780-byte JSON messages, the copy and its
 //! allocation and free were about a tenth of the sidecar's CPU.
 
-use rdkafka::message::BorrowedMessage;
-use rdkafka::Message as _;
+use std::ffi::CStr;
+use std::ptr::NonNull;
+
+use rdkafka::bindings as rdsys;
 
 /// A message as the consumer hands it to a worker.
 #[derive(Debug)]
@@ -47,8 +49,8 @@ impl Message {
     pub fn kafka(task: usize, held: Held) -> Self {
         Self {
             task,
-            partition: held.0.partition(),
-            offset: held.0.offset(),
+            partition: held.partition(),
+            offset: held.offset(),
             body: Body::Kafka(held),
         }
     }
@@ -56,14 +58,14 @@ impl Message {
     pub fn payload(&self) -> &[u8] {
         match &self.body {
             Body::Owned { payload, .. } => payload,
-            Body::Kafka(h) => h.0.payload().unwrap_or_default(),
+            Body::Kafka(h) => h.payload(),
         }
     }
 
     pub fn key(&self) -> Option<&[u8]> {
         match &self.body {
             Body::Owned { key, .. } => key.as_deref(),
-            Body::Kafka(h) => h.0.key(),
+            Body::Kafka(h) => h.key(),
         }
     }
 
@@ -71,32 +73,106 @@ impl Message {
     pub fn into_parts(self) -> (Option<Vec<u8>>, Vec<u8>) {
         match self.body {
             Body::Owned { key, payload } => (key, payload),
-            Body::Kafka(h) => (
-                h.0.key().map(<[u8]>::to_vec),
-                h.0.payload().unwrap_or_default().to_vec(),
-            ),
+            Body::Kafka(h) => (h.key().map(<[u8]>::to_vec), h.payload().to_vec()),
         }
     }
 }
 
-/// A message borrowed from a Kafka consumer, with the borrow's lifetime erased so it can
-/// cross to a worker thread (`BorrowedMessage` is `Send`; librdkafka releases a message
-/// from any thread).
+/// A message as librdkafka returned it from a batch read (`rd_kafka_consume_batch_queue`),
+/// owned until dropped, when it is released (`rd_kafka_message_destroy`, which librdkafka
+/// allows from any thread).
 ///
-/// What the lifetime stood for still has to hold: the consumer must outlive the message.
-/// The pipeline keeps it so: the consumer lives in an `Arc`, and everything that can hold
+/// The message lives in its consumer's memory, so the consumer must outlive it. The
+/// pipeline keeps it so: the consumer lives in an `Arc`, and everything that can hold
 /// messages (the consumer thread with its stash and ring senders, each worker with its ring
 /// receiver) holds a clone of that `Arc` and drops its messages first.
-#[derive(Debug)]
-pub struct Held(BorrowedMessage<'static>);
+pub struct Held(NonNull<rdsys::rd_kafka_message_t>);
+
+// SAFETY: a librdkafka message is read by one owner at a time and may be destroyed on any
+// thread; nothing in it is tied to the thread that fetched it.
+unsafe impl Send for Held {}
 
 impl Held {
     /// # Safety
-    /// The consumer `message` came from must outlive the returned value.
-    pub unsafe fn new(message: BorrowedMessage<'_>) -> Self {
-        // SAFETY: only the lifetime changes; the caller keeps the consumer alive.
-        Self(unsafe {
-            std::mem::transmute::<BorrowedMessage<'_>, BorrowedMessage<'static>>(message)
-        })
+    /// `message` is a message librdkafka returned, owned by nobody else (it is destroyed
+    /// when the value is dropped), and its consumer outlives the returned value.
+    pub unsafe fn from_raw(message: *mut rdsys::rd_kafka_message_t) -> Option<Self> {
+        NonNull::new(message).map(Self)
+    }
+
+    fn raw(&self) -> &rdsys::rd_kafka_message_t {
+        // SAFETY: valid until dropped (see `from_raw`).
+        unsafe { self.0.as_ref() }
+    }
+
+    /// The error librdkafka delivered in place of a message, if it is one.
+    pub fn error(&self) -> Option<String> {
+        let err = self.raw().err;
+        if err == rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            return None;
+        }
+        // SAFETY: both return static or message-owned C strings, read before the message goes.
+        let (name, detail) = unsafe {
+            (
+                CStr::from_ptr(rdsys::rd_kafka_err2str(err)).to_string_lossy(),
+                CStr::from_ptr(rdsys::rd_kafka_message_errstr(self.0.as_ptr())).to_string_lossy(),
+            )
+        };
+        Some(format!("{name}: {detail}"))
+    }
+
+    pub fn partition(&self) -> i32 {
+        self.raw().partition
+    }
+
+    pub fn offset(&self) -> i64 {
+        self.raw().offset
+    }
+
+    /// The topic's name (`None` if it is not UTF-8).
+    pub fn topic(&self) -> Option<&str> {
+        let rkt = self.raw().rkt;
+        if rkt.is_null() {
+            return None;
+        }
+        // SAFETY: the message holds a reference on its topic; the name lives as long.
+        unsafe { CStr::from_ptr(rdsys::rd_kafka_topic_name(rkt)) }
+            .to_str()
+            .ok()
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        let m = self.raw();
+        if m.payload.is_null() {
+            return &[];
+        }
+        // SAFETY: librdkafka's (pointer, length) of the payload, valid while the message is.
+        unsafe { std::slice::from_raw_parts(m.payload as *const u8, m.len) }
+    }
+
+    pub fn key(&self) -> Option<&[u8]> {
+        let m = self.raw();
+        if m.key.is_null() {
+            return None;
+        }
+        // SAFETY: as for the payload.
+        Some(unsafe { std::slice::from_raw_parts(m.key as *const u8, m.key_len) })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // SAFETY: owned (see `from_raw`), destroyed once.
+        unsafe { rdsys::rd_kafka_message_destroy(self.0.as_ptr()) }
+    }
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held")
+            .field("partition", &self.partition())
+            .field("offset", &self.offset())
+            .field("len", &self.raw().len)
+            .finish()
     }
 }
