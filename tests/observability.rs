@@ -93,6 +93,7 @@ fn exposition() -> String {
         .with_label_values(&["0"])
         .set(0);
     METRICS.ingest_lag.with_label_values(&["t", "0"]).set(0);
+    METRICS.ingest_fenced.with_label_values(&["t"]).inc();
     String::from_utf8(METRICS.render()).unwrap()
 }
 
