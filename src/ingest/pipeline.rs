@@ -168,9 +168,7 @@ impl Context {
             }
         }
     }
-}
 
-impl Context {
     /// Forwards the partitions about to be assigned to the batch queue, before their
     /// fetching starts (librdkafka keeps an application's forwarding over the assignment
     /// and clears it when the partition is stopped, so every assignment sets it again).
@@ -1117,7 +1115,6 @@ impl Worker {
             .ingest_parsed
             .with_label_values(&[self.tasks[segment.task].name.as_str()])
             .inc_by(rows as u64);
-        let version = self.claimed.get(&key).copied().unwrap_or(-1);
         let (tx, _) = self.writers.entry(key).or_insert_with(|| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let stop = self.hard_stop.child_token();
@@ -1130,7 +1127,7 @@ impl Worker {
                 commit_tx: self.commit_tx.clone(),
                 pending: self.pending.clone(),
                 hard_stop: stop.clone(),
-                version: AtomicI32::new(version),
+                version: AtomicI32::new(self.claimed.get(&key).copied().unwrap_or(-1)),
             };
             self.tracker.spawn_on(writer.run(rx), &self.handle);
             (tx, stop)
