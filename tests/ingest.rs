@@ -118,6 +118,34 @@ async fn count_of(event: &str) -> u64 {
         .unwrap()
 }
 
+/// `exprs` over the rows of `event`, read from the fullest answering replica of each shard:
+/// not through the Distributed table, which may read a replica another test has just
+/// resumed from SIGSTOP and which has not caught up yet.
+async fn totals(event: &str, exprs: &str) -> String {
+    let (event, exprs) = (event.to_string(), exprs.to_string());
+    tokio::task::spawn_blocking(move || {
+        // Both replicas of a shard may be stopped by another test for a while.
+        let end = Instant::now() + Duration::from_secs(60);
+        let live: Vec<&str> = loop {
+            let fullest = fullest_replicas(&event);
+            if fullest.iter().all(Option::is_some) {
+                break fullest.into_iter().flatten().map(|(_, node)| node).collect();
+            }
+            assert!(Instant::now() < end, "a shard has no replica answering: {fullest:?}");
+        };
+        direct(
+            NODES[0],
+            &format!(
+                "SELECT {exprs} FROM remote('{}', demo.events_local, 'chgate', '{}') WHERE event = '{event}'",
+                live.join(","),
+                secret("chgate")
+            ),
+        )
+    })
+    .await
+    .unwrap()
+}
+
 /// Fails with `message`, the sidecars' last warnings, and their whole logs in a file.
 fn fail_with_logs(message: &str, sidecars: &[&IngestProcess]) -> ! {
     let all: Vec<String> = sidecars
@@ -153,29 +181,7 @@ async fn exactly_once(event: &str, n: u64, what: &str, sidecars: &[&IngestProces
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    // Over the fullest answering replica of each shard (another test may have stopped one).
-    let event = event.to_string();
-    let check = tokio::task::spawn_blocking(move || {
-        // Both replicas of a shard may be stopped by another test for a while.
-        let end = Instant::now() + Duration::from_secs(60);
-        let live: Vec<&str> = loop {
-            let fullest = fullest_replicas(&event);
-            if fullest.iter().all(Option::is_some) {
-                break fullest.into_iter().flatten().map(|(_, node)| node).collect();
-            }
-            assert!(Instant::now() < end, "a shard has no replica answering: {fullest:?}");
-        };
-        direct(
-            NODES[0],
-            &format!(
-                "SELECT count(), uniqExact(user_id), sum(user_id) FROM remote('{}', demo.events_local, 'chgate', '{}') WHERE event = '{event}'",
-                live.join(","),
-                secret("chgate")
-            ),
-        )
-    })
-    .await
-    .unwrap();
+    let check = totals(event, "count(), uniqExact(user_id), sum(user_id)").await;
     let sum: u64 = (0..n).sum();
     let want = format!("{n}\t{n}\t{sum}\n");
     if check != want {
@@ -324,10 +330,11 @@ async fn json_lands_once_and_bad_messages_are_dead_lettered_with_reasons() {
     produce_off(&topic, lines2).await;
     let got = rows_reaching(&event, n).await;
     assert_eq!(got, n);
-    let check = direct(
-        NODES[0],
-        &format!("SELECT count(), uniqExact(user_id), sum(user_id), sum(value) FROM demo.events WHERE event = '{event}'"),
-    );
+    let check = totals(
+        &event,
+        "count(), uniqExact(user_id), sum(user_id), sum(value)",
+    )
+    .await;
     let sum: u64 = (0..n).sum();
     let values: f64 = (0..n).map(|i| i as f64 / 2.0).sum();
     assert_eq!(check, format!("{n}\t{n}\t{sum}\t{values}\n"));
@@ -390,10 +397,7 @@ async fn json_lands_once_and_bad_messages_are_dead_lettered_with_reasons() {
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = direct(
-        NODES[0],
-        &format!("SELECT count() FROM demo.events WHERE event = '{event}'"),
-    );
+    let after = totals(&event, "count()").await;
     assert_eq!(
         after,
         format!("{n}\n"),
@@ -569,10 +573,7 @@ async fn a_whole_shard_down_holds_only_what_must_go_there() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let check = direct(
-        NODES[0],
-        &format!("SELECT count(), uniqExact(user_id) FROM demo.events WHERE event = '{event}'"),
-    );
+    let check = totals(&event, "count(), uniqExact(user_id)").await;
     assert_eq!(
         check,
         format!("{n}\t{n}\n"),
@@ -601,15 +602,8 @@ fn rows_in(table: &str, event: &str) -> u64 {
 async fn rows_clickhouse_refuses_go_alone_to_the_dead_letter_topic() {
     // Arrays of one Nested column that differ in length: each value is fine on its own (the
     // template encodes it), only ClickHouse sees the row is wrong (Code 190). Nothing in the
-    // refused insert is written, so splitting finds exactly the bad rows.
-    for node in NODES {
-        direct(
-            node,
-            "CREATE TABLE IF NOT EXISTS demo.refusals_local (ts DateTime, user_id UInt64, \
-             event String, n Nested(a UInt8, b UInt8)) ENGINE = ReplicatedMergeTree(\
-             '/clickhouse/tables/{shard}/demo/refusals_local', '{replica}') ORDER BY (user_id, ts)",
-        );
-    }
+    // refused insert is written, so splitting finds exactly the bad rows. (The table,
+    // demo.refusals_local, comes with the stack: scripts/dev-stack.)
     let topic = unique("ing_refuse");
     let dlq = format!("{topic}_dlq");
     create_topics(&topic, &dlq);
@@ -718,10 +712,7 @@ async fn the_memory_ceiling_pauses_the_partitions_and_loses_nothing() {
     produce_off(&topic, lines).await;
     let got = rows_reaching(&event, n).await;
     assert_eq!(got, n);
-    let check = direct(
-        NODES[0],
-        &format!("SELECT count(), uniqExact(user_id) FROM demo.events WHERE event = '{event}'"),
-    );
+    let check = totals(&event, "count(), uniqExact(user_id)").await;
     assert_eq!(check, format!("{n}\t{n}\n"));
     let m = ingest.metrics();
     assert!(
