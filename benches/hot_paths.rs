@@ -4,8 +4,9 @@
 
 use std::hint::black_box;
 
-use chgate::auth::{extract, hash_password, PasswordCheck, Verifier};
-use chgate::proxy::sql::classify;
+use chgate::auth::{hash_password, PasswordCheck, Verifier};
+use chgate::gateway::sql::classify;
+use chgate::http::credentials::extract;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue};
 

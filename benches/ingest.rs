@@ -5,8 +5,8 @@
 use std::hint::black_box;
 use std::time::Duration;
 
+use chgate::clickhouse::types::ColumnType;
 use chgate::ingest::template::{Template, TemplateConfig};
-use chgate::ingest::types::ColumnType;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 fn table() -> Vec<(String, ColumnType)> {

@@ -2,7 +2,6 @@
 //! less loaded. 4, 64 and 1024 nodes; one thread, then all cores picking at once.
 //! `cargo bench --bench pick`
 
-use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,11 +36,9 @@ fn setup(n: usize) -> Arc<Cluster> {
         &Default::default(),
         &Default::default(),
         &Default::default(),
-        &HashMap::new(),
-        &HashMap::new(),
     );
     for (i, node) in cluster.topology().nodes.iter().enumerate() {
-        node.in_flight.set((i % 7) as i64);
+        node.node.in_flight.set((i % 7) as i64);
     }
     Arc::new(cluster)
 }

@@ -1,4 +1,4 @@
-//! The command line: `chgate proxy | config check | passwd | version`.
+//! The command line: `chgate proxy | ingest | config check | passwd | version`.
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;

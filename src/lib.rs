@@ -1,34 +1,58 @@
 //! chgate: a ClickHouse-aware gateway.
 //!
-//! A tour, following a request through `chgate proxy`:
+//! A tour, bottom up: every module uses only the ones listed before it (the order is
+//! checked by `tests/layers.rs`).
 //!
+//! - Foundations: [`secret`] (cluster passwords from the environment or files), [`tls`],
+//!   [`metrics`] (everything exported), [`backoff`], [`signals`], and [`config`] (typed,
+//!   fully validated settings, shared sections validated alike for every app).
+//! - [`auth`]: client password hashes and throttling, protocol-free. [`clickhouse`]: what
+//!   chgate knows about ClickHouse with no I/O (error codes, column types, RowBinary, the
+//!   compressed block format, the insert statement). [`kafka`]: librdkafka as the apps use
+//!   it (zero-copy messages, the batch queue, re-reads, dead letters).
+//! - [`upstream`]: nodes over HTTP: keep-alive pools, one send with the stale-connection
+//!   retry, SQL for chgate's own use, inserts.
+//! - [`picker`]: probes, health, weights and the lock-free picks; clusters reconciled from
+//!   config generation to generation.
+//! - [`gateway`]: the core every frontend shares: users, authentication, policy,
+//!   admission, routing with failover, and protocol-free errors. [`sink`]: a part of rows
+//!   to a picked node of its shard, for the apps that write.
+//! - Frontends: [`http`] (ClickHouse's HTTP interface) and [`admin`] (`/metrics`,
+//!   `/readyz`, the `/v1` pick API), the latter behind a small trait both apps implement.
+//! - Apps: [`proxy`] (`chgate proxy`: gateway, frontends, reload, drain) and [`ingest`]
+//!   (`chgate ingest`: Kafka into the nodes' local tables, exactly once).
 //! - [`cli`] parses the command line; `main.rs` only calls [`cli::main`].
-//! - [`config`] turns a TOML file into typed, fully validated settings ([`config::load`]);
-//!   [`secret`] loads cluster account passwords from the environment or files.
-//! - [`proxy::server`] binds the listeners and runs one task per client connection;
-//!   the request handler takes each request through
-//!   - [`auth`]: which credentials it carries, whether they are right, throttling failures;
-//!   - policy: read-only users ([`proxy::sql`] tells reads from writes), allowed networks;
-//!   - rewriting for the mapped cluster account, then the shard [`picker`] chooses a node
-//!     by health and load, and [`upstream`] sends it over a pooled keep-alive connection
-//!     (driven by the request's own task), retrying a read on the next best node;
-//!   - streaming the response back ([`proxy::body`]), which also returns the connection to
-//!     its pool and records the request's metrics and access log line.
-//! - [`admin`] serves `/metrics`, `/healthz`, `/readyz` and the picker's `/v1` API on its
-//!   own thread;
-//!   [`metrics`] defines what is exported.
-//! - [`tls`] builds the HTTPS listener's rustls config.
-//! - [`ingest`]: `chgate ingest`, Kafka into the nodes' local tables through rings, parser
-//!   workers and the picker, exactly once with ZooKeeper batch intents.
+//!
+//! One HTTP query: `http::server` accepts the connection; `http::handler` reads the
+//! credentials (`http::credentials`) and has the gateway log the client in, rewrites the
+//! request (`http::rewrite`), sniffs the statement (`http::sniff`); the gateway applies
+//! policy, admits and routes it (`gateway::route`: the picker's choice, failover within the
+//! retry budget), `upstream` sends it on a pooled connection, and `http::body` streams the
+//! answer back, returning the connection to its pool and accounting for the request.
 
-pub mod admin;
-pub mod auth;
-pub mod cli;
-pub mod config;
-pub mod ingest;
-pub mod metrics;
-pub mod picker;
-pub mod proxy;
 pub mod secret;
 pub mod tls;
+
+pub mod backoff;
+pub mod config;
+pub mod metrics;
+pub mod signals;
+
+pub mod auth;
+pub mod clickhouse;
+pub mod kafka;
+
 pub mod upstream;
+
+pub mod picker;
+
+pub mod gateway;
+pub mod sink;
+
+pub mod admin;
+pub mod http;
+
+pub mod ingest;
+pub mod proxy;
+
+pub mod cli;

@@ -356,3 +356,39 @@ impl Metrics {
         out
     }
 }
+
+/// One unit of a gauge that counts things in progress (requests in flight): raised when
+/// made, lowered when dropped, whichever way the thing ends (answered, failed, the client
+/// gone), so no path can forget to lower it.
+#[must_use = "the gauge is lowered when the guard is dropped"]
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gauge_guard_lowers_what_it_raised() {
+        let g = IntGauge::new("chgate_test_guard", "test").unwrap();
+        let a = GaugeGuard::new(&g);
+        let b = GaugeGuard::new(&g);
+        assert_eq!(g.get(), 2);
+        drop(a);
+        assert_eq!(g.get(), 1);
+        drop(b);
+        assert_eq!(g.get(), 0);
+    }
+}

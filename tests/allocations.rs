@@ -42,8 +42,6 @@ fn hot_paths_do_not_allocate() {
         &Default::default(),
         &Default::default(),
         &Default::default(),
-        &Default::default(),
-        &Default::default(),
     );
     use chgate::picker::Purpose;
     // The thread-local RNG allocates once, on first use.
@@ -54,8 +52,8 @@ fn hot_paths_do_not_allocate() {
     for _ in 0..1000 {
         ok += verifier.verify_cached(&check, "pw") as usize;
         ok += (!verifier.verify_cached(&check, "wrong")) as usize;
-        ok += (chgate::proxy::sql::classify(b"-- x\n(SELECT 1)", true)
-            == chgate::proxy::sql::StatementKind::Read) as usize;
+        ok += (chgate::gateway::sql::classify(b"-- x\n(SELECT 1)", true)
+            == chgate::gateway::sql::StatementKind::Read) as usize;
         let view = cluster.view();
         ok += view
             .choose(Purpose::Read, None, [rand::random(), rand::random()])

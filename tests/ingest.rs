@@ -964,7 +964,7 @@ fn a_cut_insert_body_is_refused() {
         .unwrap()
     };
 
-    let block = chgate::ingest::compress::lz4_block(&rows).unwrap();
+    let block = chgate::clickhouse::compress::lz4_block(&rows).unwrap();
     for cut in [block.len() - 1, block.len() / 2, 30, 10] {
         let out = insert(&block[..cut], true);
         assert_ne!(out.status, 200, "a block cut at {cut} bytes was taken");

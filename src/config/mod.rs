@@ -4,17 +4,19 @@
 //! naming the key and the reason, so `chgate config check` can print them all at once.
 //! Nothing binds or connects until [`load`] has returned a [`Validated`] config.
 
+mod load;
 mod validate;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
 
-pub use validate::{Problem, Validated};
+pub use load::{load, parse};
+pub use validate::{validate_clusters, validate_picker, validate_upstream, Problem, Validated};
 
 /// The root of a chgate config file.
 #[derive(Debug, Clone, Deserialize)]
@@ -375,19 +377,4 @@ pub struct UserConfig {
     /// Client networks allowed to log in as this user; empty means any.
     #[serde(default)]
     pub networks: Vec<IpNet>,
-}
-
-/// Reads, parses and validates the config at `path`; relative paths inside it are resolved
-/// against the file's directory.
-pub fn load(path: &Path) -> Result<Validated, Vec<Problem>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| vec![Problem::new("", format!("cannot read the file: {e}"))])?;
-    let base = path.parent().unwrap_or_else(|| Path::new("."));
-    parse(&text, base)
-}
-
-/// Parses and validates config text; `base` is the directory relative paths are taken from.
-pub fn parse(text: &str, base: &Path) -> Result<Validated, Vec<Problem>> {
-    let config: Config = toml::from_str(text).map_err(|e| vec![Problem::from_toml(&e, text)])?;
-    validate::validate(config, base)
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use argon2::PasswordHash;
 
-use super::Config;
+use super::{ClusterConfig, Config, PickerConfig, UpstreamConfig};
 use crate::secret::Secret;
 
 /// One thing wrong with a config: where (a dotted key path) and why.
@@ -25,7 +25,8 @@ impl Problem {
         }
     }
 
-    pub(super) fn from_toml(e: &toml::de::Error, text: &str) -> Self {
+    /// A TOML parse error as one line with the position a person can go to.
+    pub fn from_toml(e: &toml::de::Error, text: &str) -> Self {
         // toml's Display draws a caret diagram over several lines; keep one line with the
         // position a person can go to.
         let location = e
@@ -159,8 +160,81 @@ pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Pro
         );
     }
 
+    validate_upstream(&config.upstream, &mut problems);
+    validate_picker(&config.picker, &mut problems);
+    let secrets = validate_clusters(&config.clusters, base, &mut problems);
+    let mut p = |key: String, message: String| problems.push(Problem::new(key, message));
+
+    // Users.
+    if config.users.is_empty() {
+        p("users".into(), "at least one user is required".into());
+    }
+    for (name, user) in &config.users {
+        let key = format!("users.{name}");
+        if !valid_name(name) {
+            p(
+                key.clone(),
+                "user names use letters, digits, '_', '-', '.', '@' (at most 64)".into(),
+            );
+        }
+        match PasswordHash::new(&user.password_hash) {
+            Ok(h) if h.algorithm.as_str().starts_with("argon2") => {}
+            Ok(h) => p(
+                format!("{key}.password_hash"),
+                format!(
+                    "algorithm {} is not accepted; use an Argon2 hash from `chgate passwd`",
+                    h.algorithm
+                ),
+            ),
+            Err(e) => p(
+                format!("{key}.password_hash"),
+                format!("not a PHC password hash ({e}); make one with `chgate passwd`"),
+            ),
+        }
+        if !(1..=2).contains(&user.upstream_readonly) {
+            p(
+                format!("{key}.upstream_readonly"),
+                format!("must be 1 or 2, not {}", user.upstream_readonly),
+            );
+        }
+        match config.clusters.get(&user.cluster) {
+            None => p(
+                format!("{key}.cluster"),
+                format!(
+                    "unknown cluster {:?} (known: {})",
+                    user.cluster,
+                    join_keys(&config.clusters)
+                ),
+            ),
+            Some(cluster) if !cluster.accounts.contains_key(&user.account) => p(
+                format!("{key}.account"),
+                format!(
+                    "cluster {} has no account {:?} (known: {})",
+                    user.cluster,
+                    user.account,
+                    join_keys(&cluster.accounts)
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
+
+    if problems.is_empty() {
+        Ok(Validated {
+            config,
+            secrets,
+            tls,
+            admin_token,
+        })
+    } else {
+        Err(problems)
+    }
+}
+
+/// The `[upstream]` section, for every app.
+pub fn validate_upstream(up: &UpstreamConfig, problems: &mut Vec<Problem>) {
+    let mut p = |key: String, message: String| problems.push(Problem::new(key, message));
     // Upstream.
-    let up = &config.upstream;
     for (key, value) in [
         ("upstream.connect_timeout", up.connect_timeout),
         ("upstream.down_backoff_min", up.down_backoff_min),
@@ -184,9 +258,12 @@ pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Pro
             format!("must be between 0 and 1, not {}", up.retry_budget_ratio),
         );
     }
+}
 
+/// The `[picker]` section, for every app.
+pub fn validate_picker(pk: &PickerConfig, problems: &mut Vec<Problem>) {
+    let mut p = |key: String, message: String| problems.push(Problem::new(key, message));
     // Picker.
-    let pk = &config.picker;
     for (key, value) in [
         ("picker.probe_interval", pk.probe_interval),
         ("picker.probe_retry_interval", pk.probe_retry_interval),
@@ -221,13 +298,23 @@ pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Pro
             "must be a positive number".into(),
         );
     }
+}
 
+/// The `[clusters]` sections, for every app: shapes, names, accounts and their secrets
+/// (loaded, and returned by (cluster, account)). `base` is where relative secret files
+/// are found.
+pub fn validate_clusters(
+    clusters: &BTreeMap<String, ClusterConfig>,
+    base: &Path,
+    problems: &mut Vec<Problem>,
+) -> BTreeMap<(String, String), Secret> {
+    let mut p = |key: String, message: String| problems.push(Problem::new(key, message));
     // Clusters and their accounts.
     let mut secrets = BTreeMap::new();
-    if config.clusters.is_empty() {
+    if clusters.is_empty() {
         p("clusters".into(), "at least one cluster is required".into());
     }
-    for (name, cluster) in &config.clusters {
+    for (name, cluster) in clusters {
         let key = format!("clusters.{name}");
         if !valid_name(name) {
             p(
@@ -376,70 +463,7 @@ pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Pro
         }
     }
 
-    // Users.
-    if config.users.is_empty() {
-        p("users".into(), "at least one user is required".into());
-    }
-    for (name, user) in &config.users {
-        let key = format!("users.{name}");
-        if !valid_name(name) {
-            p(
-                key.clone(),
-                "user names use letters, digits, '_', '-', '.', '@' (at most 64)".into(),
-            );
-        }
-        match PasswordHash::new(&user.password_hash) {
-            Ok(h) if h.algorithm.as_str().starts_with("argon2") => {}
-            Ok(h) => p(
-                format!("{key}.password_hash"),
-                format!(
-                    "algorithm {} is not accepted; use an Argon2 hash from `chgate passwd`",
-                    h.algorithm
-                ),
-            ),
-            Err(e) => p(
-                format!("{key}.password_hash"),
-                format!("not a PHC password hash ({e}); make one with `chgate passwd`"),
-            ),
-        }
-        if !(1..=2).contains(&user.upstream_readonly) {
-            p(
-                format!("{key}.upstream_readonly"),
-                format!("must be 1 or 2, not {}", user.upstream_readonly),
-            );
-        }
-        match config.clusters.get(&user.cluster) {
-            None => p(
-                format!("{key}.cluster"),
-                format!(
-                    "unknown cluster {:?} (known: {})",
-                    user.cluster,
-                    join_keys(&config.clusters)
-                ),
-            ),
-            Some(cluster) if !cluster.accounts.contains_key(&user.account) => p(
-                format!("{key}.account"),
-                format!(
-                    "cluster {} has no account {:?} (known: {})",
-                    user.cluster,
-                    user.account,
-                    join_keys(&cluster.accounts)
-                ),
-            ),
-            Some(_) => {}
-        }
-    }
-
-    if problems.is_empty() {
-        Ok(Validated {
-            config,
-            secrets,
-            tls,
-            admin_token,
-        })
-    } else {
-        Err(problems)
-    }
+    secrets
 }
 
 /// `host:port` with a non-empty host and a port number.

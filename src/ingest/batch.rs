@@ -8,35 +8,24 @@
 //! the time window is measured from), so the same range rebuilt after a crash gives the
 //! same parts byte for byte.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::config::Sharding;
+use super::pending::{Ceiling, Reservation};
+use super::shard_key;
 use super::template::{Template, Window};
-use crate::picker::select::fnv1a;
+use crate::kafka::DeadLetter;
+use crate::sink::Rows;
 
 pub use super::message::Message;
 
-/// A message that goes to the dead-letter topic, and why.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
-    pub reason: &'static str,
-    pub error: String,
-}
-
 /// Rows for one shard.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Part {
     /// The 1-based shard; `None` lets the picker choose (random sharding).
     pub shard: Option<u32>,
-    pub data: Vec<u8>,
-    /// Where each row ends in `data`, so a batch ClickHouse refuses can be split.
-    pub row_ends: Vec<usize>,
+    pub rows: Rows,
     /// The offset of each row's message (should ClickHouse refuse a row, its original is
     /// read again from the partition for the dead-letter topic: parsed messages are not
     /// kept, a row costs ~20 times less memory than its JSON).
@@ -45,18 +34,7 @@ pub struct Part {
 
 impl Part {
     pub fn rows(&self) -> usize {
-        self.row_ends.len()
-    }
-
-    /// Rows `[from, to)` as one RowBinary body.
-    pub fn slice(&self, from: usize, to: usize) -> &[u8] {
-        let start = if from == 0 {
-            0
-        } else {
-            self.row_ends[from - 1]
-        };
-        let end = if to == 0 { 0 } else { self.row_ends[to - 1] };
-        &self.data[start..end]
+        self.rows.rows()
     }
 }
 
@@ -70,9 +48,9 @@ pub struct Segment {
     pub clock: i64,
     pub parts: Vec<Part>,
     pub dead: Vec<DeadLetter>,
-    /// Bytes this segment holds (for the memory ceiling): rows as encoded, dead letters
-    /// whole.
-    pub bytes: usize,
+    /// What this segment holds against the memory ceiling (rows as encoded, dead letters
+    /// whole), given back when it is dropped: written, abandoned or revoked.
+    pub reserved: Reservation,
     /// A segment rebuilt from an unfinished intent: its shard and clock are the recorded
     /// ones, and its intent is already in ZooKeeper.
     pub replay: bool,
@@ -92,15 +70,17 @@ pub struct TaskSpec {
     pub batch_age: Duration,
 }
 
+impl Segment {
+    /// Bytes held against the memory ceiling.
+    pub fn bytes(&self) -> usize {
+        self.reserved.bytes()
+    }
+}
+
 impl TaskSpec {
-    /// The shard a key goes to: a stable hash over the shard list, so one key always lands
-    /// on one shard while the shard list stays the same.
+    /// The shard a key goes to (see [`shard_key`]: stored-data policy).
     pub fn shard_for(&self, key: &[u8]) -> u32 {
-        let n = self.shards.len().max(1) as u64;
-        self.shards
-            .get((fnv1a(key) % n) as usize)
-            .copied()
-            .unwrap_or(1)
+        shard_key::shard_for(key, &self.shards)
     }
 }
 
@@ -114,7 +94,7 @@ struct Open {
     parts: Vec<Part>,
     dead: Vec<DeadLetter>,
     rows: usize,
-    bytes: usize,
+    reserved: Reservation,
 }
 
 /// Memory a row holds besides its encoded bytes: its end and its offset.
@@ -125,9 +105,9 @@ pub struct Batcher {
     spec: Arc<TaskSpec>,
     task: usize,
     partition: i32,
-    /// Bytes held between the consumer and the commit (the memory ceiling): a message
-    /// counts its payload until it is added here, then what the segment keeps of it.
-    pending: Arc<AtomicUsize>,
+    /// The memory ceiling: a message holds its payload until it is added here, then the
+    /// segment holds what it keeps of it.
+    ceiling: Arc<Ceiling>,
     open: Option<Open>,
     key: Vec<u8>,
     /// A row being encoded before its shard is known (key sharding), reused.
@@ -141,17 +121,12 @@ fn unix_now() -> i64 {
 }
 
 impl Batcher {
-    pub fn new(
-        spec: Arc<TaskSpec>,
-        task: usize,
-        partition: i32,
-        pending: Arc<AtomicUsize>,
-    ) -> Self {
+    pub fn new(spec: Arc<TaskSpec>, task: usize, partition: i32, ceiling: Arc<Ceiling>) -> Self {
         Self {
             spec,
             task,
             partition,
-            pending,
+            ceiling,
             open: None,
             key: Vec::new(),
             row: Vec::new(),
@@ -195,6 +170,7 @@ impl Batcher {
         replay: Option<(Option<u32>, i64)>,
     ) -> Option<Segment> {
         let spec = &*self.spec;
+        let ceiling = &self.ceiling;
         let open = self.open.get_or_insert_with(|| Open {
             ends_at: replay.map(|(_, last)| last),
             first: msg.offset,
@@ -217,11 +193,10 @@ impl Batcher {
             },
             dead: Vec::new(),
             rows: 0,
-            bytes: 0,
+            reserved: ceiling.reserve(0),
         });
         open.last = msg.offset;
-        let consumed = msg.payload().len();
-        let encoded_before: usize = open.parts.iter().map(|p| p.data.len()).sum();
+        let encoded_before: usize = open.parts.iter().map(|p| p.rows.data.len()).sum();
         let window = spec.window.map(|(column, age, future)| Window {
             column,
             min: open.clock - age.as_secs() as i64,
@@ -232,7 +207,13 @@ impl Batcher {
             Sharding::Random => {
                 let part = &mut open.parts[0];
                 spec.template
-                    .encode_row(msg.payload(), &mut part.data, window, None, &mut self.key)
+                    .encode_row(
+                        msg.payload(),
+                        &mut part.rows.data,
+                        window,
+                        None,
+                        &mut self.key,
+                    )
                     .map(|()| 0)
             }
             Sharding::Key => {
@@ -248,24 +229,28 @@ impl Batcher {
                     .map(|()| {
                         let shard = spec.shard_for(&self.key);
                         let i = spec.shards.iter().position(|&s| s == shard).unwrap_or(0);
-                        open.parts[i].data.extend_from_slice(&self.row);
+                        open.parts[i].rows.data.extend_from_slice(&self.row);
                         i
                     })
             }
         };
-        let encoded: usize = open.parts.iter().map(|p| p.data.len()).sum();
-        let kept = match result {
+        let encoded: usize = open.parts.iter().map(|p| p.rows.data.len()).sum();
+        // The segment takes on what it keeps before the message (dropped here) gives its
+        // payload back: the held total never dips below what is really held.
+        match result {
             Ok(i) => {
                 let part = &mut open.parts[i];
-                part.row_ends.push(part.data.len());
+                part.rows.end_row();
                 part.offsets.push(msg.offset);
                 open.rows += 1;
-                encoded - encoded_before + ROW_OVERHEAD
+                open.reserved.grow(encoded - encoded_before + ROW_OVERHEAD);
+                drop(msg);
             }
             Err(e) => {
+                let kept = msg.payload().len() + msg.key().map_or(0, <[u8]>::len) + e.message.len();
+                open.reserved.grow(kept);
                 let (partition, offset) = (msg.partition, msg.offset);
                 let (key, payload) = msg.into_parts();
-                let kept = consumed + key.as_ref().map_or(0, Vec::len) + e.message.len();
                 open.dead.push(DeadLetter {
                     partition,
                     offset,
@@ -274,13 +259,8 @@ impl Batcher {
                     reason: e.kind,
                     error: e.message,
                 });
-                kept
             }
-        };
-        open.bytes += kept;
-        // Add before subtracting: the consumer counted `consumed` already.
-        self.pending.fetch_add(kept, Ordering::Relaxed);
-        self.pending.fetch_sub(consumed, Ordering::Relaxed);
+        }
         let full = match open.ends_at {
             // A rebuilt segment ends where it ended before, whatever the limits say.
             Some(end) => open.last >= end,
@@ -313,7 +293,7 @@ impl Batcher {
             clock: open.clock,
             parts: open.parts.into_iter().filter(|p| p.rows() > 0).collect(),
             dead: open.dead,
-            bytes: open.bytes,
+            reserved: open.reserved,
         })
     }
 }
@@ -321,8 +301,8 @@ impl Batcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clickhouse::types::ColumnType;
     use crate::ingest::template::TemplateConfig;
-    use crate::ingest::types::ColumnType;
 
     fn spec(sharding: Sharding, rows: usize) -> Arc<TaskSpec> {
         let table: Vec<(String, ColumnType)> = vec![
@@ -369,7 +349,7 @@ mod tests {
         assert_eq!(s.parts[0].offsets, [10, 13, 14]);
         let reasons: Vec<_> = s.dead.iter().map(|d| (d.offset, d.reason)).collect();
         assert_eq!(reasons, [(11, "parse"), (12, "time_window")]);
-        assert_eq!(s.parts[0].slice(1, 2).len(), 12);
+        assert_eq!(s.parts[0].rows.slice(1, 2).len(), 12);
         assert!(b.seal().is_none());
     }
 
@@ -404,7 +384,7 @@ mod tests {
         let again = build();
         for (a, b) in s.parts.iter().zip(&again.parts) {
             assert_eq!(
-                a.data, b.data,
+                a.rows.data, b.rows.data,
                 "the same messages and clock give the same bytes"
             );
         }
@@ -431,7 +411,7 @@ mod tests {
             .unwrap();
         assert!(rebuilt.replay);
         assert_eq!(rebuilt.parts[0].shard, Some(2));
-        assert_eq!(rebuilt.parts[0].data, original.parts[0].data);
+        assert_eq!(rebuilt.parts[0].rows.data, original.parts[0].rows.data);
         assert_eq!((rebuilt.first, rebuilt.last, rebuilt.clock), (10, 11, 1000));
     }
 
@@ -446,26 +426,27 @@ mod tests {
 
     #[test]
     fn holds_what_it_keeps_of_a_message_not_the_message() {
-        let pending = Arc::new(AtomicUsize::new(0));
-        let mut b = Batcher::new(spec(Sharding::Random, 1000), 0, 0, pending.clone());
+        let ceiling = Arc::new(Ceiling::default());
+        let mut b = Batcher::new(spec(Sharding::Random, 1000), 0, 0, ceiling.clone());
         let padding = "x".repeat(700);
         let mut consumed = 0;
         for i in 0..100 {
+            // Held from the moment the consumer takes it, as the consumer does.
             let m = msg(
                 i,
                 &format!(r#"{{"ts": 1000, "user_id": {i}, "pad": "{padding}"}}"#),
-            );
-            // What the consumer does before handing the message over.
-            pending.fetch_add(m.payload().len(), Ordering::Relaxed);
+            )
+            .reserve(&ceiling);
             consumed += m.payload().len();
             b.add_at(m, 1000);
         }
-        pending.fetch_add(8, Ordering::Relaxed);
-        b.add_at(msg(100, "not json"), 1000);
-        let held = pending.load(Ordering::Relaxed);
+        b.add_at(msg(100, "not json").reserve(&ceiling), 1000);
+        let held = ceiling.held();
         // 100 rows of 12 bytes (+ their bookkeeping) and one dead letter, not 70 KB of JSON.
         assert!(held < consumed / 10, "{held} of {consumed}");
         let s = b.seal().unwrap();
-        assert_eq!(s.bytes, held);
+        assert_eq!(s.bytes(), held);
+        drop(s);
+        assert_eq!(ceiling.held(), 0, "a segment dropped gives everything back");
     }
 }

@@ -9,7 +9,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::template::TemplateConfig;
-use crate::config::{ClusterConfig, PickerConfig, Problem, UpstreamConfig};
+use crate::config::{
+    validate_clusters, validate_picker, validate_upstream, ClusterConfig, PickerConfig, Problem,
+    UpstreamConfig,
+};
 use crate::secret::Secret;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -214,48 +217,14 @@ pub fn load(path: &Path) -> Result<ValidatedIngest, Vec<Problem>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| vec![Problem::new("", format!("cannot read the file: {e}"))])?;
     let base = path.parent().unwrap_or_else(|| Path::new("."));
-    let config: IngestConfig = toml::from_str(&text).map_err(|e| {
-        vec![Problem::new(
-            "",
-            match e.span() {
-                Some(span) => {
-                    let before = &text[..span.start.min(text.len())];
-                    format!(
-                        "line {}: {}",
-                        before.matches('\n').count() + 1,
-                        e.message().trim_end()
-                    )
-                }
-                None => e.message().trim_end().to_string(),
-            },
-        )]
-    })?;
+    let config: IngestConfig =
+        toml::from_str(&text).map_err(|e| vec![Problem::from_toml(&e, &text)])?;
     let mut problems = Vec::new();
+    // The same checks as the proxy's: a sidecar's embedded picker is a picker like its.
+    validate_upstream(&config.upstream, &mut problems);
+    validate_picker(&config.picker, &mut problems);
+    let secrets = validate_clusters(&config.clusters, base, &mut problems);
     let mut p = |k: String, m: String| problems.push(Problem::new(k, m));
-    let mut secrets = BTreeMap::new();
-    for (name, cluster) in &config.clusters {
-        for (acc_name, acc) in &cluster.accounts {
-            match crate::secret::load(
-                acc.password_env.as_deref(),
-                acc.password_file.as_deref(),
-                base,
-            ) {
-                Ok(s) => {
-                    secrets.insert((name.clone(), acc_name.clone()), s);
-                }
-                Err(e) => p(
-                    format!("clusters.{name}.accounts.{acc_name}"),
-                    e.to_string(),
-                ),
-            }
-        }
-        if cluster.shards.is_empty() && cluster.shard_groups.is_empty() {
-            p(
-                format!("clusters.{name}"),
-                "at least one shard is required".into(),
-            );
-        }
-    }
     let pick_token = match &config.pick_api {
         Some(api) if api.token_env.is_some() || api.token_file.is_some() => {
             crate::secret::load(api.token_env.as_deref(), api.token_file.as_deref(), base)

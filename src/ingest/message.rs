@@ -1,14 +1,14 @@
 //! A consumed message on its way from the consumer thread to a parser worker.
 //!
 //! Messages from Kafka are not copied: the worker reads the payload where librdkafka put
-//! it (the fetch response buffer) and the message is released when the worker is done
-//! with it. Measured on the benchmark's ~780-byte JSON messages, the copy and its
-//! allocation and free were about a tenth of the sidecar's CPU.
+//! it ([`Held`]) and the message is released when the worker is done with it. While it
+//! travels, a message holds its payload's bytes against the memory ceiling
+//! ([`Reservation`]), given back when it is dropped, whatever becomes of it.
 
-use std::ffi::CStr;
-use std::ptr::NonNull;
+use std::sync::Arc;
 
-use rdkafka::bindings as rdsys;
+use super::pending::{Ceiling, Reservation};
+use crate::kafka::Held;
 
 /// A message as the consumer hands it to a worker.
 #[derive(Debug)]
@@ -17,6 +17,7 @@ pub struct Message {
     pub partition: i32,
     pub offset: i64,
     body: Body,
+    reserved: Reservation,
 }
 
 #[derive(Debug)]
@@ -42,6 +43,7 @@ impl Message {
             partition,
             offset,
             body: Body::Owned { key, payload },
+            reserved: Reservation::none(),
         }
     }
 
@@ -52,7 +54,14 @@ impl Message {
             partition: held.partition(),
             offset: held.offset(),
             body: Body::Kafka(held),
+            reserved: Reservation::none(),
         }
+    }
+
+    /// The message with its payload held against `ceiling` until it is dropped.
+    pub fn reserve(mut self, ceiling: &Arc<Ceiling>) -> Self {
+        self.reserved = ceiling.reserve(self.payload().len());
+        self
     }
 
     pub fn payload(&self) -> &[u8] {
@@ -75,104 +84,5 @@ impl Message {
             Body::Owned { key, payload } => (key, payload),
             Body::Kafka(h) => (h.key().map(<[u8]>::to_vec), h.payload().to_vec()),
         }
-    }
-}
-
-/// A message as librdkafka returned it from a batch read (`rd_kafka_consume_batch_queue`),
-/// owned until dropped, when it is released (`rd_kafka_message_destroy`, which librdkafka
-/// allows from any thread).
-///
-/// The message lives in its consumer's memory, so the consumer must outlive it. The
-/// pipeline keeps it so: the consumer lives in an `Arc`, and everything that can hold
-/// messages (the consumer thread with its stash and ring senders, each worker with its ring
-/// receiver) holds a clone of that `Arc` and drops its messages first.
-pub struct Held(NonNull<rdsys::rd_kafka_message_t>);
-
-// SAFETY: a librdkafka message is read by one owner at a time and may be destroyed on any
-// thread; nothing in it is tied to the thread that fetched it.
-unsafe impl Send for Held {}
-
-impl Held {
-    /// # Safety
-    /// `message` is a message librdkafka returned, owned by nobody else (it is destroyed
-    /// when the value is dropped), and its consumer outlives the returned value.
-    pub unsafe fn from_raw(message: *mut rdsys::rd_kafka_message_t) -> Option<Self> {
-        NonNull::new(message).map(Self)
-    }
-
-    fn raw(&self) -> &rdsys::rd_kafka_message_t {
-        // SAFETY: valid until dropped (see `from_raw`).
-        unsafe { self.0.as_ref() }
-    }
-
-    /// The error librdkafka delivered in place of a message, if it is one.
-    pub fn error(&self) -> Option<String> {
-        let err = self.raw().err;
-        if err == rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-            return None;
-        }
-        // SAFETY: both return static or message-owned C strings, read before the message goes.
-        let (name, detail) = unsafe {
-            (
-                CStr::from_ptr(rdsys::rd_kafka_err2str(err)).to_string_lossy(),
-                CStr::from_ptr(rdsys::rd_kafka_message_errstr(self.0.as_ptr())).to_string_lossy(),
-            )
-        };
-        Some(format!("{name}: {detail}"))
-    }
-
-    pub fn partition(&self) -> i32 {
-        self.raw().partition
-    }
-
-    pub fn offset(&self) -> i64 {
-        self.raw().offset
-    }
-
-    /// The topic's name (`None` if it is not UTF-8).
-    pub fn topic(&self) -> Option<&str> {
-        let rkt = self.raw().rkt;
-        if rkt.is_null() {
-            return None;
-        }
-        // SAFETY: the message holds a reference on its topic; the name lives as long.
-        unsafe { CStr::from_ptr(rdsys::rd_kafka_topic_name(rkt)) }
-            .to_str()
-            .ok()
-    }
-
-    pub fn payload(&self) -> &[u8] {
-        let m = self.raw();
-        if m.payload.is_null() {
-            return &[];
-        }
-        // SAFETY: librdkafka's (pointer, length) of the payload, valid while the message is.
-        unsafe { std::slice::from_raw_parts(m.payload as *const u8, m.len) }
-    }
-
-    pub fn key(&self) -> Option<&[u8]> {
-        let m = self.raw();
-        if m.key.is_null() {
-            return None;
-        }
-        // SAFETY: as for the payload.
-        Some(unsafe { std::slice::from_raw_parts(m.key as *const u8, m.key_len) })
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        // SAFETY: owned (see `from_raw`), destroyed once.
-        unsafe { rdsys::rd_kafka_message_destroy(self.0.as_ptr()) }
-    }
-}
-
-impl std::fmt::Debug for Held {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Held")
-            .field("partition", &self.partition())
-            .field("offset", &self.offset())
-            .field("len", &self.raw().len)
-            .finish()
     }
 }

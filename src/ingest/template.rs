@@ -18,8 +18,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::encode::{encode, encode_zero, timestamp, Source, TimeFormat};
-use super::types::ColumnType;
+use crate::clickhouse::rowbinary::{encode, encode_zero, timestamp, truncate, Source, TimeFormat};
+use crate::clickhouse::types::ColumnType;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(rename_all = "lowercase")]
@@ -579,18 +579,6 @@ pub fn split<'a>(
             },
         }
     }
-}
-
-/// At most `max` bytes of `s`, cut at a character boundary.
-pub fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 fn shorten(s: &str) -> &str {

@@ -6,24 +6,23 @@
 //! - `GET /v1/topology`: every cluster, shard group, shard and node with its health, weights
 //!   and the probe figures behind them.
 
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::{json, Value};
 
 use super::health::State;
+use super::purpose::Purpose;
 use super::topology::Source;
-use super::view::{NoNode, Purpose, View};
-use super::Cluster;
+use super::view::{NoNode, View};
+use super::{Cluster, Clusters};
 
 fn error(status: StatusCode, message: String) -> (StatusCode, Value) {
     (status, json!({ "error": message }))
 }
 
 /// Answers `/v1/pick`.
-pub fn pick(clusters: &HashMap<String, Arc<Cluster>>, query: Option<&str>) -> (StatusCode, Value) {
+pub fn pick(clusters: &Clusters, query: Option<&str>) -> (StatusCode, Value) {
     let mut cluster_name = None;
     let mut purpose = None;
     let mut shard = None;
@@ -69,7 +68,7 @@ pub fn pick(clusters: &HashMap<String, Arc<Cluster>>, query: Option<&str>) -> (S
         Some(name) => match clusters.get(&name) {
             Some(c) => c,
             None => {
-                let mut known: Vec<&str> = clusters.keys().map(String::as_str).collect();
+                let mut known: Vec<&str> = clusters.iter().map(|(k, _)| k.as_str()).collect();
                 known.sort_unstable();
                 return error(
                     StatusCode::NOT_FOUND,
@@ -101,8 +100,9 @@ pub fn pick(clusters: &HashMap<String, Arc<Cluster>>, query: Option<&str>) -> (S
     match view.pick(purpose, shard, [rand::random(), rand::random()]) {
         Ok(i) => {
             let t = &view.topology;
-            let node = &t.nodes[i];
-            node.picks[purpose.index()].inc();
+            let backend = &t.nodes[i];
+            backend.picked(purpose);
+            let node = &backend.node;
             let replica = &t.replicas[i];
             let s = &t.shards[replica.shard];
             (
@@ -140,7 +140,8 @@ fn no_node_json(cluster: &str, view: &View, no: &NoNode) -> Value {
         .map(|(i, e)| {
             format!(
                 "{} (shard {}): {e}",
-                t.nodes[*i].label, t.shards[t.replicas[*i].shard].number
+                t.nodes[*i].label(),
+                t.shards[t.replicas[*i].shard].number
             )
         })
         .collect();
@@ -151,8 +152,8 @@ fn no_node_json(cluster: &str, view: &View, no: &NoNode) -> Value {
         "shard": no.shard,
         "reason": details.join("; "),
         "nodes": no.reasons.iter().map(|(i, e)| json!({
-            "host": t.nodes[*i].host,
-            "http_port": t.nodes[*i].port,
+            "host": t.nodes[*i].node.host,
+            "http_port": t.nodes[*i].node.port,
             "shard": t.shards[t.replicas[*i].shard].number,
             "reason": e.to_string(),
         })).collect::<Vec<_>>(),
@@ -171,13 +172,10 @@ fn standing_json(r: &Result<u32, super::score::Exclusion>, published: u32) -> Va
 }
 
 /// Answers `/v1/topology`.
-pub fn topology(clusters: &HashMap<String, Arc<Cluster>>) -> Value {
-    let mut names: Vec<&String> = clusters.keys().collect();
-    names.sort();
-    let clusters: Vec<Value> = names
-        .into_iter()
-        .map(|name| cluster_json(&clusters[name]))
-        .collect();
+pub fn topology(clusters: &Clusters) -> Value {
+    let mut sorted: Vec<(&String, &std::sync::Arc<Cluster>)> = clusters.iter().collect();
+    sorted.sort_by_key(|(name, _)| *name);
+    let clusters: Vec<Value> = sorted.into_iter().map(|(_, c)| cluster_json(c)).collect();
     json!({ "clusters": clusters })
 }
 
@@ -216,9 +214,10 @@ fn cluster_json(cluster: &Cluster) -> Value {
                 .nodes
                 .iter()
                 .map(|&i| {
-                    let node = &t.nodes[i];
+                    let backend = &t.nodes[i];
+                    let node = &backend.node;
                     let r = &t.replicas[i];
-                    let p = node.state.snapshot();
+                    let p = backend.state.snapshot();
                     let st = &view.standings[i];
                     json!({
                         "replica": r.replica_num,

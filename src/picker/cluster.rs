@@ -1,5 +1,5 @@
-//! A cluster as the proxy and the pick API see it: its accounts, its topology, the view
-//! picks read, and the background tasks that keep that view current.
+//! A cluster as the gateway, the sinks and the pick API see it: its accounts, its topology,
+//! the view picks read, and the background tasks that keep that view current.
 //!
 //! One supervisor task per cluster (started by [`Cluster::start`], stopped when the
 //! `Cluster` is dropped, e.g. replaced by a reload) owns:
@@ -19,17 +19,19 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, Guard};
 use tokio_util::sync::CancellationToken;
 
+use super::backend::Backend;
 use super::budget::RetryBudget;
 use super::health::{HealthConfig, State, Transition};
 use super::probe::{probe_node, probe_zookeeper, system_clusters};
+use super::purpose::Purpose;
 use super::score::ScoreConfig;
 use super::state::{Group, MemberStatus};
 use super::topology::Topology;
-use super::view::{Inputs, Purpose, View};
+use super::view::{Inputs, View};
 use crate::config::{ClusterConfig, PickerConfig, UpstreamConfig};
 use crate::metrics::METRICS;
 use crate::secret::Secret;
-use crate::upstream::{Account, Node};
+use crate::upstream::Account;
 
 /// What the tasks share with the request path.
 pub struct Shared {
@@ -76,7 +78,7 @@ impl Shared {
             let shard = view.topology.shards[view.topology.replicas[i].shard]
                 .number
                 .to_string();
-            let labels = [self.name.as_str(), shard.as_str(), node.label.as_str()];
+            let labels = [self.name.as_str(), shard.as_str(), node.label()];
             METRICS
                 .node_health
                 .with_label_values(&labels)
@@ -84,12 +86,19 @@ impl Shared {
             for purpose in [Purpose::Read, Purpose::Write] {
                 METRICS
                     .node_weight
-                    .with_label_values(&[&self.name, &shard, &node.label, purpose.as_str()])
+                    .with_label_values(&[&self.name, &shard, node.label(), purpose.as_str()])
                     .set(view.published_weight(i, purpose) as f64);
             }
         }
         self.view.store(Arc::new(view));
     }
+}
+
+/// What a new generation of clusters takes over from the previous one.
+#[derive(Default)]
+pub(super) struct Carry {
+    pub backends: HashMap<String, Arc<Backend>>,
+    pub groups: HashMap<(String, Vec<String>), Arc<Group>>,
 }
 
 pub struct Cluster {
@@ -108,16 +117,27 @@ impl Drop for Cluster {
 }
 
 impl Cluster {
-    /// Builds a cluster from its config, reusing `existing` nodes (by label) and `groups`
-    /// (by name) so pools and health survive a reload. Nothing runs until [`Self::start`].
+    /// Builds a cluster from its config alone (every node new). Nothing runs until
+    /// [`Self::start`]; [`super::Clusters::reconcile`] builds and starts a whole config's.
     pub fn new(
         name: &str,
         config: &ClusterConfig,
         secrets: &std::collections::BTreeMap<(String, String), Secret>,
         upstream: &UpstreamConfig,
         picker: &PickerConfig,
-        existing: &HashMap<String, Arc<Node>>,
-        existing_groups: &HashMap<(String, Vec<String>), Arc<Group>>,
+    ) -> Self {
+        Self::build(name, config, secrets, upstream, picker, &Carry::default())
+    }
+
+    /// [`Self::new`], reusing the backends (by label) and shard groups (by name and
+    /// ensemble) of `carry`, so pools and health survive a reload.
+    pub(super) fn build(
+        name: &str,
+        config: &ClusterConfig,
+        secrets: &std::collections::BTreeMap<(String, String), Secret>,
+        upstream: &UpstreamConfig,
+        picker: &PickerConfig,
+        carry: &Carry,
     ) -> Self {
         let accounts: HashMap<String, Arc<Account>> = config
             .accounts
@@ -136,13 +156,19 @@ impl Cluster {
             .into_iter()
             .map(|g| {
                 let name = g.name.unwrap_or_default();
-                existing_groups
+                carry
+                    .groups
                     .get(&(name.clone(), g.zookeeper.clone()))
                     .cloned()
                     .unwrap_or_else(|| Arc::new(Group::new(name, g.zookeeper)))
             })
             .collect();
-        let topology = Arc::new(Topology::from_config(config, &groups, upstream, existing));
+        let topology = Arc::new(Topology::from_config(
+            config,
+            &groups,
+            upstream,
+            &carry.backends,
+        ));
         let shared = Shared {
             name: name.to_string(),
             picker: picker.clone(),
@@ -232,11 +258,8 @@ async fn supervise(shared: Arc<Shared>, stop: CancellationToken) {
         }
         let topology = shared.topology.load_full();
         if !current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &topology)) {
-            let wanted: HashMap<&str, &Arc<Node>> = topology
-                .nodes
-                .iter()
-                .map(|n| (n.label.as_str(), n))
-                .collect();
+            let wanted: HashMap<&str, &Arc<Backend>> =
+                topology.nodes.iter().map(|n| (n.label(), n)).collect();
             node_tasks.retain(|label, token| {
                 let keep = wanted.contains_key(label.as_str());
                 if !keep {
@@ -280,26 +303,27 @@ fn jitter(interval: Duration) -> Duration {
     interval.mul_f64(rand::random::<f64>() * 0.1)
 }
 
-async fn probe_node_loop(shared: Arc<Shared>, node: Arc<Node>, stop: CancellationToken) {
+async fn probe_node_loop(shared: Arc<Shared>, backend: Arc<Backend>, stop: CancellationToken) {
     let Some(account) = shared.probe_account.clone() else {
         return;
     };
     let picker = &shared.picker;
     loop {
         let started = tokio::time::Instant::now();
+        let node = &backend.node;
         let result = probe_node(
-            &node,
+            node,
             &account,
-            node.state.capabilities(),
+            backend.state.capabilities(),
             picker.probe_timeout,
         )
         .await;
         let ok = result.is_ok();
         let recorded = match result {
             Ok((figures, caps)) => {
-                node.state.set_capabilities(Some(caps));
-                // The node answers: whatever passive backoff the proxy put on it is over.
-                node.mark_up();
+                backend.state.set_capabilities(Some(caps));
+                // The node answers: whatever connection backoff requests put on it is over.
+                node.recovered();
                 METRICS
                     .node_probe_seconds
                     .with_label_values(&[&node.label])
@@ -320,7 +344,7 @@ async fn probe_node_loop(shared: Arc<Shared>, node: Arc<Node>, stop: Cancellatio
             }
         };
         let error = recorded.as_ref().err().cloned();
-        let (transition, _) = node.state.record_probe(shared.health_config(), recorded);
+        let (transition, _) = backend.state.record_probe(shared.health_config(), recorded);
         match transition {
             Some(Transition::WentDown) => tracing::warn!(
                 cluster = %shared.name, node = %node.label,
@@ -435,7 +459,7 @@ async fn discovery_loop(shared: Arc<Shared>, stop: CancellationToken) {
         });
         let mut outcome = Err("no node to ask".to_string());
         for i in seeds {
-            let node = &current.nodes[i];
+            let node = &current.nodes[i].node;
             match system_clusters(
                 node,
                 &account,

@@ -5,24 +5,23 @@
 //! renamed background pool metrics), so [`detect`] asks once which tables exist and the
 //! query only uses those; a figure the server cannot give is `None`, never a guess.
 //! A ZooKeeper probe is the four-letter words `ruok` and `mntr` over plain TCP.
+//!
+//! Probes go over a connection of their own ([`Dedicated`]), never the request pool.
 
 use std::time::{Duration, Instant};
 
-use http::{header, Method, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::proxy::body::ReqBody;
-use crate::upstream::{Account, Node, Upstream, UpstreamError};
+use super::figures::{Capabilities, ClusterRow, NodeFigures, ZooKeeperFigures};
+use crate::upstream::{Account, Dedicated, Node, QueryError, UpstreamError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     #[error(transparent)]
-    Upstream(#[from] UpstreamError),
-    #[error("reading the answer failed: {0}")]
-    Body(hyper::Error),
+    Upstream(UpstreamError),
     #[error("the server answered {status}: {text}")]
     Status { status: u16, text: String },
     #[error("unexpected answer: {0}")]
@@ -31,32 +30,14 @@ pub enum ProbeError {
     ZooKeeper(String),
 }
 
-/// What a server offers, asked once per node (and again after it restarts).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Capabilities {
-    /// `system.disks` (19.15+): free space per disk.
-    pub disks: bool,
-    /// `system.replicas` is readable (replication figures).
-    pub replicas: bool,
-}
-
-/// One probe's figures.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct NodeFigures {
-    pub round_trip: Duration,
-    pub running_queries: u64,
-    pub merges: u64,
-    pub background_pool_tasks: u64,
-    /// Replicated tables in read-only mode (lost ZooKeeper, or a readonly replica).
-    pub readonly_replicas: u64,
-    pub session_expired: bool,
-    /// Seconds the most delayed replicated table lags behind.
-    pub replica_delay_s: u64,
-    pub replica_queue: u64,
-    /// Active parts in the fullest partition: the "too many parts" risk.
-    pub max_parts_in_partition: u64,
-    /// Free bytes on the emptiest disk; `None` if the server cannot tell.
-    pub free_disk_bytes: Option<u64>,
+impl From<QueryError> for ProbeError {
+    fn from(e: QueryError) -> Self {
+        match e {
+            QueryError::Upstream(UpstreamError::Timeout(t)) => Self::Timeout(t),
+            QueryError::Upstream(e) => Self::Upstream(e),
+            QueryError::Server { status, text, .. } => Self::Status { status, text },
+        }
+    }
 }
 
 impl ProbeError {
@@ -64,7 +45,7 @@ impl ProbeError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Timeout(_) => "timeout",
-            Self::Upstream(_) | Self::Body(_) => "connect",
+            Self::Upstream(_) => "connect",
             Self::Status { .. } => "status",
             Self::Parse(_) => "parse",
             Self::ZooKeeper(_) => "zookeeper",
@@ -74,15 +55,15 @@ impl ProbeError {
 
 /// `GET /ping`: the server's HTTP handler answers without touching any table.
 pub async fn ping(node: &Node, timeout: Duration) -> Result<Duration, ProbeError> {
-    ping_on(node, &mut None, timeout).await
+    ping_on(node, &mut Dedicated::default(), timeout).await
 }
 
 async fn ping_on(
     node: &Node,
-    conn: &mut Option<Upstream>,
+    conn: &mut Dedicated,
     timeout: Duration,
 ) -> Result<Duration, ProbeError> {
-    let (text, rtt) = get(node, conn, None, "/ping".into(), timeout).await?;
+    let (text, rtt) = conn.get(node, None, "/ping", timeout).await?;
     if text.trim_end() != "Ok." {
         return Err(ProbeError::Parse(format!(
             "/ping answered {:?}",
@@ -92,104 +73,23 @@ async fn ping_on(
     Ok(rtt)
 }
 
-/// Runs one query on a node (on a fresh connection) and returns its text.
-pub async fn query(
-    node: &Node,
-    account: &Account,
-    sql: &str,
-    timeout: Duration,
-) -> Result<String, ProbeError> {
-    run_query(node, &mut None, account, sql, timeout)
-        .await
-        .map(|(text, _)| text)
-}
-
-async fn run_query(
-    node: &Node,
-    conn: &mut Option<Upstream>,
-    account: &Account,
-    sql: &str,
-    timeout: Duration,
-) -> Result<(String, Duration), ProbeError> {
-    let uri = format!(
-        "/?query={}",
-        form_urlencoded::byte_serialize(sql.as_bytes()).collect::<String>()
-    );
-    get(node, conn, Some(account), uri, timeout).await
-}
-
-/// One GET on the probe's own connection, opened on first use and kept for the next GET of
-/// the same probe (probes never take pooled connections from requests, and a probe that
-/// hangs must not leave a connection in the pool).
-async fn get(
-    node: &Node,
-    conn: &mut Option<Upstream>,
-    account: Option<&Account>,
-    uri: String,
-    timeout: Duration,
-) -> Result<(String, Duration), ProbeError> {
-    let started = Instant::now();
-    let work = async {
-        let mut upstream = match conn.take() {
-            Some(u) => u,
-            None => node.open().await?,
-        };
-        let mut req = Request::builder()
-            .method(Method::GET)
-            .uri(uri)
-            .header(header::HOST, node.authority.clone());
-        if let Some(account) = account {
-            req = req.header(header::AUTHORIZATION, account.authorization.clone());
-        }
-        let req = req
-            .body(ReqBody::Empty)
-            .map_err(|e| ProbeError::Parse(e.to_string()))?;
-        let resp = upstream
-            .send(req)
-            .await
-            .map_err(|f| ProbeError::Upstream(f.error))?;
-        let status = resp.status().as_u16();
-        let text = upstream
-            .read_body(resp.into_body())
-            .await
-            .map_err(ProbeError::Body)?;
-        if upstream.reusable() {
-            *conn = Some(upstream);
-        }
-        let text = String::from_utf8_lossy(&text).into_owned();
-        if status != 200 {
-            return Err(ProbeError::Status {
-                status,
-                text: text.trim().chars().take(300).collect(),
-            });
-        }
-        Ok(text)
-    };
-    match tokio::time::timeout(timeout, work).await {
-        Ok(Ok(text)) => Ok((text, started.elapsed())),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(ProbeError::Timeout(timeout)),
-    }
-}
-
 /// Asks the node which system tables it has.
 pub async fn detect(
     node: &Node,
     account: &Account,
     timeout: Duration,
 ) -> Result<Capabilities, ProbeError> {
-    detect_on(node, &mut None, account, timeout).await
+    detect_on(node, &mut Dedicated::default(), account, timeout).await
 }
 
 async fn detect_on(
     node: &Node,
-    conn: &mut Option<Upstream>,
+    conn: &mut Dedicated,
     account: &Account,
     timeout: Duration,
 ) -> Result<Capabilities, ProbeError> {
-    let (text, _) = run_query(
+    let (text, _) = conn.query(
         node,
-        conn,
         account,
         "SELECT name FROM system.tables WHERE database = 'system' AND name IN ('disks', 'replicas') FORMAT TSV",
         timeout,
@@ -266,17 +166,19 @@ pub async fn probe(
     caps: Capabilities,
     timeout: Duration,
 ) -> Result<NodeFigures, ProbeError> {
-    probe_on(node, &mut None, account, caps, timeout).await
+    probe_on(node, &mut Dedicated::default(), account, caps, timeout).await
 }
 
 async fn probe_on(
     node: &Node,
-    conn: &mut Option<Upstream>,
+    conn: &mut Dedicated,
     account: &Account,
     caps: Capabilities,
     timeout: Duration,
 ) -> Result<NodeFigures, ProbeError> {
-    let (text, rtt) = run_query(node, conn, account, &figures_query(caps), timeout).await?;
+    let (text, rtt) = conn
+        .query(node, account, &figures_query(caps), timeout)
+        .await?;
     parse_figures(&text, rtt)
 }
 
@@ -291,7 +193,7 @@ pub async fn probe_node(
     let deadline = Instant::now() + timeout;
     let left = || deadline.saturating_duration_since(Instant::now());
     // One connection for the whole probe.
-    let mut conn = None;
+    let mut conn = Dedicated::default();
     let rtt = ping_on(node, &mut conn, timeout).await?;
     let caps = match known {
         Some(c) => c,
@@ -300,16 +202,6 @@ pub async fn probe_node(
     let mut figures = probe_on(node, &mut conn, account, caps, left()).await?;
     figures.round_trip = rtt;
     Ok((figures, caps))
-}
-
-/// What `system.clusters` on a node says a cluster is made of.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClusterRow {
-    pub shard_num: u32,
-    pub shard_weight: u32,
-    pub replica_num: u32,
-    pub host_name: String,
-    pub port: u16,
 }
 
 /// Reads a cluster's shards and replicas from a node's `system.clusters`.
@@ -324,7 +216,9 @@ pub async fn system_clusters(
         "SELECT shard_num, shard_weight, replica_num, host_name, port FROM system.clusters \
          WHERE cluster = '{quoted}' ORDER BY shard_num, replica_num FORMAT TSV"
     );
-    let (text, _) = run_query(node, &mut None, account, &sql, timeout).await?;
+    let (text, _) = Dedicated::default()
+        .query(node, account, &sql, timeout)
+        .await?;
     parse_cluster_rows(&text)
 }
 
@@ -346,15 +240,6 @@ fn parse_cluster_rows(text: &str) -> Result<Vec<ClusterRow>, ProbeError> {
             })
         })
         .collect()
-}
-
-/// What `mntr` says about an ensemble member.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ZooKeeperFigures {
-    pub round_trip: Duration,
-    pub server_state: String,
-    pub avg_latency_ms: f64,
-    pub outstanding_requests: u64,
 }
 
 async fn four_letter_word(

@@ -16,7 +16,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::probe::NodeFigures;
+use super::figures::NodeFigures;
 
 /// Weights are published as integers; this is the weight of a configured weight of 1 with
 /// every factor at 1.

@@ -143,7 +143,8 @@ impl Snapshot {
     }
 }
 
-pub fn fnv1a(bytes: &[u8]) -> u64 {
+/// The session and identity hash: soft, free to change (nothing stored depends on it).
+fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     })

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::figures::{Capabilities, NodeFigures, ZooKeeperFigures};
 use super::health::{Health, HealthConfig, State, Transition};
-use super::probe::{Capabilities, NodeFigures, ZooKeeperFigures};
 
 /// Weight of the newest window in the passive error-rate and latency averages.
 const EWMA_ALPHA: f64 = 0.3;

@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::probe::ClusterRow;
+use super::backend::Backend;
+use super::figures::ClusterRow;
 use super::state::Group;
 use crate::config::{ClusterConfig, ReplicaConfig, UpstreamConfig};
-use crate::upstream::Node;
+use crate::upstream::{self, Node};
 
 /// A replica's place in the topology. Index-aligned with [`Topology::nodes`].
 #[derive(Debug, Clone)]
@@ -41,7 +42,7 @@ pub enum Source {
 }
 
 pub struct Topology {
-    pub nodes: Vec<Arc<Node>>,
+    pub nodes: Vec<Arc<Backend>>,
     pub replicas: Vec<Replica>,
     pub shards: Vec<Shard>,
     pub groups: Vec<Arc<Group>>,
@@ -49,13 +50,13 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// The configured topology. Nodes already known (by label) are reused, so their
-    /// connection pools and health carry over.
+    /// The configured topology. Backends already known (by label) are reused, so their
+    /// connection pools and health carry over, with `upstream`'s settings applied.
     pub fn from_config(
         config: &ClusterConfig,
         groups: &[Arc<Group>],
         upstream: &UpstreamConfig,
-        existing: &HashMap<String, Arc<Node>>,
+        existing: &HashMap<String, Arc<Backend>>,
     ) -> Self {
         let mut b = Builder::new(groups, upstream, existing);
         for (g, group) in config.groups().iter().enumerate() {
@@ -76,7 +77,7 @@ impl Topology {
         http_port: u16,
         groups: &[Arc<Group>],
         upstream: &UpstreamConfig,
-        existing: &HashMap<String, Arc<Node>>,
+        existing: &HashMap<String, Arc<Backend>>,
         seed: String,
     ) -> Option<Self> {
         let configured: Vec<(usize, Vec<ReplicaConfig>)> = config
@@ -129,7 +130,7 @@ impl Topology {
                 .nodes
                 .iter()
                 .zip(&other.nodes)
-                .all(|(a, b)| a.label == b.label && a.native_port == b.native_port)
+                .all(|(a, b)| a.label() == b.label() && a.node.native_port == b.node.native_port)
             && self.replicas.iter().zip(&other.replicas).all(|(a, b)| {
                 a.shard == b.shard && a.weight == b.weight && a.priority == b.priority
             })
@@ -141,11 +142,11 @@ impl Topology {
                 .all(|(a, b)| a.number == b.number && a.group == b.group && a.weight == b.weight)
     }
 
-    /// Nodes by label, to carry over into the next topology.
-    pub fn node_map(&self) -> HashMap<String, Arc<Node>> {
+    /// Backends by label, to carry over into the next topology.
+    pub fn node_map(&self) -> HashMap<String, Arc<Backend>> {
         self.nodes
             .iter()
-            .map(|n| (n.label.clone(), n.clone()))
+            .map(|n| (n.label().to_string(), n.clone()))
             .collect()
     }
 
@@ -158,8 +159,8 @@ impl Topology {
 struct Builder<'a> {
     groups: &'a [Arc<Group>],
     upstream: &'a UpstreamConfig,
-    existing: &'a HashMap<String, Arc<Node>>,
-    nodes: Vec<Arc<Node>>,
+    existing: &'a HashMap<String, Arc<Backend>>,
+    nodes: Vec<Arc<Backend>>,
     replicas: Vec<Replica>,
     shards: Vec<Shard>,
 }
@@ -168,7 +169,7 @@ impl<'a> Builder<'a> {
     fn new(
         groups: &'a [Arc<Group>],
         upstream: &'a UpstreamConfig,
-        existing: &'a HashMap<String, Arc<Node>>,
+        existing: &'a HashMap<String, Arc<Backend>>,
     ) -> Self {
         Self {
             groups,
@@ -200,10 +201,18 @@ impl<'a> Builder<'a> {
         let shard = self.shards.len();
         let mut members = Vec::new();
         for (i, r) in replicas.enumerate() {
-            let fresh = Node::new(&r.host, r.http_port, r.native_port, self.upstream);
-            let node = match self.existing.get(&fresh.label) {
-                Some(old) if old.native_port == r.native_port => old.clone(),
-                _ => Arc::new(fresh),
+            let label = upstream::label(&r.host, r.http_port);
+            let node = match self.existing.get(&label) {
+                Some(old) if old.node.native_port == r.native_port => {
+                    old.node.apply(self.upstream);
+                    old.clone()
+                }
+                _ => Arc::new(Backend::new(Arc::new(Node::new(
+                    &r.host,
+                    r.http_port,
+                    r.native_port,
+                    self.upstream,
+                )))),
             };
             members.push(self.nodes.len());
             self.nodes.push(node);
@@ -274,7 +283,7 @@ mod tests {
         assert_eq!(t.shards[1].nodes, [1, 2]);
         assert_eq!(t.replicas[2].replica_num, 2);
         assert_eq!(t.replicas[2].priority, 1);
-        assert_eq!(t.nodes[0].label, "h1:8124");
+        assert_eq!(t.nodes[0].label(), "h1:8124");
         assert_eq!(t.shard_index(2), Some(1));
     }
 
@@ -307,7 +316,7 @@ mod tests {
             "h1:8124".into(),
         )
         .unwrap();
-        let labels: Vec<_> = t.nodes.iter().map(|n| n.label.as_str()).collect();
+        let labels: Vec<_> = t.nodes.iter().map(|n| n.label()).collect();
         assert_eq!(
             labels,
             ["h1:8124", "h2:8123", "h3:8123", "h4:8123", "h5:8123"]

@@ -6,32 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::health::State;
+use super::purpose::Purpose;
 use super::score::{score, Exclusion, NodeView, ScoreConfig, WEIGHT_SCALE};
 use super::select::Snapshot;
 use super::topology::Topology;
-
-/// What a node is picked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Purpose {
-    Read,
-    Write,
-}
-
-impl Purpose {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Purpose::Read => "read",
-            Purpose::Write => "write",
-        }
-    }
-
-    pub fn index(self) -> usize {
-        match self {
-            Purpose::Read => 0,
-            Purpose::Write => 1,
-        }
-    }
-}
 
 /// One node's standing when the view was built.
 #[derive(Debug, Clone)]
@@ -101,7 +79,7 @@ impl View {
                     figures: probed.figures.clone(),
                     error_rate: probed.error_rate,
                     zookeeper_healthy: group.is_none_or(|g| g.healthy()),
-                    refused_for: node.is_down().then(|| node.down_for()),
+                    refused_for: node.node.backing_off().then(|| node.node.backoff_left()),
                 };
                 let s = score(&view, inputs.score);
                 Standing {
@@ -111,7 +89,7 @@ impl View {
                 }
             })
             .collect();
-        let labels: Vec<&str> = topology.nodes.iter().map(|n| n.label.as_str()).collect();
+        let labels: Vec<&str> = topology.nodes.iter().map(|n| n.label()).collect();
         let priorities: Vec<u32> = topology.replicas.iter().map(|r| r.priority).collect();
         let weights = |purpose: Purpose, members: &[usize]| -> Vec<u32> {
             let raw: Vec<u32> = members
@@ -193,7 +171,7 @@ impl View {
             return self.sticky.pick_sticky(key);
         }
         let nodes = &self.topology.nodes;
-        self.cluster[purpose.index()].pick(|i| nodes[i].load(), random)
+        self.cluster[purpose.index()].pick(|i| nodes[i].node.load(), random)
     }
 
     /// The next node to try after `tried` failed: the eligible node with the least load
@@ -210,7 +188,7 @@ impl View {
                     .ok()
                     .map(|&w| (i, w))
             })
-            .min_by_key(|&(i, w)| (nodes[i].load() + 1) * 1_000_000 / w.max(1) as u64)
+            .min_by_key(|&(i, w)| (nodes[i].node.load() + 1) * 1_000_000 / w.max(1) as u64)
             .map(|(i, _)| i);
         if best.is_some() || purpose == Purpose::Write {
             return best;
@@ -265,7 +243,7 @@ impl View {
             Some(s) => {
                 let members = &self.topology.shards[s].nodes;
                 self.per_shard[s][purpose.index()]
-                    .pick(|local| nodes[members[local]].load(), random)
+                    .pick(|local| nodes[members[local]].node.load(), random)
                     .map(|local| members[local])
                     .ok_or_else(|| no_node(&mut members.iter().copied()))
             }
@@ -309,8 +287,8 @@ mod tests {
 
     use super::*;
     use crate::config::ClusterConfig;
+    use crate::picker::figures::NodeFigures;
     use crate::picker::health::HealthConfig;
-    use crate::picker::probe::NodeFigures;
     use crate::picker::state::{Group, MemberStatus};
 
     const HEALTH: HealthConfig = HealthConfig {
@@ -362,7 +340,8 @@ mod tests {
             let i = v
                 .pick(purpose, shard, [rand::random(), rand::random()])
                 .unwrap();
-            *c.entry(v.topology.nodes[i].label.clone()).or_default() += 1;
+            *c.entry(v.topology.nodes[i].label().to_string())
+                .or_default() += 1;
         }
         c
     }
@@ -380,7 +359,7 @@ mod tests {
         assert_eq!(counts(&v, Purpose::Read, Some(1)).len(), 1);
         assert_eq!(
             v.pick(Purpose::Read, Some(1), [1, 2])
-                .map(|i| t.nodes[i].label.clone())
+                .map(|i| t.nodes[i].label().to_string())
                 .unwrap(),
             "a3:8123"
         );

@@ -1,167 +1,47 @@
-use std::future::Future;
-use std::pin::Pin;
+//! One ClickHouse node as chgate talks to it: its HTTP endpoint, a pool of keep-alive
+//! connections, and a short backoff after connections to it fail.
+//!
+//! A node outlives config generations (a reload reuses it by label), so its pool carries
+//! over; [`Node::apply`] gives it the new generation's `[upstream]` settings.
+
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::OnceLock;
-use std::task::{Context, Poll};
+use std::sync::{Arc, OnceLock};
+use std::task::Context;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
-use http::HeaderValue;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, Connection, SendRequest};
+use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use prometheus::{IntCounter, IntGauge};
 use tokio::net::TcpStream;
 
+use super::body::Body;
+use super::connection::{SendFailure, Upstream, UpstreamError};
 use crate::config::UpstreamConfig;
 use crate::metrics::METRICS;
-use crate::picker::NodeState;
-use crate::proxy::body::ReqBody;
 
-/// Why talking to a node failed, and so whether the request may go elsewhere.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("connection refused or unreachable: {0}")]
-    Connect(#[source] std::io::Error),
-    #[error("connection timed out")]
-    ConnectTimeout,
-    #[error("HTTP handshake failed: {0}")]
-    Handshake(#[source] hyper::Error),
-    #[error("request failed: {0}")]
-    Send(#[source] hyper::Error),
-    /// The connection closed before the request was written: the node is not at fault and
-    /// the request can go anywhere.
-    #[error("connection closed before the request was sent")]
-    Stale,
+/// The `[upstream]` settings a node uses, swapped whole by [`Node::apply`].
+#[derive(Debug, Clone, PartialEq)]
+struct Settings {
+    idle_timeout: Duration,
+    connect_timeout: Duration,
+    backoff_min: Duration,
+    backoff_max: Duration,
+    max_idle: usize,
 }
 
-impl UpstreamError {
-    /// True if this says something about the node's health (a stale pooled connection
-    /// does not).
-    pub fn node_at_fault(&self) -> bool {
-        !matches!(self, Self::Stale)
-    }
-
-    /// A fixed label for metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Connect(_) => "connect",
-            Self::ConnectTimeout => "connect_timeout",
-            Self::Handshake(_) => "handshake",
-            Self::Send(_) => "send",
-            Self::Stale => "stale_connection",
-        }
-    }
-}
-
-type UpstreamConnection = Connection<TokioIo<TcpStream>, ReqBody>;
-
-/// One HTTP/1.1 connection to a node, driven by whichever task is using it.
-///
-/// hyper's usual pattern spawns the connection as its own task and passes response bodies
-/// through a channel. Here the request's task polls the connection itself, right before it
-/// polls the body: a small response's data and its end then arrive in the same turn and
-/// leave in one write to the client, with no cross-task wake-up in between (measured: one
-/// `writev` and ~10% CPU less per `SELECT 1`). Idle pooled connections are polled by no
-/// one; checkout polls them once, which notices a connection the server closed meanwhile.
-pub struct Upstream {
-    sender: SendRequest<ReqBody>,
-    /// `None` once the connection has ended. Invariant: it is dropped right then, which
-    /// cancels whatever waits on it (readiness, a response): keeping a completed
-    /// connection around would leave those futures pending forever.
-    conn: Option<Pin<Box<UpstreamConnection>>>,
-}
-
-impl Upstream {
-    /// Drives reads and writes on the connection; false once it has ended.
-    pub fn poll_conn(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(conn) = self.conn.as_mut() else {
-            return false;
-        };
-        match conn.as_mut().poll(cx) {
-            Poll::Pending => true,
-            Poll::Ready(result) => {
-                self.conn = None;
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "Upstream connection ended with an error");
-                }
-                false
-            }
-        }
-    }
-
-    /// Sends a request and waits for the response head, driving the connection meanwhile.
-    /// If the request was never written, it comes back with the error, body untouched.
-    pub async fn send(
-        &mut self,
-        req: http::Request<ReqBody>,
-    ) -> Result<http::Response<Incoming>, SendFailure> {
-        let ready = std::future::poll_fn(|cx| {
-            self.poll_conn(cx);
-            self.sender.poll_ready(cx)
-        })
-        .await;
-        if ready.is_err() {
-            return Err(SendFailure::unsent(UpstreamError::Stale, req));
-        }
-        let mut response = std::pin::pin!(self.sender.try_send_request(req));
-        std::future::poll_fn(|cx| {
-            self.poll_conn(cx);
-            response.as_mut().poll(cx)
-        })
-        .await
-        .map_err(|mut e| match e.take_message() {
-            Some(req) => SendFailure::unsent(UpstreamError::Stale, req),
-            None => SendFailure {
-                error: UpstreamError::Send(e.into_error()),
-                unsent: None,
-            },
-        })
-    }
-
-    /// Reads a whole (small) response body, driving the connection meanwhile: this task
-    /// owns it. For the picker's probes and ingest's inserts, not for proxied responses
-    /// (those stream).
-    pub async fn read_body(&mut self, body: Incoming) -> Result<bytes::Bytes, hyper::Error> {
-        use http_body::Body as _;
-        let mut body = body;
-        let mut out = bytes::BytesMut::new();
-        loop {
-            let frame = std::future::poll_fn(|cx| {
-                self.poll_conn(cx);
-                Pin::new(&mut body).poll_frame(cx)
-            })
-            .await;
-            match frame {
-                None => return Ok(out.freeze()),
-                Some(Err(e)) => return Err(e),
-                Some(Ok(f)) => {
-                    if let Ok(d) = f.into_data() {
-                        out.extend_from_slice(&d);
-                    }
-                }
-            }
-        }
-    }
-
-    /// True if another request can go on this connection.
-    pub fn reusable(&self) -> bool {
-        self.conn.is_some() && !self.sender.is_closed()
-    }
-}
-
-/// A failed send: why, and the request if it never left.
-pub struct SendFailure {
-    pub error: UpstreamError,
-    pub unsent: Option<http::Request<ReqBody>>,
-}
-
-impl SendFailure {
-    /// The request never reached the node and comes back whole.
-    pub fn unsent(error: UpstreamError, req: http::Request<ReqBody>) -> Self {
+impl From<&UpstreamConfig> for Settings {
+    fn from(c: &UpstreamConfig) -> Self {
         Self {
-            error,
-            unsent: Some(req),
+            idle_timeout: c.idle_timeout,
+            connect_timeout: c.connect_timeout,
+            backoff_min: c.down_backoff_min,
+            backoff_max: c.down_backoff_max,
+            max_idle: c.max_idle_per_node.max(1),
         }
     }
 }
@@ -171,29 +51,29 @@ struct Idle {
     since: Instant,
 }
 
-/// One ClickHouse node: its HTTP endpoint with a connection pool, and what the picker
-/// knows about it. A node outlives config generations (reloads reuse it by label), so its
-/// pool and health carry over.
+/// A whole answer: for queries, inserts and API calls, not for proxied responses (those
+/// stream).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
 pub struct Node {
     /// `host:port` (HTTP), used in logs and as the metric label; never shown to clients.
     pub label: String,
     pub host: String,
     pub port: u16,
     pub native_port: u16,
-    /// Probe results, health and passive figures, kept by the picker.
-    pub state: NodeState,
-    /// Picks by purpose (read, write): the proxy's and the pick API's.
-    pub picks: [IntCounter; 2],
     pub authority: HeaderValue,
-    idle: ArrayQueue<Idle>,
-    idle_timeout: Duration,
-    connect_timeout: Duration,
-    backoff_min: Duration,
-    backoff_max: Duration,
-    /// Consecutive failures; 0 means up.
+    settings: ArcSwap<Settings>,
+    idle: ArcSwap<ArrayQueue<Idle>>,
+    /// Consecutive failures; 0 means no backoff.
     failures: AtomicU32,
     /// Milliseconds since [`epoch`] until which the node is skipped.
     down_until: AtomicU64,
+    /// Requests in flight to this node now (see [`crate::metrics::GaugeGuard`]).
     pub in_flight: IntGauge,
     down_gauge: IntGauge,
     connections_opened: IntCounter,
@@ -208,46 +88,59 @@ fn now_ms() -> u64 {
     epoch().elapsed().as_millis() as u64
 }
 
+/// `host:port`, with IPv6 hosts in brackets: a node's label.
+pub fn label(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 impl Node {
     pub fn new(host: &str, port: u16, native_port: u16, config: &UpstreamConfig) -> Self {
-        let label = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
+        let label = label(host, port);
         let authority = HeaderValue::from_str(&label)
             .unwrap_or_else(|_| HeaderValue::from_static("clickhouse"));
+        let settings = Settings::from(config);
         Self {
             in_flight: METRICS.upstream_in_flight.with_label_values(&[&label]),
             down_gauge: METRICS.upstream_node_down.with_label_values(&[&label]),
             connections_opened: METRICS.upstream_connections.with_label_values(&[&label]),
-            picks: [
-                METRICS.picks.with_label_values(&[&label, "read"]),
-                METRICS.picks.with_label_values(&[&label, "write"]),
-            ],
-            state: NodeState::default(),
             label,
             host: host.to_string(),
             port,
             native_port,
             authority,
-            idle: ArrayQueue::new(config.max_idle_per_node.max(1)),
-            idle_timeout: config.idle_timeout,
-            connect_timeout: config.connect_timeout,
-            backoff_min: config.down_backoff_min,
-            backoff_max: config.down_backoff_max,
+            idle: ArcSwap::from_pointee(ArrayQueue::new(settings.max_idle)),
+            settings: ArcSwap::from_pointee(settings),
             failures: AtomicU32::new(0),
             down_until: AtomicU64::new(0),
         }
     }
 
-    /// True while the node is being skipped after failures.
-    pub fn is_down(&self) -> bool {
+    /// Takes on a new generation's `[upstream]` settings. A different pool size starts a
+    /// new pool (the idle connections of the old one close); the rest applies from the
+    /// next connection or backoff on.
+    pub fn apply(&self, config: &UpstreamConfig) {
+        let next = Settings::from(config);
+        let current = self.settings.load();
+        if **current == next {
+            return;
+        }
+        if current.max_idle != next.max_idle {
+            self.idle.store(Arc::new(ArrayQueue::new(next.max_idle)));
+        }
+        self.settings.store(Arc::new(next));
+    }
+
+    /// True while the node is skipped after failed connections.
+    pub fn backing_off(&self) -> bool {
         self.down_until.load(Ordering::Relaxed) > now_ms()
     }
 
-    /// How much longer the node is skipped after failures.
-    pub fn down_for(&self) -> Duration {
+    /// How much longer the node is skipped after failed connections.
+    pub fn backoff_left(&self) -> Duration {
         Duration::from_millis(
             self.down_until
                 .load(Ordering::Relaxed)
@@ -261,14 +154,15 @@ impl Node {
     }
 
     /// Records a failure: the node is skipped for a backoff that doubles per consecutive
-    /// failure. Only the transition from up to down is logged.
-    pub fn mark_down(&self, error: &UpstreamError) {
+    /// failure. Only the transition into backoff is logged.
+    pub fn back_off(&self, error: &UpstreamError) {
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         let factor = 1u32 << (failures - 1).min(16);
-        let backoff = self
+        let settings = self.settings.load();
+        let backoff = settings
             .backoff_min
             .saturating_mul(factor)
-            .min(self.backoff_max);
+            .min(settings.backoff_max);
         self.down_until
             .store(now_ms() + backoff.as_millis() as u64, Ordering::Relaxed);
         self.down_gauge.set(1);
@@ -276,11 +170,12 @@ impl Node {
             tracing::warn!(node = %self.label, error = %error, backoff_ms = backoff.as_millis() as u64, "Node marked down");
         }
         // Idle connections to a failing node are not worth keeping.
-        while self.idle.pop().is_some() {}
+        let idle = self.idle.load();
+        while idle.pop().is_some() {}
     }
 
-    /// Records a success; logs once if the node was down.
-    pub fn mark_up(&self) {
+    /// Records a success; logs once if the node was backing off.
+    pub fn recovered(&self) {
         if self.failures.load(Ordering::Relaxed) == 0 {
             return;
         }
@@ -289,6 +184,14 @@ impl Node {
             self.down_gauge.set(0);
             tracing::info!(node = %self.label, "Node back up");
         }
+    }
+
+    /// Counts a failed request on this node in `chgate_upstream_errors_total`.
+    pub fn count_error(&self, error: &UpstreamError) {
+        METRICS
+            .upstream_errors
+            .with_label_values(&[&self.label, error.kind()])
+            .inc();
     }
 
     /// A connection ready to take a request: a pooled idle one if a fresh enough one
@@ -302,16 +205,17 @@ impl Node {
 
     fn pooled(&self) -> Option<Upstream> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
+        let idle_timeout = self.settings.load().idle_timeout;
+        let idle = self.idle.load();
         while let Some(Idle {
             mut upstream,
             since,
-        }) = self.idle.pop()
+        }) = idle.pop()
         {
             // One poll reads a FIN the server sent while the connection sat idle.
-            if since.elapsed() < self.idle_timeout
-                && upstream.poll_conn(&mut cx)
-                && upstream.reusable()
+            if since.elapsed() < idle_timeout && upstream.poll_conn(&mut cx) && upstream.reusable()
             {
+                upstream.reused = true;
                 return Some(upstream);
             }
         }
@@ -324,7 +228,7 @@ impl Node {
             return;
         }
         // A full pool drops the connection, which closes it.
-        let _ = self.idle.push(Idle {
+        let _ = self.idle.load().push(Idle {
             upstream,
             since: Instant::now(),
         });
@@ -340,8 +244,9 @@ impl Node {
 
     /// A new connection not counted as the request path's (the picker's probes).
     pub async fn open(&self) -> Result<Upstream, UpstreamError> {
+        let connect_timeout = self.settings.load().connect_timeout;
         let stream = tokio::time::timeout(
-            self.connect_timeout,
+            connect_timeout,
             TcpStream::connect((self.host.as_str(), self.port)),
         )
         .await
@@ -353,9 +258,92 @@ impl Node {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Handshake)?;
-        Ok(Upstream {
-            sender,
-            conn: Some(Box::pin(conn)),
+        Ok(Upstream::new(sender, conn))
+    }
+
+    /// Sends a request on a pooled (or new) connection and returns the response head with
+    /// the connection it came on (the caller streams the body, then checks it back in).
+    ///
+    /// A pooled connection that turns out to have closed before the request left is not
+    /// the node's fault: the request goes once more on a fresh connection to the same node
+    /// (counted as `stale_connection` in `chgate_upstream_errors_total`). A failure that
+    /// hands the request back never reached the node and may go anywhere.
+    pub async fn send(
+        &self,
+        req: Request<Body>,
+    ) -> Result<(Response<Incoming>, Upstream), SendFailure> {
+        let mut upstream = match self.checkout().await {
+            Ok(u) => u,
+            Err(error) => return Err(SendFailure::unsent(error, req)),
+        };
+        let req = match upstream.send(req).await {
+            Ok(resp) => return Ok((resp, upstream)),
+            Err(SendFailure {
+                error: UpstreamError::Stale,
+                unsent: Some(req),
+            }) => {
+                self.count_error(&UpstreamError::Stale);
+                req
+            }
+            Err(failure) => return Err(failure),
+        };
+        let mut fresh = match self.connect().await {
+            Ok(u) => u,
+            Err(error) => return Err(SendFailure::unsent(error, req)),
+        };
+        let resp = fresh.send(req).await?;
+        Ok((resp, fresh))
+    }
+
+    /// One whole exchange within `timeout`, for a request that is safe to send twice to
+    /// this node (a query, or an insert the node deduplicates): `make` builds it, once or
+    /// twice. A pooled connection that closed before the request left, or that closed after
+    /// it left and before any answer (the server ending an idle keep-alive connection just
+    /// as the request came), gets one more try on a fresh connection to the same node: a
+    /// stale connection is never taken for the node failing.
+    pub async fn exchange(
+        &self,
+        make: impl Fn() -> Request<Body>,
+        timeout: Duration,
+    ) -> Result<Answer, UpstreamError> {
+        let work = async {
+            let mut upstream = self.checkout().await?;
+            match self.round_trip(&mut upstream, make()).await {
+                Ok(answer) => {
+                    self.checkin(upstream);
+                    return Ok(answer);
+                }
+                Err(e) if upstream.worth_a_fresh_try(&e) => {
+                    tracing::debug!(node = %self.label, error = %e, "Pooled connection was stale; sending again on a fresh one");
+                    self.count_error(&UpstreamError::Stale);
+                }
+                Err(e) => return Err(e),
+            }
+            let mut fresh = self.connect().await?;
+            let answer = self.round_trip(&mut fresh, make()).await?;
+            self.checkin(fresh);
+            Ok(answer)
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| UpstreamError::Timeout(timeout))?
+    }
+
+    async fn round_trip(
+        &self,
+        upstream: &mut Upstream,
+        req: Request<Body>,
+    ) -> Result<Answer, UpstreamError> {
+        let resp = upstream.send(req).await.map_err(|f| f.error)?;
+        let (parts, body) = resp.into_parts();
+        let body = upstream
+            .read_body(body)
+            .await
+            .map_err(UpstreamError::Body)?;
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
         })
     }
 }
@@ -372,17 +360,47 @@ mod tests {
             ..UpstreamConfig::default()
         };
         let node = Node::new("127.0.0.250", 1, 9000, &config);
-        assert!(!node.is_down());
+        assert!(!node.backing_off());
         let err = UpstreamError::ConnectTimeout;
-        node.mark_down(&err);
-        assert!(node.is_down());
+        node.back_off(&err);
+        assert!(node.backing_off());
         let first = node.down_until.load(Ordering::Relaxed);
-        node.mark_down(&err);
-        node.mark_down(&err);
+        node.back_off(&err);
+        node.back_off(&err);
         let third = node.down_until.load(Ordering::Relaxed);
         assert!(third >= first + 14_000, "backoff grows, capped at 25 s");
         assert!(third <= now_ms() + 25_000);
-        node.mark_up();
-        assert!(!node.is_down());
+        node.recovered();
+        assert!(!node.backing_off());
+    }
+
+    #[test]
+    fn a_reload_reaches_a_reused_node() {
+        let node = Node::new("127.0.0.250", 1, 9000, &UpstreamConfig::default());
+        let before = Arc::as_ptr(&node.idle.load_full());
+        node.apply(&UpstreamConfig {
+            connect_timeout: Duration::from_millis(1234),
+            down_backoff_min: Duration::from_secs(7),
+            ..UpstreamConfig::default()
+        });
+        assert_eq!(
+            node.settings.load().connect_timeout,
+            Duration::from_millis(1234)
+        );
+        assert_eq!(
+            Arc::as_ptr(&node.idle.load_full()),
+            before,
+            "same pool size: same pool"
+        );
+        node.back_off(&UpstreamError::ConnectTimeout);
+        assert!(
+            node.backoff_left() > Duration::from_secs(6),
+            "the new backoff applies"
+        );
+        node.apply(&UpstreamConfig {
+            max_idle_per_node: 3,
+            ..UpstreamConfig::default()
+        });
+        assert_eq!(node.idle.load().capacity(), 3);
     }
 }

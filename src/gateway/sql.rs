@@ -1,6 +1,6 @@
 //! Just enough SQL lexing to tell a read from everything else.
 //!
-//! The proxy needs the kind of a statement for two decisions: refusing non-reads from
+//! The gateway needs the kind of a statement for two decisions: refusing non-reads from
 //! read-only users, and retrying a failed read on another node. Both only need the first
 //! keyword, after whitespace, comments and opening parentheses. Anything that is not
 //! recognisably a read counts as a write (the safe side for both decisions); the server's
@@ -15,6 +15,24 @@ pub enum StatementKind {
     Write,
     /// The text ended before the first keyword did; more input may tell.
     Incomplete,
+}
+
+/// A statement as the gateway decides on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Statement {
+    Read,
+    Write,
+    /// The frontend could not look into the query (a compressed body). Routed and retried
+    /// like a write; not refused to read-only users, whose queries the server guards too
+    /// (`readonly` upstream).
+    Unknown,
+}
+
+impl Statement {
+    /// True only for a statement known to be a read.
+    pub fn is_read(self) -> bool {
+        self == Statement::Read
+    }
 }
 
 const READ_KEYWORDS: &[&[u8]] = &[

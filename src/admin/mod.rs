@@ -1,6 +1,8 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, and the picker's `/v1/pick` and
-//! `/v1/topology`. It runs on its own thread and single-threaded runtime so that an
-//! overloaded data plane cannot starve health checks, scrapes and picks.
+//! The admin listener both apps serve: `/metrics`, `/healthz`, `/readyz`, and the picker's
+//! `/v1/pick` and `/v1/topology` over the app's clusters. It runs on its own thread and
+//! single-threaded runtime so that an overloaded data plane cannot starve health checks,
+//! scrapes and picks. What it shows comes from an [`AdminSource`]: the proxy's gateway, or
+//! the ingest sidecar's own picker.
 //!
 //! With `admin.token_env`/`token_file` set, every path but `/healthz` and `/readyz` (which
 //! kubelets and load balancers probe without credentials, and which reveal nothing)
@@ -21,12 +23,32 @@ use tokio_util::sync::CancellationToken;
 use ring::hmac;
 
 use crate::metrics::METRICS;
-use crate::proxy::Proxy;
+use crate::picker::Clusters;
 use crate::secret::Secret;
 
+/// What an app shows on its admin listener.
+pub trait AdminSource: Send + Sync + 'static {
+    /// The clusters the pick API and the topology answer from (the current generation).
+    fn clusters(&self) -> Arc<Clusters>;
+    /// `Ok` when the app is ready for traffic; otherwise why not, for `/readyz`.
+    fn readiness(&self) -> Result<(), &'static str>;
+    /// The bearer token every path but `/healthz` and `/readyz` needs, if one is set.
+    fn token(&self) -> Option<Secret>;
+}
+
+/// Binds the admin listener (before any runtime serves it: [`spawn`] takes it over).
+pub fn bind(addr: std::net::SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    use anyhow::Context as _;
+    let l = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot listen on admin.listen {addr}"))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Serves `listener` on a thread of its own until `stop` is cancelled.
 pub fn spawn(
     listener: std::net::TcpListener,
-    proxy: Arc<Proxy>,
+    source: Arc<dyn AdminSource>,
     stop: CancellationToken,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -54,11 +76,11 @@ pub fn spawn(
                             }
                         },
                     };
-                    let proxy = proxy.clone();
+                    let source = source.clone();
                     tokio::spawn(async move {
                         let svc = service_fn(move |req| {
-                            let proxy = proxy.clone();
-                            async move { Ok::<_, Infallible>(route(&proxy, &req)) }
+                            let source = source.clone();
+                            async move { Ok::<_, Infallible>(route(&*source, &req)) }
                         });
                         let _ = http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), svc)
@@ -70,15 +92,14 @@ pub fn spawn(
     Ok(thread)
 }
 
-fn route(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(source: &dyn AdminSource, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
     let path = req.uri().path();
-    let state = proxy.state.load();
     if !matches!(path, "/healthz" | "/readyz") {
-        if let Some(token) = &state.admin_token {
-            if !bearer_matches(req, token) {
+        if let Some(token) = source.token() {
+            if !bearer_matches(req, &token) {
                 let mut resp = text(
                     StatusCode::UNAUTHORIZED,
                     "this admin listener needs Authorization: Bearer <token>\n",
@@ -101,19 +122,21 @@ fn route(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             resp
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if proxy.draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-        "/readyz" if !proxy.ready() => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: a cluster has no node that can take reads\n",
-        ),
-        "/readyz" => text(StatusCode::OK, "ready\n"),
+        "/readyz" => match source.readiness() {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(why) => {
+                let mut resp = Response::new(Full::new(Bytes::from(format!("{why}\n"))));
+                *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                resp
+            }
+        },
         "/v1/pick" => {
-            let (status, body) = crate::picker::api::pick(&state.clusters, req.uri().query());
+            let (status, body) = crate::picker::api::pick(&source.clusters(), req.uri().query());
             json(status, &body)
         }
         "/v1/topology" => json(
             StatusCode::OK,
-            &crate::picker::api::topology(&state.clusters),
+            &crate::picker::api::topology(&source.clusters()),
         ),
         _ => text(
             StatusCode::NOT_FOUND,

@@ -4,19 +4,7 @@
 use http::HeaderMap;
 use percent_encoding::percent_decode_str;
 
-/// Credentials a client presented. The password is kept only for verification.
-pub struct Credentials {
-    pub user: String,
-    pub password: String,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
-            .field("user", &self.user)
-            .finish_non_exhaustive()
-    }
-}
+use crate::gateway::Credentials;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CredentialsError {

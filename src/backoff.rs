@@ -1,4 +1,4 @@
-//! The one way ingest waits before trying again: doubling from 100 ms to 5 s, and ending
+//! The one way the apps wait before trying again: doubling from 100 ms to 5 s, and ending
 //! at once when its stop token is cancelled.
 
 use std::time::Duration;

@@ -1,10 +1,7 @@
-//! Request and response bodies that stream through the proxy with bounded memory.
-//!
-//! [`ReqBody`] is what goes to ClickHouse: nothing, a small buffered body (kept so a read
-//! can be replayed on another node), or the client's body streamed through after the head
-//! the proxy had to look at. [`RespBody`] is what goes back to the client: a message of the
-//! proxy's own, or ClickHouse's response streamed frame by frame; when the stream ends the
-//! upstream connection goes back to its pool and the request is accounted for.
+//! What goes back to an HTTP client, with bounded memory: a message of chgate's own, or
+//! ClickHouse's response streamed frame by frame. When the stream ends the upstream
+//! connection goes back to its pool, and the request is accounted for (metrics, access
+//! log) when the response is done or the client gone, whichever is first.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,108 +12,40 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use prometheus::IntCounter;
 
-use super::state::User;
-use crate::metrics::METRICS;
-use crate::upstream::{Node, Upstream};
+use crate::gateway::Admission;
+use crate::metrics::GaugeGuard;
+use crate::picker::Backend;
+use crate::upstream::Upstream;
 
-/// A request body on its way to ClickHouse.
-pub enum ReqBody {
-    Empty,
-    /// Buffered bytes, sent as one frame.
-    Full(Full<Bytes>),
-    /// The part already read, then the rest of the client's body as it arrives.
-    Stream {
-        head: Option<Bytes>,
-        rest: Incoming,
-        counted: IntCounter,
-    },
-}
-
-impl Body for ReqBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            ReqBody::Empty => Poll::Ready(None),
-            ReqBody::Full(full) => Pin::new(full)
-                .poll_frame(cx)
-                .map_err(|never| match never {}),
-            ReqBody::Stream {
-                head,
-                rest,
-                counted,
-            } => {
-                if let Some(head) = head.take() {
-                    return Poll::Ready(Some(Ok(Frame::data(head))));
-                }
-                let frame = ready!(Pin::new(rest).poll_frame(cx));
-                if let Some(Ok(f)) = &frame {
-                    if let Some(d) = f.data_ref() {
-                        counted.inc_by(d.len() as u64);
-                    }
-                }
-                Poll::Ready(frame)
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ReqBody::Empty => true,
-            ReqBody::Full(full) => full.is_end_stream(),
-            ReqBody::Stream { head, rest, .. } => head.is_none() && rest.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ReqBody::Empty => SizeHint::with_exact(0),
-            ReqBody::Full(full) => full.size_hint(),
-            ReqBody::Stream { head, rest, .. } => {
-                let extra = head.as_ref().map_or(0, |h| h.len() as u64);
-                let inner = rest.size_hint();
-                let mut hint = SizeHint::new();
-                hint.set_lower(inner.lower() + extra);
-                if let Some(upper) = inner.upper() {
-                    hint.set_upper(upper + extra);
-                }
-                hint
-            }
-        }
-    }
-}
-
-/// What the proxy learns about a request as it is served, for metrics and the access log.
+/// What the frontend learns about a request as it is served, for metrics and the access
+/// log; what it holds while the response streams (the query's admission, the node's and
+/// the frontend's in-flight counts) is let go with it.
 pub struct Exchange {
-    pub user: Arc<User>,
-    pub node: Arc<Node>,
+    pub admission: Admission,
+    pub backend: Arc<Backend>,
     pub status: u16,
     pub query_id: String,
     pub started: Instant,
     pub bytes_out: u64,
     pub access_log: bool,
     pub attempts: u32,
+    pub node_in_flight: GaugeGuard,
+    pub http_in_flight: GaugeGuard,
 }
 
 impl Drop for Exchange {
     // Runs when the response body finished or the client went away, whichever is first.
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
-        self.user.duration.observe(elapsed.as_secs_f64());
-        self.user.response_bytes.inc_by(self.bytes_out);
-        self.node.in_flight.dec();
-        METRICS.http_in_flight.dec();
+        let user = self.admission.user();
+        user.traffic.duration.observe(elapsed.as_secs_f64());
+        user.traffic.response_bytes.inc_by(self.bytes_out);
         if self.access_log {
             tracing::info!(
                 target: "chgate::access",
-                user = %self.user.name,
-                node = %self.node.label,
+                user = %user.name,
+                node = %self.backend.label(),
                 status = self.status,
                 query_id = %self.query_id,
                 duration_ms = format_args!("{:.3}", elapsed.as_secs_f64() * 1000.0),
@@ -198,7 +127,7 @@ impl Body for RespBody {
                     }
                     None => {
                         if let Some(upstream) = up.upstream.take() {
-                            up.exchange.node.checkin(upstream);
+                            up.exchange.backend.node.checkin(upstream);
                         }
                     }
                     // The connection is broken: drop it rather than pool it.

@@ -70,10 +70,22 @@ fn describe(v: Source<'_>) -> String {
         Source::Missing => "nothing".into(),
     };
     if s.len() > 64 {
-        format!("{}...", super::template::truncate(&s, 64))
+        format!("{}...", truncate(&s, 64))
     } else {
         s
     }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary (for errors that quote a value).
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn bad(v: Source<'_>, ty: &ColumnType) -> String {

@@ -1,4 +1,4 @@
-//! ClickHouse column types as the ingest encoder needs them, parsed from the type names
+//! ClickHouse column types as RowBinary encoders need them, parsed from the type names
 //! `system.columns` reports (`Nullable(DateTime('UTC'))`, `Array(UInt32)`, ...).
 
 use std::fmt;

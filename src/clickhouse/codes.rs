@@ -1,0 +1,97 @@
+//! ClickHouse error codes: the ones chgate answers with itself (named as the server names
+//! them, so clients' error handling treats both alike), and reading a server's code from its
+//! answer.
+//!
+//! Servers say the code two ways: since 19.x the HTTP interface sends it in the
+//! `X-ClickHouse-Exception-Code` header; every version writes `Code: N` at the start of the
+//! exception text (18.16 only there). [`from_answer`] takes the header when it is there and
+//! the text otherwise.
+
+use http::HeaderMap;
+
+/// A ClickHouse error code and its name, as in the server's `ErrorCodes.cpp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Code {
+    pub number: u16,
+    pub name: &'static str,
+}
+
+impl Code {
+    const fn new(number: u16, name: &'static str) -> Self {
+        Self { number, name }
+    }
+}
+
+pub const CANNOT_READ_ALL_DATA: Code = Code::new(33, "CANNOT_READ_ALL_DATA");
+pub const READONLY: Code = Code::new(164, "READONLY");
+pub const IP_ADDRESS_NOT_ALLOWED: Code = Code::new(195, "IP_ADDRESS_NOT_ALLOWED");
+pub const NETWORK_ERROR: Code = Code::new(210, "NETWORK_ERROR");
+pub const ALL_CONNECTION_TRIES_FAILED: Code = Code::new(279, "ALL_CONNECTION_TRIES_FAILED");
+pub const AUTHENTICATION_FAILED: Code = Code::new(516, "AUTHENTICATION_FAILED");
+/// What the server answers for an HTTP path it has no handler for (no code of its own).
+pub const UNKNOWN_HANDLER: Code = Code::new(0, "UNKNOWN_HANDLER");
+
+/// Codes that mean "this data is wrong", not "this node is unwell": parse and conversion
+/// errors, 190 (the arrays of a Nested column differ in length), 349 (NULL into a
+/// non-Nullable column), 395 (`throwIf` in a materialized view), 469 (a constraint). An
+/// insert refused with one of them fails on every replica alike: the rows at fault are
+/// isolated, not retried elsewhere.
+const DATA_ERRORS: &[u32] = &[
+    6, 26, 27, 32, 33, 38, 41, 53, 69, 70, 72, 117, 131, 190, 349, 395, 469,
+];
+
+/// True if `code` says the data was refused for what it is (see [`DATA_ERRORS`]).
+pub fn is_data_error(code: u32) -> bool {
+    DATA_ERRORS.contains(&code)
+}
+
+/// The code in an exception text: the number after the first `Code: `.
+pub fn in_text(text: &str) -> Option<u32> {
+    let at = text.find("Code: ")? + 6;
+    let digits = text[at..].bytes().take_while(u8::is_ascii_digit).count();
+    text[at..at + digits].parse().ok()
+}
+
+/// The code of a failed answer: the `X-ClickHouse-Exception-Code` header (19.x and later),
+/// else the exception text (18.16).
+pub fn from_answer(headers: &HeaderMap, text: &str) -> Option<u32> {
+    headers
+        .get("x-clickhouse-exception-code")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .or_else(|| in_text(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn reads_codes_from_text_and_prefers_the_header() {
+        assert_eq!(
+            in_text("Code: 33, e.displayText() = DB::Exception: Cannot read all data"),
+            Some(33)
+        );
+        assert_eq!(
+            in_text("Code: 252. DB::Exception: Too many parts"),
+            Some(252)
+        );
+        assert_eq!(in_text("bad gateway"), None);
+        assert_eq!(in_text("Code: x"), None);
+        let mut h = HeaderMap::new();
+        assert_eq!(from_answer(&h, "Code: 27. DB::Exception"), Some(27));
+        h.insert(
+            "x-clickhouse-exception-code",
+            HeaderValue::from_static("62"),
+        );
+        assert_eq!(from_answer(&h, "Code: 27. DB::Exception"), Some(62));
+    }
+
+    #[test]
+    fn data_errors_are_about_the_rows() {
+        assert!(is_data_error(27) && is_data_error(349));
+        assert!(!is_data_error(252), "too many parts is the node's state");
+        assert!(!is_data_error(210));
+    }
+}

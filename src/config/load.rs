@@ -1,0 +1,21 @@
+//! From a file or text to a [`Validated`] config.
+
+use std::path::Path;
+
+use super::validate::{self, Problem, Validated};
+use super::Config;
+
+/// Reads, parses and validates the config at `path`; relative paths inside it are resolved
+/// against the file's directory.
+pub fn load(path: &Path) -> Result<Validated, Vec<Problem>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![Problem::new("", format!("cannot read the file: {e}"))])?;
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    parse(&text, base)
+}
+
+/// Parses and validates config text; `base` is the directory relative paths are taken from.
+pub fn parse(text: &str, base: &Path) -> Result<Validated, Vec<Problem>> {
+    let config: Config = toml::from_str(text).map_err(|e| vec![Problem::from_toml(&e, text)])?;
+    validate::validate(config, base)
+}

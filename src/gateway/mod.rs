@@ -1,0 +1,131 @@
+//! The gateway core every frontend shares: who the client is, what it may run, where its
+//! query goes and what happens when that node fails. Nothing here speaks a client protocol:
+//! a frontend (the HTTP interface, the native protocol to come) reads the client's
+//! credentials and query its own way, asks the gateway, and renders [`GatewayError`] its
+//! own way.
+//!
+//! - [`users`]: client-facing users of a config generation;
+//! - [`authenticate`]: credentials, throttling, allowed networks;
+//! - [`sql`] and [`policy`]: what a statement is, and whether the user may run it;
+//! - [`admission`]: where quotas decide (every query passes it);
+//! - [`route`]: node choice and failover, generic over one send attempt;
+//! - [`error`]: what the gateway refuses or fails with.
+//!
+//! Users and clusters live in a [`Generation`] behind an `ArcSwap`: a reload builds a
+//! whole new one from a validated config and swaps it in, so a query sees either the old
+//! config or the new one, never a mix, and never waits on a lock.
+
+pub mod admission;
+pub mod authenticate;
+pub mod error;
+pub mod policy;
+pub mod route;
+pub mod sql;
+pub mod users;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, Guard};
+
+pub use admission::Admission;
+pub use authenticate::Credentials;
+pub use error::{ErrorKind, GatewayError};
+pub use sql::Statement;
+pub use users::User;
+
+use crate::auth::{Throttle, Verifier};
+use crate::config::Validated;
+use crate::picker::{ClusterConfigs, Clusters};
+
+/// Users and clusters of one config generation.
+pub struct Generation {
+    pub users: HashMap<String, Arc<User>>,
+    pub clusters: Arc<Clusters>,
+}
+
+impl Generation {
+    /// Builds from a validated config, taking over from `previous` what is still
+    /// configured (see [`Clusters::reconcile`], [`users::build`]).
+    pub fn build(v: &Validated, previous: Option<&Generation>) -> Self {
+        let configs = ClusterConfigs {
+            clusters: &v.config.clusters,
+            secrets: &v.secrets,
+            upstream: &v.config.upstream,
+            picker: &v.config.picker,
+        };
+        let clusters = match previous {
+            Some(p) => p.clusters.reconcile(&configs),
+            None => Clusters::default().reconcile(&configs),
+        };
+        let users = users::build(&v.config.users, &clusters, previous.map(|p| &p.users));
+        Self {
+            users,
+            clusters: Arc::new(clusters),
+        }
+    }
+}
+
+/// Query settings fixed for the life of the process (listener-level config).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// A read whose body is at most this long is kept, so it can be sent again elsewhere.
+    pub max_replay_body_bytes: usize,
+    /// Nodes tried for one query.
+    pub max_attempts: usize,
+}
+
+pub struct Gateway {
+    generation: ArcSwap<Generation>,
+    verifier: Verifier,
+    throttle: Throttle,
+    pub settings: Settings,
+    draining: AtomicBool,
+}
+
+impl Gateway {
+    pub fn new(v: &Validated) -> Self {
+        let c = &v.config;
+        Self {
+            generation: ArcSwap::from_pointee(Generation::build(v, None)),
+            verifier: Verifier::new(c.auth.max_concurrent_verifications),
+            throttle: Throttle::new(&c.auth),
+            settings: Settings {
+                max_replay_body_bytes: c.proxy.max_replay_body_bytes,
+                max_attempts: c.upstream.max_attempts,
+            },
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// The current generation. Hold it briefly: it pins one config.
+    pub fn generation(&self) -> Guard<Arc<Generation>> {
+        self.generation.load()
+    }
+
+    /// Swaps in users and clusters from a newly validated config.
+    pub fn reload(&self, v: &Validated) {
+        let next = Generation::build(v, Some(&self.generation.load()));
+        self.generation.store(Arc::new(next));
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Ready to serve: not draining, and every cluster has a node that can take reads.
+    pub fn ready(&self) -> Result<(), &'static str> {
+        if self.draining() {
+            return Err("draining");
+        }
+        if !self.generation.load().clusters.readable() {
+            return Err("not ready: a cluster has no node that can take reads");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,58 @@
+//! The HTTP frontend: ClickHouse's HTTP interface (and HTTPS), in front of the gateway.
+//! It keeps only what is HTTP: parsing the request and its credentials, rewriting
+//! parameters and headers for the cluster account, sniffing the body for the statement,
+//! streaming bodies both ways, and rendering errors as ClickHouse's HTTP errors.
+//!
+//! - [`server`]: listeners, connection tasks, graceful drain;
+//! - `handler`: one request, from credentials to the streamed response;
+//! - [`credentials`]: the three ways ClickHouse's HTTP clients log in;
+//! - [`rewrite`]: the URL and headers as forwarded;
+//! - [`sniff`]: the statement, and keeping a small read's body for a retry;
+//! - [`body`], [`error`]: what goes back to the client.
+
+pub mod body;
+pub mod credentials;
+pub mod error;
+mod handler;
+pub mod rewrite;
+pub mod server;
+pub mod sniff;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::ProxyConfig;
+use crate::gateway::Gateway;
+
+pub use server::{serve, Listeners};
+
+/// Listener-level settings, fixed for the life of the process.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Log one line per request.
+    pub access_log: bool,
+    pub header_read_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+impl From<&ProxyConfig> for Settings {
+    fn from(c: &ProxyConfig) -> Self {
+        Self {
+            access_log: c.access_log,
+            header_read_timeout: c.header_read_timeout,
+            drain_timeout: c.drain_timeout,
+        }
+    }
+}
+
+/// The HTTP frontend of one gateway.
+pub struct Frontend {
+    pub gateway: Arc<Gateway>,
+    pub settings: Settings,
+}
+
+impl Frontend {
+    pub fn new(gateway: Arc<Gateway>, settings: Settings) -> Arc<Self> {
+        Arc::new(Self { gateway, settings })
+    }
+}

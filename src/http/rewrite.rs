@@ -1,0 +1,216 @@
+//! What a request becomes on its way upstream: the URL parameters and headers rewritten for
+//! the mapped cluster account. Every parameter the client sent is forwarded byte for byte
+//! except the client's credentials, a read-only user's own `readonly`, and `session_id`,
+//! which is made private to the mapped user.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Method;
+
+use super::credentials::decode_component;
+use crate::gateway::User;
+
+/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus `expect`: the
+/// proxy answers `100-continue` itself.
+pub const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+];
+
+/// Client credentials, never forwarded.
+const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "x-clickhouse-user",
+    "x-clickhouse-key",
+    "x-clickhouse-ssl-certificate-auth",
+];
+
+/// The URL query as forwarded, and what the frontend needs from it.
+#[derive(Debug, Default)]
+pub struct Rewritten {
+    pub path_and_query: String,
+    /// The decoded `query` parameter.
+    pub query: Option<String>,
+    pub query_id: String,
+    /// The client's own session id (before namespacing), for stickiness.
+    pub session: Option<String>,
+    pub decompress: bool,
+}
+
+/// Drops the client's credentials (and, for read-only users, any `readonly` it sent),
+/// namespaces `session_id` by user, makes sure there is a `query_id`, and adds `readonly=1`
+/// for read-only users' POSTs. Every other parameter is forwarded byte for byte.
+pub fn query(query: Option<&str>, user: &User, method: &Method) -> Rewritten {
+    let mut out = Rewritten {
+        path_and_query: String::with_capacity(query.map_or(0, str::len) + 64),
+        ..Default::default()
+    };
+    out.path_and_query.push_str("/?");
+    let push_raw = |out: &mut Rewritten, raw: &str| {
+        if out.path_and_query.len() > 2 {
+            out.path_and_query.push('&');
+        }
+        out.path_and_query.push_str(raw);
+    };
+    for raw in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (raw_name, raw_value) = raw.split_once('=').unwrap_or((raw, ""));
+        let name = decode_component(raw_name);
+        match name.as_ref() {
+            "user" | "password" => continue,
+            "readonly" if user.readonly => continue,
+            "query" => out.query = Some(decode_component(raw_value).into_owned()),
+            "query_id" => {
+                out.query_id = decode_component(raw_value).into_owned();
+                if out.query_id.is_empty() {
+                    continue;
+                }
+            }
+            "decompress" => out.decompress = raw_value != "0" && !raw_value.is_empty(),
+            "session_id" => {
+                let session = decode_component(raw_value).into_owned();
+                let namespaced = format!("{}/{}", user.name, session);
+                let encoded: String =
+                    form_urlencoded::byte_serialize(namespaced.as_bytes()).collect();
+                push_raw(&mut out, &format!("session_id={encoded}"));
+                out.session = Some(session);
+                continue;
+            }
+            _ => {}
+        }
+        push_raw(&mut out, raw);
+    }
+    if out.query_id.is_empty() {
+        out.query_id = uuid::Uuid::new_v4().to_string();
+        let id = out.query_id.clone();
+        push_raw(&mut out, &format!("query_id={id}"));
+    }
+    // GET already implies readonly on the server, and ClickHouse refuses to change it there.
+    if user.readonly && method != Method::GET && method != Method::HEAD {
+        push_raw(
+            &mut out,
+            if user.upstream_readonly == 2 {
+                "readonly=2"
+            } else {
+                "readonly=1"
+            },
+        );
+    }
+    out
+}
+
+/// Removes `names` and whatever `Connection` names.
+pub fn strip(headers: &mut HeaderMap, names: &[&str]) {
+    // Connection may name further hop-by-hop headers.
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in names {
+        headers.remove(*name);
+    }
+}
+
+/// The client's headers as forwarded: hop-by-hop headers and the client's credentials
+/// removed, the cluster account's added, the client's address appended to
+/// `X-Forwarded-For`.
+pub fn headers(client: &HeaderMap, user: &User, ip: IpAddr) -> HeaderMap {
+    let mut h = client.clone();
+    strip(&mut h, HOP_BY_HOP);
+    strip(&mut h, CREDENTIAL_HEADERS);
+    h.remove(header::HOST);
+    h.insert(header::AUTHORIZATION, user.account.authorization.clone());
+    let forwarded = match client.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        h.insert("x-forwarded-for", v);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::users::tests::test_user;
+
+    #[test]
+    fn rewrite_strips_credentials_and_namespaces_sessions() {
+        let user = test_user("bi", true);
+        let r = query(
+            Some(
+                "user=bi&password=se%26cret&query=SELECT+1&readonly=0&session_id=s+1&max_threads=2",
+            ),
+            &user,
+            &Method::POST,
+        );
+        let pq = &r.path_and_query;
+        assert!(!pq.contains("password") && !pq.contains("user=bi"), "{pq}");
+        assert!(!pq.contains("readonly=0"), "{pq}");
+        assert!(
+            pq.contains("query=SELECT+1&"),
+            "raw parameters are kept: {pq}"
+        );
+        assert!(pq.contains("session_id=bi%2Fs+1"), "{pq}");
+        assert!(pq.contains("max_threads=2"));
+        assert!(pq.ends_with("&readonly=1"), "{pq}");
+        assert_eq!(r.query.as_deref(), Some("SELECT 1"));
+        assert_eq!(r.session.as_deref(), Some("s 1"));
+        assert_eq!(r.query_id.len(), 36, "a query id is generated");
+        assert!(pq.contains(&format!("query_id={}", r.query_id)));
+    }
+
+    #[test]
+    fn rewrite_keeps_client_query_id_and_leaves_get_readonly_to_the_server() {
+        let user = test_user("bi", true);
+        let r = query(Some("query_id=mine&query=SELECT+1"), &user, &Method::GET);
+        assert_eq!(r.query_id, "mine");
+        assert_eq!(r.path_and_query, "/?query_id=mine&query=SELECT+1");
+        let rw = test_user("etl", false);
+        let r = query(Some("readonly=2&decompress=1"), &rw, &Method::POST);
+        assert!(r
+            .path_and_query
+            .starts_with("/?readonly=2&decompress=1&query_id="));
+        assert!(r.decompress);
+    }
+
+    #[test]
+    fn headers_swap_credentials() {
+        let user = test_user("bi", false);
+        let mut client = HeaderMap::new();
+        client.insert("authorization", HeaderValue::from_static("Basic Ymk6cA=="));
+        client.insert("x-clickhouse-key", HeaderValue::from_static("p"));
+        client.insert("x-clickhouse-format", HeaderValue::from_static("JSON"));
+        client.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        client.insert("x-secret", HeaderValue::from_static("1"));
+        client.insert("host", HeaderValue::from_static("proxy:8123"));
+        let h = headers(&client, &user, "10.0.0.9".parse().unwrap());
+        assert_eq!(h["authorization"], user.account.authorization);
+        assert!(h.get("x-clickhouse-key").is_none());
+        assert!(
+            h.get("x-secret").is_none(),
+            "headers named by Connection are dropped"
+        );
+        assert!(h.get("host").is_none());
+        assert_eq!(h["x-clickhouse-format"], "JSON");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+    }
+}

@@ -1,0 +1,161 @@
+//! The HTTP and HTTPS listeners' connections. Every client connection is one task watched
+//! by a graceful shutdown: on cancel, accept loops stop, idle keep-alive connections close,
+//! and in-flight requests get `drain_timeout` to finish.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::body::RespBody;
+use super::Frontend;
+
+/// How long a client gets to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The frontend's bound listeners.
+pub struct Listeners {
+    pub http: Option<TcpListener>,
+    pub tls: Option<(TcpListener, TlsAcceptor)>,
+}
+
+impl Listeners {
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+}
+
+impl Frontend {
+    fn builder(&self) -> http1::Builder {
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.settings.header_read_timeout)
+            .keep_alive(true);
+        builder
+    }
+
+    /// Serves one client connection (TCP, TLS, or an in-memory stream in tests) until it
+    /// ends.
+    pub async fn serve_stream<S>(self: Arc<Self>, stream: S, peer: SocketAddr) -> hyper::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.builder()
+            .serve_connection(TokioIo::new(stream), service(self.clone(), peer))
+            .await
+    }
+}
+
+/// Serves `listeners` until `shutdown` is cancelled, then drains: the gateway starts
+/// draining (readiness says so), the listeners close, and connections get the drain
+/// timeout to finish.
+pub async fn serve(frontend: Arc<Frontend>, listeners: Listeners, shutdown: CancellationToken) {
+    let graceful = GracefulShutdown::new();
+    let builder = frontend.builder();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = accept(listeners.http.as_ref()) => {
+                if let Some((stream, peer)) = accepted {
+                    let conn = builder.serve_connection(TokioIo::new(stream), service(frontend.clone(), peer));
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(%peer, error = %e, "Client connection ended with an error");
+                        }
+                    });
+                }
+            }
+            accepted = accept(listeners.tls.as_ref().map(|(l, _)| l)) => {
+                if let (Some((stream, peer)), Some((_, acceptor))) = (accepted, &listeners.tls) {
+                    serve_tls(&frontend, &builder, &graceful, acceptor.clone(), stream, peer);
+                }
+            }
+        }
+    }
+    frontend.gateway.start_draining();
+    drop(listeners);
+    let drain_timeout = frontend.settings.drain_timeout;
+    tracing::info!(
+        timeout_ms = drain_timeout.as_millis() as u64,
+        "Draining connections"
+    );
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("All connections drained"),
+        _ = tokio::time::sleep(drain_timeout) => {
+            tracing::warn!("Drain timeout reached, closing remaining connections");
+        }
+    }
+}
+
+fn serve_tls(
+    frontend: &Arc<Frontend>,
+    builder: &http1::Builder,
+    graceful: &GracefulShutdown,
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let frontend = frontend.clone();
+    let builder = builder.clone();
+    let watcher = graceful.watcher();
+    tokio::spawn(async move {
+        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => {
+                let conn = builder.serve_connection(TokioIo::new(tls), service(frontend, peer));
+                if let Err(e) = watcher.watch(conn).await {
+                    tracing::debug!(%peer, error = %e, "Client connection ended with an error");
+                }
+            }
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+        }
+    });
+}
+
+fn service(
+    frontend: Arc<Frontend>,
+    peer: SocketAddr,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<RespBody>,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone {
+    service_fn(move |req| {
+        let frontend = frontend.clone();
+        async move { Ok::<_, std::convert::Infallible>(frontend.handle(req, peer).await) }
+    })
+}
+
+/// Accepts one connection, or waits forever if there is no listener. Accept errors (e.g.
+/// out of file descriptors) are logged and paced instead of spinning.
+async fn accept(listener: Option<&TcpListener>) -> Option<(TcpStream, SocketAddr)> {
+    let Some(listener) = listener else {
+        return std::future::pending().await;
+    };
+    match listener.accept().await {
+        Ok((stream, peer)) => {
+            let _ = stream.set_nodelay(true);
+            Some((stream, peer))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            None
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! A partition's writer task: writes its segments one after another (so offsets are
+//! committed contiguously), each with its batch intent recorded before the first insert and
+//! marked done after the last; refused rows' originals read again and dead-lettered; the
+//! commit sent to the consumer thread only once every row is in and every dead letter
+//! acknowledged. A writer fenced by another consumer's claim stops at its next record.
+
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::producer::FutureProducer;
+use tokio_util::sync::CancellationToken;
+
+use super::handoff::{Commit, Task};
+use crate::backoff::Backoff;
+use crate::ingest::batch::Segment;
+use crate::ingest::config::Sharding;
+use crate::ingest::intents::{Intent, Intents, RecordError};
+use crate::kafka::{dead_letter, DeadLetter, Rereader};
+use crate::metrics::METRICS;
+
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+pub struct PartitionWriter {
+    /// The intent znode's version this writer last left (see `Worker::claimed`).
+    pub(super) version: AtomicI32,
+    pub(super) group: String,
+    pub(super) reread: Arc<Rereader>,
+    pub(super) intents: Option<Arc<Intents>>,
+    pub(super) tasks: Arc<Vec<Task>>,
+    pub(super) producer: Arc<FutureProducer>,
+    pub(super) commit_tx: mpsc::Sender<Commit>,
+    pub(super) hard_stop: CancellationToken,
+}
+
+impl PartitionWriter {
+    pub async fn run(self, mut rx: tokio::sync::mpsc::UnboundedReceiver<Segment>) {
+        while let Some(mut segment) = rx.recv().await {
+            if self.hard_stop.is_cancelled() || !self.write(&mut segment).await {
+                // Stopped (or the partition was revoked) before the segment was in: its
+                // offsets stay uncommitted, and whoever consumes the partition next resumes
+                // from its intent. What waits behind it is dropped with the channel.
+                return;
+            }
+            let _ = self.commit_tx.send(Commit {
+                task: segment.task,
+                partition: segment.partition,
+                next: segment.last + 1,
+            });
+        }
+    }
+
+    /// Records an intent, retrying until ZooKeeper takes it; false on a hard stop or once
+    /// another consumer has claimed the partition (then nothing more is written).
+    async fn record(&self, task: &Task, partition: i32, intent: &Intent) -> bool {
+        let Some(intents) = &self.intents else {
+            return true;
+        };
+        let mut backoff = Backoff::default();
+        loop {
+            let version = self.version.load(Ordering::Relaxed);
+            match intents
+                .record(&self.group, &task.topic, partition, intent, version)
+                .await
+            {
+                Ok(next) => {
+                    self.version.store(next, Ordering::Relaxed);
+                    return true;
+                }
+                Err(RecordError::Fenced) => {
+                    tracing::warn!(topic = %task.topic, partition, first = intent.first, last = intent.last, "Another consumer has claimed the partition: this one stops writing it");
+                    METRICS
+                        .ingest_fenced
+                        .with_label_values(&[task.name.as_str()])
+                        .inc();
+                    return false;
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %task.topic, partition, error = %e, "Cannot record the batch intent; retrying");
+                    if !backoff.wait(&self.hard_stop).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// True once every row is in ClickHouse and every dead letter is acknowledged.
+    async fn write(&self, segment: &mut Segment) -> bool {
+        let task = &self.tasks[segment.task];
+        let mut intent = Intent {
+            first: segment.first,
+            last: segment.last,
+            clock: segment.clock,
+            shard: None,
+            done: false,
+        };
+        if self.intents.is_some() && !segment.replay {
+            // A random-sharded segment's shard is chosen before anything is written, so a
+            // rebuild after a crash goes back to it.
+            if task.spec.sharding == Sharding::Random {
+                for part in &mut segment.parts {
+                    if part.shard.is_none() {
+                        let Some(shard) = task.target.choose_shard(&self.hard_stop).await else {
+                            return false;
+                        };
+                        part.shard = Some(shard);
+                    }
+                }
+                intent.shard = segment.parts.first().and_then(|p| p.shard);
+            }
+            if !self.record(task, segment.partition, &intent).await {
+                return false;
+            }
+        } else if segment.replay {
+            intent.shard = segment.parts.first().and_then(|p| p.shard);
+        }
+        let mut dead: Vec<DeadLetter> = segment.dead.clone();
+        let mut refused = Vec::new();
+        for part in &segment.parts {
+            let token = format!(
+                "{}:{}:{}-{}:{}",
+                task.topic,
+                segment.partition,
+                segment.first,
+                segment.last,
+                part.shard.unwrap_or(0)
+            );
+            let Some(written) = task
+                .target
+                .write(part.shard, &part.rows, &token, &self.hard_stop)
+                .await
+            else {
+                return false;
+            };
+            refused.extend(
+                written
+                    .refused
+                    .into_iter()
+                    .map(|(row, error)| (part.offsets[row], error)),
+            );
+        }
+        if !refused.is_empty() {
+            let Some(letters) = self.refused(task, segment.partition, refused).await else {
+                return false;
+            };
+            dead.extend(letters);
+        }
+        for d in &dead {
+            if !self.dead_letter(task, d).await {
+                return false;
+            }
+        }
+        if self.intents.is_some() {
+            intent.done = true;
+            return self.record(task, segment.partition, &intent).await;
+        }
+        true
+    }
+
+    /// Dead letters for the rows ClickHouse refused, with their messages read again. A
+    /// message that cannot be read again (gone by retention) goes without its payload,
+    /// saying so; `None` only if stopped first.
+    async fn refused(
+        &self,
+        task: &Task,
+        partition: i32,
+        refused: Vec<(i64, String)>,
+    ) -> Option<Vec<DeadLetter>> {
+        let offsets: Vec<i64> = refused.iter().map(|(o, _)| *o).collect();
+        let mut originals = HashMap::default();
+        let mut backoff = Backoff::default();
+        for attempt in 1..=3 {
+            let (reread, topic, wanted) =
+                (self.reread.clone(), task.topic.clone(), offsets.clone());
+            let read = tokio::task::spawn_blocking(move || {
+                reread.read(&topic, partition, &wanted, Duration::from_secs(10))
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            match read {
+                Ok(found) => originals.extend(found),
+                Err(e) => {
+                    tracing::warn!(topic = %task.topic, partition, error = %e, "Cannot read refused messages again")
+                }
+            }
+            if originals.len() == offsets.len()
+                || attempt == 3
+                || !backoff.wait(&self.hard_stop).await
+            {
+                break;
+            }
+        }
+        if self.hard_stop.is_cancelled() {
+            return None;
+        }
+        Some(
+            refused
+                .into_iter()
+                .map(|(offset, error)| {
+                    let (key, payload, error) = match originals.remove(&offset) {
+                        Some((key, payload)) => {
+                            (key, payload, format!("ClickHouse refused the row: {error}"))
+                        }
+                        None => (
+                            None,
+                            Vec::new(),
+                            format!("ClickHouse refused the row (its message could not be read again): {error}"),
+                        ),
+                    };
+                    DeadLetter {
+                        partition,
+                        offset,
+                        key,
+                        payload,
+                        reason: "refused",
+                        error,
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    async fn dead_letter(&self, task: &Task, d: &DeadLetter) -> bool {
+        let sent = dead_letter::publish(
+            &self.producer,
+            &task.dead_letter_topic,
+            &task.topic,
+            d,
+            &self.hard_stop,
+        )
+        .await;
+        if sent {
+            METRICS
+                .ingest_dead_letters
+                .with_label_values(&[task.name.as_str(), d.reason])
+                .inc();
+        }
+        sent
+    }
+}
