@@ -1,6 +1,7 @@
 //! A ClickHouse node is killed while reads run through the proxy: every read still succeeds.
-//! Its own test binary, so that cargo runs it after the others and alone (it stops a shared
-//! node), and it restarts the node with `scripts/dev-stack up` at the end.
+//! Its own test binary, so that it never runs beside another (cargo runs test binaries one
+//! after another; it stops a shared node), and it restarts the node with
+//! `scripts/dev-stack up` at the end.
 
 mod common;
 

@@ -243,3 +243,200 @@ fn summary(view: &View, purpose: Purpose) -> String {
     let parts: Vec<String> = reasons.iter().map(|(l, n)| format!("{n} {l}")).collect();
     format!("none is healthy ({})", parts.join(", "))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use crate::config::{ClusterConfig, UpstreamConfig};
+
+    fn cluster(upstream: &UpstreamConfig) -> Cluster {
+        let c: ClusterConfig = toml::from_str(
+            r#"shards = [{ replicas = [{ host = "a" }, { host = "b" }, { host = "c" }] }]"#,
+        )
+        .unwrap();
+        Cluster::new("t", &c, &Default::default(), upstream, &Default::default())
+    }
+
+    fn plan(cluster: &Cluster, statement: Statement, replayable: bool) -> Plan<'_> {
+        Plan {
+            cluster,
+            statement,
+            session: None,
+            replayable,
+            max_attempts: 3,
+        }
+    }
+
+    fn refused() -> UpstreamError {
+        UpstreamError::Connect(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+    }
+
+    fn lost() -> UpstreamError {
+        UpstreamError::Timeout(std::time::Duration::from_secs(1))
+    }
+
+    /// Routes one request whose attempts go as `outcome` says per node label ('a', 'b',
+    /// 'c'); the labels tried, in order, and the result.
+    async fn run(
+        plan: Plan<'_>,
+        outcome: impl Fn(&str) -> Attempt<&'static str, u32>,
+        bodies: u32,
+    ) -> (Vec<String>, Result<Routed<&'static str>, GatewayError>) {
+        let tried = Mutex::new(Vec::new());
+        let mut made = 0;
+        let request = || {
+            made += 1;
+            (made <= bodies).then_some(made)
+        };
+        let result = route(plan, request, |backend, _req| {
+            let label = backend.node.host.clone();
+            tried.lock().unwrap().push(label.clone());
+            let attempt = outcome(&label);
+            async move { attempt }
+        })
+        .await;
+        (tried.into_inner().unwrap(), result)
+    }
+
+    #[tokio::test]
+    async fn an_unsent_request_goes_to_the_next_node_whatever_it_is() {
+        let c = cluster(&UpstreamConfig::default());
+        let (tried, result) = run(
+            plan(&c, Statement::Write, false),
+            |l| match l {
+                "b" => Attempt::Answered("b"),
+                _ => Attempt::Unsent(7, refused()),
+            },
+            1,
+        )
+        .await;
+        let routed = result.unwrap();
+        assert_eq!(routed.answer, "b");
+        assert_eq!(
+            routed.attempts, 1,
+            "only the node that answered was reached"
+        );
+        assert_eq!(tried.last().map(String::as_str), Some("b"));
+        assert!(tried.len() <= 3);
+        for t in &tried[..tried.len() - 1] {
+            let view = c.view();
+            let i = view
+                .topology
+                .nodes
+                .iter()
+                .position(|n| n.node.host == *t)
+                .unwrap();
+            assert!(
+                view.topology.nodes[i].node.backing_off(),
+                "{t} failed: backed off"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_request_goes_again_only_if_it_is_a_kept_read() {
+        let fail_a_first = |l: &str| match l {
+            "a" => Attempt::Lost(lost()),
+            other => Attempt::Answered(if other == "b" { "b" } else { "c" }),
+        };
+        // Retried: a read whose body is kept. Make `a` the only first choice by sending
+        // until it is tried first.
+        for _ in 0..50 {
+            let c = cluster(&UpstreamConfig::default());
+            let (tried, result) = run(plan(&c, Statement::Read, true), fail_a_first, 3).await;
+            if tried[0] != "a" {
+                continue;
+            }
+            let routed = result.unwrap();
+            assert_eq!(routed.attempts, 2);
+            assert_ne!(routed.answer, "a");
+            break;
+        }
+        let always_lost = |_: &str| Attempt::Lost(lost());
+        let c = cluster(&UpstreamConfig::default());
+        let (tried, result) = run(plan(&c, Statement::Write, true), always_lost, 3).await;
+        assert_eq!(tried.len(), 1);
+        match result {
+            Err(e @ GatewayError::UpstreamFailed { why, .. }) => {
+                assert!(why.contains("might have been executed"));
+                assert!(!e.could_retry());
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        let c = cluster(&UpstreamConfig::default());
+        let (tried, result) = run(plan(&c, Statement::Read, false), always_lost, 1).await;
+        assert_eq!(tried.len(), 1);
+        assert!(matches!(
+            result.err(),
+            Some(GatewayError::UpstreamFailed { why, .. }) if why.contains("too large")
+        ));
+    }
+
+    #[tokio::test]
+    async fn attempts_stop_at_max_attempts_and_at_the_budget() {
+        let c = cluster(&UpstreamConfig::default());
+        let (tried, result) = run(
+            Plan {
+                max_attempts: 2,
+                ..plan(&c, Statement::Read, true)
+            },
+            |_| Attempt::Unsent(1, refused()),
+            1,
+        )
+        .await;
+        assert_eq!(tried.len(), 2);
+        let counts: HashMap<&String, usize> = tried.iter().fold(HashMap::new(), |mut m, t| {
+            *m.entry(t).or_default() += 1;
+            m
+        });
+        assert!(
+            counts.values().all(|&n| n == 1),
+            "never the same node twice"
+        );
+        assert!(matches!(
+            result.err(),
+            Some(GatewayError::NoNodeAvailable { tried: 2, .. })
+        ));
+        // The budget spent (it starts with ten retries and earns none here): the first
+        // failure is the last attempt.
+        let broke = UpstreamConfig {
+            retry_budget_ratio: 0.0,
+            retry_budget_min_per_second: 0,
+            ..UpstreamConfig::default()
+        };
+        let c = cluster(&broke);
+        while c.budget.try_withdraw() {}
+        let (tried, result) = run(
+            plan(&c, Statement::Read, true),
+            |_| Attempt::Unsent(1, refused()),
+            1,
+        )
+        .await;
+        assert_eq!(tried.len(), 1);
+        let e = result.err().unwrap();
+        assert!(matches!(e, GatewayError::RetryBudgetExhausted { .. }));
+        assert!(e.could_retry());
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_goes_once() {
+        let c = cluster(&UpstreamConfig::default());
+        // The request cannot be built a second time (a streamed body): after it never
+        // reached the first node it comes back whole and goes on; once it has been sent and
+        // lost there is nothing to send again.
+        let (tried, result) = run(
+            plan(&c, Statement::Write, false),
+            |l| match l {
+                "c" => Attempt::Answered("c"),
+                _ => Attempt::Unsent(1, refused()),
+            },
+            1,
+        )
+        .await;
+        assert_eq!(result.unwrap().answer, "c");
+        assert_eq!(tried.last().map(String::as_str), Some("c"));
+    }
+}

@@ -381,6 +381,11 @@ mod tests {
             [kafka]
             brokers = "b:9092"
             group_id = "g"
+            [picker]
+            fall = 0
+            probe_interval = "0s"
+            [upstream]
+            max_attempts = 0
             [clusters.demo]
             shards = [{ replicas = [{ host = "h" }] }]
             [clusters.demo.accounts.a]
@@ -410,6 +415,10 @@ mod tests {
             "tasks.x.key",
             "tasks.x.dead_letter_topic",
             "tasks.x.batch_bytes",
+            // The proxy's own checks of the shared sections.
+            "picker.fall",
+            "picker.probe_interval",
+            "upstream.max_attempts",
         ] {
             assert!(keys.contains(&key), "{key} missing: {problems:?}");
         }

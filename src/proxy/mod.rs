@@ -91,6 +91,11 @@ impl Server {
         self.gateway.clone()
     }
 
+    /// The HTTP frontend, to serve connections of a test's own (in-memory streams).
+    pub fn frontend(&self) -> Arc<http::Frontend> {
+        self.frontend.clone()
+    }
+
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.listeners.http_addr()
     }

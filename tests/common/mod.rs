@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+pub mod duplex;
+pub mod fake;
+
 pub const NODES: [&str; 4] = ["127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"];
 
 pub fn stack_dir() -> PathBuf {
@@ -161,6 +164,8 @@ pub struct TestProxy {
     pub http: SocketAddr,
     pub admin: SocketAddr,
     pub https: Option<SocketAddr>,
+    /// The HTTP frontend, for in-memory connections ([`duplex`]).
+    pub frontend: std::sync::Arc<chgate::http::Frontend>,
     shutdown: CancellationToken,
 }
 
@@ -174,6 +179,7 @@ impl TestProxy {
             http: server.http_addr().expect("http listener"),
             admin: server.admin_addr().expect("admin listener"),
             https: server.https_addr(),
+            frontend: server.frontend(),
             shutdown: shutdown.clone(),
         };
         tokio::spawn(server.serve(shutdown));
