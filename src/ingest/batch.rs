@@ -107,7 +107,7 @@ pub struct Batcher {
     partition: i32,
     /// The memory ceiling: a message holds its payload until it is added here, then the
     /// segment holds what it keeps of it.
-    ceiling: Arc<Ceiling>,
+    ceiling: &'static Ceiling,
     open: Option<Open>,
     key: Vec<u8>,
     /// A row being encoded before its shard is known (key sharding), reused.
@@ -121,7 +121,12 @@ fn unix_now() -> i64 {
 }
 
 impl Batcher {
-    pub fn new(spec: Arc<TaskSpec>, task: usize, partition: i32, ceiling: Arc<Ceiling>) -> Self {
+    pub fn new(
+        spec: Arc<TaskSpec>,
+        task: usize,
+        partition: i32,
+        ceiling: &'static Ceiling,
+    ) -> Self {
         Self {
             spec,
             task,
@@ -170,7 +175,7 @@ impl Batcher {
         replay: Option<(Option<u32>, i64)>,
     ) -> Option<Segment> {
         let spec = &*self.spec;
-        let ceiling = &self.ceiling;
+        let ceiling = self.ceiling;
         let open = self.open.get_or_insert_with(|| Open {
             ends_at: replay.map(|(_, last)| last),
             first: msg.offset,
@@ -329,7 +334,7 @@ mod tests {
 
     #[test]
     fn cuts_by_rows_and_keeps_bad_messages_aside() {
-        let mut b = Batcher::new(spec(Sharding::Random, 3), 0, 3, Arc::default());
+        let mut b = Batcher::new(spec(Sharding::Random, 3), 0, 3, Ceiling::leak());
         assert!(b
             .add_at(msg(10, r#"{"ts": 1000, "user_id": 1}"#), 1000)
             .is_none());
@@ -357,7 +362,7 @@ mod tests {
     fn key_sharding_sends_each_key_to_one_shard_and_is_deterministic() {
         let spec = spec(Sharding::Key, 1000);
         let build = || {
-            let mut b = Batcher::new(spec.clone(), 0, 0, Arc::default());
+            let mut b = Batcher::new(spec.clone(), 0, 0, Ceiling::leak());
             for i in 0..200 {
                 b.add_at(
                     msg(i, &format!(r#"{{"ts": 1000, "user_id": {}}}"#, i % 17)),
@@ -393,14 +398,14 @@ mod tests {
     #[test]
     fn a_replayed_segment_is_rebuilt_byte_for_byte() {
         let spec = spec(Sharding::Random, 2);
-        let mut b = Batcher::new(spec.clone(), 0, 3, Arc::default());
+        let mut b = Batcher::new(spec.clone(), 0, 3, Ceiling::leak());
         let first = b.add_at(msg(10, r#"{"ts": 1000, "user_id": 1}"#), 1000);
         assert!(first.is_none());
         let original = b
             .add_at(msg(11, r#"{"ts": 1005, "user_id": 2}"#), 1000)
             .unwrap();
         // Rebuilt later, at another time and with other limits in force: same bytes.
-        let mut again = Batcher::new(spec, 0, 3, Arc::default());
+        let mut again = Batcher::new(spec, 0, 3, Ceiling::leak());
         assert!(again
             .add_replay(msg(10, r#"{"ts": 1000, "user_id": 1}"#), 1000, Some(2), 11)
             .is_none());
@@ -417,7 +422,7 @@ mod tests {
 
     #[test]
     fn cuts_by_age() {
-        let mut b = Batcher::new(spec(Sharding::Random, 1000), 0, 0, Arc::default());
+        let mut b = Batcher::new(spec(Sharding::Random, 1000), 0, 0, Ceiling::leak());
         assert!(!b.due(Instant::now()));
         b.add_at(msg(1, r#"{"ts": 1000}"#), 1000);
         assert!(!b.due(Instant::now()));
@@ -426,8 +431,8 @@ mod tests {
 
     #[test]
     fn holds_what_it_keeps_of_a_message_not_the_message() {
-        let ceiling = Arc::new(Ceiling::default());
-        let mut b = Batcher::new(spec(Sharding::Random, 1000), 0, 0, ceiling.clone());
+        let ceiling = Ceiling::leak();
+        let mut b = Batcher::new(spec(Sharding::Random, 1000), 0, 0, ceiling);
         let padding = "x".repeat(700);
         let mut consumed = 0;
         for i in 0..100 {
@@ -436,11 +441,11 @@ mod tests {
                 i,
                 &format!(r#"{{"ts": 1000, "user_id": {i}, "pad": "{padding}"}}"#),
             )
-            .reserve(&ceiling);
+            .reserve(ceiling);
             consumed += m.payload().len();
             b.add_at(m, 1000);
         }
-        b.add_at(msg(100, "not json").reserve(&ceiling), 1000);
+        b.add_at(msg(100, "not json").reserve(ceiling), 1000);
         let held = ceiling.held();
         // 100 rows of 12 bytes (+ their bookkeeping) and one dead letter, not 70 KB of JSON.
         assert!(held < consumed / 10, "{held} of {consumed}");

@@ -5,8 +5,6 @@
 //! travels, a message holds its payload's bytes against the memory ceiling
 //! ([`Reservation`]), given back when it is dropped, whatever becomes of it.
 
-use std::sync::Arc;
-
 use super::pending::{Ceiling, Reservation};
 use crate::kafka::Held;
 
@@ -59,7 +57,7 @@ impl Message {
     }
 
     /// The message with its payload held against `ceiling` until it is dropped.
-    pub fn reserve(mut self, ceiling: &Arc<Ceiling>) -> Self {
+    pub fn reserve(mut self, ceiling: &'static Ceiling) -> Self {
         self.reserved = ceiling.reserve(self.payload().len());
         self
     }

@@ -34,7 +34,7 @@ pub struct Start {
     pub tasks: Arc<Vec<Task>>,
     pub senders: Vec<Sender<Item>>,
     pub commits: mpsc::Receiver<Commit>,
-    pub ceiling: Arc<Ceiling>,
+    pub ceiling: &'static Ceiling,
     pub max_pending: usize,
     pub stop: CancellationToken,
     /// Set once everything taken is handed over (the workers may finish).
@@ -47,7 +47,7 @@ struct Consume {
     tasks: Arc<Vec<Task>>,
     senders: Vec<Sender<Item>>,
     commits: mpsc::Receiver<Commit>,
-    ceiling: Arc<Ceiling>,
+    ceiling: &'static Ceiling,
     max_pending: usize,
     task_of: HashMap<String, usize>,
     /// Messages waiting for room in their worker's ring, in order.
@@ -342,7 +342,7 @@ impl Consume {
             }
         };
         self.uncounted[msg.task] += 1;
-        let msg = msg.reserve(&self.ceiling);
+        let msg = msg.reserve(self.ceiling);
         self.hand_over(worker, Item::Message(msg));
     }
 

@@ -107,7 +107,7 @@ pub async fn run(
     let topics: Vec<&str> = tasks.iter().map(|t| t.topic.as_str()).collect();
     consumer.subscribe(&topics)?;
 
-    let ceiling = Arc::new(Ceiling::default());
+    let ceiling = Ceiling::leak();
     let fetching_done = Arc::new(AtomicBool::new(false));
     let flushed = Arc::new(AtomicBool::new(false));
     let hard_stop = CancellationToken::new();
@@ -138,7 +138,7 @@ pub async fn run(
             tracker: tracker.clone(),
             producer: producer.clone(),
             commit_tx: commit_tx.clone(),
-            ceiling: ceiling.clone(),
+            ceiling,
             stop: stop.clone(),
             hard_stop: hard_stop.clone(),
             fetching_done: fetching_done.clone(),

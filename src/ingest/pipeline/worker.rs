@@ -53,7 +53,7 @@ pub struct Worker {
     pub(super) tracker: TaskTracker,
     pub(super) producer: Arc<FutureProducer>,
     pub(super) commit_tx: mpsc::Sender<Commit>,
-    pub(super) ceiling: Arc<Ceiling>,
+    pub(super) ceiling: &'static Ceiling,
     pub(super) stop: CancellationToken,
     pub(super) hard_stop: CancellationToken,
     pub(super) fetching_done: Arc<AtomicBool>,
@@ -192,10 +192,11 @@ impl Worker {
             }
             self.intent_of.insert(key, intent);
         }
-        let (tasks, ceiling) = (&self.tasks, &self.ceiling);
-        let batcher = self.batchers.entry(key).or_insert_with(|| {
-            Batcher::new(tasks[key.0].spec.clone(), key.0, key.1, ceiling.clone())
-        });
+        let (tasks, ceiling) = (&self.tasks, self.ceiling);
+        let batcher = self
+            .batchers
+            .entry(key)
+            .or_insert_with(|| Batcher::new(tasks[key.0].spec.clone(), key.0, key.1, ceiling));
         let sealed = match self.intent_of.get(&key).copied().flatten() {
             Some(intent) => match intent.disposition(msg.offset) {
                 Disposition::Skip => None,
