@@ -5,7 +5,6 @@
 //! [`Backend::failed`], so the picker's passive figures and the node's backoff move
 //! together and in one place.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::IntCounter;
@@ -16,7 +15,9 @@ use crate::metrics::METRICS;
 use crate::upstream::{Node, UpstreamError};
 
 pub struct Backend {
-    pub node: Arc<Node>,
+    /// Held inline, not behind another pointer: a pick reads the load of two candidates,
+    /// and one more dependent load each was measurable with a thousand nodes.
+    pub node: Node,
     /// Probe results, health and passive figures.
     pub state: NodeState,
     /// Picks by purpose (read, write): the proxy's and the pick API's.
@@ -24,7 +25,7 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn new(node: Arc<Node>) -> Self {
+    pub fn new(node: Node) -> Self {
         let label = node.label.as_str();
         Self {
             picks: [

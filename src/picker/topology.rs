@@ -207,12 +207,12 @@ impl<'a> Builder<'a> {
                     old.node.apply(self.upstream);
                     old.clone()
                 }
-                _ => Arc::new(Backend::new(Arc::new(Node::new(
+                _ => Arc::new(Backend::new(Node::new(
                     &r.host,
                     r.http_port,
                     r.native_port,
                     self.upstream,
-                )))),
+                ))),
             };
             members.push(self.nodes.len());
             self.nodes.push(node);

@@ -69,12 +69,12 @@ impl PickApi {
                     .find(|n| n.node.host == host && n.node.port == port)
                     .cloned();
                 let backend = known.unwrap_or_else(|| {
-                    Arc::new(Backend::new(Arc::new(Node::new(
+                    Arc::new(Backend::new(Node::new(
                         host,
                         port,
                         9000,
                         &Default::default(),
-                    ))))
+                    )))
                 });
                 Ok(Some((shard, backend)))
             }
