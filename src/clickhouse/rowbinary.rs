@@ -12,7 +12,7 @@ use super::types::ColumnType;
 
 /// One field's value as found in a message.
 #[derive(Debug, Clone, Copy)]
-pub enum Source<'a> {
+pub enum Field<'a> {
     Json(&'a Value),
     Text(&'a str),
     Missing,
@@ -63,11 +63,11 @@ fn write_str(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(s);
 }
 
-fn describe(v: Source<'_>) -> String {
+fn describe(v: Field<'_>) -> String {
     let s = match v {
-        Source::Json(j) => j.to_string(),
-        Source::Text(t) => format!("{t:?}"),
-        Source::Missing => "nothing".into(),
+        Field::Json(j) => j.to_string(),
+        Field::Text(t) => format!("{t:?}"),
+        Field::Missing => "nothing".into(),
     };
     if s.len() > 64 {
         format!("{}...", truncate(&s, 64))
@@ -88,14 +88,14 @@ pub fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-fn bad(v: Source<'_>, ty: &ColumnType) -> String {
+fn bad(v: Field<'_>, ty: &ColumnType) -> String {
     format!("{} is not a valid {ty}", describe(v))
 }
 
 /// An integer from a JSON number (integral), a numeric string, or a boolean.
-fn integer(v: Source<'_>) -> Option<i128> {
+fn integer(v: Field<'_>) -> Option<i128> {
     match v {
-        Source::Json(Value::Number(n)) => n
+        Field::Json(Value::Number(n)) => n
             .as_i64()
             .map(i128::from)
             .or_else(|| n.as_u64().map(i128::from))
@@ -104,27 +104,27 @@ fn integer(v: Source<'_>) -> Option<i128> {
                     .filter(|f| f.fract() == 0.0 && f.abs() < 1.8e19)
                     .map(|f| f as i128)
             }),
-        Source::Json(Value::Bool(b)) => Some(*b as i128),
-        Source::Json(Value::String(s)) => s.trim().parse().ok(),
-        Source::Text(t) => t.trim().parse().ok(),
+        Field::Json(Value::Bool(b)) => Some(*b as i128),
+        Field::Json(Value::String(s)) => s.trim().parse().ok(),
+        Field::Text(t) => t.trim().parse().ok(),
         _ => None,
     }
 }
 
-fn float(v: Source<'_>) -> Option<f64> {
+fn float(v: Field<'_>) -> Option<f64> {
     match v {
-        Source::Json(Value::Number(n)) => n.as_f64(),
-        Source::Json(Value::String(s)) => s.trim().parse().ok(),
-        Source::Text(t) => t.trim().parse().ok(),
+        Field::Json(Value::Number(n)) => n.as_f64(),
+        Field::Json(Value::String(s)) => s.trim().parse().ok(),
+        Field::Text(t) => t.trim().parse().ok(),
         _ => None,
     }
 }
 
 /// Seconds and nanoseconds since the epoch, by the first format that reads the value.
-pub fn timestamp(v: Source<'_>, formats: &[TimeFormat]) -> Option<(i64, u32)> {
+pub fn timestamp(v: Field<'_>, formats: &[TimeFormat]) -> Option<(i64, u32)> {
     let text: Option<&str> = match v {
-        Source::Json(Value::String(s)) => Some(s.as_str()),
-        Source::Text(t) => Some(t.trim()),
+        Field::Json(Value::String(s)) => Some(s.as_str()),
+        Field::Text(t) => Some(t.trim()),
         _ => None,
     };
     for f in formats {
@@ -132,11 +132,11 @@ pub fn timestamp(v: Source<'_>, formats: &[TimeFormat]) -> Option<(i64, u32)> {
             TimeFormat::Unix | TimeFormat::UnixMs => {
                 let scale = if *f == TimeFormat::Unix { 1.0 } else { 1e-3 };
                 let secs = match (v, text) {
-                    (Source::Json(Value::Number(n)), _) => {
+                    (Field::Json(Value::Number(n)), _) => {
                         if let (Some(i), TimeFormat::Unix) = (n.as_i64(), f) {
                             Some((i, 0))
                         } else {
-                            n.as_f64().map(|x| split(x * scale))
+                            n.as_f64().map(|x| seconds_and_nanos(x * scale))
                         }
                     }
                     (_, Some(t)) if t.bytes().all(|b| b.is_ascii_digit()) && !t.is_empty() => {
@@ -152,7 +152,7 @@ pub fn timestamp(v: Source<'_>, formats: &[TimeFormat]) -> Option<(i64, u32)> {
                         .parse::<f64>()
                         .ok()
                         .filter(|x| x.is_finite())
-                        .map(|x| split(x * scale)),
+                        .map(|x| seconds_and_nanos(x * scale)),
                     _ => None,
                 };
                 secs
@@ -180,7 +180,7 @@ pub fn timestamp(v: Source<'_>, formats: &[TimeFormat]) -> Option<(i64, u32)> {
     None
 }
 
-fn split(x: f64) -> (i64, u32) {
+fn seconds_and_nanos(x: f64) -> (i64, u32) {
     let secs = x.floor();
     (
         secs as i64,
@@ -213,7 +213,7 @@ pub fn encode_zero(out: &mut Vec<u8>, ty: &ColumnType) {
 pub fn encode(
     out: &mut Vec<u8>,
     ty: &ColumnType,
-    v: Source<'_>,
+    v: Field<'_>,
     formats: &[TimeFormat],
 ) -> Result<(), String> {
     macro_rules! int {
@@ -235,9 +235,9 @@ pub fn encode(
         ColumnType::Int64 => int!(i64),
         ColumnType::Bool => {
             let b = match v {
-                Source::Json(Value::Bool(b)) => *b,
-                Source::Text("true") => true,
-                Source::Text("false") => false,
+                Field::Json(Value::Bool(b)) => *b,
+                Field::Text("true") => true,
+                Field::Text("false") => false,
                 _ => match integer(v) {
                     Some(0) => false,
                     Some(1) => true,
@@ -255,15 +255,15 @@ pub fn encode(
             out.extend_from_slice(&f.to_le_bytes());
         }
         ColumnType::String => match v {
-            Source::Json(Value::String(s)) => write_str(out, s.as_bytes()),
-            Source::Json(other) => write_str(out, other.to_string().as_bytes()),
-            Source::Text(t) => write_str(out, t.as_bytes()),
-            Source::Missing => return Err(bad(v, ty)),
+            Field::Json(Value::String(s)) => write_str(out, s.as_bytes()),
+            Field::Json(other) => write_str(out, other.to_string().as_bytes()),
+            Field::Text(t) => write_str(out, t.as_bytes()),
+            Field::Missing => return Err(bad(v, ty)),
         },
         ColumnType::FixedString(n) => {
             let bytes: &[u8] = match v {
-                Source::Json(Value::String(s)) => s.as_bytes(),
-                Source::Text(t) => t.as_bytes(),
+                Field::Json(Value::String(s)) => s.as_bytes(),
+                Field::Text(t) => t.as_bytes(),
                 _ => return Err(bad(v, ty)),
             };
             if bytes.len() > *n {
@@ -296,8 +296,8 @@ pub fn encode(
             out.extend_from_slice(&ticks.to_le_bytes());
         }
         ColumnType::Nullable(inner) => match v {
-            Source::Missing | Source::Json(Value::Null) => out.push(1),
-            Source::Text(t) if t == "\\N" || (t.is_empty() && **inner != ColumnType::String) => {
+            Field::Missing | Field::Json(Value::Null) => out.push(1),
+            Field::Text(t) if t == "\\N" || (t.is_empty() && **inner != ColumnType::String) => {
                 out.push(1)
             }
             _ => {
@@ -308,8 +308,8 @@ pub fn encode(
         ColumnType::Array(inner) => {
             let parsed;
             let items: &[Value] = match v {
-                Source::Json(Value::Array(a)) => a,
-                Source::Text(t) => {
+                Field::Json(Value::Array(a)) => a,
+                Field::Text(t) => {
                     parsed = serde_json::from_str::<Value>(t)
                         .ok()
                         .and_then(|x| match x {
@@ -323,7 +323,7 @@ pub fn encode(
             };
             write_varint(out, items.len() as u64);
             for item in items {
-                encode(out, inner, Source::Json(item), formats)?;
+                encode(out, inner, Field::Json(item), formats)?;
             }
         }
         ColumnType::LowCardinality(inner) => encode(out, inner, v, formats)?,
@@ -336,7 +336,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn enc(ty: &str, v: Source<'_>) -> Result<Vec<u8>, String> {
+    fn enc(ty: &str, v: Field<'_>) -> Result<Vec<u8>, String> {
         let mut out = Vec::new();
         encode(
             &mut out,
@@ -349,33 +349,33 @@ mod tests {
 
     #[test]
     fn numbers_and_strings() {
-        assert_eq!(enc("UInt16", Source::Json(&json!(258))), Ok(vec![2, 1]));
-        assert_eq!(enc("Int8", Source::Text("-1")), Ok(vec![0xff]));
+        assert_eq!(enc("UInt16", Field::Json(&json!(258))), Ok(vec![2, 1]));
+        assert_eq!(enc("Int8", Field::Text("-1")), Ok(vec![0xff]));
         assert_eq!(
-            enc("UInt64", Source::Json(&json!("7"))),
+            enc("UInt64", Field::Json(&json!("7"))),
             Ok(7u64.to_le_bytes().to_vec())
         );
-        assert!(enc("UInt8", Source::Json(&json!(256)))
+        assert!(enc("UInt8", Field::Json(&json!(256)))
             .unwrap_err()
             .contains("out of range"));
-        assert!(enc("UInt32", Source::Json(&json!("x")))
+        assert!(enc("UInt32", Field::Json(&json!("x")))
             .unwrap_err()
             .contains("not a valid UInt32"));
-        assert!(enc("UInt32", Source::Json(&json!(1.5))).is_err());
+        assert!(enc("UInt32", Field::Json(&json!(1.5))).is_err());
         assert_eq!(
-            enc("Float64", Source::Json(&json!(1.5))),
+            enc("Float64", Field::Json(&json!(1.5))),
             Ok(1.5f64.to_le_bytes().to_vec())
         );
         assert_eq!(
-            enc("String", Source::Json(&json!("hé"))),
+            enc("String", Field::Json(&json!("hé"))),
             Ok(vec![3, b'h', 0xc3, 0xa9])
         );
         assert_eq!(
-            enc("String", Source::Json(&json!({"a": 1}))),
+            enc("String", Field::Json(&json!({"a": 1}))),
             Ok([&[7u8][..], b"{\"a\":1}"].concat())
         );
         assert_eq!(
-            enc("FixedString(3)", Source::Text("ab")),
+            enc("FixedString(3)", Field::Text("ab")),
             Ok(vec![b'a', b'b', 0])
         );
         let mut long = Vec::new();
@@ -387,26 +387,26 @@ mod tests {
     fn times_in_several_formats() {
         let secs = 1_767_225_600u32; // 2026-01-01 00:00:00 UTC
         let want = Ok(secs.to_le_bytes().to_vec());
-        assert_eq!(enc("DateTime", Source::Json(&json!(secs))), want);
+        assert_eq!(enc("DateTime", Field::Json(&json!(secs))), want);
         assert_eq!(
-            enc("DateTime", Source::Json(&json!("2026-01-01 00:00:00"))),
+            enc("DateTime", Field::Json(&json!("2026-01-01 00:00:00"))),
             want
         );
         assert_eq!(
-            enc("DateTime('UTC')", Source::Text("2026-01-01T00:00:00Z")),
+            enc("DateTime('UTC')", Field::Text("2026-01-01T00:00:00Z")),
             want
         );
-        assert_eq!(enc("DateTime", Source::Text("1767225600")), want);
-        assert!(enc("DateTime", Source::Json(&json!("yesterday"))).is_err());
+        assert_eq!(enc("DateTime", Field::Text("1767225600")), want);
+        assert!(enc("DateTime", Field::Json(&json!("yesterday"))).is_err());
         assert_eq!(
             enc(
                 "DateTime64(3)",
-                Source::Json(&json!("2026-01-01T00:00:00.25Z"))
+                Field::Json(&json!("2026-01-01T00:00:00.25Z"))
             ),
             Ok((secs as i64 * 1000 + 250).to_le_bytes().to_vec())
         );
         assert_eq!(
-            enc("Date", Source::Text("2026-01-01")),
+            enc("Date", Field::Text("2026-01-01")),
             Ok(((secs / 86_400) as u16).to_le_bytes().to_vec())
         );
         let ms = [TimeFormat::UnixMs];
@@ -414,7 +414,7 @@ mod tests {
         encode(
             &mut out,
             &ColumnType::DateTime64(3),
-            Source::Json(&json!(1767225600250u64)),
+            Field::Json(&json!(1767225600250u64)),
             &ms,
         )
         .unwrap();
@@ -423,26 +423,26 @@ mod tests {
 
     #[test]
     fn nullable_and_arrays() {
-        assert_eq!(enc("Nullable(UInt8)", Source::Missing), Ok(vec![1]));
+        assert_eq!(enc("Nullable(UInt8)", Field::Missing), Ok(vec![1]));
         assert_eq!(
-            enc("Nullable(UInt8)", Source::Json(&json!(null))),
+            enc("Nullable(UInt8)", Field::Json(&json!(null))),
             Ok(vec![1])
         );
         assert_eq!(
-            enc("Nullable(UInt8)", Source::Json(&json!(5))),
+            enc("Nullable(UInt8)", Field::Json(&json!(5))),
             Ok(vec![0, 5])
         );
-        assert_eq!(enc("Nullable(UInt8)", Source::Text("\\N")), Ok(vec![1]));
+        assert_eq!(enc("Nullable(UInt8)", Field::Text("\\N")), Ok(vec![1]));
         assert_eq!(
-            enc("Array(UInt8)", Source::Json(&json!([1, 2]))),
+            enc("Array(UInt8)", Field::Json(&json!([1, 2]))),
             Ok(vec![2, 1, 2])
         );
-        assert_eq!(enc("Array(UInt8)", Source::Text("[3]")), Ok(vec![1, 3]));
+        assert_eq!(enc("Array(UInt8)", Field::Text("[3]")), Ok(vec![1, 3]));
         assert_eq!(
-            enc("Array(Nullable(String))", Source::Json(&json!(["a", null]))),
+            enc("Array(Nullable(String))", Field::Json(&json!(["a", null]))),
             Ok(vec![2, 0, 1, b'a', 1])
         );
-        assert!(enc("Array(UInt8)", Source::Json(&json!([1, "x"]))).is_err());
+        assert!(enc("Array(UInt8)", Field::Json(&json!([1, "x"]))).is_err());
         let mut zero = Vec::new();
         encode_zero(&mut zero, &ColumnType::parse("Array(String)").unwrap());
         encode_zero(&mut zero, &ColumnType::parse("FixedString(2)").unwrap());

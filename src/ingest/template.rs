@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::clickhouse::rowbinary::{encode, encode_zero, timestamp, truncate, Source, TimeFormat};
+use crate::clickhouse::rowbinary::{encode, encode_zero, timestamp, truncate, Field, TimeFormat};
 use crate::clickhouse::types::ColumnType;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -80,14 +80,14 @@ impl RowError {
 }
 
 #[derive(Debug, Clone)]
-enum Segment {
+enum PathStep {
     Key(String),
     Index(usize),
 }
 
 #[derive(Debug, Clone)]
 enum Locator {
-    Path(Vec<Segment>),
+    Path(Vec<PathStep>),
     Position(usize),
 }
 
@@ -124,7 +124,7 @@ pub struct Window {
     pub max: i64,
 }
 
-fn parse_path(path: &str) -> Result<Vec<Segment>, String> {
+fn parse_path(path: &str) -> Result<Vec<PathStep>, String> {
     let mut out = Vec::new();
     for part in path.split('.') {
         let (key, mut rest) = match part.find('[') {
@@ -132,7 +132,7 @@ fn parse_path(path: &str) -> Result<Vec<Segment>, String> {
             None => (part, ""),
         };
         if !key.is_empty() {
-            out.push(Segment::Key(key.to_string()));
+            out.push(PathStep::Key(key.to_string()));
         }
         while let Some(stripped) = rest.strip_prefix('[') {
             let close = stripped
@@ -144,7 +144,7 @@ fn parse_path(path: &str) -> Result<Vec<Segment>, String> {
                     &stripped[..close]
                 )
             })?;
-            out.push(Segment::Index(n));
+            out.push(PathStep::Index(n));
             rest = &stripped[close + 1..];
         }
         if !rest.is_empty() || (key.is_empty() && out.is_empty()) {
@@ -251,7 +251,7 @@ impl Template {
                 Some(d) => {
                     let json = toml_to_json(d);
                     let mut out = Vec::new();
-                    match encode(&mut out, ty, Source::Json(&json), &formats) {
+                    match encode(&mut out, ty, Field::Json(&json), &formats) {
                         Ok(()) => Some(out),
                         Err(e) => {
                             problems.push(format!("{key}.default: {e}"));
@@ -276,7 +276,7 @@ impl Template {
         for c in &columns {
             if let Locator::Path(path) = &c.locator {
                 let key = match path.first() {
-                    Some(Segment::Key(k)) => k.clone(),
+                    Some(PathStep::Key(k)) => k.clone(),
                     _ => {
                         problems.push(format!(
                             "columns.{}: the path must start with a field name",
@@ -344,7 +344,7 @@ impl Template {
     fn column(
         &self,
         i: usize,
-        v: Source<'_>,
+        v: Field<'_>,
         out: &mut Vec<u8>,
         window: Option<Window>,
         key_column: Option<usize>,
@@ -368,18 +368,18 @@ impl Template {
         if key_column == Some(i) {
             key.clear();
             match v {
-                Source::Json(Value::String(s)) => key.extend_from_slice(s.as_bytes()),
-                Source::Json(other) => key.extend_from_slice(other.to_string().as_bytes()),
-                Source::Text(t) => key.extend_from_slice(t.as_bytes()),
-                Source::Missing => {}
+                Field::Json(Value::String(s)) => key.extend_from_slice(s.as_bytes()),
+                Field::Json(other) => key.extend_from_slice(other.to_string().as_bytes()),
+                Field::Text(t) => key.extend_from_slice(t.as_bytes()),
+                Field::Missing => {}
             }
         }
         match (v, &c.default) {
-            (Source::Missing, Some(d)) => {
+            (Field::Missing, Some(d)) => {
                 out.extend_from_slice(d);
                 Ok(())
             }
-            (Source::Missing, None) if !matches!(c.ty, ColumnType::Nullable(_)) => {
+            (Field::Missing, None) if !matches!(c.ty, ColumnType::Nullable(_)) => {
                 encode_zero(out, &c.ty);
                 Ok(())
             }
@@ -422,14 +422,14 @@ impl Template {
             let mut at = found[self.top_of[i]].as_ref();
             for seg in &path[1..] {
                 at = match (at, seg) {
-                    (Some(Value::Object(m)), Segment::Key(k)) => m.get(k),
-                    (Some(Value::Array(a)), Segment::Index(n)) => a.get(*n),
+                    (Some(Value::Object(m)), PathStep::Key(k)) => m.get(k),
+                    (Some(Value::Array(a)), PathStep::Index(n)) => a.get(*n),
                     _ => None,
                 };
             }
             let v = match at {
-                None => Source::Missing,
-                Some(v) => Source::Json(v),
+                None => Field::Missing,
+                Some(v) => Field::Json(v),
             };
             self.column(i, v, out, window, key_column, key)?;
         }
@@ -448,16 +448,16 @@ impl Template {
             .map_err(|e| RowError::new("parse", format!("not UTF-8 text: {e}")))?;
         let text = text.strip_suffix('\n').unwrap_or(text);
         let text = text.strip_suffix('\r').unwrap_or(text);
-        let fields =
-            split(text, &self.separator, self.quote).map_err(|e| RowError::new("parse", e))?;
+        let fields = split_fields(text, &self.separator, self.quote)
+            .map_err(|e| RowError::new("parse", e))?;
         for (i, c) in self.columns.iter().enumerate() {
             let Locator::Position(p) = c.locator else {
                 unreachable!("delimited columns are compiled with positions")
             };
             let v = match fields.get(p) {
-                None => Source::Missing,
-                Some(f) if f.is_empty() && c.ty != ColumnType::String => Source::Missing,
-                Some(f) => Source::Text(f),
+                None => Field::Missing,
+                Some(f) if f.is_empty() && c.ty != ColumnType::String => Field::Missing,
+                Some(f) => Field::Text(f),
             };
             self.column(i, v, out, window, key_column, key)?;
         }
@@ -529,7 +529,7 @@ impl<'de> serde::de::Visitor<'de> for KeyIndex<'_> {
 }
 
 /// Splits a line on `sep` (one or more characters), honouring `quote`.
-pub fn split<'a>(
+pub fn split_fields<'a>(
     line: &'a str,
     sep: &str,
     quote: Option<char>,
@@ -811,15 +811,18 @@ mod tests {
 
     #[test]
     fn split_handles_edges() {
-        assert_eq!(split("a,,b", ",", Some('"')).unwrap(), ["a", "", "b"]);
-        assert_eq!(split("", ",", Some('"')).unwrap(), [""]);
-        assert_eq!(split("\"x\"", ",", Some('"')).unwrap(), ["x"]);
+        assert_eq!(
+            split_fields("a,,b", ",", Some('"')).unwrap(),
+            ["a", "", "b"]
+        );
+        assert_eq!(split_fields("", ",", Some('"')).unwrap(), [""]);
+        assert_eq!(split_fields("\"x\"", ",", Some('"')).unwrap(), ["x"]);
         let by_position = template("format = \"delimited\"\nseparator = \"\\t\"");
         assert_eq!(
             row(&by_position, "1767225600\t7\tclick\t1.5").unwrap(),
             expected(1_767_225_600, 7, "click", 1.5)
         );
-        assert!(split("\"x\"y,z", ",", Some('"')).is_err());
-        assert_eq!(split("\"x", ",", None).unwrap(), ["\"x"]);
+        assert!(split_fields("\"x\"y,z", ",", Some('"')).is_err());
+        assert_eq!(split_fields("\"x", ",", None).unwrap(), ["\"x"]);
     }
 }
