@@ -468,33 +468,44 @@ async fn repeated_failures_are_slowed_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_refusing_connections_are_skipped() {
-    // 127.0.0.99 has nothing listening: connections are refused.
+    // 127.0.0.99 has nothing listening: connections are refused. The probes are slowed
+    // down so that what takes it out is the requests' own connection backoff (with the
+    // default probes, they could take it out before any request picked it: seen once).
     let mut nodes = vec![("127.0.0.99", 8123)];
     nodes.extend(demo_nodes());
-    let p = TestProxy::start(&config(&nodes, "")).await;
-    for i in 0..20 {
-        let r = get(
-            &p,
-            &[
-                "-u",
-                "etl:etl-pass",
-                "{proxy}/",
-                "--data-binary",
-                &format!("SELECT {i}"),
-            ],
-        )
-        .await;
-        assert_eq!((r.status, r.body.clone()), (200, format!("{i}\n")));
-    }
-    let m = p.metrics().await;
-    assert!(
+    let slow_probes = "[picker]\nprobe_interval = \"30s\"\nprobe_retry_interval = \"30s\"\n";
+    let p = TestProxy::start(&config(&nodes, slow_probes)).await;
+    let connect_errors = |m: &str| {
         metric_sum(
-            &m,
+            m,
             "chgate_upstream_errors_total",
-            &["127.0.0.99:8123", "kind=\"connect\""]
-        ) >= 1.0,
-        "{m}"
-    );
+            &["127.0.0.99:8123", "kind=\"connect\""],
+        )
+    };
+    // Every request succeeds; more are sent until one was picked for the dead node (each
+    // has about a one-in-five chance).
+    let mut sent = 0;
+    let mut m = String::new();
+    while sent < 20 || connect_errors(&m) < 1.0 {
+        assert!(sent < 400, "the dead node was never tried");
+        for i in sent..sent + 20 {
+            let r = get(
+                &p,
+                &[
+                    "-u",
+                    "etl:etl-pass",
+                    "{proxy}/",
+                    "--data-binary",
+                    &format!("SELECT {i}"),
+                ],
+            )
+            .await;
+            assert_eq!((r.status, r.body.clone()), (200, format!("{i}\n")));
+        }
+        sent += 20;
+        m = p.metrics().await;
+    }
+    assert!(connect_errors(&m) >= 1.0, "{m}");
     assert_eq!(
         metric_sum(&m, "chgate_upstream_node_down", &["127.0.0.99:8123"]),
         1.0
