@@ -28,6 +28,7 @@ pub struct Metrics {
     pub picks: IntCounterVec,
     pub failovers: IntCounterVec,
     pub retry_budget_exhausted: IntCounterVec,
+    pub hedges: IntCounterVec,
     pub node_health: IntGaugeVec,
     pub node_weight: GaugeVec,
     pub node_probe_seconds: GaugeVec,
@@ -164,6 +165,11 @@ impl Metrics {
             "chgate_retry_budget_exhausted_total",
             "Failovers refused because the cluster's retry budget was spent; the client got the error.",
             &["cluster"],
+        );
+        let hedges = counter(
+            "chgate_hedges_total",
+            "Reads still waiting for an answer after the hedge bound, by what became of them: `sent` (a second node was asked too), then `won` (the second node answered first) or `lost` (the first did); `no_budget` and `no_node` (no hedge could be sent).",
+            &["cluster", "result"],
         );
         let node_health = gauge_vec(
             "chgate_node_up",
@@ -324,6 +330,7 @@ impl Metrics {
             picks,
             failovers,
             retry_budget_exhausted,
+            hedges,
             node_health,
             node_weight,
             node_probe_seconds,

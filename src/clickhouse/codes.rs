@@ -23,6 +23,7 @@ impl Code {
 }
 
 pub const CANNOT_READ_ALL_DATA: Code = Code::new(33, "CANNOT_READ_ALL_DATA");
+pub const TIMEOUT_EXCEEDED: Code = Code::new(159, "TIMEOUT_EXCEEDED");
 pub const READONLY: Code = Code::new(164, "READONLY");
 pub const IP_ADDRESS_NOT_ALLOWED: Code = Code::new(195, "IP_ADDRESS_NOT_ALLOWED");
 pub const NETWORK_ERROR: Code = Code::new(210, "NETWORK_ERROR");

@@ -156,6 +156,64 @@ pub struct UpstreamConfig {
     pub retry_budget_ratio: f64,
     /// ... plus this many per second, so a quiet cluster can still fail over.
     pub retry_budget_min_per_second: u32,
+    /// When a read that has had no answer yet is sent to a second node as well (a hedge):
+    /// `degraded` (the default) while a node of its cluster is down or unreachable (the
+    /// case where a waiting read is most likely stuck behind it), `always`, or `off`.
+    /// Hedges are retries: they draw on the retry budget.
+    pub hedge: HedgeMode,
+    /// How long a read waits for the first byte of its answer before it is hedged: `auto`
+    /// (twice the 95th percentile of the cluster's recent first-byte times, within
+    /// `hedge_after_min` and `hedge_after_max`) or a fixed duration.
+    pub hedge_after: HedgeAfter,
+    #[serde(with = "humantime_serde")]
+    pub hedge_after_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub hedge_after_max: Duration,
+    /// A query whose answer has not begun within this long (over every node tried) is
+    /// given up: the client gets `Code: 159` (TIMEOUT_EXCEEDED), HTTP 504, and its query is
+    /// killed. Unset (the default): no limit but the client's own.
+    #[serde(with = "humantime_serde::option")]
+    pub first_byte_timeout: Option<Duration>,
+    /// While a node of the cluster is down or unreachable, reads carry ClickHouse's
+    /// `receive_timeout` setting with this value (unless the client set it), so a node that
+    /// fans a Distributed query out gives up on a hung replica that accepts connections but
+    /// never answers, and fails over to another replica of its shard, instead of waiting
+    /// the default 300 s. A remote node that is working sends progress every 100 ms, so
+    /// only a silent one reaches it. `0s` turns it off.
+    #[serde(with = "humantime_serde")]
+    pub degraded_receive_timeout: Duration,
+}
+
+/// See [`UpstreamConfig::hedge`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HedgeMode {
+    Off,
+    Degraded,
+    Always,
+}
+
+/// See [`UpstreamConfig::hedge_after`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HedgeAfter {
+    Auto,
+    Fixed(Duration),
+}
+
+impl<'de> Deserialize<'de> for HedgeAfter {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "auto" {
+            return Ok(Self::Auto);
+        }
+        humantime_serde::re::humantime::parse_duration(&text)
+            .map(Self::Fixed)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "expected \"auto\" or a duration like \"500ms\", not {text:?}: {e}"
+                ))
+            })
+    }
 }
 
 impl Default for UpstreamConfig {
@@ -169,6 +227,12 @@ impl Default for UpstreamConfig {
             max_attempts: 3,
             retry_budget_ratio: 0.1,
             retry_budget_min_per_second: 10,
+            hedge: HedgeMode::Degraded,
+            hedge_after: HedgeAfter::Auto,
+            hedge_after_min: Duration::from_millis(300),
+            hedge_after_max: Duration::from_secs(5),
+            first_byte_timeout: None,
+            degraded_receive_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -206,6 +270,12 @@ pub struct PickerConfig {
     /// Probe round trip at which a node's weight halves.
     #[serde(with = "humantime_serde")]
     pub latency_scale: Duration,
+    /// While a shard has a replica down or unreachable, reads (which may be Distributed
+    /// queries the node fans out) are coordinated by the other replicas of that shard: a
+    /// coordinator reads its own shard locally (`prefer_localhost_replica`), so it never
+    /// sends that shard's part to the down replica. It concentrates reads on those
+    /// replicas; with many shards, turn it off and rely on hedging.
+    pub coordinate_from_degraded_shards: bool,
 }
 
 impl Default for PickerConfig {
@@ -221,6 +291,7 @@ impl Default for PickerConfig {
             max_parts_in_partition: 300,
             load_scale: 16.0,
             latency_scale: Duration::from_millis(50),
+            coordinate_from_degraded_shards: true,
         }
     }
 }

@@ -4,10 +4,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use argon2::PasswordHash;
 
-use super::{ClusterConfig, Config, PickerConfig, UpstreamConfig};
+use super::{ClusterConfig, Config, HedgeAfter, PickerConfig, UpstreamConfig};
 use crate::secret::Secret;
 
 /// One thing wrong with a config: where (a dotted key path) and why.
@@ -256,6 +257,39 @@ pub fn validate_upstream(up: &UpstreamConfig, problems: &mut Vec<Problem>) {
         p(
             "upstream.retry_budget_ratio".into(),
             format!("must be between 0 and 1, not {}", up.retry_budget_ratio),
+        );
+    }
+    if up.hedge_after_min.is_zero() {
+        p(
+            "upstream.hedge_after_min".into(),
+            "must be greater than zero".into(),
+        );
+    }
+    if up.hedge_after_min > up.hedge_after_max {
+        p(
+            "upstream.hedge_after_min".into(),
+            "must not exceed upstream.hedge_after_max".into(),
+        );
+    }
+    if up.hedge_after == HedgeAfter::Fixed(Duration::ZERO) {
+        p(
+            "upstream.hedge_after".into(),
+            "must be greater than zero (use hedge = \"off\" to turn hedging off)".into(),
+        );
+    }
+    if up.first_byte_timeout.is_some_and(|t| t.is_zero()) {
+        p(
+            "upstream.first_byte_timeout".into(),
+            "must be greater than zero (leave it out for no limit)".into(),
+        );
+    }
+    if !up.degraded_receive_timeout.is_zero()
+        && up.degraded_receive_timeout < Duration::from_secs(1)
+    {
+        p(
+            "upstream.degraded_receive_timeout".into(),
+            "must be 0s (off) or at least 1s: ClickHouse takes receive_timeout in whole seconds"
+                .into(),
         );
     }
 }

@@ -36,6 +36,11 @@ pub enum GatewayError {
         reason: &'static str,
         why: &'static str,
     },
+    #[error("Timeout exceeded: no node of cluster {cluster} began to answer within {} ms (upstream.first_byte_timeout); the query was cancelled", after.as_millis())]
+    Timeout {
+        cluster: String,
+        after: std::time::Duration,
+    },
 }
 
 /// A fixed set of names for metric labels and logs.
@@ -48,6 +53,7 @@ pub enum ErrorKind {
     NoNodeAvailable,
     RetryBudgetExhausted,
     UpstreamFailed,
+    Timeout,
 }
 
 impl ErrorKind {
@@ -60,6 +66,7 @@ impl ErrorKind {
             Self::NoNodeAvailable => "no_node_available",
             Self::RetryBudgetExhausted => "retry_budget_exhausted",
             Self::UpstreamFailed => "upstream_failed",
+            Self::Timeout => "timeout",
         }
     }
 }
@@ -74,6 +81,7 @@ impl GatewayError {
             Self::NoNodeAvailable { .. } => ErrorKind::NoNodeAvailable,
             Self::RetryBudgetExhausted { .. } => ErrorKind::RetryBudgetExhausted,
             Self::UpstreamFailed { .. } => ErrorKind::UpstreamFailed,
+            Self::Timeout { .. } => ErrorKind::Timeout,
         }
     }
 
@@ -87,6 +95,7 @@ impl GatewayError {
                 codes::ALL_CONNECTION_TRIES_FAILED
             }
             Self::UpstreamFailed { .. } => codes::NETWORK_ERROR,
+            Self::Timeout { .. } => codes::TIMEOUT_EXCEEDED,
         }
     }
 

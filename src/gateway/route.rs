@@ -9,15 +9,24 @@
 //!   cluster's retry budget. A request that never reached a node goes to the next one
 //!   whatever it is. One that was sent and lost goes again only if it is a read whose body
 //!   was kept; otherwise the client is told it was not retried, and why.
+//! - A read whose body was kept and that is not tied to a session is hedged: still without
+//!   an answer after the cluster's hedge bound (see [`crate::picker::hedge`]), it goes to a
+//!   second node as well, within the retry budget, and the first answer wins. A read with
+//!   no answer within `first_byte_timeout` is given up.
 //! - Every attempt counts a pick, holds the node's in-flight gauge, and reports its outcome
-//!   to the picker ([`Backend::answered`], [`Backend::failed`]).
+//!   to the picker ([`Backend::answered`], [`Backend::failed`]). A read's attempt given up
+//!   before it answered (the hedge that lost, a timeout, a client that went away) is passed
+//!   to the caller's `abandon`, which cancels its query on the node.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use super::error::GatewayError;
 use super::sql::Statement;
+use crate::config::HedgeMode;
 use crate::metrics::{GaugeGuard, METRICS};
 use crate::picker::{Backend, Cluster, Purpose, View};
 use http::{header, Request, Response};
@@ -71,6 +80,15 @@ impl Plan<'_> {
             }),
         }
     }
+
+    /// Whether the query may be hedged: a read (it changes nothing) that can be built
+    /// again and is not tied to one node by a session.
+    fn hedgeable(&self) -> bool {
+        self.statement.is_read()
+            && self.replayable
+            && self.session.is_none()
+            && self.cluster.hedging.mode() != HedgeMode::Off
+    }
 }
 
 /// An answered query: the answer, the node it came from, and that node's in-flight count,
@@ -83,12 +101,48 @@ pub struct Routed<T> {
     pub in_flight: GaugeGuard,
 }
 
+/// One attempt under way.
+struct Running<Fut> {
+    backend: Arc<Backend>,
+    started: Instant,
+    /// This attempt is the hedge of another.
+    hedge: bool,
+    future: Pin<Box<Fut>>,
+    in_flight: GaugeGuard,
+}
+
+/// The attempts under way. Whatever is still here when it drops was given up before it
+/// answered, and the caller's `abandon` hears of it (for reads: it cancels the query).
+struct Underway<'a, Fut, A: Fn(&Arc<Backend>)> {
+    running: Vec<Running<Fut>>,
+    abandon: &'a A,
+    read: bool,
+}
+
+impl<Fut, A: Fn(&Arc<Backend>)> Drop for Underway<'_, Fut, A> {
+    fn drop(&mut self) {
+        for r in self.running.drain(..) {
+            if self.read {
+                (self.abandon)(&r.backend);
+            }
+        }
+    }
+}
+
+enum Event<T, R> {
+    Done(usize, Attempt<T, R>),
+    Hedge,
+    Deadline,
+}
+
 /// Routes one query. `request` builds the request for an attempt (`None` once it cannot
-/// be built again: a streamed body goes once); `send` makes one attempt on a node.
+/// be built again: a streamed body goes once); `send` makes one attempt on a node;
+/// `abandon` is told of every attempt of a read given up before it answered.
 pub async fn route<T, R, Fut>(
     plan: Plan<'_>,
     mut request: impl FnMut() -> Option<R>,
     mut send: impl FnMut(Arc<Backend>, R) -> Fut,
+    abandon: impl Fn(&Arc<Backend>),
 ) -> Result<Routed<T>, GatewayError>
 where
     Fut: Future<Output = Attempt<T, R>>,
@@ -96,7 +150,7 @@ where
     let cluster = plan.cluster;
     let purpose = plan.purpose();
     cluster.budget.deposit();
-    let mut backend = {
+    let first = {
         let view = cluster.view();
         match first_node(&view, purpose, plan.session) {
             Some(i) => view.topology.nodes[i].clone(),
@@ -109,71 +163,145 @@ where
             }
         }
     };
+    let read = plan.statement.is_read();
+    // Timers are armed only when they apply; an unarmed one is never polled.
+    let mut hedge_armed = plan.hedgeable();
+    let hedge_after = if hedge_armed {
+        cluster.hedging.after()
+    } else {
+        Duration::ZERO
+    };
+    let hedge_timer = tokio::time::sleep(hedge_after);
+    let deadline = cluster.first_byte_timeout.filter(|_| read);
+    let deadline_timer = tokio::time::sleep(deadline.unwrap_or_default());
+    tokio::pin!(hedge_timer, deadline_timer);
+
+    let mut underway = Underway {
+        running: Vec::with_capacity(2),
+        abandon: &abandon,
+        read,
+    };
     // Nodes that failed this request; allocates only on a failover.
     let mut tried: Vec<Arc<Backend>> = Vec::new();
-    let mut sent = 0usize;
+    let mut reached = 0usize;
+    let mut hedged = false;
     let mut unsent: Option<R> = None;
+    let mut next = Some(first);
     loop {
-        let Some(req) = unsent.take().or_else(&mut request) else {
+        if let Some(backend) = next.take() {
+            if let Some(req) = unsent.take().or_else(&mut request) {
+                start(&mut underway, backend, req, &mut send, purpose, false);
+            }
+        }
+        if underway.running.is_empty() {
             break;
-        };
-        backend.picked(purpose);
-        let in_flight = GaugeGuard::new(&backend.node.in_flight);
-        let started = Instant::now();
-        match send(backend.clone(), req).await {
-            Attempt::Answered(answer) => {
-                backend.answered(started.elapsed());
-                return Ok(Routed {
-                    answer,
-                    backend,
-                    attempts: sent + 1,
-                    in_flight,
+        }
+        let event = std::future::poll_fn(|cx| {
+            for (i, r) in underway.running.iter_mut().enumerate() {
+                if let Poll::Ready(outcome) = r.future.as_mut().poll(cx) {
+                    return Poll::Ready(Event::Done(i, outcome));
+                }
+            }
+            if hedge_armed && hedge_timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Hedge);
+            }
+            if deadline.is_some() && deadline_timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Deadline);
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Event::Done(i, outcome) => {
+                let r = underway.running.swap_remove(i);
+                match outcome {
+                    Attempt::Answered(answer) => {
+                        let first_byte = r.started.elapsed();
+                        r.backend.answered(first_byte);
+                        if read {
+                            cluster.hedging.record(first_byte);
+                        }
+                        if hedged {
+                            let result = if r.hedge { "won" } else { "lost" };
+                            METRICS
+                                .hedges
+                                .with_label_values(&[&cluster.name, result])
+                                .inc();
+                        }
+                        // The other attempt, if any, is abandoned as `underway` drops.
+                        return Ok(Routed {
+                            answer,
+                            backend: r.backend,
+                            attempts: reached + 1 + underway.running.len(),
+                            in_flight: r.in_flight,
+                        });
+                    }
+                    Attempt::Unsent(req, error) => {
+                        r.backend.failed(&error);
+                        unsent = Some(req);
+                    }
+                    Attempt::Lost(error) => {
+                        reached += 1;
+                        r.backend.failed(&error);
+                        // With another attempt still under way there is nothing to resend.
+                        if underway.running.is_empty() {
+                            plan.resend_after_loss()?;
+                        }
+                    }
+                }
+                tried.push(r.backend.clone());
+                if !underway.running.is_empty() {
+                    continue;
+                }
+                if tried.len() >= plan.max_attempts {
+                    break;
+                }
+                let Some(backend) = next_untried(cluster, purpose, &tried, &underway.running)
+                else {
+                    break;
+                };
+                if !cluster.budget.try_withdraw() {
+                    METRICS
+                        .retry_budget_exhausted
+                        .with_label_values(&[&cluster.name])
+                        .inc();
+                    return Err(GatewayError::RetryBudgetExhausted {
+                        cluster: cluster.name.clone(),
+                    });
+                }
+                METRICS
+                    .failovers
+                    .with_label_values(&[r.backend.label()])
+                    .inc();
+                next = Some(backend);
+            }
+            Event::Hedge => {
+                if cluster.hedging.mode() == HedgeMode::Degraded && !cluster.view().degraded {
+                    // Nothing is down (yet): look again after another bound.
+                    let again = tokio::time::Instant::now() + hedge_after;
+                    hedge_timer.as_mut().reset(again);
+                    continue;
+                }
+                hedge_armed = false;
+                let result = hedge(cluster, purpose, &tried, &mut underway, &mut request);
+                match result {
+                    Ok((backend, req)) => {
+                        hedged = true;
+                        start(&mut underway, backend, req, &mut send, purpose, true);
+                    }
+                    Err(why) => METRICS
+                        .hedges
+                        .with_label_values(&[&cluster.name, why])
+                        .inc(),
+                }
+            }
+            Event::Deadline => {
+                return Err(GatewayError::Timeout {
+                    cluster: cluster.name.clone(),
+                    after: deadline.unwrap_or_default(),
                 });
             }
-            Attempt::Unsent(req, error) => {
-                drop(in_flight);
-                backend.failed(&error);
-                unsent = Some(req);
-            }
-            Attempt::Lost(error) => {
-                sent += 1;
-                drop(in_flight);
-                backend.failed(&error);
-                plan.resend_after_loss()?;
-            }
         }
-        tried.push(backend.clone());
-        if tried.len() >= plan.max_attempts {
-            break;
-        }
-        let next = {
-            let view = cluster.view();
-            let tried_here: Vec<usize> = (0..view.topology.nodes.len())
-                .filter(|&i| {
-                    tried
-                        .iter()
-                        .any(|t| Arc::ptr_eq(t, &view.topology.nodes[i]))
-                })
-                .collect();
-            next_node(&view, purpose, &tried_here).map(|i| view.topology.nodes[i].clone())
-        };
-        let Some(next) = next else {
-            break;
-        };
-        if !cluster.budget.try_withdraw() {
-            METRICS
-                .retry_budget_exhausted
-                .with_label_values(&[&cluster.name])
-                .inc();
-            return Err(GatewayError::RetryBudgetExhausted {
-                cluster: cluster.name.clone(),
-            });
-        }
-        METRICS
-            .failovers
-            .with_label_values(&[backend.label()])
-            .inc();
-        backend = next;
     }
     Err(GatewayError::NoNodeAvailable {
         cluster: cluster.name.clone(),
@@ -182,6 +310,66 @@ where
     })
 }
 
+/// Starts one attempt.
+fn start<T, R, Fut, A: Fn(&Arc<Backend>)>(
+    underway: &mut Underway<'_, Fut, A>,
+    backend: Arc<Backend>,
+    req: R,
+    send: &mut impl FnMut(Arc<Backend>, R) -> Fut,
+    purpose: Purpose,
+    hedge: bool,
+) where
+    Fut: Future<Output = Attempt<T, R>>,
+{
+    backend.picked(purpose);
+    let in_flight = GaugeGuard::new(&backend.node.in_flight);
+    underway.running.push(Running {
+        future: Box::pin(send(backend.clone(), req)),
+        backend,
+        started: Instant::now(),
+        hedge,
+        in_flight,
+    });
+}
+
+/// A node not tried yet and not busy with this query now, for a failover or a hedge.
+fn next_untried<Fut>(
+    cluster: &Cluster,
+    purpose: Purpose,
+    tried: &[Arc<Backend>],
+    running: &[Running<Fut>],
+) -> Option<Arc<Backend>> {
+    let view = cluster.view();
+    let nodes = &view.topology.nodes;
+    let excluded: Vec<usize> = (0..nodes.len())
+        .filter(|&i| {
+            tried.iter().any(|t| Arc::ptr_eq(t, &nodes[i]))
+                || running.iter().any(|r| Arc::ptr_eq(&r.backend, &nodes[i]))
+        })
+        .collect();
+    next_node(&view, purpose, &excluded).map(|i| nodes[i].clone())
+}
+
+/// The node and request for a hedge, or why there is none (a `chgate_hedges_total`
+/// result).
+fn hedge<R, Fut, A: Fn(&Arc<Backend>)>(
+    cluster: &Cluster,
+    purpose: Purpose,
+    tried: &[Arc<Backend>],
+    underway: &mut Underway<'_, Fut, A>,
+    request: &mut impl FnMut() -> Option<R>,
+) -> Result<(Arc<Backend>, R), &'static str> {
+    let backend = next_untried(cluster, purpose, tried, &underway.running).ok_or("no_node")?;
+    if !cluster.budget.try_withdraw() {
+        return Err("no_budget");
+    }
+    let req = request().ok_or("no_node")?;
+    METRICS
+        .hedges
+        .with_label_values(&[&cluster.name, "sent"])
+        .inc();
+    Ok((backend, req))
+}
 /// One attempt over HTTP: the request on a pooled connection to the backend's node (with
 /// the stale-connection retry of [`crate::upstream::Node::send`]).
 pub async fn send_http(
@@ -250,7 +438,7 @@ mod tests {
     use std::collections::HashMap;
     use std::sync::Mutex;
 
-    use crate::config::{ClusterConfig, UpstreamConfig};
+    use crate::config::{ClusterConfig, HedgeMode, UpstreamConfig};
 
     fn cluster(upstream: &UpstreamConfig) -> Cluster {
         let c: ClusterConfig = toml::from_str(
@@ -291,14 +479,163 @@ mod tests {
             made += 1;
             (made <= bodies).then_some(made)
         };
-        let result = route(plan, request, |backend, _req| {
-            let label = backend.node.host.clone();
-            tried.lock().unwrap().push(label.clone());
-            let attempt = outcome(&label);
-            async move { attempt }
-        })
+        let result = route(
+            plan,
+            request,
+            |backend, _req| {
+                let label = backend.node.host.clone();
+                tried.lock().unwrap().push(label.clone());
+                let attempt = outcome(&label);
+                async move { attempt }
+            },
+            |_| {},
+        )
         .await;
         (tried.into_inner().unwrap(), result)
+    }
+
+    /// What one node does with an attempt: answer after a delay, or never (`None`).
+    type Timed = (Option<Duration>, &'static str);
+
+    struct TimedRun {
+        tried: Vec<String>,
+        abandoned: Vec<String>,
+        result: Result<Routed<&'static str>, GatewayError>,
+        took: Duration,
+    }
+
+    /// Routes one read on paused time; each node answers as `behaviour` says.
+    async fn run_timed(plan: Plan<'_>, behaviour: impl Fn(&str) -> Timed) -> TimedRun {
+        let tried = Mutex::new(Vec::new());
+        let abandoned = Mutex::new(Vec::new());
+        let started = tokio::time::Instant::now();
+        let result = route(
+            plan,
+            || Some(0u32),
+            |backend, _req| {
+                let label = backend.node.host.clone();
+                tried.lock().unwrap().push(label.clone());
+                let (delay, answer) = behaviour(&label);
+                async move {
+                    match delay {
+                        Some(d) => tokio::time::sleep(d).await,
+                        None => std::future::pending::<()>().await,
+                    }
+                    Attempt::Answered(answer)
+                }
+            },
+            |backend| abandoned.lock().unwrap().push(backend.node.host.clone()),
+        )
+        .await;
+        TimedRun {
+            took: started.elapsed(),
+            tried: tried.into_inner().unwrap(),
+            abandoned: abandoned.into_inner().unwrap(),
+            result,
+        }
+    }
+
+    fn hedging(mode: HedgeMode, first_byte_timeout: Option<Duration>) -> UpstreamConfig {
+        UpstreamConfig {
+            hedge: mode,
+            hedge_after: crate::config::HedgeAfter::Fixed(Duration::from_millis(100)),
+            first_byte_timeout,
+            ..UpstreamConfig::default()
+        }
+    }
+
+    /// Runs until the first attempt went to node `a` (the first pick is random).
+    async fn with_a_first(
+        config: &UpstreamConfig,
+        statement: Statement,
+        behaviour: impl Fn(&str) -> Timed + Copy,
+    ) -> TimedRun {
+        for _ in 0..200 {
+            let c = cluster(config);
+            let run = run_timed(plan(&c, statement, true), behaviour).await;
+            if run.tried[0] == "a" {
+                return run;
+            }
+        }
+        panic!("a was never picked first");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_still_waiting_is_hedged_and_the_first_answer_wins() {
+        let config = hedging(HedgeMode::Always, None);
+        let hung_a = |l: &str| match l {
+            "a" => (None, "a"),
+            "b" => (Some(Duration::from_millis(10)), "b"),
+            _ => (Some(Duration::from_millis(10)), "c"),
+        };
+        let run = with_a_first(&config, Statement::Read, hung_a).await;
+        let routed = run.result.unwrap();
+        assert_ne!(routed.answer, "a");
+        assert_eq!(run.tried.len(), 2, "one hedge");
+        assert_eq!(
+            run.took,
+            Duration::from_millis(110),
+            "hedge bound + its answer"
+        );
+        assert_eq!(run.abandoned, ["a"], "the hung attempt is cancelled");
+        assert_eq!(routed.attempts, 2);
+        // The first attempt answers before the hedge: it wins, the hedge is cancelled.
+        let slow_a = |l: &str| match l {
+            "a" => (Some(Duration::from_millis(150)), "a"),
+            _ => (Some(Duration::from_millis(200)), "other"),
+        };
+        let run = with_a_first(&config, Statement::Read, slow_a).await;
+        assert_eq!(run.result.unwrap().answer, "a");
+        assert_eq!(run.took, Duration::from_millis(150));
+        assert_eq!(run.abandoned.len(), 1);
+        assert_ne!(run.abandoned[0], "a");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_sessions_and_healthy_clusters_are_not_hedged() {
+        let late_a = |l: &str| match l {
+            "a" => (Some(Duration::from_secs(2)), "a"),
+            _ => (Some(Duration::from_millis(1)), "other"),
+        };
+        // A write waits for its node, however long.
+        let always = hedging(HedgeMode::Always, None);
+        let run = with_a_first(&always, Statement::Write, late_a).await;
+        assert_eq!(run.tried, ["a"]);
+        assert_eq!(run.result.unwrap().answer, "a");
+        // A session's read stays on its node.
+        let c = cluster(&always);
+        let run = run_timed(
+            Plan {
+                session: Some(b"s1"),
+                ..plan(&c, Statement::Read, true)
+            },
+            |_| (Some(Duration::from_secs(2)), "x"),
+        )
+        .await;
+        assert_eq!(run.tried.len(), 1);
+        // By default hedges go out only while a node of the cluster is down; none is.
+        let degraded = hedging(HedgeMode::Degraded, None);
+        let run = with_a_first(&degraded, Statement::Read, late_a).await;
+        assert_eq!(run.tried, ["a"]);
+        assert_eq!(run.took, Duration::from_secs(2));
+        assert!(run.abandoned.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_without_an_answer_by_the_first_byte_timeout_is_given_up() {
+        let config = hedging(HedgeMode::Always, Some(Duration::from_secs(1)));
+        let c = cluster(&config);
+        let run = run_timed(plan(&c, Statement::Read, true), |_| (None, "never")).await;
+        assert_eq!(run.took, Duration::from_secs(1));
+        assert_eq!(run.tried.len(), 2, "the first attempt and its hedge");
+        let mut abandoned = run.abandoned.clone();
+        abandoned.sort();
+        let mut tried = run.tried.clone();
+        tried.sort();
+        assert_eq!(abandoned, tried, "both are cancelled");
+        let e = run.result.err().unwrap();
+        assert!(matches!(e, GatewayError::Timeout { .. }), "{e}");
+        assert_eq!(e.code().number, 159);
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::gateway::Admission;
-use crate::metrics::GaugeGuard;
+use crate::metrics::{GaugeGuard, METRICS};
 use crate::picker::Backend;
 use crate::upstream::Upstream;
 
@@ -24,7 +24,7 @@ use crate::upstream::Upstream;
 pub struct Exchange {
     pub admission: Admission,
     pub backend: Arc<Backend>,
-    pub status: u16,
+    pub status: http::StatusCode,
     pub query_id: String,
     pub started: Instant,
     pub bytes_out: u64,
@@ -32,13 +32,29 @@ pub struct Exchange {
     pub attempts: u32,
     pub node_in_flight: GaugeGuard,
     pub http_in_flight: GaugeGuard,
+    /// Accounted for (see [`Self::finish`]).
+    pub done: bool,
 }
 
-impl Drop for Exchange {
-    // Runs when the response body finished or the client went away, whichever is first.
-    fn drop(&mut self) {
+impl Exchange {
+    /// Accounts for the request once, as it ends: `served` when the whole response went
+    /// out (called before its last bytes are written, so a client that reads the metrics
+    /// right after sees its request), otherwise `client_closed`.
+    pub fn finish(&mut self, served: bool) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
         let elapsed = self.started.elapsed();
         let user = self.admission.user();
+        let status = if served {
+            self.status.as_str()
+        } else {
+            CLIENT_CLOSED
+        };
+        METRICS
+            .http_requests
+            .with_label_values(&[&user.name, status, self.backend.label()])
+            .inc();
         user.traffic.duration.observe(elapsed.as_secs_f64());
         user.traffic.response_bytes.inc_by(self.bytes_out);
         if self.access_log {
@@ -46,12 +62,74 @@ impl Drop for Exchange {
                 target: "chgate::access",
                 user = %user.name,
                 node = %self.backend.label(),
-                status = self.status,
+                status,
                 query_id = %self.query_id,
                 duration_ms = format_args!("{:.3}", elapsed.as_secs_f64() * 1000.0),
                 bytes_out = self.bytes_out,
                 attempts = self.attempts,
-                "Request served"
+                "{}",
+                if served { "Request served" } else { "Client went away before the response ended" }
+            );
+        }
+    }
+}
+
+impl Drop for Exchange {
+    // Runs when the response body finished or the client went away, whichever is first.
+    fn drop(&mut self) {
+        self.finish(false);
+    }
+}
+
+/// The status label and access-log status of a request whose client went away before its
+/// response ended (nginx logs these as 499).
+pub const CLIENT_CLOSED: &str = "client_closed";
+
+/// A request not yet answered: if it is dropped so (the client went away while it was
+/// authenticated, read or routed), it is still counted and logged, as `client_closed`.
+pub struct Unanswered {
+    pub user: Option<Arc<str>>,
+    pub query_id: Option<String>,
+    pub started: Instant,
+    pub access_log: bool,
+    armed: bool,
+}
+
+impl Unanswered {
+    pub fn new(started: Instant, access_log: bool) -> Self {
+        Self {
+            user: None,
+            query_id: None,
+            started,
+            access_log,
+            armed: true,
+        }
+    }
+
+    /// The request was answered (and is accounted for by whoever answered it).
+    pub fn answered(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let user = self.user.as_deref().unwrap_or("-");
+        METRICS
+            .http_requests
+            .with_label_values(&[user, CLIENT_CLOSED, "-"])
+            .inc();
+        if self.access_log {
+            tracing::info!(
+                target: "chgate::access",
+                user = %user,
+                status = CLIENT_CLOSED,
+                query_id = %self.query_id.as_deref().unwrap_or("-"),
+                duration_ms = format_args!("{:.3}", self.started.elapsed().as_secs_f64() * 1000.0),
+                "Client went away before the answer began"
             );
         }
     }
@@ -129,6 +207,7 @@ impl Body for RespBody {
                         if let Some(upstream) = up.upstream.take() {
                             up.exchange.backend.node.checkin(upstream);
                         }
+                        up.exchange.finish(true);
                     }
                     // The connection is broken: drop it rather than pool it.
                     Some(Err(_)) => up.upstream = None,

@@ -54,6 +54,7 @@ impl HttpError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ErrorKind::UpstreamFailed => StatusCode::BAD_GATEWAY,
+            ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 

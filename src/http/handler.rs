@@ -14,7 +14,7 @@ use http::{Method, Request, Response, Uri};
 use http_body::Body as _;
 use hyper::body::Incoming;
 
-use super::body::{Exchange, RespBody, UpstreamBody};
+use super::body::{Exchange, RespBody, Unanswered, UpstreamBody};
 use super::credentials::extract;
 use super::error::HttpError;
 use super::rewrite::{self, HOP_BY_HOP};
@@ -49,10 +49,13 @@ impl Frontend {
         let started = Instant::now();
         // Held by the response's `Exchange` until it has streamed, or dropped with an error.
         let in_flight = GaugeGuard::new(&METRICS.http_in_flight);
-        match self.query(req, peer.ip(), started, in_flight).await {
+        let mut unanswered = Unanswered::new(started, self.settings.access_log);
+        let resp = match self.query(req, peer.ip(), &mut unanswered, in_flight).await {
             Ok(resp) => resp,
-            Err((e, user)) => self.error_response(e, user.as_deref().unwrap_or("-")),
-        }
+            Err(e) => self.error_response(e, unanswered.user.as_deref().unwrap_or("-")),
+        };
+        unanswered.answered();
+        resp
     }
 
     fn error_response(&self, e: HttpError, user: &str) -> Response<RespBody> {
@@ -68,25 +71,24 @@ impl Frontend {
         resp
     }
 
-    /// The response, or the error with the authenticated user's name (for labelling it).
+    /// The response, or the error; `unanswered` learns the user once authenticated (for
+    /// labelling the request however it ends).
     async fn query(
         &self,
         req: Request<Incoming>,
         ip: IpAddr,
-        started: Instant,
+        unanswered: &mut Unanswered,
         in_flight: GaugeGuard,
-    ) -> Result<Response<RespBody>, (HttpError, Option<Arc<str>>)> {
+    ) -> Result<Response<RespBody>, HttpError> {
         let user = match self.authenticate(&req, ip).await {
             Ok(user) => user,
             Err(e) => {
                 sniff::discard(&mut req.into_body()).await;
-                return Err((e, None));
+                return Err(e);
             }
         };
-        let name = user.name.clone();
-        self.forward(req, user, ip, started, in_flight)
-            .await
-            .map_err(|e| (e, Some(name)))
+        unanswered.user = Some(user.name.clone());
+        self.forward(req, user, ip, unanswered, in_flight).await
     }
 
     async fn authenticate(
@@ -104,11 +106,13 @@ impl Frontend {
         req: Request<Incoming>,
         user: Arc<User>,
         ip: IpAddr,
-        started: Instant,
+        unanswered: &mut Unanswered,
         in_flight: GaugeGuard,
     ) -> Result<Response<RespBody>, HttpError> {
+        let started = unanswered.started;
         let (parts, mut body) = req.into_parts();
-        let rewritten = rewrite::query(parts.uri.query(), &user, &parts.method);
+        let mut rewritten = rewrite::query(parts.uri.query(), &user, &parts.method);
+        unanswered.query_id = Some(rewritten.query_id.clone());
         // The body cannot be read by us if it is compressed: by Content-Encoding, or in
         // ClickHouse's own block format (`decompress=1`).
         let opaque = rewritten.decompress || parts.headers.contains_key(header::CONTENT_ENCODING);
@@ -126,8 +130,11 @@ impl Frontend {
                 &user.traffic.request_bytes,
             )
             .await?;
-        let uri: Uri = rewritten
-            .path_and_query
+        let mut path_and_query = std::mem::take(&mut rewritten.path_and_query);
+        if statement.is_read() && !rewritten.receive_timeout {
+            degraded_receive_timeout(&mut path_and_query, &user.cluster);
+        }
+        let uri: Uri = path_and_query
             .parse()
             .map_err(|_| HttpError::RequestBody("the request URI cannot be forwarded".into()))?;
         let plan = Plan {
@@ -149,7 +156,10 @@ impl Frontend {
                 .unwrap_or_else(|| rewrite::headers(&parts.headers, &user, ip));
             Some(req)
         };
-        let routed = route::route(plan, request, route::send_http).await?;
+        let routed = route::route(plan, request, route::send_http, |backend| {
+            kill(backend, &user, &rewritten.query_id)
+        })
+        .await?;
         Ok(self.respond(routed, admission, rewritten.query_id, started, in_flight))
     }
 
@@ -176,18 +186,10 @@ impl Frontend {
                 parts.headers.insert("x-clickhouse-query-id", v);
             }
         }
-        METRICS
-            .http_requests
-            .with_label_values(&[
-                &admission.user().name,
-                parts.status.as_str(),
-                backend.label(),
-            ])
-            .inc();
-        let exchange = Exchange {
+        let mut exchange = Exchange {
             admission,
             backend: backend.clone(),
-            status: parts.status.as_u16(),
+            status: parts.status,
             query_id,
             started,
             bytes_out: 0,
@@ -195,10 +197,11 @@ impl Frontend {
             attempts: attempts as u32,
             node_in_flight,
             http_in_flight,
+            done: false,
         };
         if inner.is_end_stream() {
             backend.node.checkin(upstream);
-            drop(exchange);
+            exchange.finish(true);
             return Response::from_parts(parts, RespBody::full(Bytes::new()));
         }
         Response::from_parts(
@@ -206,4 +209,38 @@ impl Frontend {
             RespBody::Upstream(Box::new(UpstreamBody::new(inner, upstream, exchange))),
         )
     }
+}
+
+/// While a node of the cluster is down or unreachable, a read carries ClickHouse's
+/// `receive_timeout` (`upstream.degraded_receive_timeout`), so a node fanning it out gives
+/// up on a replica that accepts connections but never answers and fails over to another
+/// (18.16 otherwise waits 300 s; 21.x and later also have hedged requests of their own).
+/// It goes first: settings after a `readonly=1` could not be changed.
+fn degraded_receive_timeout(path_and_query: &mut String, cluster: &crate::picker::Cluster) {
+    let timeout = cluster.degraded_receive_timeout;
+    if timeout.is_zero() || !cluster.view().degraded {
+        return;
+    }
+    // ClickHouse reads it in whole seconds; validation keeps it at 1 s or more.
+    let setting = format!("receive_timeout={}&", timeout.as_secs().max(1));
+    path_and_query.insert_str(2, &setting);
+}
+
+/// Cancels an abandoned attempt's query on its node, in the background: a hedge that lost,
+/// a read past `first_byte_timeout`, or one whose client went away. ClickHouse 18.16 does
+/// not notice a closed HTTP connection until it writes to it, so without this the query
+/// would run on.
+fn kill(backend: &Arc<crate::picker::Backend>, user: &User, query_id: &str) {
+    let backend = backend.clone();
+    let account = user.account.clone();
+    let query_id = query_id.to_owned();
+    tokio::spawn(async move {
+        let timeout = std::time::Duration::from_secs(5);
+        match backend.node.kill_query(&account, &query_id, timeout).await {
+            Ok(()) => tracing::debug!(node = %backend.label(), %query_id, "Abandoned query killed"),
+            Err(e) => {
+                tracing::info!(node = %backend.label(), %query_id, error = %e, "Could not kill an abandoned query")
+            }
+        }
+    });
 }

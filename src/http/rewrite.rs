@@ -44,6 +44,8 @@ pub struct Rewritten {
     /// The client's own session id (before namespacing), for stickiness.
     pub session: Option<String>,
     pub decompress: bool,
+    /// The client set `receive_timeout` itself.
+    pub receive_timeout: bool,
 }
 
 /// Drops the client's credentials (and, for read-only users, any `readonly` it sent),
@@ -75,6 +77,7 @@ pub fn query(query: Option<&str>, user: &User, method: &Method) -> Rewritten {
                 }
             }
             "decompress" => out.decompress = raw_value != "0" && !raw_value.is_empty(),
+            "receive_timeout" => out.receive_timeout = true,
             "session_id" => {
                 let session = decode_component(raw_value).into_owned();
                 let namespaced = format!("{}/{}", user.name, session);

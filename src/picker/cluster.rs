@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::backend::Backend;
 use super::budget::RetryBudget;
 use super::health::{HealthConfig, State, Transition};
+use super::hedge::Hedging;
 use super::probe::{probe_node, probe_zookeeper, system_clusters};
 use super::purpose::Purpose;
 use super::score::ScoreConfig;
@@ -72,6 +73,7 @@ impl Shared {
             &Inputs {
                 score: &self.score_config(),
                 cache_for: self.picker.probe_interval,
+                coordinate_from_degraded_shards: self.picker.coordinate_from_degraded_shards,
             },
         );
         for (i, node) in view.topology.nodes.iter().enumerate() {
@@ -105,6 +107,12 @@ pub struct Cluster {
     pub name: String,
     pub accounts: HashMap<String, Arc<Account>>,
     pub budget: RetryBudget,
+    /// When reads are hedged, from the cluster's recent first-byte times.
+    pub hedging: Hedging,
+    /// `upstream.first_byte_timeout`.
+    pub first_byte_timeout: Option<Duration>,
+    /// `upstream.degraded_receive_timeout`.
+    pub degraded_receive_timeout: Duration,
     shared: Arc<Shared>,
     stop: CancellationToken,
     started: AtomicBool,
@@ -180,6 +188,7 @@ impl Cluster {
                 &Inputs {
                     score: &ScoreConfig::default(),
                     cache_for: picker.probe_interval,
+                    coordinate_from_degraded_shards: picker.coordinate_from_degraded_shards,
                 },
             )),
             topology: ArcSwap::new(topology),
@@ -193,6 +202,9 @@ impl Cluster {
                 upstream.retry_budget_ratio,
                 upstream.retry_budget_min_per_second,
             ),
+            hedging: Hedging::new(upstream),
+            first_byte_timeout: upstream.first_byte_timeout,
+            degraded_receive_timeout: upstream.degraded_receive_timeout,
             shared: Arc::new(shared),
             stop: CancellationToken::new(),
             started: AtomicBool::new(false),

@@ -15,6 +15,7 @@
 //! - [`select`]: lock-free, allocation-free weighted power-of-two-choices and weighted
 //!   rendezvous for sessions.
 //! - [`budget`]: how many failovers a cluster may spend.
+//! - [`hedge`]: when a read still waiting for its answer goes to a second node too.
 //! - [`cluster`]: a cluster's accounts, view, retry budget and background tasks.
 //! - [`clusters`]: every cluster of a config generation, and reconciling the next one.
 //! - [`api`]: `/v1/pick` and `/v1/topology`.
@@ -26,6 +27,7 @@ pub mod cluster;
 pub mod clusters;
 pub mod figures;
 pub mod health;
+pub mod hedge;
 pub mod probe;
 pub mod purpose;
 pub mod score;

@@ -51,12 +51,28 @@ pub struct View {
     per_shard: Box<[[Snapshot; 2]]>,
     /// Shards by how much of an unpinned write they take.
     shard_write: Snapshot,
+    /// Some node is down or unreachable: a read may wait on it behind its coordinator.
+    pub degraded: bool,
+    /// Per node: a preferred coordinator for reads (a replica of a shard with a node down,
+    /// see [`Inputs::coordinate_from_degraded_shards`]); all true when none is preferred.
+    coordinators: Box<[bool]>,
 }
 
 /// Everything a view is built from, besides the topology.
 pub struct Inputs<'a> {
     pub score: &'a ScoreConfig,
     pub cache_for: Duration,
+    /// `picker.coordinate_from_degraded_shards`.
+    pub coordinate_from_degraded_shards: bool,
+}
+
+/// True if the node is down or its connections fail: it may hang a query that reaches it.
+fn unreachable(standing: &Standing) -> bool {
+    standing.state == State::Down
+        || matches!(
+            standing.get(Purpose::Read),
+            Err(Exclusion::Down | Exclusion::Refused { .. })
+        )
 }
 
 impl View {
@@ -99,8 +115,18 @@ impl View {
             best_priority_only(&raw, members.iter().map(|&i| priorities[i]))
         };
         let all: Vec<usize> = (0..topology.nodes.len()).collect();
-        let cluster =
-            [Purpose::Read, Purpose::Write].map(|p| Snapshot::new(&weights(p, &all), &labels));
+        let degraded = standings.iter().any(unreachable);
+        let coordinators = coordinators(&topology, &standings, |p, m| weights(p, m), inputs);
+        let mut read = weights(Purpose::Read, &all);
+        for (w, &preferred) in read.iter_mut().zip(coordinators.iter()) {
+            if !preferred {
+                *w = 0;
+            }
+        }
+        let cluster = [
+            Snapshot::new(&read, &labels),
+            Snapshot::new(&weights(Purpose::Write, &all), &labels),
+        ];
         let sticky_raw: Vec<u32> = all
             .iter()
             .map(|&i| match standings[i].get(Purpose::Read) {
@@ -156,7 +182,14 @@ impl View {
             sticky,
             per_shard,
             shard_write,
+            degraded,
+            coordinators,
         }
+    }
+
+    /// True if `node` is a preferred coordinator for reads now.
+    pub fn preferred_coordinator(&self, node: usize) -> bool {
+        self.coordinators.get(node).copied().unwrap_or(true)
     }
 
     /// The node for one proxied request: weighted power-of-two-choices over the nodes
@@ -175,7 +208,7 @@ impl View {
     }
 
     /// The next node to try after `tried` failed: the eligible node with the least load
-    /// per weight, whatever its priority; for reads, failing that, the least lagging
+    /// per weight (for reads, a preferred coordinator first), whatever its priority; for reads, failing that, the least lagging
     /// replica (a stale answer beats none). Never a node that is down.
     pub fn fallback(&self, purpose: Purpose, tried: &[usize]) -> Option<usize> {
         let nodes = &self.topology.nodes;
@@ -188,7 +221,12 @@ impl View {
                     .ok()
                     .map(|&w| (i, w))
             })
-            .min_by_key(|&(i, w)| (nodes[i].node.load() + 1) * 1_000_000 / w.max(1) as u64)
+            .min_by_key(|&(i, w)| {
+                (
+                    purpose == Purpose::Read && !self.preferred_coordinator(i),
+                    (nodes[i].node.load() + 1) * 1_000_000 / w.max(1) as u64,
+                )
+            })
             .map(|(i, _)| i);
         if best.is_some() || purpose == Purpose::Write {
             return best;
@@ -264,6 +302,43 @@ impl View {
     }
 }
 
+/// Which nodes should coordinate reads: with `coordinate_from_degraded_shards`, while some
+/// shard has a node down and another of its replicas can take reads, only the replicas of
+/// such shards that can; otherwise every node.
+fn coordinators(
+    topology: &Topology,
+    standings: &[Standing],
+    weights: impl Fn(Purpose, &[usize]) -> Vec<u32>,
+    inputs: &Inputs<'_>,
+) -> Box<[bool]> {
+    let every = vec![true; topology.nodes.len()].into_boxed_slice();
+    if !inputs.coordinate_from_degraded_shards {
+        return every;
+    }
+    let mut preferred = vec![false; topology.nodes.len()];
+    let mut any = false;
+    for shard in topology.shards.iter() {
+        if !shard.nodes.iter().any(|&i| unreachable(&standings[i])) {
+            continue;
+        }
+        for (&i, &w) in shard
+            .nodes
+            .iter()
+            .zip(&weights(Purpose::Read, &shard.nodes))
+        {
+            if w > 0 {
+                preferred[i] = true;
+                any = true;
+            }
+        }
+    }
+    if any {
+        preferred.into_boxed_slice()
+    } else {
+        every
+    }
+}
+
 /// Zeroes the weights of nodes whose priority is worse than the best priority among the
 /// eligible ones.
 fn best_priority_only(weights: &[u32], priorities: impl Iterator<Item = u32>) -> Vec<u32> {
@@ -330,6 +405,7 @@ mod tests {
                     ..Default::default()
                 },
                 cache_for: Duration::from_secs(1),
+                coordinate_from_degraded_shards: true,
             },
         )
     }
@@ -344,6 +420,44 @@ mod tests {
                 .or_default() += 1;
         }
         c
+    }
+
+    #[test]
+    fn reads_are_coordinated_from_the_shard_of_a_down_replica() {
+        let t = topology();
+        let v = build(&t);
+        assert!(!v.degraded);
+        let before = counts(&v, Purpose::Read, None);
+        assert!(
+            before.keys().any(|k| k.starts_with('a')) && before.keys().any(|k| k.starts_with('b'))
+        );
+        // b1 stops answering: reads are coordinated by b2, which reads shard 2 locally.
+        t.nodes[3]
+            .state
+            .record_probe(HEALTH, Err("timed out".into()));
+        let v = build(&t);
+        assert!(v.degraded);
+        let c = counts(&v, Purpose::Read, None);
+        assert_eq!(c.keys().collect::<Vec<_>>(), ["b2:8123"], "{c:?}");
+        // A failover or hedge prefers it too; once it is tried, any other node.
+        assert_eq!(v.fallback(Purpose::Read, &[]), Some(4));
+        assert!(v.fallback(Purpose::Read, &[4]).is_some_and(|i| i < 3));
+        // Writes and pinned reads are not affected.
+        assert!(counts(&v, Purpose::Write, None)
+            .keys()
+            .any(|k| k.starts_with('a')));
+        assert!(v.pick(Purpose::Read, Some(1), [1, 2]).is_ok());
+        // Turned off: every healthy node coordinates.
+        let off = View::build(
+            t.clone(),
+            &Inputs {
+                score: &ScoreConfig::default(),
+                cache_for: Duration::from_secs(1),
+                coordinate_from_degraded_shards: false,
+            },
+        );
+        assert!(off.degraded);
+        assert!(counts(&off, Purpose::Read, None).len() >= 3);
     }
 
     #[test]

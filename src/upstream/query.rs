@@ -83,6 +83,58 @@ impl Node {
     }
 }
 
+/// `'text'` as a ClickHouse string literal.
+fn quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('\'');
+    for c in text.chars() {
+        if c == '\'' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
+}
+
+impl Node {
+    /// Cancels the query `query_id` of `account` on this node (`KILL QUERY ... ASYNC`: the
+    /// server stops it at its next check, this call does not wait for that). Sent as a
+    /// POST, which the server never treats as read-only.
+    pub async fn kill_query(
+        &self,
+        account: &Account,
+        query_id: &str,
+        timeout: Duration,
+    ) -> Result<(), QueryError> {
+        let sql = format!(
+            "KILL QUERY WHERE query_id = {} AND user = {} ASYNC FORMAT Null",
+            quoted(query_id),
+            quoted(&account.user)
+        );
+        let make = || {
+            let mut req = Request::new(Body::Full(http_body_util::Full::new(bytes::Bytes::from(
+                sql.clone(),
+            ))));
+            *req.method_mut() = Method::POST;
+            *req.uri_mut() = http::Uri::from_static("/");
+            let h = req.headers_mut();
+            h.insert(header::HOST, self.authority.clone());
+            h.insert(header::AUTHORIZATION, account.authorization.clone());
+            req
+        };
+        let answer = self.exchange(make, timeout).await?;
+        if answer.status != http::StatusCode::OK {
+            return Err(QueryError::server(
+                answer.status.as_u16(),
+                &answer.headers,
+                &answer.body,
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A connection of the caller's own to one node, kept between calls while it stays usable.
 #[derive(Default)]
 pub struct Dedicated {
@@ -142,5 +194,16 @@ impl Dedicated {
     ) -> Result<(String, Duration), QueryError> {
         self.get(node, Some(account), &query_uri(sql), timeout)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn string_literals_are_escaped() {
+        assert_eq!(quoted("a'b\\c"), "'a\\'b\\\\c'");
+        assert_eq!(quoted("plain-id"), "'plain-id'");
     }
 }
