@@ -29,6 +29,7 @@ pub struct Metrics {
     pub failovers: IntCounterVec,
     pub retry_budget_exhausted: IntCounterVec,
     pub hedges: IntCounterVec,
+    pub hedge_after: GaugeVec,
     pub node_health: IntGaugeVec,
     pub node_weight: GaugeVec,
     pub node_probe_seconds: GaugeVec,
@@ -171,6 +172,17 @@ impl Metrics {
             "Reads still waiting for an answer after the hedge bound, by what became of them: `sent` (a second node was asked too), then `won` (the second node answered first) or `lost` (the first did); `no_budget` and `no_node` (no hedge could be sent).",
             &["cluster", "result"],
         );
+        let hedge_after = GaugeVec::new(
+            Opts::new(
+                "chgate_hedge_after_seconds",
+                "How long a read of the cluster waits for the first byte of its answer before it is hedged (upstream.hedge_after; with `auto`, from the cluster's recent first-byte times).",
+            ),
+            &["cluster"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(hedge_after.clone()))
+            .expect("unique metric");
         let node_health = gauge_vec(
             "chgate_node_up",
             "1 while a node passes its health probes (with hysteresis), 0 while it is down.",
@@ -331,6 +343,7 @@ impl Metrics {
             failovers,
             retry_budget_exhausted,
             hedges,
+            hedge_after,
             node_health,
             node_weight,
             node_probe_seconds,

@@ -29,8 +29,6 @@ pub const IP_ADDRESS_NOT_ALLOWED: Code = Code::new(195, "IP_ADDRESS_NOT_ALLOWED"
 pub const NETWORK_ERROR: Code = Code::new(210, "NETWORK_ERROR");
 pub const ALL_CONNECTION_TRIES_FAILED: Code = Code::new(279, "ALL_CONNECTION_TRIES_FAILED");
 pub const AUTHENTICATION_FAILED: Code = Code::new(516, "AUTHENTICATION_FAILED");
-/// What the server answers for an HTTP path it has no handler for (no code of its own).
-pub const UNKNOWN_HANDLER: Code = Code::new(0, "UNKNOWN_HANDLER");
 
 /// Codes that mean "this data is wrong", not "this node is unwell": parse and conversion
 /// errors, 190 (the arrays of a Nested column differ in length), 349 (NULL into a

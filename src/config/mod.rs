@@ -49,6 +49,12 @@ pub struct ProxyConfig {
     /// A read whose body is at most this many bytes is kept in memory so it can be retried
     /// on another node; larger bodies are streamed and never retried.
     pub max_replay_body_bytes: usize,
+    /// An idle client connection (between requests) is closed after this long; chgate
+    /// advertises it in `Keep-Alive: timeout=N` like ClickHouse does with its own
+    /// `keep_alive_timeout` (10 s in its shipped config), so clients do not reuse a
+    /// connection that is being closed. Whole seconds.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive_timeout: Duration,
     /// How long a client may take to send its request head.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
@@ -66,6 +72,7 @@ impl Default for ProxyConfig {
             tls: None,
             max_replay_body_bytes: 1 << 20,
             header_read_timeout: Duration::from_secs(30),
+            keep_alive_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             access_log: true,
         }
@@ -174,14 +181,15 @@ pub struct UpstreamConfig {
     /// killed. Unset (the default): no limit but the client's own.
     #[serde(with = "humantime_serde::option")]
     pub first_byte_timeout: Option<Duration>,
-    /// While a node of the cluster is down or unreachable, reads carry ClickHouse's
-    /// `receive_timeout` setting with this value (unless the client set it), so a node that
-    /// fans a Distributed query out gives up on a hung replica that accepts connections but
-    /// never answers, and fails over to another replica of its shard, instead of waiting
-    /// the default 300 s. A remote node that is working sends progress every 100 ms, so
-    /// only a silent one reaches it. `0s` turns it off.
-    #[serde(with = "humantime_serde")]
-    pub degraded_receive_timeout: Duration,
+    /// While a replica is down or unreachable, and the first replica of each shard that has
+    /// one down is up, reads carry ClickHouse's `load_balancing=in_order` (unless the client
+    /// set it): a node fanning a Distributed query out then reads every shard from its
+    /// first healthy replica in `remote_servers` order instead of a random one, so it never
+    /// waits on a replica that accepts connections but does not answer (18.16 waits for it
+    /// for `receive_timeout`, 300 s, even with the query's own `receive_timeout` lowered,
+    /// on the connections it has pooled). chgate takes the order from its own config, or
+    /// from `system.clusters` with discovery: keep them alike.
+    pub avoid_down_replicas: bool,
 }
 
 /// See [`UpstreamConfig::hedge`].
@@ -232,7 +240,7 @@ impl Default for UpstreamConfig {
             hedge_after_min: Duration::from_millis(300),
             hedge_after_max: Duration::from_secs(5),
             first_byte_timeout: None,
-            degraded_receive_timeout: Duration::from_secs(2),
+            avoid_down_replicas: true,
         }
     }
 }

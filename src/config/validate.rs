@@ -119,6 +119,12 @@ pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Pro
             "must be greater than zero".into(),
         );
     }
+    if config.proxy.keep_alive_timeout < Duration::from_secs(1) {
+        p(
+            "proxy.keep_alive_timeout".into(),
+            "must be at least 1s (it is advertised in whole seconds)".into(),
+        );
+    }
     if config.proxy.header_read_timeout.is_zero() {
         p(
             "proxy.header_read_timeout".into(),
@@ -281,15 +287,6 @@ pub fn validate_upstream(up: &UpstreamConfig, problems: &mut Vec<Problem>) {
         p(
             "upstream.first_byte_timeout".into(),
             "must be greater than zero (leave it out for no limit)".into(),
-        );
-    }
-    if !up.degraded_receive_timeout.is_zero()
-        && up.degraded_receive_timeout < Duration::from_secs(1)
-    {
-        p(
-            "upstream.degraded_receive_timeout".into(),
-            "must be 0s (off) or at least 1s: ClickHouse takes receive_timeout in whole seconds"
-                .into(),
         );
     }
 }

@@ -18,8 +18,6 @@ pub enum HttpError {
     Gateway(#[from] GatewayError),
     #[error("Cannot read the request body: {0}")]
     RequestBody(String),
-    #[error("There is no handle {0}. Use / for queries and /ping for a liveness check")]
-    UnknownHandler(String),
 }
 
 impl HttpError {
@@ -28,7 +26,6 @@ impl HttpError {
         match self {
             Self::Gateway(e) => e.kind().as_str(),
             Self::RequestBody(_) => "request_body",
-            Self::UnknownHandler(_) => "unknown_handler",
         }
     }
 
@@ -36,16 +33,12 @@ impl HttpError {
         match self {
             Self::Gateway(e) => e.code(),
             Self::RequestBody(_) => codes::CANNOT_READ_ALL_DATA,
-            Self::UnknownHandler(_) => codes::UNKNOWN_HANDLER,
         }
     }
 
     pub fn status(&self) -> StatusCode {
         let Self::Gateway(e) = self else {
-            return match self {
-                Self::UnknownHandler(_) => StatusCode::NOT_FOUND,
-                _ => StatusCode::BAD_REQUEST,
-            };
+            return StatusCode::BAD_REQUEST;
         };
         match e.kind() {
             ErrorKind::AuthFailed | ErrorKind::BadCredentials => StatusCode::UNAUTHORIZED,
@@ -125,7 +118,6 @@ mod tests {
             }),
             502
         );
-        assert_eq!(HttpError::UnknownHandler("/x".into()).status(), 404);
         assert_eq!(HttpError::RequestBody("x".into()).kind(), "request_body");
     }
 }

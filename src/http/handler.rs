@@ -10,20 +10,25 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, Uri};
+use http::{Request, Response, Uri};
 use http_body::Body as _;
 use hyper::body::Incoming;
 
 use super::body::{Exchange, RespBody, Unanswered, UpstreamBody};
 use super::credentials::extract;
 use super::error::HttpError;
-use super::rewrite::{self, HOP_BY_HOP};
+use super::rewrite;
+use super::routes::{self, Route};
 use super::sniff;
 use super::Frontend;
 use crate::gateway::route::{self, Plan, Routed};
-use crate::gateway::{admission, policy, Admission, User};
+use crate::gateway::{admission, policy, Admission, GatewayError, User};
 use crate::metrics::{GaugeGuard, METRICS};
 use crate::upstream::Upstream;
+
+/// A web UI page is read whole within this long, up to this size.
+const WEB_UI_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const WEB_UI_MAX_BYTES: usize = 16 << 20;
 
 impl Frontend {
     pub async fn handle(
@@ -31,21 +36,34 @@ impl Frontend {
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<RespBody> {
-        match req.uri().path() {
-            "/" => {}
-            "/ping" if matches!(*req.method(), Method::GET | Method::HEAD) => {
-                let mut resp = Response::new(RespBody::full("Ok.\n"));
-                resp.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/html; charset=UTF-8"),
-                );
-                return resp;
+        let keep_alive = rewrite::wants_keep_alive(req.version(), req.headers());
+        let route = routes::route_of(req.method(), req.uri());
+        let mut resp = match route {
+            Route::Query => self.query_request(req, peer).await,
+            Route::Root | Route::Ping => routes::ok(),
+            Route::ReplicasStatus { verbose } => {
+                routes::replicas_status(&self.gateway.generation(), verbose)
             }
-            other => {
-                let e = HttpError::UnknownHandler(other.chars().take(128).collect());
-                return self.error_response(e, "-");
-            }
+            Route::WebUi => self.web_ui(req).await,
+            Route::Options => routes::options(),
+            Route::NotFound => routes::not_found(req.uri().path()),
+            Route::NotImplemented => routes::not_implemented(),
+        };
+        if route != Route::Query {
+            let status = resp.status();
+            rewrite::own_connection_headers(
+                resp.headers_mut(),
+                status,
+                keep_alive,
+                self.settings.keep_alive,
+            );
+        } else {
+            rewrite::connection_headers(resp.headers_mut(), keep_alive, self.settings.keep_alive);
         }
+        resp
+    }
+
+    async fn query_request(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<RespBody> {
         let started = Instant::now();
         // Held by the response's `Exchange` until it has streamed, or dropped with an error.
         let in_flight = GaugeGuard::new(&METRICS.http_in_flight);
@@ -56,6 +74,68 @@ impl Frontend {
         };
         unanswered.answered();
         resp
+    }
+
+    /// The web UIs of ClickHouse 23.x+ (`/play`, `/dashboard`, `/binary`, `/js/...`): static
+    /// pages, served by any healthy node without a login (the pages log in through the
+    /// queries they send back, to chgate); 18.16 answers 404. No credential goes upstream.
+    async fn web_ui(&self, req: Request<Incoming>) -> Response<RespBody> {
+        let generation = self.gateway.generation();
+        let Some(cluster) = generation
+            .clusters
+            .values()
+            .min_by(|a, b| a.name.cmp(&b.name))
+        else {
+            return routes::not_found(req.uri().path());
+        };
+        let (parts, _) = req.into_parts();
+        let mut headers = parts.headers.clone();
+        rewrite::strip(&mut headers, rewrite::HOP_BY_HOP);
+        rewrite::strip(
+            &mut headers,
+            &[
+                "authorization",
+                "x-clickhouse-user",
+                "x-clickhouse-key",
+                "cookie",
+            ],
+        );
+        headers.remove(header::HOST);
+        let plan = Plan {
+            cluster,
+            statement: crate::gateway::Statement::Read,
+            session: None,
+            replayable: true,
+            max_attempts: self.gateway.settings.max_attempts,
+        };
+        let request = || {
+            let mut req = Request::new(crate::upstream::Body::Empty);
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = Uri::from(parts.uri.path().parse::<http::uri::PathAndQuery>().ok()?);
+            *req.headers_mut() = headers.clone();
+            Some(req)
+        };
+        let routed = match route::route(plan, request, route::send_http, |_| {}).await {
+            Ok(r) => r,
+            Err(e) => return self.error_response(HttpError::from(e), "-"),
+        };
+        let (resp, mut upstream) = routed.answer;
+        let (mut parts, body) = resp.into_parts();
+        // Pages and scripts of a few hundred KiB: read whole, with a bound.
+        let body = match tokio::time::timeout(WEB_UI_TIMEOUT, upstream.read_body(body)).await {
+            Ok(Ok(b)) if b.len() <= WEB_UI_MAX_BYTES => b,
+            _ => {
+                let e = GatewayError::UpstreamFailed {
+                    reason: "reading the page failed",
+                    why: "is a page, not a query",
+                };
+                return self.error_response(HttpError::from(e), "-");
+            }
+        };
+        routed.backend.node.checkin(upstream);
+        rewrite::strip_response(&mut parts.headers);
+        parts.headers.remove(header::TRANSFER_ENCODING);
+        Response::from_parts(parts, RespBody::full(body))
     }
 
     fn error_response(&self, e: HttpError, user: &str) -> Response<RespBody> {
@@ -131,8 +211,8 @@ impl Frontend {
             )
             .await?;
         let mut path_and_query = std::mem::take(&mut rewritten.path_and_query);
-        if statement.is_read() && !rewritten.receive_timeout {
-            degraded_receive_timeout(&mut path_and_query, &user.cluster);
+        if statement.is_read() && !rewritten.load_balancing {
+            avoid_down_replicas(&mut path_and_query, &user.cluster);
         }
         let uri: Uri = path_and_query
             .parse()
@@ -178,7 +258,7 @@ impl Frontend {
             in_flight: node_in_flight,
         } = routed;
         let (mut parts, inner) = resp.into_parts();
-        rewrite::strip(&mut parts.headers, HOP_BY_HOP);
+        rewrite::strip_response(&mut parts.headers);
         // 18.16 does not send the query id back; later versions do. Either way the client
         // gets it.
         if !parts.headers.contains_key("x-clickhouse-query-id") {
@@ -211,19 +291,19 @@ impl Frontend {
     }
 }
 
-/// While a node of the cluster is down or unreachable, a read carries ClickHouse's
-/// `receive_timeout` (`upstream.degraded_receive_timeout`), so a node fanning it out gives
-/// up on a replica that accepts connections but never answers and fails over to another
-/// (18.16 otherwise waits 300 s; 21.x and later also have hedged requests of their own).
-/// It goes first: settings after a `readonly=1` could not be changed.
-fn degraded_receive_timeout(path_and_query: &mut String, cluster: &crate::picker::Cluster) {
-    let timeout = cluster.degraded_receive_timeout;
-    if timeout.is_zero() || !cluster.view().degraded {
+/// While a replica is down and ClickHouse's `in_order` load balancing avoids it (the first
+/// replica of its shard is up), a read carries `load_balancing=in_order`: a node fanning it
+/// out then never sends a shard's part to the down replica (see
+/// `upstream.avoid_down_replicas`). It goes first: settings after a `readonly=1` could not
+/// be changed.
+fn avoid_down_replicas(path_and_query: &mut String, cluster: &crate::picker::Cluster) {
+    if !cluster.avoid_down_replicas {
         return;
     }
-    // ClickHouse reads it in whole seconds; validation keeps it at 1 s or more.
-    let setting = format!("receive_timeout={}&", timeout.as_secs().max(1));
-    path_and_query.insert_str(2, &setting);
+    let view = cluster.view();
+    if view.degraded && view.in_order_avoids_down {
+        path_and_query.insert_str(2, "load_balancing=in_order&");
+    }
 }
 
 /// Cancels an abandoned attempt's query on its node, in the background: a hedge that lost,

@@ -6,7 +6,9 @@
 //! - [`server`]: listeners, connection tasks, graceful drain;
 //! - `handler`: one request, from credentials to the streamed response;
 //! - [`credentials`]: the three ways ClickHouse's HTTP clients log in;
-//! - [`rewrite`]: the URL and headers as forwarded;
+//! - [`routes`]: which handler a request goes to, as ClickHouse dispatches them, and the
+//!   ones chgate answers itself (`/`, `/ping`, `/replicas_status`, `OPTIONS`, 404, 501);
+//! - [`rewrite`]: the URL and headers as forwarded, and the response's connection headers;
 //! - [`sniff`]: the statement, and keeping a small read's body for a retry;
 //! - [`body`], [`error`]: what goes back to the client.
 
@@ -15,6 +17,7 @@ pub mod credentials;
 pub mod error;
 mod handler;
 pub mod rewrite;
+pub mod routes;
 pub mod server;
 pub mod sniff;
 
@@ -32,6 +35,8 @@ pub struct Settings {
     /// Log one line per request.
     pub access_log: bool,
     pub header_read_timeout: Duration,
+    /// An idle client connection is closed after this long (advertised in `Keep-Alive`).
+    pub keep_alive: Duration,
     pub drain_timeout: Duration,
 }
 
@@ -40,6 +45,7 @@ impl From<&ProxyConfig> for Settings {
         Self {
             access_log: c.access_log,
             header_read_timeout: c.header_read_timeout,
+            keep_alive: c.keep_alive_timeout,
             drain_timeout: c.drain_timeout,
         }
     }

@@ -44,8 +44,8 @@ pub struct Rewritten {
     /// The client's own session id (before namespacing), for stickiness.
     pub session: Option<String>,
     pub decompress: bool,
-    /// The client set `receive_timeout` itself.
-    pub receive_timeout: bool,
+    /// The client set `load_balancing` itself.
+    pub load_balancing: bool,
 }
 
 /// Drops the client's credentials (and, for read-only users, any `readonly` it sent),
@@ -77,7 +77,7 @@ pub fn query(query: Option<&str>, user: &User, method: &Method) -> Rewritten {
                 }
             }
             "decompress" => out.decompress = raw_value != "0" && !raw_value.is_empty(),
-            "receive_timeout" => out.receive_timeout = true,
+            "load_balancing" => out.load_balancing = true,
             "session_id" => {
                 let session = decode_component(raw_value).into_owned();
                 let namespaced = format!("{}/{}", user.name, session);
@@ -125,6 +125,103 @@ pub fn strip(headers: &mut HeaderMap, names: &[&str]) {
     }
     for name in names {
         headers.remove(*name);
+    }
+}
+
+/// Headers of one hop in a response, dropped before it goes to the client. `Connection`,
+/// `Keep-Alive` and a plain `Transfer-Encoding: chunked` stay where the server put them
+/// (the client sees the server's header order): [`connection_headers`] gives the first two
+/// the client connection's values, and hyper frames the body by the third.
+const RESPONSE_HOP_BY_HOP: &[&str] = &[
+    "proxy-connection",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Drops a response's hop-by-hop headers (see [`RESPONSE_HOP_BY_HOP`]), and whatever its
+/// `Connection` names besides `keep-alive` and `close`.
+pub fn strip_response(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in RESPONSE_HOP_BY_HOP {
+        headers.remove(*name);
+    }
+    let chunked = headers
+        .get(header::TRANSFER_ENCODING)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+    if !chunked {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+}
+
+/// True if the client's connection stays open after this request (HTTP/1.1 unless it says
+/// `close`; HTTP/1.0 only if it asks for `keep-alive`).
+pub fn wants_keep_alive(version: http::Version, headers: &HeaderMap) -> bool {
+    let says = |token: &str| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    match version {
+        http::Version::HTTP_10 => says("keep-alive"),
+        http::Version::HTTP_11 => !says("close"),
+        _ => false,
+    }
+}
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// `Keep-Alive: timeout=N`, N being chgate's own idle timeout for client connections.
+fn keep_alive_value(timeout: std::time::Duration) -> HeaderValue {
+    HeaderValue::from_str(&format!("timeout={}", timeout.as_secs()))
+        .unwrap_or_else(|_| HeaderValue::from_static("timeout=10"))
+}
+
+/// A proxied response's `Connection` and `Keep-Alive` describe chgate's connection to the
+/// client, not the server's to chgate: where the server sent them (in its position and
+/// case) they say whether the client's connection stays open, and the timeout after which
+/// chgate closes it when idle, so a client never reuses a connection chgate is closing.
+pub fn connection_headers(headers: &mut HeaderMap, keep_alive: bool, timeout: std::time::Duration) {
+    if headers.contains_key(header::CONNECTION) {
+        let value = if keep_alive { "Keep-Alive" } else { "Close" };
+        headers.insert(header::CONNECTION, HeaderValue::from_static(value));
+    }
+    if keep_alive {
+        if headers.contains_key(KEEP_ALIVE) {
+            headers.insert(KEEP_ALIVE, keep_alive_value(timeout));
+        }
+    } else {
+        headers.remove(KEEP_ALIVE);
+    }
+}
+
+/// `Connection` and `Keep-Alive` on an answer of chgate's own: on a successful one, as
+/// ClickHouse sends them (it leaves `Keep-Alive` off the errors it raises before a query
+/// runs).
+pub fn own_connection_headers(
+    headers: &mut HeaderMap,
+    status: http::StatusCode,
+    keep_alive: bool,
+    timeout: std::time::Duration,
+) {
+    if keep_alive && status.is_success() {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        headers.insert(KEEP_ALIVE, keep_alive_value(timeout));
     }
 }
 

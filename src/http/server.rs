@@ -40,9 +40,16 @@ impl Listeners {
 impl Frontend {
     fn builder(&self) -> http1::Builder {
         let mut builder = http1::Builder::new();
+        // hyper runs one timer from the moment a connection waits for its next request until
+        // that request's head is read: it is both the idle timeout and the head's.
+        let idle = self
+            .settings
+            .keep_alive
+            .min(self.settings.header_read_timeout);
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(self.settings.header_read_timeout)
+            .header_read_timeout(idle)
+            .preserve_header_case(true)
             .keep_alive(true);
         builder
     }

@@ -111,8 +111,8 @@ pub struct Cluster {
     pub hedging: Hedging,
     /// `upstream.first_byte_timeout`.
     pub first_byte_timeout: Option<Duration>,
-    /// `upstream.degraded_receive_timeout`.
-    pub degraded_receive_timeout: Duration,
+    /// `upstream.avoid_down_replicas`.
+    pub avoid_down_replicas: bool,
     shared: Arc<Shared>,
     stop: CancellationToken,
     started: AtomicBool,
@@ -202,9 +202,9 @@ impl Cluster {
                 upstream.retry_budget_ratio,
                 upstream.retry_budget_min_per_second,
             ),
-            hedging: Hedging::new(upstream),
+            hedging: Hedging::new(name, upstream),
             first_byte_timeout: upstream.first_byte_timeout,
-            degraded_receive_timeout: upstream.degraded_receive_timeout,
+            avoid_down_replicas: upstream.avoid_down_replicas,
             shared: Arc::new(shared),
             stop: CancellationToken::new(),
             started: AtomicBool::new(false),

@@ -17,7 +17,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use prometheus::Gauge;
+
 use crate::config::{HedgeAfter, HedgeMode, UpstreamConfig};
+use crate::metrics::METRICS;
 
 /// Buckets are a quarter of a doubling wide, from 50 us: bucket `i` ends at
 /// 50 us x 2^((i+1)/4); the last one takes everything above ~52 s.
@@ -77,11 +80,20 @@ pub struct Hedging {
     /// The current bound in microseconds, and when it was computed (ms since the epoch).
     bound_us: AtomicU64,
     computed_ms: AtomicU64,
+    /// `chgate_hedge_after_seconds` of the cluster.
+    gauge: Gauge,
 }
 
 impl Hedging {
-    pub fn new(config: &UpstreamConfig) -> Self {
+    pub fn new(cluster: &str, config: &UpstreamConfig) -> Self {
+        let gauge = METRICS.hedge_after.with_label_values(&[cluster]);
+        let initial = match config.hedge_after {
+            HedgeAfter::Fixed(d) => d,
+            HedgeAfter::Auto => config.hedge_after_max,
+        };
+        gauge.set(initial.as_secs_f64());
         Self {
+            gauge,
             mode: config.hedge,
             after: config.hedge_after,
             min: config.hedge_after_min,
@@ -130,6 +142,7 @@ impl Hedging {
             let bound = self.compute(now);
             self.bound_us
                 .store(bound.as_micros() as u64, Ordering::Relaxed);
+            self.gauge.set(bound.as_secs_f64());
             return bound;
         }
         Duration::from_micros(self.bound_us.load(Ordering::Relaxed))
@@ -169,12 +182,19 @@ mod tests {
     use super::*;
 
     fn hedging(after: HedgeAfter) -> Hedging {
-        Hedging::new(&UpstreamConfig {
-            hedge_after: after,
-            hedge_after_min: Duration::from_millis(100),
-            hedge_after_max: Duration::from_secs(4),
-            ..UpstreamConfig::default()
-        })
+        hedging_of("test", after)
+    }
+
+    fn hedging_of(cluster: &str, after: HedgeAfter) -> Hedging {
+        Hedging::new(
+            cluster,
+            &UpstreamConfig {
+                hedge_after: after,
+                hedge_after_min: Duration::from_millis(100),
+                hedge_after_max: Duration::from_secs(4),
+                ..UpstreamConfig::default()
+            },
+        )
     }
 
     #[test]
@@ -228,8 +248,17 @@ mod tests {
 
     #[test]
     fn a_fixed_bound_is_kept() {
-        let h = hedging(HedgeAfter::Fixed(Duration::from_millis(700)));
+        let h = hedging_of("fixed", HedgeAfter::Fixed(Duration::from_millis(700)));
         h.record(Duration::from_secs(10));
         assert_eq!(h.after(), Duration::from_millis(700));
+        let exported = METRICS.hedge_after.with_label_values(&["fixed"]).get();
+        assert_eq!(exported, 0.7);
+        let auto = hedging_of("auto", HedgeAfter::Auto);
+        for _ in 0..100 {
+            auto.record(Duration::from_millis(1));
+        }
+        assert_eq!(METRICS.hedge_after.with_label_values(&["auto"]).get(), 4.0);
+        auto.after();
+        assert_eq!(METRICS.hedge_after.with_label_values(&["auto"]).get(), 0.1);
     }
 }

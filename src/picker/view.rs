@@ -53,6 +53,10 @@ pub struct View {
     shard_write: Snapshot,
     /// Some node is down or unreachable: a read may wait on it behind its coordinator.
     pub degraded: bool,
+    /// Every shard with a node down or unreachable has its first replica (in the order of
+    /// the nodes' `remote_servers`) up: reads in ClickHouse's `in_order` load balancing
+    /// avoid every such node.
+    pub in_order_avoids_down: bool,
     /// Per node: a preferred coordinator for reads (a replica of a shard with a node down,
     /// see [`Inputs::coordinate_from_degraded_shards`]); all true when none is preferred.
     coordinators: Box<[bool]>,
@@ -116,6 +120,16 @@ impl View {
         };
         let all: Vec<usize> = (0..topology.nodes.len()).collect();
         let degraded = standings.iter().any(unreachable);
+        let in_order_avoids_down = degraded
+            && topology.shards.iter().all(|shard| {
+                let down = |&i: &usize| unreachable(&standings[i]);
+                !shard.nodes.iter().any(down)
+                    || shard
+                        .nodes
+                        .iter()
+                        .find(|&&i| topology.replicas[i].replica_num == 1)
+                        .is_some_and(|i| !down(i))
+            });
         let coordinators = coordinators(&topology, &standings, |p, m| weights(p, m), inputs);
         let mut read = weights(Purpose::Read, &all);
         for (w, &preferred) in read.iter_mut().zip(coordinators.iter()) {
@@ -183,6 +197,7 @@ impl View {
             per_shard,
             shard_write,
             degraded,
+            in_order_avoids_down,
             coordinators,
         }
     }
@@ -437,6 +452,7 @@ mod tests {
             .record_probe(HEALTH, Err("timed out".into()));
         let v = build(&t);
         assert!(v.degraded);
+        assert!(!v.in_order_avoids_down, "b1 is its shard's first replica");
         let c = counts(&v, Purpose::Read, None);
         assert_eq!(c.keys().collect::<Vec<_>>(), ["b2:8123"], "{c:?}");
         // A failover or hedge prefers it too; once it is tried, any other node.
@@ -458,6 +474,15 @@ mod tests {
         );
         assert!(off.degraded);
         assert!(counts(&off, Purpose::Read, None).len() >= 3);
+        // b1 back, a2 (its shard's second replica) down: in_order reads avoid it.
+        t.nodes[3]
+            .state
+            .record_probe(HEALTH, Ok(NodeFigures::default()));
+        t.nodes[1]
+            .state
+            .record_probe(HEALTH, Err("timed out".into()));
+        let v = build(&t);
+        assert!(v.degraded && v.in_order_avoids_down);
     }
 
     #[test]

@@ -254,7 +254,9 @@ impl Node {
         .map_err(UpstreamError::Connect)?;
         // Small queries are latency-bound: do not wait to coalesce segments.
         let _ = stream.set_nodelay(true);
+        // Header names reach the client in the server's case (hyper keeps them per response).
         let (sender, conn) = http1::Builder::new()
+            .preserve_header_case(true)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Handshake)?;
