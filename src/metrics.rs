@@ -30,6 +30,7 @@ pub struct Metrics {
     pub retry_budget_exhausted: IntCounterVec,
     pub hedges: IntCounterVec,
     pub hedge_after: GaugeVec,
+    pub steered_reads: IntCounterVec,
     pub node_health: IntGaugeVec,
     pub node_weight: GaugeVec,
     pub node_probe_seconds: GaugeVec,
@@ -183,6 +184,11 @@ impl Metrics {
         registry
             .register(Box::new(hedge_after.clone()))
             .expect("unique metric");
+        let steered_reads = counter(
+            "chgate_steered_reads_total",
+            "Reads sent with load_balancing=in_order while a replica of the cluster was down, so that a node fanning them out avoids it (upstream.avoid_down_replicas).",
+            &["cluster"],
+        );
         let node_health = gauge_vec(
             "chgate_node_up",
             "1 while a node passes its health probes (with hysteresis), 0 while it is down.",
@@ -344,6 +350,7 @@ impl Metrics {
             retry_budget_exhausted,
             hedges,
             hedge_after,
+            steered_reads,
             node_health,
             node_weight,
             node_probe_seconds,

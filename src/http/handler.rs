@@ -303,6 +303,10 @@ fn avoid_down_replicas(path_and_query: &mut String, cluster: &crate::picker::Clu
     let view = cluster.view();
     if view.degraded && view.in_order_avoids_down {
         path_and_query.insert_str(2, "load_balancing=in_order&");
+        METRICS
+            .steered_reads
+            .with_label_values(&[&cluster.name])
+            .inc();
     }
 }
 
