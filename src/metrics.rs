@@ -1,7 +1,7 @@
 //! The Prometheus metrics chgate exports on the admin listener's `/metrics`.
 //!
 //! Labels are bounded: `user` and `node` come from the config (an unauthenticated request
-//! is labelled `user="-"`), `status` is an HTTP status code, `kind`/`reason`/`result` are
+//! is labelled `user="-"`), `status` is an HTTP status code (or `client_closed`), `kind`/`reason`/`result` are
 //! fixed sets named in the code.
 
 use std::sync::LazyLock;
@@ -75,7 +75,7 @@ impl Metrics {
         };
         let http_requests = counter(
             "chgate_http_requests_total",
-            "HTTP requests answered, by mapped user, HTTP status and upstream node (\"-\" when none was used).",
+            "HTTP requests, counted as they end, by mapped user, HTTP status (`client_closed` when the client went away before the answer was complete) and upstream node (\"-\" when none was used).",
             &["user", "status", "node"],
         );
         let http_request_duration = HistogramVec::new(
