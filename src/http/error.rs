@@ -76,7 +76,7 @@ impl HttpError {
                 HeaderValue::from_static("Basic realm=\"ClickHouse server HTTP API\""),
             );
         }
-        resp
+        super::case::own(resp)
     }
 }
 

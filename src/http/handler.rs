@@ -15,6 +15,7 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 
 use super::body::{Exchange, RespBody, Unanswered, UpstreamBody};
+use super::case;
 use super::credentials::extract;
 use super::error::HttpError;
 use super::rewrite;
@@ -49,14 +50,13 @@ impl Frontend {
             Route::NotFound => routes::not_found(req.uri().path()),
             Route::NotImplemented => routes::not_implemented(),
         };
-        if route != Route::Query {
-            let status = resp.status();
-            rewrite::own_connection_headers(
-                resp.headers_mut(),
-                status,
+        if resp.extensions().get::<case::Own>().is_some() {
+            let connection = rewrite::own_connection_headers(
+                resp.status(),
                 keep_alive,
                 self.settings.keep_alive,
             );
+            case::finish(&mut resp, &self.own_case, connection);
         } else {
             rewrite::connection_headers(resp.headers_mut(), keep_alive, self.settings.keep_alive);
         }

@@ -10,9 +10,11 @@
 //!   ones chgate answers itself (`/`, `/ping`, `/replicas_status`, `OPTIONS`, 404, 501);
 //! - [`rewrite`]: the URL and headers as forwarded, and the response's connection headers;
 //! - [`sniff`]: the statement, and keeping a small read's body for a retry;
-//! - [`body`], [`error`]: what goes back to the client.
+//! - [`body`], [`error`]: what goes back to the client; [`case`]: chgate's own answers with
+//!   ClickHouse's header lines.
 
 pub mod body;
+pub mod case;
 pub mod credentials;
 pub mod error;
 mod handler;
@@ -55,10 +57,16 @@ impl From<&ProxyConfig> for Settings {
 pub struct Frontend {
     pub gateway: Arc<Gateway>,
     pub settings: Settings,
+    /// The header-name case of chgate's own answers (see [`case`]).
+    own_case: http::Extensions,
 }
 
 impl Frontend {
-    pub fn new(gateway: Arc<Gateway>, settings: Settings) -> Arc<Self> {
-        Arc::new(Self { gateway, settings })
+    pub async fn new(gateway: Arc<Gateway>, settings: Settings) -> Arc<Self> {
+        Arc::new(Self {
+            gateway,
+            settings,
+            own_case: case::learn().await,
+        })
     }
 }

@@ -210,19 +210,19 @@ pub fn connection_headers(headers: &mut HeaderMap, keep_alive: bool, timeout: st
     }
 }
 
-/// `Connection` and `Keep-Alive` on an answer of chgate's own: on a successful one, as
-/// ClickHouse sends them (it leaves `Keep-Alive` off the errors it raises before a query
-/// runs).
+/// `Connection` and `Keep-Alive` for an answer of chgate's own, as ClickHouse sends them:
+/// `Connection` always, `Keep-Alive` only on a successful answer (it leaves it off the
+/// errors it raises before a query runs) and only while the connection stays open.
 pub fn own_connection_headers(
-    headers: &mut HeaderMap,
     status: http::StatusCode,
     keep_alive: bool,
     timeout: std::time::Duration,
-) {
-    if keep_alive && status.is_success() {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
-        headers.insert(KEEP_ALIVE, keep_alive_value(timeout));
+) -> (HeaderValue, Option<HeaderValue>) {
+    if !keep_alive {
+        return (HeaderValue::from_static("Close"), None);
     }
+    let advertised = status.is_success().then(|| keep_alive_value(timeout));
+    (HeaderValue::from_static("Keep-Alive"), advertised)
 }
 
 /// The client's headers as forwarded: hop-by-hop headers and the client's credentials

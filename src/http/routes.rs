@@ -17,6 +17,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Response, StatusCode, Uri};
 
 use super::body::RespBody;
+use super::case::own;
 use crate::gateway::Generation;
 use crate::picker::Purpose;
 
@@ -80,7 +81,7 @@ fn text(
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
     }
-    resp
+    own(resp)
 }
 
 /// `GET /` and `GET /ping`: `Ok.`, as ClickHouse answers a client that is not a browser.
@@ -96,7 +97,7 @@ pub fn not_found(path: &str) -> Response<RespBody> {
     );
     let mut resp = Response::new(RespBody::full(body));
     *resp.status_mut() = StatusCode::NOT_FOUND;
-    resp
+    own(resp)
 }
 
 pub fn not_implemented() -> Response<RespBody> {
@@ -162,7 +163,7 @@ pub fn replicas_status(generation: &Generation, verbose: bool) -> Response<RespB
     }
     let mut resp = Response::new(RespBody::full(body));
     *resp.status_mut() = status;
-    resp
+    own(resp)
 }
 
 #[cfg(test)]

@@ -80,7 +80,7 @@ impl Server {
                 gateway: gateway.clone(),
                 token: ArcSwapOption::from(v.admin_token.clone().map(Arc::new)),
             }),
-            frontend: http::Frontend::new(gateway.clone(), http::Settings::from(&c.proxy)),
+            frontend: http::Frontend::new(gateway.clone(), http::Settings::from(&c.proxy)).await,
             gateway,
             listeners: Listeners { http, tls },
             admin_listener,
