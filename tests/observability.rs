@@ -26,6 +26,9 @@ fn exposition() -> String {
         .retry_budget_exhausted
         .with_label_values(&["c"])
         .inc();
+    METRICS.hedges.with_label_values(&["c", "sent"]).inc();
+    METRICS.hedge_after.with_label_values(&["c"]).set(0.3);
+    METRICS.steered_reads.with_label_values(&["c"]).inc();
     METRICS
         .node_health
         .with_label_values(&["c", "1", "n"])
