@@ -250,30 +250,13 @@ where
                     }
                 }
                 tried.push(r.backend.clone());
-                if !underway.running.is_empty() {
-                    continue;
+                // With another attempt still under way, wait for it.
+                if underway.running.is_empty() {
+                    match failover(&plan, purpose, &tried, &r.backend)? {
+                        Some(backend) => next = Some(backend),
+                        None => break,
+                    }
                 }
-                if tried.len() >= plan.max_attempts {
-                    break;
-                }
-                let Some(backend) = next_untried(cluster, purpose, &tried, &underway.running)
-                else {
-                    break;
-                };
-                if !cluster.budget.try_withdraw() {
-                    METRICS
-                        .retry_budget_exhausted
-                        .with_label_values(&[&cluster.name])
-                        .inc();
-                    return Err(GatewayError::RetryBudgetExhausted {
-                        cluster: cluster.name.clone(),
-                    });
-                }
-                METRICS
-                    .failovers
-                    .with_label_values(&[r.backend.label()])
-                    .inc();
-                next = Some(backend);
             }
             Event::Hedge => {
                 if cluster.hedging.mode() == HedgeMode::Degraded && !cluster.view().degraded {
@@ -308,6 +291,38 @@ where
         tried: tried.len(),
         why: "every node tried failed before answering".into(),
     })
+}
+
+/// The node to send a request to after `failed` failed it and nothing else is under way:
+/// `None` once `max_attempts` nodes were tried or none is left; an error once the retry
+/// budget is spent.
+fn failover(
+    plan: &Plan<'_>,
+    purpose: Purpose,
+    tried: &[Arc<Backend>],
+    failed: &Backend,
+) -> Result<Option<Arc<Backend>>, GatewayError> {
+    let cluster = plan.cluster;
+    if tried.len() >= plan.max_attempts {
+        return Ok(None);
+    }
+    let Some(backend) = next_untried::<()>(cluster, purpose, tried, &[]) else {
+        return Ok(None);
+    };
+    if !cluster.budget.try_withdraw() {
+        METRICS
+            .retry_budget_exhausted
+            .with_label_values(&[&cluster.name])
+            .inc();
+        return Err(GatewayError::RetryBudgetExhausted {
+            cluster: cluster.name.clone(),
+        });
+    }
+    METRICS
+        .failovers
+        .with_label_values(&[failed.label()])
+        .inc();
+    Ok(Some(backend))
 }
 
 /// Starts one attempt.
