@@ -318,10 +318,7 @@ fn failover(
             cluster: cluster.name.clone(),
         });
     }
-    METRICS
-        .failovers
-        .with_label_values(&[failed.label()])
-        .inc();
+    METRICS.failovers.with_label_values(&[failed.label()]).inc();
     Ok(Some(backend))
 }
 

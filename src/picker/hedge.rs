@@ -137,9 +137,12 @@ impl Hedging {
         }
         let now = now_ms();
         let computed = self.computed_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(computed) >= REFRESH.as_millis() as u64 || computed == 0 {
-            self.computed_ms.store(now.max(1), Ordering::Relaxed);
-            let bound = self.compute(now);
+        // `computed` is 0 until a bound came from enough first-byte times: until then it is
+        // worked out on every read (80 buckets), so the first reads set it.
+        if computed == 0 || now.saturating_sub(computed) >= REFRESH.as_millis() as u64 {
+            let (bound, settled) = self.compute(now);
+            let stamp = if settled { now.max(1) } else { 0 };
+            self.computed_ms.store(stamp, Ordering::Relaxed);
             self.bound_us
                 .store(bound.as_micros() as u64, Ordering::Relaxed);
             self.gauge.set(bound.as_secs_f64());
@@ -148,7 +151,8 @@ impl Hedging {
         Duration::from_micros(self.bound_us.load(Ordering::Relaxed))
     }
 
-    fn compute(&self, now: u64) -> Duration {
+    /// The bound, and whether it came from enough first-byte times.
+    fn compute(&self, now: u64) -> (Duration, bool) {
         let id = now / WINDOW.as_millis() as u64;
         let mut counts = [0u64; BUCKETS];
         for w in &self.windows {
@@ -161,7 +165,7 @@ impl Hedging {
         }
         let total: u64 = counts.iter().sum();
         if total < MIN_SAMPLES {
-            return self.max;
+            return (self.max, false);
         }
         let want = (total as f64 * QUANTILE).ceil() as u64;
         let mut seen = 0;
@@ -173,7 +177,7 @@ impl Hedging {
                 break;
             }
         }
-        quantile.mul_f64(FACTOR).clamp(self.min, self.max)
+        (quantile.mul_f64(FACTOR).clamp(self.min, self.max), true)
     }
 }
 
@@ -218,6 +222,9 @@ mod tests {
             h.record(Duration::from_millis(1));
         }
         assert_eq!(h.after(), Duration::from_secs(4));
+        // One more, and the next read already gets the learnt bound (no refresh wait).
+        h.record(Duration::from_millis(1));
+        assert_eq!(h.after(), Duration::from_millis(100));
     }
 
     #[test]
