@@ -111,6 +111,11 @@ def check_paths():
         if names_c != names_d:
             fail(f"GET {path}: header names {names_c} through chgate, {names_d} direct")
         print(f"ok GET {path}: {s_c} {b_c!r} {names_c}")
+    # The web UIs of 23.x+ come from a node (18.16 has none: its own 404 comes back).
+    s_c, _, b_c = exchange(PROXIED, "GET", "/play")
+    s_d, _, b_d = exchange(DIRECT, "GET", "/play")
+    if (s_c, b_c) != (s_d, b_d):
+        fail(f"GET /play: {s_c} {b_c[:100]!r} through chgate, {s_d} {b_d[:100]!r} direct")
     s, _, b = exchange(PROXIED, "GET", "/nothing/here")
     if s != 404 or not b.startswith(b"There is no handle /nothing/here\n"):
         fail(f"GET /nothing/here: {s} {b!r}")
