@@ -10,6 +10,8 @@
 //!   bodies that must be taken whole or not at all.
 //! - [`insert`]: an `INSERT ... FORMAT RowBinary` as the HTTP interface takes it, and what
 //!   its answer means.
+//! - [`native`]: the Native format's blocks walked without decoding: where one ends (what a
+//!   native-protocol relay needs to find the next packet).
 //!
 //! The sending is `upstream`'s; this module only says what to send and how to read what
 //! comes back.
@@ -17,6 +19,7 @@
 pub mod codes;
 pub mod compress;
 pub mod insert;
+pub mod native;
 pub mod rowbinary;
 pub mod types;
 

@@ -1,0 +1,77 @@
+//! Walking Native-format blocks (`chgate::clickhouse::native`): what a native-protocol relay
+//! spends per byte to find where a Data packet ends. `cargo bench --bench native`
+
+use std::hint::black_box;
+
+use chgate::clickhouse::native::{walk_block, Framing};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+fn varuint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn string(out: &mut Vec<u8>, s: &[u8]) {
+    varuint(out, s.len() as u64);
+    out.extend_from_slice(s);
+}
+
+/// One block of `rows` rows in the given columns, as the server writes it.
+fn block(rows: u64, columns: &[(&str, &dyn Fn(&mut Vec<u8>, u64))]) -> Vec<u8> {
+    let mut b = Vec::new();
+    varuint(&mut b, columns.len() as u64);
+    varuint(&mut b, rows);
+    for (i, (ty, write)) in columns.iter().enumerate() {
+        string(&mut b, format!("c{i}").as_bytes());
+        string(&mut b, ty.as_bytes());
+        for row in 0..rows {
+            write(&mut b, row);
+        }
+    }
+    b
+}
+
+fn walk(c: &mut Criterion) {
+    let rows = 65_536;
+    let numeric = block(
+        rows,
+        &[
+            ("UInt64", &|b, r| b.extend_from_slice(&r.to_le_bytes())),
+            ("Float64", &|b, r| {
+                b.extend_from_slice(&(r as f64).to_le_bytes())
+            }),
+            ("DateTime", &|b, r| {
+                b.extend_from_slice(&(r as u32).to_le_bytes())
+            }),
+        ],
+    );
+    let strings = block(
+        rows,
+        &[
+            ("String", &|b, r| string(b, format!("user-{r}").as_bytes())),
+            ("String", &|b, r| {
+                string(
+                    b,
+                    format!("https://example.com/page/{}", r % 977).as_bytes(),
+                )
+            }),
+        ],
+    );
+    let mut group = c.benchmark_group("native_walk");
+    for (name, bytes) in [
+        ("numeric_65536_rows", &numeric),
+        ("strings_65536_rows", &strings),
+    ] {
+        group.throughput(Throughput::Bytes(bytes.len() as u64));
+        group.bench_function(name, |b| {
+            b.iter(|| black_box(walk_block(black_box(bytes), Framing::default())))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, walk);
+criterion_main!(benches);

@@ -1,0 +1,594 @@
+//! ClickHouse's Native format, walked without decoding: where a block ends, how many rows
+//! it has. A relay of the native protocol must know where each Data packet ends to parse
+//! the next packet, and a compressed frame's end is not a block's end (a block larger than
+//! ~1 MiB spans several frames), so it walks the block over its column types, the way the
+//! server reads it, without building anything.
+//!
+//! The walk allocates nothing: column types are read from their names
+//! (`Array(Nullable(String))`) as it goes, recursively, with a depth limit. Every type of
+//! ClickHouse 18.16 is covered, and the later ones whose layout is fixed: `Bool`, `Date32`,
+//! `DateTime64`, `Decimal*`, `UUID`, `IPv4`/`IPv6`, `Int128`/`256`, `Map`, named `Tuple`,
+//! `Nested` (as `Array(Tuple)`), `Nothing`, `LowCardinality`, geo types,
+//! `SimpleAggregateFunction`. `Variant`, `Dynamic`, `JSON`/`Object`, `AggregateFunction` and
+//! sparse columns are refused as unsupported: the revision chgate negotiates keeps servers
+//! from sending them.
+//!
+//! Layout, per column: name, type name, [a custom-serialization byte, revision 54454 and
+//! later], then, only if the block has rows, the column's state prefix (what
+//! `LowCardinality` writes before its data, wherever it is nested) and its data.
+
+/// Why a block could not be walked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WalkError {
+    /// The block goes on past the bytes at hand: read more and walk again.
+    #[error("the block goes on past the bytes received so far")]
+    Incomplete,
+    #[error("unsupported column type: {0}")]
+    Unsupported(&'static str),
+    #[error("malformed block: {0}")]
+    Malformed(&'static str),
+}
+
+type Result<T> = std::result::Result<T, WalkError>;
+
+/// Nesting deeper than this in a type name is refused (it would only come from a peer
+/// trying to exhaust the stack).
+const MAX_DEPTH: u32 = 32;
+
+/// A cursor over received bytes.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self { buf, pos: 0 }
+    }
+
+    /// Bytes consumed so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    pub fn varuint(&mut self) -> Result<u64> {
+        let mut value = 0u64;
+        for shift in (0..70).step_by(7) {
+            let byte = *self.buf.get(self.pos).ok_or(WalkError::Incomplete)?;
+            self.pos += 1;
+            if shift == 63 && byte > 1 {
+                return Err(WalkError::Malformed("a VarUInt longer than 64 bits"));
+            }
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(WalkError::Malformed("a VarUInt longer than 10 bytes"))
+    }
+
+    pub fn bytes(&mut self, n: u64) -> Result<&'a [u8]> {
+        let n = usize::try_from(n).map_err(|_| WalkError::Incomplete)?;
+        let end = self.pos.checked_add(n).ok_or(WalkError::Incomplete)?;
+        let out = self.buf.get(self.pos..end).ok_or(WalkError::Incomplete)?;
+        self.pos = end;
+        Ok(out)
+    }
+
+    pub fn skip(&mut self, n: u64) -> Result<()> {
+        self.bytes(n).map(|_| ())
+    }
+
+    pub fn u8(&mut self) -> Result<u8> {
+        Ok(self.bytes(1)?[0])
+    }
+
+    pub fn u64_le(&mut self) -> Result<u64> {
+        let b = self.bytes(8)?;
+        let mut le = [0u8; 8];
+        le.copy_from_slice(b);
+        Ok(u64::from_le_bytes(le))
+    }
+
+    /// A length-prefixed string, borrowed.
+    pub fn string(&mut self) -> Result<&'a [u8]> {
+        let len = self.varuint()?;
+        self.bytes(len)
+    }
+}
+
+/// How blocks are framed on the wire.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Framing {
+    /// Blocks start with `BlockInfo` (the native protocol; not the `Native` format over
+    /// HTTP).
+    pub block_info: bool,
+    /// Each column carries a custom-serialization byte (revision 54454 and later).
+    pub custom_serialization: bool,
+}
+
+/// A walked block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    pub columns: u64,
+    pub rows: u64,
+    /// Its length in bytes.
+    pub len: usize,
+}
+
+/// Walks the block at the start of `buf`.
+pub fn walk_block(buf: &[u8], framing: Framing) -> Result<Block> {
+    let mut r = Reader::new(buf);
+    if framing.block_info {
+        block_info(&mut r)?;
+    }
+    let columns = r.varuint()?;
+    let rows = r.varuint()?;
+    for _ in 0..columns {
+        r.string()?;
+        let ty = std::str::from_utf8(r.string()?)
+            .map_err(|_| WalkError::Malformed("a column type name that is not UTF-8"))?;
+        if framing.custom_serialization && r.u8()? != 0 {
+            return Err(WalkError::Unsupported(
+                "sparse or other custom serialization",
+            ));
+        }
+        // Zero rows of data are zero bytes: no state prefix either.
+        if rows > 0 {
+            prefix(ty, &mut r, 0)?;
+            data(ty, rows, &mut r, 0)?;
+        }
+    }
+    Ok(Block {
+        columns,
+        rows,
+        len: r.position(),
+    })
+}
+
+/// `BlockInfo`: numbered fields, 0 ends it.
+fn block_info(r: &mut Reader<'_>) -> Result<()> {
+    loop {
+        match r.varuint()? {
+            0 => return Ok(()),
+            1 => r.skip(1)?,
+            2 => r.skip(4)?,
+            _ => return Err(WalkError::Malformed("an unknown BlockInfo field")),
+        }
+    }
+}
+
+/// A type name split into its name and what is inside its outer parentheses.
+fn split(ty: &str) -> Result<(&str, Option<&str>)> {
+    let ty = ty.trim();
+    match ty.find('(') {
+        None => Ok((ty, None)),
+        Some(open) => {
+            if !ty.ends_with(')') {
+                return Err(WalkError::Malformed(
+                    "a type name with unbalanced parentheses",
+                ));
+            }
+            Ok((ty[..open].trim(), Some(&ty[open + 1..ty.len() - 1])))
+        }
+    }
+}
+
+/// The top-level, comma-separated arguments of a type (quotes and nesting respected).
+fn args(inner: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(inner);
+    std::iter::from_fn(move || {
+        let s = rest?;
+        let mut depth = 0i32;
+        let mut quoted = false;
+        let mut escaped = false;
+        for (i, c) in s.char_indices() {
+            if quoted {
+                match c {
+                    _ if escaped => escaped = false,
+                    '\\' => escaped = true,
+                    '\'' => quoted = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match c {
+                '\'' => quoted = true,
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                ',' if depth == 0 => {
+                    rest = Some(&s[i + 1..]);
+                    return Some(s[..i].trim());
+                }
+                _ => {}
+            }
+        }
+        rest = None;
+        Some(s.trim())
+    })
+}
+
+/// A tuple element's type: `name Type` in a named tuple, else the whole argument.
+fn element(arg: &str) -> &str {
+    let mut depth = 0i32;
+    for (i, c) in arg.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ' ' if depth == 0 => return arg[i + 1..].trim(),
+            _ => {}
+        }
+    }
+    arg
+}
+
+/// The width of a fixed-width type, if `name(args)` is one.
+fn fixed_width(name: &str, inner: Option<&str>) -> Result<Option<u64>> {
+    Ok(Some(match name {
+        "UInt8" | "Int8" | "Bool" | "Enum8" | "Nothing" => 1,
+        "UInt16" | "Int16" | "Date" | "Enum16" => 2,
+        "UInt32" | "Int32" | "Float32" | "DateTime" | "Date32" | "IPv4" | "Decimal32" => 4,
+        "UInt64" | "Int64" | "Float64" | "DateTime64" | "Decimal64" => 8,
+        "UInt128" | "Int128" | "UUID" | "IPv6" | "Decimal128" => 16,
+        "UInt256" | "Int256" | "Decimal256" => 32,
+        n if n.starts_with("Interval") => 8,
+        "Decimal" => {
+            let precision: u32 = inner
+                .and_then(|a| args(a).next())
+                .and_then(|p| p.parse().ok())
+                .ok_or(WalkError::Malformed("Decimal without a precision"))?;
+            match precision {
+                0..=9 => 4,
+                10..=18 => 8,
+                19..=38 => 16,
+                _ => 32,
+            }
+        }
+        "FixedString" => inner
+            .and_then(|a| a.trim().parse().ok())
+            .ok_or(WalkError::Malformed("FixedString without a length"))?,
+        _ => return Ok(None),
+    }))
+}
+
+/// The one argument of `name(T)`.
+fn only_arg(inner: Option<&str>) -> Result<&str> {
+    inner.ok_or(WalkError::Malformed(
+        "a type that needs an argument has none",
+    ))
+}
+
+/// Walks a column's state prefix: only `LowCardinality` has one (its key serialization
+/// version), wherever it is nested.
+fn prefix(ty: &str, r: &mut Reader<'_>, depth: u32) -> Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(WalkError::Malformed("a type nested too deeply"));
+    }
+    let (name, inner) = split(ty)?;
+    match name {
+        "LowCardinality" => {
+            if r.u64_le()? != 1 {
+                return Err(WalkError::Unsupported(
+                    "a LowCardinality key version other than 1",
+                ));
+            }
+            Ok(())
+        }
+        "Nullable" | "Array" => prefix(only_arg(inner)?, r, depth + 1),
+        "SimpleAggregateFunction" => prefix(simple_aggregate_type(inner)?, r, depth + 1),
+        "Tuple" | "Map" | "Nested" => {
+            for a in args(only_arg(inner)?) {
+                prefix(element(a), r, depth + 1)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn simple_aggregate_type(inner: Option<&str>) -> Result<&str> {
+    args(only_arg(inner)?).nth(1).ok_or(WalkError::Malformed(
+        "SimpleAggregateFunction without a type",
+    ))
+}
+
+/// Walks `rows` values of a column of type `ty`.
+fn data(ty: &str, rows: u64, r: &mut Reader<'_>, depth: u32) -> Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(WalkError::Malformed("a type nested too deeply"));
+    }
+    let (name, inner) = split(ty)?;
+    if let Some(width) = fixed_width(name, inner)? {
+        let len = rows
+            .checked_mul(width)
+            .ok_or(WalkError::Malformed("a column larger than memory"))?;
+        return r.skip(len);
+    }
+    match name {
+        "String" => {
+            for _ in 0..rows {
+                let len = r.varuint()?;
+                r.skip(len)?;
+            }
+            Ok(())
+        }
+        "Nullable" => {
+            r.skip(rows)?;
+            data(only_arg(inner)?, rows, r, depth + 1)
+        }
+        "Array" => {
+            let total = offsets(rows, r)?;
+            data(only_arg(inner)?, total, r, depth + 1)
+        }
+        "Tuple" => {
+            for a in args(only_arg(inner)?) {
+                data(element(a), rows, r, depth + 1)?;
+            }
+            Ok(())
+        }
+        // Map(K, V) and Nested(a A, b B) are arrays of tuples.
+        "Map" | "Nested" => {
+            let total = offsets(rows, r)?;
+            for a in args(only_arg(inner)?) {
+                data(element(a), total, r, depth + 1)?;
+            }
+            Ok(())
+        }
+        "LowCardinality" => low_cardinality(only_arg(inner)?, rows, r, depth),
+        "SimpleAggregateFunction" => data(simple_aggregate_type(inner)?, rows, r, depth + 1),
+        "Point" => data("Tuple(Float64, Float64)", rows, r, depth + 1),
+        "Ring" | "LineString" => data("Array(Point)", rows, r, depth + 1),
+        "Polygon" | "MultiLineString" => data("Array(Ring)", rows, r, depth + 1),
+        "MultiPolygon" => data("Array(Polygon)", rows, r, depth + 1),
+        "AggregateFunction" => Err(WalkError::Unsupported("AggregateFunction states")),
+        "Variant" | "Dynamic" | "JSON" | "Object" => {
+            Err(WalkError::Unsupported("Variant, Dynamic and JSON columns"))
+        }
+        _ => Err(WalkError::Unsupported("a type chgate does not know")),
+    }
+}
+
+/// An array column's offsets: one cumulative u64 per row; the last is how many values the
+/// nested column has.
+fn offsets(rows: u64, r: &mut Reader<'_>) -> Result<u64> {
+    let mut last = 0;
+    for _ in 0..rows {
+        let offset = r.u64_le()?;
+        if offset < last {
+            return Err(WalkError::Malformed("array offsets that go down"));
+        }
+        last = offset;
+    }
+    Ok(last)
+}
+
+/// `LowCardinality(T)` data: granules of [index type][dictionary keys][indexes] until the
+/// rows are covered. The dictionary holds `T` without `Nullable`.
+fn low_cardinality(inner: &str, rows: u64, r: &mut Reader<'_>, depth: u32) -> Result<()> {
+    const NEED_GLOBAL_DICTIONARY: u64 = 1 << 8;
+    const HAS_ADDITIONAL_KEYS: u64 = 1 << 9;
+    const NEED_UPDATE_DICTIONARY: u64 = 1 << 10;
+    let dictionary = match split(inner)? {
+        ("Nullable", Some(t)) => t,
+        _ => inner,
+    };
+    let mut left = rows;
+    while left > 0 {
+        let index_type = r.u64_le()?;
+        let key_width = match index_type & 0xff {
+            0 => 1,
+            1 => 2,
+            2 => 4,
+            3 => 8,
+            _ => {
+                return Err(WalkError::Malformed(
+                    "a LowCardinality index of an unknown width",
+                ))
+            }
+        };
+        if index_type & NEED_GLOBAL_DICTIONARY != 0 && index_type & NEED_UPDATE_DICTIONARY != 0 {
+            let keys = r.u64_le()?;
+            data(dictionary, keys, r, depth + 1)?;
+        }
+        if index_type & HAS_ADDITIONAL_KEYS != 0 {
+            let keys = r.u64_le()?;
+            data(dictionary, keys, r, depth + 1)?;
+        }
+        let indexes = r.u64_le()?;
+        if indexes == 0 || indexes > left {
+            return Err(WalkError::Malformed(
+                "LowCardinality indexes that do not cover the rows",
+            ));
+        }
+        r.skip(indexes * key_width)?;
+        left -= indexes;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HTTP: Framing = Framing {
+        block_info: false,
+        custom_serialization: false,
+    };
+
+    fn string(out: &mut Vec<u8>, s: &str) {
+        let mut n = s.len();
+        while n >= 0x80 {
+            out.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+        out.extend_from_slice(s.as_bytes());
+    }
+
+    fn column(out: &mut Vec<u8>, name: &str, ty: &str) {
+        string(out, name);
+        string(out, ty);
+    }
+
+    /// Every shorter prefix of a block is Incomplete, never an error or a panic.
+    fn every_prefix_is_incomplete(block: &[u8], framing: Framing) {
+        for end in 0..block.len() {
+            assert_eq!(
+                walk_block(&block[..end], framing),
+                Err(WalkError::Incomplete),
+                "prefix of {end} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn fixed_strings_nullable_and_nested_arrays() {
+        // As 18.16 sends `SELECT toUInt8(1) AS a, 'xy' AS s FORMAT Native`.
+        let block = b"\x02\x01\x01a\x05UInt8\x01\x01s\x06String\x02xy";
+        let walked = walk_block(block, HTTP).unwrap();
+        assert_eq!(
+            (walked.columns, walked.rows, walked.len),
+            (2, 1, block.len())
+        );
+        every_prefix_is_incomplete(block, HTTP);
+        // `[[1,2],[3]] AS a`: outer offsets, inner offsets, values.
+        let mut b = vec![1, 1];
+        column(&mut b, "a", "Array(Array(UInt8))");
+        b.extend_from_slice(&2u64.to_le_bytes());
+        b.extend_from_slice(&2u64.to_le_bytes());
+        b.extend_from_slice(&3u64.to_le_bytes());
+        b.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(walk_block(&b, HTTP).unwrap().len, b.len());
+        every_prefix_is_incomplete(&b, HTTP);
+        // Nullable(String) NULL: null map, then the (empty) value.
+        let block = b"\x01\x01\x01n\x10Nullable(String)\x01\x00";
+        assert_eq!(walk_block(block, HTTP).unwrap().len, block.len());
+    }
+
+    #[test]
+    fn low_cardinality_as_the_server_writes_it() {
+        // `SELECT toLowCardinality('ab') AS l FORMAT Native` from 18.16.
+        let mut b = vec![1, 1];
+        column(&mut b, "l", "LowCardinality(String)");
+        b.extend_from_slice(&1u64.to_le_bytes()); // key version
+        b.extend_from_slice(&0x600u64.to_le_bytes()); // additional keys, update, UInt8 keys
+        b.extend_from_slice(&2u64.to_le_bytes());
+        b.extend_from_slice(b"\x00\x02ab");
+        b.extend_from_slice(&1u64.to_le_bytes());
+        b.push(1);
+        assert_eq!(walk_block(&b, HTTP).unwrap().len, b.len());
+        every_prefix_is_incomplete(&b, HTTP);
+        // Inside an array, the prefix comes before the offsets.
+        let mut a = vec![1, 1];
+        column(&mut a, "l", "Array(LowCardinality(Nullable(String)))");
+        a.extend_from_slice(&1u64.to_le_bytes());
+        a.extend_from_slice(&2u64.to_le_bytes()); // offsets: 2 values
+        a.extend_from_slice(&0x600u64.to_le_bytes());
+        a.extend_from_slice(&2u64.to_le_bytes());
+        a.extend_from_slice(b"\x00\x01z");
+        a.extend_from_slice(&2u64.to_le_bytes());
+        a.extend_from_slice(&[0, 1]);
+        assert_eq!(walk_block(&a, HTTP).unwrap().len, a.len());
+    }
+
+    #[test]
+    fn tuples_maps_decimals_and_the_protocol_framing() {
+        let framing = Framing {
+            block_info: true,
+            custom_serialization: true,
+        };
+        let mut b = vec![1, 0, 2, 0xff, 0xff, 0xff, 0xff, 0]; // BlockInfo
+        b.extend_from_slice(&[3, 2]); // 3 columns, 2 rows
+        column(
+            &mut b,
+            "t",
+            "Tuple(a UInt16, `b` DateTime64(3, 'Europe/Paris'))",
+        );
+        b.push(0);
+        b.extend_from_slice(&[0; 2 * 2 + 2 * 8]);
+        column(&mut b, "m", "Map(String, Decimal(20, 4))");
+        b.push(0);
+        b.extend_from_slice(&1u64.to_le_bytes());
+        b.extend_from_slice(&1u64.to_le_bytes());
+        b.extend_from_slice(b"\x01k");
+        b.extend_from_slice(&[0; 16]);
+        column(&mut b, "e", "Enum8('a, b' = 1, 'c\\'' = 2)");
+        b.push(0);
+        b.extend_from_slice(&[1, 2]);
+        let walked = walk_block(&b, framing).unwrap();
+        assert_eq!((walked.columns, walked.rows, walked.len), (3, 2, b.len()));
+        every_prefix_is_incomplete(&b, framing);
+        // A sparse column is refused, not misread.
+        let mut s = vec![0, 1, 1];
+        column(&mut s, "x", "UInt8");
+        s.push(1);
+        assert!(matches!(
+            walk_block(&s, framing),
+            Err(WalkError::Unsupported(_))
+        ));
+    }
+
+    #[test]
+    fn zero_rows_carry_no_data_and_garbage_is_refused() {
+        let mut b = vec![1, 0];
+        column(&mut b, "l", "LowCardinality(String)");
+        assert_eq!(walk_block(&b, HTTP).unwrap().len, b.len());
+        for bad in [
+            "Array(UInt8",
+            "AggregateFunction(uniq, UInt64)",
+            "Whatever",
+            "FixedString(x)",
+        ] {
+            let mut g = vec![1, 1];
+            column(&mut g, "g", bad);
+            g.extend_from_slice(&[0; 64]);
+            assert!(
+                !matches!(walk_block(&g, HTTP), Ok(_) | Err(WalkError::Incomplete)),
+                "{bad}"
+            );
+        }
+        let deep = "Array(".repeat(40) + "UInt8" + &")".repeat(40);
+        let mut g = vec![1, 1];
+        column(&mut g, "d", &deep);
+        g.extend_from_slice(&[0; 512]);
+        assert_eq!(
+            walk_block(&g, HTTP),
+            Err(WalkError::Malformed("a type nested too deeply"))
+        );
+        // Offsets that go down, and a VarUInt that never ends.
+        let mut o = vec![1, 2];
+        column(&mut o, "a", "Array(UInt8)");
+        o.extend_from_slice(&5u64.to_le_bytes());
+        o.extend_from_slice(&1u64.to_le_bytes());
+        assert!(matches!(walk_block(&o, HTTP), Err(WalkError::Malformed(_))));
+        assert!(matches!(
+            walk_block(&[0xff; 11], HTTP),
+            Err(WalkError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let types = [
+            "UInt8",
+            "String",
+            "Array(Nullable(String))",
+            "LowCardinality(String)",
+            "Map(String, Array(UInt64))",
+        ];
+        for i in 0..20_000 {
+            let mut b = vec![1, (next() % 4) as u8];
+            column(&mut b, "c", types[i % types.len()]);
+            let n = (next() % 64) as usize;
+            b.extend((0..n).map(|_| next() as u8));
+            let _ = walk_block(&b, HTTP);
+        }
+    }
+}
