@@ -19,8 +19,12 @@ fn string(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(s);
 }
 
-/// One block of `rows` rows in the given columns, as the server writes it.
-fn block(rows: u64, columns: &[(&str, &dyn Fn(&mut Vec<u8>, u64))]) -> Vec<u8> {
+/// Writes one row's value of a column.
+type WriteValue<'a> = &'a dyn Fn(&mut Vec<u8>, u64);
+
+/// One block of `rows` rows in the given columns (type name, value writer), as the server
+/// writes it.
+fn block(rows: u64, columns: &[(&str, WriteValue<'_>)]) -> Vec<u8> {
     let mut b = Vec::new();
     varuint(&mut b, columns.len() as u64);
     varuint(&mut b, rows);
