@@ -1,8 +1,5 @@
-//! ClickHouse's Native format, walked without decoding: where a block ends, how many rows
-//! it has. A relay of the native protocol must know where each Data packet ends to parse
-//! the next packet, and a compressed frame's end is not a block's end (a block larger than
-//! ~1 MiB spans several frames), so it walks the block over its column types, the way the
-//! server reads it, without building anything.
+//! Blocks of the Native format walked without decoding: where a block ends, how many rows
+//! it has.
 //!
 //! The walk allocates nothing: column types are read from their names
 //! (`Array(Nullable(String))`) as it goes, recursively, with a depth limit. Every type of
@@ -17,85 +14,11 @@
 //! later], then, only if the block has rows, the column's state prefix (what
 //! `LowCardinality` writes before its data, wherever it is nested) and its data.
 
-/// Why a block could not be walked.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum WalkError {
-    /// The block goes on past the bytes at hand: read more and walk again.
-    #[error("the block goes on past the bytes received so far")]
-    Incomplete,
-    #[error("unsupported column type: {0}")]
-    Unsupported(&'static str),
-    #[error("malformed block: {0}")]
-    Malformed(&'static str),
-}
-
-type Result<T> = std::result::Result<T, WalkError>;
+use super::reader::{Reader, Result, WalkError};
 
 /// Nesting deeper than this in a type name is refused (it would only come from a peer
 /// trying to exhaust the stack).
 const MAX_DEPTH: u32 = 32;
-
-/// A cursor over received bytes.
-pub struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    pub fn new(buf: &'a [u8]) -> Self {
-        Self { buf, pos: 0 }
-    }
-
-    /// Bytes consumed so far.
-    pub fn position(&self) -> usize {
-        self.pos
-    }
-
-    pub fn varuint(&mut self) -> Result<u64> {
-        let mut value = 0u64;
-        for shift in (0..70).step_by(7) {
-            let byte = *self.buf.get(self.pos).ok_or(WalkError::Incomplete)?;
-            self.pos += 1;
-            if shift == 63 && byte > 1 {
-                return Err(WalkError::Malformed("a VarUInt longer than 64 bits"));
-            }
-            value |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Ok(value);
-            }
-        }
-        Err(WalkError::Malformed("a VarUInt longer than 10 bytes"))
-    }
-
-    pub fn bytes(&mut self, n: u64) -> Result<&'a [u8]> {
-        let n = usize::try_from(n).map_err(|_| WalkError::Incomplete)?;
-        let end = self.pos.checked_add(n).ok_or(WalkError::Incomplete)?;
-        let out = self.buf.get(self.pos..end).ok_or(WalkError::Incomplete)?;
-        self.pos = end;
-        Ok(out)
-    }
-
-    pub fn skip(&mut self, n: u64) -> Result<()> {
-        self.bytes(n).map(|_| ())
-    }
-
-    pub fn u8(&mut self) -> Result<u8> {
-        Ok(self.bytes(1)?[0])
-    }
-
-    pub fn u64_le(&mut self) -> Result<u64> {
-        let b = self.bytes(8)?;
-        let mut le = [0u8; 8];
-        le.copy_from_slice(b);
-        Ok(u64::from_le_bytes(le))
-    }
-
-    /// A length-prefixed string, borrowed.
-    pub fn string(&mut self) -> Result<&'a [u8]> {
-        let len = self.varuint()?;
-        self.bytes(len)
-    }
-}
 
 /// How blocks are framed on the wire.
 #[derive(Debug, Clone, Copy, Default)]

@@ -1,0 +1,18 @@
+//! ClickHouse's native protocol and Native format, read without decoding: where a block
+//! ends, where a packet ends. A relay of the native protocol must know where each packet
+//! ends to parse the next one, and a compressed frame's end is not a block's end (a block
+//! larger than ~1 MiB spans several frames), so it walks blocks over their column types the
+//! way the server reads them, without building anything.
+//!
+//! - [`reader`]: a cursor over received bytes; an incomplete read is `Incomplete`, never a
+//!   panic;
+//! - [`block`]: a block's end, over its column types;
+//! - [`server`]: a server packet's end at a negotiated revision, compressed blocks
+//!   included.
+
+pub mod block;
+pub mod reader;
+pub mod server;
+
+pub use block::{walk_block, Block, Framing};
+pub use reader::{Reader, WalkError};
