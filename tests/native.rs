@@ -148,7 +148,7 @@ fn every_cut_of_a_compressed_multi_frame_block_is_incomplete() {
     };
     assert_eq!(big.rows, 25_000);
     let packet = &stream[at..at + big.len];
-    // Cuts at every frame boundary region and a spread of others.
+    // Cuts spread over the packet, and each of its last 64 bytes.
     for end in (0..packet.len())
         .step_by(9973)
         .chain(packet.len() - 64..packet.len())
