@@ -167,7 +167,21 @@ def check_keep_alive():
     status, headers, _ = exchange(PROXIED, "GET", "/?query=SELECT+1", headers=[("Connection", "close")])
     if dict(headers).get("Connection") != "Close" or "Keep-Alive" in dict(headers):
         fail(f"Connection: close request: {headers}")
-    print(f"ok keep-alive: reused within, closed after {KEEP_ALIVE} s")
+    # HTTP/1.0: an answer of unknown length ends with the connection, and says so.
+    import socket
+
+    raw = socket.create_connection(CHGATE)
+    raw.sendall(
+        f"GET /?query=SELECT+1 HTTP/1.0\r\nConnection: keep-alive\r\nAuthorization: {auth}\r\n\r\n".encode()
+    )
+    answer = b""
+    raw.settimeout(5)
+    while chunk := raw.recv(65536):
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.0 200") or b"\r\nConnection: Close" not in head or body != b"1\n":
+        fail(f"HTTP/1.0 keep-alive request: {answer!r}")
+    print(f"ok keep-alive: reused within, closed after {KEEP_ALIVE} s; HTTP/1.0 closes unknown lengths")
 
 
 def check_requests():

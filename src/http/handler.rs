@@ -37,7 +37,8 @@ impl Frontend {
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<RespBody> {
-        let keep_alive = rewrite::wants_keep_alive(req.version(), req.headers());
+        let version = req.version();
+        let mut keep_alive = rewrite::wants_keep_alive(version, req.headers());
         let route = routes::route_of(req.method(), req.uri());
         let mut resp = match route {
             Route::Query => self.query_request(req, peer).await,
@@ -50,6 +51,14 @@ impl Frontend {
             Route::NotFound => routes::not_found(req.uri().path()),
             Route::NotImplemented => routes::not_implemented(),
         };
+        if version == http::Version::HTTP_10 {
+            // An HTTP/1.0 answer of unknown length ends when the connection does; said as
+            // an HTTP/1.0 answer, hyper then adds nothing to its `Connection`.
+            *resp.version_mut() = http::Version::HTTP_10;
+            if resp.body().size_hint().exact().is_none() {
+                keep_alive = false;
+            }
+        }
         if resp.extensions().get::<case::Own>().is_some() {
             let connection = rewrite::own_connection_headers(
                 resp.status(),
