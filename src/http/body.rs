@@ -157,17 +157,21 @@ impl UpstreamBody {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let inner = &mut self.inner;
+        let Some(up) = self.upstream.as_mut() else {
+            return Pin::new(inner).poll_frame(cx);
+        };
         // Twice: taking a frame lets the connection decode the next one (often the end of
         // the body), which it does when polled again.
-        for _ in 0..2 {
-            if let Some(up) = self.upstream.as_mut() {
+        up.drive(cx, |up, cx| {
+            for _ in 0..2 {
                 up.poll_conn(cx);
+                if let Poll::Ready(frame) = Pin::new(&mut *inner).poll_frame(cx) {
+                    return Poll::Ready(frame);
+                }
             }
-            if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
-                return Poll::Ready(frame);
-            }
-        }
-        Poll::Pending
+            Poll::Pending
+        })
     }
 }
 

@@ -2,7 +2,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -88,6 +90,10 @@ type Conn = Connection<TokioIo<TcpStream>, Body>;
 /// leave in one write to the client, with no cross-task wake-up in between (measured: one
 /// `writev` and ~10% CPU less per `SELECT 1`). Idle pooled connections are polled by no
 /// one; checkout polls them once, which notices a connection the server closed meanwhile.
+///
+/// Everything that waits on the connection (the request channel, the response, the body's
+/// channel) is woken by the connection itself, which is polled in the same task: see
+/// [`Self::drive`].
 pub struct Upstream {
     sender: SendRequest<Body>,
     /// `None` once the connection has ended. Invariant: it is dropped right then, which
@@ -96,15 +102,121 @@ pub struct Upstream {
     conn: Option<Pin<Box<Conn>>>,
     /// Taken from the pool: it carried a request before.
     pub(super) reused: bool,
+    /// The waker the connection and its channels are polled with (see [`Self::drive`]).
+    relay: Arc<Relay>,
+    relay_waker: Waker,
+}
+
+/// A waker between the connection (and what waits on it) and the task using it: a wake
+/// raised while the task is polling them itself is noted, not passed on; any other is
+/// passed on to the task.
+///
+/// Driving the connection from the request's task means the connection wakes that same
+/// task while it runs: handing it a request wakes the connection's receiver, delivering
+/// the response head wakes the response's receiver, taking a body frame frees the body
+/// channel for the next. Passed on, each of those makes the runtime schedule the running
+/// task once more, and a multi-threaded runtime wakes an idle worker for it (a futex wake
+/// and a context switch) that finds nothing to do. Measured on `SELECT 1` through chgate,
+/// 8 connections, 2 workers: 0.85 such wake-ups per request, 2.8 futex calls and 4.1
+/// context switches per request (nginx: 0 and 2.5).
+struct Relay {
+    state: AtomicU8,
+    task: Mutex<Option<Waker>>,
+}
+
+/// [`Relay::state`]: no poll under way, wakes go to the task.
+const IDLE: u8 = 0;
+/// A poll under way: a wake is noted.
+const POLLING: u8 = 1;
+/// A poll under way was woken: it polls again.
+const WOKEN: u8 = 2;
+
+/// Polls in a row that [`Upstream::drive`] makes while they keep waking themselves, before
+/// it hands the task back to the runtime.
+const MAX_PASSES: usize = 4;
+
+impl Relay {
+    fn register(&self, waker: &Waker) {
+        let mut task = self.task.lock().unwrap_or_else(|e| e.into_inner());
+        match task.as_ref() {
+            Some(w) if w.will_wake(waker) => {}
+            _ => *task = Some(waker.clone()),
+        }
+    }
+}
+
+impl Wake for Relay {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let mut state = self.state.load(Ordering::Acquire);
+        loop {
+            match state {
+                POLLING => match self.state.compare_exchange(
+                    POLLING,
+                    WOKEN,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => return,
+                    Err(now) => state = now,
+                },
+                WOKEN => return,
+                _ => {
+                    let task = self.task.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(w) = task.as_ref() {
+                        w.wake_by_ref();
+                    }
+                    return;
+                }
+            }
+        }
+    }
 }
 
 impl Upstream {
     pub(super) fn new(sender: SendRequest<Body>, conn: Conn) -> Self {
+        let relay = Arc::new(Relay {
+            state: AtomicU8::new(IDLE),
+            task: Mutex::new(None),
+        });
         Self {
             sender,
             conn: Some(Box::pin(conn)),
             reused: false,
+            relay_waker: Waker::from(relay.clone()),
+            relay,
         }
+    }
+
+    /// Polls `f`, which drives this connection and whatever waits on it, on behalf of the
+    /// task polling with `cx`. A wake that `f` raises itself (see [`Relay`]) makes it poll
+    /// again at once instead of going through the scheduler; wakes from elsewhere (the
+    /// socket becoming readable) reach the task as usual.
+    ///
+    /// When `f` is ready, a wake it raised is dropped: what it woke is polled again by the
+    /// next `drive`, which every user of the connection makes before it waits on it.
+    pub fn drive<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut f: impl FnMut(&mut Self, &mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        self.relay.register(cx.waker());
+        let waker = self.relay_waker.clone();
+        let mut relayed = Context::from_waker(&waker);
+        for _ in 0..MAX_PASSES {
+            self.relay.state.store(POLLING, Ordering::Release);
+            let poll = f(self, &mut relayed);
+            let woken = self.relay.state.swap(IDLE, Ordering::AcqRel) == WOKEN;
+            if poll.is_ready() || !woken {
+                return poll;
+            }
+        }
+        // Still waking itself: let the runtime run others first.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     /// Drives reads and writes on the connection; false once it has ended.
@@ -131,8 +243,10 @@ impl Upstream {
         req: http::Request<Body>,
     ) -> Result<http::Response<Incoming>, SendFailure> {
         let ready = std::future::poll_fn(|cx| {
-            self.poll_conn(cx);
-            self.sender.poll_ready(cx)
+            self.drive(cx, |up, cx| {
+                up.poll_conn(cx);
+                up.sender.poll_ready(cx)
+            })
         })
         .await;
         if ready.is_err() {
@@ -140,8 +254,10 @@ impl Upstream {
         }
         let mut response = std::pin::pin!(self.sender.try_send_request(req));
         std::future::poll_fn(|cx| {
-            self.poll_conn(cx);
-            response.as_mut().poll(cx)
+            self.drive(cx, |up, cx| {
+                up.poll_conn(cx);
+                response.as_mut().poll(cx)
+            })
         })
         .await
         .map_err(|mut e| match e.take_message() {
@@ -161,8 +277,10 @@ impl Upstream {
         let mut out = bytes::BytesMut::new();
         loop {
             let frame = std::future::poll_fn(|cx| {
-                self.poll_conn(cx);
-                Pin::new(&mut body).poll_frame(cx)
+                self.drive(cx, |up, cx| {
+                    up.poll_conn(cx);
+                    Pin::new(&mut body).poll_frame(cx)
+                })
             })
             .await;
             match frame {
