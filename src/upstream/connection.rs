@@ -219,6 +219,15 @@ impl Upstream {
         Poll::Pending
     }
 
+    /// Runs `f`, which changes what [`Self::drive`] polls next (e.g. queues a request), and
+    /// drops the wakes it raises: the next `drive` polls what they were for.
+    fn quietly<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        self.relay.state.store(POLLING, Ordering::Release);
+        let out = f(self);
+        self.relay.state.store(IDLE, Ordering::Release);
+        out
+    }
+
     /// Drives reads and writes on the connection; false once it has ended.
     pub fn poll_conn(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(conn) = self.conn.as_mut() else {
@@ -252,7 +261,9 @@ impl Upstream {
         if ready.is_err() {
             return Err(SendFailure::unsent(UpstreamError::Stale, req));
         }
-        let mut response = std::pin::pin!(self.sender.try_send_request(req));
+        // Handing over the request wakes the connection's receiver, which the next `drive`
+        // polls anyway: not a wake for the task.
+        let mut response = std::pin::pin!(self.quietly(|up| up.sender.try_send_request(req)));
         std::future::poll_fn(|cx| {
             self.drive(cx, |up, cx| {
                 up.poll_conn(cx);
