@@ -4,8 +4,9 @@
 //! checked by `tests/layers.rs`).
 //!
 //! - Foundations: [`secret`] (cluster passwords from the environment or files), [`tls`],
-//!   [`metrics`] (everything exported), [`backoff`], [`signals`], and [`config`] (typed,
-//!   fully validated settings, shared sections validated alike for every app).
+//!   [`metrics`] (everything exported), [`backoff`], [`signals`], [`wake`] (a task's
+//!   wakes of itself as another pass of its poll), and [`config`] (typed, fully validated
+//!   settings, shared sections validated alike for every app).
 //! - [`auth`]: client password hashes and throttling, protocol-free. [`clickhouse`]: what
 //!   chgate knows about ClickHouse with no I/O (error codes, column types, RowBinary, the
 //!   compressed block format, the insert statement). [`kafka`]: librdkafka as the apps use
@@ -37,6 +38,7 @@ pub mod backoff;
 pub mod config;
 pub mod metrics;
 pub mod signals;
+pub mod wake;
 
 pub mod auth;
 pub mod clickhouse;

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::body::RespBody;
 use super::Frontend;
+use crate::wake::SelfWaking;
 
 /// How long a client gets to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,9 +61,10 @@ impl Frontend {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.builder()
-            .serve_connection(TokioIo::new(stream), service(self.clone(), peer))
-            .await
+        let conn = self
+            .builder()
+            .serve_connection(TokioIo::new(stream), service(self.clone(), peer));
+        SelfWaking::new(conn).await
     }
 }
 
@@ -78,7 +80,10 @@ pub async fn serve(frontend: Arc<Frontend>, listeners: Listeners, shutdown: Canc
             accepted = accept(listeners.http.as_ref()) => {
                 if let Some((stream, peer)) = accepted {
                     let conn = builder.serve_connection(TokioIo::new(stream), service(frontend.clone(), peer));
-                    let conn = graceful.watch(conn);
+                    // The connection wakes itself while it runs (a request body read for
+                    // the handler waiting on it): another pass, not a reschedule that wakes
+                    // an idle worker (see crate::wake).
+                    let conn = SelfWaking::new(graceful.watch(conn));
                     tokio::spawn(async move {
                         if let Err(e) = conn.await {
                             tracing::debug!(%peer, error = %e, "Client connection ended with an error");
@@ -123,7 +128,7 @@ fn serve_tls(
         match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => {
                 let conn = builder.serve_connection(TokioIo::new(tls), service(frontend, peer));
-                if let Err(e) = watcher.watch(conn).await {
+                if let Err(e) = SelfWaking::new(watcher.watch(conn)).await {
                     tracing::debug!(%peer, error = %e, "Client connection ended with an error");
                 }
             }

@@ -2,9 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -13,6 +11,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::body::Body;
+use crate::wake::Passes;
 
 /// Why talking to a node failed, and so whether the request may go elsewhere.
 #[derive(Debug, thiserror::Error)]
@@ -102,130 +101,35 @@ pub struct Upstream {
     conn: Option<Pin<Box<Conn>>>,
     /// Taken from the pool: it carried a request before.
     pub(super) reused: bool,
-    /// The waker the connection and its channels are polled with (see [`Self::drive`]).
-    relay: Arc<Relay>,
-    relay_waker: Waker,
-}
-
-/// A waker between the connection (and what waits on it) and the task using it: a wake
-/// raised while the task is polling them itself is noted, not passed on; any other is
-/// passed on to the task.
-///
-/// Driving the connection from the request's task means the connection wakes that same
-/// task while it runs: handing it a request wakes the connection's receiver, delivering
-/// the response head wakes the response's receiver, taking a body frame frees the body
-/// channel for the next. Passed on, each of those makes the runtime schedule the running
-/// task once more, and a multi-threaded runtime wakes an idle worker for it (a futex wake
-/// and a context switch) that finds nothing to do. Measured on `SELECT 1` through chgate,
-/// 8 connections, 2 workers: 0.85 such wake-ups per request, 2.8 futex calls and 4.1
-/// context switches per request (nginx: 0 and 2.5).
-struct Relay {
-    state: AtomicU8,
-    task: Mutex<Option<Waker>>,
-}
-
-/// [`Relay::state`]: no poll under way, wakes go to the task.
-const IDLE: u8 = 0;
-/// A poll under way: a wake is noted.
-const POLLING: u8 = 1;
-/// A poll under way was woken: it polls again.
-const WOKEN: u8 = 2;
-
-/// Polls in a row that [`Upstream::drive`] makes while they keep waking themselves, before
-/// it hands the task back to the runtime.
-const MAX_PASSES: usize = 4;
-
-impl Relay {
-    fn register(&self, waker: &Waker) {
-        let mut task = self.task.lock().unwrap_or_else(|e| e.into_inner());
-        match task.as_ref() {
-            Some(w) if w.will_wake(waker) => {}
-            _ => *task = Some(waker.clone()),
-        }
-    }
-}
-
-impl Wake for Relay {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        let mut state = self.state.load(Ordering::Acquire);
-        loop {
-            match state {
-                POLLING => match self.state.compare_exchange(
-                    POLLING,
-                    WOKEN,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
-                    Ok(_) => return,
-                    Err(now) => state = now,
-                },
-                WOKEN => return,
-                _ => {
-                    let task = self.task.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some(w) = task.as_ref() {
-                        w.wake_by_ref();
-                    }
-                    return;
-                }
-            }
-        }
-    }
+    /// The connection and what waits on it are polled through this (see [`Self::drive`]).
+    passes: Passes,
 }
 
 impl Upstream {
     pub(super) fn new(sender: SendRequest<Body>, conn: Conn) -> Self {
-        let relay = Arc::new(Relay {
-            state: AtomicU8::new(IDLE),
-            task: Mutex::new(None),
-        });
         Self {
             sender,
             conn: Some(Box::pin(conn)),
             reused: false,
-            relay_waker: Waker::from(relay.clone()),
-            relay,
+            passes: Passes::default(),
         }
     }
 
-    /// Polls `f`, which drives this connection and whatever waits on it, on behalf of the
-    /// task polling with `cx`. A wake that `f` raises itself (see [`Relay`]) makes it poll
-    /// again at once instead of going through the scheduler; wakes from elsewhere (the
-    /// socket becoming readable) reach the task as usual.
-    ///
-    /// When `f` is ready, a wake it raised is dropped: what it woke is polled again by the
-    /// next `drive`, which every user of the connection makes before it waits on it.
+    /// Polls `f`, which drives this connection and whatever waits on it, for the task
+    /// polling with `cx`: the connection wakes that same task while it runs (handing it a
+    /// request wakes its request receiver, delivering the response head wakes the
+    /// response's receiver, taking a body frame frees the body channel), and those wakes
+    /// are another pass here rather than a reschedule of the running task (see
+    /// [`crate::wake`]). Measured on `SELECT 1`, 8 connections, 2 workers: 0.85 such
+    /// reschedules per request, each waking the idle worker (futex 2.8 and 4.1 context
+    /// switches per request, nginx 0 and 2.5).
     pub fn drive<T>(
         &mut self,
         cx: &mut Context<'_>,
         mut f: impl FnMut(&mut Self, &mut Context<'_>) -> Poll<T>,
     ) -> Poll<T> {
-        self.relay.register(cx.waker());
-        let waker = self.relay_waker.clone();
-        let mut relayed = Context::from_waker(&waker);
-        for _ in 0..MAX_PASSES {
-            self.relay.state.store(POLLING, Ordering::Release);
-            let poll = f(self, &mut relayed);
-            let woken = self.relay.state.swap(IDLE, Ordering::AcqRel) == WOKEN;
-            if poll.is_ready() || !woken {
-                return poll;
-            }
-        }
-        // Still waking itself: let the runtime run others first.
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
-
-    /// Runs `f`, which changes what [`Self::drive`] polls next (e.g. queues a request), and
-    /// drops the wakes it raises: the next `drive` polls what they were for.
-    fn quietly<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
-        self.relay.state.store(POLLING, Ordering::Release);
-        let out = f(self);
-        self.relay.state.store(IDLE, Ordering::Release);
-        out
+        let passes = self.passes.clone();
+        passes.poll(cx, |cx| f(self, cx))
     }
 
     /// Drives reads and writes on the connection; false once it has ended.
@@ -263,7 +167,8 @@ impl Upstream {
         }
         // Handing over the request wakes the connection's receiver, which the next `drive`
         // polls anyway: not a wake for the task.
-        let mut response = std::pin::pin!(self.quietly(|up| up.sender.try_send_request(req)));
+        let mut response =
+            std::pin::pin!(self.passes.quietly(|| self.sender.try_send_request(req)));
         std::future::poll_fn(|cx| {
             self.drive(cx, |up, cx| {
                 up.poll_conn(cx);
