@@ -4,18 +4,11 @@
 use std::hint::black_box;
 
 use chgate::clickhouse::native::{walk_block, Framing};
+use chgate::clickhouse::rowbinary::write_varint;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
-fn varuint(out: &mut Vec<u8>, mut n: u64) {
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
 fn string(out: &mut Vec<u8>, s: &[u8]) {
-    varuint(out, s.len() as u64);
+    write_varint(out, s.len() as u64);
     out.extend_from_slice(s);
 }
 
@@ -26,8 +19,8 @@ type WriteValue<'a> = &'a dyn Fn(&mut Vec<u8>, u64);
 /// writes it.
 fn block(rows: u64, columns: &[(&str, WriteValue<'_>)]) -> Vec<u8> {
     let mut b = Vec::new();
-    varuint(&mut b, columns.len() as u64);
-    varuint(&mut b, rows);
+    write_varint(&mut b, columns.len() as u64);
+    write_varint(&mut b, rows);
     for (i, (ty, write)) in columns.iter().enumerate() {
         string(&mut b, format!("c{i}").as_bytes());
         string(&mut b, ty.as_bytes());

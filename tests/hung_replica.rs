@@ -13,15 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 /// Fast probes: a node that stops answering is out within ~1.6 s.
-const PICKER: &str = r#"
-[picker]
-probe_interval = "1s"
-probe_retry_interval = "250ms"
-probe_timeout = "300ms"
-fall = 2
-rise = 2
-slow_start = "3s"
-"#;
+const PICKER: &str = FAST_PICKER;
 
 const READ: &str = "SELECT count() FROM demo.events";
 

@@ -569,3 +569,15 @@ pub fn settled(host: &str, deadline: Duration) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Probes fast enough for tests that stop a node: one that stops answering is down within
+/// probe_interval + 2 x probe_timeout (1.6 s).
+pub const FAST_PICKER: &str = r#"
+[picker]
+probe_interval = "1s"
+probe_retry_interval = "250ms"
+probe_timeout = "300ms"
+fall = 2
+rise = 2
+slow_start = "3s"
+"#;

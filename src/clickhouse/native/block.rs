@@ -339,12 +339,7 @@ mod tests {
     };
 
     fn string(out: &mut Vec<u8>, s: &str) {
-        let mut n = s.len();
-        while n >= 0x80 {
-            out.push((n as u8) | 0x80);
-            n >>= 7;
-        }
-        out.push(n as u8);
+        crate::clickhouse::rowbinary::write_varint(out, s.len() as u64);
         out.extend_from_slice(s.as_bytes());
     }
 
