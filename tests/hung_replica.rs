@@ -24,24 +24,12 @@ async fn timed(args: Vec<String>) -> (u16, Duration, String) {
     (out.status, started.elapsed(), out.body)
 }
 
-async fn health_of(admin: std::net::SocketAddr, host: &str) -> String {
-    let (_, t) = admin_json(admin, "/v1/topology").await;
-    t["clusters"][0]["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|s| s["replicas"].as_array().unwrap())
-        .find(|r| r["host"] == host)
-        .map(|r| r["health"].as_str().unwrap_or("").to_string())
-        .unwrap_or_default()
-}
-
 async fn wait_health(admin: std::net::SocketAddr, host: &str, want: &str) {
-    let end = Instant::now() + Duration::from_secs(10);
-    while health_of(admin, host).await != want {
-        assert!(Instant::now() < end, "{host} not {want}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let what = format!("{host} {want}");
+    wait_for_topology(admin, &what, Duration::from_secs(10), |t| {
+        replica(t, host)["health"] == want
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

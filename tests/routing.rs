@@ -16,18 +16,8 @@ use serde_json::Value;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Fast probes so the tests run in seconds: a node is down within
-/// probe_interval + 2 x probe_timeout (1.6 s), well within two intervals.
-const PICKER: &str = r#"
-[picker]
-probe_interval = "1s"
-probe_retry_interval = "250ms"
-probe_timeout = "300ms"
-fall = 2
-rise = 2
-slow_start = "3s"
-max_replica_delay = "2s"
-"#;
+/// Fast probes so the tests run in seconds.
+const PICKER: &str = FAST_PICKER;
 
 fn dev_stack_up() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dev-stack");
@@ -45,34 +35,6 @@ struct Undo<F: FnMut()>(F);
 impl<F: FnMut()> Drop for Undo<F> {
     fn drop(&mut self) {
         (self.0)()
-    }
-}
-
-/// The replica entry for `host` in a `/v1/topology` answer.
-fn replica<'a>(topology: &'a Value, host: &str) -> &'a Value {
-    topology["clusters"][0]["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|s| s["replicas"].as_array().unwrap())
-        .find(|r| r["host"] == host)
-        .unwrap_or_else(|| panic!("{host} not in {topology}"))
-}
-
-async fn wait_for_topology(
-    admin: std::net::SocketAddr,
-    what: &str,
-    deadline: Duration,
-    check: impl Fn(&Value) -> bool,
-) -> Value {
-    let end = Instant::now() + deadline;
-    loop {
-        let (_, t) = admin_json(admin, "/v1/topology").await;
-        if check(&t) {
-            return t;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}: {t:#}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

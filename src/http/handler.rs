@@ -201,7 +201,8 @@ impl Frontend {
         let started = unanswered.started;
         let (parts, mut body) = req.into_parts();
         let mut rewritten = rewrite::query(parts.uri.query(), &user, &parts.method);
-        unanswered.query_id = Some(rewritten.query_id.clone());
+        // Kept by `unanswered` (for the access log, however the request ends), lent from there.
+        unanswered.query_id = Some(std::mem::take(&mut rewritten.query_id));
         // The body cannot be read by us if it is compressed: by Content-Encoding, or in
         // ClickHouse's own block format (`decompress=1`).
         let opaque = rewritten.decompress || parts.headers.contains_key(header::CONTENT_ENCODING);
@@ -245,11 +246,13 @@ impl Frontend {
                 .unwrap_or_else(|| rewrite::headers(&parts.headers, &user, ip));
             Some(req)
         };
+        let query_id = unanswered.query_id.as_deref().unwrap_or_default();
         let routed = route::route(plan, request, route::send_http, |backend| {
-            kill(backend, &user, &rewritten.query_id)
+            kill(backend, &user, query_id)
         })
         .await?;
-        Ok(self.respond(routed, admission, rewritten.query_id, started, in_flight))
+        let query_id = unanswered.query_id.take().unwrap_or_default();
+        Ok(self.respond(routed, admission, query_id, started, in_flight))
     }
 
     fn respond(

@@ -570,8 +570,8 @@ pub fn settled(host: &str, deadline: Duration) -> Result<(), String> {
     }
 }
 
-/// Probes fast enough for tests that stop a node: one that stops answering is down within
-/// probe_interval + 2 x probe_timeout (1.6 s).
+/// Probes fast enough for tests that stop a node or make one lag: one that stops answering
+/// is down within probe_interval + 2 x probe_timeout (1.6 s), well within two intervals.
 pub const FAST_PICKER: &str = r#"
 [picker]
 probe_interval = "1s"
@@ -580,4 +580,34 @@ probe_timeout = "300ms"
 fall = 2
 rise = 2
 slow_start = "3s"
+max_replica_delay = "2s"
 "#;
+
+/// The replica entry for `host` in a `/v1/topology` answer.
+pub fn replica<'a>(topology: &'a serde_json::Value, host: &str) -> &'a serde_json::Value {
+    topology["clusters"][0]["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["replicas"].as_array().unwrap())
+        .find(|r| r["host"] == host)
+        .unwrap_or_else(|| panic!("{host} not in {topology}"))
+}
+
+/// Polls `/v1/topology` until `check` holds, within `deadline`; the topology that passed.
+pub async fn wait_for_topology(
+    admin: SocketAddr,
+    what: &str,
+    deadline: Duration,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let end = Instant::now() + deadline;
+    loop {
+        let (_, t) = admin_json(admin, "/v1/topology").await;
+        if check(&t) {
+            return t;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}: {t:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
