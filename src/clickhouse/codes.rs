@@ -22,10 +22,15 @@ impl Code {
     }
 }
 
+pub const NOT_IMPLEMENTED: Code = Code::new(48, "NOT_IMPLEMENTED");
+pub const UNKNOWN_PACKET_FROM_CLIENT: Code = Code::new(100, "UNKNOWN_PACKET_FROM_CLIENT");
+pub const UNEXPECTED_PACKET_FROM_CLIENT: Code = Code::new(101, "UNEXPECTED_PACKET_FROM_CLIENT");
+pub const UNKNOWN_SETTING: Code = Code::new(115, "UNKNOWN_SETTING");
 pub const CANNOT_READ_ALL_DATA: Code = Code::new(33, "CANNOT_READ_ALL_DATA");
 pub const TIMEOUT_EXCEEDED: Code = Code::new(159, "TIMEOUT_EXCEEDED");
 pub const READONLY: Code = Code::new(164, "READONLY");
 pub const IP_ADDRESS_NOT_ALLOWED: Code = Code::new(195, "IP_ADDRESS_NOT_ALLOWED");
+pub const QUERY_IS_TOO_LARGE: Code = Code::new(202, "QUERY_IS_TOO_LARGE");
 pub const NETWORK_ERROR: Code = Code::new(210, "NETWORK_ERROR");
 pub const ALL_CONNECTION_TRIES_FAILED: Code = Code::new(279, "ALL_CONNECTION_TRIES_FAILED");
 pub const AUTHENTICATION_FAILED: Code = Code::new(516, "AUTHENTICATION_FAILED");

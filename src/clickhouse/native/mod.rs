@@ -8,11 +8,15 @@
 //!   panic;
 //! - [`block`]: a block's end, over its column types;
 //! - [`server`]: a server packet's end at a negotiated revision, compressed blocks
-//!   included.
+//!   included;
+//! - [`settings`]: the binary form of each query setting, which a Query below revision 54429
+//!   can only be stepped over with.
 
 pub mod block;
+pub mod client;
 pub mod reader;
 pub mod server;
+pub mod settings;
 
 pub use block::{walk_block, Block, Framing};
 pub use reader::{Reader, WalkError};

@@ -1,7 +1,7 @@
 //! A cursor over received bytes, and why reading them failed: what every walk of the
 //! native protocol's data (blocks, packets) reads with.
 
-/// Why a block could not be walked.
+/// Why a block or packet could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WalkError {
     /// The block goes on past the bytes at hand: read more and walk again.
@@ -9,8 +9,12 @@ pub enum WalkError {
     Incomplete,
     #[error("unsupported column type: {0}")]
     Unsupported(&'static str),
-    #[error("malformed block: {0}")]
+    #[error("malformed packet: {0}")]
     Malformed(&'static str),
+    /// A Query setting whose binary form is not known (below revision 54429 a setting's
+    /// value can be stepped over only by knowing its type).
+    #[error("unknown setting {0}")]
+    UnknownSetting(String),
 }
 
 pub type Result<T> = std::result::Result<T, WalkError>;

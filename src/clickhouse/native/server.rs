@@ -7,7 +7,9 @@
 //! not send is refused as unsupported, never guessed at.
 
 use super::block::{walk_block, Framing};
+use super::client::put_str;
 use super::reader::{Reader, Result, WalkError};
+use crate::clickhouse::rowbinary::write_varint;
 
 /// The highest revision whose server packets this module reads.
 pub const MAX_REVISION: u64 = 54412;
@@ -54,10 +56,43 @@ pub struct Packet {
     pub rows: u64,
 }
 
-/// Reads server packets; keeps a buffer for decompressing blocks between packets.
+/// A client packet found at the start of the bytes at hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientPacket {
+    pub kind: ClientKind,
+    /// Its length in bytes (its type included); 0 for the packets read whole elsewhere.
+    pub len: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientKind {
+    Hello,
+    Query,
+    /// A block of the query's data; the empty one ends it.
+    Data {
+        empty: bool,
+    },
+    Cancel,
+    Ping,
+}
+
+/// Reads packets of one direction; keeps a buffer for decompressing blocks between
+/// packets, and how far a compressed block's frames were read, so a block arriving over
+/// many reads is decompressed once, not again from its start at every read.
 #[derive(Default)]
 pub struct ServerPackets {
     scratch: Vec<u8>,
+    resume: Option<Resume>,
+}
+
+/// Where the walk of a compressed block stopped for lack of bytes: the frames before
+/// `frames_end` are in the scratch buffer. Valid only for the same packet, which the first
+/// frame's checksum identifies.
+#[derive(Clone, Copy)]
+struct Resume {
+    blocks_at: usize,
+    frames_end: usize,
+    checksum: [u8; 16],
 }
 
 /// A compressed frame: checksum, method, sizes, then the compressed bytes.
@@ -73,13 +108,58 @@ impl ServerPackets {
     /// The packet at the start of `buf`, or [`WalkError::Incomplete`] until all of it is
     /// there.
     pub fn next(&mut self, buf: &[u8], session: &Session) -> Result<Packet> {
+        let packet = self.server_packet(buf, session);
+        if !matches!(packet, Err(WalkError::Incomplete)) {
+            self.resume = None;
+        }
+        packet
+    }
+
+    /// The client packet at the start of `buf`, other than a Hello or a Query (read whole
+    /// by [`super::client`]): a Data block of the query under way (compressed if the query
+    /// said so), a Cancel or a Ping.
+    pub fn next_client(&mut self, buf: &[u8], session: &Session) -> Result<ClientPacket> {
+        let mut r = Reader::new(buf);
+        let kind = match r.varuint()? {
+            super::client::DATA => {
+                let block = self.data(&mut r, session, session.compression);
+                if !matches!(block, Err(WalkError::Incomplete)) {
+                    self.resume = None;
+                }
+                let (columns, rows) = block?;
+                ClientKind::Data {
+                    empty: columns == 0 && rows == 0,
+                }
+            }
+            super::client::CANCEL => ClientKind::Cancel,
+            super::client::PING => ClientKind::Ping,
+            super::client::QUERY => ClientKind::Query,
+            super::client::HELLO => ClientKind::Hello,
+            _ => {
+                return Err(WalkError::Unsupported(
+                    "a client packet type chgate does not relay",
+                ))
+            }
+        };
+        let len = match kind {
+            // Read whole elsewhere: only their type was read here.
+            ClientKind::Query | ClientKind::Hello => 0,
+            _ => r.position(),
+        };
+        Ok(ClientPacket { kind, len })
+    }
+
+    fn server_packet(&mut self, buf: &[u8], session: &Session) -> Result<Packet> {
         if session.revision > MAX_REVISION {
             return Err(WalkError::Unsupported("a revision above what chgate reads"));
         }
         let mut r = Reader::new(buf);
         let (kind, rows) = match r.varuint()? {
             0 => (Kind::Hello, hello(&mut r, session.revision)?),
-            1 => (Kind::Data, self.data(&mut r, session, session.compression)?),
+            1 => (
+                Kind::Data,
+                self.data(&mut r, session, session.compression)?.1,
+            ),
             2 => (Kind::Exception, exception(&mut r)?),
             3 => (Kind::Progress, progress(&mut r)?),
             4 => (Kind::Pong, 0),
@@ -87,14 +167,14 @@ impl ServerPackets {
             6 => (Kind::ProfileInfo, profile_info(&mut r)?),
             7 => (
                 Kind::Totals,
-                self.data(&mut r, session, session.compression)?,
+                self.data(&mut r, session, session.compression)?.1,
             ),
             8 => (
                 Kind::Extremes,
-                self.data(&mut r, session, session.compression)?,
+                self.data(&mut r, session, session.compression)?.1,
             ),
             // Log blocks are never compressed at these revisions.
-            10 => (Kind::Log, self.data(&mut r, session, false)?),
+            10 => (Kind::Log, self.data(&mut r, session, false)?.1),
             11 => {
                 r.string()?;
                 r.string()?;
@@ -113,8 +193,13 @@ impl ServerPackets {
         })
     }
 
-    /// A table name, then a block, plain or in compressed frames; its rows.
-    fn data(&mut self, r: &mut Reader<'_>, session: &Session, compressed: bool) -> Result<u64> {
+    /// A table name, then a block, plain or in compressed frames; its columns and rows.
+    fn data(
+        &mut self,
+        r: &mut Reader<'_>,
+        session: &Session,
+        compressed: bool,
+    ) -> Result<(u64, u64)> {
         r.string()?;
         let framing = Framing {
             block_info: session.revision >= WITH_BLOCK_INFO,
@@ -125,15 +210,38 @@ impl ServerPackets {
             let rest = r.bytes_after()?;
             let block = walk_block(rest, framing)?;
             r.seek(start + block.len)?;
-            return Ok(block.rows);
+            return Ok((block.columns, block.rows));
         }
         // The block ends at the end of one of its frames: decompress frame after frame
-        // until it walks to exactly that end.
-        self.scratch.clear();
+        // until it walks to exactly that end, going on from where the last call stopped if
+        // this is the same packet.
+        let blocks_at = r.position();
+        let mut checksum = [0u8; 16];
+        if let Some(first) = r.bytes_after()?.get(..16) {
+            checksum.copy_from_slice(first);
+        }
+        match self.resume {
+            Some(at) if at.blocks_at == blocks_at && at.checksum == checksum => {
+                r.seek(at.frames_end)?;
+            }
+            _ => self.scratch.clear(),
+        }
         loop {
-            self.frame(r)?;
+            let frame_start = r.position();
+            if let Err(e) = self.frame(r) {
+                if e == WalkError::Incomplete {
+                    self.resume = Some(Resume {
+                        blocks_at,
+                        frames_end: frame_start,
+                        checksum,
+                    });
+                }
+                return Err(e);
+            }
             match walk_block(&self.scratch, framing) {
-                Ok(block) if block.len == self.scratch.len() => return Ok(block.rows),
+                Ok(block) if block.len == self.scratch.len() => {
+                    return Ok((block.columns, block.rows))
+                }
                 Ok(_) => {
                     return Err(WalkError::Malformed(
                         "a block that ends inside a compressed frame",
@@ -186,21 +294,122 @@ impl ServerPackets {
     }
 }
 
-/// The server's Hello: name, version, revision, then what the revision adds.
+/// The server's Hello: name, version, revision, then what the client's revision lets it
+/// add.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerHello {
+    pub name: String,
+    pub major: u64,
+    pub minor: u64,
+    /// The server's own revision (what it can speak, not what it will speak with a client).
+    pub revision: u64,
+    pub timezone: String,
+    pub display_name: String,
+    pub patch: u64,
+}
+
+impl ServerHello {
+    /// Reads the Hello's fields (after its type), as written to a client that said
+    /// `client_revision`.
+    fn read_fields(r: &mut Reader<'_>, client_revision: u64) -> Result<Self> {
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let name = text(r.string()?);
+        let major = r.varuint()?;
+        let minor = r.varuint()?;
+        let revision = r.varuint()?;
+        let mut hello = ServerHello {
+            name,
+            major,
+            minor,
+            revision,
+            timezone: String::new(),
+            display_name: String::new(),
+            patch: 0,
+        };
+        let spoken = revision.min(client_revision);
+        if spoken >= WITH_TIMEZONE {
+            hello.timezone = text(r.string()?);
+        }
+        if spoken >= WITH_DISPLAY_NAME {
+            hello.display_name = text(r.string()?);
+        }
+        if spoken >= WITH_VERSION_PATCH {
+            hello.patch = r.varuint()?;
+        }
+        Ok(hello)
+    }
+
+    /// The server's answer to a client Hello sent at `client_revision`, at the start of
+    /// `buf`: its Hello, or the Exception it refused the client with.
+    pub fn read(buf: &[u8], client_revision: u64) -> Result<(HelloAnswer, usize)> {
+        if client_revision > MAX_REVISION {
+            return Err(WalkError::Unsupported("a revision above what chgate reads"));
+        }
+        let mut r = Reader::new(buf);
+        let answer = match r.varuint()? {
+            0 => HelloAnswer::Hello(Self::read_fields(&mut r, client_revision)?),
+            2 => {
+                let start = r.position();
+                exception(&mut r)?;
+                let mut e = Reader::new(&buf[start..]);
+                let code = e.u32_le()? as i32;
+                e.string()?;
+                let message = String::from_utf8_lossy(e.string()?).into_owned();
+                HelloAnswer::Refused { code, message }
+            }
+            _ => {
+                return Err(WalkError::Malformed(
+                    "a server that answers a Hello with something else",
+                ))
+            }
+        };
+        Ok((answer, r.position()))
+    }
+
+    /// The Hello for a client speaking `revision`: what that revision carries.
+    pub fn write(&self, out: &mut Vec<u8>, revision: u64) {
+        write_varint(out, 0);
+        put_str(out, self.name.as_bytes());
+        write_varint(out, self.major);
+        write_varint(out, self.minor);
+        write_varint(out, self.revision);
+        if revision >= WITH_TIMEZONE {
+            put_str(out, self.timezone.as_bytes());
+        }
+        if revision >= WITH_DISPLAY_NAME {
+            put_str(out, self.display_name.as_bytes());
+        }
+        if revision >= WITH_VERSION_PATCH {
+            write_varint(out, self.patch);
+        }
+    }
+}
+
+/// What a server answered a client's Hello with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HelloAnswer {
+    Hello(ServerHello),
+    Refused { code: i32, message: String },
+}
+
+/// An Exception packet as ClickHouse writes one: code, `DB::Exception`, the display text
+/// (which ClickHouse starts with the name too: `DB::Exception: ...`), no stack trace,
+/// nothing nested.
+pub fn write_exception(out: &mut Vec<u8>, code: i32, display_text: &str) {
+    write_varint(out, 2);
+    out.extend_from_slice(&code.to_le_bytes());
+    put_str(out, b"DB::Exception");
+    put_str(out, display_text.as_bytes());
+    put_str(out, b"");
+    out.push(0);
+}
+
+/// A Pong packet.
+pub const PONG: [u8; 1] = [4];
+
+/// The server's Hello: skipped as a packet of the stream.
 fn hello(r: &mut Reader<'_>, revision: u64) -> Result<u64> {
-    r.string()?;
-    r.varuint()?;
-    r.varuint()?;
-    r.varuint()?;
-    if revision >= WITH_TIMEZONE {
-        r.string()?;
-    }
-    if revision >= WITH_DISPLAY_NAME {
-        r.string()?;
-    }
-    if revision >= WITH_VERSION_PATCH {
-        r.varuint()?;
-    }
+    ServerHello::read_fields(r, revision)?;
     Ok(0)
 }
 
