@@ -18,7 +18,8 @@
 //! - [`gateway`]: the core every frontend shares: users, authentication, policy,
 //!   admission, routing with failover, and protocol-free errors. [`sink`]: a part of rows
 //!   to a picked node of its shard, for the apps that write.
-//! - Frontends: [`http`] (ClickHouse's HTTP interface) and [`admin`] (`/metrics`,
+//! - Frontends: [`http`] (ClickHouse's HTTP interface), [`native`] (ClickHouse's native
+//!   TCP protocol, relayed packet by packet) and [`admin`] (`/metrics`,
 //!   `/readyz`, the `/v1` pick API), the latter behind a small trait both apps implement.
 //! - Apps: [`proxy`] (`chgate proxy`: gateway, frontends, reload, drain) and [`ingest`]
 //!   (`chgate ingest`: Kafka into the nodes' local tables, exactly once).
@@ -53,6 +54,7 @@ pub mod sink;
 
 pub mod admin;
 pub mod http;
+pub mod native;
 
 pub mod ingest;
 pub mod proxy;

@@ -52,6 +52,13 @@ pub struct Metrics {
     pub ingest_skipped_by_broker: IntCounter,
     pub ingest_fenced: IntCounterVec,
     pub ingest_lag: IntGaugeVec,
+    pub native_connections: IntCounterVec,
+    pub native_open: IntGauge,
+    pub native_queries: IntCounterVec,
+    pub native_query_duration: HistogramVec,
+    pub native_bytes: IntCounterVec,
+    pub native_errors: IntCounterVec,
+    pub native_reconnects: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -307,6 +314,54 @@ impl Metrics {
             "Messages in each partition not yet taken by the consumer (end offset minus position), every 5 s.",
             &["task", "partition"],
         );
+        let native_connections = counter(
+            "chgate_native_connections_total",
+            "Native-protocol client connections by how their login ended: ok, auth_failed (unknown user, wrong password, network, reserved user), bad_hello (not a valid Hello), refused (a revision chgate does not speak), upstream_failed (no node could take the connection).",
+            &["result"],
+        );
+        let native_open = IntGauge::new(
+            "chgate_native_open_connections",
+            "Native-protocol client connections open now (logged in or logging in).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(native_open.clone()))
+            .expect("unique metric");
+        let native_queries = counter(
+            "chgate_native_queries_total",
+            "Native-protocol queries, counted as they end, by mapped user, status (ok, exception: the server's; refused: chgate's policy or protocol checks; error: the node was lost; client_closed) and node (\"-\" when none).",
+            &["user", "status", "node"],
+        );
+        let native_query_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "chgate_native_query_duration_seconds",
+                "Time from a native-protocol Query to the end of its answer, by mapped user.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0, 300.0,
+            ]),
+            &["user"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(native_query_duration.clone()))
+            .expect("unique metric");
+        let native_bytes = counter(
+            "chgate_native_bytes_total",
+            "Native-protocol bytes relayed, by direction (to_server, to_client), handshakes included.",
+            &["direction"],
+        );
+        let native_errors = counter(
+            "chgate_native_errors_total",
+            "Native-protocol connections ended or queries failed by chgate, by kind (unknown_setting, unsupported, malformed, unexpected_packet, upstream_lost, client_io, idle_timeout, query_too_large).",
+            &["kind"],
+        );
+        let native_reconnects = counter(
+            "chgate_native_reconnects_total",
+            "Native-protocol connections moved to another node after theirs closed while idle, by result (ok, failed, pinned: the session held temporary tables).",
+            &["result"],
+        );
         let ingest_skipped_by_broker = IntCounter::new(
             "chgate_ingest_broker_skipped_offsets_total",
             "Offsets the broker did not deliver (at a partition's recorded start, or missing when read again with kafka.start_rewind): messages that will not be written.",
@@ -372,6 +427,13 @@ impl Metrics {
             ingest_skipped_by_broker,
             ingest_fenced,
             ingest_lag,
+            native_connections,
+            native_open,
+            native_queries,
+            native_query_duration,
+            native_bytes,
+            native_errors,
+            native_reconnects,
         }
     }
 

@@ -1,4 +1,5 @@
-//! TLS for the client-facing HTTPS listener (rustls, ring provider).
+//! TLS for the client-facing listeners, HTTPS and the native protocol's (rustls, ring
+//! provider).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -18,10 +19,12 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
 }
 
-/// Builds the server config from PEM files: a certificate chain and its private key.
+/// Builds the server config from PEM files: a certificate chain and its private key, and
+/// the ALPN protocols offered (none for the native protocol, which has no ALPN name).
 pub fn server_config(
     cert_file: &Path,
     key_file: &Path,
+    alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let cert_path = cert_file.display().to_string();
     let certs = CertificateDer::pem_file_iter(cert_file)
@@ -43,6 +46,6 @@ pub fn server_config(
     .with_safe_default_protocol_versions()?
     .with_no_client_auth()
     .with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }

@@ -61,8 +61,22 @@ pub struct ProxyConfig {
     /// On SIGTERM, how long in-flight requests get to finish.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
-    /// Log one line per request (user, node, status, duration, bytes, query id).
+    /// Log one line per request (user, node, status, duration, bytes, query id), and one
+    /// per native-protocol query.
     pub access_log: bool,
+    /// Native-protocol listener (ClickHouse's `tcp_port`: clickhouse-client, drivers, BI
+    /// tools). `None` (the default) disables it.
+    pub native_listen: Option<SocketAddr>,
+    /// Optional native protocol over TLS (ClickHouse's `tcp_port_secure`).
+    pub native_tls: Option<TlsConfig>,
+    /// A native connection with no query running is closed after this long (ClickHouse's
+    /// `idle_connection_timeout`, 3600 s by default).
+    #[serde(with = "humantime_serde")]
+    pub native_idle_timeout: Duration,
+    /// The largest native Query packet (query text and settings) accepted, in bytes; a
+    /// larger one is refused with `QUERY_IS_TOO_LARGE`. INSERT data travels in Data
+    /// packets, not here.
+    pub native_max_query_bytes: usize,
 }
 
 impl Default for ProxyConfig {
@@ -75,6 +89,10 @@ impl Default for ProxyConfig {
             keep_alive_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             access_log: true,
+            native_listen: None,
+            native_tls: None,
+            native_idle_timeout: Duration::from_secs(3600),
+            native_max_query_bytes: 16 << 20,
         }
     }
 }

@@ -61,6 +61,8 @@ pub struct Validated {
     /// Keyed by (cluster, account).
     pub secrets: BTreeMap<(String, String), Secret>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The native-protocol TLS listener's server config.
+    pub native_tls: Option<Arc<rustls::ServerConfig>>,
     /// The admin listener's bearer token, if one is configured.
     pub admin_token: Option<Secret>,
 }
@@ -71,6 +73,7 @@ impl fmt::Debug for Validated {
             .field("config", &self.config)
             .field("secrets", &self.secrets.len())
             .field("tls", &self.tls.is_some())
+            .field("native_tls", &self.native_tls.is_some())
             .field("admin_token", &self.admin_token.is_some())
             .finish()
     }
@@ -91,27 +94,47 @@ pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Pro
     let mut p = |key: String, message: String| problems.push(Problem::new(key, message));
 
     // Listeners.
-    if config.proxy.http_listen.is_none() && config.proxy.tls.is_none() {
+    let proxy = &config.proxy;
+    if proxy.http_listen.is_none()
+        && proxy.tls.is_none()
+        && proxy.native_listen.is_none()
+        && proxy.native_tls.is_none()
+    {
         p(
             "proxy".into(),
-            "no client listener: set proxy.http_listen and/or [proxy.tls]".into(),
+            "no client listener: set proxy.http_listen, [proxy.tls], proxy.native_listen and/or [proxy.native_tls]".into(),
         );
     }
-    if let (Some(http), Some(tls)) = (config.proxy.http_listen, &config.proxy.tls) {
-        if http == tls.listen && http.port() != 0 {
-            p(
-                "proxy.tls.listen".into(),
-                format!("{http} is already proxy.http_listen"),
-            );
+    // Every listener's address, by key, each once (port 0 picks a free port: no clash).
+    let listeners = [
+        ("proxy.http_listen", proxy.http_listen),
+        ("proxy.tls.listen", proxy.tls.as_ref().map(|t| t.listen)),
+        ("proxy.native_listen", proxy.native_listen),
+        (
+            "proxy.native_tls.listen",
+            proxy.native_tls.as_ref().map(|t| t.listen),
+        ),
+        ("admin.listen", config.admin.listen),
+    ];
+    for (i, (key, addr)) in listeners.iter().enumerate() {
+        let Some(addr) = addr.filter(|a| a.port() != 0) else {
+            continue;
+        };
+        if let Some((earlier, _)) = listeners[..i].iter().find(|(_, a)| *a == Some(addr)) {
+            p((*key).into(), format!("{addr} is already {earlier}"));
         }
     }
-    if let (Some(admin), Some(http)) = (config.admin.listen, config.proxy.http_listen) {
-        if admin == http && admin.port() != 0 {
-            p(
-                "admin.listen".into(),
-                format!("{admin} is already proxy.http_listen"),
-            );
-        }
+    if proxy.native_idle_timeout.is_zero() {
+        p(
+            "proxy.native_idle_timeout".into(),
+            "must be greater than zero".into(),
+        );
+    }
+    if proxy.native_max_query_bytes < 1024 {
+        p(
+            "proxy.native_max_query_bytes".into(),
+            "must be at least 1024".into(),
+        );
     }
     if config.proxy.drain_timeout.is_zero() {
         p(
@@ -133,8 +156,17 @@ pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Pro
     }
 
     let tls = config.proxy.tls.as_ref().and_then(|tls| {
-        crate::tls::server_config(&base.join(&tls.cert_file), &base.join(&tls.key_file))
-            .map_err(|e| p("proxy.tls".into(), e.to_string()))
+        crate::tls::server_config(
+            &base.join(&tls.cert_file),
+            &base.join(&tls.key_file),
+            &[b"http/1.1"],
+        )
+        .map_err(|e| p("proxy.tls".into(), e.to_string()))
+        .ok()
+    });
+    let native_tls = config.proxy.native_tls.as_ref().and_then(|tls| {
+        crate::tls::server_config(&base.join(&tls.cert_file), &base.join(&tls.key_file), &[])
+            .map_err(|e| p("proxy.native_tls".into(), e.to_string()))
             .ok()
     });
 
@@ -231,6 +263,7 @@ pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Pro
             config,
             secrets,
             tls,
+            native_tls,
             admin_token,
         })
     } else {

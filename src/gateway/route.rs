@@ -322,6 +322,38 @@ fn failover(
     Ok(Some(backend))
 }
 
+/// The node for a new connection that will carry queries of `purpose` (the native
+/// protocol routes a connection, not each query): the first node as for a query, and after
+/// the nodes in `tried` failed, the next best of the others, within the retry budget.
+pub fn connection_node(
+    cluster: &Cluster,
+    purpose: Purpose,
+    tried: &[Arc<Backend>],
+) -> Result<Option<Arc<Backend>>, GatewayError> {
+    if tried.is_empty() {
+        cluster.budget.deposit();
+        let view = cluster.view();
+        return Ok(first_node(&view, purpose, None).map(|i| view.topology.nodes[i].clone()));
+    }
+    let Some(backend) = next_untried::<()>(cluster, purpose, tried, &[]) else {
+        return Ok(None);
+    };
+    if !cluster.budget.try_withdraw() {
+        METRICS
+            .retry_budget_exhausted
+            .with_label_values(&[&cluster.name])
+            .inc();
+        return Err(GatewayError::RetryBudgetExhausted {
+            cluster: cluster.name.clone(),
+        });
+    }
+    if let Some(failed) = tried.last() {
+        METRICS.failovers.with_label_values(&[failed.label()]).inc();
+    }
+    backend.picked(purpose);
+    Ok(Some(backend))
+}
+
 /// Starts one attempt.
 fn start<T, R, Fut, A: Fn(&Arc<Backend>)>(
     underway: &mut Underway<'_, Fut, A>,

@@ -53,24 +53,126 @@ pub fn classify(text: &[u8], complete: bool) -> StatementKind {
     } else {
         StatementKind::Incomplete
     };
-    let mut i = 0;
+    let Some(start) = skip_trivia(text, 0) else {
+        return incomplete;
+    };
+    if start >= text.len() {
+        return incomplete;
+    }
+    let end = word_end(text, start);
+    if end == text.len() && !complete {
+        // The keyword may continue in the next chunk ("SEL" + "ECT").
+        return StatementKind::Incomplete;
+    }
+    let word = &text[start..end];
+    if READ_KEYWORDS.iter().any(|k| k.eq_ignore_ascii_case(word)) {
+        StatementKind::Read
+    } else {
+        StatementKind::Write
+    }
+}
+
+/// What a statement does to the session it runs in (the native protocol's connection),
+/// which a connection moved to another node must carry over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEffect {
+    None,
+    /// `SET ...`: replayed on a new connection.
+    Set,
+    /// `USE db`: the new connection starts in `db`.
+    Use(String),
+    /// `CREATE TEMPORARY TABLE ...`: the session holds data only its node has.
+    Temporary,
+}
+
+/// What the whole statement `text` does to its session.
+pub fn session_effect(text: &[u8]) -> SessionEffect {
+    let Some(first) = skip_trivia(text, 0).filter(|&i| i < text.len()) else {
+        return SessionEffect::None;
+    };
+    let first_end = word_end(text, first);
+    let word = &text[first..first_end];
+    let next = || {
+        let i = skip_trivia(text, first_end)?;
+        (i < text.len()).then_some(i)
+    };
+    if word.eq_ignore_ascii_case(b"SET") {
+        SessionEffect::Set
+    } else if word.eq_ignore_ascii_case(b"USE") {
+        match next().and_then(|i| identifier(text, i)) {
+            Some(db) => SessionEffect::Use(db),
+            None => SessionEffect::None,
+        }
+    } else if word.eq_ignore_ascii_case(b"CREATE") {
+        match next() {
+            Some(i) if text[i..word_end(text, i)].eq_ignore_ascii_case(b"TEMPORARY") => {
+                SessionEffect::Temporary
+            }
+            _ => SessionEffect::None,
+        }
+    } else {
+        SessionEffect::None
+    }
+}
+
+/// An identifier at `i`: bare, in backquotes or in double quotes (with `\\` escapes and
+/// doubled quotes); `None` if there is none or it does not end.
+fn identifier(text: &[u8], i: usize) -> Option<String> {
+    let quote = text[i];
+    if quote != b'`' && quote != b'"' {
+        let end = word_end(text, i);
+        return (end > i).then(|| String::from_utf8_lossy(&text[i..end]).into_owned());
+    }
+    let mut out = Vec::new();
+    let mut j = i + 1;
+    while j < text.len() {
+        match text[j] {
+            b'\\' => {
+                out.push(*text.get(j + 1)?);
+                j += 2;
+            }
+            c if c == quote => {
+                if text.get(j + 1) == Some(&quote) {
+                    out.push(quote);
+                    j += 2;
+                } else {
+                    return String::from_utf8(out).ok();
+                }
+            }
+            c => {
+                out.push(c);
+                j += 1;
+            }
+        }
+    }
+    None
+}
+
+/// The end of the word (letters, digits, `_`) starting at `i`.
+fn word_end(text: &[u8], mut i: usize) -> usize {
+    while i < text.len() && (text[i].is_ascii_alphanumeric() || text[i] == b'_') {
+        i += 1;
+    }
+    i
+}
+
+/// The position after whitespace, opening parentheses and comments from `i`; `None` if a
+/// comment does not end within `text`.
+fn skip_trivia(text: &[u8], mut i: usize) -> Option<usize> {
     let n = text.len();
     while i < n {
         let c = text[i];
         if c.is_ascii_whitespace() || c == b'(' {
             i += 1;
         } else if c == b'-' && text.get(i + 1) == Some(&b'-') || c == b'#' {
-            match text[i..].iter().position(|&b| b == b'\n') {
-                Some(p) => i += p + 1,
-                None => return incomplete,
-            }
+            i += text[i..].iter().position(|&b| b == b'\n')? + 1;
         } else if c == b'/' && text.get(i + 1) == Some(&b'*') {
             // ClickHouse block comments nest.
             let mut depth = 1usize;
             i += 2;
             loop {
                 if i + 1 >= n {
-                    return incomplete;
+                    return None;
                 }
                 if text[i] == b'/' && text[i + 1] == b'*' {
                     depth += 1;
@@ -89,23 +191,7 @@ pub fn classify(text: &[u8], complete: bool) -> StatementKind {
             break;
         }
     }
-    if i >= n {
-        return incomplete;
-    }
-    let start = i;
-    while i < n && (text[i].is_ascii_alphanumeric() || text[i] == b'_') {
-        i += 1;
-    }
-    if i == n && !complete {
-        // The keyword may continue in the next chunk ("SEL" + "ECT").
-        return StatementKind::Incomplete;
-    }
-    let word = &text[start..i];
-    if READ_KEYWORDS.iter().any(|k| k.eq_ignore_ascii_case(word)) {
-        StatementKind::Read
-    } else {
-        StatementKind::Write
-    }
+    Some(i)
 }
 
 #[cfg(test)]
@@ -173,6 +259,30 @@ mod tests {
     }
 
     #[test]
+    fn session_effects() {
+        use super::SessionEffect as E;
+        assert_eq!(session_effect(b"SET max_threads = 1"), E::Set);
+        assert_eq!(
+            session_effect(b" /* x */ set send_logs_level='trace'"),
+            E::Set
+        );
+        assert_eq!(session_effect(b"USE demo"), E::Use("demo".into()));
+        assert_eq!(session_effect(b"use `my db`"), E::Use("my db".into()));
+        assert_eq!(session_effect(b"USE \"a\"\"b\""), E::Use("a\"b".into()));
+        assert_eq!(session_effect(b"USE `unterminated"), E::None);
+        assert_eq!(session_effect(b"USE"), E::None);
+        assert_eq!(
+            session_effect(b"CREATE TEMPORARY TABLE t (x UInt8)"),
+            E::Temporary
+        );
+        assert_eq!(session_effect(b"create temporary table t"), E::Temporary);
+        assert_eq!(session_effect(b"CREATE TABLE t (x UInt8)"), E::None);
+        assert_eq!(session_effect(b"SELECT 1"), E::None);
+        assert_eq!(session_effect(b"SETTINGS"), E::None);
+        assert_eq!(session_effect(b""), E::None);
+    }
+
+    #[test]
     fn never_panics_on_arbitrary_bytes() {
         let mut seed = 0x2545F4914F6CDD1Du64;
         for len in 0..2000usize {
@@ -185,6 +295,7 @@ mod tests {
                 })
                 .collect();
             let _ = classify(&bytes, len % 2 == 0);
+            let _ = session_effect(&bytes);
         }
     }
 }

@@ -1,6 +1,7 @@
-//! `chgate proxy`: the gateway behind its frontends (today the HTTP interface), the admin
-//! listener, config reload on SIGHUP and drain on SIGTERM. The wiring of the app: every
-//! decision about a query is the gateway's, every byte of HTTP the frontend's.
+//! `chgate proxy`: the gateway behind its frontends (the HTTP interface and the native
+//! protocol), the admin listener, config reload on SIGHUP and drain on SIGTERM. The wiring
+//! of the app: every decision about a query is the gateway's, every byte of a protocol its
+//! frontend's.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use crate::config::{self, Validated};
 use crate::gateway::Gateway;
 use crate::http::{self, Listeners};
 use crate::metrics::METRICS;
+use crate::native;
 use crate::picker::Clusters;
 use crate::secret::Secret;
 
@@ -46,6 +48,8 @@ pub struct Server {
     admin: Arc<Admin>,
     frontend: Arc<http::Frontend>,
     listeners: Listeners,
+    native: Arc<native::Frontend>,
+    native_listeners: native::Listeners,
     admin_listener: Option<std::net::TcpListener>,
 }
 
@@ -70,6 +74,23 @@ impl Server {
             }
             _ => None,
         };
+        let native_plain = match c.proxy.native_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on proxy.native_listen {addr}"))?,
+            ),
+            None => None,
+        };
+        let native_tls = match (&c.proxy.native_tls, &v.native_tls) {
+            (Some(t), Some(server_config)) => {
+                let l = TcpListener::bind(t.listen).await.with_context(|| {
+                    format!("cannot listen on proxy.native_tls.listen {}", t.listen)
+                })?;
+                Some((l, TlsAcceptor::from(server_config.clone())))
+            }
+            _ => None,
+        };
         let admin_listener = match c.admin.listen {
             Some(addr) => Some(admin::bind(addr)?),
             None => None,
@@ -81,8 +102,16 @@ impl Server {
                 token: ArcSwapOption::from(v.admin_token.clone().map(Arc::new)),
             }),
             frontend: http::Frontend::new(gateway.clone(), http::Settings::from(&c.proxy)).await,
+            native: Arc::new(native::Frontend::new(
+                gateway.clone(),
+                native::Settings::from(&c.proxy),
+            )),
             gateway,
             listeners: Listeners { http, tls },
+            native_listeners: native::Listeners {
+                plain: native_plain,
+                tls: native_tls,
+            },
             admin_listener,
         })
     }
@@ -102,6 +131,14 @@ impl Server {
 
     pub fn https_addr(&self) -> Option<SocketAddr> {
         self.listeners.https_addr()
+    }
+
+    pub fn native_addr(&self) -> Option<SocketAddr> {
+        self.native_listeners.plain_addr()
+    }
+
+    pub fn native_tls_addr(&self) -> Option<SocketAddr> {
+        self.native_listeners.tls_addr()
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -124,6 +161,8 @@ impl Server {
         for (kind, addr) in [
             ("http", self.http_addr()),
             ("https", self.https_addr()),
+            ("native", self.native_addr()),
+            ("native_tls", self.native_tls_addr()),
             ("admin", self.admin_addr()),
         ] {
             if let Some(addr) = addr {
@@ -136,7 +175,9 @@ impl Server {
             Some(l) => Some(admin::spawn(l, self.admin.clone(), admin_stop.clone())?),
             None => None,
         };
-        http::serve(self.frontend, self.listeners, shutdown).await;
+        // Both frontends drain at once; the gateway says "draining" from the start of it.
+        let native = native::serve(self.native, self.native_listeners, shutdown.clone());
+        tokio::join!(http::serve(self.frontend, self.listeners, shutdown), native);
         admin_stop.cancel();
         if let Some(t) = admin_thread {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;

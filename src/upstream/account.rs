@@ -11,6 +11,8 @@ pub struct Account {
     pub user: String,
     /// `Basic base64(user:password)`, marked sensitive so it is never logged by hyper.
     pub authorization: HeaderValue,
+    /// The password itself, for the native protocol's Hello.
+    pub password: Secret,
 }
 
 impl std::fmt::Debug for Account {
@@ -34,6 +36,7 @@ impl Account {
         Self {
             user: config.user.clone(),
             authorization,
+            password: secret.clone(),
         }
     }
 }

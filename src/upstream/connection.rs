@@ -32,6 +32,12 @@ pub enum UpstreamError {
     Timeout(Duration),
     #[error("reading the answer failed: {0}")]
     Body(#[source] hyper::Error),
+    /// A native-protocol connection failed after it was open.
+    #[error("the connection failed: {0}")]
+    Io(#[source] std::io::Error),
+    /// A native-protocol node answered with something chgate cannot take.
+    #[error("{0}")]
+    Protocol(String),
 }
 
 impl UpstreamError {
@@ -51,6 +57,8 @@ impl UpstreamError {
             Self::Stale => "stale_connection",
             Self::Timeout(_) => "timeout",
             Self::Body(_) => "body",
+            Self::Io(_) => "io",
+            Self::Protocol(_) => "protocol",
         }
     }
 

@@ -242,6 +242,23 @@ impl Node {
         Ok(upstream)
     }
 
+    /// A new TCP connection to the node's native port (counted in
+    /// `chgate_upstream_connections_opened_total` like HTTP's), for the native frontend,
+    /// which speaks the protocol over it.
+    pub async fn connect_native(&self) -> Result<TcpStream, UpstreamError> {
+        let connect_timeout = self.settings.load().connect_timeout;
+        let stream = tokio::time::timeout(
+            connect_timeout,
+            TcpStream::connect((self.host.as_str(), self.native_port)),
+        )
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout)?
+        .map_err(UpstreamError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        self.connections_opened.inc();
+        Ok(stream)
+    }
+
     /// A new connection not counted as the request path's (the picker's probes).
     pub async fn open(&self) -> Result<Upstream, UpstreamError> {
         let connect_timeout = self.settings.load().connect_timeout;

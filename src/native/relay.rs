@@ -1,0 +1,696 @@
+//! A logged-in native connection, both ways, packet by packet.
+//!
+//! - Client to node: a Query is read whole, decided on by the gateway and rewritten
+//!   ([`super::query`]); Data blocks (external tables, INSERT data) are walked to find their
+//!   end and forwarded as their bytes arrive; Cancel goes on; Ping goes on, or is answered
+//!   here while the connection has no node. A refused query's data is read and dropped up to
+//!   the empty block that ends it.
+//! - Node to client: every packet is walked to find its end and forwarded as its bytes
+//!   arrive, unchanged (compressed frames are never recompressed); EndOfStream and Exception
+//!   end the query.
+//! - A node that closes while the connection is idle is let go; the next query opens a
+//!   connection elsewhere and replays the session ([`super::upstream`]). One lost during a
+//!   query ends that query with an Exception if the client is at a packet boundary, else the
+//!   connection closes. Bytes chgate cannot read fail closed the same way.
+//!
+//! Walking a large block that arrives over many reads again from its start after every
+//! read would cost time quadratic in its size: an uncompressed block is walked again only
+//! once the bytes at hand have doubled or the socket has nothing more for now (compressed
+//! ones resume frame by frame, see [`ServerPackets`]). Only bytes a walk has shown to be
+//! the current packet's are forwarded before the packet is whole: whatever comes after it
+//! (a Query right behind an INSERT block, say) is decided on before it reaches the node,
+//! and no byte goes out twice.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use super::login::Connection;
+use super::query::{self, Refusal, Running, Status};
+use super::upstream::{self, exception_code, Target, Upstream};
+use super::Frontend;
+use crate::clickhouse::codes;
+use crate::clickhouse::native::client::{self, Hello, Query};
+use crate::clickhouse::native::server::{
+    ClientKind, Kind, ServerHello, ServerPackets, Session, PONG,
+};
+use crate::clickhouse::native::WalkError;
+use crate::gateway::sql::SessionEffect;
+use crate::gateway::User;
+use crate::metrics::{GaugeGuard, METRICS};
+use crate::picker::Purpose;
+use crate::upstream::UpstreamError;
+
+/// Bytes asked of a socket per read.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// The connection is over (the client is gone, or was told why).
+struct Close;
+
+type Step = Result<(), Close>;
+
+/// What the session of a connection holds that a new node must be given.
+struct SessionState {
+    database: String,
+    /// Successful `SET` statements, in order.
+    sets: Vec<Vec<u8>>,
+    /// A temporary table was created: the session cannot move.
+    temporary: bool,
+}
+
+struct Relay<'f, S> {
+    frontend: &'f Frontend,
+    client: S,
+    peer: std::net::SocketAddr,
+    /// Client bytes not yet handled; the first `client_forwarded` of them went on already.
+    buf: BytesMut,
+    client_forwarded: usize,
+    client_incomplete_at: usize,
+    client_packets: ServerPackets,
+    hello: Hello,
+    user: Arc<User>,
+    revision: u64,
+    told: ServerHello,
+    upstream: Option<Upstream>,
+    running: Option<Running>,
+    /// The client's Data packets are dropped up to the next empty block (a refused query's,
+    /// or one whose node was lost).
+    discarding: bool,
+    /// Whether the last Query's blocks are compressed (refused ones' too: their data is
+    /// still read).
+    compression: bool,
+    session: SessionState,
+    /// The `readonly` value read-only users' queries carry, as a typed setting value.
+    readonly: Vec<u8>,
+    /// Close as soon as no query is running (the proxy is draining).
+    closing: bool,
+    /// Pings sent on to the node and not answered yet: if the node goes first, chgate
+    /// answers them.
+    pings: u32,
+    to_server: IntCounter,
+    to_client: IntCounter,
+}
+
+enum Event {
+    Client(std::io::Result<usize>),
+    Server(std::io::Result<usize>),
+    Idle,
+    Drain,
+}
+
+/// Relays `conn` until either side closes, it idles out, or the proxy drains.
+pub async fn run<S>(frontend: &Frontend, conn: Connection<S>, drain: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut relay = Relay {
+        frontend,
+        client: conn.client,
+        peer: conn.peer,
+        buf: conn.buf,
+        client_forwarded: 0,
+        client_incomplete_at: 0,
+        client_packets: ServerPackets::default(),
+        session: SessionState {
+            database: conn.hello.database.clone(),
+            sets: Vec::new(),
+            temporary: false,
+        },
+        hello: conn.hello,
+        readonly: client::varuint_value(u64::from(conn.user.upstream_readonly)),
+        user: conn.user,
+        revision: conn.revision,
+        told: conn.told,
+        upstream: Some(conn.upstream),
+        running: None,
+        discarding: false,
+        compression: false,
+        closing: false,
+        pings: 0,
+        to_server: METRICS.native_bytes.with_label_values(&["to_server"]),
+        to_client: METRICS.native_bytes.with_label_values(&["to_client"]),
+    };
+    relay.run(drain).await;
+}
+
+/// Reads from the node, or waits forever without one.
+async fn read_upstream(upstream: &mut Option<Upstream>) -> std::io::Result<usize> {
+    match upstream {
+        Some(u) => u.io.read_buf(&mut u.buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
+    async fn run(&mut self, drain: CancellationToken) {
+        // Bytes that came with the Hello.
+        if !self.buf.is_empty() && self.on_client(true).await.is_err() {
+            return;
+        }
+        let idle_timeout = self.frontend.settings.idle_timeout;
+        loop {
+            if self.closing && self.running.is_none() {
+                tracing::debug!(peer = %self.peer, "Native connection closed for the drain");
+                break;
+            }
+            self.buf.reserve(READ_CHUNK);
+            if let Some(u) = &mut self.upstream {
+                u.buf.reserve(READ_CHUNK);
+            }
+            let client_spare = self.buf.capacity() - self.buf.len();
+            let server_spare = self
+                .upstream
+                .as_ref()
+                .map_or(0, |u| u.buf.capacity() - u.buf.len());
+            let idle = self.running.is_none();
+            let event = tokio::select! {
+                r = self.client.read_buf(&mut self.buf) => Event::Client(r),
+                r = read_upstream(&mut self.upstream) => Event::Server(r),
+                _ = tokio::time::sleep(idle_timeout), if idle => Event::Idle,
+                _ = drain.cancelled(), if !self.closing => Event::Drain,
+            };
+            let step = match event {
+                Event::Client(Ok(0)) => break,
+                Event::Client(Err(e)) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "Native client connection failed");
+                    METRICS
+                        .native_errors
+                        .with_label_values(&["client_io"])
+                        .inc();
+                    break;
+                }
+                Event::Client(Ok(n)) => {
+                    self.to_server.inc_by(n as u64);
+                    self.on_client(n < client_spare).await
+                }
+                Event::Server(Ok(0)) => {
+                    let eof = std::io::ErrorKind::UnexpectedEof.into();
+                    self.upstream_lost(eof).await
+                }
+                Event::Server(Err(e)) => self.upstream_lost(e).await,
+                Event::Server(Ok(n)) => {
+                    self.to_client.inc_by(n as u64);
+                    self.on_server(n < server_spare).await
+                }
+                Event::Idle => {
+                    METRICS
+                        .native_errors
+                        .with_label_values(&["idle_timeout"])
+                        .inc();
+                    break;
+                }
+                Event::Drain => {
+                    self.closing = true;
+                    Ok(())
+                }
+            };
+            if step.is_err() {
+                break;
+            }
+        }
+        let _ = self.client.shutdown().await;
+    }
+
+    /// Handles the client's packets at hand. `drained`: the socket had nothing more.
+    async fn on_client(&mut self, drained: bool) -> Step {
+        loop {
+            let Some(&first) = self.buf.first() else {
+                return Ok(());
+            };
+            match u64::from(first) {
+                client::QUERY => {
+                    if !self.on_query().await? {
+                        return Ok(());
+                    }
+                }
+                client::DATA => {
+                    if !self.on_data(drained).await? {
+                        return Ok(());
+                    }
+                }
+                client::CANCEL => {
+                    self.buf.advance(1);
+                    if self.running.is_some() {
+                        self.send_upstream(&[client::CANCEL as u8]).await;
+                    }
+                }
+                client::PING => {
+                    self.buf.advance(1);
+                    if self.upstream.is_some() {
+                        self.pings += 1;
+                        self.send_upstream(&[client::PING as u8]).await;
+                    } else {
+                        // No node now: the connection is alive all the same.
+                        self.send_client(&PONG).await?;
+                    }
+                }
+                other => {
+                    return self
+                        .fail(Refusal::Protocol {
+                            code: codes::UNKNOWN_PACKET_FROM_CLIENT,
+                            message: format!("Unknown packet {other} from client"),
+                        })
+                        .await
+                }
+            }
+        }
+    }
+
+    /// A Query at the start of the buffer: `Ok(false)` until all of it is there.
+    async fn on_query(&mut self) -> Result<bool, Close> {
+        if self.running.is_some() {
+            return self
+                .fail(Refusal::Protocol {
+                    code: codes::UNEXPECTED_PACKET_FROM_CLIENT,
+                    message: "Unexpected packet Query received from client: a query is running"
+                        .into(),
+                })
+                .await
+                .map(|_| false);
+        }
+        let len = match Query::read(&self.buf, self.revision) {
+            Ok((_, len)) => len,
+            Err(WalkError::Incomplete) => {
+                let max = self.frontend.settings.max_query_bytes;
+                if self.buf.len() > max {
+                    return self
+                        .fail(Refusal::Protocol {
+                            code: codes::QUERY_IS_TOO_LARGE,
+                            message: format!("Query packet is too large: over {max} bytes (proxy.native_max_query_bytes)"),
+                        })
+                        .await
+                        .map(|_| false);
+                }
+                return Ok(false);
+            }
+            Err(WalkError::UnknownSetting(name)) => {
+                return self
+                    .fail(Refusal::Protocol {
+                        code: codes::UNKNOWN_SETTING,
+                        message: format!(
+                            "Unknown setting {name}: at protocol revision {} settings travel as typed binary values, and chgate does not know this one's type, so it cannot read the rest of the query",
+                            self.revision
+                        ),
+                    })
+                    .await
+                    .map(|_| false)
+            }
+            Err(e) => return self.fail(unreadable("query", &e)).await.map(|_| false),
+        };
+        let packet = self.buf.split_to(len).freeze();
+        self.start_query(packet).await?;
+        Ok(true)
+    }
+
+    /// Decides on a whole Query packet and sends it on, or refuses it.
+    async fn start_query(&mut self, packet: Bytes) -> Step {
+        let Ok((query, _)) = Query::read(&packet, self.revision) else {
+            return Err(Close);
+        };
+        self.compression = query.compression;
+        self.discarding = false;
+        let decision = match query::decide(&self.user, &query) {
+            Ok(d) => d,
+            Err(e) => return self.refuse(e.into(), query.query_id).await,
+        };
+        if self.upstream.is_none() {
+            if let Err((refusal, close)) = self.reconnect().await {
+                self.refuse(refusal, query.query_id).await?;
+                return if close { Err(Close) } else { Ok(()) };
+            }
+        }
+        let query_id = if query.query_id.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            String::from_utf8_lossy(query.query_id).into_owned()
+        };
+        let rewritten =
+            query::rewrite(&query, &self.user, self.revision, &query_id, &self.readonly);
+        let mut out = Vec::with_capacity(packet.len() + 32);
+        rewritten.write(&mut out, self.revision);
+        let Some(upstream) = self.upstream.as_mut() else {
+            return Err(Close);
+        };
+        if let Err(e) = upstream.io.write_all(&out).await {
+            // Nothing of the query reached the node: it never ran.
+            upstream.backend.failed(&UpstreamError::Io(e));
+            self.upstream = None;
+            let refusal = Refusal::Gateway(crate::gateway::GatewayError::UpstreamFailed {
+                reason: "connection lost",
+                why: "could not be sent; send it again",
+            });
+            return self.refuse(refusal, query.query_id).await;
+        }
+        let backend = upstream.backend.clone();
+        let text = matches!(decision.effect, SessionEffect::Set).then(|| query.text.to_vec());
+        self.running = Some(Running {
+            _in_flight: GaugeGuard::new(&backend.node.in_flight),
+            decision,
+            query_id,
+            text,
+            backend,
+            started: Instant::now(),
+            rows: 0,
+            bytes_out: 0,
+            access_log: self.frontend.settings.access_log,
+            done: false,
+        });
+        Ok(())
+    }
+
+    /// Answers a query with an Exception instead of running it; its data, if any follows,
+    /// is dropped.
+    async fn refuse(&mut self, refusal: Refusal, query_id: &[u8]) -> Step {
+        query::refused(
+            &self.user,
+            &refusal,
+            query_id,
+            self.frontend.settings.access_log,
+        );
+        self.discarding = true;
+        self.send_client(&refusal.packet()).await
+    }
+
+    /// A Data packet at the start of the buffer: `Ok(false)` until all of it is there.
+    async fn on_data(&mut self, drained: bool) -> Result<bool, Close> {
+        let waiting = self.client_incomplete_at;
+        if waiting > 0 && self.buf.len() < 2 * waiting && !drained {
+            // Bytes past `waiting` may already be the next packet (a Query right behind
+            // this block): they wait for the next walk, which tells.
+            return Ok(false);
+        }
+        let session = Session {
+            revision: self.revision,
+            compression: self.compression,
+        };
+        match self.client_packets.next_client(&self.buf, &session) {
+            Ok(p) => {
+                self.forward_client_bytes(p.len).await;
+                self.buf.advance(p.len);
+                self.client_forwarded = 0;
+                self.client_incomplete_at = 0;
+                if p.kind == (ClientKind::Data { empty: true }) {
+                    self.discarding = false;
+                }
+                Ok(true)
+            }
+            Err(WalkError::Incomplete) => {
+                self.forward_client_bytes(self.buf.len()).await;
+                self.client_incomplete_at = self.buf.len();
+                Ok(false)
+            }
+            Err(e) => {
+                // The node may have part of this block: it cannot go on either.
+                if let Some(u) = self.upstream.take() {
+                    tracing::debug!(
+                        node = u.backend.label(),
+                        "Native node connection dropped with an unreadable client block"
+                    );
+                }
+                if let Some(mut run) = self.running.take() {
+                    run.finish(Status::Error, None);
+                }
+                self.fail(unreadable("data block", &e)).await.map(|_| false)
+            }
+        }
+    }
+
+    /// Sends the client's bytes up to `end` of the buffer on to the node (unless they are
+    /// being dropped), those not sent yet.
+    async fn forward_client_bytes(&mut self, end: usize) {
+        let start = self.client_forwarded;
+        self.client_forwarded = end;
+        if self.discarding || start >= end {
+            return;
+        }
+        let Some(upstream) = self.upstream.as_mut() else {
+            return;
+        };
+        if let Err(e) = upstream.io.write_all(&self.buf[start..end]).await {
+            tracing::debug!(node = upstream.backend.label(), error = %e, "Writing to the node failed");
+            // Reading from it will tell the rest.
+        }
+    }
+
+    /// Writes to the node; a failure is left for the next read from it to report.
+    async fn send_upstream(&mut self, bytes: &[u8]) {
+        if let Some(u) = self.upstream.as_mut() {
+            let _ = u.io.write_all(bytes).await;
+        }
+    }
+
+    async fn send_client(&mut self, bytes: &[u8]) -> Step {
+        let written = async {
+            self.client.write_all(bytes).await?;
+            self.client.flush().await
+        };
+        match written.await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, error = %e, "Writing to the native client failed");
+                Err(Close)
+            }
+        }
+    }
+
+    /// Tells the client why and closes: what comes after this point could not be read.
+    async fn fail(&mut self, refusal: Refusal) -> Step {
+        tracing::info!(peer = %self.peer, user = %self.user.name, error = ?refusal, "Native connection closed");
+        METRICS
+            .native_errors
+            .with_label_values(&[refusal.kind()])
+            .inc();
+        let _ = self.send_client(&refusal.packet()).await;
+        Err(Close)
+    }
+
+    /// Handles the node's packets at hand. `drained`: the socket had nothing more.
+    async fn on_server(&mut self, drained: bool) -> Step {
+        loop {
+            let Some(upstream) = self.upstream.as_mut() else {
+                return Ok(());
+            };
+            if upstream.buf.is_empty() {
+                return Ok(());
+            }
+            let waiting = upstream.incomplete_at;
+            if waiting > 0 && upstream.buf.len() < 2 * waiting && !drained {
+                // As on the client side: only bytes known to be this packet's go on.
+                return Ok(());
+            }
+            let session = Session {
+                revision: self.revision,
+                compression: self.compression,
+            };
+            match upstream.packets.next(&upstream.buf, &session) {
+                Ok(p) => {
+                    self.forward_server_bytes(Some(p.len)).await?;
+                    let Some(upstream) = self.upstream.as_mut() else {
+                        return Ok(());
+                    };
+                    let packet = upstream.buf.split_to(p.len);
+                    upstream.forwarded = 0;
+                    upstream.incomplete_at = 0;
+                    self.observe(p.kind, p.rows, &packet);
+                }
+                Err(WalkError::Incomplete) => {
+                    upstream.incomplete_at = upstream.buf.len();
+                    return self.forward_server_bytes(None).await;
+                }
+                Err(e) => return self.server_unreadable(e).await,
+            }
+        }
+    }
+
+    /// Sends the node's bytes not sent yet on to the client: up to `end`, or all.
+    async fn forward_server_bytes(&mut self, end: Option<usize>) -> Step {
+        let Some(upstream) = self.upstream.as_mut() else {
+            return Ok(());
+        };
+        let end = end.unwrap_or(upstream.buf.len());
+        let start = upstream.forwarded;
+        if start >= end {
+            return Ok(());
+        }
+        upstream.forwarded = end;
+        if let Some(run) = self.running.as_mut() {
+            run.bytes_out += (end - start) as u64;
+        }
+        let written = async {
+            self.client.write_all(&upstream.buf[start..end]).await?;
+            self.client.flush().await
+        };
+        written.await.map_err(|e| {
+            tracing::debug!(peer = %self.peer, error = %e, "Writing to the native client failed");
+            Close
+        })
+    }
+
+    /// A whole packet from the node went to the client: what it means for the query.
+    fn observe(&mut self, kind: Kind, rows: u64, packet: &[u8]) {
+        if kind == Kind::Pong {
+            self.pings = self.pings.saturating_sub(1);
+        }
+        let Some(run) = self.running.as_mut() else {
+            return;
+        };
+        match kind {
+            Kind::Data | Kind::Totals | Kind::Extremes => run.rows += rows,
+            Kind::Exception => {
+                run.finish(Status::Exception, exception_code(packet));
+                self.running = None;
+            }
+            Kind::EndOfStream => {
+                run.finish(Status::Ok, None);
+                match std::mem::replace(&mut run.decision.effect, SessionEffect::None) {
+                    SessionEffect::Set => {
+                        if let Some(text) = run.text.take() {
+                            self.session.sets.push(text);
+                        }
+                    }
+                    SessionEffect::Use(db) => self.session.database = db,
+                    SessionEffect::Temporary => self.session.temporary = true,
+                    SessionEffect::None => {}
+                }
+                self.running = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// The node sent something chgate cannot read: an Exception for the query if the
+    /// client has had none of it, else the connection closes.
+    async fn server_unreadable(&mut self, e: WalkError) -> Step {
+        let Some(upstream) = self.upstream.take() else {
+            return Ok(());
+        };
+        tracing::warn!(node = upstream.backend.label(), error = %e, "Native answer unreadable; the node connection is dropped");
+        let refusal = unreadable("answer from the node", &e);
+        METRICS
+            .native_errors
+            .with_label_values(&[refusal.kind()])
+            .inc();
+        if let Some(mut run) = self.running.take() {
+            run.finish(Status::Error, Some(refusal.code()));
+        }
+        if upstream.forwarded > 0 {
+            return Err(Close);
+        }
+        self.discarding = true;
+        self.send_client(&refusal.packet()).await
+    }
+
+    /// The node's connection closed or failed.
+    async fn upstream_lost(&mut self, error: std::io::Error) -> Step {
+        let Some(upstream) = self.upstream.take() else {
+            return Ok(());
+        };
+        let Some(mut run) = self.running.take() else {
+            // Idle: nodes close idle connections, restart, go away. The next query moves;
+            // pings the node did not answer are answered here, unless part of a packet
+            // from it reached the client.
+            tracing::debug!(node = upstream.backend.label(), error = %error, "Idle native node connection closed");
+            if upstream.forwarded > 0 {
+                return Err(Close);
+            }
+            for _ in 0..std::mem::take(&mut self.pings) {
+                self.send_client(&PONG).await?;
+            }
+            return Ok(());
+        };
+        tracing::warn!(node = upstream.backend.label(), error = %error, query_id = %run.query_id, "Node connection lost during a query");
+        upstream.backend.failed(&UpstreamError::Io(error));
+        METRICS
+            .native_errors
+            .with_label_values(&["upstream_lost"])
+            .inc();
+        let refusal = Refusal::Gateway(crate::gateway::GatewayError::UpstreamFailed {
+            reason: "connection lost",
+            why: "may have run already",
+        });
+        run.finish(Status::Error, Some(refusal.code()));
+        if upstream.forwarded > 0 {
+            // The client has part of a packet: nothing can follow it.
+            return Err(Close);
+        }
+        self.discarding = true;
+        self.send_client(&refusal.packet()).await
+    }
+
+    /// A connection on another node for the next query, with the session carried over; on
+    /// failure, the refusal, and whether the connection must close after it.
+    async fn reconnect(&mut self) -> Result<(), (Refusal, bool)> {
+        if self.session.temporary {
+            METRICS
+                .native_reconnects
+                .with_label_values(&["pinned"])
+                .inc();
+            let refusal = Refusal::Protocol {
+                code: codes::NETWORK_ERROR,
+                message: "The connection's node went away, and with it the temporary tables of this session: reconnect".into(),
+            };
+            return Err((refusal, true));
+        }
+        let purpose = if self.user.readonly {
+            Purpose::Read
+        } else {
+            Purpose::Write
+        };
+        let target = Target {
+            user: &self.user,
+            client: &self.hello,
+            revision: self.revision,
+            database: &self.session.database,
+            purpose,
+            max_attempts: self.frontend.gateway.settings.max_attempts,
+            same_as: Some(&self.told),
+        };
+        let connected = upstream::connect(&target).await;
+        let mut up = match connected {
+            Ok(up) => up,
+            Err(r) => {
+                METRICS
+                    .native_reconnects
+                    .with_label_values(&["failed"])
+                    .inc();
+                return Err((r, false));
+            }
+        };
+        if let Err(r) = upstream::replay(
+            &mut up,
+            &self.session.sets,
+            &self.hello,
+            &self.user,
+            self.revision,
+        )
+        .await
+        {
+            METRICS
+                .native_reconnects
+                .with_label_values(&["failed"])
+                .inc();
+            return Err((r, true));
+        }
+        tracing::info!(peer = %self.peer, user = %self.user.name, node = up.backend.label(), "Native connection moved to another node");
+        METRICS.native_reconnects.with_label_values(&["ok"]).inc();
+        self.pings = 0;
+        self.upstream = Some(up);
+        Ok(())
+    }
+}
+
+/// What chgate tells a client about bytes it could not read (`what`: whose).
+fn unreadable(what: &str, e: &WalkError) -> Refusal {
+    let code = match e {
+        WalkError::Unsupported(_) => codes::NOT_IMPLEMENTED,
+        _ => codes::UNEXPECTED_PACKET_FROM_CLIENT,
+    };
+    Refusal::Protocol {
+        code,
+        message: format!("chgate cannot relay this {what}: {e}"),
+    }
+}
