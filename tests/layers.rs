@@ -19,7 +19,7 @@ const LAYERS: &[&[&str]] = &[
     &["upstream"],
     &["picker"],
     &["gateway", "sink"],
-    &["admin", "http"],
+    &["admin", "http", "native"],
     &["ingest", "proxy"],
     &["cli"],
 ];

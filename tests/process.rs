@@ -250,11 +250,12 @@ fn the_reference_config_uses_only_real_keys() {
         assert!(
             p.key.starts_with("clusters.analytics.accounts.")
                 || p.key == "proxy.tls"
+                || p.key == "proxy.native_tls"
                 || p.key == "admin",
             "unexpected problem in the reference config: {p}"
         );
     }
-    assert_eq!(problems.len(), 4, "{problems:?}");
+    assert_eq!(problems.len(), 5, "{problems:?}");
 }
 
 #[test]

@@ -164,6 +164,9 @@ pub struct TestProxy {
     pub http: SocketAddr,
     pub admin: SocketAddr,
     pub https: Option<SocketAddr>,
+    /// The native-protocol listeners, if the config has them.
+    pub native: Option<SocketAddr>,
+    pub native_tls: Option<SocketAddr>,
     /// The HTTP frontend, for in-memory connections ([`duplex`]).
     pub frontend: std::sync::Arc<chgate::http::Frontend>,
     shutdown: CancellationToken,
@@ -179,6 +182,8 @@ impl TestProxy {
             http: server.http_addr().expect("http listener"),
             admin: server.admin_addr().expect("admin listener"),
             https: server.https_addr(),
+            native: server.native_addr(),
+            native_tls: server.native_tls_addr(),
             frontend: server.frontend(),
             shutdown: shutdown.clone(),
         };
@@ -195,6 +200,13 @@ impl TestProxy {
         tokio::task::spawn_blocking(move || curl(&["-sS", &format!("http://{admin}/metrics")]).body)
             .await
             .unwrap()
+    }
+}
+
+impl TestProxy {
+    /// Starts the drain, as SIGTERM does.
+    pub fn shut_down(&self) {
+        self.shutdown.cancel();
     }
 }
 

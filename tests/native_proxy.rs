@@ -1,0 +1,562 @@
+//! The native-protocol listener against the real stack, with real clients: clickhouse-client
+//! 18.16 (queries, multi-statement sessions, INSERT from stdin in several formats, results
+//! compressed and not, wrong passwords, read-only refusals) and Python clickhouse-driver
+//! (`tests/native_driver.py`); protocol refusals with raw bytes (an unknown setting, garbage,
+//! reserved users); and a connection that outlives its node: the node's connections cut
+//! between two queries (the second succeeds elsewhere, its session carried over) and during
+//! one (a clean Exception or close, never a hang). Nodes are "killed" by cutting a TCP relay
+//! in front of them, so every other test on the stack keeps its nodes.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// The stack's Python (scripts/dev-stack makes it, with clickhouse-driver and LZ4).
+fn python() -> PathBuf {
+    let cache = std::env::var_os("CHGATE_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/chgate")
+        });
+    cache.join("venv/bin/python")
+}
+
+/// The test config with a native listener on a free port.
+fn native_config(nodes: &[(&str, u16)], extra: &str) -> String {
+    config(nodes, extra).replace(
+        "http_listen = \"127.0.0.1:0\"",
+        "http_listen = \"127.0.0.1:0\"\nnative_listen = \"127.0.0.1:0\"",
+    )
+}
+
+async fn one_node_proxy() -> (TestProxy, SocketAddr) {
+    let p = TestProxy::start(&native_config(&[("127.0.0.11", 8123)], "")).await;
+    let native = p.native.expect("native listener");
+    (p, native)
+}
+
+/// clickhouse-client through `addr`, with `stdin` fed to it.
+async fn client(addr: SocketAddr, args: &[&str], stdin: Option<Vec<u8>>) -> Output {
+    let mut all: Vec<String> = vec![
+        "--host".into(),
+        addr.ip().to_string(),
+        "--port".into(),
+        addr.port().to_string(),
+    ];
+    all.extend(args.iter().map(|a| a.to_string()));
+    tokio::task::spawn_blocking(move || {
+        let mut child = Command::new("clickhouse-client")
+            .args(&all)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("clickhouse-client");
+        let mut input = child.stdin.take().unwrap();
+        let feeder = std::thread::spawn(move || {
+            if let Some(bytes) = stdin {
+                use std::io::Write;
+                let _ = input.write_all(&bytes);
+            }
+        });
+        let out = child.wait_with_output().unwrap();
+        feeder.join().unwrap();
+        out
+    })
+    .await
+    .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn errors(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+const BI: [&str; 4] = ["--user", "bi", "--password", "bi-pass"];
+const ETL: [&str; 4] = ["--user", "etl", "--password", "etl-pass"];
+
+fn with<'a>(who: &[&'a str], rest: &[&'a str]) -> Vec<&'a str> {
+    who.iter().chain(rest).copied().collect()
+}
+
+/// A Memory table on ch1 for one test, dropped when done.
+struct Table(String);
+
+impl Table {
+    fn new(prefix: &str) -> Self {
+        let name = format!("default.{}", unique(prefix).replace('-', "_"));
+        let out = direct(
+            "127.0.0.11",
+            &format!("CREATE TABLE {name} (id UInt64, s String) ENGINE = Memory"),
+        );
+        assert!(out.is_empty(), "create {name}: {out}");
+        Table(name)
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        direct("127.0.0.11", &format!("DROP TABLE IF EXISTS {}", self.0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_client_reads_through_the_native_listener() {
+    let (p, addr) = one_node_proxy().await;
+    let out = client(addr, &with(&BI, &["-q", "SELECT 1"]), None).await;
+    assert!(out.status.success(), "{}", errors(&out));
+    assert_eq!(text(&out), "1\n");
+
+    // A result of many blocks, compressed and not, equal to the node's own.
+    let big = "SELECT number, toString(number * 3), [number % 7, 1] FROM system.numbers LIMIT 2000000 FORMAT TSV";
+    let want = direct("127.0.0.11", big);
+    for compression in ["0", "1"] {
+        let out = client(
+            addr,
+            &with(&BI, &["--compression", compression, "-q", big]),
+            None,
+        )
+        .await;
+        assert!(out.status.success(), "{}", errors(&out));
+        assert!(
+            text(&out) == want,
+            "2M rows differ from the node's (compression {compression})"
+        );
+    }
+
+    // A session: SET and USE hold for the statements after them (for a user that may change
+    // settings: `bi`'s queries carry readonly=1).
+    let out = client(
+        addr,
+        &with(
+            &ETL,
+            &[
+                "-n",
+                "-q",
+                "SET max_threads = 3; USE system; SELECT value FROM settings WHERE name = 'max_threads'; SELECT currentDatabase()",
+            ],
+        ),
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", errors(&out));
+    assert_eq!(text(&out), "3\nsystem\n");
+    let out = client(addr, &with(&BI, &["-q", "SET max_threads = 3"]), None).await;
+    assert!(errors(&out).contains("Code: 164"), "{}", errors(&out));
+
+    // Refusals, with ClickHouse's codes and chgate's texts.
+    let out = client(
+        addr,
+        &["--user", "bi", "--password", "wrong", "-q", "SELECT 1"],
+        None,
+    )
+    .await;
+    assert!(!out.status.success());
+    let e = errors(&out);
+    assert!(
+        e.contains("Code: 516") && e.contains("Authentication failed"),
+        "{e}"
+    );
+    let out = client(
+        addr,
+        &with(
+            &BI,
+            &["-q", "CREATE TABLE default.never (x UInt8) ENGINE = Memory"],
+        ),
+        None,
+    )
+    .await;
+    let e = errors(&out);
+    assert!(e.contains("Code: 164") && e.contains("readonly"), "{e}");
+    let m = p.metrics().await;
+    assert!(
+        metric_sum(
+            &m,
+            "chgate_native_queries_total",
+            &["user=\"bi\"", "status=\"ok\""]
+        ) >= 4.0,
+        "{m}"
+    );
+    assert!(metric_sum(&m, "chgate_native_queries_total", &["status=\"refused\""]) >= 1.0);
+    assert!(
+        metric_sum(
+            &m,
+            "chgate_native_connections_total",
+            &["result=\"auth_failed\""]
+        ) >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_client_inserts_from_stdin_in_several_formats() {
+    let (_p, addr) = one_node_proxy().await;
+    let table = Table::new("native_insert");
+    let inputs: [(&str, Vec<u8>); 3] = [
+        (
+            "TSV",
+            (0..100_000)
+                .map(|i| format!("{i}\tt{i}\n"))
+                .collect::<String>()
+                .into_bytes(),
+        ),
+        (
+            "CSV",
+            (100_000..100_100)
+                .map(|i| format!("{i},\"c,{i}\"\n"))
+                .collect::<String>()
+                .into_bytes(),
+        ),
+        (
+            "JSONEachRow",
+            (100_100..100_110)
+                .map(|i| format!("{{\"id\":{i},\"s\":\"j\"}}\n"))
+                .collect::<String>()
+                .into_bytes(),
+        ),
+    ];
+    for (format, data) in inputs {
+        for compression in ["0", "1"] {
+            let q = format!("INSERT INTO {} FORMAT {format}", table.0);
+            let out = client(
+                addr,
+                &with(&ETL, &["--compression", compression, "-q", &q]),
+                Some(data.clone()),
+            )
+            .await;
+            assert!(out.status.success(), "{format}: {}", errors(&out));
+        }
+    }
+    let got = direct(
+        "127.0.0.11",
+        &format!("SELECT count(), sum(id) FROM {}", table.0),
+    );
+    let ids: u64 = (0..100_110u64).sum::<u64>() * 2;
+    assert_eq!(got.trim(), format!("{}\t{ids}", 100_110 * 2));
+    // A read-only user cannot insert, and no data reaches the node.
+    let q = format!("INSERT INTO {} FORMAT TSV", table.0);
+    let out = client(addr, &with(&BI, &["-q", &q]), Some(b"1\tx\n".to_vec())).await;
+    assert!(errors(&out).contains("Code: 164"), "{}", errors(&out));
+    let got = direct("127.0.0.11", &format!("SELECT count() FROM {}", table.0));
+    assert_eq!(got.trim(), (100_110 * 2).to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_clickhouse_driver_works_through_the_native_listener() {
+    let (_p, addr) = one_node_proxy().await;
+    let table = Table::new("native_driver");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/native_driver.py");
+    let secret = secret_file("chgate");
+    let port = addr.port().to_string();
+    let name = table.0.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .args([script, &port, "127.0.0.11", secret.to_str().unwrap(), &name])
+            .output()
+            .expect("run the stack's python")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "native_driver.py failed:\n{stdout}");
+    assert!(stdout.contains("native driver checks passed"));
+}
+
+/// Raw bytes: a Hello at revision 54412 for `user`.
+fn hello(user: &str, password: &str, revision: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    chgate::clickhouse::native::client::Hello {
+        client_name: "raw test".into(),
+        major: 18,
+        minor: 16,
+        revision,
+        database: String::new(),
+        user: user.into(),
+        password: password.into(),
+    }
+    .write(&mut out);
+    out
+}
+
+/// Everything the server side sends until it closes (or 5 s pass).
+async fn read_all(stream: &mut TcpStream) -> Vec<u8> {
+    let mut all = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut all)).await;
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_refusals_are_exceptions_and_never_desynchronise() {
+    let (_p, addr) = one_node_proxy().await;
+    // Garbage instead of a Hello: an Exception, then the connection closes.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let got = read_all(&mut s).await;
+    assert_eq!(got.first(), Some(&2), "an Exception packet: {got:?}");
+    assert!(String::from_utf8_lossy(&got).contains("native protocol port"));
+
+    // The users ClickHouse reserves for its own schemes are refused like a bad password.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&hello(" INTERSERVER SECRET ", "", 54412))
+        .await
+        .unwrap();
+    let got = read_all(&mut s).await;
+    assert_eq!(got.first(), Some(&2));
+    assert_eq!(&got[1..5], &516i32.to_le_bytes());
+
+    // A Data packet before the Hello is not read as data.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&[2, 0, 1, 0, 2, 0xff, 0xff, 0xff, 0xff, 0, 0, 0])
+        .await
+        .unwrap();
+    let got = read_all(&mut s).await;
+    assert_eq!(got.first(), Some(&2));
+    assert!(String::from_utf8_lossy(&got).contains("not a Hello"));
+
+    // A setting chgate cannot type: refused by name, with code 115, before the node sees it.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&hello("bi", "bi-pass", 54412)).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert_eq!(buf[0], 0, "a server Hello: {:?}", &buf[..n]);
+    let mut q = vec![1u8, 0]; // Query, empty id
+    q.extend_from_slice(&[1, 0, 0, 0, 1]); // client info: initial, three empty strings, TCP
+    q.extend_from_slice(&[0, 0, 0, 18, 16]); // os user, host, name; version
+    q.extend_from_slice(&[0x8c, 0xa9, 0x03]); // revision 54412
+    q.extend_from_slice(&[0, 0]); // quota key, patch
+    q.push(15);
+    q.extend_from_slice(b"no_such_setting");
+    q.extend_from_slice(&[1, 0, 2, 0, 8]);
+    q.extend_from_slice(b"SELECT 1");
+    s.write_all(&q).await.unwrap();
+    let got = read_all(&mut s).await;
+    assert_eq!(got.first(), Some(&2), "{got:?}");
+    assert_eq!(&got[1..5], &115i32.to_le_bytes());
+    assert!(String::from_utf8_lossy(&got).contains("Unknown setting no_such_setting"));
+
+    // A client older than chgate speaks is told so.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&hello("bi", "bi-pass", 54000)).await.unwrap();
+    let got = read_all(&mut s).await;
+    assert_eq!(got.first(), Some(&2));
+    assert!(String::from_utf8_lossy(&got).contains("revision 54000"));
+}
+
+/// A TCP relay in front of a node's HTTP and native ports, which can be cut like a node
+/// that died: every connection closes, new ones are refused.
+struct Relay {
+    http: SocketAddr,
+    native: SocketAddr,
+    cut: CancellationToken,
+}
+
+impl Relay {
+    async fn start(node: &str) -> Relay {
+        let cut = CancellationToken::new();
+        let http = Self::listen(format!("{node}:8123"), cut.clone()).await;
+        let native = Self::listen(format!("{node}:9000"), cut.clone()).await;
+        Relay { http, native, cut }
+    }
+
+    async fn listen(target: String, cut: CancellationToken) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = cut.cancelled() => return,
+                    a = l.accept() => a,
+                };
+                let Ok((mut client, _)) = accepted else {
+                    continue;
+                };
+                let (target, cut) = (target.clone(), cut.clone());
+                tokio::spawn(async move {
+                    let Ok(mut node) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = cut.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut node) => {}
+                    }
+                });
+            }
+        });
+        addr
+    }
+}
+
+/// A proxy over two relayed replicas of shard 1 (ch1, ch2).
+async fn relayed_proxy() -> (TestProxy, SocketAddr, Relay, Relay) {
+    let (a, b) = (
+        Relay::start("127.0.0.11").await,
+        Relay::start("127.0.0.12").await,
+    );
+    let replicas = format!(
+        "replicas = [{{ host = \"127.0.0.1\", http_port = {}, native_port = {} }}, {{ host = \"127.0.0.1\", http_port = {}, native_port = {} }}]",
+        a.http.port(),
+        a.native.port(),
+        b.http.port(),
+        b.native.port()
+    );
+    let text = native_config(&[("127.0.0.11", 8123)], FAST_PICKER);
+    let start = text.find("replicas = [").unwrap();
+    let end = start + text[start..].find('\n').unwrap();
+    let text = format!("{}{}{}", &text[..start], replicas, &text[end..]);
+    let p = TestProxy::start(&text).await;
+    let addr = p.native.unwrap();
+    (p, addr, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_outlives_its_node() {
+    let (p, addr, a, b) = relayed_proxy().await;
+    // One connection, a session, a query; then its node dies; then the next query.
+    let script = format!(
+        r#"
+import sys
+from clickhouse_driver import Client
+c = Client("127.0.0.1", port={port}, user="etl", password="etl-pass")
+c.execute("SET max_threads = 3")
+c.execute("USE system")
+print(c.execute("SELECT substitution FROM macros WHERE macro = 'replica'")[0][0], flush=True)
+sys.stdin.readline()
+print(c.execute("SELECT substitution FROM macros WHERE macro = 'replica'")[0][0], flush=True)
+print(c.execute("SELECT value FROM settings WHERE name = 'max_threads'")[0][0], flush=True)
+print(c.execute("SELECT currentDatabase()")[0][0], flush=True)
+"#,
+        port = addr.port()
+    );
+    let mut child = tokio::process::Command::new(python())
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut first),
+    )
+    .await
+    .expect("first query")
+    .unwrap();
+    let first = first.trim().to_string();
+    assert!(first == "ch1" || first == "ch2", "{first:?}");
+    // Its node goes away while the connection is idle.
+    if first == "ch1" {
+        a.cut.cancel()
+    } else {
+        b.cut.cancel()
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"go\n")
+        .await
+        .unwrap();
+    let mut rest = String::new();
+    tokio::time::timeout(Duration::from_secs(30), stdout.read_to_string(&mut rest))
+        .await
+        .expect("the second query did not hang")
+        .unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{rest}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = rest.lines().collect();
+    let other = if first == "ch1" { "ch2" } else { "ch1" };
+    assert_eq!(lines, vec![other, "3", "system"], "moved, with its session");
+    let m = p.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "chgate_native_reconnects_total", &["result=\"ok\""]),
+        1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_lost_during_a_query_ends_it_cleanly() {
+    let (_p, addr, a, b) = relayed_proxy().await;
+    // A long compressed result; both relays are cut while it streams.
+    let started = Instant::now();
+    let args = with(
+        &BI,
+        &[
+            "--compression",
+            "1",
+            "-q",
+            "SELECT number, toString(number) FROM system.numbers LIMIT 200000000 FORMAT Null",
+        ],
+    );
+    let cutter = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        a.cut.cancel();
+        b.cut.cancel();
+    };
+    let (out, ()) = tokio::join!(client(addr, &args, None), cutter);
+    assert!(started.elapsed() < Duration::from_secs(30), "no hang");
+    assert!(!out.status.success(), "the query cannot have finished");
+    let e = errors(&out);
+    assert!(
+        e.contains("Code: 210")
+            || e.contains("Code: 33.")
+            || e.contains("Connection reset")
+            || e.contains("Unexpected EOF")
+            || e.contains("Cannot read from socket"),
+        "a clean exception or close: {e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_closes_idle_connections_and_lets_a_running_query_finish() {
+    let (p, addr) = one_node_proxy().await;
+    // An idle connection, logged in.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(&hello("bi", "bi-pass", 54412))
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(idle.read(&mut buf).await.unwrap() > 0);
+    // A query that runs for about 2 s.
+    let args = with(&BI, &["-q", "SELECT sleep(2)"]);
+    let running = client(addr, &args, None);
+    let drain = async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        p.shut_down();
+        let started = Instant::now();
+        let closed = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf)).await;
+        (started.elapsed(), closed)
+    };
+    let (out, (waited, closed)) = tokio::join!(running, drain);
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "the idle connection closed: {closed:?}"
+    );
+    assert!(waited < Duration::from_secs(1), "at once ({waited:?})");
+    assert!(
+        out.status.success(),
+        "the running query finished: {}",
+        errors(&out)
+    );
+    assert_eq!(text(&out), "0\n");
+}
