@@ -93,6 +93,8 @@ fn packets(stream: &[u8], compression: bool) -> Vec<(Kind, u64)> {
     let session = Session {
         revision: 54412,
         compression,
+        // Written by ClickHouse 18.16.
+        empty_low_cardinality_granule: true,
     };
     let mut reader = ServerPackets::default();
     let (mut at, mut out) = (0, Vec::new());
@@ -135,6 +137,8 @@ fn every_cut_of_a_compressed_multi_frame_block_is_incomplete() {
     let session = Session {
         revision: 54412,
         compression: true,
+        // Written by ClickHouse 18.16.
+        empty_low_cardinality_granule: true,
     };
     let mut reader = ServerPackets::default();
     // Find the first Data packet with rows: its block is over 1 MiB, so several frames.

@@ -383,9 +383,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             // this block): they wait for the next walk, which tells.
             return Ok(false);
         }
+        // Clients write nothing for a LowCardinality without rows (ClickHouse's own
+        // before 19.1 did, and its server of that time could not read it either).
         let session = Session {
             revision: self.revision,
             compression: self.compression,
+            empty_low_cardinality_granule: false,
         };
         match self.client_packets.next_client(&self.buf, &session) {
             Ok(p) => {
@@ -485,6 +488,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             let session = Session {
                 revision: self.revision,
                 compression: self.compression,
+                empty_low_cardinality_granule: upstream
+                    .hello
+                    .writes_empty_low_cardinality_granules(),
             };
             match upstream.packets.next(&upstream.buf, &session) {
                 Ok(p) => {

@@ -232,6 +232,7 @@ impl Upstream {
         let session = Session {
             revision,
             compression: false,
+            empty_low_cardinality_granule: self.hello.writes_empty_low_cardinality_granules(),
         };
         loop {
             match self.packets.next(&self.buf, &session) {

@@ -28,6 +28,12 @@ pub struct Framing {
     pub block_info: bool,
     /// Each column carries a custom-serialization byte (revision 54454 and later).
     pub custom_serialization: bool,
+    /// The writer puts one granule (an index type, its keys, no indexes) for a
+    /// `LowCardinality` with no rows, as under a block's worth of empty arrays. ClickHouse
+    /// before 19.1 did (its issue #3907, fixed by PR #4011; 18.16's own client cannot
+    /// read such a block when a column other than a `LowCardinality` follows); later
+    /// servers and the drivers write nothing.
+    pub empty_low_cardinality_granule: bool,
 }
 
 /// A walked block.
@@ -59,7 +65,11 @@ pub fn walk_block(buf: &[u8], framing: Framing) -> Result<Block> {
         // Zero rows of data are zero bytes: no state prefix either.
         if rows > 0 {
             prefix(ty, &mut r, 0)?;
-            data(ty, rows, &mut r, 0)?;
+            let mut w = Walk {
+                r: &mut r,
+                empty_low_cardinality_granule: framing.empty_low_cardinality_granule,
+            };
+            w.data(ty, rows, 0)?;
         }
     }
     Ok(Block {
@@ -215,59 +225,127 @@ fn simple_aggregate_type(inner: Option<&str>) -> Result<&str> {
     ))
 }
 
-/// Walks `rows` values of a column of type `ty`.
-fn data(ty: &str, rows: u64, r: &mut Reader<'_>, depth: u32) -> Result<()> {
-    if depth > MAX_DEPTH {
-        return Err(WalkError::Malformed("a type nested too deeply"));
+/// A block's data being walked: the reader, and what the writer is known to do.
+struct Walk<'r, 'b> {
+    r: &'r mut Reader<'b>,
+    empty_low_cardinality_granule: bool,
+}
+
+impl Walk<'_, '_> {
+    /// Walks `rows` values of a column of type `ty`.
+    fn data(&mut self, ty: &str, rows: u64, depth: u32) -> Result<()> {
+        if depth > MAX_DEPTH {
+            return Err(WalkError::Malformed("a type nested too deeply"));
+        }
+        let (name, inner) = split(ty)?;
+        if let Some(width) = fixed_width(name, inner)? {
+            let len = rows
+                .checked_mul(width)
+                .ok_or(WalkError::Malformed("a column larger than memory"))?;
+            return self.r.skip(len);
+        }
+        match name {
+            "String" => {
+                for _ in 0..rows {
+                    let len = self.r.varuint()?;
+                    self.r.skip(len)?;
+                }
+                Ok(())
+            }
+            "Nullable" => {
+                self.r.skip(rows)?;
+                self.data(only_arg(inner)?, rows, depth + 1)
+            }
+            "Array" => {
+                let total = offsets(rows, self.r)?;
+                self.data(only_arg(inner)?, total, depth + 1)
+            }
+            "Tuple" => {
+                for a in args(only_arg(inner)?) {
+                    self.data(element(a), rows, depth + 1)?;
+                }
+                Ok(())
+            }
+            // Map(K, V) and Nested(a A, b B) are arrays of tuples.
+            "Map" | "Nested" => {
+                let total = offsets(rows, self.r)?;
+                for a in args(only_arg(inner)?) {
+                    self.data(element(a), total, depth + 1)?;
+                }
+                Ok(())
+            }
+            "LowCardinality" => self.low_cardinality(only_arg(inner)?, rows, depth),
+            "SimpleAggregateFunction" => self.data(simple_aggregate_type(inner)?, rows, depth + 1),
+            "Point" => self.data("Tuple(Float64, Float64)", rows, depth + 1),
+            "Ring" | "LineString" => self.data("Array(Point)", rows, depth + 1),
+            "Polygon" | "MultiLineString" => self.data("Array(Ring)", rows, depth + 1),
+            "MultiPolygon" => self.data("Array(Polygon)", rows, depth + 1),
+            "AggregateFunction" => Err(WalkError::Unsupported("AggregateFunction states")),
+            "Variant" | "Dynamic" | "JSON" | "Object" => {
+                Err(WalkError::Unsupported("Variant, Dynamic and JSON columns"))
+            }
+            _ => Err(WalkError::Unsupported("a type chgate does not know")),
+        }
     }
-    let (name, inner) = split(ty)?;
-    if let Some(width) = fixed_width(name, inner)? {
-        let len = rows
-            .checked_mul(width)
-            .ok_or(WalkError::Malformed("a column larger than memory"))?;
-        return r.skip(len);
+
+    /// `LowCardinality(T)` data: granules of [index type][dictionary keys][indexes] until
+    /// the rows are covered (for no rows, one granule without indexes if the writer puts
+    /// one, see [`Framing`]). The dictionary holds `T` without `Nullable`.
+    fn low_cardinality(&mut self, inner: &str, rows: u64, depth: u32) -> Result<()> {
+        let dictionary = match split(inner)? {
+            ("Nullable", Some(t)) => t,
+            _ => inner,
+        };
+        if rows == 0 {
+            if self.empty_low_cardinality_granule {
+                let (_, indexes) = self.granule(dictionary, depth)?;
+                if indexes != 0 {
+                    return Err(WalkError::Malformed("LowCardinality indexes for no rows"));
+                }
+            }
+            return Ok(());
+        }
+        let mut left = rows;
+        while left > 0 {
+            let (key_width, indexes) = self.granule(dictionary, depth)?;
+            if indexes == 0 || indexes > left {
+                return Err(WalkError::Malformed(
+                    "LowCardinality indexes that do not cover the rows",
+                ));
+            }
+            self.r.skip(indexes * key_width)?;
+            left -= indexes;
+        }
+        Ok(())
     }
-    match name {
-        "String" => {
-            for _ in 0..rows {
-                let len = r.varuint()?;
-                r.skip(len)?;
+
+    /// A `LowCardinality` granule up to its indexes: their width and count.
+    fn granule(&mut self, dictionary: &str, depth: u32) -> Result<(u64, u64)> {
+        const NEED_GLOBAL_DICTIONARY: u64 = 1 << 8;
+        const HAS_ADDITIONAL_KEYS: u64 = 1 << 9;
+        const NEED_UPDATE_DICTIONARY: u64 = 1 << 10;
+        let index_type = self.r.u64_le()?;
+        let key_width = match index_type & 0xff {
+            0 => 1,
+            1 => 2,
+            2 => 4,
+            3 => 8,
+            _ => {
+                return Err(WalkError::Malformed(
+                    "a LowCardinality index of an unknown width",
+                ))
             }
-            Ok(())
+        };
+        if index_type & NEED_GLOBAL_DICTIONARY != 0 && index_type & NEED_UPDATE_DICTIONARY != 0 {
+            let keys = self.r.u64_le()?;
+            self.data(dictionary, keys, depth + 1)?;
         }
-        "Nullable" => {
-            r.skip(rows)?;
-            data(only_arg(inner)?, rows, r, depth + 1)
+        if index_type & HAS_ADDITIONAL_KEYS != 0 {
+            let keys = self.r.u64_le()?;
+            self.data(dictionary, keys, depth + 1)?;
         }
-        "Array" => {
-            let total = offsets(rows, r)?;
-            data(only_arg(inner)?, total, r, depth + 1)
-        }
-        "Tuple" => {
-            for a in args(only_arg(inner)?) {
-                data(element(a), rows, r, depth + 1)?;
-            }
-            Ok(())
-        }
-        // Map(K, V) and Nested(a A, b B) are arrays of tuples.
-        "Map" | "Nested" => {
-            let total = offsets(rows, r)?;
-            for a in args(only_arg(inner)?) {
-                data(element(a), total, r, depth + 1)?;
-            }
-            Ok(())
-        }
-        "LowCardinality" => low_cardinality(only_arg(inner)?, rows, r, depth),
-        "SimpleAggregateFunction" => data(simple_aggregate_type(inner)?, rows, r, depth + 1),
-        "Point" => data("Tuple(Float64, Float64)", rows, r, depth + 1),
-        "Ring" | "LineString" => data("Array(Point)", rows, r, depth + 1),
-        "Polygon" | "MultiLineString" => data("Array(Ring)", rows, r, depth + 1),
-        "MultiPolygon" => data("Array(Polygon)", rows, r, depth + 1),
-        "AggregateFunction" => Err(WalkError::Unsupported("AggregateFunction states")),
-        "Variant" | "Dynamic" | "JSON" | "Object" => {
-            Err(WalkError::Unsupported("Variant, Dynamic and JSON columns"))
-        }
-        _ => Err(WalkError::Unsupported("a type chgate does not know")),
+        let indexes = self.r.u64_le()?;
+        Ok((key_width, indexes))
     }
 }
 
@@ -285,50 +363,6 @@ fn offsets(rows: u64, r: &mut Reader<'_>) -> Result<u64> {
     Ok(last)
 }
 
-/// `LowCardinality(T)` data: granules of [index type][dictionary keys][indexes] until the
-/// rows are covered. The dictionary holds `T` without `Nullable`.
-fn low_cardinality(inner: &str, rows: u64, r: &mut Reader<'_>, depth: u32) -> Result<()> {
-    const NEED_GLOBAL_DICTIONARY: u64 = 1 << 8;
-    const HAS_ADDITIONAL_KEYS: u64 = 1 << 9;
-    const NEED_UPDATE_DICTIONARY: u64 = 1 << 10;
-    let dictionary = match split(inner)? {
-        ("Nullable", Some(t)) => t,
-        _ => inner,
-    };
-    let mut left = rows;
-    while left > 0 {
-        let index_type = r.u64_le()?;
-        let key_width = match index_type & 0xff {
-            0 => 1,
-            1 => 2,
-            2 => 4,
-            3 => 8,
-            _ => {
-                return Err(WalkError::Malformed(
-                    "a LowCardinality index of an unknown width",
-                ))
-            }
-        };
-        if index_type & NEED_GLOBAL_DICTIONARY != 0 && index_type & NEED_UPDATE_DICTIONARY != 0 {
-            let keys = r.u64_le()?;
-            data(dictionary, keys, r, depth + 1)?;
-        }
-        if index_type & HAS_ADDITIONAL_KEYS != 0 {
-            let keys = r.u64_le()?;
-            data(dictionary, keys, r, depth + 1)?;
-        }
-        let indexes = r.u64_le()?;
-        if indexes == 0 || indexes > left {
-            return Err(WalkError::Malformed(
-                "LowCardinality indexes that do not cover the rows",
-            ));
-        }
-        r.skip(indexes * key_width)?;
-        left -= indexes;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,6 +370,7 @@ mod tests {
     const HTTP: Framing = Framing {
         block_info: false,
         custom_serialization: false,
+        empty_low_cardinality_granule: false,
     };
 
     fn string(out: &mut Vec<u8>, s: &str) {
@@ -409,11 +444,47 @@ mod tests {
         assert_eq!(walk_block(&a, HTTP).unwrap().len, a.len());
     }
 
+    /// `SELECT CAST([] AS Array(LowCardinality(UInt8))) AS a FORMAT Native`: 18.16 writes a
+    /// granule for the no rows of the LowCardinality (a key, no indexes); 19.1 and later
+    /// write nothing.
+    #[test]
+    fn a_low_cardinality_without_rows_as_each_server_writes_it() {
+        let mut modern = vec![1, 1]; // 1 column, 1 row
+        column(&mut modern, "a", "Array(LowCardinality(UInt8))");
+        modern.extend_from_slice(&1u64.to_le_bytes()); // key version
+        modern.extend_from_slice(&0u64.to_le_bytes()); // one empty array
+        let mut old = modern.clone();
+        old.extend_from_slice(&0x600u64.to_le_bytes()); // UInt8 indexes, keys follow
+        old.extend_from_slice(&1u64.to_le_bytes());
+        old.push(0);
+        old.extend_from_slice(&0u64.to_le_bytes()); // no indexes
+        let old_framing = Framing {
+            empty_low_cardinality_granule: true,
+            ..HTTP
+        };
+        assert_eq!(walk_block(&old, old_framing).unwrap().len, old.len());
+        every_prefix_is_incomplete(&old, old_framing);
+        assert_eq!(walk_block(&modern, HTTP).unwrap().len, modern.len());
+        // Read the other way, each is a different block: never the length of the other.
+        assert_eq!(walk_block(&old, HTTP).unwrap().len, modern.len());
+        assert_eq!(walk_block(&modern, old_framing), Err(WalkError::Incomplete));
+        // A granule for no rows that has indexes is not one.
+        let mut wrong = old.clone();
+        let at = wrong.len() - 8;
+        wrong[at] = 1;
+        wrong.push(0);
+        assert!(matches!(
+            walk_block(&wrong, old_framing),
+            Err(WalkError::Malformed(_))
+        ));
+    }
+
     #[test]
     fn tuples_maps_decimals_and_the_protocol_framing() {
         let framing = Framing {
             block_info: true,
             custom_serialization: true,
+            empty_low_cardinality_granule: false,
         };
         let mut b = vec![1, 0, 2, 0xff, 0xff, 0xff, 0xff, 0]; // BlockInfo
         b.extend_from_slice(&[3, 2]); // 3 columns, 2 rows

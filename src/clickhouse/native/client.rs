@@ -424,6 +424,7 @@ mod tests {
             super::super::Framing {
                 block_info: true,
                 custom_serialization: false,
+                empty_low_cardinality_granule: false,
             },
         )
         .unwrap();

@@ -28,6 +28,9 @@ pub struct Session {
     pub revision: u64,
     /// The client asked for compressed data blocks.
     pub compression: bool,
+    /// The side being read writes a granule for a `LowCardinality` without rows (see
+    /// [`Framing::empty_low_cardinality_granule`]): servers before 19.1.
+    pub empty_low_cardinality_granule: bool,
 }
 
 /// A server packet's type.
@@ -204,6 +207,7 @@ impl ServerPackets {
         let framing = Framing {
             block_info: session.revision >= WITH_BLOCK_INFO,
             custom_serialization: session.revision >= WITH_CUSTOM_SERIALIZATION,
+            empty_low_cardinality_granule: session.empty_low_cardinality_granule,
         };
         if !compressed {
             let start = r.position();
@@ -341,6 +345,12 @@ impl ServerHello {
 
     /// The server's answer to a client Hello sent at `client_revision`, at the start of
     /// `buf`: its Hello, or the Exception it refused the client with.
+    /// Whether this server writes a granule for a `LowCardinality` without rows (before
+    /// 19.1; see [`Framing::empty_low_cardinality_granule`]).
+    pub fn writes_empty_low_cardinality_granules(&self) -> bool {
+        self.major < 19
+    }
+
     pub fn read(buf: &[u8], client_revision: u64) -> Result<(HelloAnswer, usize)> {
         if client_revision > MAX_REVISION {
             return Err(WalkError::Unsupported("a revision above what chgate reads"));
@@ -456,6 +466,7 @@ mod tests {
         let session = Session {
             revision: MAX_REVISION,
             compression: false,
+            empty_low_cardinality_granule: false,
         };
         let mut p = ServerPackets::default();
         assert_eq!(p.next(&[4], &session).unwrap().kind, Kind::Pong);
@@ -481,6 +492,7 @@ mod tests {
         let session = Session {
             revision: MAX_REVISION,
             compression: true,
+            empty_low_cardinality_granule: false,
         };
         let mut d = vec![1, 0];
         d.extend_from_slice(&[0; 16]);
