@@ -84,7 +84,11 @@ pub enum ClientKind {
 /// many reads is decompressed once, not again from its start at every read.
 #[derive(Default)]
 pub struct ServerPackets {
+    /// Decompressed bytes of the block being walked: the first `filled`. What lies past
+    /// them is left from earlier blocks and never read: the buffer is not zeroed again for
+    /// every block.
     scratch: Vec<u8>,
+    filled: usize,
     resume: Option<Resume>,
 }
 
@@ -228,7 +232,7 @@ impl ServerPackets {
             Some(at) if at.blocks_at == blocks_at && at.checksum == checksum => {
                 r.seek(at.frames_end)?;
             }
-            _ => self.scratch.clear(),
+            _ => self.filled = 0,
         }
         loop {
             let frame_start = r.position();
@@ -242,10 +246,8 @@ impl ServerPackets {
                 }
                 return Err(e);
             }
-            match walk_block(&self.scratch, framing) {
-                Ok(block) if block.len == self.scratch.len() => {
-                    return Ok((block.columns, block.rows))
-                }
+            match walk_block(&self.scratch[..self.filled], framing) {
+                Ok(block) if block.len == self.filled => return Ok((block.columns, block.rows)),
                 Ok(_) => {
                     return Err(WalkError::Malformed(
                         "a block that ends inside a compressed frame",
@@ -268,15 +270,18 @@ impl ServerPackets {
                 "a compressed frame of an impossible size",
             ));
         }
-        if self.scratch.len() as u64 + raw > MAX_FRAME {
+        if self.filled as u64 + raw > MAX_FRAME {
             return Err(WalkError::Malformed("a compressed block over 1 GiB"));
         }
         let body = r.bytes(compressed - FRAME_HEADER)?;
-        let start = self.scratch.len();
+        let start = self.filled;
         // Checked above: at most 1 GiB.
-        self.scratch.resize(start + raw as usize, 0);
-        let out = &mut self.scratch[start..];
-        match method {
+        let end = start + raw as usize;
+        if self.scratch.len() < end {
+            self.scratch.resize(end, 0);
+        }
+        let out = &mut self.scratch[start..end];
+        let decompressed = match method {
             LZ4 => match lz4_flex::block::decompress_into(body, out) {
                 Ok(n) if n == out.len() => Ok(()),
                 _ => Err(WalkError::Malformed(
@@ -294,7 +299,10 @@ impl ServerPackets {
             _ => Err(WalkError::Unsupported(
                 "a compression method chgate does not know",
             )),
-        }
+        };
+        decompressed?;
+        self.filled = end;
+        Ok(())
     }
 }
 
