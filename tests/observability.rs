@@ -97,6 +97,19 @@ fn exposition() -> String {
         .set(0);
     METRICS.ingest_lag.with_label_values(&["t", "0"]).set(0);
     METRICS.ingest_fenced.with_label_values(&["t"]).inc();
+    METRICS.native_connections.with_label_values(&["ok"]).inc();
+    METRICS.native_open.set(0);
+    METRICS
+        .native_queries
+        .with_label_values(&["u", "ok", "n"])
+        .inc();
+    METRICS
+        .native_query_duration
+        .with_label_values(&["u"])
+        .observe(0.1);
+    METRICS.native_bytes.with_label_values(&["to_client"]).inc();
+    METRICS.native_errors.with_label_values(&["protocol"]).inc();
+    METRICS.native_reconnects.with_label_values(&["ok"]).inc();
     String::from_utf8(METRICS.render()).unwrap()
 }
 
