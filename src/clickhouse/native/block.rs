@@ -313,7 +313,10 @@ impl Walk<'_, '_> {
                     "LowCardinality indexes that do not cover the rows",
                 ));
             }
-            self.r.skip(indexes * key_width)?;
+            let len = indexes
+                .checked_mul(key_width)
+                .ok_or(WalkError::Malformed("a column larger than memory"))?;
+            self.r.skip(len)?;
             left -= indexes;
         }
         Ok(())

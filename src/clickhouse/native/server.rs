@@ -89,6 +89,11 @@ pub struct ServerPackets {
     /// every block.
     scratch: Vec<u8>,
     filled: usize,
+    /// `filled` when the block was last walked (and found incomplete).
+    walked: usize,
+    /// The frames of the block read so far: where each ends in the packet, and `filled`
+    /// after it.
+    frame_ends: Vec<(usize, usize)>,
     resume: Option<Resume>,
 }
 
@@ -221,8 +226,11 @@ impl ServerPackets {
             return Ok((block.columns, block.rows));
         }
         // The block ends at the end of one of its frames: decompress frame after frame
-        // until it walks to exactly that end, going on from where the last call stopped if
-        // this is the same packet.
+        // until it walks to exactly one of those ends, going on from where the last call
+        // stopped if this is the same packet. The block is walked again only once its
+        // decompressed bytes have doubled, or when no further frame can be read (the bytes
+        // after the block's end are the next packet's, or not here yet), so a block sent
+        // in many tiny frames costs linear time, not quadratic.
         let blocks_at = r.position();
         let mut checksum = [0u8; 16];
         if let Some(first) = r.bytes_after()?.get(..16) {
@@ -232,28 +240,52 @@ impl ServerPackets {
             Some(at) if at.blocks_at == blocks_at && at.checksum == checksum => {
                 r.seek(at.frames_end)?;
             }
-            _ => self.filled = 0,
+            _ => {
+                self.filled = 0;
+                self.walked = 0;
+                self.frame_ends.clear();
+            }
         }
         loop {
             let frame_start = r.position();
-            if let Err(e) = self.frame(r) {
-                if e == WalkError::Incomplete {
+            let read = self.frame(r);
+            if read.is_ok() {
+                self.frame_ends.push((r.position(), self.filled));
+                if self.filled < 2 * self.walked {
+                    continue;
+                }
+            }
+            if self.walked < self.filled {
+                self.walked = self.filled;
+                match walk_block(&self.scratch[..self.filled], framing) {
+                    Ok(block) => {
+                        // Where the block ended: the end of one of the frames read.
+                        let Some(&(end, _)) = self
+                            .frame_ends
+                            .iter()
+                            .find(|(_, filled)| *filled == block.len)
+                        else {
+                            return Err(WalkError::Malformed(
+                                "a block that ends inside a compressed frame",
+                            ));
+                        };
+                        r.seek(end)?;
+                        return Ok((block.columns, block.rows));
+                    }
+                    Err(WalkError::Incomplete) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            match read {
+                Ok(()) => {}
+                Err(WalkError::Incomplete) => {
                     self.resume = Some(Resume {
                         blocks_at,
                         frames_end: frame_start,
                         checksum,
                     });
+                    return Err(WalkError::Incomplete);
                 }
-                return Err(e);
-            }
-            match walk_block(&self.scratch[..self.filled], framing) {
-                Ok(block) if block.len == self.filled => return Ok((block.columns, block.rows)),
-                Ok(_) => {
-                    return Err(WalkError::Malformed(
-                        "a block that ends inside a compressed frame",
-                    ))
-                }
-                Err(WalkError::Incomplete) => continue,
                 Err(e) => return Err(e),
             }
         }
@@ -274,6 +306,19 @@ impl ServerPackets {
             return Err(WalkError::Malformed("a compressed block over 1 GiB"));
         }
         let body = r.bytes(compressed - FRAME_HEADER)?;
+        // Nothing is allocated for what the frame cannot hold: LZ4 gets at most 255 bytes
+        // out of one (a long match's length bytes), an uncompressed frame exactly its own.
+        let holds = match method {
+            LZ4 => (body.len() as u64).saturating_mul(255).saturating_add(16),
+            NONE => body.len() as u64,
+            // Refused below for its method.
+            _ => u64::MAX,
+        };
+        if raw > holds {
+            return Err(WalkError::Malformed(
+                "a compressed frame that claims more than it holds",
+            ));
+        }
         let start = self.filled;
         // Checked above: at most 1 GiB.
         let end = start + raw as usize;
