@@ -245,13 +245,7 @@ impl Walk<'_, '_> {
             return self.r.skip(len);
         }
         match name {
-            "String" => {
-                for _ in 0..rows {
-                    let len = self.r.varuint()?;
-                    self.r.skip(len)?;
-                }
-                Ok(())
-            }
+            "String" => self.values(None, rows),
             "Nullable" => {
                 self.r.skip(rows)?;
                 self.data(only_arg(inner)?, rows, depth + 1)
@@ -274,7 +268,7 @@ impl Walk<'_, '_> {
                 }
                 Ok(())
             }
-            "LowCardinality" => self.low_cardinality(only_arg(inner)?, rows, depth),
+            "LowCardinality" => self.low_cardinality(only_arg(inner)?, rows),
             "SimpleAggregateFunction" => self.data(simple_aggregate_type(inner)?, rows, depth + 1),
             "Point" => self.data("Tuple(Float64, Float64)", rows, depth + 1),
             "Ring" | "LineString" => self.data("Array(Point)", rows, depth + 1),
@@ -291,14 +285,23 @@ impl Walk<'_, '_> {
     /// `LowCardinality(T)` data: granules of [index type][dictionary keys][indexes] until
     /// the rows are covered (for no rows, one granule without indexes if the writer puts
     /// one, see [`Framing`]). The dictionary holds `T` without `Nullable`.
-    fn low_cardinality(&mut self, inner: &str, rows: u64, depth: u32) -> Result<()> {
+    fn low_cardinality(&mut self, inner: &str, rows: u64) -> Result<()> {
         let dictionary = match split(inner)? {
             ("Nullable", Some(t)) => t,
             _ => inner,
         };
+        // ClickHouse takes only strings, numbers, dates and the like into a LowCardinality.
+        // Their layout is read from the type's name once, here, not again for every
+        // granule: a granule can be 25 bytes, a name thousands (found by fuzzing).
+        let keys = match split(dictionary)? {
+            ("String", None) => None,
+            (name, args) => Some(fixed_width(name, args)?.ok_or(WalkError::Unsupported(
+                "a LowCardinality of a type ClickHouse does not allow in one",
+            ))?),
+        };
         if rows == 0 {
             if self.empty_low_cardinality_granule {
-                let (_, indexes) = self.granule(dictionary, depth)?;
+                let (_, indexes) = self.granule(keys)?;
                 if indexes != 0 {
                     return Err(WalkError::Malformed("LowCardinality indexes for no rows"));
                 }
@@ -307,7 +310,7 @@ impl Walk<'_, '_> {
         }
         let mut left = rows;
         while left > 0 {
-            let (key_width, indexes) = self.granule(dictionary, depth)?;
+            let (key_width, indexes) = self.granule(keys)?;
             if indexes == 0 || indexes > left {
                 return Err(WalkError::Malformed(
                     "LowCardinality indexes that do not cover the rows",
@@ -322,8 +325,9 @@ impl Walk<'_, '_> {
         Ok(())
     }
 
-    /// A `LowCardinality` granule up to its indexes: their width and count.
-    fn granule(&mut self, dictionary: &str, depth: u32) -> Result<(u64, u64)> {
+    /// A `LowCardinality` granule up to its indexes: their width and count. Its keys are
+    /// strings (`None`), or values `keys` bytes wide.
+    fn granule(&mut self, keys: Option<u64>) -> Result<(u64, u64)> {
         const NEED_GLOBAL_DICTIONARY: u64 = 1 << 8;
         const HAS_ADDITIONAL_KEYS: u64 = 1 << 9;
         const NEED_UPDATE_DICTIONARY: u64 = 1 << 10;
@@ -340,15 +344,34 @@ impl Walk<'_, '_> {
             }
         };
         if index_type & NEED_GLOBAL_DICTIONARY != 0 && index_type & NEED_UPDATE_DICTIONARY != 0 {
-            let keys = self.r.u64_le()?;
-            self.data(dictionary, keys, depth + 1)?;
+            let count = self.r.u64_le()?;
+            self.values(keys, count)?;
         }
         if index_type & HAS_ADDITIONAL_KEYS != 0 {
-            let keys = self.r.u64_le()?;
-            self.data(dictionary, keys, depth + 1)?;
+            let count = self.r.u64_le()?;
+            self.values(keys, count)?;
         }
         let indexes = self.r.u64_le()?;
         Ok((key_width, indexes))
+    }
+
+    /// `count` strings (`width` None), or values `width` bytes wide.
+    fn values(&mut self, width: Option<u64>, count: u64) -> Result<()> {
+        match width {
+            Some(width) => {
+                let len = count
+                    .checked_mul(width)
+                    .ok_or(WalkError::Malformed("a column larger than memory"))?;
+                self.r.skip(len)
+            }
+            None => {
+                for _ in 0..count {
+                    let len = self.r.varuint()?;
+                    self.r.skip(len)?;
+                }
+                Ok(())
+            }
+        }
     }
 }
 
