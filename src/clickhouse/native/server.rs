@@ -227,7 +227,9 @@ impl ServerPackets {
         }
         // The block ends at the end of one of its frames: decompress frame after frame
         // until it walks to exactly one of those ends, going on from where the last call
-        // stopped if this is the same packet. The block is walked again only once its
+        // stopped if this is the same packet (the resume point is taken, so it is only
+        // ever used by the call right after the one that left it: an identical packet
+        // later on starts afresh). The block is walked again only once its
         // decompressed bytes have doubled, or when no further frame can be read (the bytes
         // after the block's end are the next packet's, or not here yet), so a block sent
         // in many tiny frames costs linear time, not quadratic.
@@ -236,7 +238,7 @@ impl ServerPackets {
         if let Some(first) = r.bytes_after()?.get(..16) {
             checksum.copy_from_slice(first);
         }
-        match self.resume {
+        match self.resume.take() {
             Some(at) if at.blocks_at == blocks_at && at.checksum == checksum => {
                 r.seek(at.frames_end)?;
             }
@@ -311,8 +313,12 @@ impl ServerPackets {
         let holds = match method {
             LZ4 => (body.len() as u64).saturating_mul(255).saturating_add(16),
             NONE => body.len() as u64,
-            // Refused below for its method.
-            _ => u64::MAX,
+            ZSTD => return Err(WalkError::Unsupported("ZSTD-compressed blocks")),
+            _ => {
+                return Err(WalkError::Unsupported(
+                    "a compression method chgate does not know",
+                ))
+            }
         };
         if raw > holds {
             return Err(WalkError::Malformed(
@@ -337,12 +343,9 @@ impl ServerPackets {
                 out.copy_from_slice(body);
                 Ok(())
             }
-            NONE => Err(WalkError::Malformed(
+            // Only LZ4 and stored frames get here.
+            _ => Err(WalkError::Malformed(
                 "an uncompressed frame of the wrong size",
-            )),
-            ZSTD => Err(WalkError::Unsupported("ZSTD-compressed blocks")),
-            _ => Err(WalkError::Unsupported(
-                "a compression method chgate does not know",
             )),
         };
         decompressed?;
@@ -513,6 +516,47 @@ fn profile_info(r: &mut Reader<'_>) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server Data packet: 1000 UInt64 rows in two LZ4 frames.
+    fn two_frame_data() -> Vec<u8> {
+        let mut block = vec![1, 0, 2, 0xff, 0xff, 0xff, 0xff, 0]; // BlockInfo
+        block.extend_from_slice(&[1, 0xe8, 0x07, 1, b'x', 6]); // 1 column, 1000 rows, "x"
+        block.extend_from_slice(b"UInt64");
+        block.extend((0..8000u32).map(|i| (i % 7) as u8));
+        let mut packet = vec![1, 0]; // Data, no table name
+        for half in block.chunks(block.len() / 2 + 1) {
+            packet.extend_from_slice(&crate::clickhouse::compress::lz4_block(half).unwrap());
+        }
+        packet
+    }
+
+    #[test]
+    fn a_packet_resumed_after_a_cut_and_then_the_same_packet_again() {
+        let session = Session {
+            revision: 54412,
+            compression: true,
+            empty_low_cardinality_granule: false,
+        };
+        let packet = two_frame_data();
+        let mut reader = ServerPackets::default();
+        // The first frame and part of the second, then all of it: resumed.
+        let cut = packet.len() - 10;
+        assert_eq!(
+            reader.next(&packet[..cut], &session),
+            Err(WalkError::Incomplete)
+        );
+        let whole = reader.next(&packet, &session).unwrap();
+        assert_eq!(
+            (whole.kind, whole.len, whole.rows),
+            (Kind::Data, packet.len(), 1000)
+        );
+        // The same bytes again (a server sends identical blocks): a packet of its own,
+        // never taken for the one resumed before.
+        for _ in 0..3 {
+            let again = reader.next(&packet, &session).unwrap();
+            assert_eq!((again.len, again.rows), (packet.len(), 1000));
+        }
+    }
 
     #[test]
     fn packets_without_bodies_and_refusals() {
