@@ -636,34 +636,11 @@ async fn official_clickhouse_crate_inserts_and_reads_through_the_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_listener_serves_the_same_interface() {
-    let dir = tempfile_path("tls");
-    std::fs::create_dir_all(&dir).unwrap();
-    let status = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(dir.join("key.pem"))
-        .arg("-out")
-        .arg(dir.join("cert.pem"))
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl");
-    assert!(status.success());
+    let (cert, key) = self_signed_certificate("tls");
     let extra = format!(
         "[proxy.tls]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-        dir.join("cert.pem").display(),
-        dir.join("key.pem").display()
+        cert.display(),
+        key.display()
     );
     // [proxy.tls] must be inside [proxy]: put it right after that table.
     let text = config(&demo_nodes(), "").replace("[admin]", &format!("{extra}[admin]"));
@@ -672,7 +649,7 @@ async fn https_listener_serves_the_same_interface() {
     let r = curl_async(s(&[
         "-sS",
         "--cacert",
-        dir.join("cert.pem").to_str().unwrap(),
+        cert.to_str().unwrap(),
         "-u",
         "bi:bi-pass",
         &format!("https://127.0.0.1:{}/?query=SELECT+42", https.port()),
@@ -691,12 +668,12 @@ async fn https_listener_serves_the_same_interface() {
     let r = curl_async(s(&[
         "-sS",
         "--cacert",
-        dir.join("cert.pem").to_str().unwrap(),
+        cert.to_str().unwrap(),
         &format!("https://127.0.0.1:{}/ping", https.port()),
     ]))
     .await;
     assert_eq!(r.body, "Ok.\n");
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(cert.parent().unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,42 +29,8 @@ fn options(user: &str, password: &str) -> ClientOptions {
     }
 }
 
-/// A self-signed certificate for `localhost` (openssl, as the HTTPS test makes one).
-fn certificate() -> (std::path::PathBuf, std::path::PathBuf) {
-    let dir = tempfile_path("native-tls");
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let status = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .args([
-            "-addext",
-            "subjectAltName=DNS:localhost",
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl");
-    assert!(status.success());
-    (cert, key)
-}
-
 async fn proxy() -> (TestProxy, SocketAddr, SocketAddr, std::path::PathBuf) {
-    let (cert, key) = certificate();
+    let (cert, key) = self_signed_certificate("native-tls");
     let extra = format!(
         r#"[users.grafana]
 password_hash = "{hash}"

@@ -111,6 +111,41 @@ pub fn tempfile_path(prefix: &str) -> PathBuf {
     ))
 }
 
+/// A self-signed certificate for `localhost` and 127.0.0.1, made with openssl in a fresh
+/// directory named after `prefix`: its certificate and key files.
+pub fn self_signed_certificate(prefix: &str) -> (PathBuf, PathBuf) {
+    let dir = tempfile_path(prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success());
+    (cert, key)
+}
+
 /// Argon2 hashes for the test users (made once per test binary).
 pub fn hash(password: &str) -> String {
     chgate::auth::hash_password(password).unwrap()
