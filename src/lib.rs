@@ -32,6 +32,7 @@
 //! retry budget), `upstream` sends it on a pooled connection, and `http::body` streams the
 //! answer back, returning the connection to its pool and accounting for the request.
 
+pub mod net;
 pub mod secret;
 pub mod tls;
 

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 
 /// Layers, bottom up: a module may use modules of a lower layer.
 const LAYERS: &[&[&str]] = &[
-    &["secret", "tls", "backoff", "metrics", "signals", "wake"],
+    &[
+        "secret", "tls", "net", "backoff", "metrics", "signals", "wake",
+    ],
     &["config"],
     &["auth", "clickhouse", "kafka"],
     &["upstream"],

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::body::RespBody;
 use super::Frontend;
+use crate::net::accept;
 use crate::wake::SelfWaking;
 
 /// How long a client gets to finish the TLS handshake.
@@ -151,23 +152,4 @@ fn service(
         let frontend = frontend.clone();
         async move { Ok::<_, std::convert::Infallible>(frontend.handle(req, peer).await) }
     })
-}
-
-/// Accepts one connection, or waits forever if there is no listener. Accept errors (e.g.
-/// out of file descriptors) are logged and paced instead of spinning.
-async fn accept(listener: Option<&TcpListener>) -> Option<(TcpStream, SocketAddr)> {
-    let Some(listener) = listener else {
-        return std::future::pending().await;
-    };
-    match listener.accept().await {
-        Ok((stream, peer)) => {
-            let _ = stream.set_nodelay(true);
-            Some((stream, peer))
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "Accept failed");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            None
-        }
-    }
 }

@@ -3,16 +3,16 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{login, relay, Frontend, LOGIN_TIMEOUT};
 use crate::metrics::{GaugeGuard, METRICS};
+use crate::net::accept;
 
 /// The native frontend's bound listeners.
 #[derive(Default)]
@@ -99,24 +99,5 @@ pub async fn serve(frontend: Arc<Frontend>, listeners: Listeners, shutdown: Canc
             open = tracker.len(),
             "Drain timeout reached, closing remaining native connections"
         );
-    }
-}
-
-/// Accepts one connection, or waits forever if there is no listener. Accept errors (e.g.
-/// out of file descriptors) are logged and paced instead of spinning.
-async fn accept(listener: Option<&TcpListener>) -> Option<(TcpStream, SocketAddr)> {
-    let Some(listener) = listener else {
-        return std::future::pending().await;
-    };
-    match listener.accept().await {
-        Ok((stream, peer)) => {
-            let _ = stream.set_nodelay(true);
-            Some((stream, peer))
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "Accept failed");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            None
-        }
     }
 }
