@@ -21,9 +21,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use chgate::clickhouse::compress::lz4_block;
-use chgate::clickhouse::native::client::{
-    self, put_str, ClientInfo, Hello, Interface, Query, Setting,
-};
+use chgate::clickhouse::native::client::{self, put_str, ClientInfo, Hello, Query, Setting};
 use chgate::clickhouse::native::server::{HelloAnswer, Kind, ServerHello, ServerPackets, Session};
 use chgate::clickhouse::native::WalkError;
 use chgate::clickhouse::rowbinary::write_varint;
@@ -239,22 +237,12 @@ fn client_bytes(case: &Case, sql: &str) -> Vec<u8> {
     let max_block_size = client::varuint_value(case.max_block_size);
     Query {
         query_id: b"",
-        info: Some(ClientInfo {
-            kind: 1,
-            initial_user: b"",
-            initial_query_id: b"",
-            initial_address: b"127.0.0.1:0",
-            interface: Interface::Tcp {
-                os_user: b"test",
-                hostname: b"localhost",
-                client_name: b"chgate native_types test",
-                major: 18,
-                minor: 16,
-                revision: REVISION,
-            },
-            quota_key: b"",
-            version_patch: 1,
-        }),
+        info: Some(ClientInfo::initial_tcp(
+            b"chgate native_types test",
+            (18, 16),
+            REVISION,
+            b"",
+        )),
         settings: vec![Setting {
             name: "max_block_size",
             value: &max_block_size,

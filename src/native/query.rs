@@ -256,22 +256,7 @@ mod tests {
     fn query<'a>(text: &'a [u8], settings: Vec<Setting<'a>>) -> Query<'a> {
         Query {
             query_id: b"",
-            info: Some(ClientInfo {
-                kind: 1,
-                initial_user: b"",
-                initial_query_id: b"",
-                initial_address: b"",
-                interface: Interface::Tcp {
-                    os_user: b"",
-                    hostname: b"",
-                    client_name: b"c",
-                    major: 1,
-                    minor: 2,
-                    revision: 54468,
-                },
-                quota_key: b"client's",
-                version_patch: 0,
-            }),
+            info: Some(ClientInfo::initial_tcp(b"c", (1, 2), 54468, b"client's")),
             settings,
             stage: 2,
             compression: false,

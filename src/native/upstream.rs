@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 
 use super::query::Refusal;
 use crate::clickhouse::codes;
-use crate::clickhouse::native::client::{self, ClientInfo, Hello, Interface, Query, Setting};
+use crate::clickhouse::native::client::{self, ClientInfo, Hello, Query, Setting};
 use crate::clickhouse::native::server::{HelloAnswer, Kind, ServerHello, ServerPackets, Session};
 use crate::clickhouse::native::WalkError;
 use crate::gateway::route::connection_node;
@@ -195,22 +195,12 @@ pub fn own_query<'a>(
     }
     Query {
         query_id: b"",
-        info: Some(ClientInfo {
-            kind: 1,
-            initial_user: b"",
-            initial_query_id: b"",
-            initial_address: b"0.0.0.0:0",
-            interface: Interface::Tcp {
-                os_user: b"",
-                hostname: b"",
-                client_name: client.client_name.as_bytes(),
-                major: client.major,
-                minor: client.minor,
-                revision,
-            },
-            quota_key: user.name.as_bytes(),
-            version_patch: 0,
-        }),
+        info: Some(ClientInfo::initial_tcp(
+            client.client_name.as_bytes(),
+            (client.major, client.minor),
+            revision,
+            user.name.as_bytes(),
+        )),
         settings,
         stage: 2,
         compression: false,

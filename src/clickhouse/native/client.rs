@@ -127,6 +127,32 @@ pub enum Interface<'a> {
 }
 
 impl<'a> ClientInfo<'a> {
+    /// A query a client sent itself over TCP, with nothing about its machine: what chgate
+    /// sends for its own queries (and tests for theirs).
+    pub fn initial_tcp(
+        client_name: &'a [u8],
+        (major, minor): (u64, u64),
+        revision: u64,
+        quota_key: &'a [u8],
+    ) -> Self {
+        ClientInfo {
+            kind: 1,
+            initial_user: b"",
+            initial_query_id: b"",
+            initial_address: b"0.0.0.0:0",
+            interface: Interface::Tcp {
+                os_user: b"",
+                hostname: b"",
+                client_name,
+                major,
+                minor,
+                revision,
+            },
+            quota_key,
+            version_patch: 0,
+        }
+    }
+
     fn read(r: &mut Reader<'a>, revision: u64) -> Result<Self> {
         let kind = r.u8()?;
         let initial_user = r.string()?;
