@@ -403,7 +403,7 @@ async fn failovers_stop_when_the_retry_budget_is_spent() {
 [picker]
 probe_interval = "60s"
 probe_retry_interval = "60s"
-probe_timeout = "1s"
+probe_timeout = "30s"
 "#,
     )
     .replace(
