@@ -59,6 +59,13 @@ pub struct Metrics {
     pub native_bytes: IntCounterVec,
     pub native_errors: IntCounterVec,
     pub native_reconnects: IntCounterVec,
+    pub quota_rejections: IntCounterVec,
+    pub quota_queue_wait: HistogramVec,
+    pub queries_in_flight: IntGaugeVec,
+    pub quota_kills: IntCounterVec,
+    pub fleet_members: IntGauge,
+    pub config_stale_seconds: prometheus::Gauge,
+    pub config_version: IntGauge,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -150,7 +157,7 @@ impl Metrics {
         );
         let config_reloads = counter(
             "chgate_config_reloads_total",
-            "Config reloads on SIGHUP, by result (ok, rejected).",
+            "Config changes seen (a SIGHUP, or a change under the ZooKeeper root), by result (ok, rejected: invalid, the running config stays).",
             &["result"],
         );
         let float_gauge_vec = |name: &str, help: &str, labels: &[&str]| {
@@ -362,6 +369,59 @@ impl Metrics {
             "Native-protocol connections moved to another node after theirs closed while idle, by result (ok, failed, pinned: the session held temporary tables).",
             &["result"],
         );
+        let quota_rejections = counter(
+            "chgate_quota_rejections_total",
+            "Queries refused by a quota, by mapped user and reason (concurrency: no free slot and no queue; queue_full; queue_timeout: waited max_queue_wait; rate: requests_per_minute).",
+            &["user", "reason"],
+        );
+        let quota_queue_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "chgate_quota_queue_wait_seconds",
+                "Time queries of users with max_concurrent_queries waited for a slot (0 for those that found one free), by mapped user.",
+            )
+            .buckets(vec![
+                0.0, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
+            &["user"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(quota_queue_wait.clone()))
+            .expect("unique metric");
+        let queries_in_flight = gauge_vec(
+            "chgate_user_queries_in_flight",
+            "Queries of each mapped user with a quota admitted and not yet ended (both frontends).",
+            &["user"],
+        );
+        let quota_kills = counter(
+            "chgate_quota_kills_total",
+            "Queries the gateway ended and killed on their node, by mapped user and reason (execution_time, result_bytes).",
+            &["user", "reason"],
+        );
+        let fleet_members = IntGauge::new(
+            "chgate_fleet_members",
+            "chgate instances registered under the config root's members znode (1 with a file config); per-user concurrency and rate limits are divided by it.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(fleet_members.clone()))
+            .expect("unique metric");
+        let config_stale_seconds = prometheus::Gauge::new(
+            "chgate_config_stale_seconds",
+            "Seconds since the config source was last known to be current (0 while ZooKeeper is connected and watched; grows while it is not).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(config_stale_seconds.clone()))
+            .expect("unique metric");
+        let config_version = IntGauge::new(
+            "chgate_config_version",
+            "The version of the config in use (a ZooKeeper config's pushed version; 0 for a file).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(config_version.clone()))
+            .expect("unique metric");
         let ingest_skipped_by_broker = IntCounter::new(
             "chgate_ingest_broker_skipped_offsets_total",
             "Offsets the broker did not deliver (at a partition's recorded start, or missing when read again with kafka.start_rewind): messages that will not be written.",
@@ -434,6 +494,13 @@ impl Metrics {
             native_bytes,
             native_errors,
             native_reconnects,
+            quota_rejections,
+            quota_queue_wait,
+            queries_in_flight,
+            quota_kills,
+            fleet_members,
+            config_stale_seconds,
+            config_version,
         }
     }
 

@@ -110,6 +110,22 @@ fn exposition() -> String {
     METRICS.native_bytes.with_label_values(&["to_client"]).inc();
     METRICS.native_errors.with_label_values(&["protocol"]).inc();
     METRICS.native_reconnects.with_label_values(&["ok"]).inc();
+    METRICS
+        .quota_rejections
+        .with_label_values(&["u", "concurrency"])
+        .inc();
+    METRICS
+        .quota_queue_wait
+        .with_label_values(&["u"])
+        .observe(0.1);
+    METRICS.queries_in_flight.with_label_values(&["u"]).set(0);
+    METRICS
+        .quota_kills
+        .with_label_values(&["u", "execution_time"])
+        .inc();
+    METRICS.fleet_members.set(1);
+    METRICS.config_stale_seconds.set(0.0);
+    METRICS.config_version.set(1);
     String::from_utf8(METRICS.render()).unwrap()
 }
 

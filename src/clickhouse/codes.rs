@@ -31,6 +31,10 @@ pub const TIMEOUT_EXCEEDED: Code = Code::new(159, "TIMEOUT_EXCEEDED");
 pub const READONLY: Code = Code::new(164, "READONLY");
 pub const IP_ADDRESS_NOT_ALLOWED: Code = Code::new(195, "IP_ADDRESS_NOT_ALLOWED");
 pub const QUERY_IS_TOO_LARGE: Code = Code::new(202, "QUERY_IS_TOO_LARGE");
+/// Called QUOTA_EXPIRED before 20.x; the modern name is the one clients match on.
+pub const QUOTA_EXCEEDED: Code = Code::new(201, "QUOTA_EXCEEDED");
+pub const TOO_MANY_SIMULTANEOUS_QUERIES: Code = Code::new(202, "TOO_MANY_SIMULTANEOUS_QUERIES");
+pub const TOO_MANY_ROWS_OR_BYTES: Code = Code::new(396, "TOO_MANY_ROWS_OR_BYTES");
 pub const NETWORK_ERROR: Code = Code::new(210, "NETWORK_ERROR");
 pub const ALL_CONNECTION_TRIES_FAILED: Code = Code::new(279, "ALL_CONNECTION_TRIES_FAILED");
 pub const AUTHENTICATION_FAILED: Code = Code::new(516, "AUTHENTICATION_FAILED");

@@ -36,6 +36,9 @@ pub struct Config {
     pub clusters: BTreeMap<String, ClusterConfig>,
     #[serde(default)]
     pub users: BTreeMap<String, UserConfig>,
+    /// Named quotas users refer to with `quota = "NAME"`.
+    #[serde(default)]
+    pub quotas: BTreeMap<String, QuotaConfig>,
 }
 
 /// The client-facing HTTP(S) listeners.
@@ -474,4 +477,41 @@ pub struct UserConfig {
     /// Client networks allowed to log in as this user; empty means any.
     #[serde(default)]
     pub networks: Vec<IpNet>,
+    /// The `[quotas.NAME]` this user's queries are held to (each user its own counters).
+    pub quota: Option<String>,
+}
+
+/// Limits on one user's queries, enforced by the gateway for every frontend. Users that
+/// name the same quota each get their own counters. With several chgate instances on one
+/// ZooKeeper root, the concurrency and rate limits are shared out among the live ones (see
+/// the README).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// Queries of the user running at once; beyond it they wait in a FIFO queue, or are
+    /// refused with `TOO_MANY_SIMULTANEOUS_QUERIES` (202; HTTP 429).
+    pub max_concurrent_queries: Option<u32>,
+    /// Queries that may wait for a slot; 0 (the default) refuses at once.
+    #[serde(default)]
+    pub max_queue_size: u32,
+    /// How long a query waits in the queue before it is refused.
+    #[serde(default = "default_queue_wait", with = "humantime_serde")]
+    pub max_queue_wait: Duration,
+    /// Queries started per minute (a token bucket), refused beyond it with
+    /// `QUOTA_EXCEEDED` (201; HTTP 429 with `Retry-After`).
+    pub requests_per_minute: Option<u32>,
+    /// Queries that may start at once after a quiet spell; defaults to
+    /// `requests_per_minute` (a minute's worth).
+    pub requests_burst: Option<u32>,
+    /// A query still running after this long is killed on its node and ends with
+    /// `TIMEOUT_EXCEEDED` (159); the limit also goes upstream as `max_execution_time`.
+    #[serde(default, with = "humantime_serde::option")]
+    pub max_execution_time: Option<Duration>,
+    /// Response bytes (as sent on the wire) a query may return; a result that grows past
+    /// it is cut and ends with `TOO_MANY_ROWS_OR_BYTES` (396), never silently.
+    pub max_result_bytes: Option<u64>,
+}
+
+fn default_queue_wait() -> Duration {
+    Duration::from_secs(10)
 }

@@ -256,7 +256,18 @@ pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Pro
             ),
             Some(_) => {}
         }
+        if let Some(q) = user
+            .quota
+            .as_ref()
+            .filter(|q| !config.quotas.contains_key(*q))
+        {
+            p(
+                format!("{key}.quota"),
+                format!("unknown quota {q:?} (known: {})", join_keys(&config.quotas)),
+            );
+        }
     }
+    validate_quotas(&config.quotas, &mut problems);
 
     if problems.is_empty() {
         Ok(Validated {
@@ -268,6 +279,66 @@ pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Pro
         })
     } else {
         Err(problems)
+    }
+}
+
+/// The `[quotas]` section.
+fn validate_quotas(quotas: &BTreeMap<String, super::QuotaConfig>, problems: &mut Vec<Problem>) {
+    let mut p = |key: String, message: &str| problems.push(Problem::new(key, message));
+    for (name, q) in quotas {
+        let key = format!("quotas.{name}");
+        if !valid_name(name) {
+            p(
+                key.clone(),
+                "quota names use letters, digits, '_', '-', '.', '@' (at most 64)",
+            );
+        }
+        if q.max_concurrent_queries == Some(0) {
+            p(
+                format!("{key}.max_concurrent_queries"),
+                "must be at least 1 (leave it out for no limit)",
+            );
+        }
+        if q.max_concurrent_queries.is_none() && q.max_queue_size > 0 {
+            p(
+                format!("{key}.max_queue_size"),
+                "a queue needs max_concurrent_queries",
+            );
+        }
+        if q.max_queue_size > 0 && q.max_queue_wait.is_zero() {
+            p(
+                format!("{key}.max_queue_wait"),
+                "must be greater than zero when there is a queue",
+            );
+        }
+        if q.requests_per_minute == Some(0) {
+            p(
+                format!("{key}.requests_per_minute"),
+                "must be at least 1 (leave it out for no limit)",
+            );
+        }
+        match (q.requests_per_minute, q.requests_burst) {
+            (_, Some(0)) => p(format!("{key}.requests_burst"), "must be at least 1"),
+            (None, Some(_)) => p(
+                format!("{key}.requests_burst"),
+                "a burst needs requests_per_minute",
+            ),
+            _ => {}
+        }
+        if q.max_execution_time
+            .is_some_and(|t| t < Duration::from_secs(1))
+        {
+            p(
+                format!("{key}.max_execution_time"),
+                "must be at least 1s (ClickHouse takes it in whole seconds)",
+            );
+        }
+        if q.max_result_bytes == Some(0) {
+            p(
+                format!("{key}.max_result_bytes"),
+                "must be at least 1 (leave it out for no limit)",
+            );
+        }
     }
 }
 

@@ -41,6 +41,35 @@ pub enum GatewayError {
         cluster: String,
         after: std::time::Duration,
     },
+    /// The user's `max_concurrent_queries` (and its queue) is full.
+    #[error("Too many simultaneous queries for user {user}. Current: {running}, maximum: {limit}{}", waited.map(|w| format!(" (waited {} s in chgate's queue)", w.as_secs_f64())).unwrap_or_default())]
+    TooManyQueries {
+        user: String,
+        running: u32,
+        limit: u32,
+        waited: Option<std::time::Duration>,
+    },
+    /// The user's `requests_per_minute` is spent.
+    #[error("Quota for user {user} has been exceeded: more than {per_minute} queries per minute (chgate quota). Try again in {} s", retry_after.as_secs_f64().ceil())]
+    RateLimited {
+        user: String,
+        per_minute: u32,
+        retry_after: std::time::Duration,
+    },
+    /// The user's `max_execution_time` passed; the query was killed.
+    #[error("Timeout exceeded: elapsed {} seconds, maximum: {} (the quota of user {user}); the query was cancelled", elapsed.as_secs_f64(), limit.as_secs_f64())]
+    ExecutionTimeout {
+        user: String,
+        elapsed: std::time::Duration,
+        limit: std::time::Duration,
+    },
+    /// The user's `max_result_bytes` was reached; the result was cut and the query killed.
+    #[error("Limit for result exceeded, max bytes: {limit}, current bytes: {bytes} (the quota of user {user}); the query was cancelled")]
+    ResultTooLarge {
+        user: String,
+        limit: u64,
+        bytes: u64,
+    },
 }
 
 /// A fixed set of names for metric labels and logs.
@@ -54,6 +83,10 @@ pub enum ErrorKind {
     RetryBudgetExhausted,
     UpstreamFailed,
     Timeout,
+    TooManyQueries,
+    RateLimited,
+    ExecutionTimeout,
+    ResultTooLarge,
 }
 
 impl ErrorKind {
@@ -67,6 +100,10 @@ impl ErrorKind {
             Self::RetryBudgetExhausted => "retry_budget_exhausted",
             Self::UpstreamFailed => "upstream_failed",
             Self::Timeout => "timeout",
+            Self::TooManyQueries => "too_many_queries",
+            Self::RateLimited => "rate_limited",
+            Self::ExecutionTimeout => "execution_timeout",
+            Self::ResultTooLarge => "result_too_large",
         }
     }
 }
@@ -82,6 +119,10 @@ impl GatewayError {
             Self::RetryBudgetExhausted { .. } => ErrorKind::RetryBudgetExhausted,
             Self::UpstreamFailed { .. } => ErrorKind::UpstreamFailed,
             Self::Timeout { .. } => ErrorKind::Timeout,
+            Self::TooManyQueries { .. } => ErrorKind::TooManyQueries,
+            Self::RateLimited { .. } => ErrorKind::RateLimited,
+            Self::ExecutionTimeout { .. } => ErrorKind::ExecutionTimeout,
+            Self::ResultTooLarge { .. } => ErrorKind::ResultTooLarge,
         }
     }
 
@@ -95,7 +136,10 @@ impl GatewayError {
                 codes::ALL_CONNECTION_TRIES_FAILED
             }
             Self::UpstreamFailed { .. } => codes::NETWORK_ERROR,
-            Self::Timeout { .. } => codes::TIMEOUT_EXCEEDED,
+            Self::Timeout { .. } | Self::ExecutionTimeout { .. } => codes::TIMEOUT_EXCEEDED,
+            Self::TooManyQueries { .. } => codes::TOO_MANY_SIMULTANEOUS_QUERIES,
+            Self::RateLimited { .. } => codes::QUOTA_EXCEEDED,
+            Self::ResultTooLarge { .. } => codes::TOO_MANY_ROWS_OR_BYTES,
         }
     }
 
@@ -110,8 +154,21 @@ impl GatewayError {
     pub fn could_retry(&self) -> bool {
         matches!(
             self,
-            Self::NoNodeAvailable { .. } | Self::RetryBudgetExhausted { .. }
+            Self::NoNodeAvailable { .. }
+                | Self::RetryBudgetExhausted { .. }
+                | Self::TooManyQueries { .. }
+                | Self::RateLimited { .. }
         )
+    }
+
+    /// How long a client refused by a quota should wait before trying again (HTTP's
+    /// `Retry-After`).
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::TooManyQueries { .. } => Some(std::time::Duration::from_secs(1)),
+            Self::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
     }
 
     /// True for the errors of logging in (the frontend asks the client to authenticate).

@@ -7,7 +7,8 @@
 //! - [`users`]: client-facing users of a config generation;
 //! - [`authenticate`]: credentials, throttling, allowed networks;
 //! - [`sql`] and [`policy`]: what a statement is, and whether the user may run it;
-//! - [`admission`]: where quotas decide (every query passes it);
+//! - [`admission`] and [`quota`]: every query passes admission, where its user's quota
+//!   decides (concurrency with a queue, rate, execution time, result bytes);
 //! - [`route`]: node choice and failover, generic over one send attempt;
 //! - [`error`]: what the gateway refuses or fails with.
 //!
@@ -19,6 +20,7 @@ pub mod admission;
 pub mod authenticate;
 pub mod error;
 pub mod policy;
+pub mod quota;
 pub mod route;
 pub mod sql;
 pub mod users;
@@ -38,6 +40,7 @@ pub use users::User;
 use crate::auth::{Throttle, Verifier};
 use crate::config::Validated;
 use crate::picker::{ClusterConfigs, Clusters};
+use quota::Fleet;
 
 /// Users and clusters of one config generation.
 pub struct Generation {
@@ -48,7 +51,7 @@ pub struct Generation {
 impl Generation {
     /// Builds from a validated config, taking over from `previous` what is still
     /// configured (see [`Clusters::reconcile`], [`users::build`]).
-    pub fn build(v: &Validated, previous: Option<&Generation>) -> Self {
+    pub fn build(v: &Validated, previous: Option<&Generation>, fleet: &Arc<Fleet>) -> Self {
         let configs = ClusterConfigs {
             clusters: &v.config.clusters,
             secrets: &v.secrets,
@@ -59,7 +62,13 @@ impl Generation {
             Some(p) => p.clusters.reconcile(&configs),
             None => Clusters::default().reconcile(&configs),
         };
-        let users = users::build(&v.config.users, &clusters, previous.map(|p| &p.users));
+        let users = users::build(
+            &v.config.users,
+            &v.config.quotas,
+            &clusters,
+            previous.map(|p| &p.users),
+            fleet,
+        );
         Self {
             users,
             clusters: Arc::new(clusters),
@@ -82,13 +91,17 @@ pub struct Gateway {
     throttle: Throttle,
     pub settings: Settings,
     draining: AtomicBool,
+    /// The chgate instances sharing this one's config root; quotas are divided among them.
+    pub fleet: Arc<Fleet>,
 }
 
 impl Gateway {
     pub fn new(v: &Validated) -> Self {
         let c = &v.config;
+        let fleet = Arc::new(Fleet::new());
         Self {
-            generation: ArcSwap::from_pointee(Generation::build(v, None)),
+            generation: ArcSwap::from_pointee(Generation::build(v, None, &fleet)),
+            fleet,
             verifier: Verifier::new(c.auth.max_concurrent_verifications),
             throttle: Throttle::new(&c.auth),
             settings: Settings {
@@ -106,7 +119,7 @@ impl Gateway {
 
     /// Swaps in users and clusters from a newly validated config.
     pub fn reload(&self, v: &Validated) {
-        let next = Generation::build(v, Some(&self.generation.load()));
+        let next = Generation::build(v, Some(&self.generation.load()), &self.fleet);
         self.generation.store(Arc::new(next));
     }
 
@@ -128,4 +141,23 @@ impl Gateway {
         }
         Ok(())
     }
+}
+
+/// Cancels a query on its node, in the background (`KILL QUERY ... ASYNC` as the user's
+/// cluster account): a hedge that lost, a read past `first_byte_timeout`, one past its
+/// quota's limits, or one whose client went away. ClickHouse 18.16 does not notice a closed
+/// HTTP connection until it writes to it, so without this the query would run on.
+pub fn kill_query(backend: &Arc<crate::picker::Backend>, user: &User, query_id: &str) {
+    let backend = backend.clone();
+    let account = user.account.clone();
+    let query_id = query_id.to_owned();
+    tokio::spawn(async move {
+        let timeout = std::time::Duration::from_secs(5);
+        match backend.node.kill_query(&account, &query_id, timeout).await {
+            Ok(()) => tracing::debug!(node = %backend.label(), %query_id, "Query killed"),
+            Err(e) => {
+                tracing::info!(node = %backend.label(), %query_id, error = %e, "Could not kill a query")
+            }
+        }
+    });
 }

@@ -54,6 +54,9 @@ pub struct Plan<'a> {
     /// The request's body is kept whole, so the request can be built again.
     pub replayable: bool,
     pub max_attempts: usize,
+    /// A quota's `max_execution_time` and whose it is: a query of any kind with no answer
+    /// by then is given up and its attempts killed.
+    pub execution_limit: Option<(Duration, &'a str)>,
 }
 
 impl Plan<'_> {
@@ -137,7 +140,8 @@ enum Event<T, R> {
 
 /// Routes one query. `request` builds the request for an attempt (`None` once it cannot
 /// be built again: a streamed body goes once); `send` makes one attempt on a node;
-/// `abandon` is told of every attempt of a read given up before it answered.
+/// `abandon` is told of every attempt of a read given up before it answered, and of every
+/// attempt of any query given up at its quota's execution limit.
 pub async fn route<T, R, Fut>(
     plan: Plan<'_>,
     mut request: impl FnMut() -> Option<R>,
@@ -172,7 +176,12 @@ where
         Duration::ZERO
     };
     let hedge_timer = tokio::time::sleep(hedge_after);
-    let deadline = cluster.first_byte_timeout.filter(|_| read);
+    let first_byte_timeout = cluster.first_byte_timeout.filter(|_| read);
+    let (deadline, by_quota) = match (first_byte_timeout, plan.execution_limit) {
+        (Some(f), Some((e, _))) if f < e => (Some(f), false),
+        (_, Some((e, _))) => (Some(e), true),
+        (f, None) => (f, false),
+    };
     let deadline_timer = tokio::time::sleep(deadline.unwrap_or_default());
     tokio::pin!(hedge_timer, deadline_timer);
 
@@ -279,6 +288,15 @@ where
                 }
             }
             Event::Deadline => {
+                if let (true, Some((limit, user))) = (by_quota, plan.execution_limit) {
+                    // Whatever it is, it is killed where it runs.
+                    underway.read = true;
+                    return Err(GatewayError::ExecutionTimeout {
+                        user: user.to_owned(),
+                        elapsed: limit,
+                        limit,
+                    });
+                }
                 return Err(GatewayError::Timeout {
                     cluster: cluster.name.clone(),
                     after: deadline.unwrap_or_default(),
@@ -499,6 +517,7 @@ mod tests {
             session: None,
             replayable,
             max_attempts: 3,
+            execution_limit: None,
         }
     }
 
@@ -680,6 +699,25 @@ mod tests {
         let e = run.result.err().unwrap();
         assert!(matches!(e, GatewayError::Timeout { .. }), "{e}");
         assert_eq!(e.code().number, 159);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_query_past_its_quota_execution_limit_is_given_up_and_killed_even_a_write() {
+        let c = cluster(&hedging(HedgeMode::Off, None));
+        let run = run_timed(
+            Plan {
+                execution_limit: Some((Duration::from_secs(2), "bi")),
+                ..plan(&c, Statement::Write, false)
+            },
+            |_| (None, "never"),
+        )
+        .await;
+        assert_eq!(run.took, Duration::from_secs(2));
+        assert_eq!(run.abandoned, run.tried, "the write is killed too");
+        let e = run.result.err().unwrap();
+        assert!(matches!(e, GatewayError::ExecutionTimeout { .. }), "{e}");
+        assert_eq!(e.code().number, 159);
+        assert!(e.to_string().contains("maximum: 2"), "{e}");
     }
 
     #[tokio::test]

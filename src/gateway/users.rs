@@ -8,8 +8,9 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use prometheus::{Histogram, IntCounter};
 
+use super::quota::{Fleet, Limiter};
 use crate::auth::PasswordCheck;
-use crate::config::UserConfig;
+use crate::config::{QuotaConfig, UserConfig};
 use crate::metrics::METRICS;
 use crate::picker::{Cluster, Clusters};
 use crate::upstream::Account;
@@ -25,6 +26,8 @@ pub struct User {
     pub cluster: Arc<Cluster>,
     pub account: Arc<Account>,
     pub traffic: Traffic,
+    /// The user's quota counters, if it has a quota.
+    pub quota: Option<Arc<Limiter>>,
 }
 
 /// A user's traffic counters, resolved once (a label lookup per query is a hash and a lock).
@@ -46,17 +49,36 @@ impl Traffic {
 }
 
 /// Builds the users of a generation. A user whose password hash did not change keeps what
-/// its check remembers (a password that verified once is checked in about a microsecond).
-/// Validation guarantees each user's cluster and account exist; one that does not is left
-/// out rather than guessed.
+/// its check remembers (a password that verified once is checked in about a microsecond);
+/// a user with a quota keeps its counters (running queries, waiters, the rate bucket), with
+/// the new limits. Validation guarantees each user's cluster, account and quota exist; one
+/// that does not is left out rather than guessed.
 pub fn build(
     configs: &std::collections::BTreeMap<String, UserConfig>,
+    quotas: &std::collections::BTreeMap<String, QuotaConfig>,
     clusters: &Clusters,
     previous: Option<&HashMap<String, Arc<User>>>,
+    fleet: &Arc<Fleet>,
 ) -> HashMap<String, Arc<User>> {
     configs
         .iter()
         .filter_map(|(name, u)| {
+            let quota = match &u.quota {
+                None => None,
+                Some(q) => {
+                    let config = quotas.get(q)?;
+                    let kept = previous
+                        .and_then(|p| p.get(name))
+                        .and_then(|old| old.quota.clone());
+                    Some(match kept {
+                        Some(limiter) => {
+                            limiter.configure(config);
+                            limiter
+                        }
+                        None => Arc::new(Limiter::new(name, config, fleet.clone())),
+                    })
+                }
+            };
             let cluster = clusters.get(&u.cluster)?.clone();
             let account = cluster.accounts.get(&u.account)?.clone();
             let same_hash = previous
@@ -75,6 +97,7 @@ pub fn build(
                 cluster,
                 account,
                 traffic: Traffic::of(name),
+                quota,
             };
             Some((name.clone(), Arc::new(user)))
         })
@@ -119,6 +142,7 @@ pub(crate) mod tests {
             cluster,
             account,
             traffic: Traffic::of(name),
+            quota: None,
         }
     }
 }

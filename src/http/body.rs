@@ -13,7 +13,9 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use crate::gateway::Admission;
+use std::future::Future as _;
+
+use crate::gateway::{kill_query as kill, Admission, GatewayError};
 use crate::metrics::{GaugeGuard, METRICS};
 use crate::picker::Backend;
 use crate::upstream::Upstream;
@@ -41,16 +43,27 @@ impl Exchange {
     /// out (called before its last bytes are written, so a client that reads the metrics
     /// right after sees its request), otherwise `client_closed`.
     pub fn finish(&mut self, served: bool) {
+        let status = self.status;
+        let status = if served {
+            status.as_str()
+        } else {
+            CLIENT_CLOSED
+        };
+        let what = if served {
+            "Request served"
+        } else {
+            "Client went away before the response ended"
+        };
+        self.account(status, what);
+    }
+
+    /// Accounts for the request once, under the status label `status`.
+    fn account(&mut self, status: &str, what: &str) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
         let elapsed = self.started.elapsed();
         let user = self.admission.user();
-        let status = if served {
-            self.status.as_str()
-        } else {
-            CLIENT_CLOSED
-        };
         METRICS
             .http_requests
             .with_label_values(&[&user.name, status, self.backend.label()])
@@ -67,8 +80,7 @@ impl Exchange {
                 duration_ms = format_args!("{:.3}", elapsed.as_secs_f64() * 1000.0),
                 bytes_out = self.bytes_out,
                 attempts = self.attempts,
-                "{}",
-                if served { "Request served" } else { "Client went away before the response ended" }
+                "{what}"
             );
         }
     }
@@ -84,6 +96,10 @@ impl Drop for Exchange {
 /// The status label and access-log status of a request whose client went away before its
 /// response ended (nginx logs these as 499).
 pub const CLIENT_CLOSED: &str = "client_closed";
+
+/// The status label and access-log status of a response the user's quota cut (execution
+/// time or result bytes) after it had begun.
+pub const QUOTA_CUT: &str = "quota_cut";
 
 /// A request not yet answered: if it is dropped so (the client went away while it was
 /// authenticated, read or routed), it is still counted and logged, as `client_closed`.
@@ -135,22 +151,100 @@ impl Drop for Unanswered {
     }
 }
 
-/// ClickHouse's response body, streamed to the client.
+/// ClickHouse's response body, streamed to the client, within the user's quota: at its
+/// `max_execution_time` or `max_result_bytes` the stream is cut, the query killed on its
+/// node, and the body ends with ClickHouse's exception text, as ClickHouse ends a body
+/// whose query failed after its answer began (clients look for that text).
 pub struct UpstreamBody {
     inner: Incoming,
     /// The connection: driven from here, and returned to its node's pool once the body was
     /// read to the end.
     upstream: Option<Upstream>,
     exchange: Exchange,
+    /// When the quota's execution time runs out.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The stream was cut and its exception text sent: it ends.
+    cut: bool,
 }
 
 impl UpstreamBody {
     pub fn new(inner: Incoming, upstream: Upstream, exchange: Exchange) -> Self {
+        let deadline = exchange.admission.execution_limit().map(|limit| {
+            let at = exchange.admission.admitted_at() + limit;
+            Box::pin(tokio::time::sleep_until(at.into()))
+        });
         Self {
             inner,
             upstream: Some(upstream),
             exchange,
+            deadline,
+            cut: false,
         }
+    }
+
+    /// Ends the stream early with `e`: the query is killed on its node and the connection
+    /// dropped (it is mid-answer).
+    fn cut(&mut self, e: GatewayError, reason: &str) -> Bytes {
+        let user = self.exchange.admission.user().clone();
+        METRICS
+            .quota_kills
+            .with_label_values(&[&user.name, reason])
+            .inc();
+        kill(&self.exchange.backend, &user, &self.exchange.query_id);
+        self.upstream = None;
+        self.cut = true;
+        let code = e.code();
+        self.exchange.account(
+            QUOTA_CUT,
+            "Response cut by the user's quota; the query was killed",
+        );
+        Bytes::from(format!(
+            "\nCode: {}. DB::Exception: {e}. ({}) (version chgate {})\n",
+            code.number,
+            code.name,
+            env!("CARGO_PKG_VERSION")
+        ))
+    }
+
+    /// The next frame, unless the quota cuts the stream first.
+    fn poll_limited(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if self.cut {
+            return Poll::Ready(None);
+        }
+        if let Some(deadline) = self.deadline.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
+                self.deadline = None;
+                let limit = self
+                    .exchange
+                    .admission
+                    .execution_limit()
+                    .unwrap_or_default();
+                let e = GatewayError::ExecutionTimeout {
+                    user: self.exchange.admission.user().name.to_string(),
+                    elapsed: self.exchange.admission.admitted_at().elapsed(),
+                    limit,
+                };
+                let text = self.cut(e, "execution_time");
+                return Poll::Ready(Some(Ok(Frame::data(text))));
+            }
+        }
+        let frame = ready!(self.poll_inner(cx));
+        if let (Some(Ok(f)), Some(limit)) = (&frame, self.exchange.admission.result_limit()) {
+            let len = f.data_ref().map_or(0, |d| d.len() as u64);
+            if self.exchange.bytes_out + len > limit {
+                let e = GatewayError::ResultTooLarge {
+                    user: self.exchange.admission.user().name.to_string(),
+                    limit,
+                    bytes: self.exchange.bytes_out + len,
+                };
+                let text = self.cut(e, "result_bytes");
+                return Poll::Ready(Some(Ok(Frame::data(text))));
+            }
+        }
+        Poll::Ready(frame)
     }
 
     fn poll_inner(
@@ -200,7 +294,7 @@ impl Body for RespBody {
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
             RespBody::Upstream(up) => {
-                let frame = ready!(up.poll_inner(cx));
+                let frame = ready!(up.poll_limited(cx));
                 match &frame {
                     Some(Ok(f)) => {
                         if let Some(d) = f.data_ref() {
@@ -224,7 +318,7 @@ impl Body for RespBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RespBody::Full(full) => full.is_end_stream(),
-            RespBody::Upstream(up) => up.inner.is_end_stream(),
+            RespBody::Upstream(up) => !up.cut && up.inner.is_end_stream(),
         }
     }
 

@@ -47,7 +47,9 @@ impl HttpError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ErrorKind::UpstreamFailed => StatusCode::BAD_GATEWAY,
-            ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Timeout | ErrorKind::ExecutionTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::TooManyQueries | ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::ResultTooLarge => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -70,6 +72,14 @@ impl HttpError {
             "x-clickhouse-exception-code",
             HeaderValue::from(code.number),
         );
+        if let Some(after) = match self {
+            Self::Gateway(e) => e.retry_after(),
+            Self::RequestBody(_) => None,
+        } {
+            // Whole seconds, rounded up: never 0 for a wait that has not passed.
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
         if matches!(self, Self::Gateway(e) if e.is_authentication()) {
             h.insert(
                 header::WWW_AUTHENTICATE,

@@ -23,7 +23,7 @@ use super::routes::{self, Route};
 use super::sniff;
 use super::Frontend;
 use crate::gateway::route::{self, Plan, Routed};
-use crate::gateway::{admission, policy, Admission, GatewayError, User};
+use crate::gateway::{admission, kill_query as kill, policy, Admission, GatewayError, User};
 use crate::metrics::{GaugeGuard, METRICS};
 use crate::upstream::Upstream;
 
@@ -116,6 +116,7 @@ impl Frontend {
             session: None,
             replayable: true,
             max_attempts: self.gateway.settings.max_attempts,
+            execution_limit: None,
         };
         let request = || {
             let mut req = Request::new(crate::upstream::Body::Empty);
@@ -200,7 +201,12 @@ impl Frontend {
     ) -> Result<Response<RespBody>, HttpError> {
         let started = unanswered.started;
         let (parts, mut body) = req.into_parts();
-        let mut rewritten = rewrite::query(parts.uri.query(), &user, &parts.method);
+        let execution_limit = user
+            .quota
+            .as_ref()
+            .and_then(|q| q.config().max_execution_time);
+        let mut rewritten =
+            rewrite::query(parts.uri.query(), &user, &parts.method, execution_limit);
         // Kept by `unanswered` (for the access log, however the request ends), lent from there.
         unanswered.query_id = Some(std::mem::take(&mut rewritten.query_id));
         // The body cannot be read by us if it is compressed: by Content-Encoding, or in
@@ -211,7 +217,13 @@ impl Frontend {
             sniff::discard(&mut body).await;
             return Err(e.into());
         }
-        let admission = admission::admit(&user)?;
+        let admission = match admission::admit(&user).await {
+            Ok(a) => a,
+            Err(e) => {
+                sniff::discard(&mut body).await;
+                return Err(e.into());
+            }
+        };
         let statement = sniffed.statement;
         let mut payload = sniffed
             .payload(
@@ -233,6 +245,7 @@ impl Frontend {
             session: rewritten.session.as_deref().map(str::as_bytes),
             replayable: payload.replayable(),
             max_attempts: self.gateway.settings.max_attempts,
+            execution_limit: admission.execution_limit().map(|l| (l, &*user.name)),
         };
         // Taken by the first attempt; a retry (rare) builds them again.
         let mut headers = Some(rewrite::headers(&parts.headers, &user, ip));
@@ -320,23 +333,4 @@ fn avoid_down_replicas(path_and_query: &mut String, cluster: &crate::picker::Clu
             .with_label_values(&[&cluster.name])
             .inc();
     }
-}
-
-/// Cancels an abandoned attempt's query on its node, in the background: a hedge that lost,
-/// a read past `first_byte_timeout`, or one whose client went away. ClickHouse 18.16 does
-/// not notice a closed HTTP connection until it writes to it, so without this the query
-/// would run on.
-fn kill(backend: &Arc<crate::picker::Backend>, user: &User, query_id: &str) {
-    let backend = backend.clone();
-    let account = user.account.clone();
-    let query_id = query_id.to_owned();
-    tokio::spawn(async move {
-        let timeout = std::time::Duration::from_secs(5);
-        match backend.node.kill_query(&account, &query_id, timeout).await {
-            Ok(()) => tracing::debug!(node = %backend.label(), %query_id, "Abandoned query killed"),
-            Err(e) => {
-                tracing::info!(node = %backend.label(), %query_id, error = %e, "Could not kill an abandoned query")
-            }
-        }
-    });
 }

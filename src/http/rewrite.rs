@@ -9,6 +9,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Method;
 
 use super::credentials::decode_component;
+use crate::gateway::quota::upstream_execution_seconds;
 use crate::gateway::User;
 
 /// Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus `expect`: the
@@ -49,9 +50,16 @@ pub struct Rewritten {
 }
 
 /// Drops the client's credentials (and, for read-only users, any `readonly` it sent),
-/// namespaces `session_id` by user, makes sure there is a `query_id`, and adds `readonly=1`
-/// for read-only users' POSTs. Every other parameter is forwarded byte for byte.
-pub fn query(query: Option<&str>, user: &User, method: &Method) -> Rewritten {
+/// namespaces `session_id` by user, makes sure there is a `query_id`, passes a quota's
+/// `max_execution_time` on (the client's own only where it is lower), and adds
+/// `readonly=1` for read-only users' POSTs, last, so nothing after it has to change a
+/// setting. Every other parameter is forwarded byte for byte.
+pub fn query(
+    query: Option<&str>,
+    user: &User,
+    method: &Method,
+    execution_limit: Option<std::time::Duration>,
+) -> Rewritten {
     let mut out = Rewritten {
         path_and_query: String::with_capacity(query.map_or(0, str::len) + 64),
         ..Default::default()
@@ -63,11 +71,19 @@ pub fn query(query: Option<&str>, user: &User, method: &Method) -> Rewritten {
         }
         out.path_and_query.push_str(raw);
     };
+    let mut max_execution_time = execution_limit.map(upstream_execution_seconds);
     for raw in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (raw_name, raw_value) = raw.split_once('=').unwrap_or((raw, ""));
         let name = decode_component(raw_name);
         match name.as_ref() {
             "user" | "password" => continue,
+            "max_execution_time" if max_execution_time.is_some() => {
+                let own = decode_component(raw_value).trim().parse::<u64>().ok();
+                if let (Some(own), Some(limit)) = (own.filter(|&s| s > 0), max_execution_time) {
+                    max_execution_time = Some(own.min(limit));
+                }
+                continue;
+            }
             "readonly" if user.readonly => continue,
             "query" => out.query = Some(decode_component(raw_value).into_owned()),
             "query_id" => {
@@ -95,6 +111,9 @@ pub fn query(query: Option<&str>, user: &User, method: &Method) -> Rewritten {
         out.query_id = uuid::Uuid::new_v4().to_string();
         let id = out.query_id.clone();
         push_raw(&mut out, &format!("query_id={id}"));
+    }
+    if let Some(seconds) = max_execution_time {
+        push_raw(&mut out, &format!("max_execution_time={seconds}"));
     }
     // GET already implies readonly on the server, and ClickHouse refuses to change it there.
     if user.readonly && method != Method::GET && method != Method::HEAD {
@@ -258,6 +277,7 @@ mod tests {
             ),
             &user,
             &Method::POST,
+            None,
         );
         let pq = &r.path_and_query;
         assert!(!pq.contains("password") && !pq.contains("user=bi"), "{pq}");
@@ -278,15 +298,43 @@ mod tests {
     #[test]
     fn rewrite_keeps_client_query_id_and_leaves_get_readonly_to_the_server() {
         let user = test_user("bi", true);
-        let r = query(Some("query_id=mine&query=SELECT+1"), &user, &Method::GET);
+        let r = query(
+            Some("query_id=mine&query=SELECT+1"),
+            &user,
+            &Method::GET,
+            None,
+        );
         assert_eq!(r.query_id, "mine");
         assert_eq!(r.path_and_query, "/?query_id=mine&query=SELECT+1");
         let rw = test_user("etl", false);
-        let r = query(Some("readonly=2&decompress=1"), &rw, &Method::POST);
+        let r = query(Some("readonly=2&decompress=1"), &rw, &Method::POST, None);
         assert!(r
             .path_and_query
             .starts_with("/?readonly=2&decompress=1&query_id="));
         assert!(r.decompress);
+    }
+
+    #[test]
+    fn a_quota_execution_limit_goes_upstream_unless_the_client_is_stricter() {
+        let bi = test_user("bi", true);
+        let ten = Some(std::time::Duration::from_secs(10));
+        let pq = |q: &str| query(Some(q), &bi, &Method::POST, ten).path_and_query;
+        let with = |q: &str| {
+            let p = pq(q);
+            assert_eq!(p.matches("max_execution_time=").count(), 1, "{p}");
+            assert!(p.ends_with("&readonly=1"), "readonly stays last: {p}");
+            p
+        };
+        // The node's limit is a second past the gateway's own (see quota.rs).
+        assert!(with("query=SELECT+1").contains("max_execution_time=11&"));
+        assert!(with("max_execution_time=3").contains("max_execution_time=3&"));
+        assert!(with("max_execution_time=0").contains("max_execution_time=11&"));
+        assert!(with("max_execution_time=600").contains("max_execution_time=11&"));
+        assert!(
+            !query(Some("max_execution_time=600"), &bi, &Method::POST, None)
+                .path_and_query
+                .contains("max_execution_time=11")
+        );
     }
 
     #[test]

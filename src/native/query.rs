@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use crate::clickhouse::codes::{self, Code};
 use crate::clickhouse::native::client::{Interface, Query, Setting};
-use crate::clickhouse::native::server;
+use crate::clickhouse::native::{server, Reader};
 use crate::gateway::sql::{self, SessionEffect, StatementKind};
 use crate::gateway::{policy, Admission, GatewayError, Statement, User};
 use crate::metrics::{GaugeGuard, METRICS};
@@ -82,8 +82,9 @@ pub struct Decision {
 }
 
 /// Checks `query` for `user`: its statement against the user's policy (a read-only user
-/// also runs `SET` and `USE`, which the server guards with `readonly`), then admission.
-pub fn decide(user: &Arc<User>, query: &Query<'_>) -> Result<Decision, GatewayError> {
+/// also runs `SET` and `USE`, which the server guards with `readonly`), then admission
+/// (which may wait in the user's quota queue).
+pub async fn decide(user: &Arc<User>, query: &Query<'_>) -> Result<Decision, GatewayError> {
     let effect = sql::session_effect(query.text);
     let statement = match sql::classify(query.text, true) {
         StatementKind::Read => Statement::Read,
@@ -91,7 +92,7 @@ pub fn decide(user: &Arc<User>, query: &Query<'_>) -> Result<Decision, GatewayEr
         _ => Statement::Write,
     };
     policy::allows(user, statement)?;
-    let admission = crate::gateway::admission::admit(user)?;
+    let admission = crate::gateway::admission::admit(user).await?;
     Ok(Decision {
         statement,
         effect,
@@ -101,21 +102,43 @@ pub fn decide(user: &Arc<User>, query: &Query<'_>) -> Result<Decision, GatewayEr
 
 /// The Query the node gets: the client's, with a read-only user's own `readonly` dropped
 /// and the user's level added last (after the client's settings, so the server applies
-/// them before it is read-only), the mapped user as the quota key, the revision spoken with
-/// the node in the client info, and a query id if the client sent none.
+/// them before it is read-only), a quota's `max_execution_time` (the client's own only
+/// where it is lower; `execution_time` is the typed value), the mapped user as the quota
+/// key, the revision spoken with the node in the client info, and a query id if the
+/// client sent none.
 pub fn rewrite<'a>(
     query: &Query<'a>,
     user: &'a User,
     revision: u64,
     query_id: &'a str,
     readonly: &'a [u8],
+    execution_time: Option<&'a [u8]>,
 ) -> Query<'a> {
     let mut settings: Vec<Setting<'a>> = query
         .settings
         .iter()
         .filter(|s| !(user.readonly && s.name == "readonly"))
+        .filter(|s| {
+            // The client's own limit stays if it is stricter than the quota's.
+            let Some(quota) = execution_time else {
+                return true;
+            };
+            s.name != "max_execution_time" || {
+                let own = Reader::new(s.value).varuint().unwrap_or(0);
+                let limit = Reader::new(quota).varuint().unwrap_or(0);
+                own > 0 && own <= limit
+            }
+        })
         .cloned()
         .collect();
+    if let Some(value) = execution_time {
+        if !settings.iter().any(|s| s.name == "max_execution_time") {
+            settings.push(Setting {
+                name: "max_execution_time",
+                value,
+            });
+        }
+    }
     if user.readonly {
         settings.push(Setting {
             name: "readonly",
@@ -179,6 +202,10 @@ pub struct Running {
     /// The node's in-flight count, held while the query runs.
     pub _in_flight: GaugeGuard,
     pub done: bool,
+    /// The quota's execution limit falls due: the query is cut.
+    pub deadline: Option<tokio::time::Instant>,
+    /// The quota cut the query: the error the client gets at the next packet boundary.
+    pub cut: Option<(GatewayError, &'static str)>,
 }
 
 impl Running {
@@ -264,11 +291,14 @@ mod tests {
         }
     }
 
-    #[test]
-    fn read_only_users_run_reads_set_and_use_only() {
+    #[tokio::test]
+    async fn read_only_users_run_reads_set_and_use_only() {
         let bi = Arc::new(test_user("bi", true));
         for q in ["SELECT 1", "SET max_threads = 1", "USE demo", "SHOW TABLES"] {
-            assert!(decide(&bi, &query(q.as_bytes(), vec![])).is_ok(), "{q}");
+            assert!(
+                decide(&bi, &query(q.as_bytes(), vec![])).await.is_ok(),
+                "{q}"
+            );
         }
         for q in [
             "INSERT INTO t VALUES",
@@ -278,14 +308,16 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    decide(&bi, &query(q.as_bytes(), vec![])),
+                    decide(&bi, &query(q.as_bytes(), vec![])).await,
                     Err(GatewayError::ReadOnly { .. })
                 ),
                 "{q}"
             );
         }
         let etl = Arc::new(test_user("etl", false));
-        assert!(decide(&etl, &query(b"INSERT INTO t VALUES", vec![])).is_ok());
+        assert!(decide(&etl, &query(b"INSERT INTO t VALUES", vec![]))
+            .await
+            .is_ok());
     }
 
     #[test]
@@ -306,7 +338,7 @@ mod tests {
                 },
             ],
         );
-        let r = rewrite(&q, &bi, 54412, "id-1", &one);
+        let r = rewrite(&q, &bi, 54412, "id-1", &one, None);
         let names: Vec<_> = r.settings.iter().map(|s| (s.name, s.value)).collect();
         assert_eq!(
             names,
@@ -324,8 +356,40 @@ mod tests {
         assert_eq!(r.query_id, b"id-1");
         // A user that is not read-only keeps whatever it sent.
         let etl = test_user("etl", false);
-        let r = rewrite(&q, &etl, 54412, "id-2", &one);
+        let r = rewrite(&q, &etl, 54412, "id-2", &one, None);
         assert_eq!(r.settings.len(), 2);
         assert_eq!(r.settings[0].value, &zero[..]);
+    }
+
+    #[test]
+    fn a_quota_execution_limit_goes_upstream_unless_the_client_is_stricter() {
+        let etl = test_user("etl", false);
+        let one = varuint_value(1);
+        let ten = varuint_value(10);
+        let zero = varuint_value(0);
+        let own = |value| {
+            query(
+                b"SELECT 1",
+                vec![Setting {
+                    name: "max_execution_time",
+                    value,
+                }],
+            )
+        };
+        let limit = |q: &Query<'_>| {
+            let r = rewrite(q, &etl, 54412, "id", &one, Some(&ten));
+            let found: Vec<_> = r
+                .settings
+                .iter()
+                .filter(|s| s.name == "max_execution_time")
+                .map(|s| s.value.to_vec())
+                .collect();
+            assert_eq!(found.len(), 1, "exactly one");
+            found[0].clone()
+        };
+        assert_eq!(limit(&query(b"SELECT 1", vec![])), ten);
+        assert_eq!(limit(&own(&one)), one, "stricter: kept");
+        assert_eq!(limit(&own(&zero)), ten, "0 (no limit) is not stricter");
+        assert_eq!(limit(&own(&varuint_value(99))), ten);
     }
 }

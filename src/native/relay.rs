@@ -40,7 +40,7 @@ use crate::clickhouse::native::server::{
 };
 use crate::clickhouse::native::WalkError;
 use crate::gateway::sql::SessionEffect;
-use crate::gateway::User;
+use crate::gateway::{GatewayError, User};
 use crate::metrics::{GaugeGuard, METRICS};
 use crate::picker::Purpose;
 use crate::upstream::UpstreamError;
@@ -100,6 +100,8 @@ enum Event {
     Server(std::io::Result<usize>),
     Idle,
     Drain,
+    /// The running query's quota execution limit.
+    Deadline,
 }
 
 /// Relays `conn` until either side closes, it idles out, or the proxy drains.
@@ -137,6 +139,14 @@ where
     relay.run(drain).await;
 }
 
+/// Waits until `deadline`, or forever without one (no timer is armed then).
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Reads from the node, or waits forever without one.
 async fn read_upstream(upstream: &mut Option<Upstream>) -> std::io::Result<usize> {
     match upstream {
@@ -167,11 +177,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 .as_ref()
                 .map_or(0, |u| u.buf.capacity() - u.buf.len());
             let idle = self.running.is_none();
+            let deadline = self
+                .running
+                .as_ref()
+                .filter(|r| r.cut.is_none())
+                .and_then(|r| r.deadline);
             let event = tokio::select! {
                 r = self.client.read_buf(&mut self.buf) => Event::Client(r),
                 r = read_upstream(&mut self.upstream) => Event::Server(r),
                 _ = tokio::time::sleep(idle_timeout), if idle => Event::Idle,
                 _ = drain.cancelled(), if !self.closing => Event::Drain,
+                _ = until(deadline) => Event::Deadline,
             };
             let step = match event {
                 Event::Client(Ok(0)) => break,
@@ -207,6 +223,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                     self.closing = true;
                     Ok(())
                 }
+                Event::Deadline => self.execution_time_out().await,
             };
             if step.is_err() {
                 break;
@@ -313,7 +330,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         };
         self.compression = query.compression;
         self.discarding = false;
-        let decision = match query::decide(&self.user, &query) {
+        let decision = match query::decide(&self.user, &query).await {
             Ok(d) => d,
             Err(e) => return self.refuse(e.into(), query.query_id).await,
         };
@@ -328,8 +345,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         } else {
             String::from_utf8_lossy(query.query_id).into_owned()
         };
-        let rewritten =
-            query::rewrite(&query, &self.user, self.revision, &query_id, &self.readonly);
+        let execution_limit = decision.admission.execution_limit();
+        let execution_time = execution_limit
+            .map(|l| client::varuint_value(crate::gateway::quota::upstream_execution_seconds(l)));
+        let rewritten = query::rewrite(
+            &query,
+            &self.user,
+            self.revision,
+            &query_id,
+            &self.readonly,
+            execution_time.as_deref(),
+        );
         let mut out = Vec::with_capacity(packet.len() + 32);
         rewritten.write(&mut out, self.revision);
         let Some(upstream) = self.upstream.as_mut() else {
@@ -347,7 +373,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         }
         let backend = upstream.backend.clone();
         let text = matches!(decision.effect, SessionEffect::Set).then(|| query.text.to_vec());
+        let deadline = execution_limit.map(|l| (decision.admission.admitted_at() + l).into());
         self.running = Some(Running {
+            deadline,
+            cut: None,
             _in_flight: GaugeGuard::new(&backend.node.in_flight),
             decision,
             query_id,
@@ -502,6 +531,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                     upstream.forwarded = 0;
                     upstream.incomplete_at = 0;
                     self.observe(p.kind, p.rows, &packet);
+                    // At a packet boundary: where a quota's cut can be told.
+                    if self.running.as_ref().is_some_and(|r| r.cut.is_some()) {
+                        return self.cut().await;
+                    }
                 }
                 Err(WalkError::Incomplete) => {
                     upstream.incomplete_at = upstream.buf.len();
@@ -522,6 +555,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         if start >= end {
             return Ok(());
         }
+        if let Some(run) = self.running.as_mut() {
+            let limit = run.decision.admission.result_limit();
+            let over = limit.filter(|&l| run.bytes_out + (end - start) as u64 > l);
+            if let (Some(limit), true) = (over, run.cut.is_none()) {
+                let e = GatewayError::ResultTooLarge {
+                    user: self.user.name.to_string(),
+                    limit,
+                    bytes: run.bytes_out + (end - start) as u64,
+                };
+                run.cut = Some((e, "result_bytes"));
+                if start == 0 {
+                    // Nothing of this packet went out: the cut is told instead of it.
+                    return self.cut().await;
+                }
+                // Mid-packet: the rest of it goes, and the cut follows at its end.
+            }
+        }
+        let Some(upstream) = self.upstream.as_mut() else {
+            return Ok(());
+        };
         upstream.forwarded = end;
         if let Some(run) = self.running.as_mut() {
             run.bytes_out += (end - start) as u64;
@@ -566,6 +619,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             }
             _ => {}
         }
+    }
+
+    /// The running query reached its quota's execution limit: cut now if the client is at
+    /// a packet boundary, else at the end of the packet it is being sent.
+    async fn execution_time_out(&mut self) -> Step {
+        let Some(run) = self.running.as_mut() else {
+            return Ok(());
+        };
+        let limit = run.decision.admission.execution_limit().unwrap_or_default();
+        let e = GatewayError::ExecutionTimeout {
+            user: self.user.name.to_string(),
+            elapsed: run.decision.admission.admitted_at().elapsed(),
+            limit,
+        };
+        run.cut = Some((e, "execution_time"));
+        if self.upstream.as_ref().is_some_and(|u| u.forwarded > 0) {
+            return Ok(());
+        }
+        self.cut().await
+    }
+
+    /// Ends the running query for its quota, at a packet boundary: it is killed on its node,
+    /// the node connection (mid-answer) is let go (the next query moves, with the session),
+    /// and the client gets the Exception.
+    async fn cut(&mut self) -> Step {
+        let Some(mut run) = self.running.take() else {
+            return Ok(());
+        };
+        let Some((e, reason)) = run.cut.take() else {
+            self.running = Some(run);
+            return Ok(());
+        };
+        METRICS
+            .quota_kills
+            .with_label_values(&[&self.user.name, reason])
+            .inc();
+        crate::gateway::kill_query(&run.backend, &self.user, &run.query_id);
+        tracing::info!(user = %self.user.name, query_id = %run.query_id, reason, "Query cut by its quota and killed");
+        let refusal = Refusal::Gateway(e);
+        run.finish(Status::Refused, Some(refusal.code()));
+        self.upstream = None;
+        self.pings = 0;
+        self.discarding = true;
+        self.send_client(&refusal.packet()).await
     }
 
     /// The node sent something chgate cannot read: an Exception for the query if the

@@ -1,0 +1,377 @@
+//! Per-user quotas against the real stack, over both frontends: concurrency with and
+//! without a queue, the rate, the execution time (the query is gone from the node's
+//! `system.processes` within a second of the limit and the client got code 159), and the
+//! result size (a cut result ends with ClickHouse's error text, as a node ends an answer that failed
+//! after it began: never silently).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A query that runs for minutes and notices a KILL between its blocks (`sleep` does not:
+/// 18.16 sleeps a whole block out).
+const LONG: &str = "SELECT count() FROM numbers(100000000000) WHERE NOT ignore(sipHash64(number))";
+
+/// A proxy (with a native listener, one node) and its user held to `[quotas.test]`. The
+/// metrics are the test process's: each test's user has a name of its own.
+struct Quota {
+    proxy: TestProxy,
+    user: String,
+}
+
+impl Quota {
+    async fn start(quota: &str) -> Self {
+        let user = unique("q").replace('-', "_");
+        let extra = format!(
+            r#"
+[users.{user}]
+password_hash = "{hash}"
+cluster = "demo"
+account = "chgate"
+quota = "test"
+[quotas.test]
+{quota}
+"#,
+            hash = hash("q-pass"),
+        );
+        let text = config(&[("127.0.0.11", 8123)], &extra).replace(
+            "http_listen = \"127.0.0.1:0\"",
+            "http_listen = \"127.0.0.1:0\"\nnative_listen = \"127.0.0.1:0\"",
+        );
+        Self {
+            proxy: TestProxy::start(&text).await,
+            user,
+        }
+    }
+
+    fn label(&self) -> String {
+        format!("user=\"{}\"", self.user)
+    }
+
+    fn args(&self, sql: &str, params: &str) -> Vec<String> {
+        vec![
+            "-sS".into(),
+            "-u".into(),
+            format!("{}:q-pass", self.user),
+            format!("{}/?{params}", self.proxy.url()),
+            "--data-binary".into(),
+            sql.into(),
+        ]
+    }
+
+    async fn http(&self, sql: &str, params: &str) -> CurlOutput {
+        curl_async(self.args(sql, params)).await
+    }
+
+    /// Runs `sql` three times at once through HTTP; the statuses, answers and Retry-After
+    /// headers, by status.
+    async fn three_at_once(&self, sql: &str) -> Vec<(u16, String, Option<String>)> {
+        let runs = (0..3).map(|_| curl_async(self.args(sql, "")));
+        let mut outs: Vec<_> = all_at_once(runs)
+            .await
+            .into_iter()
+            .map(|o| (o.status, o.body.clone(), header(&o, "retry-after")))
+            .collect();
+        outs.sort_by_key(|(s, _, _)| *s);
+        outs
+    }
+}
+
+fn header(out: &CurlOutput, name: &str) -> Option<String> {
+    out.headers.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+    })
+}
+
+/// Runs every future at once (each on its own task) and collects the outputs in order.
+async fn all_at_once<F>(fs: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn http_concurrency_without_a_queue_refuses_exactly_one_with_202() {
+    let q = Quota::start("max_concurrent_queries = 2\nmax_queue_size = 0").await;
+    let outs = q.three_at_once("SELECT sleep(1)").await;
+    let statuses: Vec<u16> = outs.iter().map(|(s, _, _)| *s).collect();
+    assert_eq!(statuses, [200, 200, 429], "{outs:#?}");
+    let (_, refused, retry_after) = &outs[2];
+    assert!(refused.contains("Code: 202"), "{refused}");
+    assert!(
+        refused.contains("TOO_MANY_SIMULTANEOUS_QUERIES"),
+        "{refused}"
+    );
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    let m = q.proxy.metrics().await;
+    let user = q.label();
+    assert_eq!(
+        metric_sum(
+            &m,
+            "chgate_quota_rejections_total",
+            &[&user, "reason=\"concurrency\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(&m, "chgate_user_queries_in_flight", &[&user]),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn http_concurrency_with_a_queue_lets_the_third_wait_and_succeed() {
+    let q =
+        Quota::start("max_concurrent_queries = 2\nmax_queue_size = 5\nmax_queue_wait = \"10s\"")
+            .await;
+    let started = Instant::now();
+    let outs = q.three_at_once("SELECT sleep(1)").await;
+    let statuses: Vec<u16> = outs.iter().map(|(s, _, _)| *s).collect();
+    assert_eq!(statuses, [200, 200, 200], "{outs:#?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "the third waited for a slot: {:?}",
+        started.elapsed()
+    );
+    let m = q.proxy.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "chgate_quota_queue_wait_seconds_count", &[&q.label()]),
+        3.0
+    );
+}
+
+#[tokio::test]
+async fn a_queue_wait_that_runs_out_is_refused() {
+    let q =
+        Quota::start("max_concurrent_queries = 1\nmax_queue_size = 5\nmax_queue_wait = \"300ms\"")
+            .await;
+    let outs = q.three_at_once("SELECT sleep(1)").await;
+    let statuses: Vec<u16> = outs.iter().map(|(s, _, _)| *s).collect();
+    assert_eq!(statuses, [200, 429, 429], "{outs:#?}");
+    assert!(
+        outs[1].1.contains("waited 0.3 s in chgate's queue"),
+        "{}",
+        outs[1].1
+    );
+}
+
+#[tokio::test]
+async fn the_rate_refuses_past_the_burst_with_201_and_retry_after() {
+    let q = Quota::start("requests_per_minute = 6\nrequests_burst = 2").await;
+    for _ in 0..2 {
+        let ok = q.http("SELECT 1", "").await;
+        assert_eq!(ok.status, 200, "{}", ok.body);
+    }
+    let refused = q.http("SELECT 1", "").await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert!(refused.body.contains("Code: 201"), "{}", refused.body);
+    assert!(refused.body.contains("QUOTA_EXCEEDED"), "{}", refused.body);
+    // One query per 10 s comes back: the client is told to wait up to that.
+    let after: u64 = header(&refused, "retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
+    assert!((1..=10).contains(&after), "{after}");
+}
+
+/// The queries with `query_id` on the node now.
+fn running(node: &str, query_id: &str) -> bool {
+    !direct(
+        node,
+        &format!("SELECT count() FROM system.processes WHERE query_id = '{query_id}'"),
+    )
+    .trim()
+    .starts_with('0')
+}
+
+#[tokio::test]
+async fn http_execution_time_kills_the_query_and_answers_159() {
+    let q = Quota::start("max_execution_time = \"1s\"").await;
+    // Before its answer begins.
+    let id = unique("quota-exec");
+    let started = Instant::now();
+    let out = q.http(LONG, &format!("query_id={id}")).await;
+    let took = started.elapsed();
+    assert_eq!(out.status, 504, "{}", out.body);
+    assert!(out.body.contains("Code: 159"), "{}", out.body);
+    assert!(out.body.contains("maximum: 1"), "{}", out.body);
+    assert!(
+        took < Duration::from_millis(1800),
+        "answered at the limit: {took:?}"
+    );
+    wait_until(
+        "the query gone from the node",
+        Duration::from_secs(1),
+        || !running("127.0.0.11", &id),
+    )
+    .await;
+
+    // After it began, and with the limit the node got lifted by the query's own SETTINGS
+    // (the node would not stop it): the stream is cut and ends with the text.
+    let id = unique("quota-stream");
+    let out = q
+        .http(
+            "SELECT number FROM system.numbers SETTINGS max_execution_time = 100",
+            &format!("query_id={id}"),
+        )
+        .await;
+    let tail = &out.body[out.body.len().saturating_sub(300)..];
+    assert!(tail.contains("Code: 159"), "{tail}");
+    assert!(
+        out.body.starts_with("0\n1\n2\n"),
+        "rows before the cut arrive"
+    );
+    wait_until(
+        "the streaming query gone from the node",
+        Duration::from_secs(1),
+        || !running("127.0.0.11", &id),
+    )
+    .await;
+    let m = q.proxy.metrics().await;
+    assert!(
+        metric_sum(
+            &m,
+            "chgate_quota_kills_total",
+            &[&q.label(), "reason=\"execution_time\""]
+        ) >= 1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn http_result_bytes_cut_the_result_with_396() {
+    let q = Quota::start("max_result_bytes = 100000").await;
+    let out = q.http("SELECT number FROM numbers(10000000)", "").await;
+    let tail = &out.body[out.body.len().saturating_sub(300)..];
+    let (rows, text) = out
+        .body
+        .rsplit_once("\nCode: 396")
+        .unwrap_or_else(|| panic!("no error text at the end: {tail:?}"));
+    assert!(rows.len() <= 100_000, "{}", rows.len());
+    assert!(text.contains("max bytes: 100000"), "{text}");
+    // A small answer is untouched.
+    let ok = q.http("SELECT 1", "").await;
+    assert_eq!(ok.status, 200);
+}
+
+/// clickhouse-client through `addr` as `user`.
+async fn native_client(addr: SocketAddr, user: String, query: &str) -> Output {
+    let args = vec![
+        "--host".to_string(),
+        addr.ip().to_string(),
+        "--port".into(),
+        addr.port().to_string(),
+        "--user".into(),
+        user,
+        "--password".into(),
+        "q-pass".into(),
+        "--query".into(),
+        query.into(),
+    ];
+    tokio::task::spawn_blocking(move || {
+        Command::new("clickhouse-client")
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("clickhouse-client")
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn native_concurrency_refuses_with_202() {
+    let q = Quota::start("max_concurrent_queries = 2\nmax_queue_size = 0").await;
+    let native = q.proxy.native.expect("native listener");
+    let outs =
+        all_at_once((0..3).map(|_| native_client(native, q.user.clone(), "SELECT sleep(1)"))).await;
+    let refused: Vec<String> = outs
+        .iter()
+        .filter(|o| !o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .collect();
+    assert_eq!(refused.len(), 1, "{outs:#?}");
+    assert!(refused[0].contains("Code: 202"), "{}", refused[0]);
+}
+
+/// The stack's Python, with clickhouse-driver.
+fn python() -> PathBuf {
+    let cache = std::env::var_os("CHGATE_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/chgate")
+        });
+    cache.join("venv/bin/python")
+}
+
+#[tokio::test]
+async fn native_execution_time_and_result_bytes_end_the_query_and_keep_the_connection() {
+    let q = Quota::start("max_execution_time = \"1s\"\nmax_result_bytes = 200000").await;
+    let native = q.proxy.native.expect("native listener");
+    let id = unique("native-exec");
+    // One connection: a query over the time limit, one over the byte limit, then a normal
+    // one, which must still work (the connection moves on to a fresh node connection).
+    let script = format!(
+        r#"
+import sys, time
+from clickhouse_driver import Client
+c = Client(host="{host}", port={port}, user="{user}", password="q-pass")
+t = time.time()
+try:
+    c.execute("{long}", query_id="{id}")
+    print("exec: no error")
+except Exception as e:
+    print("exec:", getattr(e, "code", None), round(time.time() - t, 2))
+try:
+    rows = c.execute("SELECT number FROM numbers(10000000)", settings={{"max_block_size": 8192}})
+    print("bytes: no error", len(rows))
+except Exception as e:
+    print("bytes:", getattr(e, "code", None))
+print("after:", c.execute("SELECT 42")[0][0])
+"#,
+        host = native.ip(),
+        port = native.port(),
+        user = q.user,
+        long = LONG,
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .args(["-c", &script])
+            .output()
+            .expect("python")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exec = stdout.lines().find(|l| l.starts_with("exec:")).unwrap();
+    let mut parts = exec.split_whitespace().skip(1);
+    assert_eq!(parts.next(), Some("159"), "{stdout}");
+    let took: f64 = parts.next().unwrap().parse().unwrap();
+    assert!(took < 1.8, "answered at the limit: {took}");
+    assert!(stdout.contains("bytes: 396"), "{stdout}");
+    assert!(stdout.contains("after: 42"), "{stdout}");
+    wait_until(
+        "the query gone from the node",
+        Duration::from_secs(1),
+        || !running("127.0.0.11", &id),
+    )
+    .await;
+}
