@@ -1,4 +1,5 @@
-//! The command line: `chgate proxy | ingest | config check | passwd | version`.
+//! The command line: `chgate proxy | ingest | config check|push|diff|pull|rollback |
+//! passwd | version`.
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
@@ -56,6 +57,38 @@ enum Command {
 enum ConfigCommand {
     /// Validate a config file; print every problem with its key and reason.
     Check { file: PathBuf },
+    /// Validate FILE's dynamic sections (clusters, users, quotas, upstream, picker) with the
+    /// bootstrap file and publish them to its ZooKeeper root as the next version, in one
+    /// atomic step. Exit 1 with every problem if anything is invalid.
+    Push {
+        /// The bootstrap file (with [config_source]).
+        #[arg(long, short, env = "CHGATE_CONFIG")]
+        config: PathBuf,
+        #[arg(long, short)]
+        file: PathBuf,
+    },
+    /// Show what `push` would change, znode by znode.
+    Diff {
+        #[arg(long, short, env = "CHGATE_CONFIG")]
+        config: PathBuf,
+        #[arg(long, short)]
+        file: PathBuf,
+    },
+    /// Print the active dynamic config (a file `push` accepts).
+    Pull {
+        #[arg(long, short, env = "CHGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Publish a kept earlier version again; with --list, list the kept versions.
+    Rollback {
+        #[arg(long, short, env = "CHGATE_CONFIG")]
+        config: PathBuf,
+        /// The version to restore.
+        #[arg(required_unless_present = "list")]
+        version: Option<u64>,
+        #[arg(long)]
+        list: bool,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -69,14 +102,22 @@ pub fn main() -> ExitCode {
         }
         Command::Config {
             command: ConfigCommand::Check { file },
-        } => match crate::config::load(&file) {
+        } => match crate::config::check(&file) {
             Ok(v) => {
-                println!(
-                    "{}: ok ({} users, {} clusters)",
-                    file.display(),
-                    v.config.users.len(),
-                    v.config.clusters.len()
-                );
+                match &v.config.config_source {
+                    Some(s) => println!(
+                        "{}: ok (a bootstrap file: clusters and users come from ZooKeeper {}{})",
+                        file.display(),
+                        s.zookeeper.join(","),
+                        s.root
+                    ),
+                    None => println!(
+                        "{}: ok ({} users, {} clusters)",
+                        file.display(),
+                        v.config.users.len(),
+                        v.config.clusters.len()
+                    ),
+                }
                 ExitCode::SUCCESS
             }
             Err(problems) => {
@@ -84,6 +125,7 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Config { command } => config_zookeeper(command),
         Command::Passwd { stdin } => passwd(stdin),
         Command::Ingest { config } => {
             let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -108,14 +150,6 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Proxy { config } => {
-            // Validate fully before building a runtime or binding anything.
-            let validated = match crate::config::load(&config) {
-                Ok(v) => v,
-                Err(problems) => {
-                    print_problems(&config, &problems);
-                    return ExitCode::FAILURE;
-                }
-            };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("chgate-worker")
@@ -127,13 +161,87 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(crate::proxy::run(config, validated)) {
+            // Validate fully (with the dynamic part from ZooKeeper, if that is the source)
+            // before binding anything.
+            let started = match runtime.block_on(crate::config::source::start(&config)) {
+                Ok(s) => s,
+                Err(problems) => {
+                    print_problems(&config, &problems);
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(crate::proxy::run(config, started)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("chgate: {e:#}");
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `chgate config push | diff | pull | rollback`: one request each to ZooKeeper.
+fn config_zookeeper(command: ConfigCommand) -> ExitCode {
+    use crate::config::publish;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("chgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: Result<Vec<String>, Vec<String>> = runtime.block_on(async {
+        match command {
+            ConfigCommand::Check { .. } => Ok(Vec::new()),
+            ConfigCommand::Push { config, file } => {
+                publish::push(&config, &file).await.map(|l| vec![l])
+            }
+            ConfigCommand::Diff { config, file } => {
+                publish::diff(&config, &file).await.map(|lines| {
+                    if lines.is_empty() {
+                        vec!["no change".to_string()]
+                    } else {
+                        lines
+                    }
+                })
+            }
+            ConfigCommand::Pull { config } => publish::pull(&config).await.map(|t| vec![t]),
+            ConfigCommand::Rollback {
+                config, list: true, ..
+            } => publish::versions(&config).await.map(|(kept, active)| {
+                kept.iter()
+                    .map(|v| {
+                        let mark = if *v == active { "  (active)" } else { "" };
+                        format!("{v}{mark}")
+                    })
+                    .collect()
+            }),
+            ConfigCommand::Rollback {
+                config,
+                version: Some(v),
+                ..
+            } => publish::rollback(&config, v).await.map(|l| vec![l]),
+            ConfigCommand::Rollback { version: None, .. } => {
+                Err(vec!["give the version to restore, or --list".into()])
+            }
+        }
+    });
+    match result {
+        Ok(lines) => {
+            for l in lines {
+                println!("{}", l.trim_end());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("chgate config: {p}");
+            }
+            ExitCode::FAILURE
         }
     }
 }
@@ -191,7 +299,8 @@ fn passwd(from_stdin: bool) -> ExitCode {
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,zookeeper_client=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

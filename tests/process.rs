@@ -199,13 +199,12 @@ account = "chgate"
     let (ok, err) = chgate(&["proxy", "--config", path_str]);
     assert!(!ok && err.contains("line 2, column 15"), "{err}");
     let _ = std::fs::remove_file(path);
-    // The quickstart config is valid.
-    let (ok, err) = chgate(&[
-        "config",
-        "check",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/config/local.toml"),
-    ]);
-    assert!(ok, "{err}");
+    // The quickstart's bootstrap file and the config it pushes are valid.
+    for file in ["/config/local.toml", "/config/local-cluster.toml"] {
+        let path = format!("{}{file}", env!("CARGO_MANIFEST_DIR"));
+        let (ok, err) = chgate(&["config", "check", &path]);
+        assert!(ok, "{file}: {err}");
+    }
 }
 
 #[test]

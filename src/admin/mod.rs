@@ -1,5 +1,5 @@
-//! The admin listener both apps serve: `/metrics`, `/healthz`, `/readyz`, and the picker's
-//! `/v1/pick` and `/v1/topology` over the app's clusters. It runs on its own thread and
+//! The admin listener both apps serve: `/metrics`, `/healthz`, `/readyz`, the picker's
+//! `/v1/pick` and `/v1/topology` over the app's clusters, and (the proxy) `/v1/config`. It runs on its own thread and
 //! single-threaded runtime so that an overloaded data plane cannot starve health checks,
 //! scrapes and picks. What it shows comes from an [`AdminSource`]: the proxy's gateway, or
 //! the ingest sidecar's own picker.
@@ -34,6 +34,10 @@ pub trait AdminSource: Send + Sync + 'static {
     fn readiness(&self) -> Result<(), &'static str>;
     /// The bearer token every path but `/healthz` and `/readyz` needs, if one is set.
     fn token(&self) -> Option<Secret>;
+    /// The running config's version, source and last refused change, for `/v1/config`.
+    fn config_status(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// Binds the admin listener (before any runtime serves it: [`spawn`] takes it over).
@@ -138,9 +142,13 @@ fn route(source: &dyn AdminSource, req: &Request<Incoming>) -> Response<Full<Byt
             StatusCode::OK,
             &crate::picker::api::topology(&source.clusters()),
         ),
+        "/v1/config" => match source.config_status() {
+            Some(status) => json(StatusCode::OK, &status),
+            None => text(StatusCode::NOT_FOUND, "this app has no config status\n"),
+        },
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /metrics, /healthz, /readyz, /v1/pick, /v1/topology\n",
+            "not found: try /metrics, /healthz, /readyz, /v1/pick, /v1/topology, /v1/config\n",
         ),
     }
 }

@@ -19,3 +19,14 @@ pub fn parse(text: &str, base: &Path) -> Result<Validated, Vec<Problem>> {
     let config: Config = toml::from_str(text).map_err(|e| vec![Problem::from_toml(&e, text)])?;
     validate::validate(config, base)
 }
+
+/// Checks a file as `chgate config check` does: a whole config, or a bootstrap file (with
+/// `[config_source]`) on its own, whose clusters and users come from ZooKeeper.
+pub fn check(path: &Path) -> Result<Validated, Vec<Problem>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![Problem::new("", format!("cannot read the file: {e}"))])?;
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    let config: Config = toml::from_str(&text).map_err(|e| vec![Problem::from_toml(&e, &text)])?;
+    let bootstrap = config.config_source.is_some();
+    validate::validate_with(config, base, !bootstrap)
+}

@@ -5,7 +5,10 @@
 //! Nothing binds or connects until [`load`] has returned a [`Validated`] config.
 
 mod load;
+pub mod publish;
+pub mod source;
 mod validate;
+pub mod zookeeper;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,7 +18,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-pub use load::{load, parse};
+pub use load::{check, load, parse};
 pub use validate::{validate_clusters, validate_picker, validate_upstream, Problem, Validated};
 
 /// The root of a chgate config file.
@@ -39,6 +42,43 @@ pub struct Config {
     /// Named quotas users refer to with `quota = "NAME"`.
     #[serde(default)]
     pub quotas: BTreeMap<String, QuotaConfig>,
+    /// Where the dynamic part (clusters, users, quotas, picker, upstream) comes from when it
+    /// is not in this file: a ZooKeeper root. This file is then a bootstrap file.
+    pub config_source: Option<ConfigSourceConfig>,
+}
+
+/// The dynamic config in ZooKeeper (see [`zookeeper`] for the znode layout).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigSourceConfig {
+    /// The ensemble's members, `host:port`.
+    pub zookeeper: Vec<String>,
+    /// The root of this environment's config, e.g. `/chgate/prod`.
+    pub root: String,
+    /// Digest authentication: the user, and its password from exactly one of an
+    /// environment variable or a file.
+    pub digest_user: Option<String>,
+    pub digest_password_env: Option<String>,
+    pub digest_password_file: Option<PathBuf>,
+    /// The ZooKeeper session timeout: how soon a stopped instance leaves the fleet (its
+    /// members znode goes) when it could not say goodbye.
+    #[serde(default = "default_zk_session_timeout", with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// The last good config, written atomically on every apply, read at start when
+    /// ZooKeeper cannot be reached. Default: the bootstrap file's path with
+    /// `.cache.toml` added.
+    pub cache_file: Option<PathBuf>,
+    /// Pushed versions kept under `<root>/history` for `chgate config rollback`.
+    #[serde(default = "default_keep_versions")]
+    pub keep_versions: u32,
+}
+
+fn default_zk_session_timeout() -> Duration {
+    Duration::from_secs(6)
+}
+
+fn default_keep_versions() -> u32 {
+    20
 }
 
 /// The client-facing HTTP(S) listeners.

@@ -33,10 +33,21 @@ impl Problem {
         let location = e
             .span()
             .map(|span| {
-                let before = &text[..span.start.min(text.len())];
+                let start = span.start.min(text.len());
+                let before = text.get(..start).unwrap_or("");
                 let line = before.matches('\n').count() + 1;
-                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-                format!("line {line}, column {column}: ")
+                let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+                let column = before.len() - line_start + 1;
+                // The key whose value is wrong, when the error points into `key = value`
+                // (serde's message names the type it wanted, not the key).
+                let key = text
+                    .get(line_start..start)
+                    .and_then(|head| head.split_once('='))
+                    .map(|(k, _)| k.trim())
+                    .filter(|k| !k.is_empty() && !k.contains(['[', '"', '\'']))
+                    .map(|k| format!("key {k}: "))
+                    .unwrap_or_default();
+                format!("line {line}, column {column}: {key}")
             })
             .unwrap_or_default();
         Self::new("", format!("{location}{}", e.message().trim_end()))
@@ -90,6 +101,16 @@ fn valid_name(name: &str) -> bool {
 }
 
 pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Problem>> {
+    validate_with(config, base, true)
+}
+
+/// [`validate`]; `require_users` false for a bootstrap file on its own (its users come from
+/// ZooKeeper).
+pub(super) fn validate_with(
+    config: Config,
+    base: &Path,
+    require_users: bool,
+) -> Result<Validated, Vec<Problem>> {
     let mut problems = Vec::new();
     let mut p = |key: String, message: String| problems.push(Problem::new(key, message));
 
@@ -202,10 +223,14 @@ pub(super) fn validate(config: Config, base: &Path) -> Result<Validated, Vec<Pro
     validate_upstream(&config.upstream, &mut problems);
     validate_picker(&config.picker, &mut problems);
     let secrets = validate_clusters(&config.clusters, base, &mut problems);
+    if !require_users {
+        // A bootstrap file on its own: its clusters come from ZooKeeper.
+        problems.retain(|p| p.key != "clusters" || !config.clusters.is_empty());
+    }
     let mut p = |key: String, message: String| problems.push(Problem::new(key, message));
 
     // Users.
-    if config.users.is_empty() {
+    if config.users.is_empty() && require_users {
         p("users".into(), "at least one user is required".into());
     }
     for (name, user) in &config.users {

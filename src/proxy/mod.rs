@@ -14,18 +14,20 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminSource};
+use crate::config::source::{self, Reloader, Started, Tracker};
 use crate::config::{self, Validated};
 use crate::gateway::Gateway;
 use crate::http::{self, Listeners};
-use crate::metrics::METRICS;
 use crate::native;
 use crate::picker::Clusters;
 use crate::secret::Secret;
 
-/// What the proxy's admin listener shows: the gateway's clusters and readiness.
+/// What the proxy's admin listener shows: the gateway's clusters and readiness, and the
+/// config's status.
 struct Admin {
     gateway: Arc<Gateway>,
     token: ArcSwapOption<Secret>,
+    config: ArcSwapOption<Tracker>,
 }
 
 impl AdminSource for Admin {
@@ -39,6 +41,11 @@ impl AdminSource for Admin {
 
     fn token(&self) -> Option<Secret> {
         self.token.load_full().map(|t| (*t).clone())
+    }
+
+    fn config_status(&self) -> Option<serde_json::Value> {
+        let tracker = self.config.load_full()?;
+        serde_json::to_value(tracker.status()).ok()
     }
 }
 
@@ -100,6 +107,7 @@ impl Server {
             admin: Arc::new(Admin {
                 gateway: gateway.clone(),
                 token: ArcSwapOption::from(v.admin_token.clone().map(Arc::new)),
+                config: ArcSwapOption::empty(),
             }),
             frontend: http::Frontend::new(gateway.clone(), http::Settings::from(&c.proxy)).await,
             native: Arc::new(native::Frontend::new(
@@ -186,33 +194,67 @@ impl Server {
     }
 }
 
-/// Runs the proxy from a config file until SIGTERM or SIGINT, then drains. SIGHUP reloads
-/// users and clusters from the same file; a config that fails validation is logged and
-/// ignored, the running one stays.
-pub async fn run(path: PathBuf, validated: config::Validated) -> anyhow::Result<()> {
+/// Runs the proxy until SIGTERM or SIGINT, then drains. The config's later changes come
+/// from its source: SIGHUP reloads a file; a ZooKeeper root is watched (and this instance
+/// joins its fleet). Either way an invalid change is logged and refused, and the running
+/// config stays.
+pub async fn run(path: PathBuf, started: Started) -> anyhow::Result<()> {
+    let Started {
+        validated,
+        tracker,
+        watch,
+    } = started;
+    let running = validated.config.clone();
     let server = Server::bind(validated).await?;
+    server.admin.config.store(Some(tracker.clone()));
     let shutdown = crate::signals::shutdown()?;
-    let reload = server.reloader();
-    let mut hup = crate::signals::reloads()?;
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            match config::load(&path) {
-                Ok(v) => {
-                    reload(&v);
-                    METRICS.config_reloads.with_label_values(&["ok"]).inc();
-                    tracing::info!(path = %path.display(), users = v.config.users.len(), "Config reloaded");
-                }
-                Err(problems) => {
-                    METRICS
-                        .config_reloads
-                        .with_label_values(&["rejected"])
-                        .inc();
-                    for p in &problems {
-                        tracing::error!(path = %path.display(), problem = %p, "Config rejected, keeping the running one");
-                    }
-                }
-            }
+    let reloader = Arc::new(Reloader::new(server.reloader(), tracker.clone(), &running));
+    let stop = CancellationToken::new();
+    tracker.spawn_stale_gauge(stop.clone());
+    let mut watching = None;
+    match watch {
+        Some(watch) => {
+            let fleet = server.gateway.fleet.clone();
+            let id = member_id(&server);
+            let (reloader, stop) = (reloader.clone(), stop.clone());
+            watching = Some(tokio::spawn(async move {
+                source::watch(watch, reloader, |n| fleet.set_members(n), id, stop).await;
+            }));
         }
+        None => {
+            crate::metrics::METRICS.fleet_members.set(1);
+            let mut hup = crate::signals::reloads()?;
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    reloader.offer(config::load(&path), 0);
+                }
+            });
+        }
+    }
+    // Leave the fleet as the drain begins: the others take over this one's share.
+    let drain = shutdown.clone();
+    let leave = stop.clone();
+    tokio::spawn(async move {
+        drain.cancelled().await;
+        leave.cancel();
     });
-    server.serve(shutdown).await
+    let served = server.serve(shutdown).await;
+    stop.cancel();
+    if let Some(w) = watching {
+        // It leaves the fleet as it ends; give it the moment that takes.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), w).await;
+    }
+    served
+}
+
+/// This instance's name in the fleet: host, listener and pid, unique while it runs.
+fn member_id(server: &Server) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    let addr = server
+        .http_addr()
+        .or(server.native_addr())
+        .map_or_else(|| "-".into(), |a| a.to_string());
+    format!("{host}_{addr}_{}", std::process::id()).replace('/', "_")
 }

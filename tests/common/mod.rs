@@ -287,12 +287,22 @@ pub struct ProxyProcess {
     pub http: SocketAddr,
     pub admin: SocketAddr,
     pub config_path: PathBuf,
+    /// The config file was written for this process (and goes with it).
+    owns_config: bool,
 }
 
 impl ProxyProcess {
     pub fn start(config_text: &str) -> Self {
         let config_path = tempfile_path("config").with_extension("toml");
         std::fs::write(&config_path, config_text).unwrap();
+        let mut p = Self::start_file(&config_path);
+        p.owns_config = true;
+        p
+    }
+
+    /// chgate with an existing config file (a bootstrap file, say), which it leaves.
+    pub fn start_file(config_path: &std::path::Path) -> Self {
+        let config_path = config_path.to_path_buf();
         let mut child = Command::new(env!("CARGO_BIN_EXE_chgate"))
             .args(["--log-format", "json", "proxy", "--config"])
             .arg(&config_path)
@@ -333,7 +343,14 @@ impl ProxyProcess {
             http: http.unwrap(),
             admin: admin.unwrap(),
             config_path,
+            owns_config: false,
         }
+    }
+
+    /// SIGTERM, and waits for the process to end (its drain included).
+    pub fn stop(&mut self) {
+        self.signal("TERM");
+        let _ = self.child.wait();
     }
 
     /// Resident memory now and at its peak, in KiB, from /proc.
@@ -360,7 +377,9 @@ impl Drop for ProxyProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.config_path);
+        if self.owns_config {
+            let _ = std::fs::remove_file(&self.config_path);
+        }
     }
 }
 

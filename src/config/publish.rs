@@ -1,0 +1,169 @@
+//! `chgate config push | diff | pull | rollback`: publishing the dynamic config to the
+//! ZooKeeper root a bootstrap file names, after validating it whole with that bootstrap.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::validate::{validate, Problem};
+use super::zookeeper::{self, Nodes, Snapshot, Store};
+use super::{Config, ConfigSourceConfig};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A bootstrap file with its `[config_source]`.
+struct Bootstrap {
+    config: Config,
+    base: PathBuf,
+    source: ConfigSourceConfig,
+}
+
+fn bootstrap(path: &Path) -> Result<Bootstrap, Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![format!("{}: cannot read the file: {e}", path.display())])?;
+    let config: Config = toml::from_str(&text).map_err(|e| {
+        vec![format!(
+            "{}: {}",
+            path.display(),
+            Problem::from_toml(&e, &text)
+        )]
+    })?;
+    let Some(source) = config.config_source.clone() else {
+        return Err(vec![format!(
+            "{}: no [config_source]: this is not a bootstrap file (a plain config file is used as it is, with `chgate config check`)",
+            path.display()
+        )]);
+    };
+    let base = path
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .to_path_buf();
+    Ok(Bootstrap {
+        config,
+        base,
+        source,
+    })
+}
+
+async fn connect(b: &Bootstrap) -> Result<Store, Vec<String>> {
+    Store::connect(&b.source, &b.base, CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| vec![e])
+}
+
+/// The file to push, split into znodes and validated whole with the bootstrap.
+fn prepare(b: &Bootstrap, file: &Path) -> Result<(Nodes, String), Vec<String>> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| vec![format!("{}: cannot read the file: {e}", file.display())])?;
+    let located = |problems: Vec<Problem>| -> Vec<String> {
+        problems
+            .iter()
+            .map(|p| format!("{}: {p}", file.display()))
+            .collect()
+    };
+    let nodes = zookeeper::split(&text).map_err(located)?;
+    let dynamic = zookeeper::parse_nodes(&nodes, "").map_err(|problems| {
+        // Keyed by znode; say it in the file's terms.
+        problems
+            .into_iter()
+            .map(|p| {
+                let key = p.key.trim_start_matches("/config/").replace('/', ".");
+                format!("{}: {key}: {}", file.display(), p.message)
+            })
+            .collect::<Vec<_>>()
+    })?;
+    validate(dynamic.merge_into(b.config.clone()), &b.base).map_err(located)?;
+    let whole = zookeeper::assemble(&nodes, "").map_err(located)?;
+    Ok((nodes, whole))
+}
+
+/// Validates `file` with the bootstrap and publishes it as the next version.
+pub async fn push(bootstrap_path: &Path, file: &Path) -> Result<String, Vec<String>> {
+    let b = bootstrap(bootstrap_path)?;
+    let (nodes, whole) = prepare(&b, file)?;
+    let store = connect(&b).await?;
+    let read = store.read(false).await.map_err(|e| vec![e])?;
+    publish(&store, &b, &read, &nodes, &whole).await
+}
+
+async fn publish(
+    store: &Store,
+    b: &Bootstrap,
+    read: &Snapshot,
+    nodes: &Nodes,
+    whole: &str,
+) -> Result<String, Vec<String>> {
+    if read.nodes == *nodes {
+        return Ok(format!(
+            "{}: unchanged (version {})",
+            store.root(),
+            read.version
+        ));
+    }
+    let changes = zookeeper::diff(&read.nodes, nodes)
+        .iter()
+        .filter(|l| !l.starts_with(' '))
+        .count();
+    let version = store
+        .push(read, nodes, whole, b.source.keep_versions)
+        .await
+        .map_err(|e| vec![e.to_string()])?;
+    Ok(format!(
+        "{}: pushed version {version} ({changes} znode{} changed)",
+        store.root(),
+        if changes == 1 { "" } else { "s" }
+    ))
+}
+
+/// What pushing `file` would change, one line per znode.
+pub async fn diff(bootstrap_path: &Path, file: &Path) -> Result<Vec<String>, Vec<String>> {
+    let b = bootstrap(bootstrap_path)?;
+    let (nodes, _) = prepare(&b, file)?;
+    let store = connect(&b).await?;
+    let read = store.read(false).await.map_err(|e| vec![e])?;
+    Ok(zookeeper::diff(&read.nodes, &nodes))
+}
+
+/// The active config as a file that `push` accepts.
+pub async fn pull(bootstrap_path: &Path) -> Result<String, Vec<String>> {
+    let b = bootstrap(bootstrap_path)?;
+    let store = connect(&b).await?;
+    let read = store.read(false).await.map_err(|e| vec![e])?;
+    let text = zookeeper::assemble(&read.nodes, store.root())
+        .map_err(|problems| problems.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    Ok(format!(
+        "# chgate config pulled from {} at version {}\n{text}",
+        store.root(),
+        read.version
+    ))
+}
+
+/// The kept versions, oldest first, and the active one.
+pub async fn versions(bootstrap_path: &Path) -> Result<(Vec<u64>, u64), Vec<String>> {
+    let b = bootstrap(bootstrap_path)?;
+    let store = connect(&b).await?;
+    let read = store.read(false).await.map_err(|e| vec![e])?;
+    Ok((store.history().await.map_err(|e| vec![e])?, read.version))
+}
+
+/// Publishes kept version `version` again, as the next version (validated again first:
+/// the bootstrap or a secret may have changed since).
+pub async fn rollback(bootstrap_path: &Path, version: u64) -> Result<String, Vec<String>> {
+    let b = bootstrap(bootstrap_path)?;
+    let store = connect(&b).await?;
+    let text = store.version_text(version).await.map_err(|e| vec![e])?;
+    let nodes = zookeeper::split(&text).map_err(|p| {
+        p.iter()
+            .map(|p| format!("version {version}: {p}"))
+            .collect::<Vec<_>>()
+    })?;
+    let dynamic = zookeeper::parse_nodes(&nodes, store.root())
+        .map_err(|p| p.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    validate(dynamic.merge_into(b.config.clone()), &b.base).map_err(|p| {
+        p.iter()
+            .map(|p| format!("version {version}: {p}"))
+            .collect::<Vec<_>>()
+    })?;
+    let read = store.read(false).await.map_err(|e| vec![e])?;
+    let done = publish(&store, &b, &read, &nodes, &text).await?;
+    Ok(format!("{done}, restoring version {version}"))
+}

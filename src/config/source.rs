@@ -1,0 +1,551 @@
+//! Where a running proxy's config comes from, and the one path every change takes.
+//!
+//! - A file: loaded at start, loaded again on SIGHUP.
+//! - A bootstrap file with `[config_source]`: the static part (listeners, TLS files, the
+//!   admin token, auth policy) from the file, the dynamic part (clusters, users, quotas,
+//!   picker, upstream) from a ZooKeeper root ([`super::zookeeper`]), watched. If ZooKeeper
+//!   cannot be reached at start, the last good config is read from the local cache, and
+//!   the instance says so; while ZooKeeper is away it keeps serving what it has and
+//!   reconnects with backoff, and `chgate_config_stale_seconds` grows.
+//!
+//! Either way a change is read whole, validated by the same code as a file, and handed to
+//! [`Reloader::offer`]: applied as a whole, or refused as a whole (the running config
+//! stays; every problem is logged with its key, or its znode and key; the metric counts
+//! it; `/v1/config` shows it). Keys that cannot change without a restart (listener
+//! addresses, TLS files, the auth policy, the config source) are reported, not half-applied.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use super::validate::{validate, Problem, Validated};
+use super::zookeeper::{self, Nodes, Store};
+use super::{Config, ConfigSourceConfig};
+use crate::backoff::Backoff;
+use crate::metrics::METRICS;
+
+/// How long a start waits for ZooKeeper before it falls back to the cache.
+const START_TIMEOUT: Duration = Duration::from_secs(5);
+/// Changes that land together (a push's znodes fire one by one) are read once.
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// Which config is running, where it came from, and the last change refused.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    /// `file:<path>` or `zookeeper:<servers><root>`.
+    pub source: String,
+    /// The ZooKeeper version (0 for a file).
+    pub version: u64,
+    /// Unix seconds of the last apply.
+    pub applied_at: u64,
+    /// Started from the local cache because ZooKeeper could not be reached.
+    pub from_cache: bool,
+    /// Watching ZooKeeper now (always true for a file).
+    pub connected: bool,
+    /// Seconds since the config was last known to be current (0 while connected).
+    pub stale_seconds: f64,
+    pub last_rejection: Option<Rejection>,
+    /// Keys changed in the source that only a restart applies.
+    pub restart_needed: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Rejection {
+    pub at: u64,
+    pub version: u64,
+    pub problems: Vec<String>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The running config's status, shared with the admin listener.
+pub struct Tracker {
+    status: Mutex<Status>,
+    stale_since: Mutex<Option<Instant>>,
+}
+
+impl Tracker {
+    fn new(source: String, version: u64, from_cache: bool) -> Arc<Self> {
+        METRICS.config_version.set(version as i64);
+        Arc::new(Self {
+            status: Mutex::new(Status {
+                source,
+                version,
+                applied_at: unix_now(),
+                from_cache,
+                connected: !from_cache,
+                stale_seconds: 0.0,
+                last_rejection: None,
+                restart_needed: Vec::new(),
+            }),
+            stale_since: Mutex::new(from_cache.then(Instant::now)),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The status now (stale time brought up to date).
+    pub fn status(&self) -> Status {
+        let mut s = self.lock().clone();
+        s.stale_seconds = self.stale_seconds();
+        s
+    }
+
+    fn stale_seconds(&self) -> f64 {
+        let since = *self.stale_since.lock().unwrap_or_else(|e| e.into_inner());
+        since.map_or(0.0, |t| t.elapsed().as_secs_f64())
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.lock().connected = connected;
+        let mut since = self.stale_since.lock().unwrap_or_else(|e| e.into_inner());
+        match (connected, *since) {
+            (true, _) => *since = None,
+            (false, None) => *since = Some(Instant::now()),
+            (false, Some(_)) => {}
+        }
+    }
+
+    /// Keeps `chgate_config_stale_seconds` current, once a second, until `stop`.
+    pub fn spawn_stale_gauge(self: &Arc<Self>, stop: CancellationToken) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                METRICS.config_stale_seconds.set(me.stale_seconds());
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
+}
+
+/// A config at start, and where it came from.
+pub struct Started {
+    pub validated: Validated,
+    pub tracker: Arc<Tracker>,
+    /// The bootstrap file and its ZooKeeper source, to watch.
+    pub watch: Option<Watch>,
+}
+
+/// What the ZooKeeper watch needs.
+pub struct Watch {
+    bootstrap: Config,
+    base: PathBuf,
+    source: ConfigSourceConfig,
+    cache: PathBuf,
+    version: u64,
+    /// The znodes the start read (none when it started from the cache).
+    nodes: Option<Nodes>,
+}
+
+/// Loads the config a proxy starts with: the file, or the bootstrap file plus its ZooKeeper
+/// root (or, if ZooKeeper cannot be reached, the cache of the last good one).
+pub async fn start(path: &Path) -> Result<Started, Vec<Problem>> {
+    let (bootstrap, base) = read_bootstrap(path)?;
+    let Some(source) = bootstrap.config_source.clone() else {
+        let validated = validate(bootstrap, &base)?;
+        let tracker = Tracker::new(format!("file:{}", path.display()), 0, false);
+        return Ok(Started {
+            validated,
+            tracker,
+            watch: None,
+        });
+    };
+    let cache = cache_path(path, &source);
+    let origin = format!("zookeeper:{}{}", source.zookeeper.join(","), source.root);
+    let from_zk = async {
+        let store = Store::connect(&source, &base, START_TIMEOUT)
+            .await
+            .map_err(|e| vec![Problem::new("config_source", e)])?;
+        let snapshot = store
+            .read(false)
+            .await
+            .map_err(|e| vec![Problem::new("config_source", e)])?;
+        let validated = build(&bootstrap, &base, &snapshot.nodes, store.root())?;
+        Ok::<_, Vec<Problem>>((validated, snapshot.version, snapshot.nodes))
+    };
+    let (validated, version, nodes) = match from_zk.await {
+        Ok((validated, version, nodes)) => {
+            write_cache(&cache, &nodes, version, &source.root);
+            (validated, version, Some(nodes))
+        }
+        Err(problems) => {
+            for p in &problems {
+                tracing::error!(problem = %p, "Cannot load the config from ZooKeeper");
+            }
+            let (validated, version) =
+                read_cache(&cache, &bootstrap, &base).map_err(|mut cache_problems| {
+                    cache_problems.splice(0..0, problems);
+                    cache_problems
+                })?;
+            tracing::warn!(cache = %cache.display(), version, "ZooKeeper could not be reached or its config is invalid: started from the cached config of version {version}; it is replaced as soon as ZooKeeper answers");
+            (validated, version, None)
+        }
+    };
+    let tracker = Tracker::new(origin, version, nodes.is_none());
+    Ok(Started {
+        validated,
+        tracker,
+        watch: Some(Watch {
+            bootstrap,
+            base,
+            source,
+            cache,
+            version,
+            nodes,
+        }),
+    })
+}
+
+/// The file, parsed, and the directory its relative paths are taken from. A file with
+/// `[config_source]` may not hold the dynamic sections itself.
+fn read_bootstrap(path: &Path) -> Result<(Config, PathBuf), Vec<Problem>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![Problem::new("", format!("cannot read the file: {e}"))])?;
+    let base = path
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .to_path_buf();
+    let config: Config = toml::from_str(&text).map_err(|e| vec![Problem::from_toml(&e, &text)])?;
+    if config.config_source.is_some() {
+        let mut problems = Vec::new();
+        let section = |name: &str| {
+            Problem::new(
+                name,
+                "with [config_source] this comes from ZooKeeper: put it in the file you give `chgate config push`",
+            )
+        };
+        if !config.clusters.is_empty() {
+            problems.push(section("clusters"));
+        }
+        if !config.users.is_empty() {
+            problems.push(section("users"));
+        }
+        if !config.quotas.is_empty() {
+            problems.push(section("quotas"));
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+    }
+    Ok((config, base))
+}
+
+/// Validates the bootstrap with a dynamic part from znodes; problems name their znode.
+pub fn build(
+    bootstrap: &Config,
+    base: &Path,
+    nodes: &Nodes,
+    root: &str,
+) -> Result<Validated, Vec<Problem>> {
+    let dynamic = zookeeper::parse_nodes(nodes, root)?;
+    validate(dynamic.merge_into(bootstrap.clone()), base).map_err(|problems| {
+        problems
+            .into_iter()
+            .map(|p| zookeeper::locate(p, root, nodes))
+            .collect()
+    })
+}
+
+fn cache_path(bootstrap: &Path, source: &ConfigSourceConfig) -> PathBuf {
+    match &source.cache_file {
+        Some(p) if p.is_absolute() => p.clone(),
+        Some(p) => bootstrap.parent().unwrap_or_else(|| Path::new(".")).join(p),
+        None => {
+            let mut name = bootstrap.as_os_str().to_owned();
+            name.push(".cache.toml");
+            PathBuf::from(name)
+        }
+    }
+}
+
+/// Writes the cache atomically (a temporary file renamed over it); a failure is logged:
+/// the cache is a fallback, not a reason to refuse a good config.
+fn write_cache(cache: &Path, nodes: &Nodes, version: u64, root: &str) {
+    let Ok(text) = zookeeper::assemble(nodes, root) else {
+        return;
+    };
+    let body = format!("# chgate config cache: version {version} of {root}. Written by chgate; do not edit.\n{text}");
+    let tmp = cache.with_extension("tmp");
+    let written = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, cache));
+    if let Err(e) = written {
+        tracing::warn!(cache = %cache.display(), error = %e, "Cannot write the config cache");
+    }
+}
+
+fn read_cache(
+    cache: &Path,
+    bootstrap: &Config,
+    base: &Path,
+) -> Result<(Validated, u64), Vec<Problem>> {
+    let key = format!("config_source.cache_file {}", cache.display());
+    let text = std::fs::read_to_string(cache).map_err(|e| {
+        vec![Problem::new(
+            key.clone(),
+            format!("no cached config to start from: {e}"),
+        )]
+    })?;
+    let version = text
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("# chgate config cache: version "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.trim_end_matches('.').parse().ok())
+        .unwrap_or(0);
+    let dynamic: zookeeper::Dynamic = toml::from_str(&text).map_err(|e| {
+        let p = Problem::from_toml(&e, &text);
+        vec![Problem::new(key.clone(), p.message)]
+    })?;
+    let validated = validate(dynamic.merge_into(bootstrap.clone()), base)?;
+    Ok((validated, version))
+}
+
+/// The one path a change takes, from a file or from ZooKeeper.
+pub struct Reloader<F: Fn(&Validated)> {
+    apply: F,
+    tracker: Arc<Tracker>,
+    running: Mutex<Config>,
+}
+
+impl<F: Fn(&Validated)> Reloader<F> {
+    pub fn new(apply: F, tracker: Arc<Tracker>, running: &Config) -> Self {
+        Self {
+            apply,
+            tracker,
+            running: Mutex::new(running.clone()),
+        }
+    }
+
+    pub fn tracker(&self) -> &Arc<Tracker> {
+        &self.tracker
+    }
+
+    /// Applies a validated change as a whole, or records its refusal; `version` is the
+    /// ZooKeeper version (0 for a file). True if it was applied.
+    pub fn offer(&self, change: Result<Validated, Vec<Problem>>, version: u64) -> bool {
+        match change {
+            Ok(v) => {
+                let restart = {
+                    let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+                    let keys = restart_keys(&running, &v.config);
+                    *running = v.config.clone();
+                    keys
+                };
+                for key in &restart {
+                    tracing::warn!(key, "Changed in the config, but only a restart applies it; the rest of the change is applied");
+                }
+                (self.apply)(&v);
+                METRICS.config_reloads.with_label_values(&["ok"]).inc();
+                METRICS.config_version.set(version as i64);
+                let mut s = self.tracker.lock();
+                s.version = version;
+                s.applied_at = unix_now();
+                s.from_cache = false;
+                s.restart_needed = restart;
+                drop(s);
+                tracing::info!(
+                    version,
+                    users = v.config.users.len(),
+                    clusters = v.config.clusters.len(),
+                    "Config applied"
+                );
+                true
+            }
+            Err(problems) => {
+                METRICS
+                    .config_reloads
+                    .with_label_values(&["rejected"])
+                    .inc();
+                for p in &problems {
+                    tracing::error!(version, problem = %p, "Config change rejected, keeping the running one");
+                }
+                self.tracker.lock().last_rejection = Some(Rejection {
+                    at: unix_now(),
+                    version,
+                    problems: problems.iter().map(ToString::to_string).collect(),
+                });
+                false
+            }
+        }
+    }
+}
+
+/// Keys whose change only a restart applies (listeners are bound once; the auth policy and
+/// the config source are set up once).
+fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
+    let listen = |c: &Config| {
+        [
+            ("proxy.http_listen", format!("{:?}", c.proxy.http_listen)),
+            ("proxy.tls", format!("{:?}", c.proxy.tls)),
+            (
+                "proxy.native_listen",
+                format!("{:?}", c.proxy.native_listen),
+            ),
+            ("proxy.native_tls", format!("{:?}", c.proxy.native_tls)),
+            ("admin.listen", format!("{:?}", c.admin.listen)),
+            ("auth", format!("{:?}", c.auth)),
+            ("config_source", format!("{:?}", c.config_source)),
+        ]
+    };
+    listen(old)
+        .into_iter()
+        .zip(listen(new))
+        .filter(|(a, b)| a.1 != b.1)
+        .map(|(a, _)| a.0.to_string())
+        .collect()
+}
+
+/// Watches the ZooKeeper root until `stop`: every change is read whole and offered; the
+/// instance's members znode is kept and the member count passed to `members`. While
+/// ZooKeeper is away the running config stays and reconnects back off.
+pub async fn watch<F: Fn(&Validated)>(
+    w: Watch,
+    reloader: Arc<Reloader<F>>,
+    members: impl Fn(u32),
+    member_id: String,
+    stop: CancellationToken,
+) {
+    let mut backoff = Backoff::default();
+    let mut version = w.version;
+    let mut applied: Option<Nodes> = w.nodes.clone();
+    loop {
+        let store = tokio::select! {
+            s = Store::connect(&w.source, &w.base, w.source.session_timeout) => s,
+            _ = stop.cancelled() => return,
+        };
+        let store = match store {
+            Ok(s) => s,
+            Err(e) => {
+                reloader.tracker.set_connected(false);
+                tracing::warn!(error = %e, "Config source unreachable; serving the last good config");
+                if !backoff.wait(&stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        backoff.reset();
+        let about = format!(
+            "{{\"pid\":{},\"started\":{}}}",
+            std::process::id(),
+            unix_now()
+        );
+        if let Err(e) = store.join(&member_id, &about).await {
+            tracing::warn!(error = %e, "Cannot register in the fleet; quotas are not shared out");
+        }
+        let ended = session(
+            &store,
+            &w,
+            &reloader,
+            &members,
+            &mut version,
+            &mut applied,
+            &stop,
+        )
+        .await;
+        if ended.is_none() {
+            // Leave the fleet now rather than when the session times out: the others take
+            // this instance's share at once.
+            let _ = tokio::time::timeout(Duration::from_secs(1), store.leave(&member_id)).await;
+            return;
+        }
+        reloader.tracker.set_connected(false);
+        if !backoff.wait(&stop).await {
+            return;
+        }
+    }
+}
+
+/// One ZooKeeper session: read, offer, wait for the next change; `None` once stopped,
+/// `Some(())` when the session is lost.
+async fn session<F: Fn(&Validated)>(
+    store: &Store,
+    w: &Watch,
+    reloader: &Reloader<F>,
+    members: &impl Fn(u32),
+    version: &mut u64,
+    applied: &mut Option<Nodes>,
+    stop: &CancellationToken,
+) -> Option<()> {
+    let mut state = store.client().state_watcher();
+    loop {
+        let snapshot = match store.read(true).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "Reading the config root failed");
+                return Some(());
+            }
+        };
+        reloader.tracker.set_connected(true);
+        let (count, members_watch) = match store.members().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "Reading the fleet members failed");
+                return Some(());
+            }
+        };
+        members(count as u32);
+        let changed = applied.as_ref() != Some(&snapshot.nodes) || *version != snapshot.version;
+        if changed {
+            let result = build(&w.bootstrap, &w.base, &snapshot.nodes, store.root());
+            if reloader.offer(result, snapshot.version) {
+                write_cache(&w.cache, &snapshot.nodes, snapshot.version, store.root());
+                *applied = Some(snapshot.nodes.clone());
+                *version = snapshot.version;
+            } else {
+                // Refused: the same text is not offered again until it changes.
+                *applied = Some(snapshot.nodes.clone());
+            }
+        }
+        let mut fired: Vec<_> = snapshot
+            .watchers
+            .into_iter()
+            .map(|w| Box::pin(w.changed()))
+            .collect();
+        fired.push(Box::pin(members_watch.changed()));
+        use zookeeper_client::{EventType, SessionState};
+        let state_now = tokio::select! {
+            (event, _, _) = futures_util::future::select_all(fired) => {
+                (event.event_type == EventType::Session).then_some(event.session_state)
+            }
+            s = state.changed() => Some(s),
+            _ = stop.cancelled() => return None,
+        };
+        match state_now {
+            None | Some(SessionState::SyncConnected | SessionState::ConnectedReadOnly) => {}
+            Some(SessionState::Disconnected) => {
+                reloader.tracker.set_connected(false);
+                tracing::warn!("ZooKeeper connection lost; serving the last good config while the session reconnects");
+                // Wait for the session to come back (then read again) or to end.
+                loop {
+                    if matches!(
+                        state.peek_state(),
+                        SessionState::SyncConnected | SessionState::ConnectedReadOnly
+                    ) {
+                        break;
+                    }
+                    tokio::select! {
+                        s = state.changed() => match s {
+                            SessionState::SyncConnected | SessionState::ConnectedReadOnly => break,
+                            SessionState::Disconnected => continue,
+                            _ => return Some(()),
+                        },
+                        _ = stop.cancelled() => return None,
+                    }
+                }
+            }
+            Some(_) => return Some(()),
+        }
+        tokio::time::sleep(SETTLE).await;
+    }
+}
