@@ -673,7 +673,39 @@ async fn https_listener_serves_the_same_interface() {
     ]))
     .await;
     assert_eq!(r.body, "Ok.\n");
+
+    // A renewed certificate is picked up from the files without a restart (the proxy
+    // looks every few seconds; the test asks at once); a half-written one is not, and the
+    // one in use stays.
+    let (renewed, renewed_key) = self_signed_certificate("tls-renewed");
+    let ping = |ca: &std::path::Path| {
+        curl_async(s(&[
+            "-sS",
+            "--cacert",
+            ca.to_str().unwrap(),
+            &format!("https://127.0.0.1:{}/ping", https.port()),
+        ]))
+    };
+    let old = cert.with_file_name("old.pem");
+    std::fs::copy(&cert, &old).unwrap();
+    std::fs::copy(&renewed, &cert).unwrap();
+    std::fs::copy(&renewed_key, &key).unwrap();
+    assert!(chgate::tls::reload_changed() >= 1, "the renewal was loaded");
+    assert_eq!(
+        ping(&renewed).await.body,
+        "Ok.\n",
+        "new handshakes get the new one"
+    );
+    assert_ne!(ping(&old).await.status, 200, "the old certificate is gone");
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\ntruncat").unwrap();
+    chgate::tls::reload_changed();
+    assert_eq!(
+        ping(&renewed).await.body,
+        "Ok.\n",
+        "a broken file changes nothing"
+    );
     let _ = std::fs::remove_dir_all(cert.parent().unwrap());
+    let _ = std::fs::remove_dir_all(renewed.parent().unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -497,3 +497,56 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn the_ingest_sidecar_takes_its_clusters_from_the_same_root() {
+    let r = Root::new(ZK_A);
+    r.push(&dynamic(&["127.0.0.11", "127.0.0.12"], &["ann"], ""));
+    let local = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/ingest-local.toml"
+    ))
+    .unwrap();
+    // The quickstart's sidecar config without its own clusters, and with the root's.
+    let mut text = String::new();
+    let mut skip = false;
+    for line in local.lines() {
+        if line.starts_with('[') {
+            skip = line.contains("clusters.");
+        }
+        if !skip {
+            text.push_str(&line.replace("account = \"ingest\"", "account = \"chgate\""));
+            text.push('\n');
+        }
+    }
+    text.push_str(&format!(
+        "[config_source]\nzookeeper = [\"{ZK_A}\"]\nroot = \"{}\"\n",
+        r.root
+    ));
+    let path = r.dir.join("ingest.toml");
+    std::fs::write(&path, &text).unwrap();
+    let v = chgate::ingest::config::load_with_source(&path)
+        .await
+        .unwrap_or_else(|p| panic!("{p:?}"));
+    let demo = &v.config.clusters["demo"];
+    let hosts: Vec<&str> = demo.shards[0]
+        .replicas
+        .iter()
+        .map(|r| r.host.as_str())
+        .collect();
+    assert_eq!(hosts, ["127.0.0.11", "127.0.0.12"]);
+    assert_eq!(v.config.picker.probe_interval, Duration::from_millis(300));
+    // Clusters in the file as well as from ZooKeeper: refused, not merged.
+    std::fs::write(
+        &path,
+        format!(
+            "{text}\n{}",
+            &local[local.find("[[clusters").unwrap()..local.find("[templates").unwrap()]
+        ),
+    )
+    .unwrap();
+    let problems = chgate::ingest::config::load_with_source(&path)
+        .await
+        .unwrap_err();
+    assert!(problems.iter().any(|p| p.key == "clusters"), "{problems:?}");
+}

@@ -10,8 +10,8 @@ use serde::Deserialize;
 
 use super::template::TemplateConfig;
 use crate::config::{
-    validate_clusters, validate_picker, validate_upstream, ClusterConfig, PickerConfig, Problem,
-    UpstreamConfig,
+    validate_clusters, validate_picker, validate_upstream, ClusterConfig, ConfigSourceConfig,
+    PickerConfig, Problem, UpstreamConfig,
 };
 use crate::secret::Secret;
 
@@ -35,7 +35,13 @@ pub struct IngestConfig {
     pub upstream: UpstreamConfig,
     #[serde(default)]
     pub picker: PickerConfig,
+    /// The clusters; with `[config_source]`, read from its ZooKeeper root at start instead
+    /// (with `[upstream]` and `[picker]` if the root has them).
+    #[serde(default)]
     pub clusters: BTreeMap<String, ClusterConfig>,
+    /// The proxies' ZooKeeper config root, to take the clusters from (the same root, so
+    /// one push changes both).
+    pub config_source: Option<ConfigSourceConfig>,
     pub templates: BTreeMap<String, TemplateConfig>,
     pub tasks: BTreeMap<String, TaskConfig>,
 }
@@ -214,11 +220,61 @@ pub struct ValidatedIngest {
 /// Reads and validates; every problem is reported with its key. (Templates are checked
 /// against the tables' real columns at start, when ClickHouse can be asked.)
 pub fn load(path: &Path) -> Result<ValidatedIngest, Vec<Problem>> {
+    let (config, base) = read(path)?;
+    validate(config, &base)
+}
+
+/// [`load`], with the clusters (and `[upstream]`, `[picker]`, if there) taken from the
+/// `[config_source]` ZooKeeper root when the file names one. Read once at start: a later
+/// change of the clusters reaches the sidecar when it restarts.
+pub async fn load_with_source(path: &Path) -> Result<ValidatedIngest, Vec<Problem>> {
+    let (mut config, base) = read(path)?;
+    if let Some(source) = config.config_source.clone() {
+        if !config.clusters.is_empty() {
+            return Err(vec![Problem::new(
+                "clusters",
+                "with [config_source] the clusters come from ZooKeeper; leave them out here",
+            )]);
+        }
+        let timeout = Duration::from_secs(10);
+        let store = crate::config::zookeeper::Store::connect(&source, &base, timeout)
+            .await
+            .map_err(|e| vec![Problem::new("config_source", e)])?;
+        let snapshot = store
+            .read(false)
+            .await
+            .map_err(|e| vec![Problem::new("config_source", e)])?;
+        let dynamic = crate::config::zookeeper::parse_nodes(&snapshot.nodes, store.root())?;
+        config.clusters = dynamic.clusters;
+        if let Some(u) = dynamic.upstream {
+            config.upstream = u;
+        }
+        if let Some(p) = dynamic.picker {
+            config.picker = p;
+        }
+        tracing::info!(
+            root = store.root(),
+            version = snapshot.version,
+            clusters = config.clusters.len(),
+            "Clusters read from ZooKeeper"
+        );
+    }
+    validate(config, &base)
+}
+
+fn read(path: &Path) -> Result<(IngestConfig, PathBuf), Vec<Problem>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| vec![Problem::new("", format!("cannot read the file: {e}"))])?;
-    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    let base = path
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .to_path_buf();
     let config: IngestConfig =
         toml::from_str(&text).map_err(|e| vec![Problem::from_toml(&e, &text)])?;
+    Ok((config, base))
+}
+
+fn validate(config: IngestConfig, base: &Path) -> Result<ValidatedIngest, Vec<Problem>> {
     let mut problems = Vec::new();
     // The same checks as the proxy's: a sidecar's embedded picker is a picker like its.
     validate_upstream(&config.upstream, &mut problems);

@@ -260,7 +260,7 @@ fn instance_id(c: &IngestConfig) -> String {
 
 /// `chgate ingest --config FILE`: runs until SIGTERM or SIGINT, then drains.
 pub async fn run(path: &Path) -> anyhow::Result<()> {
-    let v: ValidatedIngest = config::load(path).map_err(|problems| {
+    let v: ValidatedIngest = config::load_with_source(path).await.map_err(|problems| {
         let lines: Vec<String> = problems
             .iter()
             .map(|p| format!("{}: {p}", path.display()))

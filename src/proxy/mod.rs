@@ -155,12 +155,14 @@ impl Server {
             .and_then(|l| l.local_addr().ok())
     }
 
-    /// Swaps in a newly validated config: users, clusters, the admin token.
+    /// Swaps in a newly validated config: users, clusters, the admin token; and loads the
+    /// listeners' TLS certificates again if their files changed.
     pub fn reloader(&self) -> impl Fn(&Validated) + Send + 'static {
         let (gateway, admin) = (self.gateway.clone(), self.admin.clone());
         move |v| {
             gateway.reload(v);
             admin.token.store(v.admin_token.clone().map(Arc::new));
+            crate::tls::reload_changed();
         }
     }
 
@@ -197,7 +199,7 @@ impl Server {
 /// Runs the proxy until SIGTERM or SIGINT, then drains. The config's later changes come
 /// from its source: SIGHUP reloads a file; a ZooKeeper root is watched (and this instance
 /// joins its fleet). Either way an invalid change is logged and refused, and the running
-/// config stays.
+/// config stays. TLS certificates are loaded again when their files change.
 pub async fn run(path: PathBuf, started: Started) -> anyhow::Result<()> {
     let Started {
         validated,
@@ -211,6 +213,7 @@ pub async fn run(path: PathBuf, started: Started) -> anyhow::Result<()> {
     let reloader = Arc::new(Reloader::new(server.reloader(), tracker.clone(), &running));
     let stop = CancellationToken::new();
     tracker.spawn_stale_gauge(stop.clone());
+    spawn_certificate_watch(stop.clone());
     let mut watching = None;
     match watch {
         Some(watch) => {
@@ -245,6 +248,22 @@ pub async fn run(path: PathBuf, started: Started) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), w).await;
     }
     served
+}
+
+/// How often the TLS listeners' certificate files are looked at for a renewal.
+const CERTIFICATE_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reloads the TLS listeners' certificates when their files change, until `stop`.
+fn spawn_certificate_watch(stop: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(CERTIFICATE_CHECK) => {}
+                _ = stop.cancelled() => return,
+            }
+            let _ = tokio::task::spawn_blocking(crate::tls::reload_changed).await;
+        }
+    });
 }
 
 /// This instance's name in the fleet: host, listener and pid, unique while it runs.
