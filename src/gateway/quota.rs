@@ -349,7 +349,8 @@ impl Limiter {
         let per_minute = self.fleet.share(per_minute);
         let burst = self.fleet.share(burst);
         let interval = 60_000_000_000 / u64::from(per_minute);
-        let tolerance = interval * u64::from(burst - 1);
+        // Saturating: a huge burst at a low rate must not overflow (it means "no limit").
+        let tolerance = interval.saturating_mul(u64::from(burst - 1));
         let now = now_nanos();
         let mut tat = self.tat.load(Ordering::Relaxed);
         loop {
@@ -364,7 +365,7 @@ impl Limiter {
             }
             match self.tat.compare_exchange_weak(
                 tat,
-                start + interval,
+                start.saturating_add(interval),
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {
@@ -540,6 +541,16 @@ mod tests {
             panic!("{e:?}")
         };
         assert!(retry_after <= Duration::from_secs(1), "{retry_after:?}");
+    }
+
+    #[test]
+    fn extreme_rates_and_bursts_do_not_overflow() {
+        let l = limiter("requests_per_minute = 1\nrequests_burst = 4294967295");
+        for _ in 0..1000 {
+            l.take_token(1, u32::MAX).unwrap();
+        }
+        let l = limiter("requests_per_minute = 4294967295");
+        l.take_token(u32::MAX, u32::MAX).unwrap();
     }
 
     #[test]
