@@ -23,15 +23,15 @@ impl Code {
 }
 
 pub const NOT_IMPLEMENTED: Code = Code::new(48, "NOT_IMPLEMENTED");
-pub const UNKNOWN_PACKET_FROM_CLIENT: Code = Code::new(100, "UNKNOWN_PACKET_FROM_CLIENT");
+pub const UNKNOWN_PACKET_FROM_CLIENT: Code = Code::new(99, "UNKNOWN_PACKET_FROM_CLIENT");
 pub const UNEXPECTED_PACKET_FROM_CLIENT: Code = Code::new(101, "UNEXPECTED_PACKET_FROM_CLIENT");
 pub const UNKNOWN_SETTING: Code = Code::new(115, "UNKNOWN_SETTING");
 pub const CANNOT_READ_ALL_DATA: Code = Code::new(33, "CANNOT_READ_ALL_DATA");
 pub const TIMEOUT_EXCEEDED: Code = Code::new(159, "TIMEOUT_EXCEEDED");
 pub const READONLY: Code = Code::new(164, "READONLY");
 pub const IP_ADDRESS_NOT_ALLOWED: Code = Code::new(195, "IP_ADDRESS_NOT_ALLOWED");
-pub const QUERY_IS_TOO_LARGE: Code = Code::new(202, "QUERY_IS_TOO_LARGE");
-/// Called QUOTA_EXPIRED before 20.x; the modern name is the one clients match on.
+pub const QUERY_IS_TOO_LARGE: Code = Code::new(229, "QUERY_IS_TOO_LARGE");
+/// 18.16 calls it QUOTA_EXPIRED; current versions QUOTA_EXCEEDED, the name clients match.
 pub const QUOTA_EXCEEDED: Code = Code::new(201, "QUOTA_EXCEEDED");
 pub const TOO_MANY_SIMULTANEOUS_QUERIES: Code = Code::new(202, "TOO_MANY_SIMULTANEOUS_QUERIES");
 pub const TOO_MANY_ROWS_OR_BYTES: Code = Code::new(396, "TOO_MANY_ROWS_OR_BYTES");

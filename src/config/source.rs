@@ -277,7 +277,13 @@ fn write_cache(cache: &Path, nodes: &Nodes, version: u64, root: &str) {
     };
     let body = format!("# chgate config cache: version {version} of {root}. Written by chgate; do not edit.\n{text}");
     let tmp = cache.with_extension("tmp");
-    let written = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, cache));
+    let written = (|| {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(body.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, cache)
+    })();
     if let Err(e) = written {
         tracing::warn!(cache = %cache.display(), error = %e, "Cannot write the config cache");
     }
@@ -380,6 +386,23 @@ impl<F: Fn(&Validated)> Reloader<F> {
     }
 }
 
+/// Logs the keys of the bootstrap file at `path` that changed since `running` was loaded
+/// (with a ZooKeeper source, they are all keys only a restart applies).
+pub fn report_bootstrap_changes(path: &Path, running: &Config) {
+    match read_bootstrap(path) {
+        Ok((now, _)) => {
+            for key in restart_keys(running, &now) {
+                tracing::warn!(key, path = %path.display(), "Changed in the bootstrap file; only a restart applies it");
+            }
+        }
+        Err(problems) => {
+            for p in problems {
+                tracing::error!(path = %path.display(), problem = %p, "The bootstrap file no longer loads; a restart would fail");
+            }
+        }
+    }
+}
+
 /// Keys whose change only a restart applies (listeners are bound once; the auth policy and
 /// the config source are set up once).
 fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
@@ -416,8 +439,9 @@ pub async fn watch<F: Fn(&Validated)>(
     stop: CancellationToken,
 ) {
     let mut backoff = Backoff::default();
-    let mut version = w.version;
-    let mut applied: Option<Nodes> = w.nodes.clone();
+    let mut offered = Offered {
+        last: w.nodes.clone().map(|n| (w.version, n)),
+    };
     loop {
         let store = tokio::select! {
             s = Store::connect(&w.source, &w.base, w.source.session_timeout) => s,
@@ -448,8 +472,8 @@ pub async fn watch<F: Fn(&Validated)>(
             &w,
             &reloader,
             &members,
-            &mut version,
-            &mut applied,
+            &member_id,
+            &mut offered,
             &stop,
         )
         .await;
@@ -466,15 +490,21 @@ pub async fn watch<F: Fn(&Validated)>(
     }
 }
 
+/// The config last offered (applied or refused), by version and znodes.
+struct Offered {
+    last: Option<(u64, Nodes)>,
+}
+
 /// One ZooKeeper session: read, offer, wait for the next change; `None` once stopped,
 /// `Some(())` when the session is lost.
+#[allow(clippy::too_many_arguments)]
 async fn session<F: Fn(&Validated)>(
     store: &Store,
     w: &Watch,
     reloader: &Reloader<F>,
     members: &impl Fn(u32),
-    version: &mut u64,
-    applied: &mut Option<Nodes>,
+    member_id: &str,
+    offered: &mut Offered,
     stop: &CancellationToken,
 ) -> Option<()> {
     let mut state = store.client().state_watcher();
@@ -487,25 +517,42 @@ async fn session<F: Fn(&Validated)>(
             }
         };
         reloader.tracker.set_connected(true);
-        let (count, members_watch) = match store.members().await {
+        let (mut names, mut members_watch) = match store.members().await {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "Reading the fleet members failed");
                 return Some(());
             }
         };
-        members(count as u32);
-        let changed = applied.as_ref() != Some(&snapshot.nodes) || *version != snapshot.version;
-        if changed {
+        if !names.contains(&member_id.to_string()) {
+            // Gone (an earlier session's znode expired, or someone deleted it): join again.
+            let about = format!(
+                "{{\"pid\":{},\"rejoined\":{}}}",
+                std::process::id(),
+                unix_now()
+            );
+            match store.join(member_id, &about).await {
+                Ok(()) => match store.members().await {
+                    Ok(m) => (names, members_watch) = m,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Reading the fleet members failed");
+                        return Some(());
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot register in the fleet; quotas count this instance out")
+                }
+            }
+        }
+        members(names.len() as u32);
+        // What was last offered, applied or refused, is not offered again until it changes.
+        let seen = Some((snapshot.version, snapshot.nodes.clone()));
+        if offered.last != seen {
             let result = build(&w.bootstrap, &w.base, &snapshot.nodes, store.root());
             if reloader.offer(result, snapshot.version) {
                 write_cache(&w.cache, &snapshot.nodes, snapshot.version, store.root());
-                *applied = Some(snapshot.nodes.clone());
-                *version = snapshot.version;
-            } else {
-                // Refused: the same text is not offered again until it changes.
-                *applied = Some(snapshot.nodes.clone());
             }
+            offered.last = seen;
         }
         let mut fired: Vec<_> = snapshot
             .watchers

@@ -591,14 +591,31 @@ impl Store {
     }
 
     /// Registers this instance under `<root>/members` (ephemeral: it goes with the session).
+    /// A znode of the same name left by an earlier session of this instance (a reconnect
+    /// before that session expired, or a restart with the same name) is replaced, or it
+    /// would vanish when that session expires and leave this instance out of the fleet.
     pub async fn join(&self, id: &str, about: &str) -> Result<(), String> {
         let path = format!("{}/members/{id}", self.root);
         let options = zk::CreateMode::Ephemeral.with_acls(self.acls);
-        match self.client.create(&path, about.as_bytes(), &options).await {
-            Ok(_) => Ok(()),
-            Err(zk::Error::NodeExists) => Ok(()),
-            Err(e) => Err(format!("cannot register {path}: {e}")),
+        for _ in 0..3 {
+            match self.client.create(&path, about.as_bytes(), &options).await {
+                Ok(_) => return Ok(()),
+                Err(zk::Error::NodeExists) => {}
+                Err(e) => return Err(format!("cannot register {path}: {e}")),
+            }
+            match self.client.check_stat(&path).await {
+                Ok(Some(stat)) if stat.ephemeral_owner == self.client.session_id().0 => {
+                    return Ok(())
+                }
+                Ok(Some(stat)) => match self.client.delete(&path, Some(stat.version)).await {
+                    Ok(()) | Err(zk::Error::NoNode) | Err(zk::Error::BadVersion) => {}
+                    Err(e) => return Err(format!("cannot replace the stale {path}: {e}")),
+                },
+                Ok(None) => {}
+                Err(e) => return Err(format!("cannot check {path}: {e}")),
+            }
         }
+        Err(format!("cannot register {path}: it keeps being re-created"))
     }
 
     /// Leaves the fleet (deletes this instance's members znode).
@@ -609,15 +626,15 @@ impl Store {
         }
     }
 
-    /// The live members, and a watch that fires when they change.
-    pub async fn members(&self) -> Result<(usize, zk::OneshotWatcher), String> {
+    /// The live members' names, and a watch that fires when they change.
+    pub async fn members(&self) -> Result<(Vec<String>, zk::OneshotWatcher), String> {
         let path = format!("{}/members", self.root);
         let (children, _, watcher) = self
             .client
             .get_and_watch_children(&path)
             .await
             .map_err(|e| format!("listing {path}: {e}"))?;
-        Ok((children.len(), watcher))
+        Ok((children, watcher))
     }
 }
 

@@ -154,7 +154,8 @@ impl Drop for Unanswered {
 /// ClickHouse's response body, streamed to the client, within the user's quota: at its
 /// `max_execution_time` or `max_result_bytes` the stream is cut, the query killed on its
 /// node, and the body ends with ClickHouse's exception text, as ClickHouse ends a body
-/// whose query failed after its answer began (clients look for that text).
+/// whose query failed after its answer began (clients look for that text); a compressed
+/// body, which cannot carry the text, is broken off instead.
 pub struct UpstreamBody {
     inner: Incoming,
     /// The connection: driven from here, and returned to its node's pool once the body was
@@ -165,10 +166,23 @@ pub struct UpstreamBody {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The stream was cut and its exception text sent: it ends.
     cut: bool,
+    /// The body is compressed (`Content-Encoding`, or ClickHouse's own `compress=1`): text
+    /// cannot be appended, so a cut breaks the transfer instead.
+    encoded: bool,
 }
 
+/// The error a response body can end with: the upstream connection's, or a quota's cut of
+/// a body that cannot carry the exception text.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A quota cut a compressed body: the transfer is broken off (the client sees an incomplete
+/// response, never a shorter one that looks whole).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct CutByQuota(String);
+
 impl UpstreamBody {
-    pub fn new(inner: Incoming, upstream: Upstream, exchange: Exchange) -> Self {
+    pub fn new(inner: Incoming, upstream: Upstream, exchange: Exchange, encoded: bool) -> Self {
         let deadline = exchange.admission.execution_limit().map(|limit| {
             let at = exchange.admission.admitted_at() + limit;
             Box::pin(tokio::time::sleep_until(at.into()))
@@ -179,6 +193,7 @@ impl UpstreamBody {
             exchange,
             deadline,
             cut: false,
+            encoded,
         }
     }
 
@@ -210,7 +225,7 @@ impl UpstreamBody {
     fn poll_limited(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.cut {
             return Poll::Ready(None);
         }
@@ -227,8 +242,7 @@ impl UpstreamBody {
                     elapsed: self.exchange.admission.admitted_at().elapsed(),
                     limit,
                 };
-                let text = self.cut(e, "execution_time");
-                return Poll::Ready(Some(Ok(Frame::data(text))));
+                return Poll::Ready(Some(self.cut_frame(e, "execution_time")));
             }
         }
         let frame = ready!(self.poll_inner(cx));
@@ -240,11 +254,21 @@ impl UpstreamBody {
                     limit,
                     bytes: self.exchange.bytes_out + len,
                 };
-                let text = self.cut(e, "result_bytes");
-                return Poll::Ready(Some(Ok(Frame::data(text))));
+                return Poll::Ready(Some(self.cut_frame(e, "result_bytes")));
             }
         }
-        Poll::Ready(frame)
+        Poll::Ready(frame.map(|f| f.map_err(|e| Box::new(e) as BoxError)))
+    }
+
+    /// The frame a cut ends the body with: the exception text, or (for a compressed body)
+    /// an error that breaks the transfer off.
+    fn cut_frame(&mut self, e: GatewayError, reason: &str) -> Result<Frame<Bytes>, BoxError> {
+        let text = self.cut(e, reason);
+        if self.encoded {
+            let message = String::from_utf8_lossy(&text).trim().to_string();
+            return Err(Box::new(CutByQuota(message)));
+        }
+        Ok(Frame::data(text))
     }
 
     fn poll_inner(
@@ -283,12 +307,12 @@ impl RespBody {
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RespBody::Full(full) => Pin::new(full)
                 .poll_frame(cx)

@@ -265,7 +265,8 @@ impl Frontend {
         })
         .await?;
         let query_id = unanswered.query_id.take().unwrap_or_default();
-        Ok(self.respond(routed, admission, query_id, started, in_flight))
+        let compressed = rewritten.compress;
+        Ok(self.respond(routed, admission, query_id, started, in_flight, compressed))
     }
 
     fn respond(
@@ -275,6 +276,7 @@ impl Frontend {
         query_id: String,
         started: Instant,
         http_in_flight: GaugeGuard,
+        compressed: bool,
     ) -> Response<RespBody> {
         let Routed {
             answer: (resp, upstream),
@@ -291,6 +293,12 @@ impl Frontend {
                 parts.headers.insert("x-clickhouse-query-id", v);
             }
         }
+        let limited = admission.execution_limit().is_some() || admission.result_limit().is_some();
+        if limited {
+            // A body a quota may cut ends early: its length is not known in advance.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        let encoded = compressed || parts.headers.contains_key(header::CONTENT_ENCODING);
         let mut exchange = Exchange {
             admission,
             backend: backend.clone(),
@@ -311,7 +319,9 @@ impl Frontend {
         }
         Response::from_parts(
             parts,
-            RespBody::Upstream(Box::new(UpstreamBody::new(inner, upstream, exchange))),
+            RespBody::Upstream(Box::new(UpstreamBody::new(
+                inner, upstream, exchange, encoded,
+            ))),
         )
     }
 }

@@ -45,6 +45,8 @@ pub struct Rewritten {
     /// The client's own session id (before namespacing), for stickiness.
     pub session: Option<String>,
     pub decompress: bool,
+    /// The response is asked for in ClickHouse's compressed block format (`compress=1`).
+    pub compress: bool,
     /// The client set `load_balancing` itself.
     pub load_balancing: bool,
 }
@@ -93,6 +95,7 @@ pub fn query(
                 }
             }
             "decompress" => out.decompress = raw_value != "0" && !raw_value.is_empty(),
+            "compress" => out.compress = raw_value != "0" && !raw_value.is_empty(),
             "load_balancing" => out.load_balancing = true,
             "session_id" => {
                 let session = decode_component(raw_value).into_owned();

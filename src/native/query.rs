@@ -206,6 +206,8 @@ pub struct Running {
     pub deadline: Option<tokio::time::Instant>,
     /// The quota cut the query: the error the client gets at the next packet boundary.
     pub cut: Option<(GatewayError, &'static str)>,
+    /// Bytes of the result (Data, Totals and Extremes packets) sent, for `max_result_bytes`.
+    pub result_bytes: u64,
 }
 
 impl Running {

@@ -377,6 +377,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         self.running = Some(Running {
             deadline,
             cut: None,
+            result_bytes: 0,
             _in_flight: GaugeGuard::new(&backend.node.in_flight),
             decision,
             query_id,
@@ -555,14 +556,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         if start >= end {
             return Ok(());
         }
-        if let Some(run) = self.running.as_mut() {
+        // The result is what the quota counts: Data, Totals and Extremes packets (types 1, 7
+        // and 8; the buffer starts with the current packet's type), not progress or the end.
+        let result_bytes = matches!(upstream.buf.first(), Some(1 | 7 | 8));
+        if let Some(run) = self.running.as_mut().filter(|_| result_bytes) {
             let limit = run.decision.admission.result_limit();
-            let over = limit.filter(|&l| run.bytes_out + (end - start) as u64 > l);
+            let over = limit.filter(|&l| run.result_bytes + (end - start) as u64 > l);
             if let (Some(limit), true) = (over, run.cut.is_none()) {
                 let e = GatewayError::ResultTooLarge {
                     user: self.user.name.to_string(),
                     limit,
-                    bytes: run.bytes_out + (end - start) as u64,
+                    bytes: run.result_bytes + (end - start) as u64,
                 };
                 run.cut = Some((e, "result_bytes"));
                 if start == 0 {
@@ -578,6 +582,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         upstream.forwarded = end;
         if let Some(run) = self.running.as_mut() {
             run.bytes_out += (end - start) as u64;
+            if result_bytes {
+                run.result_bytes += (end - start) as u64;
+            }
         }
         let written = async {
             self.client.write_all(&upstream.buf[start..end]).await?;

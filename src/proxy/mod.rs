@@ -215,6 +215,11 @@ pub async fn run(path: PathBuf, started: Started) -> anyhow::Result<()> {
     tracker.spawn_stale_gauge(stop.clone());
     spawn_certificate_watch(stop.clone());
     let mut watching = None;
+    // SIGHUP is always handled (its default would end the process, and `systemctl reload`
+    // sends it): a file is loaded again; with ZooKeeper, which is watched anyway, the TLS
+    // certificates are looked at again and the bootstrap file is checked for changes only
+    // a restart applies.
+    let mut hup = crate::signals::reloads()?;
     match watch {
         Some(watch) => {
             let fleet = server.gateway.fleet.clone();
@@ -223,10 +228,16 @@ pub async fn run(path: PathBuf, started: Started) -> anyhow::Result<()> {
             watching = Some(tokio::spawn(async move {
                 source::watch(watch, reloader, |n| fleet.set_members(n), id, stop).await;
             }));
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    let renewed = crate::tls::reload_changed();
+                    tracing::info!(renewed_certificates = renewed, "SIGHUP: the config comes from ZooKeeper and follows it; TLS certificates looked at again");
+                    source::report_bootstrap_changes(&path, &running);
+                }
+            });
         }
         None => {
             crate::metrics::METRICS.fleet_members.set(1);
-            let mut hup = crate::signals::reloads()?;
             tokio::spawn(async move {
                 while hup.recv().await.is_some() {
                     reloader.offer(config::load(&path), 0);
