@@ -264,7 +264,10 @@ async fn http_result_bytes_cut_the_result_with_396() {
     assert!(text.contains("max bytes: 100000"), "{text}");
     // A compressed answer cannot carry the text: its transfer is broken off instead, so no
     // client takes the cut result for a whole one.
-    let mut args = q.args("SELECT number FROM numbers(10000000)", "enable_http_compression=1");
+    let mut args = q.args(
+        "SELECT number FROM numbers(10000000)",
+        "enable_http_compression=1",
+    );
     args.insert(0, "--compressed".into());
     let gz = curl_async(args).await;
     assert!(!gz.ok, "a cut compressed transfer fails: {}", gz.status);
