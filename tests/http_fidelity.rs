@@ -7,20 +7,9 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use common::*;
-
-/// The stack's Python (scripts/dev-stack makes it, with requests and clickhouse-driver).
-fn python() -> PathBuf {
-    let cache = std::env::var_os("CHGATE_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/chgate")
-        });
-    cache.join("venv/bin/python")
-}
 
 async fn one_node_proxy() -> TestProxy {
     let text = config(&[("127.0.0.11", 8123)], "").replace(

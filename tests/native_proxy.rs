@@ -10,7 +10,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,16 +17,6 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-
-/// The stack's Python (scripts/dev-stack makes it, with clickhouse-driver and LZ4).
-fn python() -> PathBuf {
-    let cache = std::env::var_os("CHGATE_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/chgate")
-        });
-    cache.join("venv/bin/python")
-}
 
 /// The test config with a native listener on a free port.
 fn native_config(nodes: &[(&str, u16)], extra: &str) -> String {

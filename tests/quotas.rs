@@ -7,7 +7,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -315,16 +314,6 @@ async fn native_concurrency_refuses_with_202() {
         .collect();
     assert_eq!(refused.len(), 1, "{outs:#?}");
     assert!(refused[0].contains("Code: 202"), "{}", refused[0]);
-}
-
-/// The stack's Python, with clickhouse-driver.
-fn python() -> PathBuf {
-    let cache = std::env::var_os("CHGATE_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/chgate")
-        });
-    cache.join("venv/bin/python")
 }
 
 #[tokio::test]

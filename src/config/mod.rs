@@ -18,7 +18,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-pub use load::{check, load, parse};
+pub use load::{check, load, parse, read};
 pub use validate::{validate_clusters, validate_picker, validate_upstream, Problem, Validated};
 
 /// The root of a chgate config file.

@@ -18,14 +18,11 @@ struct Bootstrap {
 }
 
 fn bootstrap(path: &Path) -> Result<Bootstrap, Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| vec![format!("{}: cannot read the file: {e}", path.display())])?;
-    let config: Config = toml::from_str(&text).map_err(|e| {
-        vec![format!(
-            "{}: {}",
-            path.display(),
-            Problem::from_toml(&e, &text)
-        )]
+    let (config, base) = super::read::<Config>(path).map_err(|problems| {
+        problems
+            .iter()
+            .map(|p| format!("{}: {p}", path.display()))
+            .collect::<Vec<_>>()
     })?;
     let Some(source) = config.config_source.clone() else {
         return Err(vec![format!(
@@ -33,10 +30,6 @@ fn bootstrap(path: &Path) -> Result<Bootstrap, Vec<String>> {
             path.display()
         )]);
     };
-    let base = path
-        .parent()
-        .unwrap_or_else(|| Path::new("."))
-        .to_path_buf();
     Ok(Bootstrap {
         config,
         base,

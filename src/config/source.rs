@@ -210,13 +210,7 @@ pub async fn start(path: &Path) -> Result<Started, Vec<Problem>> {
 /// The file, parsed, and the directory its relative paths are taken from. A file with
 /// `[config_source]` may not hold the dynamic sections itself.
 fn read_bootstrap(path: &Path) -> Result<(Config, PathBuf), Vec<Problem>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| vec![Problem::new("", format!("cannot read the file: {e}"))])?;
-    let base = path
-        .parent()
-        .unwrap_or_else(|| Path::new("."))
-        .to_path_buf();
-    let config: Config = toml::from_str(&text).map_err(|e| vec![Problem::from_toml(&e, &text)])?;
+    let (config, base) = super::read::<Config>(path)?;
     if config.config_source.is_some() {
         let mut problems = Vec::new();
         let section = |name: &str| {
@@ -459,14 +453,7 @@ pub async fn watch<F: Fn(&Validated)>(
             }
         };
         backoff.reset();
-        let about = format!(
-            "{{\"pid\":{},\"started\":{}}}",
-            std::process::id(),
-            unix_now()
-        );
-        if let Err(e) = store.join(&member_id, &about).await {
-            tracing::warn!(error = %e, "Cannot register in the fleet; quotas are not shared out");
-        }
+        // The session joins the fleet (and joins again whenever its znode is missing).
         let ended = session(
             &store,
             &w,
@@ -525,9 +512,9 @@ async fn session<F: Fn(&Validated)>(
             }
         };
         if !names.contains(&member_id.to_string()) {
-            // Gone (an earlier session's znode expired, or someone deleted it): join again.
+            // Not there yet (a new session), or gone (someone deleted it): join.
             let about = format!(
-                "{{\"pid\":{},\"rejoined\":{}}}",
+                "{{\"pid\":{},\"joined\":{}}}",
                 std::process::id(),
                 unix_now()
             );

@@ -263,15 +263,7 @@ pub async fn load_with_source(path: &Path) -> Result<ValidatedIngest, Vec<Proble
 }
 
 fn read(path: &Path) -> Result<(IngestConfig, PathBuf), Vec<Problem>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| vec![Problem::new("", format!("cannot read the file: {e}"))])?;
-    let base = path
-        .parent()
-        .unwrap_or_else(|| Path::new("."))
-        .to_path_buf();
-    let config: IngestConfig =
-        toml::from_str(&text).map_err(|e| vec![Problem::from_toml(&e, &text)])?;
-    Ok((config, base))
+    crate::config::read(path)
 }
 
 fn validate(config: IngestConfig, base: &Path) -> Result<ValidatedIngest, Vec<Problem>> {

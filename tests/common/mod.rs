@@ -677,3 +677,13 @@ pub async fn wait_for_topology(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The stack's Python (scripts/dev-stack makes it, with requests, clickhouse-driver and LZ4).
+pub fn python() -> PathBuf {
+    let cache = std::env::var_os("CHGATE_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/chgate")
+        });
+    cache.join("venv/bin/python")
+}
