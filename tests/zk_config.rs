@@ -381,7 +381,20 @@ async fn without_zookeeper_proxies_serve_start_from_cache_and_catch_up() {
     )
     .await;
     eprintln!("both proxies saw ZooKeeper gone after {:?}", cut.elapsed());
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Staleness grows, in /v1/config and in the metric (updated once a second).
+    let metrics = format!("http://{}/metrics", a.admin);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stale = config_status(addrs(&a)).await["stale_seconds"]
+            .as_f64()
+            .unwrap();
+        let m = curl_async(vec!["-sS".into(), metrics.clone()]).await.body;
+        if stale > 0.5 && metric_sum(&m, "chgate_config_stale_seconds", &[]) > 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "staleness did not grow: {stale}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         status(addrs(&a), "ann").await,
         200,

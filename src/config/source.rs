@@ -28,8 +28,6 @@ use crate::metrics::METRICS;
 
 /// How long a start waits for ZooKeeper before it falls back to the cache.
 const START_TIMEOUT: Duration = Duration::from_secs(5);
-/// Changes that land together (a push's znodes fire one by one) are read once.
-const SETTLE: Duration = Duration::from_millis(20);
 
 /// Which config is running, where it came from, and the last change refused.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -164,14 +162,8 @@ pub async fn start(path: &Path) -> Result<Started, Vec<Problem>> {
     let cache = cache_path(path, &source);
     let origin = format!("zookeeper:{}{}", source.zookeeper.join(","), source.root);
     let from_zk = async {
-        let store = Store::connect(&source, &base, START_TIMEOUT)
-            .await
-            .map_err(|e| vec![Problem::new("config_source", e)])?;
-        let snapshot = store
-            .read(false)
-            .await
-            .map_err(|e| vec![Problem::new("config_source", e)])?;
-        let validated = build(&bootstrap, &base, &snapshot.nodes, store.root())?;
+        let (snapshot, root) = zookeeper::fetch(&source, &base, START_TIMEOUT).await?;
+        let validated = build(&bootstrap, &base, &snapshot.nodes, &root)?;
         Ok::<_, Vec<Problem>>((validated, snapshot.version, snapshot.nodes))
     };
     let (validated, version, nodes) = match from_zk.await {
@@ -580,6 +572,5 @@ async fn session<F: Fn(&Validated)>(
             }
             Some(_) => return Some(()),
         }
-        tokio::time::sleep(SETTLE).await;
     }
 }

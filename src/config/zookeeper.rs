@@ -284,6 +284,21 @@ pub struct Snapshot {
     pub watchers: Vec<zk::OneshotWatcher>,
 }
 
+/// One read of the root (no watches), for a start: the snapshot and the root's path;
+/// failures keyed `config_source`.
+pub async fn fetch(
+    source: &ConfigSourceConfig,
+    base: &Path,
+    timeout: Duration,
+) -> Result<(Snapshot, String), Vec<Problem>> {
+    let problem = |e: String| vec![Problem::new("config_source", e)];
+    let store = Store::connect(source, base, timeout)
+        .await
+        .map_err(problem)?;
+    let snapshot = store.read(false).await.map_err(problem)?;
+    Ok((snapshot, store.root().to_string()))
+}
+
 /// Why a push failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {

@@ -436,6 +436,17 @@ mod tests {
         toml::from_str(text).unwrap()
     }
 
+    /// Lets the other tasks run until `n` queries wait in `l`'s queue.
+    async fn queued(l: &Limiter, n: u32) {
+        for _ in 0..10_000 {
+            if l.waiting.load(Ordering::SeqCst) == n {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("{n} waiters never queued");
+    }
+
     fn limiter(text: &str) -> Arc<Limiter> {
         Arc::new(Limiter::new("u", &quota(text), Arc::new(Fleet::new())))
     }
@@ -460,15 +471,15 @@ mod tests {
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for i in 0..3 {
-            let (l, order) = (l.clone(), order.clone());
+            let (task, order) = (l.clone(), order.clone());
             tasks.push(tokio::spawn(async move {
-                let slot = l.admit().await.unwrap();
+                let slot = task.admit().await.unwrap();
                 order.lock().unwrap().push(i);
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 drop(slot);
             }));
             // Each joins the queue before the next.
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            queued(&l, i + 1).await;
         }
         // The queue is full: a fourth is refused.
         let e = l.admit().await.err().unwrap();
@@ -502,7 +513,7 @@ mod tests {
             let l = l.clone();
             tokio::spawn(async move { l.admit().await.map(drop) })
         };
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        queued(&l, 1).await;
         gone.abort();
         let _ = gone.await;
         assert_eq!(l.lock().len(), 0, "the cancelled waiter left the queue");
@@ -519,10 +530,7 @@ mod tests {
             let l = l.clone();
             tokio::spawn(async move { l.admit().await.map(|_| ()) })
         };
-        tokio::task::yield_now().await;
-        while l.waiting.load(Ordering::SeqCst) == 0 {
-            tokio::task::yield_now().await;
-        }
+        queued(&l, 1).await;
         l.configure(&quota(
             "max_concurrent_queries = 2\nmax_queue_size = 1\nmax_queue_wait = \"10s\"",
         ));

@@ -237,14 +237,8 @@ pub async fn load_with_source(path: &Path) -> Result<ValidatedIngest, Vec<Proble
             )]);
         }
         let timeout = Duration::from_secs(10);
-        let store = crate::config::zookeeper::Store::connect(&source, &base, timeout)
-            .await
-            .map_err(|e| vec![Problem::new("config_source", e)])?;
-        let snapshot = store
-            .read(false)
-            .await
-            .map_err(|e| vec![Problem::new("config_source", e)])?;
-        let dynamic = crate::config::zookeeper::parse_nodes(&snapshot.nodes, store.root())?;
+        let (snapshot, root) = crate::config::zookeeper::fetch(&source, &base, timeout).await?;
+        let dynamic = crate::config::zookeeper::parse_nodes(&snapshot.nodes, &root)?;
         config.clusters = dynamic.clusters;
         if let Some(u) = dynamic.upstream {
             config.upstream = u;
@@ -253,7 +247,7 @@ pub async fn load_with_source(path: &Path) -> Result<ValidatedIngest, Vec<Proble
             config.picker = p;
         }
         tracing::info!(
-            root = store.root(),
+            root,
             version = snapshot.version,
             clusters = config.clusters.len(),
             "Clusters read from ZooKeeper"
