@@ -6,6 +6,7 @@
 
 mod load;
 pub mod publish;
+pub mod remote_servers;
 pub mod source;
 mod validate;
 pub mod zookeeper;
@@ -382,6 +383,8 @@ pub struct ClusterConfig {
     pub probe_account: Option<String>,
     /// Refresh the replicas of each shard from a node's `system.clusters`.
     pub discovery: Option<DiscoveryConfig>,
+    /// Publish this cluster to the nodes' own `remote_servers` (ZooKeeper source only).
+    pub remote_servers: Option<RemoteServersConfig>,
 }
 
 impl ClusterConfig {
@@ -465,6 +468,59 @@ impl Default for DiscoveryConfig {
             system_cluster: None,
             interval: Duration::from_secs(60),
             http_port: 8123,
+        }
+    }
+}
+
+/// The cluster as its nodes see it: `chgate config push` renders it into the
+/// `remote_servers` element the nodes include from ZooKeeper (`from_zk`), and the elected
+/// proxy takes failed replicas out of it and puts them back (see [`crate::config::remote_servers`]).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteServersConfig {
+    /// The cluster's name in `remote_servers` (what `Distributed(...)` names); defaults to
+    /// this cluster's key.
+    pub name: Option<String>,
+    /// The account a node uses to reach the others (it must exist on every node).
+    pub user: String,
+    /// The environment variable, on the nodes, holding that account's password: published
+    /// as `<password from_env="..."/>`, so no secret is stored in ZooKeeper. Unset: no
+    /// password.
+    pub password_from_env: Option<String>,
+    /// The environment variable, on the nodes, holding the cluster's interserver `secret`
+    /// (ClickHouse 20.10 and later; 18.16 refuses the element). Unset: none.
+    pub secret_from_env: Option<String>,
+    /// Nodes reach each other over TLS (`<secure>1</secure>`).
+    pub secure: bool,
+    /// Each shard's replicas replicate themselves (ReplicatedMergeTree): a Distributed
+    /// insert writes one replica.
+    pub internal_replication: bool,
+    /// Take a failed replica out of the published cluster and put it back once healthy.
+    pub remove_failed: bool,
+    /// A replica failing this long (down, hung, or without its ZooKeeper session) is taken out.
+    #[serde(with = "humantime_serde")]
+    pub remove_after: Duration,
+    /// A taken-out replica healthy this long is put back.
+    #[serde(with = "humantime_serde")]
+    pub restore_after: Duration,
+    /// At most one replica of the cluster is taken out per this interval.
+    #[serde(with = "humantime_serde")]
+    pub min_removal_interval: Duration,
+}
+
+impl Default for RemoteServersConfig {
+    fn default() -> Self {
+        Self {
+            name: None,
+            user: "default".into(),
+            password_from_env: None,
+            secret_from_env: None,
+            secure: false,
+            internal_replication: true,
+            remove_failed: true,
+            remove_after: Duration::from_secs(10),
+            restore_after: Duration::from_secs(30),
+            min_removal_interval: Duration::from_secs(30),
         }
     }
 }

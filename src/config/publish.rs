@@ -4,9 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::remote_servers::Publisher;
 use super::validate::{validate, Problem};
 use super::zookeeper::{self, Nodes, Snapshot, Store};
-use super::{Config, ConfigSourceConfig};
+use super::{ClusterConfig, Config, ConfigSourceConfig};
+
+type Clusters = std::collections::BTreeMap<String, ClusterConfig>;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -43,8 +46,9 @@ async fn connect(b: &Bootstrap) -> Result<Store, Vec<String>> {
         .map_err(|e| vec![e])
 }
 
-/// The file to push, split into znodes and validated whole with the bootstrap.
-fn prepare(b: &Bootstrap, file: &Path) -> Result<(Nodes, String), Vec<String>> {
+/// The file to push, split into znodes and validated whole with the bootstrap; its
+/// clusters.
+fn prepare(b: &Bootstrap, file: &Path) -> Result<(Nodes, String, Clusters), Vec<String>> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| vec![format!("{}: cannot read the file: {e}", file.display())])?;
     let located = |problems: Vec<Problem>| -> Vec<String> {
@@ -64,18 +68,58 @@ fn prepare(b: &Bootstrap, file: &Path) -> Result<(Nodes, String), Vec<String>> {
             })
             .collect::<Vec<_>>()
     })?;
+    let clusters = dynamic.clusters.clone();
     validate(dynamic.merge_into(b.config.clone()), &b.base).map_err(located)?;
     let whole = zookeeper::assemble(&nodes, "").map_err(located)?;
-    Ok((nodes, whole))
+    Ok((nodes, whole, clusters))
 }
 
 /// Validates `file` with the bootstrap and publishes it as the next version.
 pub async fn push(bootstrap_path: &Path, file: &Path) -> Result<String, Vec<String>> {
     let b = bootstrap(bootstrap_path)?;
-    let (nodes, whole) = prepare(&b, file)?;
+    let (nodes, whole, clusters) = prepare(&b, file)?;
     let store = connect(&b).await?;
     let read = store.read(false).await.map_err(|e| vec![e])?;
-    publish(&store, &b, &read, &nodes, &whole).await
+    let done = publish(&store, &b, &read, &nodes, &whole).await?;
+    publish_remote_servers(&b, &clusters, done).await
+}
+
+/// Publishes the nodes' `remote_servers` for the pushed clusters (minus the replicas the
+/// elected proxy has taken out) to every ensemble it belongs in, after the config itself
+/// landed. A failure is an error (exit 1) that says the config did land: pushing the same
+/// file again publishes what is missing, and the elected proxy, if one runs, retries by
+/// itself.
+async fn publish_remote_servers(
+    b: &Bootstrap,
+    clusters: &Clusters,
+    done: String,
+) -> Result<String, Vec<String>> {
+    let mut publisher = Publisher::new(&b.source, &b.base, CONNECT_TIMEOUT);
+    let removed = match publisher.removed().await {
+        Ok(r) => r,
+        Err(e) => return Err(vec![done, format!("remote_servers not published: {e}")]),
+    };
+    let outcomes = publisher.publish(clusters, &removed).await;
+    let mut lines = vec![done];
+    let mut failed = false;
+    for o in outcomes {
+        match o.result {
+            Ok(true) => lines.push(format!("remote_servers: published to {}", o.ensemble)),
+            Ok(false) => lines.push(format!("remote_servers: unchanged in {}", o.ensemble)),
+            Err(e) => {
+                failed = true;
+                lines.push(format!(
+                    "remote_servers: NOT published to {}: {e} (the config itself landed; push again, or the elected proxy retries)",
+                    o.ensemble
+                ));
+            }
+        }
+    }
+    if failed {
+        Err(lines)
+    } else {
+        Ok(lines.join("\n"))
+    }
 }
 
 async fn publish(
@@ -110,7 +154,7 @@ async fn publish(
 /// What pushing `file` would change, one line per znode.
 pub async fn diff(bootstrap_path: &Path, file: &Path) -> Result<Vec<String>, Vec<String>> {
     let b = bootstrap(bootstrap_path)?;
-    let (nodes, _) = prepare(&b, file)?;
+    let (nodes, _, _) = prepare(&b, file)?;
     let store = connect(&b).await?;
     let read = store.read(false).await.map_err(|e| vec![e])?;
     Ok(zookeeper::diff(&read.nodes, &nodes))
@@ -151,6 +195,7 @@ pub async fn rollback(bootstrap_path: &Path, version: u64) -> Result<String, Vec
     })?;
     let dynamic = zookeeper::parse_nodes(&nodes, store.root())
         .map_err(|p| p.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let clusters = dynamic.clusters.clone();
     validate(dynamic.merge_into(b.config.clone()), &b.base).map_err(|p| {
         p.iter()
             .map(|p| format!("version {version}: {p}"))
@@ -158,5 +203,10 @@ pub async fn rollback(bootstrap_path: &Path, version: u64) -> Result<String, Vec
     })?;
     let read = store.read(false).await.map_err(|e| vec![e])?;
     let done = publish(&store, &b, &read, &nodes, &text).await?;
-    Ok(format!("{done}, restoring version {version}"))
+    publish_remote_servers(
+        &b,
+        &clusters,
+        format!("{done}, restoring version {version}"),
+    )
+    .await
 }

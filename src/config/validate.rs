@@ -223,6 +223,11 @@ pub(super) fn validate_with(
     validate_upstream(&config.upstream, &mut problems);
     validate_picker(&config.picker, &mut problems);
     let secrets = validate_clusters(&config.clusters, base, &mut problems);
+    super::remote_servers::validate(
+        &config.clusters,
+        config.config_source.is_some(),
+        &mut problems,
+    );
     if !require_users {
         // A bootstrap file on its own: its clusters come from ZooKeeper.
         problems.retain(|p| p.key != "clusters" || !config.clusters.is_empty());

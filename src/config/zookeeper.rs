@@ -299,6 +299,43 @@ pub async fn fetch(
     Ok((snapshot, store.root().to_string()))
 }
 
+/// A session with the ensemble `servers`, authenticated as `[config_source]` says, and the
+/// ACLs of the znodes it creates (everyone, or with digest auth only its user).
+pub async fn connect(
+    servers: &[String],
+    source: &ConfigSourceConfig,
+    base: &Path,
+    timeout: Duration,
+) -> Result<(zk::Client, zk::Acls<'static>), String> {
+    let servers = servers.join(",");
+    let mut connector = zk::Client::connector()
+        .with_session_timeout(source.session_timeout)
+        .with_connection_timeout(timeout.min(source.session_timeout))
+        .with_fail_eagerly();
+    let mut acls = zk::Acls::anyone_all();
+    if let Some(user) = &source.digest_user {
+        let password = crate::secret::load(
+            source.digest_password_env.as_deref(),
+            source.digest_password_file.as_deref(),
+            base,
+        )
+        .map_err(|e| {
+            format!(
+                "config_source digest password: {}",
+                e.to_string().replace("password_", "digest_password_")
+            )
+        })?;
+        connector =
+            connector.with_auth("digest", format!("{user}:{}", password.expose()).as_bytes());
+        acls = zk::Acls::creator_all();
+    }
+    let client = tokio::time::timeout(timeout, connector.connect(&servers))
+        .await
+        .map_err(|_| format!("cannot reach ZooKeeper {servers} within {timeout:?}"))?
+        .map_err(|e| format!("cannot connect to ZooKeeper {servers}: {e}"))?;
+    Ok((client, acls))
+}
+
 /// Why a push failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
@@ -322,32 +359,7 @@ impl Store {
         base: &Path,
         timeout: Duration,
     ) -> Result<Self, String> {
-        let servers = source.zookeeper.join(",");
-        let mut connector = zk::Client::connector()
-            .with_session_timeout(source.session_timeout)
-            .with_connection_timeout(timeout.min(source.session_timeout))
-            .with_fail_eagerly();
-        let mut acls = zk::Acls::anyone_all();
-        if let Some(user) = &source.digest_user {
-            let password = crate::secret::load(
-                source.digest_password_env.as_deref(),
-                source.digest_password_file.as_deref(),
-                base,
-            )
-            .map_err(|e| {
-                format!(
-                    "config_source digest password: {}",
-                    e.to_string().replace("password_", "digest_password_")
-                )
-            })?;
-            connector =
-                connector.with_auth("digest", format!("{user}:{}", password.expose()).as_bytes());
-            acls = zk::Acls::creator_all();
-        }
-        let client = tokio::time::timeout(timeout, connector.connect(&servers))
-            .await
-            .map_err(|_| format!("cannot reach ZooKeeper {servers} within {timeout:?}"))?
-            .map_err(|e| format!("cannot connect to ZooKeeper {servers}: {e}"))?;
+        let (client, acls) = connect(&source.zookeeper, source, base, timeout).await?;
         let root = source.root.trim_end_matches('/').to_string();
         let store = Self { client, root, acls };
         for dir in [

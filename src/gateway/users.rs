@@ -120,6 +120,7 @@ pub(crate) mod tests {
                 accounts: Default::default(),
                 probe_account: None,
                 discovery: None,
+                remote_servers: None,
             },
             &Default::default(),
             &Default::default(),

@@ -1,0 +1,573 @@
+//! The cluster as its ClickHouse nodes see it: the `remote_servers` element they include
+//! from ZooKeeper, rendered from the same typed topology the gateways use, minus the
+//! replicas the elected proxy has taken out.
+//!
+//! Znodes, under the config root (`[config_source] root`):
+//!
+//! ```text
+//! <root>/clickhouse/remote_servers  the element's content, one child per published cluster;
+//!                                   in the root's ensemble and in every shard group's
+//!                                   ensemble of a published cluster (a node reads `from_zk`
+//!                                   from the ensemble of its own <zookeeper> section)
+//! <root>/clickhouse/removed         JSON: the replicas taken out, why and since when
+//! <root>/clickhouse/ensembles       JSON: the ensembles last published to (one dropped from
+//!                                   the config is emptied once, not left stale)
+//! <root>/clickhouse/leader          ephemeral: the proxy that keeps the published cluster true
+//! ```
+//!
+//! A node includes it with `<remote_servers from_zk="<root>/clickhouse/remote_servers"/>`;
+//! ClickHouse (18.16 too) watches the znode and applies a change without a restart. The
+//! published text names the interserver password's environment variable
+//! (`<password from_env="..."/>`), never the password. The published znodes are readable by
+//! anyone (the nodes' ZooKeeper identity is not chgate's); with digest auth only chgate's
+//! user may change them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use zookeeper_client as zk;
+
+use super::{ClusterConfig, ConfigSourceConfig, RemoteServersConfig};
+
+/// The published element's znode, relative to the root.
+pub const ELEMENT: &str = "clickhouse/remote_servers";
+const REMOVED: &str = "clickhouse/removed";
+const ENSEMBLES: &str = "clickhouse/ensembles";
+const LEADER: &str = "clickhouse/leader";
+
+/// Everyone may read a published znode; with digest auth only its creator may change it.
+static READABLE_BY_ALL: [zk::Acl; 2] = [
+    zk::Acl::new_const(zk::Permission::ALL, "auth", ""),
+    zk::Acl::new_const(zk::Permission::READ, "world", "anyone"),
+];
+
+/// A replica taken out of the published cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedReplica {
+    /// Shard number, from 1.
+    pub shard: u32,
+    pub reason: String,
+    /// Unix seconds.
+    pub since: u64,
+}
+
+/// The replicas taken out, by cluster (its key in `[clusters]`) and `host:native_port`.
+pub type Removed = BTreeMap<String, BTreeMap<String, RemovedReplica>>;
+
+/// A replica's key in [`Removed`].
+pub fn replica_key(host: &str, native_port: u16) -> String {
+    format!("{host}:{native_port}")
+}
+
+/// The clusters that are published, with their settings and published names.
+pub fn published(
+    clusters: &BTreeMap<String, ClusterConfig>,
+) -> impl Iterator<Item = (&String, &ClusterConfig, &RemoteServersConfig, &str)> {
+    clusters.iter().filter_map(|(key, c)| {
+        let r = c.remote_servers.as_ref()?;
+        Some((key, c, r, r.name.as_deref().unwrap_or(key)))
+    })
+}
+
+/// The element's content for `clusters`, without the `removed` replicas.
+pub fn render(clusters: &BTreeMap<String, ClusterConfig>, removed: &Removed) -> String {
+    let mut out = String::new();
+    for (key, cluster, settings, name) in published(clusters) {
+        let out_of = removed.get(key);
+        let taken: Vec<String> = out_of
+            .map(|m| {
+                m.iter()
+                    .map(|(r, e)| format!("{r} ({})", e.reason))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "<!-- cluster {key}, published by chgate{} -->",
+            if taken.is_empty() {
+                String::new()
+            } else {
+                format!("; taken out: {}", comment(&taken.join(", ")))
+            }
+        );
+        let _ = writeln!(out, "<{name}>");
+        if let Some(env) = &settings.secret_from_env {
+            let _ = writeln!(out, "    <secret from_env=\"{}\"/>", escape(env));
+        }
+        for group in cluster.groups() {
+            for shard in &group.shards {
+                out.push_str("    <shard>\n");
+                if shard.weight != 1 {
+                    let _ = writeln!(out, "        <weight>{}</weight>", shard.weight);
+                }
+                let _ = writeln!(
+                    out,
+                    "        <internal_replication>{}</internal_replication>",
+                    settings.internal_replication
+                );
+                for r in &shard.replicas {
+                    let k = replica_key(&r.host, r.native_port);
+                    if out_of.is_some_and(|m| m.contains_key(&k)) {
+                        continue;
+                    }
+                    replica(&mut out, settings, &r.host, r.native_port);
+                }
+                out.push_str("    </shard>\n");
+            }
+        }
+        let _ = writeln!(out, "</{name}>");
+    }
+    out
+}
+
+fn replica(out: &mut String, settings: &RemoteServersConfig, host: &str, port: u16) {
+    out.push_str("        <replica>\n");
+    let _ = writeln!(out, "            <host>{}</host>", escape(host));
+    let _ = writeln!(out, "            <port>{port}</port>");
+    let _ = writeln!(out, "            <user>{}</user>", escape(&settings.user));
+    if let Some(env) = &settings.password_from_env {
+        let _ = writeln!(out, "            <password from_env=\"{}\"/>", escape(env));
+    }
+    if settings.secure {
+        out.push_str("            <secure>1</secure>\n");
+    }
+    out.push_str("        </replica>\n");
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Text safe inside an XML comment (no `--`).
+fn comment(s: &str) -> String {
+    escape(s).replace("--", "- -")
+}
+
+/// The ensembles the element goes to: the root's, then every shard group's of a published
+/// cluster, each once (members sorted).
+pub fn ensembles(
+    root_ensemble: &[String],
+    clusters: &BTreeMap<String, ClusterConfig>,
+) -> Vec<Vec<String>> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    let mut add = |members: &[String]| {
+        let mut m = members.to_vec();
+        m.sort();
+        if !m.is_empty() && seen.insert(m.clone()) {
+            out.push(m);
+        }
+    };
+    add(root_ensemble);
+    for (_, cluster, _, _) in published(clusters) {
+        for g in cluster.groups() {
+            add(&g.zookeeper);
+        }
+    }
+    out
+}
+
+/// Checks the `remote_servers` sections of `clusters`; `zookeeper_source` says whether the
+/// config comes from a ZooKeeper root (nothing publishes a file config's clusters).
+pub fn validate(
+    clusters: &BTreeMap<String, ClusterConfig>,
+    zookeeper_source: bool,
+    problems: &mut Vec<super::Problem>,
+) {
+    let mut p = |key: String, message: String| problems.push(super::Problem::new(key, message));
+    let mut names: HashMap<&str, &str> = HashMap::new();
+    for (key, cluster, r, name) in published(clusters) {
+        let k = format!("clusters.{key}.remote_servers");
+        if !zookeeper_source {
+            p(k.clone(), "is published to the nodes by `chgate config push` to a ZooKeeper root; a config file cannot (use [config_source], or leave this out)".into());
+        }
+        if !xml_name(name) {
+            p(
+                format!("{k}.name"),
+                format!("{name:?} cannot be a cluster name in remote_servers (letters, digits, '_', '-', not starting with a digit or '-')"),
+            );
+        }
+        if let Some(other) = names.insert(name, key) {
+            p(
+                format!("{k}.name"),
+                format!("cluster {other} is published as {name} too"),
+            );
+        }
+        if r.user.is_empty() || r.user.chars().any(|c| c.is_control()) {
+            p(format!("{k}.user"), "must be a ClickHouse user name".into());
+        }
+        for (field, env) in [
+            ("password_from_env", &r.password_from_env),
+            ("secret_from_env", &r.secret_from_env),
+        ] {
+            if let Some(env) = env {
+                if !env_name(env) {
+                    p(
+                        format!("{k}.{field}"),
+                        format!("{env:?} is not an environment variable name"),
+                    );
+                }
+            }
+        }
+        for (field, d) in [
+            ("remove_after", r.remove_after),
+            ("restore_after", r.restore_after),
+        ] {
+            if d < Duration::from_secs(1) {
+                p(format!("{k}.{field}"), "must be at least 1s".into());
+            }
+        }
+        if cluster.discovery.is_some() {
+            p(
+                k.clone(),
+                "cannot be used with discovery: the replicas would be read back from the system.clusters this publishes (a replica taken out could never be seen healthy again)".into(),
+            );
+        }
+    }
+}
+
+fn xml_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && s.len() <= 64
+}
+
+fn env_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// What publishing to one ensemble did.
+#[derive(Debug)]
+pub struct Outcome {
+    pub ensemble: String,
+    /// `Ok(true)`: written; `Ok(false)`: it was already so.
+    pub result: Result<bool, String>,
+}
+
+/// Sessions with the root's ensemble and the shard groups' ensembles, kept between
+/// publications; a session that ended is opened again on its next use.
+pub struct Publisher {
+    source: ConfigSourceConfig,
+    base: PathBuf,
+    root: String,
+    timeout: Duration,
+    sessions: HashMap<Vec<String>, (zk::Client, bool)>,
+}
+
+impl Publisher {
+    pub fn new(source: &ConfigSourceConfig, base: &Path, timeout: Duration) -> Self {
+        Self {
+            source: source.clone(),
+            base: base.to_path_buf(),
+            root: source.root.trim_end_matches('/').to_string(),
+            timeout,
+            sessions: HashMap::new(),
+        }
+    }
+
+    fn path(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.root)
+    }
+
+    /// The root ensemble's session (the one leadership is held in).
+    pub async fn root_client(&mut self) -> Result<(zk::Client, bool), String> {
+        let root = self.source.zookeeper.clone();
+        self.client(&root).await
+    }
+
+    async fn client(&mut self, ensemble: &[String]) -> Result<(zk::Client, bool), String> {
+        let mut key = ensemble.to_vec();
+        key.sort();
+        if let Some((c, digest)) = self.sessions.get(&key) {
+            if !c.state().is_terminated() {
+                return Ok((c.clone(), *digest));
+            }
+        }
+        let (client, _) =
+            super::zookeeper::connect(ensemble, &self.source, &self.base, self.timeout).await?;
+        let digest = self.source.digest_user.is_some();
+        self.sessions.insert(key, (client.clone(), digest));
+        Ok((client, digest))
+    }
+
+    /// Forgets an ensemble's session after an error (the next use connects again).
+    fn drop_session(&mut self, ensemble: &[String]) {
+        let mut key = ensemble.to_vec();
+        key.sort();
+        self.sessions.remove(&key);
+    }
+
+    /// Writes `text` at `rel` in `ensemble` unless it is already so; creates the parents.
+    async fn put(&mut self, ensemble: &[String], rel: &str, text: &str) -> Result<bool, String> {
+        let path = self.path(rel);
+        let (client, digest) = self.client(ensemble).await?;
+        let acls = if digest {
+            zk::Acls::new(&READABLE_BY_ALL)
+        } else {
+            zk::Acls::anyone_all()
+        };
+        let options = zk::CreateMode::Persistent.with_acls(acls);
+        let result = async {
+            match client.get_data(&path).await {
+                Ok((d, _)) if d == text.as_bytes() => return Ok(false),
+                Ok((_, stat)) => {
+                    return client
+                        .set_data(&path, text.as_bytes(), Some(stat.version))
+                        .await
+                        .map(|_| true)
+                        .map_err(|e| format!("writing {path}: {e}"))
+                }
+                Err(zk::Error::NoNode) => {}
+                Err(e) => return Err(format!("reading {path}: {e}")),
+            }
+            if let Some((parent, _)) = path.rsplit_once('/') {
+                client
+                    .mkdir(parent, &options)
+                    .await
+                    .map_err(|e| format!("creating {parent}: {e}"))?;
+            }
+            match client.create(&path, text.as_bytes(), &options).await {
+                Ok(_) => Ok(true),
+                Err(e) => Err(format!("creating {path}: {e}")),
+            }
+        }
+        .await;
+        if result.is_err() {
+            self.drop_session(ensemble);
+        }
+        result
+    }
+
+    async fn get(&mut self, ensemble: &[String], rel: &str) -> Result<Option<String>, String> {
+        let path = self.path(rel);
+        let (client, _) = self.client(ensemble).await?;
+        match client.get_data(&path).await {
+            Ok((d, _)) => Ok(Some(String::from_utf8_lossy(&d).into_owned())),
+            Err(zk::Error::NoNode) => Ok(None),
+            Err(e) => {
+                self.drop_session(ensemble);
+                Err(format!("reading {path}: {e}"))
+            }
+        }
+    }
+
+    /// The replicas taken out, as the root's ensemble holds them (none if never written;
+    /// a broken znode counts as none, and says so).
+    pub async fn removed(&mut self) -> Result<Removed, String> {
+        let root = self.source.zookeeper.clone();
+        match self.get(&root, REMOVED).await? {
+            None => Ok(Removed::new()),
+            Some(text) => serde_json::from_str(&text).or_else(|e| {
+                tracing::warn!(znode = %self.path(REMOVED), error = %e, "Unreadable list of taken-out replicas; treating it as empty");
+                Ok(Removed::new())
+            }),
+        }
+    }
+
+    /// Records the replicas taken out.
+    pub async fn set_removed(&mut self, removed: &Removed) -> Result<(), String> {
+        let root = self.source.zookeeper.clone();
+        let text = serde_json::to_string_pretty(removed).map_err(|e| e.to_string())?;
+        self.put(&root, REMOVED, &text).await.map(|_| ())
+    }
+
+    /// Publishes the element for `clusters` (without the `removed` replicas) to every
+    /// ensemble it belongs in, and empties it in ensembles it no longer does.
+    pub async fn publish(
+        &mut self,
+        clusters: &BTreeMap<String, ClusterConfig>,
+        removed: &Removed,
+    ) -> Vec<Outcome> {
+        let root = self.source.zookeeper.clone();
+        let targets = ensembles(&root, clusters);
+        let before: Vec<Vec<String>> = match self.get(&root, ENSEMBLES).await {
+            Ok(Some(t)) => serde_json::from_str(&t).unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let text = render(clusters, removed);
+        let mut outcomes = Vec::new();
+        let nothing_published = published(clusters).next().is_none();
+        for ensemble in &targets {
+            // With nothing to publish, the root's znode is only emptied if it exists.
+            if nothing_published
+                && !before.contains(ensemble)
+                && !matches!(self.get(ensemble, ELEMENT).await, Ok(Some(_)))
+            {
+                continue;
+            }
+            let result = self.put(ensemble, ELEMENT, &text).await;
+            outcomes.push(Outcome {
+                ensemble: ensemble.join(","),
+                result,
+            });
+        }
+        for gone in before.iter().filter(|e| !targets.contains(e)) {
+            let result = self.put(gone, ELEMENT, "").await;
+            outcomes.push(Outcome {
+                ensemble: gone.join(","),
+                result,
+            });
+        }
+        if before != targets && outcomes.iter().all(|o| o.result.is_ok()) {
+            let list = serde_json::to_string(&targets).unwrap_or_default();
+            if let Err(e) = self.put(&root, ENSEMBLES, &list).await {
+                tracing::warn!(error = %e, "Cannot record the ensembles remote_servers went to");
+            }
+        }
+        outcomes
+    }
+
+    /// Takes or keeps the lead (an ephemeral znode in the root's ensemble, tied to this
+    /// session): true while this instance leads.
+    pub async fn lead(&mut self, id: &str) -> Result<bool, String> {
+        let root = self.source.zookeeper.clone();
+        let path = self.path(LEADER);
+        let (client, _) = self.client(&root).await?;
+        let options = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
+        let result = async {
+            match client.create(&path, id.as_bytes(), &options).await {
+                Ok(_) => return Ok(true),
+                Err(zk::Error::NodeExists) => {}
+                Err(zk::Error::NoNode) => {
+                    let parent = self.path("clickhouse");
+                    client
+                        .mkdir(
+                            &parent,
+                            &zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all()),
+                        )
+                        .await
+                        .map_err(|e| format!("creating {parent}: {e}"))?;
+                    return Ok(client.create(&path, id.as_bytes(), &options).await.is_ok());
+                }
+                Err(e) => return Err(format!("creating {path}: {e}")),
+            }
+            match client.check_stat(&path).await {
+                Ok(Some(stat)) => Ok(stat.ephemeral_owner == client.session_id().0),
+                Ok(None) => Ok(false),
+                Err(e) => Err(format!("reading {path}: {e}")),
+            }
+        }
+        .await;
+        if result.is_err() {
+            self.drop_session(&root);
+        }
+        result
+    }
+
+    /// Gives up the lead (deletes the leader znode if this session holds it).
+    pub async fn resign(&mut self) {
+        let root = self.source.zookeeper.clone();
+        let path = self.path(LEADER);
+        if let Ok((client, _)) = self.client(&root).await {
+            if let Ok(Some(stat)) = client.check_stat(&path).await {
+                if stat.ephemeral_owner == client.session_id().0 {
+                    let _ = client.delete(&path, Some(stat.version)).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clusters(extra: &str) -> BTreeMap<String, ClusterConfig> {
+        toml::from_str(&format!(
+            r#"
+            [demo]
+            [[demo.shard_groups]]
+            zookeeper = ["127.0.0.1:2181"]
+            shards = [{{ replicas = [{{ host = "127.0.0.11" }}, {{ host = "127.0.0.12" }}] }}]
+            [[demo.shard_groups]]
+            zookeeper = ["127.0.0.1:2182"]
+            shards = [{{ weight = 2, replicas = [{{ host = "127.0.0.13", native_port = 9001 }}] }}]
+            [demo.remote_servers]
+            password_from_env = "INTERSERVER_PW"
+            {extra}
+            [other]
+            shards = [{{ replicas = [{{ host = "h" }}] }}]
+            "#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn renders_published_clusters_only_without_removed_replicas() {
+        let c = clusters("name = \"demo_cluster\"");
+        let mut removed = Removed::new();
+        removed.entry("demo".into()).or_default().insert(
+            "127.0.0.12:9000".into(),
+            RemovedReplica {
+                shard: 1,
+                reason: "down".into(),
+                since: 1,
+            },
+        );
+        let text = render(&c, &removed);
+        assert!(text.contains("<demo_cluster>\n"), "{text}");
+        assert!(!text.contains("<other>"), "{text}");
+        assert!(text.contains("<host>127.0.0.11</host>"), "{text}");
+        assert!(!text.contains("<host>127.0.0.12</host>"), "{text}");
+        assert!(text.contains("taken out: 127.0.0.12:9000 (down)"), "{text}");
+        assert!(text.contains("<port>9001</port>"), "{text}");
+        assert!(text.contains("<weight>2</weight>"), "{text}");
+        assert!(
+            text.contains("<password from_env=\"INTERSERVER_PW\"/>"),
+            "{text}"
+        );
+        assert_eq!(text.matches("<shard>").count(), 2);
+        // Well-formed inside ClickHouse's wrapping element.
+        let wrapped = format!("<from_zk>{text}</from_zk>");
+        assert_eq!(wrapped.matches('<').count(), wrapped.matches('>').count());
+    }
+
+    #[test]
+    fn ensembles_are_the_roots_and_every_published_groups_once() {
+        let c = clusters("");
+        let e = ensembles(&["127.0.0.1:2181".into()], &c);
+        assert_eq!(
+            e,
+            vec![
+                vec!["127.0.0.1:2181".to_string()],
+                vec!["127.0.0.1:2182".to_string()]
+            ]
+        );
+    }
+
+    #[test]
+    fn validation_names_each_mistake() {
+        let mut c = clusters("name = \"1bad\"\nremove_after = \"0s\"");
+        let r = c.get_mut("demo").unwrap().remote_servers.as_mut().unwrap();
+        r.password_from_env = Some("A-B".into());
+        let mut problems = Vec::new();
+        validate(&c, false, &mut problems);
+        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        let text = text.join("\n");
+        assert!(
+            text.contains("clusters.demo.remote_servers: is published"),
+            "{text}"
+        );
+        assert!(text.contains("remote_servers.name"), "{text}");
+        assert!(text.contains("password_from_env"), "{text}");
+        assert!(text.contains("remove_after"), "{text}");
+        let mut problems = Vec::new();
+        validate(&clusters(""), true, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    #[test]
+    fn xml_text_is_escaped() {
+        assert_eq!(escape("a<b>&\"c"), "a&lt;b&gt;&amp;&quot;c");
+        assert_eq!(comment("x--y"), "x- -y");
+    }
+}
