@@ -66,6 +66,10 @@ pub struct Metrics {
     pub fleet_members: IntGauge,
     pub config_stale_seconds: prometheus::Gauge,
     pub config_version: IntGauge,
+    pub remote_servers_leader: IntGauge,
+    pub remote_servers_changes: IntCounterVec,
+    pub remote_servers_removed: IntGaugeVec,
+    pub remote_servers_publish_errors: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -422,6 +426,29 @@ impl Metrics {
         registry
             .register(Box::new(config_version.clone()))
             .expect("unique metric");
+        let remote_servers_leader = IntGauge::new(
+            "chgate_remote_servers_leader",
+            "1 while this instance is the elected one that keeps the nodes' published remote_servers true (takes failed replicas out, puts them back).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(remote_servers_leader.clone()))
+            .expect("unique metric");
+        let remote_servers_changes = counter(
+            "chgate_remote_servers_changes_total",
+            "Replicas the elected instance took out of the published remote_servers or put back, by cluster and action (removed, restored).",
+            &["cluster", "action"],
+        );
+        let remote_servers_removed = gauge_vec(
+            "chgate_remote_servers_removed",
+            "Replicas left out of the cluster's published remote_servers now (configured but failed), by cluster.",
+            &["cluster"],
+        );
+        let remote_servers_publish_errors = counter(
+            "chgate_remote_servers_publish_errors_total",
+            "Failed writes of the nodes' remote_servers by the elected instance, by ZooKeeper ensemble.",
+            &["ensemble"],
+        );
         let ingest_skipped_by_broker = IntCounter::new(
             "chgate_ingest_broker_skipped_offsets_total",
             "Offsets the broker did not deliver (at a partition's recorded start, or missing when read again with kafka.start_rewind): messages that will not be written.",
@@ -501,6 +528,10 @@ impl Metrics {
             fleet_members,
             config_stale_seconds,
             config_version,
+            remote_servers_leader,
+            remote_servers_changes,
+            remote_servers_removed,
+            remote_servers_publish_errors,
         }
     }
 

@@ -38,6 +38,10 @@ pub trait AdminSource: Send + Sync + 'static {
     fn config_status(&self) -> Option<serde_json::Value> {
         None
     }
+    /// The nodes' published `remote_servers`, for `/v1/topology` (configured vs published).
+    fn publication(&self) -> Option<crate::picker::removal::Publication> {
+        None
+    }
 }
 
 /// Binds the admin listener (before any runtime serves it: [`spawn`] takes it over).
@@ -140,7 +144,7 @@ fn route(source: &dyn AdminSource, req: &Request<Incoming>) -> Response<Full<Byt
         }
         "/v1/topology" => json(
             StatusCode::OK,
-            &crate::picker::api::topology(&source.clusters()),
+            &crate::picker::api::topology(&source.clusters(), source.publication().as_ref()),
         ),
         "/v1/config" => match source.config_status() {
             Some(status) => json(StatusCode::OK, &status),

@@ -427,32 +427,35 @@ impl Publisher {
     }
 
     /// Takes or keeps the lead (an ephemeral znode in the root's ensemble, tied to this
-    /// session): true while this instance leads.
-    pub async fn lead(&mut self, id: &str) -> Result<bool, String> {
+    /// session): whether this instance leads, and the leader's name.
+    pub async fn lead(&mut self, id: &str) -> Result<(bool, Option<String>), String> {
         let root = self.source.zookeeper.clone();
         let path = self.path(LEADER);
+        let parent = self.path("clickhouse");
         let (client, _) = self.client(&root).await?;
-        let options = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
+        let options = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_read());
         let result = async {
-            match client.create(&path, id.as_bytes(), &options).await {
-                Ok(_) => return Ok(true),
-                Err(zk::Error::NodeExists) => {}
-                Err(zk::Error::NoNode) => {
-                    let parent = self.path("clickhouse");
-                    client
+            for _ in 0..2 {
+                match client.create(&path, id.as_bytes(), &options).await {
+                    Ok(_) => return Ok((true, Some(id.to_string()))),
+                    Err(zk::Error::NodeExists) => break,
+                    Err(zk::Error::NoNode) => client
                         .mkdir(
                             &parent,
                             &zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all()),
                         )
                         .await
-                        .map_err(|e| format!("creating {parent}: {e}"))?;
-                    return Ok(client.create(&path, id.as_bytes(), &options).await.is_ok());
+                        .map_err(|e| format!("creating {parent}: {e}"))?,
+                    Err(e) => return Err(format!("creating {path}: {e}")),
                 }
-                Err(e) => return Err(format!("creating {path}: {e}")),
             }
-            match client.check_stat(&path).await {
-                Ok(Some(stat)) => Ok(stat.ephemeral_owner == client.session_id().0),
-                Ok(None) => Ok(false),
+            match client.get_data(&path).await {
+                Ok((holder, stat)) => Ok((
+                    stat.ephemeral_owner == client.session_id().0,
+                    Some(String::from_utf8_lossy(&holder).into_owned()),
+                )),
+                // The leader just went: the next round tries again.
+                Err(zk::Error::NoNode) => Ok((false, None)),
                 Err(e) => Err(format!("reading {path}: {e}")),
             }
         }
@@ -461,6 +464,13 @@ impl Publisher {
             self.drop_session(&root);
         }
         result
+    }
+
+    /// The config root's pushed version.
+    pub async fn root_version(&mut self) -> Result<u64, String> {
+        let root = self.source.zookeeper.clone();
+        let text = self.get(&root, "version").await?.unwrap_or_default();
+        Ok(text.trim().parse().unwrap_or(0))
     }
 
     /// Gives up the lead (deletes the leader znode if this session holds it).

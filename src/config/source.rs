@@ -146,6 +146,18 @@ pub struct Watch {
     nodes: Option<Nodes>,
 }
 
+impl Watch {
+    /// The bootstrap's `[config_source]`.
+    pub fn source(&self) -> &ConfigSourceConfig {
+        &self.source
+    }
+
+    /// Where the bootstrap's relative paths are taken from.
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+}
+
 /// Loads the config a proxy starts with: the file, or the bootstrap file plus its ZooKeeper
 /// root (or, if ZooKeeper cannot be reached, the cache of the last good one).
 pub async fn start(path: &Path) -> Result<Started, Vec<Problem>> {

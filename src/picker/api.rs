@@ -4,7 +4,9 @@
 //!   query, with how long the answer may be cached. `shard` pins the shard (a retried
 //!   batch must go back to its shard). No node: 503 with the shard and every node's reason.
 //! - `GET /v1/topology`: every cluster, shard group, shard and node with its health, weights
-//!   and the probe figures behind them.
+//!   and the probe figures behind them; for a cluster published to its nodes as
+//!   `remote_servers`, whether each replica is in the published cluster (configured vs
+//!   published) and, under `remote_servers`, who keeps it and what was taken out.
 
 use std::time::Duration;
 
@@ -13,9 +15,11 @@ use serde_json::{json, Value};
 
 use super::health::State;
 use super::purpose::Purpose;
+use super::removal::Publication;
 use super::topology::Source;
 use super::view::{NoNode, View};
 use super::{Cluster, Clusters};
+use crate::config::remote_servers::replica_key;
 
 fn error(status: StatusCode, message: String) -> (StatusCode, Value) {
     (status, json!({ "error": message }))
@@ -172,14 +176,30 @@ fn standing_json(r: &Result<u32, super::score::Exclusion>, published: u32) -> Va
 }
 
 /// Answers `/v1/topology`.
-pub fn topology(clusters: &Clusters) -> Value {
+pub fn topology(clusters: &Clusters, publication: Option<&Publication>) -> Value {
     let mut sorted: Vec<(&String, &std::sync::Arc<Cluster>)> = clusters.iter().collect();
     sorted.sort_by_key(|(name, _)| *name);
-    let clusters: Vec<Value> = sorted.into_iter().map(|(_, c)| cluster_json(c)).collect();
-    json!({ "clusters": clusters })
+    let clusters: Vec<Value> = sorted
+        .into_iter()
+        .map(|(_, c)| cluster_json(c, publication))
+        .collect();
+    match publication {
+        Some(p) => json!({ "clusters": clusters, "remote_servers": p }),
+        None => json!({ "clusters": clusters }),
+    }
 }
 
-fn cluster_json(cluster: &Cluster) -> Value {
+/// Whether a replica is in its cluster's published `remote_servers` (`None`: the cluster
+/// is not published).
+fn published(publication: Option<&Publication>, cluster: &str, key: &str) -> Option<bool> {
+    let p = publication?;
+    if !p.clusters.iter().any(|c| c == cluster) {
+        return None;
+    }
+    Some(!p.removed.get(cluster).is_some_and(|r| r.contains_key(key)))
+}
+
+fn cluster_json(cluster: &Cluster, publication: Option<&Publication>) -> Value {
     let view = cluster.view();
     let t = &view.topology;
     let groups: Vec<Value> = t
@@ -219,7 +239,9 @@ fn cluster_json(cluster: &Cluster) -> Value {
                     let r = &t.replicas[i];
                     let p = backend.state.snapshot();
                     let st = &view.standings[i];
+                    let key = replica_key(&node.host, node.native_port);
                     json!({
+                        "published": published(publication, &cluster.name, &key),
                         "replica": r.replica_num,
                         "host": node.host,
                         "http_port": node.port,

@@ -18,6 +18,7 @@
 //! - [`hedge`]: when a read still waiting for its answer goes to a second node too.
 //! - [`cluster`]: a cluster's accounts, view, retry budget and background tasks.
 //! - [`clusters`]: every cluster of a config generation, and reconciling the next one.
+//! - [`removal`]: which failed replicas the published `remote_servers` leaves out.
 //! - [`api`]: `/v1/pick` and `/v1/topology`.
 
 pub mod api;
@@ -30,6 +31,7 @@ pub mod health;
 pub mod hedge;
 pub mod probe;
 pub mod purpose;
+pub mod removal;
 pub mod score;
 pub mod select;
 pub mod state;

@@ -3,12 +3,14 @@
 //! of the app: every decision about a query is the gateway's, every byte of a protocol its
 //! frontend's.
 
+mod keeper;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +21,7 @@ use crate::config::{self, Validated};
 use crate::gateway::Gateway;
 use crate::http::{self, Listeners};
 use crate::native;
+use crate::picker::removal::Publication;
 use crate::picker::Clusters;
 use crate::secret::Secret;
 
@@ -28,6 +31,8 @@ struct Admin {
     gateway: Arc<Gateway>,
     token: ArcSwapOption<Secret>,
     config: ArcSwapOption<Tracker>,
+    /// What the keeper knows of the nodes' published `remote_servers` (ZooKeeper only).
+    publication: Arc<ArcSwapOption<Publication>>,
 }
 
 impl AdminSource for Admin {
@@ -46,6 +51,10 @@ impl AdminSource for Admin {
     fn config_status(&self) -> Option<serde_json::Value> {
         let tracker = self.config.load_full()?;
         serde_json::to_value(tracker.status()).ok()
+    }
+
+    fn publication(&self) -> Option<Publication> {
+        self.publication.load_full().map(|p| (*p).clone())
     }
 }
 
@@ -108,6 +117,7 @@ impl Server {
                 gateway: gateway.clone(),
                 token: ArcSwapOption::from(v.admin_token.clone().map(Arc::new)),
                 config: ArcSwapOption::empty(),
+                publication: Arc::new(ArcSwapOption::empty()),
             }),
             frontend: http::Frontend::new(gateway.clone(), http::Settings::from(&c.proxy)).await,
             native: Arc::new(native::Frontend::new(
@@ -210,7 +220,16 @@ pub async fn run(path: PathBuf, started: Started) -> anyhow::Result<()> {
     let server = Server::bind(validated).await?;
     server.admin.config.store(Some(tracker.clone()));
     let shutdown = crate::signals::shutdown()?;
-    let reloader = Arc::new(Reloader::new(server.reloader(), tracker.clone(), &running));
+    // The keeper reads the running clusters' config; the reload swaps it with the rest.
+    let configs = Arc::new(ArcSwap::from_pointee(running.clusters.clone()));
+    let apply = {
+        let (apply, configs) = (server.reloader(), configs.clone());
+        move |v: &Validated| {
+            apply(v);
+            configs.store(Arc::new(v.config.clusters.clone()));
+        }
+    };
+    let reloader = Arc::new(Reloader::new(apply, tracker.clone(), &running));
     let stop = CancellationToken::new();
     tracker.spawn_stale_gauge(stop.clone());
     spawn_certificate_watch(stop.clone());
@@ -224,6 +243,14 @@ pub async fn run(path: PathBuf, started: Started) -> anyhow::Result<()> {
         Some(watch) => {
             let fleet = server.gateway.fleet.clone();
             let id = member_id(&server);
+            spawn_keeper(
+                &server,
+                &watch,
+                configs,
+                tracker.clone(),
+                id.clone(),
+                stop.clone(),
+            );
             let (reloader, stop) = (reloader.clone(), stop.clone());
             watching = Some(tokio::spawn(async move {
                 source::watch(watch, reloader, |n| fleet.set_members(n), id, stop).await;
@@ -259,6 +286,29 @@ pub async fn run(path: PathBuf, started: Started) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), w).await;
     }
     served
+}
+
+/// Starts the cluster keeper (see [`keeper`]): with a ZooKeeper source, the elected
+/// instance keeps the nodes' published `remote_servers` true.
+fn spawn_keeper(
+    server: &Server,
+    watch: &source::Watch,
+    configs: Arc<ArcSwap<std::collections::BTreeMap<String, config::ClusterConfig>>>,
+    tracker: Arc<Tracker>,
+    id: String,
+    stop: CancellationToken,
+) {
+    let gateway = server.gateway.clone();
+    let inputs = keeper::Inputs {
+        source: watch.source().clone(),
+        base: watch.base().to_path_buf(),
+        configs,
+        picker: Box::new(move || gateway.generation().clusters.clone()),
+        tracker,
+        id,
+    };
+    // The admin listener shows the keeper's latest round.
+    tokio::spawn(keeper::run(inputs, server.admin.publication.clone(), stop));
 }
 
 /// How often the TLS listeners' certificate files are looked at for a renewal.

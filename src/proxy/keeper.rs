@@ -1,0 +1,252 @@
+//! The cluster keeper: in a fleet of proxies on one ZooKeeper root, the elected one keeps
+//! the nodes' published `remote_servers` true. Once a second it takes or keeps the lead
+//! (an ephemeral znode), feeds what its picker sees into each published cluster's
+//! [`removal`] rules, records the replicas taken out and publishes the element to every
+//! ensemble that should have it (so an ensemble that was down during a push catches up).
+//! Every instance, leading or not, reads what is published for `/v1/topology`.
+//!
+//! The leader publishes only the config the root holds now: while it has not yet applied a
+//! newer push, it leaves the element alone (the push wrote it).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::remote_servers::{self, Outcome, Publisher, Removed};
+use crate::config::source::Tracker;
+use crate::config::{ClusterConfig, ConfigSourceConfig};
+use crate::metrics::METRICS;
+use crate::picker::removal::{self, Change, Publication, Settings};
+use crate::picker::Clusters;
+
+/// How often the keeper looks.
+const TICK: Duration = Duration::from_secs(1);
+
+/// What the keeper reads each round.
+pub struct Inputs {
+    pub source: ConfigSourceConfig,
+    pub base: PathBuf,
+    /// The running config's clusters.
+    pub configs: Arc<ArcSwap<BTreeMap<String, ClusterConfig>>>,
+    /// The running picker.
+    pub picker: Box<dyn Fn() -> Arc<Clusters> + Send + Sync>,
+    /// The running config's version (applied, or refused).
+    pub tracker: Arc<Tracker>,
+    /// This instance's name in the fleet.
+    pub id: String,
+}
+
+/// Runs until `stop`, keeping `shown` current.
+pub async fn run(inputs: Inputs, shown: Arc<ArcSwapOption<Publication>>, stop: CancellationToken) {
+    let mut keeper = Keeper {
+        publisher: Publisher::new(&inputs.source, &inputs.base, TICK * 5),
+        trackers: HashMap::new(),
+        leading: false,
+        last_errors: BTreeMap::new(),
+        inputs,
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = stop.cancelled() => break,
+        }
+        let publication = keeper.round().await;
+        for cluster in &publication.clusters {
+            let out = publication.removed.get(cluster).map_or(0, |r| r.len());
+            METRICS
+                .remote_servers_removed
+                .with_label_values(&[cluster])
+                .set(out as i64);
+        }
+        shown.store(Some(Arc::new(publication)));
+    }
+    if keeper.leading {
+        keeper.publisher.resign().await;
+        METRICS.remote_servers_leader.set(0);
+    }
+}
+
+struct Keeper {
+    inputs: Inputs,
+    publisher: Publisher,
+    trackers: HashMap<String, removal::Tracker>,
+    leading: bool,
+    /// The last error per ensemble (or "zookeeper"), logged once until it changes.
+    last_errors: BTreeMap<String, String>,
+}
+
+impl Keeper {
+    async fn round(&mut self) -> Publication {
+        let configs = self.inputs.configs.load_full();
+        let clusters: Vec<String> = remote_servers::published(&configs)
+            .map(|(k, ..)| k.clone())
+            .collect();
+        let mut shown = Publication {
+            clusters,
+            ..Default::default()
+        };
+        if shown.clusters.is_empty() {
+            if self.leading {
+                self.publisher.resign().await;
+                self.set_leading(false);
+            }
+            return shown;
+        }
+        let lead = self.publisher.lead(&self.inputs.id).await;
+        let (leads, leader) = match lead {
+            Ok(l) => l,
+            Err(e) => {
+                self.set_leading(false);
+                self.note_error("zookeeper", &e);
+                shown.last_error = Some(e);
+                return shown;
+            }
+        };
+        self.set_leading(leads);
+        shown.leader = leader;
+        shown.this_instance_leads = leads;
+        let mut removed = match self.publisher.removed().await {
+            Ok(r) => r,
+            Err(e) => {
+                self.note_error("zookeeper", &e);
+                shown.last_error = Some(e);
+                return shown;
+            }
+        };
+        self.last_errors.remove("zookeeper");
+        if leads {
+            if let Err(e) = self.keep(&configs, &mut removed, &mut shown).await {
+                self.note_error("zookeeper", &e);
+                shown.last_error = Some(e);
+            }
+        }
+        shown.removed = removed;
+        shown
+    }
+
+    fn set_leading(&mut self, leads: bool) {
+        if leads != self.leading {
+            if leads {
+                tracing::info!(instance = %self.inputs.id, "This instance now keeps the nodes' remote_servers (takes failed replicas out, puts them back)");
+            } else {
+                tracing::info!("This instance no longer keeps the nodes' remote_servers");
+                self.trackers.clear();
+            }
+            self.leading = leads;
+            METRICS.remote_servers_leader.set(i64::from(leads));
+        }
+    }
+
+    fn note_error(&mut self, at: &str, error: &str) {
+        if self.last_errors.get(at).map(String::as_str) != Some(error) {
+            tracing::warn!(at, error, "Keeping the nodes' remote_servers");
+            self.last_errors.insert(at.to_string(), error.to_string());
+        }
+    }
+
+    /// The leader's work: decide, record, publish.
+    async fn keep(
+        &mut self,
+        configs: &BTreeMap<String, ClusterConfig>,
+        removed: &mut Removed,
+        shown: &mut Publication,
+    ) -> Result<(), String> {
+        let before = removed.clone();
+        self.decide(configs, removed);
+        if *removed != before {
+            self.publisher.set_removed(removed).await?;
+        }
+        // Publish only the config the root holds now (a newer push wrote its own element).
+        let root_version = self.publisher.root_version().await?;
+        let status = self.inputs.tracker.status();
+        let current = status.version == root_version
+            || status
+                .last_rejection
+                .as_ref()
+                .is_some_and(|r| r.version == root_version);
+        if !current {
+            return Ok(());
+        }
+        for Outcome { ensemble, result } in self.publisher.publish(configs, removed).await {
+            match result {
+                Ok(written) => {
+                    if written {
+                        tracing::info!(ensemble, "Published the nodes' remote_servers");
+                    }
+                    self.last_errors.remove(&ensemble);
+                    shown.ensembles.insert(ensemble, "ok".into());
+                }
+                Err(e) => {
+                    METRICS
+                        .remote_servers_publish_errors
+                        .with_label_values(&[&ensemble])
+                        .inc();
+                    self.note_error(&ensemble, &e);
+                    shown.ensembles.insert(ensemble, e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs each published cluster's removal rules over what the picker sees.
+    fn decide(&mut self, configs: &BTreeMap<String, ClusterConfig>, removed: &mut Removed) {
+        let picker = (self.inputs.picker)();
+        let now = Instant::now();
+        let unix_now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        removed.retain(|k, _| configs.get(k).is_some_and(|c| c.remote_servers.is_some()));
+        self.trackers
+            .retain(|k, _| removed.contains_key(k) || configs.contains_key(k));
+        for (key, _, settings, _) in remote_servers::published(configs) {
+            let Some(cluster) = picker.get(key) else {
+                continue;
+            };
+            let seen = removal::observe(cluster);
+            let settings = Settings {
+                remove_failed: settings.remove_failed,
+                remove_after: settings.remove_after,
+                restore_after: settings.restore_after,
+                min_removal_interval: settings.min_removal_interval,
+            };
+            let out = removed.entry(key.clone()).or_default();
+            let changes = self
+                .trackers
+                .entry(key.clone())
+                .or_default()
+                .step(now, unix_now, &seen, out, &settings);
+            for change in changes {
+                log_change(key, &change);
+            }
+        }
+        removed.retain(|_, r| !r.is_empty());
+    }
+}
+
+fn log_change(cluster: &str, change: &Change) {
+    match change {
+        Change::Removed { key, shard, reason } => {
+            METRICS
+                .remote_servers_changes
+                .with_label_values(&[cluster, "removed"])
+                .inc();
+            tracing::warn!(cluster, replica = %key, shard, reason = %reason, "Took a failed replica out of the nodes' remote_servers");
+        }
+        Change::Restored { key, shard, after } => {
+            METRICS
+                .remote_servers_changes
+                .with_label_values(&[cluster, "restored"])
+                .inc();
+            tracing::info!(cluster, replica = %key, shard, healthy_for = ?after, "Put a replica back into the nodes' remote_servers");
+        }
+        Change::Forgotten { key } => {
+            tracing::info!(cluster, replica = %key, "A taken-out replica is no longer configured; forgotten");
+        }
+    }
+}
