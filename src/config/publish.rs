@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::remote_servers::Publisher;
+use super::remote_servers::{self, Publisher};
 use super::validate::{validate, Problem};
 use super::zookeeper::{self, Nodes, Snapshot, Store};
 use super::{ClusterConfig, Config, ConfigSourceConfig};
@@ -154,10 +154,23 @@ async fn publish(
 /// What pushing `file` would change, one line per znode.
 pub async fn diff(bootstrap_path: &Path, file: &Path) -> Result<Vec<String>, Vec<String>> {
     let b = bootstrap(bootstrap_path)?;
-    let (nodes, _, _) = prepare(&b, file)?;
+    let (nodes, _, clusters) = prepare(&b, file)?;
     let store = connect(&b).await?;
     let read = store.read(false).await.map_err(|e| vec![e])?;
-    Ok(zookeeper::diff(&read.nodes, &nodes))
+    let mut lines = zookeeper::diff(&read.nodes, &nodes);
+    // The nodes' cluster definition, as the root's ensemble holds it now.
+    let mut publisher = Publisher::new(&b.source, &b.base, CONNECT_TIMEOUT);
+    let removed = publisher.removed().await.map_err(|e| vec![e])?;
+    let now = publisher.element().await.map_err(|e| vec![e])?;
+    let next = remote_servers::render(&clusters, &removed);
+    if now.as_deref().unwrap_or("") != next {
+        lines.push(format!(
+            "~ {} (the nodes' remote_servers{})",
+            remote_servers::ELEMENT,
+            if now.is_none() { ", new" } else { "" }
+        ));
+    }
+    Ok(lines)
 }
 
 /// The active config as a file that `push` accepts.

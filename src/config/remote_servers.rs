@@ -173,78 +173,6 @@ pub fn ensembles(
     out
 }
 
-/// Checks the `remote_servers` sections of `clusters`; `zookeeper_source` says whether the
-/// config comes from a ZooKeeper root (nothing publishes a file config's clusters).
-pub fn validate(
-    clusters: &BTreeMap<String, ClusterConfig>,
-    zookeeper_source: bool,
-    problems: &mut Vec<super::Problem>,
-) {
-    let mut p = |key: String, message: String| problems.push(super::Problem::new(key, message));
-    let mut names: HashMap<&str, &str> = HashMap::new();
-    for (key, cluster, r, name) in published(clusters) {
-        let k = format!("clusters.{key}.remote_servers");
-        if !zookeeper_source {
-            p(k.clone(), "is published to the nodes by `chgate config push` to a ZooKeeper root; a config file cannot (use [config_source], or leave this out)".into());
-        }
-        if !xml_name(name) {
-            p(
-                format!("{k}.name"),
-                format!("{name:?} cannot be a cluster name in remote_servers (letters, digits, '_', '-', not starting with a digit or '-')"),
-            );
-        }
-        if let Some(other) = names.insert(name, key) {
-            p(
-                format!("{k}.name"),
-                format!("cluster {other} is published as {name} too"),
-            );
-        }
-        if r.user.is_empty() || r.user.chars().any(|c| c.is_control()) {
-            p(format!("{k}.user"), "must be a ClickHouse user name".into());
-        }
-        for (field, env) in [
-            ("password_from_env", &r.password_from_env),
-            ("secret_from_env", &r.secret_from_env),
-        ] {
-            if let Some(env) = env {
-                if !env_name(env) {
-                    p(
-                        format!("{k}.{field}"),
-                        format!("{env:?} is not an environment variable name"),
-                    );
-                }
-            }
-        }
-        for (field, d) in [
-            ("remove_after", r.remove_after),
-            ("restore_after", r.restore_after),
-        ] {
-            if d < Duration::from_secs(1) {
-                p(format!("{k}.{field}"), "must be at least 1s".into());
-            }
-        }
-        if cluster.discovery.is_some() {
-            p(
-                k.clone(),
-                "cannot be used with discovery: the replicas would be read back from the system.clusters this publishes (a replica taken out could never be seen healthy again)".into(),
-            );
-        }
-    }
-}
-
-fn xml_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        && s.len() <= 64
-}
-
-fn env_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
 /// What publishing to one ensemble did.
 #[derive(Debug)]
 pub struct Outcome {
@@ -261,7 +189,13 @@ pub struct Publisher {
     root: String,
     timeout: Duration,
     sessions: HashMap<Vec<String>, (zk::Client, bool)>,
+    /// Ensembles that could not be reached, not tried again before then (a round of the
+    /// keeper does not wait out a connect timeout on an ensemble that is down every time).
+    unreachable: HashMap<Vec<String>, (std::time::Instant, String)>,
 }
+
+/// How long an ensemble that could not be reached is left alone.
+const RECONNECT_AFTER: Duration = Duration::from_secs(10);
 
 impl Publisher {
     pub fn new(source: &ConfigSourceConfig, base: &Path, timeout: Duration) -> Self {
@@ -271,6 +205,7 @@ impl Publisher {
             root: source.root.trim_end_matches('/').to_string(),
             timeout,
             sessions: HashMap::new(),
+            unreachable: HashMap::new(),
         }
     }
 
@@ -292,8 +227,22 @@ impl Publisher {
                 return Ok((c.clone(), *digest));
             }
         }
+        if let Some((until, error)) = self.unreachable.get(&key) {
+            if std::time::Instant::now() < *until {
+                return Err(format!("{error} (tried again in a few seconds)"));
+            }
+        }
         let (client, _) =
-            super::zookeeper::connect(ensemble, &self.source, &self.base, self.timeout).await?;
+            match super::zookeeper::connect(ensemble, &self.source, &self.base, self.timeout).await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    let until = std::time::Instant::now() + RECONNECT_AFTER;
+                    self.unreachable.insert(key, (until, e.clone()));
+                    return Err(e);
+                }
+            };
+        self.unreachable.remove(&key);
         let digest = self.source.digest_user.is_some();
         self.sessions.insert(key, (client.clone(), digest));
         Ok((client, digest))
@@ -371,6 +320,12 @@ impl Publisher {
                 Ok(Removed::new())
             }),
         }
+    }
+
+    /// The element as the root's ensemble holds it (`None`: never published).
+    pub async fn element(&mut self) -> Result<Option<String>, String> {
+        let root = self.source.zookeeper.clone();
+        self.get(&root, ELEMENT).await
     }
 
     /// Records the replicas taken out.
@@ -552,27 +507,6 @@ mod tests {
                 vec!["127.0.0.1:2182".to_string()]
             ]
         );
-    }
-
-    #[test]
-    fn validation_names_each_mistake() {
-        let mut c = clusters("name = \"1bad\"\nremove_after = \"0s\"");
-        let r = c.get_mut("demo").unwrap().remote_servers.as_mut().unwrap();
-        r.password_from_env = Some("A-B".into());
-        let mut problems = Vec::new();
-        validate(&c, false, &mut problems);
-        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
-        let text = text.join("\n");
-        assert!(
-            text.contains("clusters.demo.remote_servers: is published"),
-            "{text}"
-        );
-        assert!(text.contains("remote_servers.name"), "{text}");
-        assert!(text.contains("password_from_env"), "{text}");
-        assert!(text.contains("remove_after"), "{text}");
-        let mut problems = Vec::new();
-        validate(&clusters(""), true, &mut problems);
-        assert!(problems.is_empty(), "{problems:?}");
     }
 
     #[test]

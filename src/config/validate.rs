@@ -1,6 +1,6 @@
 //! Whole-config validation: every problem is reported with its key, none is fatal alone.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
@@ -223,7 +223,7 @@ pub(super) fn validate_with(
     validate_upstream(&config.upstream, &mut problems);
     validate_picker(&config.picker, &mut problems);
     let secrets = validate_clusters(&config.clusters, base, &mut problems);
-    super::remote_servers::validate(
+    validate_remote_servers(
         &config.clusters,
         config.config_source.is_some(),
         &mut problems,
@@ -646,9 +646,136 @@ fn join_keys<V>(map: &BTreeMap<String, V>) -> String {
     map.keys().cloned().collect::<Vec<_>>().join(", ")
 }
 
+/// Checks the `[clusters.NAME.remote_servers]` sections (the nodes' published cluster,
+/// see [`super::remote_servers`]); `zookeeper_source` says whether the
+/// config comes from a ZooKeeper root (nothing publishes a file config's clusters).
+pub(super) fn validate_remote_servers(
+    clusters: &BTreeMap<String, ClusterConfig>,
+    zookeeper_source: bool,
+    problems: &mut Vec<Problem>,
+) {
+    let mut p = |key: String, message: String| problems.push(Problem::new(key, message));
+    let mut names: HashMap<&str, &str> = HashMap::new();
+    for (key, cluster) in clusters {
+        let Some(r) = &cluster.remote_servers else {
+            continue;
+        };
+        let name = r.name.as_deref().unwrap_or(key);
+        let k = format!("clusters.{key}.remote_servers");
+        if !zookeeper_source {
+            p(k.clone(), "is published to the nodes by `chgate config push` to a ZooKeeper root; a config file cannot (use [config_source], or leave this out)".into());
+        }
+        if !xml_name(name) {
+            p(
+                format!("{k}.name"),
+                format!("{name:?} cannot be a cluster name in remote_servers (letters, digits, '_', '-', not starting with a digit or '-')"),
+            );
+        }
+        if let Some(other) = names.insert(name, key) {
+            p(
+                format!("{k}.name"),
+                format!("cluster {other} is published as {name} too"),
+            );
+        }
+        if r.user.is_empty() || r.user.chars().any(|c| c.is_control()) {
+            p(format!("{k}.user"), "must be a ClickHouse user name".into());
+        }
+        for (field, env) in [
+            ("password_from_env", &r.password_from_env),
+            ("secret_from_env", &r.secret_from_env),
+        ] {
+            if let Some(env) = env {
+                if !env_name(env) {
+                    p(
+                        format!("{k}.{field}"),
+                        format!("{env:?} is not an environment variable name"),
+                    );
+                }
+            }
+        }
+        for (field, d) in [
+            ("remove_after", r.remove_after),
+            ("restore_after", r.restore_after),
+        ] {
+            if d < Duration::from_secs(1) {
+                p(format!("{k}.{field}"), "must be at least 1s".into());
+            }
+        }
+        if cluster.discovery.is_some() {
+            p(
+                k.clone(),
+                "cannot be used with discovery: the replicas would be read back from the system.clusters this publishes (a replica taken out could never be seen healthy again)".into(),
+            );
+        }
+    }
+}
+
+fn xml_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && s.len() <= 64
+}
+
+fn env_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_servers_mistakes_are_named() {
+        let clusters: BTreeMap<String, ClusterConfig> = toml::from_str(
+            r#"
+            [demo]
+            shards = [{ replicas = [{ host = "h" }] }]
+            discovery = {}
+            [demo.remote_servers]
+            name = "1bad"
+            password_from_env = "A-B"
+            remove_after = "0s"
+            [other]
+            shards = [{ replicas = [{ host = "h" }] }]
+            [other.remote_servers]
+            name = "dup"
+            [third]
+            shards = [{ replicas = [{ host = "h" }] }]
+            [third.remote_servers]
+            name = "dup"
+            "#,
+        )
+        .unwrap();
+        let mut problems = Vec::new();
+        validate_remote_servers(&clusters, false, &mut problems);
+        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        let text = text.join("\n");
+        for expected in [
+            "clusters.demo.remote_servers: is published",
+            "clusters.demo.remote_servers.name",
+            "clusters.demo.remote_servers.password_from_env",
+            "clusters.demo.remote_servers.remove_after",
+            "cannot be used with discovery",
+            "cluster other is published as dup too",
+        ] {
+            assert!(text.contains(expected), "{expected}: {text}");
+        }
+        let fine: BTreeMap<String, ClusterConfig> = toml::from_str(
+            r#"
+            [demo]
+            shards = [{ replicas = [{ host = "h" }] }]
+            [demo.remote_servers]
+            password_from_env = "INTERSERVER"
+            "#,
+        )
+        .unwrap();
+        let mut problems = Vec::new();
+        validate_remote_servers(&fine, true, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+    }
 
     const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0Q0cBJqm8bGZ0c2r0l1f0mYvSxQ2nM+4rW3W1QqkQ3E";
 
