@@ -30,6 +30,18 @@ fn exposition() -> String {
     METRICS.hedge_after.with_label_values(&["c"]).set(0.3);
     METRICS.steered_reads.with_label_values(&["c"]).inc();
     METRICS
+        .remote_servers_changes
+        .with_label_values(&["c", "removed"])
+        .inc();
+    METRICS
+        .remote_servers_removed
+        .with_label_values(&["c"])
+        .set(1);
+    METRICS
+        .remote_servers_publish_errors
+        .with_label_values(&["127.0.0.1:2181"])
+        .inc();
+    METRICS
         .node_health
         .with_label_values(&["c", "1", "n"])
         .set(1);

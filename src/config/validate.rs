@@ -223,11 +223,7 @@ pub(super) fn validate_with(
     validate_upstream(&config.upstream, &mut problems);
     validate_picker(&config.picker, &mut problems);
     let secrets = validate_clusters(&config.clusters, base, &mut problems);
-    validate_remote_servers(
-        &config.clusters,
-        config.config_source.is_some(),
-        &mut problems,
-    );
+    validate_remote_servers(&config.clusters, &mut problems);
     if !require_users {
         // A bootstrap file on its own: its clusters come from ZooKeeper.
         problems.retain(|p| p.key != "clusters" || !config.clusters.is_empty());
@@ -647,11 +643,10 @@ fn join_keys<V>(map: &BTreeMap<String, V>) -> String {
 }
 
 /// Checks the `[clusters.NAME.remote_servers]` sections (the nodes' published cluster,
-/// see [`super::remote_servers`]); `zookeeper_source` says whether the
-/// config comes from a ZooKeeper root (nothing publishes a file config's clusters).
+/// see [`super::remote_servers`]). A file config may carry them (`chgate config check` of a
+/// file meant for a push), but only a push publishes them.
 pub(super) fn validate_remote_servers(
     clusters: &BTreeMap<String, ClusterConfig>,
-    zookeeper_source: bool,
     problems: &mut Vec<Problem>,
 ) {
     let mut p = |key: String, message: String| problems.push(Problem::new(key, message));
@@ -662,9 +657,6 @@ pub(super) fn validate_remote_servers(
         };
         let name = r.name.as_deref().unwrap_or(key);
         let k = format!("clusters.{key}.remote_servers");
-        if !zookeeper_source {
-            p(k.clone(), "is published to the nodes by `chgate config push` to a ZooKeeper root; a config file cannot (use [config_source], or leave this out)".into());
-        }
         if !xml_name(name) {
             p(
                 format!("{k}.name"),
@@ -750,11 +742,10 @@ mod tests {
         )
         .unwrap();
         let mut problems = Vec::new();
-        validate_remote_servers(&clusters, false, &mut problems);
+        validate_remote_servers(&clusters, &mut problems);
         let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
         let text = text.join("\n");
         for expected in [
-            "clusters.demo.remote_servers: is published",
             "clusters.demo.remote_servers.name",
             "clusters.demo.remote_servers.password_from_env",
             "clusters.demo.remote_servers.remove_after",
@@ -773,7 +764,7 @@ mod tests {
         )
         .unwrap();
         let mut problems = Vec::new();
-        validate_remote_servers(&fine, true, &mut problems);
+        validate_remote_servers(&fine, &mut problems);
         assert!(problems.is_empty(), "{problems:?}");
     }
 

@@ -265,6 +265,9 @@ pub async fn run(path: PathBuf, started: Started) -> anyhow::Result<()> {
         }
         None => {
             crate::metrics::METRICS.fleet_members.set(1);
+            for (cluster, ..) in config::remote_servers::published(&running.clusters) {
+                tracing::warn!(cluster = %cluster, "remote_servers is published to the nodes by `chgate config push` to a ZooKeeper root; with a config file it is not published, and failed replicas are not taken out");
+            }
             tokio::spawn(async move {
                 while hup.recv().await.is_some() {
                     reloader.offer(config::load(&path), 0);
