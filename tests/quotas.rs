@@ -374,3 +374,94 @@ print("after:", c.execute("SELECT 42")[0][0])
     )
     .await;
 }
+
+/// A client that stops reading an answer does not hold its query on the node past the
+/// quota's execution limit (the node, blocked writing, would not see a KILL): over HTTP a
+/// raw connection that never reads; over the native protocol clickhouse-driver's
+/// `execute_iter`, never iterated. Each query is gone from the node within 1.5 s of the
+/// limit.
+#[tokio::test]
+async fn a_client_that_stops_reading_does_not_hold_its_query_past_the_limit() {
+    use tokio::io::AsyncWriteExt;
+    let q = Quota::start("max_execution_time = \"1s\"").await;
+    // Wide rows (~700 bytes): the socket buffers on the way fill long before the limit.
+    let endless =
+        "SELECT number, toString(range(200)) FROM system.numbers SETTINGS max_execution_time = 100";
+    // HTTP: the request goes, the answer is never read.
+    let id = unique("stalled-http");
+    let body = endless;
+    let auth = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:q-pass", q.user))
+    };
+    let mut conn = tokio::net::TcpStream::connect(q.proxy.http).await.unwrap();
+    conn.write_all(
+        format!(
+            "POST /?query_id={id} HTTP/1.1\r\nHost: chgate\r\nAuthorization: Basic {auth}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    wait_until("the HTTP query running", Duration::from_secs(2), || {
+        running("127.0.0.11", &id)
+    })
+    .await;
+    wait_until(
+        "the unread HTTP query gone from the node",
+        Duration::from_millis(2500).saturating_sub(started.elapsed()),
+        || !running("127.0.0.11", &id),
+    )
+    .await;
+    let http_gone = started.elapsed();
+    drop(conn);
+
+    // Native: the driver reads packets only as the rows are iterated.
+    let native = q.proxy.native.expect("native listener");
+    let id = unique("stalled-native");
+    let script = format!(
+        r#"
+import time
+from clickhouse_driver import Client
+c = Client(host="{host}", port={port}, user="{user}", password="q-pass")
+rows = c.execute_iter("{endless}", query_id="{id}", settings={{"max_block_size": 65536}})
+next(rows)
+print("started", flush=True)
+time.sleep(6)
+"#,
+        host = native.ip(),
+        port = native.port(),
+        user = q.user,
+    );
+    let mut child = tokio::process::Command::new(python())
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python");
+    let started = Instant::now();
+    wait_until("the native query running", Duration::from_secs(5), || {
+        running("127.0.0.11", &id)
+    })
+    .await;
+    wait_until(
+        "the unread native query gone from the node",
+        Duration::from_millis(3000),
+        || !running("127.0.0.11", &id),
+    )
+    .await;
+    let native_gone = started.elapsed();
+    let _ = child.kill().await;
+    eprintln!("limit 1 s: the unread HTTP query was gone after {http_gone:?}, the native one after {native_gone:?}");
+    let m = q.proxy.metrics().await;
+    assert!(
+        metric_sum(
+            &m,
+            "chgate_quota_kills_total",
+            &[&q.label(), "reason=\"execution_time\""]
+        ) >= 2.0,
+        "{m}"
+    );
+}

@@ -20,6 +20,12 @@ use crate::metrics::{GaugeGuard, METRICS};
 use crate::picker::Backend;
 use crate::upstream::Upstream;
 
+use super::stall::Watchdog;
+
+/// How long past a query's execution limit a body may go unread before the watchdog acts
+/// (a client reading normally gets the cut in band at the limit).
+const STALLED_CLIENT_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// What the frontend learns about a request as it is served, for metrics and the access
 /// log; what it holds while the response streams (the query's admission, the node's and
 /// the frontend's in-flight counts) is let go with it.
@@ -164,6 +170,8 @@ pub struct UpstreamBody {
     exchange: Exchange,
     /// When the quota's execution time runs out.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Kills the query and frees the node should the client stop reading past that time.
+    watchdog: Option<Watchdog>,
     /// The stream was cut and its exception text sent: it ends.
     cut: bool,
     /// The body is compressed (`Content-Encoding`, or ClickHouse's own `compress=1`): text
@@ -183,30 +191,54 @@ struct CutByQuota(String);
 
 impl UpstreamBody {
     pub fn new(inner: Incoming, upstream: Upstream, exchange: Exchange, encoded: bool) -> Self {
-        let deadline = exchange.admission.execution_limit().map(|limit| {
-            let at = exchange.admission.admitted_at() + limit;
-            Box::pin(tokio::time::sleep_until(at.into()))
+        let limit = exchange.admission.execution_limit();
+        let at =
+            limit.map(|limit| tokio::time::Instant::from(exchange.admission.admitted_at() + limit));
+        let deadline = at.map(|at| Box::pin(tokio::time::sleep_until(at)));
+        let watchdog = at.map(|at| {
+            let (backend, user) = (exchange.backend.clone(), exchange.admission.user().clone());
+            let query_id = exchange.query_id.clone();
+            Watchdog::arm(upstream.raw_fd(), at + STALLED_CLIENT_GRACE, move || {
+                METRICS
+                    .quota_kills
+                    .with_label_values(&[&user.name, "execution_time"])
+                    .inc();
+                tracing::info!(user = %user.name, query_id, "Query past its execution limit with a client that stopped reading: killed, its answer drained");
+                kill(&backend, &user, &query_id);
+            })
         });
         Self {
             inner,
             upstream: Some(upstream),
             exchange,
             deadline,
+            watchdog,
             cut: false,
             encoded,
         }
+    }
+
+    /// Lets go of the upstream connection (dropped, or back to its pool by the caller);
+    /// the watchdog stops using it first.
+    fn take_upstream(&mut self) -> Option<Upstream> {
+        if let Some(w) = &self.watchdog {
+            w.release();
+        }
+        self.upstream.take()
     }
 
     /// Ends the stream early with `e`: the query is killed on its node and the connection
     /// dropped (it is mid-answer).
     fn cut(&mut self, e: GatewayError, reason: &str) -> Bytes {
         let user = self.exchange.admission.user().clone();
-        METRICS
-            .quota_kills
-            .with_label_values(&[&user.name, reason])
-            .inc();
-        kill(&self.exchange.backend, &user, &self.exchange.query_id);
-        self.upstream = None;
+        if !self.watchdog.as_ref().is_some_and(Watchdog::fired) {
+            METRICS
+                .quota_kills
+                .with_label_values(&[&user.name, reason])
+                .inc();
+            kill(&self.exchange.backend, &user, &self.exchange.query_id);
+        }
+        drop(self.take_upstream());
         self.cut = true;
         let code = e.code();
         self.exchange.account(
@@ -293,6 +325,14 @@ impl UpstreamBody {
     }
 }
 
+impl Drop for UpstreamBody {
+    /// The watchdog lets go of the connection before the fields (the connection among
+    /// them) are dropped.
+    fn drop(&mut self) {
+        drop(self.take_upstream());
+    }
+}
+
 /// A response body on its way to the client.
 pub enum RespBody {
     Full(Full<Bytes>),
@@ -326,13 +366,13 @@ impl Body for RespBody {
                         }
                     }
                     None => {
-                        if let Some(upstream) = up.upstream.take() {
+                        if let Some(upstream) = up.take_upstream() {
                             up.exchange.backend.node.checkin(upstream);
                         }
                         up.exchange.finish(true);
                     }
                     // The connection is broken: drop it rather than pool it.
-                    Some(Err(_)) => up.upstream = None,
+                    Some(Err(_)) => drop(up.take_upstream()),
                 }
                 Poll::Ready(frame)
             }

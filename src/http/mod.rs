@@ -11,7 +11,8 @@
 //! - [`rewrite`]: the URL and headers as forwarded, and the response's connection headers;
 //! - [`sniff`]: the statement, and keeping a small read's body for a retry;
 //! - [`body`], [`error`]: what goes back to the client; [`case`]: chgate's own answers with
-//!   ClickHouse's header lines.
+//!   ClickHouse's header lines; `stall`: frees the node when a client stops reading past its
+//!   quota's execution limit.
 
 pub mod body;
 pub mod case;
@@ -22,6 +23,7 @@ pub mod rewrite;
 pub mod routes;
 pub mod server;
 pub mod sniff;
+mod stall;
 
 use std::sync::Arc;
 use std::time::Duration;

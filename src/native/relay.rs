@@ -139,6 +139,10 @@ where
     relay.run(drain).await;
 }
 
+/// How long past a query's execution limit a write to a client that does not read may wait
+/// before the query and the connection are ended (within it, the cut is told in band).
+const STALLED_CLIENT_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Waits until `deadline`, or forever without one (no timer is armed then).
 async fn until(deadline: Option<tokio::time::Instant>) {
     match deadline {
@@ -586,14 +590,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 run.result_bytes += (end - start) as u64;
             }
         }
+        // A client that stops reading must not hold its query past the quota's execution
+        // limit (the node would be blocked writing, deaf to a KILL): past the limit plus a
+        // grace, a write still waiting ends the query and the connection.
+        let stalled_after = self
+            .running
+            .as_ref()
+            .filter(|r| r.cut.is_none())
+            .and_then(|r| r.deadline)
+            .map(|d| d + STALLED_CLIENT_GRACE);
         let written = async {
             self.client.write_all(&upstream.buf[start..end]).await?;
             self.client.flush().await
         };
-        written.await.map_err(|e| {
+        let written = tokio::select! {
+            r = written => r,
+            _ = until(stalled_after) => return self.stalled_past_deadline(),
+        };
+        written.map_err(|e| {
             tracing::debug!(peer = %self.peer, error = %e, "Writing to the native client failed");
             Close
         })
+    }
+
+    /// The client stopped reading and its query ran past the quota's execution limit: the
+    /// query is killed, the node connection dropped (which frees the node's blocked write),
+    /// and the client's connection closed (it is mid-packet: nothing more can be told).
+    fn stalled_past_deadline(&mut self) -> Step {
+        if let Some(mut run) = self.running.take() {
+            METRICS
+                .quota_kills
+                .with_label_values(&[&self.user.name, "execution_time"])
+                .inc();
+            crate::gateway::kill_query(&run.backend, &self.user, &run.query_id);
+            tracing::info!(user = %self.user.name, query_id = %run.query_id, "Query past its execution limit with a client that stopped reading: killed, connection closed");
+            let limit = run.decision.admission.execution_limit().unwrap_or_default();
+            let e = GatewayError::ExecutionTimeout {
+                user: self.user.name.to_string(),
+                elapsed: run.decision.admission.admitted_at().elapsed(),
+                limit,
+            };
+            run.finish(Status::Refused, Some(Refusal::Gateway(e).code()));
+        }
+        self.upstream = None;
+        Err(Close)
     }
 
     /// A whole packet from the node went to the client: what it means for the query.

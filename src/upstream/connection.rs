@@ -111,16 +111,26 @@ pub struct Upstream {
     pub(super) reused: bool,
     /// The connection and what waits on it are polled through this (see [`Self::drive`]).
     passes: Passes,
+    /// The socket's descriptor, valid while this value lives (see [`Self::raw_fd`]).
+    fd: std::os::fd::RawFd,
 }
 
 impl Upstream {
-    pub(super) fn new(sender: SendRequest<Body>, conn: Conn) -> Self {
+    pub(super) fn new(sender: SendRequest<Body>, conn: Conn, fd: std::os::fd::RawFd) -> Self {
         Self {
             sender,
             conn: Some(Box::pin(conn)),
             reused: false,
             passes: Passes::default(),
+            fd,
         }
+    }
+
+    /// The socket's descriptor. It stays open exactly as long as this value lives: whoever
+    /// uses it from elsewhere must know this value is alive meanwhile (the quota watchdog
+    /// in `http::body` holds a lock the owner takes before dropping it).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd
     }
 
     /// Polls `f`, which drives this connection and whatever waits on it, for the task

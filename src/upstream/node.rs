@@ -271,13 +271,14 @@ impl Node {
         .map_err(UpstreamError::Connect)?;
         // Small queries are latency-bound: do not wait to coalesce segments.
         let _ = stream.set_nodelay(true);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         // Header names reach the client in the server's case (hyper keeps them per response).
         let (sender, conn) = http1::Builder::new()
             .preserve_header_case(true)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Handshake)?;
-        Ok(Upstream::new(sender, conn))
+        Ok(Upstream::new(sender, conn, fd))
     }
 
     /// Sends a request on a pooled (or new) connection and returns the response head with
