@@ -425,7 +425,7 @@ async fn shard_of_two(a: &FakeClickHouse, b: &FakeClickHouse) -> chgate::sink::T
         task: "fake".into(),
         table: "db.t".into(),
         account: cluster.accounts["ingest"].clone(),
-        cluster,
+        cluster: Arc::new(arc_swap::ArcSwap::new(cluster)),
         insert: chgate::clickhouse::insert::Insert::new("db", "t", "a"),
         pick_api: None,
         insert_timeout: Duration::from_secs(5),

@@ -465,3 +465,66 @@ time.sleep(6)
         "{m}"
     );
 }
+
+/// A native client that goes away while its query waits in the queue gives up its place:
+/// the query never runs once the slot frees.
+#[tokio::test]
+async fn a_native_query_abandoned_in_the_queue_never_runs() {
+    let q =
+        Quota::start("max_concurrent_queries = 1\nmax_queue_size = 4\nmax_queue_wait = \"10s\"")
+            .await;
+    let native = q.proxy.native.expect("native listener");
+    // The slot is taken for 2 s over HTTP.
+    let holder = {
+        let args = q.args("SELECT sleep(2)", "");
+        tokio::spawn(curl_async(args))
+    };
+    wait_until("the slot taken", Duration::from_secs(2), || {
+        direct(
+            "127.0.0.11",
+            "SELECT count() FROM system.processes WHERE query = 'SELECT sleep(2)'",
+        )
+        .trim()
+            != "0"
+    })
+    .await;
+    // A native query queues behind it; its client is killed while it waits.
+    let id = unique("abandoned");
+    let script = format!(
+        r#"
+from clickhouse_driver import Client
+c = Client(host="{host}", port={port}, user="{user}", password="q-pass")
+c.connection.force_connect()
+print("connected", flush=True)
+c.execute("SELECT sleep(1)", query_id="{id}")
+"#,
+        host = native.ip(),
+        port = native.port(),
+        user = q.user,
+    );
+    let mut child = tokio::process::Command::new(python())
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python");
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    assert_eq!(
+        lines.next_line().await.unwrap().as_deref(),
+        Some("connected")
+    );
+    // The query packet follows at once; it waits in the queue. Then the client dies.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = child.kill().await;
+    let _ = holder.await;
+    // The slot is free now: the abandoned query must not run.
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        assert!(!running("127.0.0.11", &id), "the abandoned query ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And the user's slot is free for the next query.
+    let out = q.http("SELECT 1", "").await;
+    assert_eq!(out.status, 200, "{}", out.body);
+}

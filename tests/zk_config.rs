@@ -538,7 +538,7 @@ async fn the_ingest_sidecar_takes_its_clusters_from_the_same_root() {
     ));
     let path = r.dir.join("ingest.toml");
     std::fs::write(&path, &text).unwrap();
-    let v = chgate::ingest::config::load_with_source(&path)
+    let (v, from_zookeeper) = chgate::ingest::config::load_with_source(&path)
         .await
         .unwrap_or_else(|p| panic!("{p:?}"));
     let demo = &v.config.clusters["demo"];
@@ -549,6 +549,80 @@ async fn the_ingest_sidecar_takes_its_clusters_from_the_same_root() {
         .collect();
     assert_eq!(hosts, ["127.0.0.11", "127.0.0.12"]);
     assert_eq!(v.config.picker.probe_interval, Duration::from_millis(300));
+
+    // It follows the root: a replica pushed later reaches the cluster its tasks hold; a
+    // push that would change a task's shards is refused and the running cluster stays.
+    let z = from_zookeeper.expect("clusters from ZooKeeper");
+    let c = &v.config;
+    let clusters = Arc::new(arc_swap::ArcSwap::from_pointee(
+        chgate::picker::Clusters::default().reconcile(&chgate::picker::ClusterConfigs {
+            clusters: &c.clusters,
+            secrets: &v.secrets,
+            upstream: &c.upstream,
+            picker: &c.picker,
+        }),
+    ));
+    let handles = chgate::ingest::follow::handles(&clusters.load(), ["demo"].into_iter());
+    let demo = handles["demo"].clone();
+    let stop = CancellationToken::new();
+    tokio::spawn(chgate::ingest::follow::run(
+        chgate::ingest::follow::Follow {
+            file: z.file,
+            base: z.base,
+            source: z.source,
+            clusters: clusters.clone(),
+            handles,
+            started_with: z.nodes,
+        },
+        stop.clone(),
+    ));
+    let replicas = |c: &chgate::picker::Cluster| -> Vec<String> {
+        c.topology()
+            .nodes
+            .iter()
+            .map(|b| b.node.host.clone())
+            .collect()
+    };
+    r.push(&dynamic(
+        &["127.0.0.11", "127.0.0.12", "127.0.0.13"],
+        &["ann"],
+        "",
+    ));
+    let start = Instant::now();
+    while replicas(&demo.load()).len() != 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the sidecar's cluster did not follow: {:?}",
+            replicas(&demo.load())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        clusters.load().get("demo").map(|c| replicas(c).len()),
+        Some(3)
+    );
+    // Two shards instead of one: refused, the three replicas of one shard stay.
+    let two_shards = dynamic(&["127.0.0.11"], &["ann"], "").replace(
+        "shards = [{ replicas = [{ host = \"127.0.0.11\" }] }]",
+        "shards = [{ replicas = [{ host = \"127.0.0.11\" }] }, { replicas = [{ host = \"127.0.0.13\" }] }]",
+    );
+    assert!(two_shards.contains("127.0.0.13"), "{two_shards}");
+    let rejected = || {
+        chgate::metrics::METRICS
+            .config_reloads
+            .with_label_values(&["rejected"])
+            .get()
+    };
+    let before = rejected();
+    r.push(&two_shards);
+    let start = Instant::now();
+    while rejected() == before {
+        assert!(start.elapsed() < Duration::from_secs(5), "not refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(replicas(&demo.load()).len(), 3);
+    assert_eq!(demo.load().topology().shards.len(), 1);
+    stop.cancel();
     // Clusters in the file as well as from ZooKeeper: refused, not merged.
     std::fs::write(
         &path,

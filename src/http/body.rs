@@ -170,8 +170,14 @@ pub struct UpstreamBody {
     exchange: Exchange,
     /// When the quota's execution time runs out.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the watchdog acts, if armed: it is armed with the body's second frame (a body
+    /// of one frame has all of its answer read from the node already, and small answers,
+    /// most of them, pay nothing for it).
+    watch_at: Option<tokio::time::Instant>,
     /// Kills the query and frees the node should the client stop reading past that time.
     watchdog: Option<Watchdog>,
+    /// Data frames relayed so far.
+    frames: u32,
     /// The stream was cut and its exception text sent: it ends.
     cut: bool,
     /// The body is compressed (`Content-Encoding`, or ClickHouse's own `compress=1`): text
@@ -195,27 +201,40 @@ impl UpstreamBody {
         let at =
             limit.map(|limit| tokio::time::Instant::from(exchange.admission.admitted_at() + limit));
         let deadline = at.map(|at| Box::pin(tokio::time::sleep_until(at)));
-        let watchdog = at.map(|at| {
-            let (backend, user) = (exchange.backend.clone(), exchange.admission.user().clone());
-            let query_id = exchange.query_id.clone();
-            Watchdog::arm(upstream.raw_fd(), at + STALLED_CLIENT_GRACE, move || {
+        Self {
+            inner,
+            upstream: Some(upstream),
+            exchange,
+            deadline,
+            watch_at: at,
+            watchdog: None,
+            frames: 0,
+            cut: false,
+            encoded,
+        }
+    }
+
+    /// Arms the watchdog (once, with an execution limit, while the connection is held).
+    fn arm_watchdog(&mut self) {
+        let (Some(at), None, Some(upstream)) = (self.watch_at, &self.watchdog, &self.upstream)
+        else {
+            return;
+        };
+        let exchange = &self.exchange;
+        let (backend, user) = (exchange.backend.clone(), exchange.admission.user().clone());
+        let query_id = exchange.query_id.clone();
+        self.watchdog = Some(Watchdog::arm(
+            upstream.raw_fd(),
+            at + STALLED_CLIENT_GRACE,
+            move || {
                 METRICS
                     .quota_kills
                     .with_label_values(&[&user.name, "execution_time"])
                     .inc();
                 tracing::info!(user = %user.name, query_id, "Query past its execution limit with a client that stopped reading: killed, its answer drained");
                 kill(&backend, &user, &query_id);
-            })
-        });
-        Self {
-            inner,
-            upstream: Some(upstream),
-            exchange,
-            deadline,
-            watchdog,
-            cut: false,
-            encoded,
-        }
+            },
+        ));
     }
 
     /// Lets go of the upstream connection (dropped, or back to its pool by the caller);
@@ -363,6 +382,10 @@ impl Body for RespBody {
                     Some(Ok(f)) => {
                         if let Some(d) = f.data_ref() {
                             up.exchange.bytes_out += d.len() as u64;
+                            up.frames += 1;
+                            if up.frames == 2 {
+                                up.arm_watchdog();
+                            }
                         }
                     }
                     None => {

@@ -224,43 +224,67 @@ pub fn load(path: &Path) -> Result<ValidatedIngest, Vec<Problem>> {
     validate(config, &base)
 }
 
+/// The sidecar's own file and where its clusters come from, for following them.
+#[derive(Debug)]
+pub struct FromZooKeeper {
+    /// The file as read (no clusters: they come from the root).
+    pub file: IngestConfig,
+    pub base: PathBuf,
+    pub source: crate::config::ConfigSourceConfig,
+    /// The znodes the start read.
+    pub nodes: crate::config::zookeeper::Nodes,
+}
+
 /// [`load`], with the clusters (and `[upstream]`, `[picker]`, if there) taken from the
-/// `[config_source]` ZooKeeper root when the file names one. Read once at start: a later
-/// change of the clusters reaches the sidecar when it restarts.
-pub async fn load_with_source(path: &Path) -> Result<ValidatedIngest, Vec<Problem>> {
+/// `[config_source]` ZooKeeper root when the file names one; then what following the root
+/// needs (see [`super::follow`]).
+pub async fn load_with_source(
+    path: &Path,
+) -> Result<(ValidatedIngest, Option<FromZooKeeper>), Vec<Problem>> {
     let (mut config, base) = read(path)?;
-    if let Some(source) = config.config_source.clone() {
-        if !config.clusters.is_empty() {
-            return Err(vec![Problem::new(
-                "clusters",
-                "with [config_source] the clusters come from ZooKeeper; leave them out here",
-            )]);
-        }
-        let timeout = Duration::from_secs(10);
-        let (snapshot, root) = crate::config::zookeeper::fetch(&source, &base, timeout).await?;
-        let dynamic = crate::config::zookeeper::parse_nodes(&snapshot.nodes, &root)?;
-        config.clusters = dynamic.clusters;
-        if let Some(u) = dynamic.upstream {
-            config.upstream = u;
-        }
-        if let Some(p) = dynamic.picker {
-            config.picker = p;
-        }
-        tracing::info!(
-            root,
-            version = snapshot.version,
-            clusters = config.clusters.len(),
-            "Clusters read from ZooKeeper"
-        );
+    let Some(source) = config.config_source.clone() else {
+        return Ok((validate(config, &base)?, None));
+    };
+    if !config.clusters.is_empty() {
+        return Err(vec![Problem::new(
+            "clusters",
+            "with [config_source] the clusters come from ZooKeeper; leave them out here",
+        )]);
     }
-    validate(config, &base)
+    let file = config.clone();
+    let timeout = Duration::from_secs(10);
+    let (snapshot, root) = crate::config::zookeeper::fetch(&source, &base, timeout).await?;
+    let dynamic = crate::config::zookeeper::parse_nodes(&snapshot.nodes, &root)?;
+    config.clusters = dynamic.clusters;
+    if let Some(u) = dynamic.upstream {
+        config.upstream = u;
+    }
+    if let Some(p) = dynamic.picker {
+        config.picker = p;
+    }
+    tracing::info!(
+        root,
+        version = snapshot.version,
+        clusters = config.clusters.len(),
+        "Clusters read from ZooKeeper (and followed)"
+    );
+    let validated = validate(config, &base)?;
+    Ok((
+        validated,
+        Some(FromZooKeeper {
+            file,
+            base,
+            source,
+            nodes: snapshot.nodes,
+        }),
+    ))
 }
 
 fn read(path: &Path) -> Result<(IngestConfig, PathBuf), Vec<Problem>> {
     crate::config::read(path)
 }
 
-fn validate(config: IngestConfig, base: &Path) -> Result<ValidatedIngest, Vec<Problem>> {
+pub(super) fn validate(config: IngestConfig, base: &Path) -> Result<ValidatedIngest, Vec<Problem>> {
     let mut problems = Vec::new();
     // The same checks as the proxy's: a sidecar's embedded picker is a picker like its.
     validate_upstream(&config.upstream, &mut problems);

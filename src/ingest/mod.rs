@@ -2,7 +2,7 @@
 //! picked node per batch, exactly once with ZooKeeper batch intents (`DESIGN.md` beside
 //! this file has the guarantee, the states and how the tests prove it).
 //!
-//! - [`config`]: the sidecar's config file;
+//! - [`config`]: the sidecar's config file; [`follow`]: its clusters followed in ZooKeeper;
 //! - [`template`]: format templates (JSON paths, delimited text with a multi-character
 //!   separator and quoting, mapping by name or position, defaults, the time window),
 //!   compiled against the table's columns;
@@ -20,6 +20,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod follow;
 pub mod intents;
 pub mod message;
 pub mod pending;
@@ -28,11 +29,13 @@ pub mod ring;
 pub mod shard_key;
 pub mod template;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminSource};
@@ -52,15 +55,16 @@ fn plain_identifier(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// What the sidecar's admin listener shows: its own picker's clusters.
+/// What the sidecar's admin listener shows: its own picker's clusters (swapped when they
+/// are followed in ZooKeeper).
 struct Admin {
-    clusters: Arc<Clusters>,
+    clusters: Arc<ArcSwap<Clusters>>,
     stop: CancellationToken,
 }
 
 impl AdminSource for Admin {
     fn clusters(&self) -> Arc<Clusters> {
-        self.clusters.clone()
+        self.clusters.load_full()
     }
 
     fn readiness(&self) -> Result<(), &'static str> {
@@ -140,13 +144,14 @@ async fn build_task(
     name: &str,
     t: &TaskConfig,
     c: &IngestConfig,
-    clusters: &Clusters,
+    handles: &HashMap<String, follow::Handle>,
     api: Option<&(String, u16, Option<http::HeaderValue>, Duration)>,
 ) -> anyhow::Result<pipeline::Task> {
-    let cluster = clusters
+    let handle = handles
         .get(&t.cluster)
         .cloned()
         .with_context(|| format!("tasks.{name}: no cluster {}", t.cluster))?;
+    let cluster = handle.load_full();
     let account = cluster
         .accounts
         .get(&t.account)
@@ -220,7 +225,7 @@ async fn build_task(
         target: Arc::new(Target {
             task: name.to_string(),
             table: t.table.clone(),
-            cluster,
+            cluster: handle,
             account,
             insert,
             pick_api: api.map(|(host, port, token, timeout)| PickApi {
@@ -260,7 +265,7 @@ fn instance_id(c: &IngestConfig) -> String {
 
 /// `chgate ingest --config FILE`: runs until SIGTERM or SIGINT, then drains.
 pub async fn run(path: &Path) -> anyhow::Result<()> {
-    let v: ValidatedIngest = config::load_with_source(path).await.map_err(|problems| {
+    let (v, from_zookeeper) = config::load_with_source(path).await.map_err(|problems| {
         let lines: Vec<String> = problems
             .iter()
             .map(|p| format!("{}: {p}", path.display()))
@@ -271,12 +276,18 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     let stop = crate::signals::shutdown()?;
 
     // The embedded picker: probes the clusters itself, for when the proxy is out of reach.
-    let clusters = Arc::new(Clusters::default().reconcile(&ClusterConfigs {
-        clusters: &c.clusters,
-        secrets: &v.secrets,
-        upstream: &c.upstream,
-        picker: &c.picker,
-    }));
+    let clusters = Arc::new(ArcSwap::from_pointee(Clusters::default().reconcile(
+        &ClusterConfigs {
+            clusters: &c.clusters,
+            secrets: &v.secrets,
+            upstream: &c.upstream,
+            picker: &c.picker,
+        },
+    )));
+    let handles = follow::handles(
+        &clusters.load(),
+        c.tasks.values().map(|t| t.cluster.as_str()),
+    );
     let admin_stop = CancellationToken::new();
     let admin_thread = match c.admin.listen {
         Some(addr) => {
@@ -294,7 +305,21 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     let api = pick_api(&v);
     let mut tasks = Vec::new();
     for (name, t) in &c.tasks {
-        tasks.push(build_task(name, t, c, &clusters, api.as_ref()).await?);
+        tasks.push(build_task(name, t, c, &handles, api.as_ref()).await?);
+    }
+    let follow_stop = CancellationToken::new();
+    if let Some(z) = from_zookeeper {
+        tokio::spawn(follow::run(
+            follow::Follow {
+                file: z.file,
+                base: z.base,
+                source: z.source,
+                clusters: clusters.clone(),
+                handles,
+                started_with: z.nodes,
+            },
+            follow_stop.clone(),
+        ));
     }
     let producer: rdkafka::producer::FutureProducer =
         kafka::client_config(&c.kafka.brokers, &c.kafka.properties)
@@ -343,6 +368,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         stop,
     )
     .await;
+    follow_stop.cancel();
     admin_stop.cancel();
     if let Some(t) = admin_thread {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;

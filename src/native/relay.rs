@@ -334,7 +334,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         };
         self.compression = query.compression;
         self.discarding = false;
-        let decision = match query::decide(&self.user, &query).await {
+        // The decision may wait in the user's queue: meanwhile the client is still read (what
+        // follows the query is kept for after), so a client that goes away gives up its
+        // place instead of having its query run once admitted.
+        let decided = {
+            let decide = query::decide(&self.user, &query);
+            tokio::pin!(decide);
+            let room = self.frontend.settings.max_query_bytes;
+            loop {
+                tokio::select! {
+                    d = &mut decide => break d,
+                    r = self.client.read_buf(&mut self.buf), if self.buf.len() < room => match r {
+                        Ok(0) | Err(_) => {
+                            tracing::debug!(peer = %self.peer, "Native client gone while its query waited in the queue");
+                            return Err(Close);
+                        }
+                        Ok(n) => self.to_server.inc_by(n as u64),
+                    },
+                }
+            }
+        };
+        let decision = match decided {
             Ok(d) => d,
             Err(e) => return self.refuse(e.into(), query.query_id).await,
         };

@@ -28,7 +28,8 @@ pub struct Target {
     pub task: String,
     /// `db.table`, for the metrics.
     pub table: String,
-    pub cluster: Arc<Cluster>,
+    /// The cluster, swapped when the sidecar follows its config in ZooKeeper.
+    pub cluster: Arc<arc_swap::ArcSwap<Cluster>>,
     pub account: Arc<Account>,
     pub insert: Insert,
     pub pick_api: Option<PickApi>,
@@ -70,14 +71,14 @@ impl Target {
     ) -> Result<(u32, Arc<Backend>), String> {
         if failed.is_empty() {
             if let Some(api) = &self.pick_api {
-                match api.pick(&self.cluster, shard).await {
+                match api.pick(&self.cluster.load(), shard).await {
                     Ok(Some(pick)) => return Ok(pick),
                     Ok(None) => {}
                     Err(refusal) => return Err(refusal),
                 }
             }
         }
-        let view = self.cluster.view();
+        let view = self.cluster.load().view();
         let t = &view.topology;
         let tried: Vec<usize> = (0..t.nodes.len())
             .filter(|&i| failed.iter().any(|f| Arc::ptr_eq(f, &t.nodes[i])))

@@ -1,0 +1,189 @@
+//! The sidecar follows its clusters in ZooKeeper: with `[config_source]`, every change of
+//! the root is read whole, validated with the sidecar's own file, and the embedded picker's
+//! clusters are swapped under the running tasks (a replica added or taken away is picked
+//! from, or not, from the next batch on).
+//!
+//! A task's shards cannot change under it: a key-sharded task maps keys to its shard
+//! numbers, and a batch retried after a crash goes back to its shard. A change that would
+//! alter the shard numbers of a cluster a task writes to, or drop the task's cluster or
+//! account, is refused as a whole and reported as needing a restart; the running clusters
+//! stay.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+
+use super::config::{self, IngestConfig};
+use crate::backoff::Backoff;
+use crate::config::zookeeper::{self, Nodes, Store};
+use crate::config::ConfigSourceConfig;
+use crate::metrics::METRICS;
+use crate::picker::{Cluster, ClusterConfigs, Clusters};
+
+/// A cluster as the tasks writing to it hold it: swapped when the config changes.
+pub type Handle = Arc<ArcSwap<Cluster>>;
+
+/// What the follower needs.
+pub struct Follow {
+    /// The sidecar's own file (its clusters come from the root).
+    pub file: IngestConfig,
+    pub base: PathBuf,
+    pub source: ConfigSourceConfig,
+    /// The clusters running now (the admin listener's too).
+    pub clusters: Arc<ArcSwap<Clusters>>,
+    /// The clusters the tasks write to, by name.
+    pub handles: HashMap<String, Handle>,
+    /// The znodes the start read, not offered again.
+    pub started_with: Nodes,
+}
+
+/// Follows the root until `stop`.
+pub async fn run(mut f: Follow, stop: CancellationToken) {
+    let mut backoff = Backoff::default();
+    let mut last = f.started_with.clone();
+    loop {
+        let store = tokio::select! {
+            s = Store::connect(&f.source, &f.base, f.source.session_timeout) => s,
+            _ = stop.cancelled() => return,
+        };
+        let store = match store {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "Config source unreachable; the running clusters stay");
+                if !backoff.wait(&stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        backoff.reset();
+        loop {
+            let snapshot = match store.read(true).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Reading the config root failed");
+                    break;
+                }
+            };
+            if snapshot.nodes != last {
+                apply(&mut f, &snapshot.nodes, store.root(), snapshot.version);
+                last = snapshot.nodes.clone();
+            }
+            let fired: Vec<_> = snapshot
+                .watchers
+                .into_iter()
+                .map(|w| Box::pin(w.changed()))
+                .collect();
+            if fired.is_empty() {
+                break;
+            }
+            tokio::select! {
+                _ = futures_util::future::select_all(fired) => {}
+                _ = stop.cancelled() => return,
+            }
+            if store.client().state().is_terminated() {
+                break;
+            }
+        }
+        if !backoff.wait(&stop).await {
+            return;
+        }
+    }
+}
+
+/// Validates the root's `nodes` with the sidecar's file and swaps the clusters in, or
+/// refuses the change and says why.
+fn apply(f: &mut Follow, nodes: &Nodes, root: &str, version: u64) {
+    let counted = |result: &str| {
+        METRICS.config_reloads.with_label_values(&[result]).inc();
+    };
+    let next = match next_config(f, nodes, root) {
+        Ok(v) => v,
+        Err(problems) => {
+            counted("rejected");
+            for p in &problems {
+                tracing::warn!(version, problem = %p, "Config change refused; the running clusters stay");
+            }
+            return;
+        }
+    };
+    let c = &next.config;
+    let current = f.clusters.load_full();
+    let generation = current.reconcile(&ClusterConfigs {
+        clusters: &c.clusters,
+        secrets: &next.secrets,
+        upstream: &c.upstream,
+        picker: &c.picker,
+    });
+    if let Err(why) = compatible(&f.handles, &generation) {
+        counted("rejected");
+        tracing::warn!(version, reason = %why, "Config change needs a restart of the sidecar; the running clusters stay");
+        return;
+    }
+    for (name, handle) in &f.handles {
+        if let Some(cluster) = generation.get(name) {
+            handle.store(cluster.clone());
+        }
+    }
+    f.clusters.store(Arc::new(generation));
+    counted("applied");
+    tracing::info!(
+        version,
+        clusters = c.clusters.len(),
+        "Clusters reloaded from ZooKeeper"
+    );
+}
+
+fn next_config(
+    f: &Follow,
+    nodes: &Nodes,
+    root: &str,
+) -> Result<config::ValidatedIngest, Vec<String>> {
+    let strings = |p: Vec<crate::config::Problem>| p.iter().map(ToString::to_string).collect();
+    let dynamic = zookeeper::parse_nodes(nodes, root).map_err(strings)?;
+    let mut next = f.file.clone();
+    next.clusters = dynamic.clusters;
+    if let Some(u) = dynamic.upstream {
+        next.upstream = u;
+    }
+    if let Some(p) = dynamic.picker {
+        next.picker = p;
+    }
+    config::validate(next, &f.base).map_err(strings)
+}
+
+/// Whether the tasks can go on with `next`: each one's cluster keeps its shard numbers.
+fn compatible(handles: &HashMap<String, Handle>, next: &Clusters) -> Result<(), String> {
+    for (name, handle) in handles {
+        let Some(new) = next.get(name) else {
+            return Err(format!("cluster {name}, which tasks write to, is gone"));
+        };
+        let shards =
+            |c: &Cluster| -> Vec<u32> { c.topology().shards.iter().map(|s| s.number).collect() };
+        let (was, now) = (shards(&handle.load()), shards(new));
+        if was != now {
+            return Err(format!(
+                "cluster {name} would go from shards {was:?} to {now:?} under running tasks"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The handles for the clusters `tasks` write to.
+pub fn handles<'a>(
+    clusters: &Clusters,
+    tasks: impl Iterator<Item = &'a str>,
+) -> HashMap<String, Handle> {
+    let mut out = HashMap::new();
+    for name in tasks {
+        if let Some(c) = clusters.get(name) {
+            out.entry(name.to_string())
+                .or_insert_with(|| Arc::new(ArcSwap::new(c.clone())));
+        }
+    }
+    out
+}
