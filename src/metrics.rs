@@ -69,6 +69,7 @@ pub struct Metrics {
     pub remote_servers_leader: IntGauge,
     pub remote_servers_changes: IntCounterVec,
     pub remote_servers_removed: IntGaugeVec,
+    pub remote_servers_stale_nodes: IntGaugeVec,
     pub remote_servers_publish_errors: IntCounterVec,
 }
 
@@ -444,6 +445,11 @@ impl Metrics {
             "Replicas left out of the cluster's published remote_servers now (configured but failed), by cluster.",
             &["cluster"],
         );
+        let remote_servers_stale_nodes = gauge_vec(
+            "chgate_remote_servers_stale_nodes",
+            "Nodes whose own system.clusters differs from the cluster published to them, on two checks 10 s apart (ClickHouse 18.16 stops following its from_zk config once its ZooKeeper session expired), by cluster.",
+            &["cluster"],
+        );
         let remote_servers_publish_errors = counter(
             "chgate_remote_servers_publish_errors_total",
             "Failed writes of the nodes' remote_servers by the elected instance, by ZooKeeper ensemble.",
@@ -531,6 +537,7 @@ impl Metrics {
             remote_servers_leader,
             remote_servers_changes,
             remote_servers_removed,
+            remote_servers_stale_nodes,
             remote_servers_publish_errors,
         }
     }

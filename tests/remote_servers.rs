@@ -86,8 +86,15 @@ cache_file = "cache.toml"
 }
 
 impl Drop for Bootstrap {
-    /// Leaves the quickstart's config as the quickstart pushes it.
+    /// Leaves the quickstart's config as the quickstart pushes it, with no replica taken
+    /// out (should a test have stopped before its keeper put one back).
     fn drop(&mut self) {
+        let _ = Command::new(python())
+            .args([
+                "-c",
+                "from kazoo.client import KazooClient\nzk = KazooClient(hosts='127.0.0.1:2181')\nzk.start(timeout=10)\nzk.delete('/chgate/local/clickhouse/removed')\nzk.stop()",
+            ])
+            .output();
         let file = self.dir.join("restore.toml");
         let _ = std::fs::write(&file, quickstart(""));
         let _ = Command::new(env!("CARGO_BIN_EXE_chgate"))

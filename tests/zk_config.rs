@@ -572,6 +572,7 @@ async fn the_ingest_sidecar_takes_its_clusters_from_the_same_root() {
             source: z.source,
             clusters: clusters.clone(),
             handles,
+            running: c.clusters.clone(),
             started_with: z.nodes,
         },
         stop.clone(),

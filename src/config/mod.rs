@@ -547,7 +547,7 @@ fn default_native_port() -> u16 {
 
 /// A real cluster account. Its secret comes from an environment variable or a file, never
 /// from the config text.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AccountConfig {
     pub user: String,

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::remote_servers::{self, Publisher};
+use super::remote_servers::{self, Publisher, Put};
 use super::validate::{validate, Problem};
 use super::zookeeper::{self, Nodes, Snapshot, Store};
 use super::{ClusterConfig, Config, ConfigSourceConfig};
@@ -80,8 +80,8 @@ pub async fn push(bootstrap_path: &Path, file: &Path) -> Result<String, Vec<Stri
     let (nodes, whole, clusters) = prepare(&b, file)?;
     let store = connect(&b).await?;
     let read = store.read(false).await.map_err(|e| vec![e])?;
-    let done = publish(&store, &b, &read, &nodes, &whole).await?;
-    publish_remote_servers(&b, &clusters, done).await
+    let (done, version) = publish(&store, &b, &read, &nodes, &whole).await?;
+    publish_remote_servers(&b, &clusters, version, done).await
 }
 
 /// Publishes the nodes' `remote_servers` for the pushed clusters (minus the replicas the
@@ -92,6 +92,7 @@ pub async fn push(bootstrap_path: &Path, file: &Path) -> Result<String, Vec<Stri
 async fn publish_remote_servers(
     b: &Bootstrap,
     clusters: &Clusters,
+    version: u64,
     done: String,
 ) -> Result<String, Vec<String>> {
     let mut publisher = Publisher::new(&b.source, &b.base, CONNECT_TIMEOUT);
@@ -99,13 +100,21 @@ async fn publish_remote_servers(
         Ok(r) => r,
         Err(e) => return Err(vec![done, format!("remote_servers not published: {e}")]),
     };
-    let outcomes = publisher.publish(clusters, &removed).await;
+    let outcomes = publisher.publish(clusters, &removed, version).await;
     let mut lines = vec![done];
     let mut failed = false;
     for o in outcomes {
         match o.result {
-            Ok(true) => lines.push(format!("remote_servers: published to {}", o.ensemble)),
-            Ok(false) => lines.push(format!("remote_servers: unchanged in {}", o.ensemble)),
+            Ok(Put::Written) => {
+                lines.push(format!("remote_servers: published to {}", o.ensemble))
+            }
+            Ok(Put::Unchanged) => {
+                lines.push(format!("remote_servers: unchanged in {}", o.ensemble))
+            }
+            Ok(Put::Newer(v)) => lines.push(format!(
+                "remote_servers: left in {}: it holds version {v}, newer than {version} (another push landed since)",
+                o.ensemble
+            )),
             Err(e) => {
                 failed = true;
                 lines.push(format!(
@@ -128,12 +137,11 @@ async fn publish(
     read: &Snapshot,
     nodes: &Nodes,
     whole: &str,
-) -> Result<String, Vec<String>> {
+) -> Result<(String, u64), Vec<String>> {
     if read.nodes == *nodes {
-        return Ok(format!(
-            "{}: unchanged (version {})",
-            store.root(),
-            read.version
+        return Ok((
+            format!("{}: unchanged (version {})", store.root(), read.version),
+            read.version,
         ));
     }
     let changes = zookeeper::diff(&read.nodes, nodes)
@@ -144,10 +152,13 @@ async fn publish(
         .push(read, nodes, whole, b.source.keep_versions)
         .await
         .map_err(|e| vec![e.to_string()])?;
-    Ok(format!(
-        "{}: pushed version {version} ({changes} znode{} changed)",
-        store.root(),
-        if changes == 1 { "" } else { "s" }
+    Ok((
+        format!(
+            "{}: pushed version {version} ({changes} znode{} changed)",
+            store.root(),
+            if changes == 1 { "" } else { "s" }
+        ),
+        version,
     ))
 }
 
@@ -162,8 +173,8 @@ pub async fn diff(bootstrap_path: &Path, file: &Path) -> Result<Vec<String>, Vec
     let mut publisher = Publisher::new(&b.source, &b.base, CONNECT_TIMEOUT);
     let removed = publisher.removed().await.map_err(|e| vec![e])?;
     let now = publisher.element().await.map_err(|e| vec![e])?;
-    let next = remote_servers::render(&clusters, &removed);
-    if now.as_deref().unwrap_or("") != next {
+    let next = remote_servers::render(&clusters, &removed, read.version + 1);
+    if !remote_servers::same_content(now.as_deref().unwrap_or(""), &next) {
         lines.push(format!(
             "~ {} (the nodes' remote_servers{})",
             remote_servers::ELEMENT,
@@ -215,10 +226,11 @@ pub async fn rollback(bootstrap_path: &Path, version: u64) -> Result<String, Vec
             .collect::<Vec<_>>()
     })?;
     let read = store.read(false).await.map_err(|e| vec![e])?;
-    let done = publish(&store, &b, &read, &nodes, &text).await?;
+    let (done, pushed) = publish(&store, &b, &read, &nodes, &text).await?;
     publish_remote_servers(
         &b,
         &clusters,
+        pushed,
         format!("{done}, restoring version {version}"),
     )
     .await

@@ -72,9 +72,39 @@ pub fn published(
     })
 }
 
-/// The element's content for `clusters`, without the `removed` replicas.
-pub fn render(clusters: &BTreeMap<String, ClusterConfig>, removed: &Removed) -> String {
-    let mut out = String::new();
+/// The label on the element's first line: the config version it was rendered from, so
+/// that nothing overwrites an element of a newer version (see [`Publisher::publish`]).
+const VERSION_LABEL: &str = "<!-- chgate config version ";
+
+/// The config version an element was rendered from (0 if it has no label).
+fn version_of(element: &str) -> u64 {
+    element
+        .strip_prefix(VERSION_LABEL)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether two elements say the same, whatever versions they were rendered from.
+pub fn same_content(a: &str, b: &str) -> bool {
+    let body = |s: &str| {
+        if s.starts_with(VERSION_LABEL) {
+            s.split_once('\n').map_or("", |(_, rest)| rest).to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    body(a) == body(b)
+}
+
+/// The element's content for `clusters` of config `version`, without the `removed`
+/// replicas.
+pub fn render(
+    clusters: &BTreeMap<String, ClusterConfig>,
+    removed: &Removed,
+    version: u64,
+) -> String {
+    let mut out = format!("{VERSION_LABEL}{version} -->\n");
     for (key, cluster, settings, name) in published(clusters) {
         let out_of = removed.get(key);
         let taken: Vec<String> = out_of
@@ -144,9 +174,16 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// Text safe inside an XML comment (no `--`).
+/// Text safe inside an XML comment (no `--`, no `-` at the end).
 fn comment(s: &str) -> String {
-    escape(s).replace("--", "- -")
+    let mut out = escape(s);
+    while out.contains("--") {
+        out = out.replace("--", "- -");
+    }
+    if out.ends_with('-') {
+        out.push(' ');
+    }
+    out
 }
 
 /// The ensembles the element goes to: the root's, then every shard group's of a published
@@ -173,12 +210,36 @@ pub fn ensembles(
     out
 }
 
+/// What a write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    Written,
+    /// It was already so.
+    Unchanged,
+    /// Left alone: the element there is of this newer config version.
+    Newer(u64),
+}
+
 /// What publishing to one ensemble did.
 #[derive(Debug)]
 pub struct Outcome {
     pub ensemble: String,
-    /// `Ok(true)`: written; `Ok(false)`: it was already so.
-    pub result: Result<bool, String>,
+    pub result: Result<Put, String>,
+}
+
+/// Whether a ZooKeeper error ended the session's usefulness (the next use connects again);
+/// other errors (a version race, a missing node, no permission) keep the session, and with
+/// it the lead.
+fn session_lost(e: &zk::Error) -> bool {
+    matches!(
+        e,
+        zk::Error::ConnectionLoss
+            | zk::Error::SessionExpired
+            | zk::Error::ClientClosed
+            | zk::Error::Timeout
+            | zk::Error::AuthFailed
+            | zk::Error::SessionMoved
+    )
 }
 
 /// Sessions with the root's ensemble and the shard groups' ensembles, kept between
@@ -255,45 +316,64 @@ impl Publisher {
         self.sessions.remove(&key);
     }
 
-    /// Writes `text` at `rel` in `ensemble` unless it is already so; creates the parents.
-    async fn put(&mut self, ensemble: &[String], rel: &str, text: &str) -> Result<bool, String> {
-        let path = self.path(rel);
-        let (client, digest) = self.client(ensemble).await?;
-        let acls = if digest {
+    /// The ACLs of the znodes chgate creates for the nodes: readable by anyone; with
+    /// digest auth, changed only by chgate's user.
+    fn published_acls(&self) -> zk::Acls<'static> {
+        if self.source.digest_user.is_some() {
             zk::Acls::new(&READABLE_BY_ALL)
         } else {
             zk::Acls::anyone_all()
-        };
-        let options = zk::CreateMode::Persistent.with_acls(acls);
-        let result = async {
+        }
+    }
+
+    /// Writes `text` at `rel` in `ensemble` unless it is already so, or (with `version`)
+    /// the text there is of a newer config version; creates the parents.
+    async fn put(
+        &mut self,
+        ensemble: &[String],
+        rel: &str,
+        text: &str,
+        version: Option<u64>,
+    ) -> Result<Put, String> {
+        let path = self.path(rel);
+        let (client, _) = self.client(ensemble).await?;
+        let options = zk::CreateMode::Persistent.with_acls(self.published_acls());
+        let result: Result<Put, (zk::Error, String)> = async {
             match client.get_data(&path).await {
-                Ok((d, _)) if d == text.as_bytes() => return Ok(false),
-                Ok((_, stat)) => {
+                Ok((d, _)) if d == text.as_bytes() => return Ok(Put::Unchanged),
+                Ok((d, stat)) => {
+                    let there = version_of(&String::from_utf8_lossy(&d));
+                    if version.is_some_and(|v| there > v) {
+                        return Ok(Put::Newer(there));
+                    }
                     return client
                         .set_data(&path, text.as_bytes(), Some(stat.version))
                         .await
-                        .map(|_| true)
-                        .map_err(|e| format!("writing {path}: {e}"))
+                        .map(|_| Put::Written)
+                        .map_err(|e| (e.clone(), format!("writing {path}: {e}")));
                 }
                 Err(zk::Error::NoNode) => {}
-                Err(e) => return Err(format!("reading {path}: {e}")),
+                Err(e) => return Err((e.clone(), format!("reading {path}: {e}"))),
             }
             if let Some((parent, _)) = path.rsplit_once('/') {
                 client
                     .mkdir(parent, &options)
                     .await
-                    .map_err(|e| format!("creating {parent}: {e}"))?;
+                    .map_err(|e| (e.clone(), format!("creating {parent}: {e}")))?;
             }
-            match client.create(&path, text.as_bytes(), &options).await {
-                Ok(_) => Ok(true),
-                Err(e) => Err(format!("creating {path}: {e}")),
-            }
+            client
+                .create(&path, text.as_bytes(), &options)
+                .await
+                .map(|_| Put::Written)
+                .map_err(|e| (e.clone(), format!("creating {path}: {e}")))
         }
         .await;
-        if result.is_err() {
-            self.drop_session(ensemble);
-        }
-        result
+        result.map_err(|(e, message)| {
+            if session_lost(&e) {
+                self.drop_session(ensemble);
+            }
+            message
+        })
     }
 
     async fn get(&mut self, ensemble: &[String], rel: &str) -> Result<Option<String>, String> {
@@ -303,7 +383,9 @@ impl Publisher {
             Ok((d, _)) => Ok(Some(String::from_utf8_lossy(&d).into_owned())),
             Err(zk::Error::NoNode) => Ok(None),
             Err(e) => {
-                self.drop_session(ensemble);
+                if session_lost(&e) {
+                    self.drop_session(ensemble);
+                }
                 Err(format!("reading {path}: {e}"))
             }
         }
@@ -332,49 +414,57 @@ impl Publisher {
     pub async fn set_removed(&mut self, removed: &Removed) -> Result<(), String> {
         let root = self.source.zookeeper.clone();
         let text = serde_json::to_string_pretty(removed).map_err(|e| e.to_string())?;
-        self.put(&root, REMOVED, &text).await.map(|_| ())
+        self.put(&root, REMOVED, &text, None).await.map(|_| ())
     }
 
-    /// Publishes the element for `clusters` (without the `removed` replicas) to every
-    /// ensemble it belongs in, and empties it in ensembles it no longer does.
+    /// Publishes the element for `clusters` of config `version` (without the `removed`
+    /// replicas) to every ensemble it belongs in, and empties it in ensembles it no longer
+    /// does. An element of a newer config version is left alone (a push that landed since
+    /// this one was computed).
     pub async fn publish(
         &mut self,
         clusters: &BTreeMap<String, ClusterConfig>,
         removed: &Removed,
+        version: u64,
     ) -> Vec<Outcome> {
         let root = self.source.zookeeper.clone();
         let targets = ensembles(&root, clusters);
-        let before: Vec<Vec<String>> = match self.get(&root, ENSEMBLES).await {
-            Ok(Some(t)) => serde_json::from_str(&t).unwrap_or_default(),
-            _ => Vec::new(),
+        // Unreadable: unknown, and then not rewritten either.
+        let before: Option<Vec<Vec<String>>> = match self.get(&root, ENSEMBLES).await {
+            Ok(Some(t)) => serde_json::from_str(&t).ok(),
+            Ok(None) => Some(Vec::new()),
+            Err(_) => None,
         };
-        let text = render(clusters, removed);
+        let known = before.clone().unwrap_or_default();
+        let text = render(clusters, removed, version);
         let mut outcomes = Vec::new();
         let nothing_published = published(clusters).next().is_none();
         for ensemble in &targets {
             // With nothing to publish, the root's znode is only emptied if it exists.
             if nothing_published
-                && !before.contains(ensemble)
+                && !known.contains(ensemble)
                 && !matches!(self.get(ensemble, ELEMENT).await, Ok(Some(_)))
             {
                 continue;
             }
-            let result = self.put(ensemble, ELEMENT, &text).await;
+            let result = self.put(ensemble, ELEMENT, &text, Some(version)).await;
             outcomes.push(Outcome {
                 ensemble: ensemble.join(","),
                 result,
             });
         }
-        for gone in before.iter().filter(|e| !targets.contains(e)) {
-            let result = self.put(gone, ELEMENT, "").await;
+        let empty = format!("{VERSION_LABEL}{version} -->\n");
+        for gone in known.iter().filter(|e| !targets.contains(e)) {
+            let result = self.put(gone, ELEMENT, &empty, Some(version)).await;
             outcomes.push(Outcome {
                 ensemble: gone.join(","),
                 result,
             });
         }
-        if before != targets && outcomes.iter().all(|o| o.result.is_ok()) {
+        let changed = before.as_ref().is_some_and(|b| *b != targets);
+        if changed && outcomes.iter().all(|o| o.result.is_ok()) {
             let list = serde_json::to_string(&targets).unwrap_or_default();
-            if let Err(e) = self.put(&root, ENSEMBLES, &list).await {
+            if let Err(e) = self.put(&root, ENSEMBLES, &list, None).await {
                 tracing::warn!(error = %e, "Cannot record the ensembles remote_servers went to");
             }
         }
@@ -388,20 +478,18 @@ impl Publisher {
         let path = self.path(LEADER);
         let parent = self.path("clickhouse");
         let (client, _) = self.client(&root).await?;
-        let options = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_read());
-        let result = async {
+        let acls = self.published_acls();
+        let options = zk::CreateMode::Ephemeral.with_acls(acls);
+        let result: Result<(bool, Option<String>), (zk::Error, String)> = async {
             for _ in 0..2 {
                 match client.create(&path, id.as_bytes(), &options).await {
                     Ok(_) => return Ok((true, Some(id.to_string()))),
                     Err(zk::Error::NodeExists) => break,
                     Err(zk::Error::NoNode) => client
-                        .mkdir(
-                            &parent,
-                            &zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all()),
-                        )
+                        .mkdir(&parent, &zk::CreateMode::Persistent.with_acls(acls))
                         .await
-                        .map_err(|e| format!("creating {parent}: {e}"))?,
-                    Err(e) => return Err(format!("creating {path}: {e}")),
+                        .map_err(|e| (e.clone(), format!("creating {parent}: {e}")))?,
+                    Err(e) => return Err((e.clone(), format!("creating {path}: {e}"))),
                 }
             }
             match client.get_data(&path).await {
@@ -411,14 +499,16 @@ impl Publisher {
                 )),
                 // The leader just went: the next round tries again.
                 Err(zk::Error::NoNode) => Ok((false, None)),
-                Err(e) => Err(format!("reading {path}: {e}")),
+                Err(e) => Err((e.clone(), format!("reading {path}: {e}"))),
             }
         }
         .await;
-        if result.is_err() {
-            self.drop_session(&root);
-        }
-        result
+        result.map_err(|(e, message)| {
+            if session_lost(&e) {
+                self.drop_session(&root);
+            }
+            message
+        })
     }
 
     /// The config root's pushed version.
@@ -478,7 +568,8 @@ mod tests {
                 since: 1,
             },
         );
-        let text = render(&c, &removed);
+        let text = render(&c, &removed, 7);
+        assert_eq!(version_of(&text), 7, "{text}");
         assert!(text.contains("<demo_cluster>\n"), "{text}");
         assert!(!text.contains("<other>"), "{text}");
         assert!(text.contains("<host>127.0.0.11</host>"), "{text}");
@@ -513,5 +604,7 @@ mod tests {
     fn xml_text_is_escaped() {
         assert_eq!(escape("a<b>&\"c"), "a&lt;b&gt;&amp;&quot;c");
         assert_eq!(comment("x--y"), "x- -y");
+        assert_eq!(comment("a---b-"), "a- - -b- ");
+        assert!(!comment("----").contains("--"));
     }
 }

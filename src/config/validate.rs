@@ -693,6 +693,23 @@ pub(super) fn validate_remote_servers(
                 p(format!("{k}.{field}"), "must be at least 1s".into());
             }
         }
+        let mut replicas = HashSet::new();
+        for r in cluster
+            .groups()
+            .iter()
+            .flat_map(|g| &g.shards)
+            .flat_map(|s| &s.replicas)
+        {
+            if !replicas.insert((r.host.as_str(), r.native_port)) {
+                p(
+                    k.clone(),
+                    format!(
+                        "{}:{} appears twice: each replica of a published cluster needs its own host and native_port",
+                        r.host, r.native_port
+                    ),
+                );
+            }
+        }
         if cluster.discovery.is_some() {
             p(
                 k.clone(),

@@ -220,11 +220,15 @@ impl UpstreamBody {
         else {
             return;
         };
+        // A connection that has ended has nothing left to free.
+        let Some(socket) = upstream.socket_duplicate() else {
+            return;
+        };
         let exchange = &self.exchange;
         let (backend, user) = (exchange.backend.clone(), exchange.admission.user().clone());
         let query_id = exchange.query_id.clone();
         self.watchdog = Some(Watchdog::arm(
-            upstream.raw_fd(),
+            socket,
             at + STALLED_CLIENT_GRACE,
             move || {
                 METRICS

@@ -8,11 +8,13 @@
 //! connection itself, throwing the bytes away, so the node's write returns, it sees the kill
 //! and ends. The body, polled again, cuts the answer as usual and drops the connection.
 //!
-//! The watchdog reads the socket by its descriptor. The body owns the connection; before it
-//! drops it or returns it to the pool it [`Watchdog::release`]s, under the lock the watchdog
-//! holds for each read, so the descriptor is never read once it may be closed or reused.
+//! The watchdog reads the socket through a descriptor of its own (a duplicate taken while the
+//! connection was open), so it never reads a closed or reused number. The body owns the
+//! connection; before it returns it to the pool (or drops it) it [`Watchdog::release`]s,
+//! under the lock the watchdog holds for each read, so a connection that goes on serving
+//! other requests is never read from here; the duplicate is closed as the watchdog ends.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -37,9 +39,9 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    /// Watches the connection `fd` until `at`; then, if the body still owns it, calls
-    /// `kill` once and drains the connection.
-    pub fn arm(fd: RawFd, at: Instant, kill: impl FnOnce() + Send + 'static) -> Self {
+    /// Watches the connection (`socket`: its duplicate descriptor) until `at`; then, if the
+    /// body still owns it, calls `kill` once and drains the connection.
+    pub fn arm(socket: OwnedFd, at: Instant, kill: impl FnOnce() + Send + 'static) -> Self {
         let shared = Arc::new(Shared {
             alive: Mutex::new(true),
             released: Notify::new(),
@@ -59,7 +61,7 @@ impl Watchdog {
                 task.fired.store(true, Ordering::Release);
             }
             kill();
-            drain(&task, fd).await;
+            drain(&task, &socket).await;
         });
         Self { shared }
     }
@@ -85,7 +87,7 @@ impl Drop for Watchdog {
 
 /// Reads and discards what the node sends until it closes, the body lets go, or
 /// [`MAX_DRAIN`].
-async fn drain(shared: &Shared, fd: RawFd) {
+async fn drain(shared: &Shared, socket: &OwnedFd) {
     let end = Instant::now() + MAX_DRAIN;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -94,20 +96,25 @@ async fn drain(shared: &Shared, fd: RawFd) {
             if !*alive {
                 return;
             }
-            // SAFETY: `fd` is the connection's socket, open while `alive` is true (the
-            // owner sets it false under this lock before dropping the connection), and
-            // `buf` is a valid writable buffer of `buf.len()` bytes.
-            unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) }
+            // SAFETY: `socket` is an open descriptor owned here, and `buf` is a valid
+            // writable buffer of `buf.len()` bytes.
+            unsafe {
+                libc::recv(
+                    socket.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            }
         };
+        if n == 0 || Instant::now() >= end {
+            return;
+        }
         if n > 0 {
             tokio::task::yield_now().await;
             continue;
         }
-        if n == 0 {
-            return;
-        }
-        let error = std::io::Error::last_os_error();
-        if error.kind() != std::io::ErrorKind::WouldBlock || Instant::now() >= end {
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -5,11 +5,11 @@
 //!
 //! A task's shards cannot change under it: a key-sharded task maps keys to its shard
 //! numbers, and a batch retried after a crash goes back to its shard. A change that would
-//! alter the shard numbers of a cluster a task writes to, or drop the task's cluster or
-//! account, is refused as a whole and reported as needing a restart; the running clusters
-//! stay.
+//! alter the number of shards of a cluster a task writes to, change its accounts or drop
+//! the cluster, is refused as a whole and reported as needing a restart; the running
+//! clusters stay.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::{self, IngestConfig};
 use crate::backoff::Backoff;
 use crate::config::zookeeper::{self, Nodes, Store};
-use crate::config::ConfigSourceConfig;
+use crate::config::{ClusterConfig, ConfigSourceConfig};
 use crate::metrics::METRICS;
 use crate::picker::{Cluster, ClusterConfigs, Clusters};
 
@@ -36,6 +36,8 @@ pub struct Follow {
     pub clusters: Arc<ArcSwap<Clusters>>,
     /// The clusters the tasks write to, by name.
     pub handles: HashMap<String, Handle>,
+    /// The clusters' config now (what a change is compared with).
+    pub running: BTreeMap<String, ClusterConfig>,
     /// The znodes the start read, not offered again.
     pub started_with: Nodes,
 }
@@ -111,6 +113,13 @@ fn apply(f: &mut Follow, nodes: &Nodes, root: &str, version: u64) {
         }
     };
     let c = &next.config;
+    // Checked on the config, before anything is built: building would already hand the new
+    // `[upstream]` settings to the nodes the running clusters share.
+    if let Err(why) = compatible(&f.handles, &f.running, &c.clusters) {
+        counted("rejected");
+        tracing::warn!(version, reason = %why, "Config change needs a restart of the sidecar; the running clusters stay");
+        return;
+    }
     let current = f.clusters.load_full();
     let generation = current.reconcile(&ClusterConfigs {
         clusters: &c.clusters,
@@ -118,17 +127,13 @@ fn apply(f: &mut Follow, nodes: &Nodes, root: &str, version: u64) {
         upstream: &c.upstream,
         picker: &c.picker,
     });
-    if let Err(why) = compatible(&f.handles, &generation) {
-        counted("rejected");
-        tracing::warn!(version, reason = %why, "Config change needs a restart of the sidecar; the running clusters stay");
-        return;
-    }
     for (name, handle) in &f.handles {
         if let Some(cluster) = generation.get(name) {
             handle.store(cluster.clone());
         }
     }
     f.clusters.store(Arc::new(generation));
+    f.running = c.clusters.clone();
     counted("applied");
     tracing::info!(
         version,
@@ -155,18 +160,29 @@ fn next_config(
     config::validate(next, &f.base).map_err(strings)
 }
 
-/// Whether the tasks can go on with `next`: each one's cluster keeps its shard numbers.
-fn compatible(handles: &HashMap<String, Handle>, next: &Clusters) -> Result<(), String> {
-    for (name, handle) in handles {
-        let Some(new) = next.get(name) else {
+/// Whether the tasks can go on with the `next` clusters: each one's cluster keeps its
+/// number of shards (its shards are numbered 1..n) and its accounts (a task holds its
+/// account from the start).
+fn compatible(
+    handles: &HashMap<String, Handle>,
+    running: &BTreeMap<String, ClusterConfig>,
+    next: &BTreeMap<String, ClusterConfig>,
+) -> Result<(), String> {
+    let shards = |c: &ClusterConfig| -> usize { c.groups().iter().map(|g| g.shards.len()).sum() };
+    for name in handles.keys() {
+        let (Some(was), Some(now)) = (running.get(name), next.get(name)) else {
             return Err(format!("cluster {name}, which tasks write to, is gone"));
         };
-        let shards =
-            |c: &Cluster| -> Vec<u32> { c.topology().shards.iter().map(|s| s.number).collect() };
-        let (was, now) = (shards(&handle.load()), shards(new));
-        if was != now {
+        if shards(was) != shards(now) {
             return Err(format!(
-                "cluster {name} would go from shards {was:?} to {now:?} under running tasks"
+                "cluster {name} would go from {} to {} shards under running tasks",
+                shards(was),
+                shards(now)
+            ));
+        }
+        if was.accounts != now.accounts {
+            return Err(format!(
+                "the accounts of cluster {name}, which tasks write with, changed"
             ));
         }
     }

@@ -316,6 +316,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
                 source: z.source,
                 clusters: clusters.clone(),
                 handles,
+                running: c.clusters.clone(),
                 started_with: z.nodes,
             },
             follow_stop.clone(),

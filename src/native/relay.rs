@@ -613,10 +613,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         // A client that stops reading must not hold its query past the quota's execution
         // limit (the node would be blocked writing, deaf to a KILL): past the limit plus a
         // grace, a write still waiting ends the query and the connection.
+        // (Armed with a cut pending too: the cut waits for this packet's end.)
         let stalled_after = self
             .running
             .as_ref()
-            .filter(|r| r.cut.is_none())
             .and_then(|r| r.deadline)
             .map(|d| d + STALLED_CLIENT_GRACE);
         let written = async {

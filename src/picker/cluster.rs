@@ -236,6 +236,11 @@ impl Cluster {
         &self.shared.picker
     }
 
+    /// The account the probes use (for chgate's own queries on the nodes).
+    pub fn probe_account(&self) -> Option<Arc<Account>> {
+        self.shared.probe_account.clone()
+    }
+
     /// The cluster's shard groups (discovery keeps them), to carry their ZooKeeper health
     /// over into the next config generation.
     pub fn groups(&self) -> Vec<Arc<Group>> {

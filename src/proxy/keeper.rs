@@ -3,10 +3,16 @@
 //! (an ephemeral znode), feeds what its picker sees into each published cluster's
 //! [`removal`] rules, records the replicas taken out and publishes the element to every
 //! ensemble that should have it (so an ensemble that was down during a push catches up).
-//! Every instance, leading or not, reads what is published for `/v1/topology`.
+//! Every instance, leading or not, reads what is published for `/v1/topology`. Every 10 s
+//! the leader also asks each healthy node of a published cluster for its own
+//! `system.clusters`, and names the nodes that do not follow (a node of ClickHouse 18.16
+//! stops following its `from_zk` config once its ZooKeeper session has expired, until it
+//! restarts).
 //!
-//! The leader publishes only the config the root holds now: while it has not yet applied a
-//! newer push, it leaves the element alone (the push wrote it).
+//! The leader publishes only the config the root holds now, labelled with its version:
+//! while it has not applied the root's latest (not yet, or it refused it), it leaves the
+//! element alone, and it never overwrites an element of a newer version (a push that
+//! landed meanwhile).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -17,7 +23,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::remote_servers::{self, Outcome, Publisher, Removed};
+use crate::config::remote_servers::{self, Outcome, Publisher, Put, Removed};
 use crate::config::source::Tracker;
 use crate::config::{ClusterConfig, ConfigSourceConfig};
 use crate::metrics::METRICS;
@@ -26,6 +32,9 @@ use crate::picker::Clusters;
 
 /// How often the keeper looks.
 const TICK: Duration = Duration::from_secs(1);
+
+/// How often the leader checks that the nodes follow what is published.
+const APPLIED_CHECK_EVERY: u32 = 10;
 
 /// What the keeper reads each round.
 pub struct Inputs {
@@ -47,6 +56,9 @@ pub async fn run(inputs: Inputs, shown: Arc<ArcSwapOption<Publication>>, stop: C
         publisher: Publisher::new(&inputs.source, &inputs.base, TICK * 5),
         trackers: HashMap::new(),
         leading: false,
+        rounds: 0,
+        suspects: HashMap::new(),
+        stale: BTreeMap::new(),
         last_errors: BTreeMap::new(),
         inputs,
     };
@@ -62,6 +74,11 @@ pub async fn run(inputs: Inputs, shown: Arc<ArcSwapOption<Publication>>, stop: C
                 .remote_servers_removed
                 .with_label_values(&[cluster])
                 .set(out as i64);
+            let stale = keeper.stale.get(cluster).map_or(0, BTreeMap::len);
+            METRICS
+                .remote_servers_stale_nodes
+                .with_label_values(&[cluster])
+                .set(stale as i64);
         }
         shown.store(Some(Arc::new(publication)));
     }
@@ -76,6 +93,11 @@ struct Keeper {
     publisher: Publisher,
     trackers: HashMap<String, removal::Tracker>,
     leading: bool,
+    rounds: u32,
+    /// Nodes that differed from the published cluster at the last check: what they listed.
+    suspects: HashMap<String, String>,
+    /// Nodes that differed on two checks in a row, by cluster: node -> what differs.
+    stale: BTreeMap<String, BTreeMap<String, String>>,
     /// The last error per ensemble (or "zookeeper"), logged once until it changes.
     last_errors: BTreeMap<String, String>,
 }
@@ -124,6 +146,18 @@ impl Keeper {
                 self.note_error("zookeeper", &e);
                 shown.last_error = Some(e);
             }
+            self.rounds = self.rounds.wrapping_add(1);
+            if self.rounds % APPLIED_CHECK_EVERY == 0 {
+                self.check_applied(&configs, &removed).await;
+            }
+            shown.stale_nodes = self
+                .stale
+                .values()
+                .flat_map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())))
+                .collect();
+        } else {
+            self.stale.clear();
+            self.suspects.clear();
         }
         shown.removed = removed;
         shown
@@ -161,22 +195,28 @@ impl Keeper {
         if *removed != before {
             self.publisher.set_removed(removed).await?;
         }
-        // Publish only the config the root holds now (a newer push wrote its own element).
+        // Publish only the config the root holds now, and as its version: read the root's
+        // version first, then the running one (set after the clusters it goes with), then
+        // those clusters. A push that lands meanwhile wrote its own element, of a newer
+        // version, which `publish` leaves alone.
         let root_version = self.publisher.root_version().await?;
-        let status = self.inputs.tracker.status();
-        let current = status.version == root_version
-            || status
-                .last_rejection
-                .as_ref()
-                .is_some_and(|r| r.version == root_version);
-        if !current {
+        if self.inputs.tracker.status().version != root_version {
             return Ok(());
         }
-        for Outcome { ensemble, result } in self.publisher.publish(configs, removed).await {
+        let configs = self.inputs.configs.load_full();
+        let outcomes = self
+            .publisher
+            .publish(&configs, removed, root_version)
+            .await;
+        for Outcome { ensemble, result } in outcomes {
             match result {
-                Ok(written) => {
-                    if written {
-                        tracing::info!(ensemble, "Published the nodes' remote_servers");
+                Ok(put) => {
+                    if put == Put::Written {
+                        tracing::info!(
+                            ensemble,
+                            version = root_version,
+                            "Published the nodes' remote_servers"
+                        );
                     }
                     self.last_errors.remove(&ensemble);
                     shown.ensembles.insert(ensemble, "ok".into());
@@ -226,6 +266,77 @@ impl Keeper {
             }
         }
         removed.retain(|_, r| !r.is_empty());
+    }
+}
+
+impl Keeper {
+    /// Asks each healthy node of each published cluster for its own `system.clusters` and
+    /// compares it with what is published; a node that differs twice in a row is stale.
+    async fn check_applied(
+        &mut self,
+        configs: &BTreeMap<String, ClusterConfig>,
+        removed: &Removed,
+    ) {
+        let picker = (self.inputs.picker)();
+        for (key, cluster, _, name) in remote_servers::published(configs) {
+            let Some(running) = picker.get(key) else {
+                continue;
+            };
+            let Some(account) = running.probe_account() else {
+                continue;
+            };
+            let out = removed.get(key);
+            let mut expected: Vec<String> = cluster
+                .groups()
+                .iter()
+                .flat_map(|g| g.shards.iter().flat_map(|s| &s.replicas))
+                .map(|r| remote_servers::replica_key(&r.host, r.native_port))
+                .filter(|k| !out.is_some_and(|o| o.contains_key(k)))
+                .collect();
+            expected.sort();
+            let expected = expected.join(",");
+            let sql = format!(
+                "SELECT arrayStringConcat(arraySort(groupArray(concat(host_name, ':', toString(port)))), ',') FROM system.clusters WHERE cluster = '{name}'"
+            );
+            let view = running.view();
+            let nodes: Vec<_> = view
+                .topology
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| view.standings[*i].state == crate::picker::health::State::Up)
+                .map(|(_, b)| b.clone())
+                .collect();
+            drop(view);
+            let asks = nodes.iter().map(|b| {
+                let (account, sql) = (account.clone(), sql.clone());
+                async move {
+                    let answer = b.node.query(&account, &sql, Duration::from_secs(2)).await;
+                    (b.node.label.clone(), answer)
+                }
+            });
+            let answers = futures_util::future::join_all(asks).await;
+            let stale = self.stale.entry(key.clone()).or_default();
+            for (node, answer) in answers {
+                let Ok(listed) = answer else {
+                    continue;
+                };
+                let listed = listed.trim().to_string();
+                if listed == expected {
+                    self.suspects.remove(&node);
+                    if stale.remove(&node).is_some() {
+                        tracing::info!(cluster = %key, node, "The node follows the published remote_servers again");
+                    }
+                    continue;
+                }
+                let before = self.suspects.insert(node.clone(), listed.clone());
+                if before.as_deref() == Some(listed.as_str()) && !stale.contains_key(&node) {
+                    let why = format!("lists [{listed}], published [{expected}]");
+                    tracing::warn!(cluster = %key, node, differs = %why, "A node does not follow the published remote_servers (ClickHouse 18.16 stops once its ZooKeeper session expired; restart it)");
+                    stale.insert(node, why);
+                }
+            }
+        }
     }
 }
 

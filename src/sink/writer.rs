@@ -71,7 +71,7 @@ impl Target {
     ) -> Result<(u32, Arc<Backend>), String> {
         if failed.is_empty() {
             if let Some(api) = &self.pick_api {
-                match api.pick(&self.cluster.load(), shard).await {
+                match api.pick(&self.cluster.load_full(), shard).await {
                     Ok(Some(pick)) => return Ok(pick),
                     Ok(None) => {}
                     Err(refusal) => return Err(refusal),

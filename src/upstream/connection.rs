@@ -111,7 +111,7 @@ pub struct Upstream {
     pub(super) reused: bool,
     /// The connection and what waits on it are polled through this (see [`Self::drive`]).
     passes: Passes,
-    /// The socket's descriptor, valid while this value lives (see [`Self::raw_fd`]).
+    /// The socket's descriptor, open while `conn` is (see [`Self::socket_duplicate`]).
     fd: std::os::fd::RawFd,
 }
 
@@ -126,11 +126,15 @@ impl Upstream {
         }
     }
 
-    /// The socket's descriptor. It stays open exactly as long as this value lives: whoever
-    /// uses it from elsewhere must know this value is alive meanwhile (the quota watchdog
-    /// in `http::body` holds a lock the owner takes before dropping it).
-    pub fn raw_fd(&self) -> std::os::fd::RawFd {
-        self.fd
+    /// A descriptor of its own for the socket (a duplicate), while the connection is open:
+    /// the quota watchdog in `http::body` reads a stalled answer through it. `None` once
+    /// the connection has ended (its socket closed, the number possibly reused).
+    pub fn socket_duplicate(&self) -> Option<std::os::fd::OwnedFd> {
+        self.conn.as_ref()?;
+        // SAFETY: `conn` owns the socket and is alive (checked just above, and `&self` keeps
+        // it so for this call), so `fd` is an open descriptor of this connection.
+        let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
+        socket.try_clone_to_owned().ok()
     }
 
     /// Polls `f`, which drives this connection and whatever waits on it, for the task
