@@ -33,8 +33,9 @@ pub struct Publication {
     /// Why the last round could not run (ZooKeeper unreachable, ...).
     pub last_error: Option<String>,
     /// Nodes whose own `system.clusters` still differs from the published cluster on two
-    /// checks in a row (the elected instance looks every 10 s): node -> what differs.
-    pub stale_nodes: BTreeMap<String, String>,
+    /// checks in a row (the elected instance looks every 10 s): cluster -> node -> what
+    /// differs.
+    pub stale_nodes: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// A cluster's removal settings.

@@ -94,8 +94,9 @@ struct Keeper {
     trackers: HashMap<String, removal::Tracker>,
     leading: bool,
     rounds: u32,
-    /// Nodes that differed from the published cluster at the last check: what they listed.
-    suspects: HashMap<String, String>,
+    /// (cluster, node) that differed from the published cluster at the last check: what
+    /// the node listed.
+    suspects: HashMap<(String, String), String>,
     /// Nodes that differed on two checks in a row, by cluster: node -> what differs.
     stale: BTreeMap<String, BTreeMap<String, String>>,
     /// The last error per ensemble (or "zookeeper"), logged once until it changes.
@@ -152,8 +153,9 @@ impl Keeper {
             }
             shown.stale_nodes = self
                 .stale
-                .values()
-                .flat_map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())))
+                .iter()
+                .filter(|(_, nodes)| !nodes.is_empty())
+                .map(|(c, nodes)| (c.clone(), nodes.clone()))
                 .collect();
         } else {
             self.stale.clear();
@@ -322,14 +324,15 @@ impl Keeper {
                     continue;
                 };
                 let listed = listed.trim().to_string();
+                let suspect = (key.clone(), node.clone());
                 if listed == expected {
-                    self.suspects.remove(&node);
+                    self.suspects.remove(&suspect);
                     if stale.remove(&node).is_some() {
                         tracing::info!(cluster = %key, node, "The node follows the published remote_servers again");
                     }
                     continue;
                 }
-                let before = self.suspects.insert(node.clone(), listed.clone());
+                let before = self.suspects.insert(suspect, listed.clone());
                 if before.as_deref() == Some(listed.as_str()) && !stale.contains_key(&node) {
                     let why = format!("lists [{listed}], published [{expected}]");
                     tracing::warn!(cluster = %key, node, differs = %why, "A node does not follow the published remote_servers (ClickHouse 18.16 stops once its ZooKeeper session expired; restart it)");
