@@ -169,6 +169,9 @@ pub struct UpstreamBody {
     upstream: Option<Upstream>,
     exchange: Exchange,
     /// When the quota's execution time runs out.
+    deadline_at: Option<tokio::time::Instant>,
+    /// A timer for it, made only when the body waits on the node (most small answers
+    /// never do, and pay for no timer).
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// When the watchdog acts, if armed: it is armed with the body's second frame (a body
     /// of one frame has all of its answer read from the node already, and small answers,
@@ -200,12 +203,12 @@ impl UpstreamBody {
         let limit = exchange.admission.execution_limit();
         let at =
             limit.map(|limit| tokio::time::Instant::from(exchange.admission.admitted_at() + limit));
-        let deadline = at.map(|at| Box::pin(tokio::time::sleep_until(at)));
         Self {
             inner,
             upstream: Some(upstream),
             exchange,
-            deadline,
+            deadline_at: at,
+            deadline: None,
             watch_at: at,
             watchdog: None,
             frames: 0,
@@ -284,23 +287,27 @@ impl UpstreamBody {
         if self.cut {
             return Poll::Ready(None);
         }
-        if let Some(deadline) = self.deadline.as_mut() {
-            if deadline.as_mut().poll(cx).is_ready() {
-                self.deadline = None;
-                let limit = self
-                    .exchange
-                    .admission
-                    .execution_limit()
-                    .unwrap_or_default();
-                let e = GatewayError::ExecutionTimeout {
-                    user: self.exchange.admission.user().name.to_string(),
-                    elapsed: self.exchange.admission.admitted_at().elapsed(),
-                    limit,
-                };
-                return Poll::Ready(Some(self.cut_frame(e, "execution_time")));
-            }
+        if self
+            .deadline_at
+            .is_some_and(|at| tokio::time::Instant::now() >= at)
+        {
+            return Poll::Ready(Some(self.timed_out()));
         }
-        let frame = ready!(self.poll_inner(cx));
+        let frame = match self.poll_inner(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                // Waiting on the node: be woken at the deadline too.
+                if let Some(at) = self.deadline_at {
+                    let timer = self
+                        .deadline
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Some(self.timed_out()));
+                    }
+                }
+                return Poll::Pending;
+            }
+        };
         if let (Some(Ok(f)), Some(limit)) = (&frame, self.exchange.admission.result_limit()) {
             let len = f.data_ref().map_or(0, |d| d.len() as u64);
             if self.exchange.bytes_out + len > limit {
@@ -313,6 +320,23 @@ impl UpstreamBody {
             }
         }
         Poll::Ready(frame.map(|f| f.map_err(|e| Box::new(e) as BoxError)))
+    }
+
+    /// The cut at the quota's execution limit.
+    fn timed_out(&mut self) -> Result<Frame<Bytes>, BoxError> {
+        self.deadline_at = None;
+        self.deadline = None;
+        let limit = self
+            .exchange
+            .admission
+            .execution_limit()
+            .unwrap_or_default();
+        let e = GatewayError::ExecutionTimeout {
+            user: self.exchange.admission.user().name.to_string(),
+            elapsed: self.exchange.admission.admitted_at().elapsed(),
+            limit,
+        };
+        self.cut_frame(e, "execution_time")
     }
 
     /// The frame a cut ends the body with: the exception text, or (for a compressed body)
