@@ -214,8 +214,18 @@ where
             if hedge_armed && hedge_timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Hedge);
             }
-            if deadline.is_some() && deadline_timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Deadline);
+            if deadline.is_some() {
+                let at = deadline_timer.deadline();
+                if tokio::time::Instant::now() >= at {
+                    return Poll::Ready(Event::Deadline);
+                }
+                // The deadline's timer is registered only once no earlier timer (the
+                // hedge's) will wake this first: most answers come before either, and
+                // then pay for one timer, not two.
+                let woken_earlier = hedge_armed && hedge_timer.deadline() <= at;
+                if !woken_earlier && deadline_timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Deadline);
+                }
             }
             Poll::Pending
         })
