@@ -62,6 +62,7 @@ pub struct Metrics {
     pub quota_rejections: IntCounterVec,
     pub quota_queue_wait: HistogramVec,
     pub queries_in_flight: IntGaugeVec,
+    pub quota_queued: IntGaugeVec,
     pub quota_kills: IntCounterVec,
     pub fleet_members: IntGauge,
     pub config_stale_seconds: prometheus::Gauge,
@@ -398,6 +399,11 @@ impl Metrics {
             "Queries of each mapped user with a quota admitted and not yet ended (both frontends).",
             &["user"],
         );
+        let quota_queued = gauge_vec(
+            "chgate_quota_queued",
+            "Queries of each mapped user waiting in its quota's queue now (this instance).",
+            &["user"],
+        );
         let quota_kills = counter(
             "chgate_quota_kills_total",
             "Queries the gateway ended and killed on their node, by mapped user and reason (execution_time, result_bytes).",
@@ -530,6 +536,7 @@ impl Metrics {
             quota_rejections,
             quota_queue_wait,
             queries_in_flight,
+            quota_queued,
             quota_kills,
             fleet_members,
             config_stale_seconds,

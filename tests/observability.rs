@@ -131,6 +131,7 @@ fn exposition() -> String {
         .with_label_values(&["u"])
         .observe(0.1);
     METRICS.queries_in_flight.with_label_values(&["u"]).set(0);
+    METRICS.quota_queued.with_label_values(&["u"]).set(0);
     METRICS
         .quota_kills
         .with_label_values(&["u", "execution_time"])

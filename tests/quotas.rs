@@ -375,6 +375,16 @@ print("after:", c.execute("SELECT 42")[0][0])
     .await;
 }
 
+/// `python -c script` with the stack's Python, its stdout piped, killed when dropped.
+fn spawn_python(script: &str) -> tokio::process::Child {
+    tokio::process::Command::new(python())
+        .args(["-c", script])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python")
+}
+
 /// A client that stops reading an answer does not hold its query on the node past the
 /// quota's execution limit (the node, blocked writing, would not see a KILL): over HTTP a
 /// raw connection that never reads; over the native protocol clickhouse-driver's
@@ -435,12 +445,7 @@ time.sleep(6)
         port = native.port(),
         user = q.user,
     );
-    let mut child = tokio::process::Command::new(python())
-        .args(["-c", &script])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python");
+    let mut child = spawn_python(&script);
     let started = Instant::now();
     wait_until("the native query running", Duration::from_secs(5), || {
         running("127.0.0.11", &id)
@@ -474,15 +479,15 @@ async fn a_native_query_abandoned_in_the_queue_never_runs() {
         Quota::start("max_concurrent_queries = 1\nmax_queue_size = 4\nmax_queue_wait = \"10s\"")
             .await;
     let native = q.proxy.native.expect("native listener");
-    // The slot is taken for 2 s over HTTP.
+    // The slot is taken for 3 s over HTTP.
     let holder = {
-        let args = q.args("SELECT sleep(2)", "");
+        let args = q.args("SELECT sleep(3)", "");
         tokio::spawn(curl_async(args))
     };
     wait_until("the slot taken", Duration::from_secs(2), || {
         direct(
             "127.0.0.11",
-            "SELECT count() FROM system.processes WHERE query = 'SELECT sleep(2)'",
+            "SELECT count() FROM system.processes WHERE query = 'SELECT sleep(3)'",
         )
         .trim()
             != "0"
@@ -494,28 +499,37 @@ async fn a_native_query_abandoned_in_the_queue_never_runs() {
         r#"
 from clickhouse_driver import Client
 c = Client(host="{host}", port={port}, user="{user}", password="q-pass")
-c.connection.force_connect()
-print("connected", flush=True)
+print("connecting", flush=True)
 c.execute("SELECT sleep(1)", query_id="{id}")
 "#,
         host = native.ip(),
         port = native.port(),
         user = q.user,
     );
-    let mut child = tokio::process::Command::new(python())
-        .args(["-c", &script])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python");
+    let mut child = spawn_python(&script);
     let mut lines =
         tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
     assert_eq!(
         lines.next_line().await.unwrap().as_deref(),
-        Some("connected")
+        Some("connecting")
     );
-    // The query packet follows at once; it waits in the queue. Then the client dies.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // It logs in and sends its query, which waits in the queue; then the client dies.
+    let queued = format!("user=\"{}\"", q.user);
+    let start = Instant::now();
+    while metric_sum(&q.proxy.metrics().await, "chgate_quota_queued", &[&queued]) != 1.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "never queued: {}",
+            q.proxy
+                .metrics()
+                .await
+                .lines()
+                .filter(|l| l.contains(&q.user) || l.contains("native"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let _ = child.kill().await;
     let _ = holder.await;
     // The slot is free now: the abandoned query must not run.

@@ -48,17 +48,7 @@ impl Bootstrap {
         let path = dir.join("bootstrap.toml");
         std::fs::write(
             &path,
-            r#"
-[proxy]
-http_listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[config_source]
-zookeeper = ["127.0.0.1:2181"]
-root = "/chgate/local"
-session_timeout = "4s"
-cache_file = "cache.toml"
-"#,
+            bootstrap_toml("127.0.0.1:2181", "/chgate/local", "cache.toml"),
         )
         .unwrap();
         Self { dir, path }

@@ -48,21 +48,7 @@ impl Root {
         let path = self.dir.join(format!("{name}.toml"));
         std::fs::write(
             &path,
-            format!(
-                r#"
-[proxy]
-http_listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[config_source]
-zookeeper = ["{zk}"]
-root = "{root}"
-session_timeout = "4s"
-cache_file = "{name}.cache.toml"
-"#,
-                zk = self.zookeeper,
-                root = self.root,
-            ),
+            bootstrap_toml(&self.zookeeper, &self.root, &format!("{name}.cache.toml")),
         )
         .unwrap();
         path

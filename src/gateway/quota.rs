@@ -126,6 +126,8 @@ struct Waiter {
 
 struct LimiterMetrics {
     in_flight: IntGauge,
+    /// The queue's length, set under the queue's lock whenever it changes.
+    queued: IntGauge,
     queue_wait: Histogram,
     rejected: [IntCounter; 4],
 }
@@ -154,6 +156,7 @@ impl Limiter {
             tat: AtomicU64::new(0),
             metrics: LimiterMetrics {
                 in_flight: METRICS.queries_in_flight.with_label_values(&[user]),
+                queued: METRICS.quota_queued.with_label_values(&[user]),
                 queue_wait: METRICS.quota_queue_wait.with_label_values(&[user]),
                 rejected: [
                     rejected(Refusal::Concurrency),
@@ -273,6 +276,7 @@ impl Limiter {
             }
             queue.push_back(Waiter { id, wake });
             self.waiting.fetch_add(1, Ordering::SeqCst);
+            self.metrics.queued.set(queue.len() as i64);
             // A slot given back between the fast path and here found nobody waiting.
             self.dispatch(&mut queue);
         }
@@ -326,6 +330,7 @@ impl Limiter {
         while !queue.is_empty() && self.try_take(limit) {
             let Some(w) = queue.pop_front() else { break };
             self.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.queued.set(queue.len() as i64);
             if w.wake.send(()).is_err() {
                 // Its query went away: the slot goes to the next.
                 self.running.fetch_sub(1, Ordering::SeqCst);
@@ -394,6 +399,7 @@ impl Waiting<'_> {
         if let Some(i) = queue.iter().position(|w| w.id == self.id) {
             queue.remove(i);
             self.limiter.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.limiter.metrics.queued.set(queue.len() as i64);
             return false;
         }
         // Not in the queue: `dispatch` popped it, under this lock, and sent a slot.

@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -61,7 +63,7 @@ impl Watchdog {
                 task.fired.store(true, Ordering::Release);
             }
             kill();
-            drain(&task, &socket).await;
+            drain(&task, socket).await;
         });
         Self { shared }
     }
@@ -86,37 +88,51 @@ impl Drop for Watchdog {
 }
 
 /// Reads and discards what the node sends until it closes, the body lets go, or
-/// [`MAX_DRAIN`].
-async fn drain(shared: &Shared, socket: &OwnedFd) {
+/// [`MAX_DRAIN`]; woken by the socket's readiness, like any other read.
+async fn drain(shared: &Shared, socket: OwnedFd) {
     let end = Instant::now() + MAX_DRAIN;
+    // SAFETY: an `OwnedFd` is an open descriptor that stays open, and the same, until the
+    // `AsyncFd` that owns it drops it.
+    let Ok(socket) = (unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) })
+    else {
+        return;
+    };
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = {
+        let ready = tokio::select! {
+            r = tokio::time::timeout_at(end, socket.readable()) => r,
+            _ = shared.released.notified() => return,
+        };
+        let Ok(Ok(mut guard)) = ready else {
+            return;
+        };
+        let read = guard.try_io(|fd| {
             let alive = shared.alive.lock().unwrap_or_else(|e| e.into_inner());
             if !*alive {
-                return;
+                return Ok(0);
             }
-            // SAFETY: `socket` is an open descriptor owned here, and `buf` is a valid
-            // writable buffer of `buf.len()` bytes.
-            unsafe {
+            // SAFETY: `fd` is an open descriptor owned here, and `buf` is a valid writable
+            // buffer of `buf.len()` bytes.
+            let n = unsafe {
                 libc::recv(
-                    socket.as_raw_fd(),
+                    fd.as_raw_fd(),
                     buf.as_mut_ptr().cast(),
                     buf.len(),
                     libc::MSG_DONTWAIT,
                 )
+            };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n)
             }
-        };
-        if n == 0 || Instant::now() >= end {
-            return;
+        });
+        match read {
+            // More to throw away (or, would block: wait for the next readiness).
+            Ok(Ok(n)) if n > 0 => {}
+            Err(_would_block) => {}
+            // The node closed, the body let go, or the socket failed.
+            Ok(_) => return,
         }
-        if n > 0 {
-            tokio::task::yield_now().await;
-            continue;
-        }
-        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

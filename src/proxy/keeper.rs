@@ -62,9 +62,13 @@ pub async fn run(inputs: Inputs, shown: Arc<ArcSwapOption<Publication>>, stop: C
         last_errors: BTreeMap::new(),
         inputs,
     };
+    // A round each TICK; one that overran (a slow ensemble) is followed by the next
+    // TICK later, not by a burst.
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + TICK, TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(TICK) => {}
+            _ = ticks.tick() => {}
             _ = stop.cancelled() => break,
         }
         let publication = keeper.round().await;

@@ -417,6 +417,24 @@ shards = [{ replicas = [{ host = "127.0.0.13" }, { host = "127.0.0.14" }] }]
     )
 }
 
+/// A bootstrap file's text: listeners on free ports, the config from `root` in the ensemble
+/// `zookeeper`, a 4 s session, the cache in `cache_file` (relative to the file).
+pub fn bootstrap_toml(zookeeper: &str, root: &str, cache_file: &str) -> String {
+    format!(
+        r#"
+[proxy]
+http_listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[config_source]
+zookeeper = ["{zookeeper}"]
+root = "{root}"
+session_timeout = "4s"
+cache_file = "{cache_file}"
+"#
+    )
+}
+
 /// GET on the admin listener; the status and the parsed JSON body.
 pub async fn admin_json(admin: SocketAddr, path_and_query: &str) -> (u16, serde_json::Value) {
     let out = curl_async(vec![
