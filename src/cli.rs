@@ -1,4 +1,4 @@
-//! The command line: `chgate proxy | ingest | config check|push|diff|pull|rollback |
+//! The command line: `chgate proxy | ingest | cdc | config check|push|diff|pull|rollback |
 //! passwd | version`.
 
 use std::io::{IsTerminal, Read};
@@ -35,6 +35,13 @@ enum Command {
     Ingest {
         /// The ingest config file (TOML).
         #[arg(long, short, env = "CHGATE_INGEST_CONFIG")]
+        config: PathBuf,
+    },
+    /// Capture PostgreSQL changes (logical replication: snapshot, then stream) into Kafka
+    /// in Debezium's envelope.
+    Cdc {
+        /// The capture's config file (TOML).
+        #[arg(long, short, env = "CHGATE_CDC_CONFIG")]
         config: PathBuf,
     },
     /// Work with config files.
@@ -145,6 +152,28 @@ pub fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!("{e:#}");
                     eprintln!("chgate ingest: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Cdc { config } => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .thread_name("chgate-cdc")
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("chgate: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(crate::cdc::run(&config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("chgate cdc: {e:#}");
                     ExitCode::FAILURE
                 }
             }

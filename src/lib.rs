@@ -21,8 +21,9 @@
 //! - Frontends: [`http`] (ClickHouse's HTTP interface), [`native`] (ClickHouse's native
 //!   TCP protocol, relayed packet by packet) and [`admin`] (`/metrics`,
 //!   `/readyz`, the `/v1` pick API), the latter behind a small trait both apps implement.
-//! - Apps: [`proxy`] (`chgate proxy`: gateway, frontends, reload, drain) and [`ingest`]
-//!   (`chgate ingest`: Kafka into the nodes' local tables, exactly once).
+//! - Apps: [`proxy`] (`chgate proxy`: gateway, frontends, reload, drain), [`ingest`]
+//!   (`chgate ingest`: Kafka into the nodes' local tables, exactly once) and [`cdc`]
+//!   (`chgate cdc`: PostgreSQL changes into Kafka in Debezium's envelope).
 //! - [`cli`] parses the command line; `main.rs` only calls [`cli::main`].
 //!
 //! One HTTP query: `http::server` accepts the connection; `http::handler` reads the
@@ -57,6 +58,7 @@ pub mod admin;
 pub mod http;
 pub mod native;
 
+pub mod cdc;
 pub mod ingest;
 pub mod proxy;
 

@@ -72,6 +72,18 @@ pub struct Metrics {
     pub remote_servers_removed: IntGaugeVec,
     pub remote_servers_stale_nodes: IntGaugeVec,
     pub remote_servers_publish_errors: IntCounterVec,
+    pub cdc_events: IntCounterVec,
+    pub cdc_snapshot_rows: IntCounterVec,
+    pub cdc_snapshot_tables_pending: IntGauge,
+    pub cdc_lag_bytes: IntGauge,
+    pub cdc_lag_seconds: prometheus::Gauge,
+    pub cdc_commit_to_ack: prometheus::Histogram,
+    pub cdc_confirmed_lsn: IntGauge,
+    pub cdc_slot_retained_bytes: IntGauge,
+    pub cdc_slot_safe_wal_bytes: IntGauge,
+    pub cdc_slot_wal_status: IntGaugeVec,
+    pub cdc_skipped: IntCounterVec,
+    pub cdc_leader: IntGauge,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -461,6 +473,78 @@ impl Metrics {
             "Failed writes of the nodes' remote_servers by the elected instance, by ZooKeeper ensemble.",
             &["ensemble"],
         );
+        let cdc_events = counter(
+            "chgate_cdc_events_total",
+            "Change events published to Kafka by chgate cdc, by table (schema.table) and Debezium op (c, u, d, r, t).",
+            &["table", "op"],
+        );
+        let cdc_snapshot_rows = counter(
+            "chgate_cdc_snapshot_rows_total",
+            "Rows of the initial snapshot published, by table.",
+            &["table"],
+        );
+        let cdc_skipped = counter(
+            "chgate_cdc_skipped_total",
+            "Changes not published, by reason: `seen_by_snapshot` (a resumed snapshot chunk already holds the change), `no_before` (an update or delete of a row the key-state store never saw: snapshot = never), `not_captured` (a table outside capture.tables).",
+            &["reason"],
+        );
+        let cdc_slot_wal_status = gauge_vec(
+            "chgate_cdc_slot_wal_status",
+            "1 for the replication slot's current pg_replication_slots.wal_status (reserved, extended, unreserved, lost), 0 for the others. `unreserved` means PostgreSQL may remove WAL the slot needs at the next checkpoint.",
+            &["status"],
+        );
+        let int_gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let cdc_snapshot_tables_pending = int_gauge(
+            "chgate_cdc_snapshot_tables_pending",
+            "Tables whose initial snapshot is not finished.",
+        );
+        let cdc_lag_bytes = int_gauge(
+            "chgate_cdc_lag_bytes",
+            "WAL between the server's current position (from its last keepalive) and the last position confirmed to it.",
+        );
+        let cdc_confirmed_lsn = int_gauge(
+            "chgate_cdc_confirmed_lsn",
+            "The last LSN confirmed to PostgreSQL: everything before it is in Kafka.",
+        );
+        let cdc_slot_retained_bytes = int_gauge(
+            "chgate_cdc_slot_retained_bytes",
+            "WAL the replication slot holds back (pg_current_wal_lsn() - restart_lsn), every 10 s.",
+        );
+        let cdc_slot_safe_wal_bytes = int_gauge(
+            "chgate_cdc_slot_safe_wal_bytes",
+            "pg_replication_slots.safe_wal_size: WAL that can still be written before the slot is lost (-1 when max_slot_wal_keep_size is unlimited).",
+        );
+        let cdc_leader = int_gauge(
+            "chgate_cdc_leader",
+            "1 while this instance holds the capture (with [coordination], the elected one), 0 on a standby.",
+        );
+        let cdc_lag_seconds = prometheus::Gauge::new(
+            "chgate_cdc_lag_seconds",
+            "Now minus the commit time of the last transaction published (0 when idle).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(cdc_lag_seconds.clone()))
+            .expect("unique metric");
+        let cdc_commit_to_ack = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "chgate_cdc_commit_to_ack_seconds",
+                "From a transaction's commit in PostgreSQL to the broker's acknowledgement of its last event.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(cdc_commit_to_ack.clone()))
+            .expect("unique metric");
         let ingest_skipped_by_broker = IntCounter::new(
             "chgate_ingest_broker_skipped_offsets_total",
             "Offsets the broker did not deliver (at a partition's recorded start, or missing when read again with kafka.start_rewind): messages that will not be written.",
@@ -546,6 +630,18 @@ impl Metrics {
             remote_servers_removed,
             remote_servers_stale_nodes,
             remote_servers_publish_errors,
+            cdc_events,
+            cdc_snapshot_rows,
+            cdc_snapshot_tables_pending,
+            cdc_lag_bytes,
+            cdc_lag_seconds,
+            cdc_commit_to_ack,
+            cdc_confirmed_lsn,
+            cdc_slot_retained_bytes,
+            cdc_slot_safe_wal_bytes,
+            cdc_slot_wal_status,
+            cdc_skipped,
+            cdc_leader,
         }
     }
 

@@ -22,7 +22,7 @@ const LAYERS: &[&[&str]] = &[
     &["picker"],
     &["gateway", "sink"],
     &["admin", "http", "native"],
-    &["ingest", "proxy"],
+    &["ingest", "proxy", "cdc"],
     &["cli"],
 ];
 

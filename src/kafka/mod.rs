@@ -5,11 +5,13 @@
 //! - [`config`]: client config from the operator's brokers and properties;
 //! - [`message`], [`queue`]: zero-copy messages and the batch queue (all the `unsafe`);
 //! - [`reread`]: the originals of given offsets, fetched again;
-//! - [`dead_letter`]: publishing a message that could not become a row, with why.
+//! - [`dead_letter`]: publishing a message that could not become a row, with why;
+//! - [`partition`]: the Java client's key partitioner (murmur2).
 
 pub mod config;
 pub mod dead_letter;
 pub mod message;
+pub mod partition;
 pub mod queue;
 pub mod reread;
 

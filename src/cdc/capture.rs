@@ -1,0 +1,707 @@
+//! From changes to events: each insert, update, delete and truncate of a captured table
+//! becomes a Debezium event with a complete `before` (from the key-state store, whatever
+//! the table's REPLICA IDENTITY), unchanged TOAST values filled from the store, and a
+//! version; every event of a transaction is tagged with the transaction's unit, so the
+//! store is written and the slot confirmed only once the broker has them all.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+use tokio_postgres::Client;
+
+use super::catalog::{TableSchema, TypeCache};
+use super::config::ValidatedCdc;
+use super::envelope::{now_ms, pg_ts_to_unix_ms, Source, TableEnvelope};
+use super::pg::pgoutput::{Datum, Relation};
+use super::producer::{Done, EventProducer};
+use super::snapshot::{key_literals, Chunk, KeyText, SnapshotState};
+use super::store::{row_key, Store, StoredRow};
+use super::value::{to_json, Kind};
+use crate::kafka::partition::partition_for_key;
+use crate::metrics::METRICS;
+
+/// A captured table.
+pub struct Captured {
+    pub schema: TableSchema,
+    pub envelope: TableEnvelope,
+    pub topic: String,
+    /// `schema.table`: the metrics label and the store's key prefix.
+    pub name: String,
+}
+
+/// What the stream said a relation looks like now.
+#[derive(Clone)]
+pub struct RelState {
+    table: usize,
+    columns: Vec<(String, Kind)>,
+}
+
+/// A change of a transaction, applied in order.
+#[derive(Debug)]
+pub enum Change {
+    Relation(Relation),
+    Insert {
+        lsn: u64,
+        relation: u32,
+        new: Vec<Datum>,
+    },
+    Update {
+        lsn: u64,
+        relation: u32,
+        old: Option<(u8, Vec<Datum>)>,
+        new: Vec<Datum>,
+    },
+    Delete {
+        lsn: u64,
+        relation: u32,
+        old: (u8, Vec<Datum>),
+    },
+    Truncate {
+        lsn: u64,
+        relations: Vec<u32>,
+    },
+}
+
+/// The transaction being applied.
+#[derive(Debug, Clone, Copy)]
+pub struct TxInfo {
+    pub xid: u32,
+    /// The LSN of its commit record.
+    pub commit_lsn: u64,
+    pub commit_ts_ms: i64,
+}
+
+pub struct Capture {
+    pub cfg: Arc<ValidatedCdc>,
+    pub catalog: Client,
+    types: TypeCache,
+    pub tables: Vec<Captured>,
+    by_name: HashMap<(String, String), usize>,
+    relations: HashMap<u32, RelState>,
+    pub store: Store,
+    pub producer: EventProducer,
+    /// Resumed snapshot regimes, while streamed transactions may still be seen by them.
+    pub snapshot: Option<SnapshotState>,
+    /// Commit time of each unit in flight, for the commit-to-ack latency.
+    commit_times: VecDeque<(u64, i64)>,
+}
+
+impl Capture {
+    pub fn new(
+        cfg: Arc<ValidatedCdc>,
+        catalog: Client,
+        schemas: Vec<TableSchema>,
+        store: Store,
+        producer: EventProducer,
+    ) -> Self {
+        let c = &cfg.config;
+        let tables: Vec<Captured> = schemas
+            .into_iter()
+            .map(|s| {
+                let topic = cfg.topic(&s.schema, &s.name);
+                Captured {
+                    envelope: TableEnvelope::new(&c.capture.name, &c.postgres.dbname, &s, &topic),
+                    name: s.full_name(),
+                    topic,
+                    schema: s,
+                }
+            })
+            .collect();
+        let by_name = tables
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ((t.schema.schema.clone(), t.schema.name.clone()), i))
+            .collect();
+        Self {
+            cfg,
+            catalog,
+            types: TypeCache::default(),
+            tables,
+            by_name,
+            relations: HashMap::new(),
+            store,
+            producer,
+            snapshot: None,
+            commit_times: VecDeque::new(),
+        }
+    }
+
+    fn with_schema(&self) -> bool {
+        self.cfg.config.kafka.with_schema
+    }
+
+    /// The relation map, to restore after a streamed transaction applied its own.
+    pub fn save_relations(&self) -> HashMap<u32, RelState> {
+        self.relations.clone()
+    }
+
+    pub fn restore_relations(&mut self, saved: HashMap<u32, RelState>) {
+        self.relations = saved;
+    }
+
+    async fn relation(&mut self, r: Relation) -> anyhow::Result<()> {
+        let Some(&table) = self.by_name.get(&(r.namespace.clone(), r.name.clone())) else {
+            self.relations.remove(&r.id);
+            return Ok(());
+        };
+        let mut columns = Vec::with_capacity(r.columns.len());
+        for c in &r.columns {
+            let kind = self.types.kind(&self.catalog, c.type_oid).await?;
+            columns.push((c.name.clone(), kind));
+        }
+        self.relations.insert(r.id, RelState { table, columns });
+        Ok(())
+    }
+
+    /// Applies one change of `tx`: events out, store updated.
+    pub async fn apply(&mut self, tx: TxInfo, change: Change) -> anyhow::Result<()> {
+        match change {
+            Change::Relation(r) => self.relation(r).await,
+            Change::Insert { lsn, relation, new } => {
+                let Some(rel) = self.rel(relation) else {
+                    return Ok(());
+                };
+                if self.seen_by_snapshot(&rel, tx, &new).await? {
+                    return Ok(());
+                }
+                self.insert(tx, lsn, &rel, &new).await
+            }
+            Change::Update {
+                lsn,
+                relation,
+                old,
+                new,
+            } => {
+                let Some(rel) = self.rel(relation) else {
+                    return Ok(());
+                };
+                if self.seen_by_snapshot(&rel, tx, &new).await? {
+                    return Ok(());
+                }
+                self.update(tx, lsn, &rel, old, &new).await
+            }
+            Change::Delete { lsn, relation, old } => {
+                let Some(rel) = self.rel(relation) else {
+                    return Ok(());
+                };
+                if self.seen_by_snapshot(&rel, tx, &old.1).await? {
+                    return Ok(());
+                }
+                self.delete(tx, lsn, &rel, &old.1).await
+            }
+            Change::Truncate { lsn, relations } => {
+                for r in relations {
+                    if let Some(rel) = self.rel(r) {
+                        self.truncate(tx, lsn, rel.table).await?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn rel(&self, relation: u32) -> Option<RelState> {
+        let r = self.relations.get(&relation).cloned();
+        if r.is_none() {
+            METRICS
+                .cdc_skipped
+                .with_label_values(&["not_captured"])
+                .inc();
+        }
+        r
+    }
+
+    fn source(&self, tx: TxInfo, lsn: u64, version: u64, before: Option<u64>) -> Source {
+        Source {
+            commit_ts_ms: tx.commit_ts_ms,
+            snapshot: "false",
+            tx_id: Some(tx.xid),
+            lsn: Some(lsn),
+            commit_lsn: Some(tx.commit_lsn),
+            row_version: version,
+            before_row_version: before,
+        }
+    }
+
+    async fn insert(
+        &mut self,
+        tx: TxInfo,
+        lsn: u64,
+        rel: &RelState,
+        new: &[Datum],
+    ) -> anyhow::Result<()> {
+        let row = match tuple_to_row(&rel.columns, new, None) {
+            Ok(r) => r,
+            Err(e) => anyhow::bail!("{}: {e}", self.tables[rel.table].name),
+        };
+        let Some(key) = self.tables[rel.table].envelope.key(&row) else {
+            anyhow::bail!(
+                "{}: a row without its primary key",
+                self.tables[rel.table].name
+            );
+        };
+        let source = self.source(tx, lsn, lsn, None);
+        self.put_row(rel.table, &key, &row, lsn);
+        self.emit(
+            rel.table,
+            'c',
+            &key,
+            None,
+            Some(Value::Object(row)),
+            &source,
+        );
+        Ok(())
+    }
+
+    async fn update(
+        &mut self,
+        tx: TxInfo,
+        lsn: u64,
+        rel: &RelState,
+        old: Option<(u8, Vec<Datum>)>,
+        new: &[Datum],
+    ) -> anyhow::Result<()> {
+        let t = rel.table;
+        // The key before the update: from the old tuple if the server sent one (the key
+        // changed, or REPLICA IDENTITY FULL), else the new row's.
+        let old_row = old
+            .as_ref()
+            .and_then(|(_, datums)| tuple_to_row(&rel.columns, datums, None).ok());
+        let probe = old_row
+            .clone()
+            .unwrap_or_else(|| partial_row(&rel.columns, new));
+        let Some(old_key) = self.tables[t].envelope.key(&probe) else {
+            anyhow::bail!("{}: an update without the row's key", self.tables[t].name);
+        };
+        let prev = self.stored(t, &old_key)?;
+        let prev_json = prev.as_ref().and_then(|p| parse_object(&p.json));
+        let after = match tuple_to_row(&rel.columns, new, prev_json.as_ref()) {
+            Ok(r) => r,
+            Err(e) => anyhow::bail!("{}: {e}", self.tables[t].name),
+        };
+        let Some(new_key) = self.tables[t].envelope.key(&after) else {
+            anyhow::bail!("{}: a row without its primary key", self.tables[t].name);
+        };
+        // The complete before image: the stored row; failing that (never stored: snapshot =
+        // never), REPLICA IDENTITY FULL's old row.
+        let (before, before_version) = match (prev, old.as_ref().map(|o| o.0)) {
+            (Some(p), _) => (prev_json.map(Value::Object), Some(p.version)),
+            (None, Some(b'O')) => (old_row.map(Value::Object), None),
+            (None, _) => {
+                METRICS.cdc_skipped.with_label_values(&["no_before"]).inc();
+                (None, None)
+            }
+        };
+        if new_key != old_key {
+            // A primary key change: a delete of the old key and a create of the new one,
+            // as Debezium does.
+            self.store
+                .put(row_key(&self.tables[t].name, &key_json(&old_key)), None);
+            let source = self.source(tx, lsn, lsn, before_version);
+            self.emit(t, 'd', &old_key, before, None, &source);
+            self.put_row(t, &new_key, &after, lsn);
+            let source = self.source(tx, lsn, lsn, None);
+            self.emit(t, 'c', &new_key, None, Some(Value::Object(after)), &source);
+            return Ok(());
+        }
+        self.put_row(t, &new_key, &after, lsn);
+        let source = self.source(tx, lsn, lsn, before_version);
+        self.emit(
+            t,
+            'u',
+            &new_key,
+            before,
+            Some(Value::Object(after)),
+            &source,
+        );
+        Ok(())
+    }
+
+    async fn delete(
+        &mut self,
+        tx: TxInfo,
+        lsn: u64,
+        rel: &RelState,
+        old: &[Datum],
+    ) -> anyhow::Result<()> {
+        let t = rel.table;
+        let old_row = partial_row(&rel.columns, old);
+        let Some(key) = self.tables[t].envelope.key(&old_row) else {
+            anyhow::bail!("{}: a delete without the row's key", self.tables[t].name);
+        };
+        let prev = self.stored(t, &key)?;
+        let (before, before_version) = match prev {
+            Some(p) => (parse_object(&p.json).map(Value::Object), Some(p.version)),
+            None => {
+                METRICS.cdc_skipped.with_label_values(&["no_before"]).inc();
+                (Some(Value::Object(old_row)), None)
+            }
+        };
+        self.store
+            .put(row_key(&self.tables[t].name, &key_json(&key)), None);
+        let source = self.source(tx, lsn, lsn, before_version);
+        self.emit(t, 'd', &key, before, None, &source);
+        Ok(())
+    }
+
+    /// A truncate goes to every partition of the table's topic, so it is ordered against
+    /// every row event whatever partition the row's key hashes to.
+    async fn truncate(&mut self, tx: TxInfo, lsn: u64, t: usize) -> anyhow::Result<()> {
+        self.store.truncate(&self.tables[t].name);
+        let source = self.source(tx, lsn, lsn, None);
+        let value = self.tables[t]
+            .envelope
+            .value('t', None, None, &source, self.with_schema());
+        let topic = self.tables[t].topic.clone();
+        for p in 0..self.producer.partitions(&topic) {
+            self.store.add_event(&topic, p, None, Some(value.clone()));
+        }
+        METRICS
+            .cdc_events
+            .with_label_values(&[self.tables[t].name.as_str(), "t"])
+            .inc();
+        Ok(())
+    }
+
+    fn stored(&self, t: usize, key: &Map<String, Value>) -> anyhow::Result<Option<StoredRow>> {
+        Ok(self
+            .store
+            .get(&row_key(&self.tables[t].name, &key_json(key)))?)
+    }
+
+    fn put_row(
+        &mut self,
+        t: usize,
+        key: &Map<String, Value>,
+        row: &Map<String, Value>,
+        version: u64,
+    ) {
+        let json = serde_json::to_string(row).unwrap_or_default();
+        self.store.put(
+            row_key(&self.tables[t].name, &key_json(key)),
+            Some(StoredRow {
+                version,
+                json: json.into(),
+            }),
+        );
+    }
+
+    /// Adds one event to the open unit (and Debezium's tombstone after a delete), for the
+    /// partition of its key.
+    fn emit(
+        &mut self,
+        t: usize,
+        op: char,
+        key: &Map<String, Value>,
+        before: Option<Value>,
+        after: Option<Value>,
+        source: &Source,
+    ) {
+        let with_schema = self.with_schema();
+        let table = &self.tables[t];
+        let key_bytes = table.envelope.key_bytes(key, with_schema);
+        let value = table.envelope.value(op, before, after, source, with_schema);
+        let partition = partition_for_key(&key_bytes, self.producer.partitions(&table.topic));
+        let topic = table.topic.clone();
+        if op == 'd' {
+            self.store
+                .add_event(&topic, partition, Some(key_bytes.clone()), Some(value));
+            self.store
+                .add_event(&topic, partition, Some(key_bytes), None);
+        } else {
+            self.store
+                .add_event(&topic, partition, Some(key_bytes), Some(value));
+        }
+        let label = op.to_string();
+        METRICS
+            .cdc_events
+            .with_label_values(&[self.tables[t].name.as_str(), label.as_str()])
+            .inc();
+    }
+
+    /// Ends the open unit: a whole transaction ending at `end_lsn`, or (`None`) a snapshot
+    /// chunk or a slice of a big transaction.
+    pub fn close_unit(&mut self, end_lsn: Option<u64>, commit_ts_ms: i64) {
+        let unit = self.store.close_unit(end_lsn);
+        self.commit_times.push_back((unit, commit_ts_ms));
+    }
+
+    /// Ends a slice of a big transaction: the changes applied so far are committed (and
+    /// recorded, so a replay after a crash goes on after them).
+    pub fn close_slice(&mut self, commit_lsn: u64, applied: u64, commit_ts_ms: i64) {
+        let mut partial = commit_lsn.to_le_bytes().to_vec();
+        partial.extend_from_slice(&applied.to_le_bytes());
+        self.store.put_meta("partial", partial);
+        self.close_unit(None, commit_ts_ms);
+    }
+
+    /// Commits the closed units to the store, then sends their events.
+    pub async fn flush(&mut self) -> anyhow::Result<()> {
+        for c in self.store.commit()? {
+            let mut ts = 0;
+            while let Some(&(u, t)) = self.commit_times.front() {
+                if u > c.unit {
+                    break;
+                }
+                self.commit_times.pop_front();
+                if u == c.unit {
+                    ts = t;
+                }
+            }
+            let last_seq = c.events.last().map_or(0, |e| e.seq);
+            self.producer
+                .begin_unit(c.unit, c.events.len(), c.lsn, last_seq, ts);
+            for e in &c.events {
+                self.producer.send(e).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the acknowledgements: what is wholly in may be confirmed, and leaves the
+    /// outbox with the next commit.
+    pub fn settle(&mut self) -> anyhow::Result<Option<Done>> {
+        self.producer.drain_acks()?;
+        let Some(done) = self.producer.take_done() else {
+            return Ok(None);
+        };
+        let now = now_ms();
+        for ts in &done.commit_ts_ms {
+            METRICS
+                .cdc_commit_to_ack
+                .observe((now - ts).max(0) as f64 / 1000.0);
+        }
+        self.store.acknowledged(done.last_seq);
+        Ok(Some(done))
+    }
+
+    /// Whether a resumed snapshot regime already holds this change (its transaction is
+    /// visible in the snapshot the row's key range was read under).
+    async fn seen_by_snapshot(
+        &mut self,
+        rel: &RelState,
+        tx: TxInfo,
+        datums: &[Datum],
+    ) -> anyhow::Result<bool> {
+        let Some(state) = &self.snapshot else {
+            return Ok(false);
+        };
+        if tx.commit_lsn > state.check_until() {
+            return Ok(false);
+        }
+        let table = &self.tables[rel.table];
+        let Some(progress) = state.tables.get(&table.name) else {
+            return Ok(false);
+        };
+        let regimes = &progress.regimes;
+        let Some(key) = key_text(&rel.columns, datums, &table.schema) else {
+            return Ok(false);
+        };
+        for (i, r) in regimes.iter().enumerate() {
+            let Some(snap) = &r.snapshot else { continue };
+            if !snap.sees(tx.xid) {
+                continue;
+            }
+            let next = regimes.get(i + 1).and_then(|n| n.from.as_ref());
+            if self
+                .key_in_range(&table.schema, &key, r.from.as_ref(), next)
+                .await?
+            {
+                METRICS
+                    .cdc_skipped
+                    .with_label_values(&["seen_by_snapshot"])
+                    .inc();
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// `from < key <= to` in PostgreSQL's own ordering of the key's types.
+    async fn key_in_range(
+        &self,
+        table: &TableSchema,
+        key: &KeyText,
+        from: Option<&KeyText>,
+        to: Option<&KeyText>,
+    ) -> anyhow::Result<bool> {
+        let k = key_literals(table, key).join(", ");
+        let mut cond = vec!["true".to_string()];
+        if let Some(f) = from {
+            cond.push(format!("({k}) > ({})", key_literals(table, f).join(", ")));
+        }
+        if let Some(t) = to {
+            cond.push(format!("({k}) <= ({})", key_literals(table, t).join(", ")));
+        }
+        let row = self
+            .catalog
+            .query_one(&format!("SELECT {}", cond.join(" AND ")), &[])
+            .await?;
+        Ok(row.get::<_, Option<bool>>(0).unwrap_or(false))
+    }
+
+    /// Publishes a snapshot chunk's rows as `r` events and records the table's progress
+    /// with them.
+    pub async fn apply_chunk(
+        &mut self,
+        chunk: Chunk,
+        state: &mut SnapshotState,
+    ) -> anyhow::Result<()> {
+        let t = chunk.table;
+        let version = state.consistent_lsn;
+        let columns: Vec<(String, Kind)> = self.tables[t]
+            .schema
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), c.kind.clone()))
+            .collect();
+        let source = Source {
+            commit_ts_ms: now_ms(),
+            snapshot: "true",
+            tx_id: None,
+            lsn: Some(version),
+            commit_lsn: None,
+            row_version: version,
+            before_row_version: None,
+        };
+        let n = chunk.rows.len();
+        for values in chunk.rows {
+            let mut row = Map::with_capacity(columns.len());
+            for ((name, kind), v) in columns.iter().zip(values) {
+                row.insert(
+                    name.clone(),
+                    v.map_or(Value::Null, |text| to_json(kind, &text)),
+                );
+            }
+            let Some(key) = self.tables[t].envelope.key(&row) else {
+                anyhow::bail!("{}: a snapshot row without its key", self.tables[t].name);
+            };
+            self.put_row(t, &key, &row, version);
+            self.emit(t, 'r', &key, None, Some(Value::Object(row)), &source);
+        }
+        METRICS
+            .cdc_snapshot_rows
+            .with_label_values(&[self.tables[t].name.as_str()])
+            .inc_by(n as u64);
+        let progress = state.tables.entry(self.tables[t].name.clone()).or_default();
+        if let Some(r) = chunk.new_regime {
+            progress.regimes.push(r);
+        }
+        if chunk.last_key.is_some() {
+            progress.after = chunk.last_key;
+        }
+        progress.done |= chunk.last;
+        self.store
+            .put_meta("snapshot", serde_json::to_vec(state).unwrap_or_default());
+        self.close_unit(None, 0);
+        Ok(())
+    }
+}
+
+/// A tuple as a row object. `Unchanged` (TOAST) values come from `prev`, the stored row.
+fn tuple_to_row(
+    columns: &[(String, Kind)],
+    datums: &[Datum],
+    prev: Option<&Map<String, Value>>,
+) -> Result<Map<String, Value>, String> {
+    if datums.len() != columns.len() {
+        return Err(format!(
+            "a tuple of {} columns for a relation of {}",
+            datums.len(),
+            columns.len()
+        ));
+    }
+    let mut row = Map::with_capacity(columns.len());
+    for ((name, kind), d) in columns.iter().zip(datums) {
+        let v = match d {
+            Datum::Null => Value::Null,
+            Datum::Text(b) => to_json(kind, &String::from_utf8_lossy(b)),
+            Datum::Unchanged => match prev.and_then(|p| p.get(name)) {
+                Some(v) => v.clone(),
+                None => {
+                    return Err(format!(
+                        "column {name} is an unchanged TOAST value and the key-state store has no earlier row to take it from"
+                    ))
+                }
+            },
+        };
+        row.insert(name.clone(), v);
+    }
+    Ok(row)
+}
+
+/// The columns a (key or partial) tuple has values for.
+fn partial_row(columns: &[(String, Kind)], datums: &[Datum]) -> Map<String, Value> {
+    columns
+        .iter()
+        .zip(datums)
+        .map(|((name, kind), d)| {
+            let v = match d {
+                Datum::Text(b) => to_json(kind, &String::from_utf8_lossy(b)),
+                _ => Value::Null,
+            };
+            (name.clone(), v)
+        })
+        .collect()
+}
+
+/// The key columns' text values of a tuple.
+fn key_text(columns: &[(String, Kind)], datums: &[Datum], table: &TableSchema) -> Option<KeyText> {
+    table
+        .key
+        .iter()
+        .map(|&i| {
+            let name = &table.columns[i].name;
+            let at = columns.iter().position(|(n, _)| n == name)?;
+            Some(match datums.get(at)? {
+                Datum::Text(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                _ => None,
+            })
+        })
+        .collect()
+}
+
+fn key_json(key: &Map<String, Value>) -> String {
+    serde_json::to_string(key).unwrap_or_default()
+}
+
+fn parse_object(json: &str) -> Option<Map<String, Value>> {
+    serde_json::from_str(json).ok()
+}
+
+/// A PostgreSQL commit timestamp in Unix ms.
+pub fn commit_ms(pg_ts: i64) -> i64 {
+    pg_ts_to_unix_ms(pg_ts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn cols() -> Vec<(String, Kind)> {
+        vec![("id".into(), Kind::Int), ("note".into(), Kind::Text)]
+    }
+
+    #[test]
+    fn unchanged_toast_values_come_from_the_stored_row() {
+        let prev: Map<String, Value> =
+            serde_json::from_str(r#"{"id":1,"note":"a long note"}"#).unwrap();
+        let row = tuple_to_row(
+            &cols(),
+            &[Datum::Text(Bytes::from_static(b"1")), Datum::Unchanged],
+            Some(&prev),
+        )
+        .unwrap();
+        assert_eq!(row["note"], "a long note");
+        let e = tuple_to_row(
+            &cols(),
+            &[Datum::Text(Bytes::from_static(b"1")), Datum::Unchanged],
+            None,
+        )
+        .unwrap_err();
+        assert!(e.contains("unchanged TOAST"), "{e}");
+        assert!(tuple_to_row(&cols(), &[Datum::Null], None).is_err());
+    }
+}

@@ -1,0 +1,525 @@
+//! `chgate cdc`: PostgreSQL changes into Kafka in Debezium's envelope, for `chgate ingest`
+//! (or any Debezium consumer) to apply.
+//!
+//! The rooms, bottom up:
+//! - [`pg`]: the replication connection ([`pg::wire`]) and the `pgoutput` messages
+//!   ([`pg::pgoutput`]), our own: tokio-postgres has no replication mode, and the crates
+//!   that do either need a git fork of it or bring a second TLS/crypto stack (pg_walstream:
+//!   aws-lc next to our ring); `postgres-protocol` does the message codec and SCRAM;
+//! - [`config`], [`value`] (text values to Debezium's JSON), [`catalog`] (tables, keys,
+//!   types; publication and slot), [`envelope`] (key and value bytes);
+//! - [`store`] (rows as last published, the outbox, progress), [`producer`] (acknowledged
+//!   units), [`tail`] (what the broker has after a crash);
+//! - [`capture`] (changes to events), [`snapshot`] (existing rows), [`stream`] (the
+//!   replication loop), and [`run`] here, which puts them in order.
+//!
+//! The order of a start: validate the config; read the catalog and manage the
+//! publication; send again what the outbox holds that the broker lacks; create the slot if
+//! missing (with an exported snapshot) and snapshot or resume the snapshot; stream.
+
+pub mod capture;
+pub mod catalog;
+pub mod config;
+pub mod envelope;
+pub mod pg;
+pub mod producer;
+pub mod snapshot;
+pub mod store;
+pub mod stream;
+pub mod tail;
+pub mod value;
+
+use std::collections::{BTreeSet, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminSource};
+use crate::metrics::METRICS;
+use capture::Capture;
+use catalog::{format_lsn, parse_lsn, quote_ident, quote_literal};
+use config::{SnapshotMode, ValidatedCdc};
+use pg::wire::{ConnectParams, ReplicationConn};
+use snapshot::{Chunk, Regime, SnapshotState, TableProgress};
+use store::Store;
+
+/// Runs the capture until SIGTERM (then drains) or a failure.
+pub async fn run(path: &Path) -> anyhow::Result<()> {
+    let v = config::load(path).map_err(|problems| {
+        let lines: Vec<String> = problems
+            .iter()
+            .map(|p| format!("{}: {p}", path.display()))
+            .collect();
+        anyhow::anyhow!("invalid config:\n{}", lines.join("\n"))
+    })?;
+    let cfg = Arc::new(v);
+    let stop = crate::signals::shutdown()?;
+    let streaming = Arc::new(AtomicBool::new(false));
+    let admin_stop = CancellationToken::new();
+    let admin_thread = match cfg.config.admin.listen {
+        Some(addr) => {
+            let listener = admin::bind(addr)?;
+            tracing::info!(kind = "admin", addr = %listener.local_addr()?, "Listening");
+            let source = Arc::new(Admin {
+                streaming: streaming.clone(),
+            });
+            Some(admin::spawn(listener, source, admin_stop.clone())?)
+        }
+        None => None,
+    };
+    let result = capture(cfg, stop, streaming).await;
+    admin_stop.cancel();
+    if let Some(t) = admin_thread {
+        let _ = t.join();
+    }
+    result
+}
+
+async fn capture(
+    cfg: Arc<ValidatedCdc>,
+    stop: CancellationToken,
+    streaming: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let c = &cfg.config;
+    let catalog = catalog::connect(&cfg).await.with_context(|| {
+        format!(
+            "cannot connect to PostgreSQL {}:{} database {}",
+            c.postgres.host, c.postgres.port, c.postgres.dbname
+        )
+    })?;
+    let schemas = catalog::tables(&catalog, &c.capture.tables).await?;
+    for t in &schemas {
+        if t.replica_identity == 'n' {
+            anyhow::bail!(
+                "table {} has REPLICA IDENTITY NOTHING: PostgreSQL refuses its updates and deletes once it is published; use DEFAULT",
+                t.full_name()
+            );
+        }
+    }
+    catalog::ensure_publication(&catalog, &c.capture.publication, &schemas).await?;
+    let store = Store::open(&c.capture.state_dir).with_context(|| {
+        format!(
+            "cannot open the key-state store in {}",
+            c.capture.state_dir.display()
+        )
+    })?;
+    let mut producer = producer::EventProducer::new(&c.kafka)?;
+    let topics: Vec<String> = schemas
+        .iter()
+        .map(|t| cfg.topic(&t.schema, &t.name))
+        .collect();
+    producer.ensure_topics(&c.kafka, &topics).await?;
+    tracing::info!(tables = %topics.join(", "), "Capturing");
+    let mut capture = Capture::new(cfg.clone(), catalog, schemas, store, producer);
+    resend_outbox(&mut capture).await?;
+    let (conn, plan) = prepare_slot(&mut capture).await?;
+    if let Some(plan) = plan {
+        if !run_snapshot(&mut capture, plan, &stop).await? {
+            return Ok(());
+        }
+    }
+    if stop.is_cancelled() {
+        return Ok(());
+    }
+    let sql = start_sql(&cfg, conn.server_version);
+    streaming.store(true, Ordering::Relaxed);
+    let r = stream::run(&mut capture, conn, &sql, stop).await;
+    streaming.store(false, Ordering::Relaxed);
+    r
+}
+
+/// `START_REPLICATION` with pgoutput's options: protocol v2 with streaming of large
+/// in-progress transactions on PostgreSQL 14+, v1 before.
+fn start_sql(cfg: &ValidatedCdc, server_version: u32) -> String {
+    let c = &cfg.config.capture;
+    let proto = if server_version >= 140000 { 2 } else { 1 };
+    let mut options = format!(
+        "proto_version '{proto}', publication_names {}",
+        quote_literal(&quote_ident(&c.publication))
+    );
+    if proto >= 2 && c.streaming {
+        options.push_str(", streaming 'on'");
+    }
+    format!(
+        "START_REPLICATION SLOT {} LOGICAL 0/0 ({options})",
+        quote_ident(&c.slot)
+    )
+}
+
+fn connect_params(cfg: &ValidatedCdc) -> ConnectParams {
+    let p = &cfg.config.postgres;
+    ConnectParams {
+        host: p.host.clone(),
+        port: p.port,
+        user: p.user.clone(),
+        password: cfg.password.as_ref().map(|s| s.expose().to_string()),
+        dbname: p.dbname.clone(),
+        application_name: "chgate-cdc".into(),
+        connect_timeout: p.connect_timeout,
+    }
+}
+
+/// After a crash: sends the outbox's events the broker does not have, and waits until it
+/// has them all.
+async fn resend_outbox(capture: &mut Capture) -> anyhow::Result<()> {
+    let events = capture.store.outbox()?;
+    if events.is_empty() {
+        return Ok(());
+    }
+    let partitions: BTreeSet<(String, i32)> = events
+        .iter()
+        .map(|e| (e.topic.clone(), e.partition))
+        .collect();
+    let k = &capture.cfg.config.kafka;
+    let (brokers, props, rewind) = (k.brokers.clone(), k.properties.clone(), k.tail_rewind);
+    let have = tokio::task::spawn_blocking(move || {
+        tail::highest_seqs(&brokers, &props, &partitions, rewind)
+    })
+    .await??;
+    let (mut sent, mut skipped) = (0usize, 0usize);
+    let mut by_unit: VecDeque<(u64, Vec<&store::OutboxEvent>)> = VecDeque::new();
+    for e in &events {
+        if e.seq
+            <= have
+                .get(&(e.topic.clone(), e.partition))
+                .copied()
+                .unwrap_or(0)
+        {
+            skipped += 1;
+            continue;
+        }
+        match by_unit.back_mut() {
+            Some((u, list)) if *u == e.unit => list.push(e),
+            _ => by_unit.push_back((e.unit, vec![e])),
+        }
+    }
+    let last = events.last().map_or(0, |e| e.seq);
+    for (unit, list) in &by_unit {
+        let last_seq = list.last().map_or(0, |e| e.seq);
+        capture
+            .producer
+            .begin_unit(*unit, list.len(), None, last_seq, 0);
+        for e in list {
+            capture.producer.send(e).await?;
+            sent += 1;
+        }
+    }
+    while capture.producer.in_flight_units() > 0 {
+        capture
+            .producer
+            .wait_ack(Duration::from_millis(200))
+            .await?;
+        capture.producer.take_done();
+    }
+    capture.store.acknowledged(last);
+    capture.store.clear_acknowledged()?;
+    tracing::info!(
+        sent,
+        already_in_kafka = skipped,
+        "Sent the events of the last run that the broker did not have"
+    );
+    Ok(())
+}
+
+/// What the snapshot still has to do.
+struct SnapshotPlan {
+    state: SnapshotState,
+    /// The slot's exported snapshot (a new slot); `None`: resume under new snapshots.
+    exported: Option<String>,
+}
+
+/// Opens the replication connection; creates the slot (and plans the snapshot) if it is
+/// missing, or plans the rest of an unfinished snapshot.
+async fn prepare_slot(
+    capture: &mut Capture,
+) -> anyhow::Result<(ReplicationConn, Option<SnapshotPlan>)> {
+    let cfg = capture.cfg.clone();
+    let c = &cfg.config.capture;
+    let slot_lsn = catalog::slot_confirmed(&capture.catalog, &c.slot).await?;
+    let saved: Option<SnapshotState> = capture
+        .store
+        .meta("snapshot")?
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let mut conn = ReplicationConn::connect(&connect_params(&cfg))
+        .await
+        .context("cannot open the replication connection")?;
+    let fresh = |consistent_lsn: u64, regimes: Vec<Regime>| SnapshotState {
+        consistent_lsn,
+        tables: capture
+            .tables
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    TableProgress {
+                        done: false,
+                        after: None,
+                        regimes: regimes.clone(),
+                    },
+                )
+            })
+            .collect(),
+    };
+    let plan = match slot_lsn {
+        None => {
+            // A new slot: nothing the store holds belongs to it.
+            capture.store.reset()?;
+            let rows = conn
+                .simple_query(&format!(
+                    "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+                    quote_ident(&c.slot)
+                ))
+                .await
+                .with_context(|| format!("cannot create replication slot {:?}", c.slot))?;
+            let row = rows
+                .first()
+                .context("CREATE_REPLICATION_SLOT returned no row")?;
+            let consistent = row
+                .get(1)
+                .cloned()
+                .flatten()
+                .as_deref()
+                .and_then(parse_lsn)
+                .context("CREATE_REPLICATION_SLOT returned no consistent point")?;
+            let exported = row.get(2).cloned().flatten();
+            tracing::info!(slot = %c.slot, consistent_point = %format_lsn(consistent), "Created the replication slot");
+            match c.snapshot {
+                SnapshotMode::Never => None,
+                SnapshotMode::Initial => {
+                    let state = fresh(
+                        consistent,
+                        vec![Regime {
+                            from: None,
+                            snapshot: None,
+                            lsn_at: 0,
+                        }],
+                    );
+                    record_state(capture, &state)?;
+                    Some(SnapshotPlan { state, exported })
+                }
+            }
+        }
+        Some(confirmed) => match saved {
+            Some(state) if !state.done() => {
+                tracing::info!("Resuming the snapshot where it stopped");
+                Some(SnapshotPlan {
+                    state,
+                    exported: None,
+                })
+            }
+            Some(state) => {
+                if state.check_until() > capture.store.store_lsn() {
+                    capture.snapshot = Some(state);
+                }
+                None
+            }
+            // The slot was created, but the process died before it recorded the snapshot.
+            None if c.snapshot == SnapshotMode::Initial
+                && capture.store.store_lsn() == 0
+                && capture.store.rows_on_disk()? == 0 =>
+            {
+                let state = fresh(confirmed, Vec::new());
+                record_state(capture, &state)?;
+                Some(SnapshotPlan {
+                    state,
+                    exported: None,
+                })
+            }
+            None => None,
+        },
+    };
+    Ok((conn, plan))
+}
+
+fn record_state(capture: &mut Capture, state: &SnapshotState) -> anyhow::Result<()> {
+    capture
+        .store
+        .put_meta("snapshot", serde_json::to_vec(state)?);
+    capture.close_unit(None, 0);
+    capture.store.commit()?;
+    Ok(())
+}
+
+/// Reads every unfinished table, `snapshot_parallel` at a time; returns false if `stop`
+/// came first (progress so far is kept).
+async fn run_snapshot(
+    capture: &mut Capture,
+    plan: SnapshotPlan,
+    stop: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let cfg = capture.cfg.clone();
+    let c = &cfg.config.capture;
+    let mut state = plan.state;
+    let mut todo: VecDeque<usize> = (0..capture.tables.len())
+        .filter(|&i| {
+            state
+                .tables
+                .get(&capture.tables[i].name)
+                .is_none_or(|p| !p.done)
+        })
+        .collect();
+    METRICS.cdc_snapshot_tables_pending.set(todo.len() as i64);
+    tracing::info!(
+        tables = todo.len(),
+        consistent_point = %format_lsn(state.consistent_lsn),
+        "Snapshot of the existing rows"
+    );
+    let (tx, mut rx) = mpsc::channel::<anyhow::Result<Chunk>>(4);
+    let mut running = 0;
+    let start = |capture: &Capture, i: usize, state: &SnapshotState| {
+        let table = capture.tables[i].schema.clone();
+        let after = state
+            .tables
+            .get(&capture.tables[i].name)
+            .and_then(|p| p.after.clone());
+        let (tx, exported, chunk_rows, cfg) = (
+            tx.clone(),
+            plan.exported.clone(),
+            c.snapshot_chunk_rows,
+            cfg.clone(),
+        );
+        tokio::spawn(async move {
+            match catalog::connect(&cfg).await {
+                Ok(client) => {
+                    snapshot::read_table(client, i, table, after, exported, chunk_rows, tx).await
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(anyhow::Error::new(e).context("snapshot connection")))
+                        .await;
+                }
+            }
+        });
+    };
+    while running < c.snapshot_parallel {
+        let Some(i) = todo.pop_front() else { break };
+        start(capture, i, &state);
+        running += 1;
+    }
+    while running > 0 {
+        let chunk = tokio::select! {
+            _ = stop.cancelled() => {
+                drain_acks(capture).await?;
+                return Ok(false);
+            }
+            chunk = rx.recv() => chunk,
+            r = capture.producer.wait_ack(Duration::from_millis(100)) => {
+                r?;
+                capture.settle()?;
+                continue;
+            }
+        };
+        let Some(chunk) = chunk else { break };
+        let chunk = chunk?;
+        let last = chunk.last;
+        capture.apply_chunk(chunk, &mut state).await?;
+        capture.flush().await?;
+        capture.settle()?;
+        if last {
+            running -= 1;
+            METRICS.cdc_snapshot_tables_pending.dec();
+            if let Some(i) = todo.pop_front() {
+                start(capture, i, &state);
+                running += 1;
+            }
+        }
+    }
+    drain_acks(capture).await?;
+    tracing::info!("Snapshot done");
+    if state.check_until() > 0 {
+        capture.snapshot = Some(state);
+    }
+    Ok(true)
+}
+
+/// Waits until everything sent is acknowledged.
+async fn drain_acks(capture: &mut Capture) -> anyhow::Result<()> {
+    capture.flush().await?;
+    while capture.producer.in_flight_units() > 0 {
+        capture
+            .producer
+            .wait_ack(Duration::from_millis(200))
+            .await?;
+        capture.settle()?;
+    }
+    capture.store.clear_acknowledged()?;
+    Ok(())
+}
+
+/// Exports the slot's WAL safety figures; warns before PostgreSQL would drop the slot.
+pub async fn slot_metrics(client: &Client, slot: &str) {
+    let row = client
+        .query_opt(
+            "SELECT wal_status, safe_wal_size,
+                    (pg_current_wal_lsn() - restart_lsn)::bigint
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await;
+    let row = match row {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            tracing::error!(slot, "The replication slot is gone");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot read the slot's state");
+            return;
+        }
+    };
+    let status: Option<String> = row.get(0);
+    let safe: Option<i64> = row.get(1);
+    let retained: Option<i64> = row.get(2);
+    for s in ["reserved", "extended", "unreserved", "lost"] {
+        METRICS
+            .cdc_slot_wal_status
+            .with_label_values(&[s])
+            .set(i64::from(status.as_deref() == Some(s)));
+    }
+    METRICS.cdc_slot_safe_wal_bytes.set(safe.unwrap_or(-1));
+    METRICS.cdc_slot_retained_bytes.set(retained.unwrap_or(0));
+    match status.as_deref() {
+        Some("unreserved") => tracing::error!(
+            slot,
+            "The slot's WAL is beyond max_slot_wal_keep_size: PostgreSQL may drop it at the next checkpoint"
+        ),
+        Some("lost") => tracing::error!(slot, "The slot has lost WAL it needed: it cannot be used"),
+        _ => {}
+    }
+    if let Some(s) = safe.filter(|&s| s < 1 << 30) {
+        tracing::warn!(
+            slot,
+            safe_wal_bytes = s,
+            "Less than 1 GiB of WAL left before PostgreSQL would invalidate the slot"
+        );
+    }
+}
+
+/// The admin listener's view: `/metrics`, `/healthz`, `/readyz` (ready while streaming).
+struct Admin {
+    streaming: Arc<AtomicBool>,
+}
+
+impl AdminSource for Admin {
+    fn clusters(&self) -> Arc<crate::picker::Clusters> {
+        Arc::new(crate::picker::Clusters::default())
+    }
+
+    fn readiness(&self) -> Result<(), &'static str> {
+        if self.streaming.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("not streaming yet (connecting, or taking the snapshot)")
+        }
+    }
+
+    fn token(&self) -> Option<crate::secret::Secret> {
+        None
+    }
+}

@@ -1,0 +1,584 @@
+//! The capture's local state, in one crash-safe file (redb: copy-on-write B-trees, a
+//! durable commit per write):
+//!
+//! - **rows**: the last published state of every captured row: its JSON, exactly as it
+//!   went out in an event's `after`, and its version. It makes every `before` complete
+//!   whatever the table's REPLICA IDENTITY, and fills an update's unchanged TOAST values:
+//!   PostgreSQL sends neither, the store has both. It costs a copy of each row's
+//!   published JSON plus its key and eight bytes (measured per row by `scripts/bench-cdc`).
+//! - **outbox**: the events of the changes written, until the broker acknowledges them.
+//! - **meta**: the position reached (`store_lsn`), the snapshot's progress, counters.
+//!
+//! Changes are grouped into *units* (a transaction, or a slice of a big one; a snapshot
+//! chunk). A unit's row writes, its events and the position it reaches are committed
+//! together, *before* its events are sent; so after a crash the file says exactly which
+//! changes have events, and those events are sent again from the outbox, byte for byte (the
+//! capture skips the ones the broker already has, see `tail`), never derived again from a
+//! store that has moved on. Transactions the server sends again up to `store_lsn` are
+//! skipped; a transaction cut into slices resumes after its last committed slice.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+const ROWS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("rows");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+
+/// A row's last published state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRow {
+    pub version: u64,
+    /// The row's JSON object, as published.
+    pub json: std::sync::Arc<str>,
+}
+
+impl StoredRow {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.json.len());
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(self.json.as_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let version = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+        let json = std::str::from_utf8(bytes.get(8..)?).ok()?;
+        Some(Self {
+            version,
+            json: json.into(),
+        })
+    }
+}
+
+/// The store key of a row: its table and its key JSON.
+pub fn row_key(table: &str, key_json: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(table.len() + 1 + key_json.len());
+    k.extend_from_slice(table.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key_json.as_bytes());
+    k
+}
+
+/// An event waiting for the broker: where it goes, and its bytes. `seq` increases across
+/// restarts; it travels in the `chgate-seq` header.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEvent {
+    pub seq: u64,
+    pub unit: u64,
+    pub topic: String,
+    pub partition: i32,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+impl OutboxEvent {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&self.unit.to_le_bytes());
+        out.extend_from_slice(&self.partition.to_le_bytes());
+        put_bytes(&mut out, Some(self.topic.as_bytes()));
+        put_bytes(&mut out, self.key.as_deref());
+        put_bytes(&mut out, self.value.as_deref());
+        out
+    }
+
+    fn decode(seq: u64, mut b: &[u8]) -> Option<Self> {
+        let unit = u64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
+        let partition = i32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?);
+        let topic = String::from_utf8(get_bytes(&mut b)??).ok()?;
+        let key = get_bytes(&mut b)?;
+        let value = get_bytes(&mut b)?;
+        Some(Self {
+            seq,
+            unit,
+            topic,
+            partition,
+            key,
+            value,
+        })
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: Option<&[u8]>) {
+    match b {
+        None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
+        Some(b) => {
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(b);
+        }
+    }
+}
+
+fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    let (head, rest) = (b.get(..n)?, b.get(n..)?);
+    *b = rest;
+    Some(head)
+}
+
+/// `None` if the bytes are cut; `Some(None)` for an absent value.
+fn get_bytes(b: &mut &[u8]) -> Option<Option<Vec<u8>>> {
+    let len = u32::from_le_bytes(take(b, 4)?.try_into().ok()?);
+    if len == u32::MAX {
+        return Some(None);
+    }
+    Some(Some(take(b, len as usize)?.to_vec()))
+}
+
+/// A write of a unit, applied in order.
+enum Op {
+    Row(Vec<u8>, Option<StoredRow>),
+    /// Every row of a table goes (a TRUNCATE).
+    Truncate(String),
+}
+
+#[derive(Default)]
+struct Unit {
+    seq: u64,
+    /// The position a complete transaction brings the capture to.
+    lsn: Option<u64>,
+    ops: Vec<Op>,
+    meta: Vec<(String, Vec<u8>)>,
+    events: Vec<OutboxEvent>,
+}
+
+/// A unit just committed: its events are to be sent.
+pub struct Committed {
+    pub unit: u64,
+    pub lsn: Option<u64>,
+    pub events: Vec<OutboxEvent>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("key-state store: {0}")]
+pub struct StoreError(String);
+
+fn err(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+fn read_u64(b: Option<Vec<u8>>) -> u64 {
+    b.and_then(|b| Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?)))
+        .unwrap_or(0)
+}
+
+pub struct Store {
+    db: Database,
+    /// Closed units not yet committed, oldest first.
+    closed: Vec<Unit>,
+    open: Unit,
+    /// The newest uncommitted state of each key a closed or open unit wrote: the unit,
+    /// the write's number, the state.
+    latest: HashMap<Vec<u8>, (u64, u64, Option<StoredRow>)>,
+    /// Tables an uncommitted unit truncated: the unit and the write's number.
+    truncated: HashMap<String, (u64, u64)>,
+    next_unit: u64,
+    next_op: u64,
+    next_event: u64,
+    store_lsn: u64,
+    /// Events up to this one are acknowledged: they leave the outbox with the next commit.
+    acked: u64,
+    cleared: u64,
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(err)?;
+        let db = Database::create(dir.join("state.redb")).map_err(err)?;
+        let tx = db.begin_write().map_err(err)?;
+        tx.open_table(ROWS).map_err(err)?;
+        tx.open_table(META).map_err(err)?;
+        tx.open_table(OUTBOX).map_err(err)?;
+        tx.commit().map_err(err)?;
+        let mut store = Self {
+            db,
+            closed: Vec::new(),
+            open: Unit::default(),
+            latest: HashMap::new(),
+            truncated: HashMap::new(),
+            next_unit: 1,
+            next_op: 1,
+            next_event: 1,
+            store_lsn: 0,
+            acked: 0,
+            cleared: 0,
+        };
+        store.store_lsn = read_u64(store.meta("store_lsn")?);
+        store.next_event = read_u64(store.meta("next_event")?).max(1);
+        store.next_unit = read_u64(store.meta("next_unit")?).max(1);
+        Ok(store)
+    }
+
+    /// The position of the last complete transaction committed here: every transaction
+    /// ending at or before it has its events in the outbox or the broker.
+    pub fn store_lsn(&self) -> u64 {
+        self.store_lsn
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<StoredRow>, StoreError> {
+        let table = key.split(|&b| b == 0).next().unwrap_or_default();
+        let truncated = std::str::from_utf8(table)
+            .ok()
+            .and_then(|t| self.truncated.get(t))
+            .map(|&(_, op)| op);
+        if let Some((_, op, row)) = self.latest.get(key) {
+            if truncated.is_none_or(|t| *op > t) {
+                return Ok(row.clone());
+            }
+        }
+        if truncated.is_some() {
+            // The file's rows of the table are older than the truncate.
+            return Ok(None);
+        }
+        let tx = self.db.begin_read().map_err(err)?;
+        let t = tx.open_table(ROWS).map_err(err)?;
+        let v = t.get(key).map_err(err)?;
+        Ok(v.and_then(|g| StoredRow::decode(g.value())))
+    }
+
+    /// A committed record (progress, counters).
+    pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let t = tx.open_table(META).map_err(err)?;
+        let v = t.get(name).map_err(err)?;
+        Ok(v.map(|g| g.value().to_vec()))
+    }
+
+    /// Sets (or with `None` removes) a row in the open unit.
+    pub fn put(&mut self, key: Vec<u8>, row: Option<StoredRow>) {
+        let (unit, op) = (self.unit(), self.op());
+        self.latest.insert(key.clone(), (unit, op, row.clone()));
+        self.open.ops.push(Op::Row(key, row));
+    }
+
+    /// Removes every row of `table` in the open unit.
+    pub fn truncate(&mut self, table: &str) {
+        let (unit, op) = (self.unit(), self.op());
+        self.truncated.insert(table.into(), (unit, op));
+        self.open.ops.push(Op::Truncate(table.into()));
+    }
+
+    /// Records progress with the open unit.
+    pub fn put_meta(&mut self, name: &str, value: Vec<u8>) {
+        self.open.meta.push((name.into(), value));
+    }
+
+    /// Adds an event to the open unit; returns its sequence number.
+    pub fn add_event(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        key: Option<Vec<u8>>,
+        value: Option<Vec<u8>>,
+    ) -> u64 {
+        let seq = self.next_event;
+        self.next_event += 1;
+        let unit = self.unit();
+        self.open.events.push(OutboxEvent {
+            seq,
+            unit,
+            topic: topic.into(),
+            partition,
+            key,
+            value,
+        });
+        seq
+    }
+
+    fn op(&mut self) -> u64 {
+        self.next_op += 1;
+        self.next_op
+    }
+
+    /// The open unit's number.
+    pub fn unit(&mut self) -> u64 {
+        if self.open.seq == 0 {
+            self.open.seq = self.next_unit;
+            self.next_unit += 1;
+        }
+        self.open.seq
+    }
+
+    /// Events in the open unit.
+    pub fn open_events(&self) -> usize {
+        self.open.events.len()
+    }
+
+    /// Closes the open unit; `lsn` is the position a complete transaction reaches.
+    pub fn close_unit(&mut self, lsn: Option<u64>) -> u64 {
+        let seq = self.unit();
+        let mut unit = std::mem::take(&mut self.open);
+        unit.lsn = lsn;
+        self.closed.push(unit);
+        seq
+    }
+
+    /// Events in closed units, waiting for [`Store::commit`].
+    pub fn uncommitted_events(&self) -> usize {
+        self.closed.iter().map(|u| u.events.len()).sum()
+    }
+
+    pub fn has_uncommitted(&self) -> bool {
+        !self.closed.is_empty()
+    }
+
+    /// Commits every closed unit in one durable transaction: rows, progress, events into
+    /// the outbox, the position reached. Returns the units, whose events may now be sent.
+    pub fn commit(&mut self) -> Result<Vec<Committed>, StoreError> {
+        if self.closed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let clear = (self.acked > self.cleared).then_some(self.acked);
+        let units = std::mem::take(&mut self.closed);
+        let reached = units
+            .iter()
+            .filter_map(|u| u.lsn)
+            .max()
+            .filter(|&l| l > self.store_lsn);
+        let tx = self.db.begin_write().map_err(err)?;
+        {
+            let mut rows = tx.open_table(ROWS).map_err(err)?;
+            let mut meta = tx.open_table(META).map_err(err)?;
+            let mut outbox = tx.open_table(OUTBOX).map_err(err)?;
+            for unit in &units {
+                write_ops(&mut rows, &unit.ops)?;
+                for (name, value) in &unit.meta {
+                    meta.insert(name.as_str(), value.as_slice()).map_err(err)?;
+                }
+                for e in &unit.events {
+                    outbox.insert(e.seq, e.encode().as_slice()).map_err(err)?;
+                }
+            }
+            if let Some(seq) = clear {
+                outbox.retain_in(..=seq, |_, _| false).map_err(err)?;
+            }
+            if let Some(lsn) = reached {
+                meta.insert("store_lsn", lsn.to_le_bytes().as_slice())
+                    .map_err(err)?;
+            }
+            meta.insert("next_event", self.next_event.to_le_bytes().as_slice())
+                .map_err(err)?;
+            meta.insert("next_unit", self.next_unit.to_le_bytes().as_slice())
+                .map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        if let Some(lsn) = reached {
+            self.store_lsn = lsn;
+        }
+        if let Some(seq) = clear {
+            self.cleared = seq;
+        }
+        let mut out = Vec::with_capacity(units.len());
+        for mut unit in units {
+            self.forget(&unit);
+            out.push(Committed {
+                unit: unit.seq,
+                lsn: unit.lsn,
+                events: std::mem::take(&mut unit.events),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Drops a committed unit's overlay entries that no later unit replaced.
+    fn forget(&mut self, unit: &Unit) {
+        for op in &unit.ops {
+            match op {
+                Op::Row(key, _) => {
+                    if self.latest.get(key).is_some_and(|(s, _, _)| *s == unit.seq) {
+                        self.latest.remove(key);
+                    }
+                }
+                Op::Truncate(table) => {
+                    if self
+                        .truncated
+                        .get(table)
+                        .is_some_and(|(s, _)| *s == unit.seq)
+                    {
+                        self.truncated.remove(table);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every event up to `seq` is acknowledged: they leave the outbox with the next commit
+    /// (or [`Store::clear_acknowledged`]).
+    pub fn acknowledged(&mut self, seq: u64) {
+        self.acked = self.acked.max(seq);
+    }
+
+    /// Removes the acknowledged events from the outbox now (when idle, and on the way out).
+    pub fn clear_acknowledged(&mut self) -> Result<(), StoreError> {
+        if self.acked > self.cleared {
+            self.clear_outbox(self.acked)?;
+            self.cleared = self.acked;
+        }
+        Ok(())
+    }
+
+    /// Removes every event up to `seq` from the outbox.
+    pub fn clear_outbox(&mut self, seq: u64) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(err)?;
+        {
+            let mut outbox = tx.open_table(OUTBOX).map_err(err)?;
+            outbox.retain_in(..=seq, |_, _| false).map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(())
+    }
+
+    /// The events committed but never acknowledged (after a crash), in order.
+    pub fn outbox(&self) -> Result<Vec<OutboxEvent>, StoreError> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let t = tx.open_table(OUTBOX).map_err(err)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(err)? {
+            let (k, v) = entry.map_err(err)?;
+            match OutboxEvent::decode(k.value(), v.value()) {
+                Some(e) => out.push(e),
+                None => return Err(StoreError(format!("outbox event {} is damaged", k.value()))),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets everything (the slot was created anew: nothing here matches it).
+    pub fn reset(&mut self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(err)?;
+        {
+            tx.open_table(ROWS)
+                .map_err(err)?
+                .retain(|_, _| false)
+                .map_err(err)?;
+            tx.open_table(OUTBOX)
+                .map_err(err)?
+                .retain(|_, _| false)
+                .map_err(err)?;
+            let mut meta = tx.open_table(META).map_err(err)?;
+            meta.remove("store_lsn").map_err(err)?;
+            meta.remove("snapshot").map_err(err)?;
+            meta.remove("partial").map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        self.store_lsn = 0;
+        Ok(())
+    }
+
+    /// Rows in the file (for the size-per-row figure).
+    pub fn rows_on_disk(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let t = tx.open_table(ROWS).map_err(err)?;
+        t.len().map_err(err)
+    }
+}
+
+fn write_ops(rows: &mut redb::Table<&[u8], &[u8]>, ops: &[Op]) -> Result<(), StoreError> {
+    for op in ops {
+        match op {
+            Op::Row(key, Some(r)) => {
+                rows.insert(key.as_slice(), r.encode().as_slice())
+                    .map_err(err)?;
+            }
+            Op::Row(key, None) => {
+                rows.remove(key.as_slice()).map_err(err)?;
+            }
+            Op::Truncate(table) => {
+                let mut start = table.as_bytes().to_vec();
+                start.push(0);
+                let mut end = table.as_bytes().to_vec();
+                end.push(1);
+                rows.retain_in(start.as_slice()..end.as_slice(), |_, _| false)
+                    .map_err(err)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(v: u64, j: &str) -> Option<StoredRow> {
+        Some(StoredRow {
+            version: v,
+            json: j.into(),
+        })
+    }
+
+    fn temp() -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("chgate-store-{}", uuid::Uuid::new_v4()))
+    }
+
+    #[test]
+    fn only_committed_units_survive_a_crash_and_their_events_wait_in_the_outbox() {
+        let dir = temp();
+        {
+            let mut s = Store::open(&dir).unwrap();
+            s.put(b"t\0k1".to_vec(), row(1, "{\"a\":1}"));
+            s.add_event("topic", 2, Some(b"k1".to_vec()), Some(b"v1".to_vec()));
+            s.close_unit(Some(100));
+            let committed = s.commit().unwrap();
+            assert_eq!(committed.len(), 1);
+            assert_eq!(committed[0].events[0].partition, 2);
+            s.put(b"t\0k1".to_vec(), row(2, "{\"a\":2}"));
+            s.put(b"t\0k2".to_vec(), row(2, "{\"b\":1}"));
+            s.add_event("topic", 0, Some(b"k2".to_vec()), None);
+            s.close_unit(Some(200));
+            // Reads see the newest state, committed or not.
+            assert_eq!(s.get(b"t\0k1").unwrap(), row(2, "{\"a\":2}"));
+            // A crash now: the second unit is lost with the process.
+        }
+        let mut s = Store::open(&dir).unwrap();
+        assert_eq!(s.store_lsn(), 100);
+        assert_eq!(s.get(b"t\0k1").unwrap(), row(1, "{\"a\":1}"));
+        assert_eq!(s.get(b"t\0k2").unwrap(), None);
+        let outbox = s.outbox().unwrap();
+        assert_eq!(outbox.len(), 1);
+        assert_eq!(outbox[0].value.as_deref(), Some(&b"v1"[..]));
+        // Sequence numbers go on where they stopped.
+        assert_eq!(s.add_event("topic", 0, None, None), 2);
+        s.clear_outbox(1).unwrap();
+        assert!(s.outbox().unwrap().is_empty());
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn a_truncate_hides_older_rows_and_not_newer_ones() {
+        let dir = temp();
+        let mut s = Store::open(&dir).unwrap();
+        s.put(b"t\0a".to_vec(), row(1, "1"));
+        s.put(b"u\0a".to_vec(), row(1, "1"));
+        s.close_unit(Some(10));
+        s.commit().unwrap();
+        s.truncate("t");
+        assert_eq!(s.get(b"t\0a").unwrap(), None);
+        s.put(b"t\0b".to_vec(), row(2, "2"));
+        assert_eq!(s.get(b"t\0b").unwrap(), row(2, "2"));
+        s.close_unit(Some(20));
+        s.commit().unwrap();
+        assert_eq!(s.get(b"t\0a").unwrap(), None);
+        assert_eq!(s.get(b"u\0a").unwrap(), row(1, "1"));
+        assert_eq!(s.rows_on_disk().unwrap(), 2);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn damaged_outbox_bytes_are_an_error() {
+        let e = OutboxEvent {
+            seq: 1,
+            unit: 1,
+            topic: "t".into(),
+            partition: 0,
+            key: None,
+            value: Some(b"x".to_vec()),
+        };
+        let bytes = e.encode();
+        assert_eq!(OutboxEvent::decode(1, &bytes), Some(e));
+        for cut in 0..bytes.len() {
+            assert!(OutboxEvent::decode(1, &bytes[..cut]).is_none());
+        }
+    }
+}

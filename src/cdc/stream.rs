@@ -1,0 +1,397 @@
+//! The replication stream after the snapshot: frames in, transactions applied in commit
+//! order, the broker's acknowledgements turned into store writes and slot confirmations.
+//!
+//! A transaction the server sends whole (after its commit) is applied as it arrives. One
+//! it streams while still in progress (protocol v2, `capture.streaming`) is kept until its
+//! Stream Commit, per subtransaction so a rolled-back subtransaction's changes go, and
+//! dropped on Stream Abort. Transactions that end at or before the store's position are
+//! already in Kafka (the server sends them again after a crash) and are skipped.
+//!
+//! While idle (nothing in flight, no transaction open), the server's keepalive position is
+//! confirmed, and a heartbeat message (`pg_logical_emit_message`) every `capture.heartbeat`
+//! makes sure there is a newer one: the slot keeps advancing while the captured tables
+//! are quiet and others are busy, so it does not hold WAL back.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use super::capture::{commit_ms, Capture, Change, TxInfo};
+use super::catalog::format_lsn;
+use super::envelope::now_ms;
+use super::pg::pgoutput::{self, Decoder, Frame, Logical};
+use super::pg::wire::ReplicationConn;
+use crate::metrics::METRICS;
+
+/// A transaction streamed before its commit: its changes, each with its subtransaction.
+#[derive(Default)]
+struct Streamed {
+    changes: Vec<(u32, Change)>,
+}
+
+/// Events of one transaction per store commit at most: a bigger transaction is committed
+/// (and its events sent) in slices of this many, so it never has to fit in memory.
+const SLICE_EVENTS: usize = 20_000;
+
+/// Closed units hold this many events: commit them now rather than at the next tick.
+const FLUSH_EVENTS: usize = 5_000;
+
+struct Stream<'a> {
+    capture: &'a mut Capture,
+    conn: ReplicationConn,
+    decoder: Decoder,
+    /// The transaction being received (sent whole), and whether it is already in Kafka.
+    current: Option<(TxInfo, bool)>,
+    /// Row changes of the current transaction so far, and how many of them a slice
+    /// committed before a crash already holds.
+    applied: u64,
+    skip: u64,
+    /// The transaction cut into slices before the last crash: (commit LSN, changes in).
+    partial: Option<(u64, u64)>,
+    /// Inside a stream block: the top-level transaction it belongs to.
+    stream_top: Option<u32>,
+    streamed: HashMap<u32, Streamed>,
+    confirmed: u64,
+    sent_status: u64,
+    server_end: u64,
+    last_commit_ms: i64,
+}
+
+/// Streams from the slot's confirmed position until `stop`; then drains: waits for the
+/// broker to acknowledge what was sent, writes it and confirms it.
+pub async fn run(
+    capture: &mut Capture,
+    mut conn: ReplicationConn,
+    start_sql: &str,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    conn.start_replication(start_sql).await?;
+    let confirmed = capture.store.store_lsn();
+    let partial = capture.store.meta("partial")?.and_then(|b| {
+        let lsn = u64::from_le_bytes(b.get(..8)?.try_into().ok()?);
+        let n = u64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
+        Some((lsn, n))
+    });
+    tracing::info!(from = %format_lsn(confirmed), "Streaming changes");
+    let mut s = Stream {
+        capture,
+        conn,
+        decoder: Decoder::default(),
+        current: None,
+        applied: 0,
+        skip: 0,
+        partial,
+        stream_top: None,
+        streamed: HashMap::new(),
+        confirmed,
+        sent_status: 0,
+        server_end: confirmed,
+        last_commit_ms: 0,
+    };
+    let result = s.run(&stop).await;
+    s.drain().await;
+    result
+}
+
+impl Stream<'_> {
+    async fn run(&mut self, stop: &CancellationToken) -> anyhow::Result<()> {
+        let cfg = self.capture.cfg.config.capture.clone();
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let heartbeat_every = if cfg.heartbeat.is_zero() {
+            Duration::from_secs(86400 * 365)
+        } else {
+            cfg.heartbeat
+        };
+        let mut heartbeat = tokio::time::interval(heartbeat_every);
+        let mut slot_check = tokio::time::interval(Duration::from_secs(10));
+        let mut last_status = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(()),
+                data = self.conn.copy_data() => match data? {
+                    Some(d) => {
+                        self.frame(d).await?;
+                        if self.capture.store.uncommitted_events() >= FLUSH_EVENTS {
+                            self.capture.flush().await?;
+                        }
+                    }
+                    None => anyhow::bail!("the server ended the replication stream"),
+                },
+                r = self.capture.producer.wait_ack(Duration::from_millis(50)) => {
+                    r?;
+                    self.settle()?;
+                }
+                _ = tick.tick() => {
+                    self.capture.flush().await?;
+                    self.settle()?;
+                    if self.idle() {
+                        self.capture.store.clear_acknowledged()?;
+                    }
+                    let due = last_status.elapsed() >= cfg.status_interval;
+                    if self.confirmed != self.sent_status || due {
+                        self.conn.send_status(self.confirmed, false).await?;
+                        self.sent_status = self.confirmed;
+                        last_status = Instant::now();
+                    }
+                    self.lag_metrics();
+                }
+                _ = heartbeat.tick(), if !cfg.heartbeat.is_zero() => {
+                    if let Err(e) = self.capture.catalog
+                        .batch_execute("SELECT pg_logical_emit_message(false, 'chgate_heartbeat', '')")
+                        .await
+                    {
+                        tracing::warn!(error = %e, "Heartbeat failed");
+                    }
+                }
+                _ = slot_check.tick() => super::slot_metrics(&self.capture.catalog, &cfg.slot).await,
+            }
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.current.is_none()
+            && self.capture.producer.in_flight_units() == 0
+            && !self.capture.store.has_uncommitted()
+            && self.capture.store.open_events() == 0
+    }
+
+    fn settle(&mut self) -> anyhow::Result<()> {
+        if let Some(lsn) = self.capture.settle()?.and_then(|d| d.lsn) {
+            self.confirmed = self.confirmed.max(lsn);
+        }
+        Ok(())
+    }
+
+    fn lag_metrics(&self) {
+        METRICS
+            .cdc_lag_bytes
+            .set(self.server_end.saturating_sub(self.confirmed) as i64);
+        METRICS.cdc_confirmed_lsn.set(self.confirmed as i64);
+        let lag = if self.idle() || self.last_commit_ms == 0 {
+            0.0
+        } else {
+            (now_ms() - self.last_commit_ms).max(0) as f64 / 1000.0
+        };
+        METRICS.cdc_lag_seconds.set(lag);
+    }
+
+    async fn frame(&mut self, data: Bytes) -> anyhow::Result<()> {
+        match pgoutput::frame(data)? {
+            Frame::Keepalive { end, reply } => {
+                self.server_end = self.server_end.max(end);
+                if self.idle() && end > self.confirmed {
+                    self.confirmed = end;
+                }
+                if reply {
+                    self.conn.send_status(self.confirmed, false).await?;
+                    self.sent_status = self.confirmed;
+                }
+                Ok(())
+            }
+            Frame::XLogData { start, end, data } => {
+                self.server_end = self.server_end.max(end);
+                let m = self.decoder.decode(data)?;
+                self.message(start, m).await
+            }
+        }
+    }
+
+    async fn message(&mut self, lsn: u64, m: Logical) -> anyhow::Result<()> {
+        let store_lsn = self.capture.store.store_lsn();
+        match m {
+            Logical::Begin {
+                final_lsn,
+                commit_ts,
+                xid,
+            } => {
+                let info = TxInfo {
+                    xid,
+                    commit_lsn: final_lsn,
+                    commit_ts_ms: commit_ms(commit_ts),
+                };
+                self.current = Some((info, final_lsn < store_lsn));
+                self.begin_counting(final_lsn);
+            }
+            Logical::Commit {
+                end_lsn, commit_ts, ..
+            } => {
+                if let Some((_, done_before)) = self.current.take() {
+                    if !done_before {
+                        self.capture.close_unit(Some(end_lsn), commit_ms(commit_ts));
+                        self.last_commit_ms = commit_ms(commit_ts);
+                    }
+                }
+            }
+            Logical::Relation { xid, relation } => {
+                self.change(xid, Change::Relation(relation)).await?
+            }
+            Logical::Insert { xid, relation, new } => {
+                self.change(xid, Change::Insert { lsn, relation, new })
+                    .await?
+            }
+            Logical::Update {
+                xid,
+                relation,
+                old,
+                new,
+            } => {
+                self.change(
+                    xid,
+                    Change::Update {
+                        lsn,
+                        relation,
+                        old,
+                        new,
+                    },
+                )
+                .await?
+            }
+            Logical::Delete { xid, relation, old } => {
+                self.change(xid, Change::Delete { lsn, relation, old })
+                    .await?
+            }
+            Logical::Truncate { xid, relations, .. } => {
+                self.change(xid, Change::Truncate { lsn, relations })
+                    .await?
+            }
+            Logical::StreamStart { xid } => self.stream_top = Some(xid),
+            Logical::StreamStop => self.stream_top = None,
+            Logical::StreamCommit {
+                xid,
+                commit_lsn,
+                end_lsn,
+                commit_ts,
+            } => {
+                let tx = self.streamed.remove(&xid).unwrap_or_default();
+                if commit_lsn >= store_lsn {
+                    self.apply_streamed(
+                        TxInfo {
+                            xid,
+                            commit_lsn,
+                            commit_ts_ms: commit_ms(commit_ts),
+                        },
+                        tx,
+                        end_lsn,
+                    )
+                    .await?;
+                }
+            }
+            Logical::StreamAbort { xid, subxid } => {
+                if xid == subxid {
+                    self.streamed.remove(&xid);
+                } else if let Some(tx) = self.streamed.get_mut(&xid) {
+                    tx.changes.retain(|(sub, _)| *sub != subxid);
+                }
+            }
+            Logical::Type { .. } | Logical::Origin | Logical::Message { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// A transaction starts being applied: if slices of it were committed before a crash,
+    /// that many of its row changes are already in.
+    fn begin_counting(&mut self, commit_lsn: u64) {
+        self.applied = 0;
+        self.skip = match self.partial {
+            Some((lsn, n)) if lsn == commit_lsn => n,
+            _ => 0,
+        };
+    }
+
+    /// Applies a change of the current transaction: row changes already committed by a
+    /// slice before a crash are skipped, and a big transaction is cut into slices.
+    async fn apply(&mut self, info: TxInfo, change: Change) -> anyhow::Result<()> {
+        if matches!(change, Change::Relation(_)) {
+            return self.capture.apply(info, change).await;
+        }
+        self.applied += 1;
+        if self.applied <= self.skip {
+            return Ok(());
+        }
+        self.capture.apply(info, change).await?;
+        if self.capture.store.open_events() >= SLICE_EVENTS {
+            self.capture
+                .close_slice(info.commit_lsn, self.applied, info.commit_ts_ms);
+            self.capture.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// A change: kept for later inside a stream block, applied now otherwise.
+    async fn change(&mut self, xid: Option<u32>, change: Change) -> anyhow::Result<()> {
+        if let (Some(top), Some(sub)) = (self.stream_top, xid) {
+            self.streamed
+                .entry(top)
+                .or_default()
+                .changes
+                .push((sub, change));
+            return Ok(());
+        }
+        match self.current {
+            Some((info, false)) => self.apply(info, change).await,
+            Some((_, true)) => Ok(()),
+            // A relation described outside a transaction.
+            None => {
+                let info = TxInfo {
+                    xid: 0,
+                    commit_lsn: 0,
+                    commit_ts_ms: 0,
+                };
+                match change {
+                    Change::Relation(_) => self.capture.apply(info, change).await,
+                    _ => anyhow::bail!("a row change outside a transaction"),
+                }
+            }
+        }
+    }
+
+    async fn apply_streamed(
+        &mut self,
+        info: TxInfo,
+        tx: Streamed,
+        end_lsn: u64,
+    ) -> anyhow::Result<()> {
+        // Relations described inside the streamed transaction apply to it alone.
+        let saved = self.capture.save_relations();
+        self.begin_counting(info.commit_lsn);
+        for (_, change) in tx.changes {
+            self.apply(info, change).await?;
+        }
+        self.capture.restore_relations(saved);
+        self.capture.close_unit(Some(end_lsn), info.commit_ts_ms);
+        self.last_commit_ms = info.commit_ts_ms;
+        Ok(())
+    }
+
+    /// After `stop`: wait (up to 30 s) for the broker to acknowledge everything sent,
+    /// write it, confirm it and end the stream.
+    async fn drain(mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        if let Err(e) = self.capture.flush().await {
+            tracing::warn!(error = %e, "Cannot commit the last changes; they are sent again after the restart");
+        }
+        while self.capture.producer.in_flight_units() > 0 && Instant::now() < deadline {
+            if self
+                .capture
+                .producer
+                .wait_ack(Duration::from_millis(100))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            if self.settle().is_err() {
+                break;
+            }
+        }
+        let _ = self.settle();
+        let _ = self.capture.store.clear_acknowledged();
+        let _ = self.conn.send_status(self.confirmed, false).await;
+        tracing::info!(confirmed = %format_lsn(self.confirmed), "Stream drained");
+        self.conn.close().await;
+    }
+}

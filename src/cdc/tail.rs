@@ -1,0 +1,95 @@
+//! After a crash: which events of the outbox the broker already has.
+//!
+//! The producer is idempotent and every event goes to a partition the capture chose, so a
+//! partition holds the capture's events in sequence order with no gap: the outbox events
+//! of a partition up to the highest `chgate-seq` found in it are in, the ones after are
+//! not. Reading a partition's tail answers that without any state outside Kafka and the
+//! store. Reading starts `rewind` offsets before the end the broker reports (some brokers,
+//! the test one among them, report the start of the last record batch or earlier, or
+//! answer a fetch from inside a batch with the next one) and goes to the real end.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use super::producer::SEQ_HEADER;
+use crate::kafka::client_config;
+
+/// The highest `chgate-seq` in each partition (absent: none found).
+pub fn highest_seqs(
+    brokers: &str,
+    properties: &std::collections::BTreeMap<String, String>,
+    partitions: &BTreeSet<(String, i32)>,
+    rewind: i64,
+) -> anyhow::Result<HashMap<(String, i32), u64>> {
+    let mut out = HashMap::new();
+    let topics: BTreeSet<&String> = partitions.iter().map(|(t, _)| t).collect();
+    for topic in topics {
+        let wanted: Vec<i32> = partitions
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, p)| *p)
+            .collect();
+        read_topic(brokers, properties, topic, &wanted, rewind, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// One topic at a time: an end-of-partition event names only the partition.
+fn read_topic(
+    brokers: &str,
+    properties: &std::collections::BTreeMap<String, String>,
+    topic: &str,
+    partitions: &[i32],
+    rewind: i64,
+    out: &mut HashMap<(String, i32), u64>,
+) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = client_config(brokers, properties)
+        .set("group.id", "chgate-cdc-tail")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    let mut list = TopicPartitionList::new();
+    let mut open = BTreeSet::new();
+    for &p in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        if high <= low {
+            continue;
+        }
+        list.add_partition_offset(topic, p, Offset::Offset((high - rewind).max(low)))?;
+        open.insert(p);
+    }
+    if open.is_empty() {
+        return Ok(());
+    }
+    consumer.assign(&list)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !open.is_empty() {
+        if Instant::now() > deadline {
+            anyhow::bail!("reading the tails of topic {topic} took over 2 minutes");
+        }
+        match consumer.poll(Duration::from_millis(500)) {
+            None => {}
+            Some(Ok(m)) => {
+                let seq = m.headers().and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == SEQ_HEADER)
+                        .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse::<u64>().ok())
+                });
+                if let Some(seq) = seq {
+                    let e = out.entry((topic.to_string(), m.partition())).or_insert(0);
+                    *e = seq.max(*e);
+                }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+            }
+            Some(Err(e)) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
