@@ -83,6 +83,7 @@ pub struct Metrics {
     pub cdc_slot_safe_wal_bytes: IntGauge,
     pub cdc_slot_wal_status: IntGaugeVec,
     pub cdc_skipped: IntCounterVec,
+    pub cdc_transactions: IntCounterVec,
     pub cdc_leader: IntGauge,
 }
 
@@ -488,6 +489,11 @@ impl Metrics {
             "Changes not published, by reason: `seen_by_snapshot` (a resumed snapshot chunk already holds the change), `no_before` (an update or delete of a row the key-state store never saw: snapshot = never), `not_captured` (a table outside capture.tables).",
             &["reason"],
         );
+        let cdc_transactions = counter(
+            "chgate_cdc_transactions_total",
+            "Transactions received from the replication stream, by kind: `whole` (sent after its commit), `streamed` (sent in progress, protocol v2, applied at its commit), `aborted` (streamed, then rolled back: nothing published), `already_published` (sent again after a restart, already in Kafka).",
+            &["kind"],
+        );
         let cdc_slot_wal_status = gauge_vec(
             "chgate_cdc_slot_wal_status",
             "1 for the replication slot's current pg_replication_slots.wal_status (reserved, extended, unreserved, lost), 0 for the others. `unreserved` means PostgreSQL may remove WAL the slot needs at the next checkpoint.",
@@ -641,6 +647,7 @@ impl Metrics {
             cdc_slot_safe_wal_bytes,
             cdc_slot_wal_status,
             cdc_skipped,
+            cdc_transactions,
             cdc_leader,
         }
     }

@@ -32,7 +32,7 @@ pub struct Captured {
 
 /// What the stream said a relation looks like now.
 #[derive(Clone)]
-pub struct RelState {
+struct RelState {
     table: usize,
     columns: Vec<(String, Kind)>,
 }
@@ -129,15 +129,6 @@ impl Capture {
 
     fn with_schema(&self) -> bool {
         self.cfg.config.kafka.with_schema
-    }
-
-    /// The relation map, to restore after a streamed transaction applied its own.
-    pub fn save_relations(&self) -> HashMap<u32, RelState> {
-        self.relations.clone()
-    }
-
-    pub fn restore_relations(&mut self, saved: HashMap<u32, RelState>) {
-        self.relations = saved;
     }
 
     async fn relation(&mut self, r: Relation) -> anyhow::Result<()> {

@@ -220,6 +220,12 @@ impl Stream<'_> {
                 end_lsn, commit_ts, ..
             } => {
                 if let Some((_, done_before)) = self.current.take() {
+                    let kind = if done_before {
+                        "already_published"
+                    } else {
+                        "whole"
+                    };
+                    METRICS.cdc_transactions.with_label_values(&[kind]).inc();
                     if !done_before {
                         self.capture.close_unit(Some(end_lsn), commit_ms(commit_ts));
                         self.last_commit_ms = commit_ms(commit_ts);
@@ -267,6 +273,12 @@ impl Stream<'_> {
                 commit_ts,
             } => {
                 let tx = self.streamed.remove(&xid).unwrap_or_default();
+                let kind = if commit_lsn >= store_lsn {
+                    "streamed"
+                } else {
+                    "already_published"
+                };
+                METRICS.cdc_transactions.with_label_values(&[kind]).inc();
                 if commit_lsn >= store_lsn {
                     self.apply_streamed(
                         TxInfo {
@@ -283,6 +295,10 @@ impl Stream<'_> {
             Logical::StreamAbort { xid, subxid } => {
                 if xid == subxid {
                     self.streamed.remove(&xid);
+                    METRICS
+                        .cdc_transactions
+                        .with_label_values(&["aborted"])
+                        .inc();
                 } else if let Some(tx) = self.streamed.get_mut(&xid) {
                     tx.changes.retain(|(sub, _)| *sub != subxid);
                 }
@@ -355,13 +371,12 @@ impl Stream<'_> {
         tx: Streamed,
         end_lsn: u64,
     ) -> anyhow::Result<()> {
-        // Relations described inside the streamed transaction apply to it alone.
-        let saved = self.capture.save_relations();
+        // Relations described inside the transaction stay described once it commits:
+        // pgoutput marks them sent for the whole session then, and does not send them again.
         self.begin_counting(info.commit_lsn);
         for (_, change) in tx.changes {
             self.apply(info, change).await?;
         }
-        self.capture.restore_relations(saved);
         self.capture.close_unit(Some(end_lsn), info.commit_ts_ms);
         self.last_commit_ms = info.commit_ts_ms;
         Ok(())

@@ -18,6 +18,22 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use super::producer::SEQ_HEADER;
 use crate::kafka::client_config;
 
+/// A client context that does not log reaching a partition's end as an error: here it is
+/// the point.
+struct Quiet;
+
+impl rdkafka::ClientContext for Quiet {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        let eof = matches!(error, rdkafka::error::KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF);
+        if !eof {
+            tracing::error!(%error, reason, "Kafka client error while reading partition tails");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Quiet {}
+
 /// The highest `chgate-seq` in each partition (absent: none found).
 pub fn highest_seqs(
     brokers: &str,
@@ -47,12 +63,12 @@ fn read_topic(
     rewind: i64,
     out: &mut HashMap<(String, i32), u64>,
 ) -> anyhow::Result<()> {
-    let consumer: BaseConsumer = client_config(brokers, properties)
+    let consumer: BaseConsumer<Quiet> = client_config(brokers, properties)
         .set("group.id", "chgate-cdc-tail")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
-        .create()?;
+        .create_with_context(Quiet)?;
     let mut list = TopicPartitionList::new();
     let mut open = BTreeSet::new();
     for &p in partitions {

@@ -1,0 +1,730 @@
+//! `chgate cdc` against the stack's real PostgreSQL 15 and Kafka-compatible broker: a
+//! randomized workload (inserts, updates, deletes, TOASTed values an update leaves alone,
+//! multi-row transactions, a transaction big enough to be streamed in progress, an ALTER
+//! ADD COLUMN, a TRUNCATE) while the capture is SIGKILLed mid-snapshot and mid-stream, for
+//! a table with REPLICA IDENTITY DEFAULT and one with FULL. Then every event in Kafka is
+//! folded per key, in partition order, and checked: each `before` is exactly the row the
+//! previous event published, with its version; versions increase; no event is there twice;
+//! and the folded state equals PostgreSQL row for row.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde_json::Value;
+use tokio_postgres::{Client, NoTls};
+
+const PG: &str = "host=127.0.0.1 port=5433 user=postgres";
+const BROKER: &str = "127.0.0.1:9092";
+
+async fn pg(db: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(&format!("{PG} dbname={db}"), NoTls)
+        .await
+        .expect("connect to the stack's PostgreSQL (scripts/dev-stack up)");
+    tokio::spawn(conn);
+    client
+}
+
+/// A database of its own, dropped (with its slot) at the end.
+struct TestDb {
+    name: String,
+    slot: String,
+}
+
+impl TestDb {
+    async fn create() -> Self {
+        let name = common::unique("cdc");
+        let admin = pg("postgres").await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        // Small enough that the big transaction is streamed while in progress.
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {name} SET logical_decoding_work_mem = '64kB'"
+            ))
+            .await
+            .unwrap();
+        let db = pg(&name).await;
+        db.batch_execute(
+            "CREATE TABLE customers (id bigint PRIMARY KEY, name text, email text, updated_at timestamptz);
+             ALTER TABLE customers REPLICA IDENTITY FULL;
+             CREATE TABLE orders (id bigint PRIMARY KEY, customer_id bigint, status text,
+                                  amount numeric(12,2), note text, updated_at timestamptz);",
+        )
+        .await
+        .unwrap();
+        Self {
+            slot: name.clone(),
+            name,
+        }
+    }
+
+    fn drop_all(&self) {
+        let name = self.name.clone();
+        let slot = self.slot.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let admin = pg("postgres").await;
+            let _ = admin
+                .batch_execute(&format!(
+                    "SELECT pg_drop_replication_slot('{slot}') FROM pg_replication_slots WHERE slot_name = '{slot}'"
+                ))
+                .await;
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+        });
+    }
+}
+
+/// Counters summed over the processes of a test (each SIGKILL loses its own).
+#[derive(Default, Debug)]
+struct Totals {
+    seen_by_snapshot: f64,
+    streamed: f64,
+    resent: usize,
+}
+
+impl Totals {
+    fn add(&mut self, cdc: &Cdc) {
+        self.seen_by_snapshot +=
+            cdc.metric("chgate_cdc_skipped_total", &["reason=\"seen_by_snapshot\""]);
+        self.streamed += cdc.metric("chgate_cdc_transactions_total", &["kind=\"streamed\""]);
+        self.resent += cdc
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("the broker did not have"))
+            .count();
+    }
+}
+
+/// `chgate cdc` as a real process.
+struct Cdc {
+    child: Child,
+    admin: SocketAddr,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Cdc {
+    fn start(config: &PathBuf) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chgate"))
+            .args(["--log-format", "json", "cdc", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start chgate cdc");
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if std::env::var_os("CHGATE_TEST_ECHO").is_some() {
+                        eprintln!("{line}");
+                    }
+                    log.lock().unwrap().push(line.clone());
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let admin = loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("chgate cdc did not start: {:?}", log.lock().unwrap()));
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if v["message"] == "Listening" && v["kind"] == "admin" {
+                break v["addr"].as_str().unwrap().parse().unwrap();
+            }
+        };
+        Self { child, admin, log }
+    }
+
+    fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let text = common::curl(&["-sS", &format!("http://{}/metrics", self.admin)]).body;
+        common::metric_sum(&text, name, labels)
+    }
+
+    /// SIGKILL; first adds the counters this process kept to `totals`.
+    fn kill(&mut self, totals: &mut Totals) {
+        totals.add(self);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits until the capture streams (its `/readyz` answers 200).
+    fn wait_streaming(&self, deadline: Duration) {
+        let end = Instant::now() + deadline;
+        loop {
+            let out = common::curl(&["-s", &format!("http://{}/readyz", self.admin)]);
+            if out.status == 200 {
+                return;
+            }
+            assert!(Instant::now() < end, "not streaming: {:?}", self.tail());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn term(&mut self) {
+        common::send_signal(&self.child.id().to_string(), "TERM");
+        let end = Instant::now() + Duration::from_secs(40);
+        while Instant::now() < end {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "chgate cdc exited with {status}: {:?}",
+                    self.tail()
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("chgate cdc did not stop on SIGTERM: {:?}", self.tail());
+    }
+
+    fn tail(&self) -> Vec<String> {
+        let log = self.log.lock().unwrap();
+        log.iter().rev().take(15).rev().cloned().collect()
+    }
+
+    fn errors(&self) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("\"ERROR\""))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Cdc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(db: &TestDb, prefix: &str, state: &std::path::Path, chunk_rows: u32) -> PathBuf {
+    let path = common::tempfile_path("cdc").with_extension("toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[postgres]
+host = "127.0.0.1"
+port = 5433
+user = "postgres"
+dbname = "{db}"
+
+[capture]
+name = "{prefix}"
+slot = "{slot}"
+publication = "{slot}"
+tables = ["public.*"]
+state_dir = "{state}"
+snapshot_chunk_rows = {chunk_rows}
+heartbeat = "1s"
+
+[kafka]
+brokers = "{BROKER}"
+partitions = 3
+
+[admin]
+listen = "127.0.0.1:0"
+"#,
+            db = db.name,
+            slot = db.slot,
+            state = state.display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// One message of a topic.
+struct Event {
+    partition: i32,
+    offset: i64,
+    key: String,
+    value: Option<Value>,
+    seq: Option<u64>,
+}
+
+/// Every message of `topic`, partition by partition in offset order.
+fn read_topic(topic: &str) -> Vec<Event> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", BROKER)
+        .set("group.id", "chgate-cdc-test")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let meta = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let parts: Vec<i32> = meta.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    let mut list = TopicPartitionList::new();
+    for &p in &parts {
+        list.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&list).unwrap();
+    let mut open: HashSet<i32> = parts.iter().copied().collect();
+    let mut out = Vec::new();
+    let end = Instant::now() + Duration::from_secs(120);
+    while !open.is_empty() && Instant::now() < end {
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                let seq = m.headers().and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == "chgate-seq")
+                        .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+                });
+                out.push(Event {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                    value: m.payload().map(|p| serde_json::from_slice(p).unwrap()),
+                    seq,
+                });
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    assert!(
+        open.is_empty(),
+        "{topic}: partitions {open:?} never reached their end"
+    );
+    out.sort_by_key(|e| (e.partition, e.offset));
+    out
+}
+
+/// The rows the events leave, per key; every inconsistency found on the way. A key's
+/// events are all in one partition (and a truncate is in every one): each partition is
+/// folded alone.
+fn fold(events: &[Event]) -> (BTreeMap<i64, Value>, Vec<String>) {
+    let mut rows = BTreeMap::new();
+    let mut problems = Vec::new();
+    let mut seqs = HashSet::new();
+    let mut partitions: BTreeMap<i32, Vec<&Event>> = BTreeMap::new();
+    for e in events {
+        if let Some(s) = e.seq {
+            if !seqs.insert(s) {
+                problems.push(format!(
+                    "event seq {s} is in the topic twice (p{} @{})",
+                    e.partition, e.offset
+                ));
+            }
+        }
+        partitions.entry(e.partition).or_default().push(e);
+    }
+    for events in partitions.values() {
+        let (r, p) = fold_partition(events);
+        rows.extend(r);
+        problems.extend(p);
+    }
+    (rows, problems)
+}
+
+fn fold_partition(events: &[&Event]) -> (BTreeMap<i64, Value>, Vec<String>) {
+    let mut state: HashMap<String, (Value, u64)> = HashMap::new();
+    let mut problems = Vec::new();
+    let mut last_version: HashMap<String, u64> = HashMap::new();
+    for e in events {
+        let Some(v) = &e.value else { continue }; // a tombstone
+        let op = v["op"].as_str().unwrap_or("?");
+        let src = &v["source"];
+        let version = src["row_version"].as_u64().unwrap_or(0);
+        let at = format!("p{}@{} key {} op {op}", e.partition, e.offset, e.key);
+        if op == "t" {
+            state.clear();
+            last_version.clear();
+            continue;
+        }
+        if let Some(&prev) = last_version.get(&e.key) {
+            if version <= prev && op != "r" {
+                problems.push(format!("{at}: version {version} after {prev}"));
+            }
+        }
+        last_version.insert(e.key.clone(), version);
+        match op {
+            "r" | "c" => {
+                if state.contains_key(&e.key) {
+                    problems.push(format!("{at}: the row already exists"));
+                }
+                state.insert(e.key.clone(), (v["after"].clone(), version));
+            }
+            "u" | "d" => {
+                match state.get(&e.key) {
+                    None => problems.push(format!("{at}: no earlier event for the row")),
+                    Some((row, ver)) => {
+                        if &v["before"] != row {
+                            problems.push(format!(
+                                "{at}: before {} is not the published row {}",
+                                v["before"], row
+                            ));
+                        }
+                        if src["before_row_version"].as_u64() != Some(*ver) {
+                            problems.push(format!(
+                                "{at}: before_row_version {} is not {ver}",
+                                src["before_row_version"]
+                            ));
+                        }
+                    }
+                }
+                if op == "u" {
+                    state.insert(e.key.clone(), (v["after"].clone(), version));
+                } else {
+                    state.remove(&e.key);
+                }
+            }
+            _ => problems.push(format!("{at}: unknown op")),
+        }
+    }
+    let rows = state
+        .into_values()
+        .map(|(row, _)| (row["id"].as_i64().unwrap(), row))
+        .collect();
+    (rows, problems)
+}
+
+fn micros(iso: &Value) -> Option<i64> {
+    let s = iso.as_str()?;
+    Some(
+        chrono::DateTime::parse_from_rfc3339(s)
+            .ok()?
+            .timestamp_micros(),
+    )
+}
+
+/// The workload: random transactions on both tables until `stop`.
+async fn workload(
+    db: String,
+    seed: u64,
+    txns: usize,
+    next_id: std::sync::Arc<std::sync::atomic::AtomicI64>,
+) {
+    let client = pg(&db).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let wide = "(SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 250))";
+    for i in 0..txns {
+        let mut sql = String::from("BEGIN;");
+        let statements = if rng.gen_bool(0.2) {
+            rng.gen_range(2..6)
+        } else {
+            1
+        };
+        for _ in 0..statements {
+            let hi = next_id.load(std::sync::atomic::Ordering::Relaxed).max(2);
+            let pick = rng.gen_range(1..hi);
+            match rng.gen_range(0..100) {
+                0..=34 => {
+                    let id = next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let note = if rng.gen_bool(0.3) { wide.to_string() } else { format!("'n{id}'") };
+                    sql += &format!(
+                        "INSERT INTO orders VALUES ({id}, {}, 'new', {}.{:02}, {note}, now());",
+                        rng.gen_range(1..500),
+                        rng.gen_range(0..10000),
+                        rng.gen_range(0..100)
+                    );
+                }
+                35..=44 => {
+                    let id = next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    sql += &format!("INSERT INTO customers VALUES ({id}, 'c{id}', 'c{id}@x.io', now());");
+                }
+                // Updates that leave the wide note alone: its TOASTed value is not sent.
+                45..=69 => sql += &format!(
+                    "UPDATE orders SET status = 'st{}', amount = amount + 1, updated_at = now() WHERE id = {pick};",
+                    rng.gen_range(0..9)
+                ),
+                70..=74 => sql += &format!("UPDATE orders SET note = {wide} WHERE id = {pick};"),
+                75..=82 => sql += &format!(
+                    "UPDATE customers SET email = 'e{}@y.io', updated_at = now() WHERE id = {pick};",
+                    rng.gen_range(0..1000)
+                ),
+                83..=84 => {
+                    // A primary key change: a delete of the old key and a create of the new.
+                    let id = next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    sql += &format!("UPDATE orders SET id = {id} WHERE id = {pick};");
+                }
+                85..=94 => sql += &format!("DELETE FROM orders WHERE id = {pick};"),
+                _ => sql += &format!("DELETE FROM customers WHERE id = {pick};"),
+            }
+        }
+        sql += "COMMIT;";
+        if let Err(e) = client.batch_execute(&sql).await {
+            // A primary key change onto a key a concurrent insert took: roll back, go on.
+            let _ = client.batch_execute("ROLLBACK").await;
+            assert!(e.code().is_some(), "workload: {e}");
+        }
+        if i % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+#[test]
+fn killed_mid_snapshot_and_mid_stream_kafka_still_equals_postgres() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt.block_on(TestDb::create());
+    let prefix = db.name.replace('_', "-");
+    let state = common::tempfile_path("cdc-state");
+    let cfg = config(&db, &prefix, &state, 1000);
+    let next_id = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(1));
+
+    // Rows that exist before the capture: the snapshot's work (some with wide notes).
+    rt.block_on(async {
+        let c = pg(&db.name).await;
+        c.batch_execute(
+            "INSERT INTO orders SELECT g, g % 500, 'old', g * 1.25,
+                    CASE WHEN g % 10 = 0 THEN (SELECT string_agg(md5(random()::text || g || s), '') FROM generate_series(1, 250) s) ELSE 'o' || g END,
+                    now() FROM generate_series(1, 20000) g;
+             INSERT INTO customers SELECT g, 'c' || g, 'c' || g || '@x.io', now() FROM generate_series(20001, 23000) g;",
+        )
+        .await
+        .unwrap();
+    });
+    next_id.store(23001, std::sync::atomic::Ordering::Relaxed);
+
+    // Writes go on while the snapshot runs; the capture dies in the middle of it.
+    let load = rt.spawn(workload(db.name.clone(), 7, 1500, next_id.clone()));
+    let mut cdc = Cdc::start(&cfg);
+    let t0 = Instant::now();
+    while cdc.metric("chgate_cdc_snapshot_rows_total", &[]) < 3000.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no snapshot progress: {:?}",
+            cdc.tail()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut totals = Totals::default();
+    let pending = cdc.metric("chgate_cdc_snapshot_tables_pending", &[]);
+    cdc.kill(&mut totals);
+    eprintln!("killed mid-snapshot ({pending} tables pending)");
+    assert!(
+        pending > 0.0,
+        "the snapshot finished before the kill: make it bigger"
+    );
+
+    // Resumed: the rest of the snapshot under new snapshots, then the stream.
+    let mut cdc = Cdc::start(&cfg);
+    cdc.wait_streaming(Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(1000));
+    cdc.kill(&mut totals);
+    eprintln!("killed while streaming: {totals:?}");
+    let mut cdc = Cdc::start(&cfg);
+
+    // A big transaction (streamed by the server while in progress), a schema change, a
+    // truncate, and more kills in the middle of it all.
+    rt.block_on(async {
+        let c = pg(&db.name).await;
+        c.batch_execute("UPDATE orders SET amount = amount + 0.01 WHERE id % 3 = 0")
+            .await
+            .unwrap();
+        c.batch_execute("ALTER TABLE orders ADD COLUMN priority int DEFAULT 0")
+            .await
+            .unwrap();
+    });
+    let t0 = Instant::now();
+    while cdc.metric("chgate_cdc_transactions_total", &["kind=\"streamed\""]) < 1.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the big transaction was not streamed: {:?}",
+            cdc.tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cdc.kill(&mut totals);
+    eprintln!("killed after the big transaction: {totals:?}");
+    let mut cdc = Cdc::start(&cfg);
+    rt.block_on(async {
+        let c = pg(&db.name).await;
+        c.batch_execute("UPDATE orders SET priority = 2, status = 'prio' WHERE id % 7 = 0")
+            .await
+            .unwrap();
+        c.batch_execute("TRUNCATE customers").await.unwrap();
+        c.batch_execute("INSERT INTO customers SELECT g, 'again' || g, NULL, now() FROM generate_series(1, 300) g")
+            .await
+            .unwrap();
+    });
+    rt.block_on(load).unwrap();
+    let more = rt.spawn(workload(db.name.clone(), 11, 500, next_id.clone()));
+    std::thread::sleep(Duration::from_millis(800));
+    cdc.kill(&mut totals);
+    eprintln!("killed a fourth time: {totals:?}");
+    let mut cdc = Cdc::start(&cfg);
+    rt.block_on(more).unwrap();
+
+    // Caught up: the slot confirmed past the last write.
+    rt.block_on(async {
+        let c = pg(&db.name).await;
+        let end: String = c
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let t0 = Instant::now();
+        loop {
+            let row = c
+                .query_one(
+                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                    &[&end, &db.slot],
+                )
+                .await
+                .unwrap();
+            if row.get::<_, bool>(0) {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(90), "the capture did not catch up: {:?}", cdc.tail());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    totals.add(&cdc);
+    cdc.term();
+    assert!(cdc.errors().is_empty(), "errors logged: {:?}", cdc.errors());
+    eprintln!("{totals:?}");
+    assert!(
+        totals.resent >= 1,
+        "no restart had events to send again: {totals:?}"
+    );
+
+    let (expected_orders, expected_customers) = rt.block_on(async {
+        let c = pg(&db.name).await;
+        let orders = c
+            .query(
+                "SELECT id, customer_id, status, amount::text, note,
+                        (extract(epoch FROM updated_at) * 1000000)::bigint, priority
+                 FROM orders",
+                &[],
+            )
+            .await
+            .unwrap();
+        let customers = c
+            .query("SELECT id, name, email, (extract(epoch FROM updated_at) * 1000000)::bigint FROM customers", &[])
+            .await
+            .unwrap();
+        (orders, customers)
+    });
+
+    let (orders, problems) = fold(&read_topic(&format!("{prefix}.public.orders")));
+    assert!(
+        problems.is_empty(),
+        "orders: {} problems, first: {:?}",
+        problems.len(),
+        &problems[..problems.len().min(10)]
+    );
+    let (customers, problems) = fold(&read_topic(&format!("{prefix}.public.customers")));
+    assert!(
+        problems.is_empty(),
+        "customers: {} problems, first: {:?}",
+        problems.len(),
+        &problems[..problems.len().min(10)]
+    );
+
+    assert_eq!(
+        orders.len(),
+        expected_orders.len(),
+        "orders: rows in Kafka vs PostgreSQL"
+    );
+    let mut wide = 0;
+    for r in &expected_orders {
+        let id: i64 = r.get(0);
+        let got = orders
+            .get(&id)
+            .unwrap_or_else(|| panic!("order {id} is missing"));
+        assert_eq!(
+            got["customer_id"].as_i64(),
+            r.get::<_, Option<i64>>(1),
+            "order {id}"
+        );
+        assert_eq!(
+            got["status"].as_str(),
+            r.get::<_, Option<&str>>(2),
+            "order {id}"
+        );
+        assert_eq!(
+            got["amount"].as_str(),
+            r.get::<_, Option<&str>>(3),
+            "order {id}"
+        );
+        let note: Option<&str> = r.get(4);
+        assert_eq!(got["note"].as_str(), note, "order {id}: note");
+        wide += usize::from(note.is_some_and(|n| n.len() > 4000));
+        assert_eq!(
+            micros(&got["updated_at"]),
+            r.get::<_, Option<i64>>(5),
+            "order {id}: updated_at"
+        );
+        let priority: Option<i32> = r.get(6);
+        match got.get("priority") {
+            Some(p) => assert_eq!(p.as_i64(), priority.map(i64::from), "order {id}: priority"),
+            // Never changed since the ALTER: PostgreSQL's default, with no event.
+            None => assert_eq!(priority, Some(0), "order {id}: priority"),
+        }
+    }
+    assert!(wide > 1000, "only {wide} orders with TOASTed notes");
+    assert_eq!(
+        customers.len(),
+        expected_customers.len(),
+        "customers: rows in Kafka vs PostgreSQL"
+    );
+    for r in &expected_customers {
+        let id: i64 = r.get(0);
+        let got = customers
+            .get(&id)
+            .unwrap_or_else(|| panic!("customer {id} is missing"));
+        assert_eq!(
+            got["name"].as_str(),
+            r.get::<_, Option<&str>>(1),
+            "customer {id}"
+        );
+        assert_eq!(
+            got["email"].as_str(),
+            r.get::<_, Option<&str>>(2),
+            "customer {id}"
+        );
+        assert_eq!(
+            micros(&got["updated_at"]),
+            r.get::<_, Option<i64>>(3),
+            "customer {id}"
+        );
+    }
+    eprintln!(
+        "Kafka equals PostgreSQL: {} orders ({wide} with TOASTed notes), {} customers",
+        orders.len(),
+        customers.len()
+    );
+    db.drop_all();
+    let _ = std::fs::remove_dir_all(&state);
+}
