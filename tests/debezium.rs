@@ -21,7 +21,8 @@ use serde_json::{json, Value};
 const SHARDS: [[&str; 2]; 2] = [[NODES[0], NODES[1]], [NODES[2], NODES[3]]];
 
 /// A test's tables, on every node: `<name>_orders` (versioned collapsing, the quickstart's
-/// demo.orders_local with a UUID, an array and a Date more) and `<name>_customers`
+/// demo.orders_local with a UUID, an array, a Date and a Nested column more: arrays of
+/// different lengths in one Nested are refused by ClickHouse itself) and `<name>_customers`
 /// (replacing), plus Distributed tables over them on the first node. Dropped at the end.
 struct Tables {
     name: String,
@@ -43,6 +44,7 @@ impl Tables {
                         ref Nullable(UUID),
                         tags Array(String),
                         day Nullable(Date),
+                        n Nested(a UInt8, b UInt8),
                         sign Int8,
                         version UInt64
                     ) ENGINE = ReplicatedVersionedCollapsingMergeTree(
@@ -107,7 +109,7 @@ const ORDER_COLUMNS: &str = "id, customer_id, status, toString(amount), note, \
     toUnixTimestamp(updated_at), toString(ref), arrayStringConcat(tags, ','), toString(day), version";
 /// The columns a row state is grouped by in the `sum(sign)` form: all but the sign.
 const ORDER_KEY: &str =
-    "id, customer_id, status, amount, note, updated_at, ref, tags, day, version";
+    "id, customer_id, status, amount, note, updated_at, ref, tags, day, n.a, n.b, version";
 const CUSTOMER_COLUMNS: &str = "id, name, email, toUnixTimestamp(updated_at), version";
 
 /// One table's changes as `chgate cdc` publishes them (`key\tvalue` lines for kcat), with
@@ -521,6 +523,15 @@ fn orders_script() -> Script {
     s.update(4, order(4, 1), true);
     s.delete(4);
     s.update(11, order(11, 2), true);
+    // A change ClickHouse refuses (a Nested column's arrays of different lengths in
+    // `after`): its cancel row is glued to it, so neither goes in and the row keeps its
+    // state; one dead letter, with the message read again.
+    let mut nested = order(12, 0);
+    nested["n"] = json!({"a": [1, 2], "b": [3, 4]});
+    s.insert(12, nested.clone(), "c");
+    nested["n"]["b"] = json!([3]);
+    let refused = s.broken(12, "u", |v| v["after"] = nested.clone());
+    s.bad(12, &refused, "refused");
     s.bad(7, "not json at all", "parse");
     s.bad(
         7,
@@ -631,14 +642,30 @@ async fn scripted_changes_leave_exactly_the_final_rows_and_dead_letter_the_bad_o
                 "the original message: {payload}"
             );
         }
+        if headers.contains("chgate-reason=refused") {
+            assert!(headers.contains("different array sizes"), "{headers}");
+            assert!(
+                payload.contains("\"b\":[3]}"),
+                "the original message: {payload}"
+            );
+        }
         if headers.contains("chgate-reason=truncate") {
             assert!(headers.contains("truncate of public.orders"), "{headers}");
         }
     }
-    // Rows made: the updates of the collapsing table count twice.
+    // Rows made: the updates of the collapsing table count twice, and so does the update
+    // ClickHouse refused (parsed, then refused whole: one dead letter).
     let metrics = sidecar.metrics();
     let parsed = metric_sum(&metrics, "chgate_ingest_parsed_total", &[]);
-    assert_eq!(parsed, (orders.rows + customers.rows) as f64);
+    assert_eq!(parsed, (orders.rows + customers.rows + 2) as f64);
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "chgate_ingest_dead_letters_total",
+            &["reason=\"refused\""]
+        ),
+        1.0
+    );
     assert_eq!(
         metric_sum(
             &metrics,
