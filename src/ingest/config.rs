@@ -553,4 +553,58 @@ mod tests {
         }
         let _ = std::fs::remove_dir_all(dir);
     }
+
+    #[test]
+    fn debezium_tasks_shard_by_the_message_key() {
+        let config = |template: &str, task: &str| {
+            let text = format!(
+                r#"
+                [kafka]
+                brokers = "b:9092"
+                group_id = "g"
+                [clusters.demo]
+                shards = [{{ replicas = [{{ host = "h" }}] }}]
+                [clusters.demo.accounts.a]
+                user = "u"
+                password_env = "CHGATE_TEST_INGEST_SECRET"
+                [templates.t]
+                format = "debezium"
+                {template}
+                [tasks.x]
+                topic = "pg.public.t"
+                template = "t"
+                cluster = "demo"
+                account = "a"
+                table = "demo.t_local"
+                dead_letter_topic = "pg-dlq"
+                {task}
+                "#
+            );
+            std::env::set_var("CHGATE_TEST_INGEST_SECRET", "s");
+            let parsed: IngestConfig = toml::from_str(&text).unwrap();
+            validate(parsed, Path::new("."))
+        };
+        let v = config("engine = \"replacing\"", "").unwrap();
+        assert_eq!(v.config.tasks["x"].sharding(), Sharding::Key, "the default");
+        let problems = config(
+            "sign_column = \"s\"",
+            "sharding = \"random\"\nkey = \"id\"\ntime_window = { column = \"ts\", max_age = \"1h\" }",
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "templates.t.engine",
+                "tasks.x.sharding",
+                "tasks.x.key",
+                "tasks.x.time_window"
+            ],
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].message.contains("the message key"),
+            "{problems:?}"
+        );
+    }
 }
