@@ -264,12 +264,12 @@ impl Metrics {
         );
         let ingest_parsed = counter(
             "chgate_ingest_parsed_total",
-            "Messages parsed into rows, by task (counted as their batch is cut; a batch rebuilt after a crash counts again).",
+            "Rows parsed from messages, by task (one per message, 0 to 2 for a debezium task; counted as their batch is cut; a batch rebuilt after a crash counts again).",
             &["task"],
         );
         let ingest_dead_letters = counter(
             "chgate_ingest_dead_letters_total",
-            "Messages sent to the dead-letter topic, by task and reason (parse, type, time_window, refused).",
+            "Messages sent to the dead-letter topic, by task and reason (parse, type, time_window, refused; debezium tasks also envelope, truncate).",
             &["task", "reason"],
         );
         let ingest_fenced = counter(

@@ -22,6 +22,13 @@ pub enum ColumnType {
     DateTime,
     /// Ticks of 10^-precision seconds.
     DateTime64(u32),
+    /// A fixed-point number: `precision` digits of which `scale` after the point, stored as
+    /// the integer `value * 10^scale` in 4, 8, 16 or 32 bytes (by precision).
+    Decimal {
+        precision: u32,
+        scale: u32,
+    },
+    Uuid,
     Nullable(Box<ColumnType>),
     Array(Box<ColumnType>),
     /// Encoded as its inner type in RowBinary.
@@ -33,6 +40,8 @@ impl fmt::Display for ColumnType {
         match self {
             Self::FixedString(n) => write!(f, "FixedString({n})"),
             Self::DateTime64(p) => write!(f, "DateTime64({p})"),
+            Self::Decimal { precision, scale } => write!(f, "Decimal({precision}, {scale})"),
+            Self::Uuid => write!(f, "UUID"),
             Self::Nullable(t) => write!(f, "Nullable({t})"),
             Self::Array(t) => write!(f, "Array({t})"),
             Self::LowCardinality(t) => write!(f, "LowCardinality({t})"),
@@ -89,12 +98,48 @@ impl ColumnType {
                 }
                 Self::DateTime64(p)
             }
+            ("Decimal", Some(args)) => {
+                let (p, s) = args
+                    .split_once(',')
+                    .ok_or_else(|| format!("Decimal({args}) needs a precision and a scale"))?;
+                decimal(number(p)?, number(s)?)?
+            }
+            ("Decimal32", Some(s)) => decimal(9, number(s)?)?,
+            ("Decimal64", Some(s)) => decimal(18, number(s)?)?,
+            ("Decimal128", Some(s)) => decimal(38, number(s)?)?,
+            ("Decimal256", Some(s)) => decimal(76, number(s)?)?,
+            ("UUID", None) => Self::Uuid,
             ("Nullable", a) => Self::Nullable(inner(a)?),
             ("Array", a) => Self::Array(inner(a)?),
             ("LowCardinality", a) => Self::LowCardinality(inner(a)?),
             _ => return Err(format!("type {name} is not supported by chgate ingest")),
         })
     }
+
+    /// The bytes a `Decimal` of `precision` digits takes in RowBinary.
+    pub fn decimal_bytes(precision: u32) -> usize {
+        match precision {
+            0..=9 => 4,
+            10..=18 => 8,
+            19..=38 => 16,
+            _ => 32,
+        }
+    }
+}
+
+fn number(s: &str) -> Result<u32, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("{:?} is not a number", s.trim()))
+}
+
+fn decimal(precision: u32, scale: u32) -> Result<ColumnType, String> {
+    if !(1..=76).contains(&precision) || scale > precision {
+        return Err(format!(
+            "Decimal({precision}, {scale}) needs 1 <= precision <= 76 and scale <= precision"
+        ));
+    }
+    Ok(ColumnType::Decimal { precision, scale })
 }
 
 #[cfg(test)]
@@ -122,7 +167,27 @@ mod tests {
             ColumnType::parse("FixedString(16)"),
             Ok(ColumnType::FixedString(16))
         );
-        assert!(ColumnType::parse("Decimal(10, 2)")
+        assert_eq!(
+            ColumnType::parse("Nullable(Decimal(12, 2))"),
+            Ok(ColumnType::Nullable(Box::new(ColumnType::Decimal {
+                precision: 12,
+                scale: 2
+            })))
+        );
+        assert_eq!(
+            ColumnType::parse("Decimal64(4)"),
+            Ok(ColumnType::Decimal {
+                precision: 18,
+                scale: 4
+            })
+        );
+        assert_eq!(
+            ColumnType::parse("Array(UUID)").unwrap().to_string(),
+            "Array(UUID)"
+        );
+        assert!(ColumnType::parse("Decimal(3, 4)").is_err());
+        assert!(ColumnType::parse("Decimal(77, 0)").is_err());
+        assert!(ColumnType::parse("Enum8('a' = 1)")
             .unwrap_err()
             .contains("not supported"));
         assert!(ColumnType::parse("Array(").is_err());

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::template::TemplateConfig;
+use super::template::{FormatKind, TemplateConfig};
 use crate::config::{
     validate_clusters, validate_picker, validate_upstream, ClusterConfig, ConfigSourceConfig,
     PickerConfig, Problem, UpstreamConfig,
@@ -150,7 +150,8 @@ impl Default for LimitsConfig {
 pub enum Sharding {
     /// The picker chooses the shard per batch, by health.
     Random,
-    /// A hash of the `key` column chooses the shard: one key, one shard.
+    /// A hash of the `key` column (for `debezium` templates, of the message key) chooses
+    /// the shard: one key, one shard.
     Key,
 }
 
@@ -164,9 +165,12 @@ pub struct TaskConfig {
     pub account: String,
     /// The local (replicated) table on each node: `database.table`.
     pub table: String,
-    #[serde(default = "default_sharding")]
-    pub sharding: Sharding,
-    /// The column whose value chooses the shard with `sharding = "key"`.
+    /// Default `random`; for a `debezium` template `key`, the only one it takes.
+    /// [`validate`] fills it in.
+    #[serde(default)]
+    pub sharding: Option<Sharding>,
+    /// The column whose value chooses the shard with `sharding = "key"` (not for
+    /// `debezium` templates: the message key does).
     pub key: Option<String>,
     #[serde(default = "default_batch_rows")]
     pub batch_rows: usize,
@@ -179,9 +183,6 @@ pub struct TaskConfig {
     pub time_window: Option<TimeWindowConfig>,
 }
 
-fn default_sharding() -> Sharding {
-    Sharding::Random
-}
 fn default_batch_rows() -> usize {
     100_000
 }
@@ -194,6 +195,13 @@ fn default_batch_bytes() -> usize {
 }
 fn default_batch_age() -> Duration {
     Duration::from_secs(1)
+}
+
+impl TaskConfig {
+    /// The task's sharding (as [`validate`] resolved it).
+    pub fn sharding(&self) -> Sharding {
+        self.sharding.unwrap_or(Sharding::Random)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -284,8 +292,21 @@ fn read(path: &Path) -> Result<(IngestConfig, PathBuf), Vec<Problem>> {
     crate::config::read(path)
 }
 
-pub(super) fn validate(config: IngestConfig, base: &Path) -> Result<ValidatedIngest, Vec<Problem>> {
+pub(super) fn validate(
+    mut config: IngestConfig,
+    base: &Path,
+) -> Result<ValidatedIngest, Vec<Problem>> {
     let mut problems = Vec::new();
+    for (name, t) in &config.templates {
+        for (key, why) in t.problems() {
+            problems.push(Problem::new(format!("templates.{name}.{key}"), why));
+        }
+    }
+    for t in config.tasks.values_mut() {
+        if t.sharding.is_none() && debezium(&config.templates, t) {
+            t.sharding = Some(Sharding::Key);
+        }
+    }
     // The same checks as the proxy's: a sidecar's embedded picker is a picker like its.
     validate_upstream(&config.upstream, &mut problems);
     validate_picker(&config.picker, &mut problems);
@@ -367,7 +388,9 @@ pub(super) fn validate(config: IngestConfig, base: &Path) -> Result<ValidatedIng
                 format!("{:?} must be database.table", t.table),
             );
         }
-        if t.sharding == Sharding::Key && t.key.is_none() {
+        if debezium(&config.templates, t) {
+            debezium_task(&key, t, &mut p);
+        } else if t.sharding() == Sharding::Key && t.key.is_none() {
             p(
                 format!("{key}.key"),
                 "sharding = \"key\" needs the key column".into(),
@@ -407,6 +430,43 @@ pub(super) fn validate(config: IngestConfig, base: &Path) -> Result<ValidatedIng
     }
 }
 
+/// True if the task's template is a `debezium` one.
+fn debezium(templates: &BTreeMap<String, TemplateConfig>, t: &TaskConfig) -> bool {
+    templates
+        .get(&t.template)
+        .is_some_and(|c| c.format == FormatKind::Debezium)
+}
+
+/// What a task applying change events must be: sharded by its message key, with no key
+/// column and no time window.
+fn debezium_task(key: &str, t: &TaskConfig, p: &mut impl FnMut(String, String)) {
+    if t.sharding() != Sharding::Key {
+        p(
+            format!("{key}.sharding"),
+            "a debezium task needs sharding = \"key\" (the default for it): the message key, \
+             the row's primary key, must choose the shard, so that a row's cancel and state \
+             rows and all its versions land on one shard (merges and FINAL only collapse rows \
+             within a shard)"
+                .into(),
+        );
+    }
+    if t.key.is_some() {
+        p(
+            format!("{key}.key"),
+            "a debezium task is sharded by the message key (the row's primary key); leave key out"
+                .into(),
+        );
+    }
+    if t.time_window.is_some() {
+        p(
+            format!("{key}.time_window"),
+            "a debezium task applies every change: one dropped for its time would leave its \
+             row wrong for good"
+                .into(),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,7 +481,10 @@ mod tests {
         match load(path) {
             Ok(v) => {
                 let t = &v.config.tasks["events"];
-                assert_eq!(t.sharding, Sharding::Random);
+                assert_eq!(t.sharding(), Sharding::Random);
+                for cdc in ["orders", "customers"] {
+                    assert_eq!(v.config.tasks[cdc].sharding(), Sharding::Key, "{cdc}");
+                }
                 assert_eq!(t.batch_age, Duration::from_secs(1));
                 assert!(v.config.pick_api.is_some());
             }
@@ -489,5 +552,59 @@ mod tests {
             assert!(keys.contains(&key), "{key} missing: {problems:?}");
         }
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn debezium_tasks_shard_by_the_message_key() {
+        let config = |template: &str, task: &str| {
+            let text = format!(
+                r#"
+                [kafka]
+                brokers = "b:9092"
+                group_id = "g"
+                [clusters.demo]
+                shards = [{{ replicas = [{{ host = "h" }}] }}]
+                [clusters.demo.accounts.a]
+                user = "u"
+                password_env = "CHGATE_TEST_INGEST_SECRET"
+                [templates.t]
+                format = "debezium"
+                {template}
+                [tasks.x]
+                topic = "pg.public.t"
+                template = "t"
+                cluster = "demo"
+                account = "a"
+                table = "demo.t_local"
+                dead_letter_topic = "pg-dlq"
+                {task}
+                "#
+            );
+            std::env::set_var("CHGATE_TEST_INGEST_SECRET", "s");
+            let parsed: IngestConfig = toml::from_str(&text).unwrap();
+            validate(parsed, Path::new("."))
+        };
+        let v = config("engine = \"replacing\"", "").unwrap();
+        assert_eq!(v.config.tasks["x"].sharding(), Sharding::Key, "the default");
+        let problems = config(
+            "sign_column = \"s\"",
+            "sharding = \"random\"\nkey = \"id\"\ntime_window = { column = \"ts\", max_age = \"1h\" }",
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "templates.t.engine",
+                "tasks.x.sharding",
+                "tasks.x.key",
+                "tasks.x.time_window"
+            ],
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].message.contains("the message key"),
+            "{problems:?}"
+        );
     }
 }

@@ -4,8 +4,10 @@
 //!
 //! - [`config`]: the sidecar's config file; [`follow`]: its clusters followed in ZooKeeper;
 //! - [`template`]: format templates (JSON paths, delimited text with a multi-character
-//!   separator and quoting, mapping by name or position, defaults, the time window),
-//!   compiled against the table's columns;
+//!   separator and quoting, mapping by name or position, defaults, the time window, and
+//!   Debezium change events), compiled against the table's columns;
+//! - [`debezium`]: a change event's envelope checked, and the rows it becomes for a
+//!   VersionedCollapsingMergeTree or ReplacingMergeTree table;
 //! - [`message`], [`ring`]: a consumed message and the wait-free consumer-to-worker
 //!   hand-off;
 //! - [`pending`]: the memory ceiling, held by messages and segments until dropped;
@@ -20,6 +22,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod debezium;
 pub mod follow;
 pub mod intents;
 pub mod message;
@@ -123,6 +126,40 @@ async fn table_columns(
     )
 }
 
+/// Warns when a debezium task's table is not of the engine its template writes for (a
+/// `versioned_collapsing` template into a plain MergeTree keeps every change, which the
+/// `sum(sign)` form still reads right: not refused).
+async fn check_engine(
+    cluster: &Cluster,
+    account: &Account,
+    db: &str,
+    table: &str,
+    engine: debezium::Engine,
+    task: &str,
+) {
+    let family = match engine {
+        debezium::Engine::VersionedCollapsing => "VersionedCollapsingMergeTree",
+        debezium::Engine::Replacing => "ReplacingMergeTree",
+    };
+    let sql = format!(
+        "SELECT engine FROM system.tables WHERE database = '{db}' AND name = '{table}' FORMAT TSV"
+    );
+    for backend in cluster.topology().nodes.iter() {
+        let Ok(text) = backend
+            .node
+            .query(account, &sql, Duration::from_secs(5))
+            .await
+        else {
+            continue;
+        };
+        let found = text.trim();
+        if !found.ends_with(family) {
+            tracing::warn!(task, table = %format!("{db}.{table}"), engine = found, expected = family, "The table's engine is not the one the debezium template writes for");
+        }
+        return;
+    }
+}
+
 /// The proxy's pick API as the config names it.
 fn pick_api(v: &ValidatedIngest) -> Option<(String, u16, Option<http::HeaderValue>, Duration)> {
     let api = v.config.pick_api.as_ref()?;
@@ -176,8 +213,11 @@ async fn build_task(
                 .join("\n")
         )
     })?;
+    if let Some(apply) = template.debezium() {
+        check_engine(&cluster, &account, db, table, apply.engine, name).await;
+    }
     let key_column = match &t.key {
-        Some(k) if t.sharding == Sharding::Key => {
+        Some(k) if t.sharding() == Sharding::Key => {
             Some(template.column_index(k).with_context(|| {
                 format!("tasks.{name}.key: {k} is not a column the template fills")
             })?)
@@ -214,7 +254,7 @@ async fn build_task(
         dead_letter_topic: t.dead_letter_topic.clone(),
         spec: Arc::new(TaskSpec {
             template: Arc::new(template),
-            sharding: t.sharding,
+            sharding: t.sharding(),
             key_column,
             shards,
             window,

@@ -7,6 +7,10 @@
 //!   quoting (a doubled quote inside a quoted field is a quote); columns read a field by
 //!   position or by a name from `fields`. The `csv` crate only splits on one byte, hence
 //!   the small splitter here.
+//! - `debezium`: a change event becomes 0 to 2 rows (`debezium` says which); each column
+//!   reads a field path of the row (`before` or `after`), the engine's sign, version and
+//!   deleted columns are written from the event. Numbers in time columns are Debezium's:
+//!   microseconds since the epoch for DateTime/DateTime64, days for Date.
 //!
 //! A column without a mapping reads the field of its own name. A field that is missing
 //! takes the column's `default` if the template gives one, else NULL for `Nullable`
@@ -18,14 +22,17 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::debezium::{self, Apply, Engine, Event, RowPlan, Truncate};
 use crate::clickhouse::rowbinary::{encode, encode_zero, timestamp, truncate, Field, TimeFormat};
 use crate::clickhouse::types::ColumnType;
+use crate::sink::Rows;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(rename_all = "lowercase")]
 pub enum FormatKind {
     Json,
     Delimited,
+    Debezium,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -44,6 +51,96 @@ pub struct TemplateConfig {
     /// Column mappings; a table column not listed reads the field of its own name.
     #[serde(default)]
     pub columns: BTreeMap<String, ColumnMapping>,
+    /// Debezium: how the table makes changes final (`versioned_collapsing`, `replacing`).
+    #[serde(default)]
+    pub engine: Option<Engine>,
+    /// Debezium, `versioned_collapsing`: the Int8 column of +1 / -1 (default `sign`).
+    #[serde(default)]
+    pub sign_column: Option<String>,
+    /// Debezium: the UInt64 column of row versions (default `version`).
+    #[serde(default)]
+    pub version_column: Option<String>,
+    /// Debezium, `replacing`: the UInt8 column set to 1 on deletes (default `is_deleted`).
+    #[serde(default)]
+    pub deleted_column: Option<String>,
+    /// Debezium: what a truncate event does (`dead_letter`, the default, or `ignore`).
+    #[serde(default)]
+    pub truncate: Option<Truncate>,
+}
+
+impl TemplateConfig {
+    /// Problems of the template's own options, as (option, why) (the columns are checked
+    /// against the table by [`Template::compile`], which reports these too).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        let debezium_only = [
+            ("engine", self.engine.is_some()),
+            ("sign_column", self.sign_column.is_some()),
+            ("version_column", self.version_column.is_some()),
+            ("deleted_column", self.deleted_column.is_some()),
+            ("truncate", self.truncate.is_some()),
+        ];
+        if self.format != FormatKind::Debezium {
+            for (key, set) in debezium_only {
+                if set {
+                    problems.push((key, "only debezium templates take it".to_string()));
+                }
+            }
+            return problems;
+        }
+        match self.engine {
+            None => problems.push((
+                "engine",
+                "a debezium template needs engine = \"versioned_collapsing\" or \"replacing\""
+                    .into(),
+            )),
+            Some(Engine::VersionedCollapsing) if self.deleted_column.is_some() => problems.push((
+                "deleted_column",
+                "versioned_collapsing has no deleted column (a delete is a cancel row)".into(),
+            )),
+            Some(Engine::Replacing) if self.sign_column.is_some() => problems.push((
+                "sign_column",
+                "replacing has no sign column (a delete sets deleted_column)".into(),
+            )),
+            Some(_) => {}
+        }
+        for (key, set) in [
+            ("separator", self.separator.is_some()),
+            ("fields", !self.fields.is_empty()),
+        ] {
+            if set {
+                problems.push((key, "only delimited templates take it".to_string()));
+            }
+        }
+        problems
+    }
+
+    /// The debezium columns the engine writes from the event: (option, name, role).
+    fn roles(&self) -> Vec<(&'static str, String, Role)> {
+        let name = |set: &Option<String>, default: &str| {
+            set.clone().unwrap_or_else(|| default.to_string())
+        };
+        let version = (
+            "version_column",
+            name(&self.version_column, "version"),
+            Role::Version,
+        );
+        match self.engine.filter(|_| self.format == FormatKind::Debezium) {
+            Some(Engine::VersionedCollapsing) => vec![
+                ("sign_column", name(&self.sign_column, "sign"), Role::Sign),
+                version,
+            ],
+            Some(Engine::Replacing) => vec![
+                version,
+                (
+                    "deleted_column",
+                    name(&self.deleted_column, "is_deleted"),
+                    Role::Deleted,
+                ),
+            ],
+            None => Vec::new(),
+        }
+    }
 }
 
 fn default_quote() -> String {
@@ -85,10 +182,30 @@ enum PathStep {
     Index(usize),
 }
 
+/// A debezium column the event writes, not a field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Sign,
+    Version,
+    Deleted,
+}
+
+impl Role {
+    /// The type ClickHouse's engine wants for it.
+    fn column_type(self) -> ColumnType {
+        match self {
+            Role::Sign => ColumnType::Int8,
+            Role::Version => ColumnType::UInt64,
+            Role::Deleted => ColumnType::UInt8,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Locator {
     Path(Vec<PathStep>),
     Position(usize),
+    Role(Role),
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +230,8 @@ pub struct Template {
     top_keys: Vec<String>,
     /// JSON: per column, its top-level key's index in `top_keys`.
     top_of: Vec<usize>,
+    /// Debezium: the engine and what a truncate does.
+    debezium: Option<Apply>,
 }
 
 /// The event-time check of a task: rows whose time column falls outside
@@ -170,6 +289,58 @@ fn toml_to_json(v: &toml::Value) -> Value {
     }
 }
 
+/// The engine's columns must be in the table, with the types the engine needs.
+fn check_roles(
+    config: &TemplateConfig,
+    roles: &[(&'static str, String, Role)],
+    table: &[(String, ColumnType)],
+    problems: &mut Vec<String>,
+) {
+    let engine = match config.engine {
+        Some(Engine::VersionedCollapsing) => "versioned_collapsing",
+        _ => "replacing",
+    };
+    for (option, name, role) in roles {
+        let want = role.column_type();
+        match table.iter().find(|(c, _)| c == name) {
+            None => problems.push(format!(
+                "{option}: the table has no column {name:?} ({engine} writes a {want} column there; \
+                 name another with {option})"
+            )),
+            Some((_, ty)) if *ty != want => problems.push(format!(
+                "{option}: column {name} is {ty}; {engine} needs {want} there"
+            )),
+            Some((_, _)) => {}
+        }
+        if config.columns.get(name).is_some_and(|m| m.skip) {
+            problems.push(format!(
+                "columns.{name}.skip: the {option} is written on every row; it cannot be skipped"
+            ));
+        }
+    }
+}
+
+/// How Debezium writes times in JSON: `timestamp` as microseconds since the epoch,
+/// `timestamptz` as an ISO-8601 string, `date` as days since the epoch. The number's
+/// meaning follows the column's type (looked for through Nullable, Array, LowCardinality).
+fn debezium_formats(ty: &ColumnType) -> Vec<TimeFormat> {
+    match ty {
+        ColumnType::Nullable(t) | ColumnType::Array(t) | ColumnType::LowCardinality(t) => {
+            debezium_formats(t)
+        }
+        ColumnType::Date => vec![
+            TimeFormat::UnixDays,
+            TimeFormat::Pattern("%Y-%m-%d".into()),
+            TimeFormat::Rfc3339,
+        ],
+        _ => vec![
+            TimeFormat::UnixUs,
+            TimeFormat::Rfc3339,
+            TimeFormat::Pattern("%Y-%m-%d %H:%M:%S%.f".into()),
+        ],
+    }
+}
+
 impl Template {
     /// Compiles `config` against the table's insertable columns (name, type), in table
     /// order. Every problem is returned, keyed by column.
@@ -177,7 +348,13 @@ impl Template {
         config: &TemplateConfig,
         table: &[(String, ColumnType)],
     ) -> Result<Self, Vec<String>> {
-        let mut problems = Vec::new();
+        let mut problems: Vec<String> = config
+            .problems()
+            .into_iter()
+            .map(|(key, why)| format!("{key}: {why}"))
+            .collect();
+        let roles = config.roles();
+        check_roles(config, &roles, table, &mut problems);
         let separator = config.separator.clone().unwrap_or_default();
         if config.format == FormatKind::Delimited && separator.is_empty() {
             problems.push("separator: a delimited template needs a separator".to_string());
@@ -209,19 +386,37 @@ impl Template {
                 continue;
             }
             let key = format!("columns.{name}");
+            if let Some((option, _, role)) = roles.iter().find(|(_, n, _)| n == name) {
+                if config.columns.contains_key(name) {
+                    problems.push(format!(
+                        "{key}: written from the event ({option}); leave it unmapped"
+                    ));
+                }
+                columns.push(Column {
+                    name: name.clone(),
+                    ty: ty.clone(),
+                    locator: Locator::Role(*role),
+                    formats: Vec::new(),
+                    default: None,
+                });
+                continue;
+            }
             let locator = match (&config.format, &mapping.path, mapping.index) {
-                (FormatKind::Json, _, Some(_)) => {
-                    problems.push(format!("{key}.index: JSON templates map by path"));
+                (FormatKind::Json | FormatKind::Debezium, _, Some(_)) => {
+                    problems.push(format!(
+                        "{key}.index: only delimited templates map by position"
+                    ));
                     continue;
                 }
-                (FormatKind::Json, path, None) => match parse_path(path.as_deref().unwrap_or(name))
-                {
-                    Ok(p) => Locator::Path(p),
-                    Err(e) => {
-                        problems.push(format!("{key}.path: {e}"));
-                        continue;
+                (FormatKind::Json | FormatKind::Debezium, path, None) => {
+                    match parse_path(path.as_deref().unwrap_or(name)) {
+                        Ok(p) => Locator::Path(p),
+                        Err(e) => {
+                            problems.push(format!("{key}.path: {e}"));
+                            continue;
+                        }
                     }
-                },
+                }
                 (FormatKind::Delimited, _, Some(i)) => Locator::Position(i),
                 // No names given: fields in the table's column order.
                 (FormatKind::Delimited, None, None) if config.fields.is_empty() => {
@@ -244,6 +439,7 @@ impl Template {
             };
             let formats = match &mapping.formats {
                 Some(f) => f.iter().map(|s| TimeFormat::parse(s)).collect(),
+                None if config.format == FormatKind::Debezium => debezium_formats(ty),
                 None => TimeFormat::defaults(),
             };
             let default = match &mapping.default {
@@ -300,6 +496,13 @@ impl Template {
                 columns,
                 top_keys,
                 top_of,
+                debezium: match (&config.format, config.engine) {
+                    (FormatKind::Debezium, Some(engine)) => Some(Apply {
+                        engine,
+                        truncate: config.truncate.unwrap_or_default(),
+                    }),
+                    _ => None,
+                },
             })
         } else {
             Err(problems)
@@ -313,6 +516,11 @@ impl Template {
             .map(|c| format!("`{}`", c.name.replace('`', "\\`")))
             .collect::<Vec<_>>()
             .join(", ")
+    }
+
+    /// A debezium template's engine and truncate setting.
+    pub fn debezium(&self) -> Option<Apply> {
+        self.debezium
     }
 
     /// The index of a column among the encoded ones.
@@ -334,11 +542,102 @@ impl Template {
         let result = match self.format {
             FormatKind::Json => self.encode_json(payload, out, window, key_column, key),
             FormatKind::Delimited => self.encode_delimited(payload, out, window, key_column, key),
+            FormatKind::Debezium => Err(RowError::new(
+                "parse",
+                "a debezium template makes 0 to 2 rows of a message: encode_rows".into(),
+            )),
         };
         if result.is_err() {
             out.truncate(start);
         }
         result
+    }
+
+    /// Appends the rows one message becomes to `out`, and says how many: one for `json`
+    /// and `delimited`; for `debezium` none (a tombstone, an ignored truncate), one, or a
+    /// cancel row glued to a state row. On error `out` is left as it was. `key` receives
+    /// what chooses the shard: the `key_column`'s text, or for `debezium` the message
+    /// key's primary key (`debezium::shard_key`).
+    pub fn encode_rows(
+        &self,
+        message_key: Option<&[u8]>,
+        payload: &[u8],
+        out: &mut Rows,
+        window: Option<Window>,
+        key_column: Option<usize>,
+        key: &mut Vec<u8>,
+    ) -> Result<usize, RowError> {
+        let Some(apply) = self.debezium else {
+            self.encode_row(payload, &mut out.data, window, key_column, key)?;
+            out.end_row();
+            return Ok(1);
+        };
+        debezium::shard_key(message_key, key);
+        let refused = |r: debezium::Refusal| RowError::new(r.kind, r.message);
+        let Some(event) = Event::parse(payload).map_err(refused)? else {
+            return Ok(0);
+        };
+        let plan = event.plan(apply).map_err(refused)?;
+        let rows = plan.rows();
+        let start = out.rows();
+        for (i, row) in rows.iter().enumerate() {
+            if let Err(e) = self.encode_change_row(&event, row, &mut out.data) {
+                out.truncate(start);
+                return Err(e);
+            }
+            // A change's rows go in together (a cancel row without its state row, or the
+            // reverse, would leave the key wrong).
+            if i + 1 < rows.len() {
+                out.end_row_glued();
+            } else {
+                out.end_row();
+            }
+        }
+        Ok(rows.len())
+    }
+
+    /// One row of a change: the engine's columns from the plan, the others from the row
+    /// image's fields.
+    fn encode_change_row(
+        &self,
+        event: &Event,
+        row: &RowPlan,
+        out: &mut Vec<u8>,
+    ) -> Result<(), RowError> {
+        let image = event.image(row.image);
+        for (i, c) in self.columns.iter().enumerate() {
+            let path = match &c.locator {
+                Locator::Role(Role::Sign) => {
+                    out.extend_from_slice(&row.sign.to_le_bytes());
+                    continue;
+                }
+                Locator::Role(Role::Version) => {
+                    out.extend_from_slice(&row.version.to_le_bytes());
+                    continue;
+                }
+                Locator::Role(Role::Deleted) => {
+                    out.push(u8::from(row.deleted));
+                    continue;
+                }
+                Locator::Path(path) => path,
+                Locator::Position(_) => unreachable!("debezium columns are compiled with paths"),
+            };
+            let mut at: Option<&Value> = None;
+            for (n, step) in path.iter().enumerate() {
+                at = match (n, at, step) {
+                    (0, _, PathStep::Key(k)) => image.and_then(|m| m.get(k)),
+                    (_, Some(Value::Object(m)), PathStep::Key(k)) => m.get(k),
+                    (_, Some(Value::Array(a)), PathStep::Index(i)) => a.get(*i),
+                    _ => None,
+                };
+            }
+            let v = at.map_or(Field::Missing, Field::Json);
+            self.value(i, v, out).map_err(|e| RowError {
+                kind: e.kind,
+                message: format!("{}: {}", row.image.name(), e.message),
+            })?;
+        }
+        Ok(())
     }
 
     fn column(
@@ -374,6 +673,12 @@ impl Template {
                 Field::Missing => {}
             }
         }
+        self.value(i, v, out)
+    }
+
+    /// Column `i`'s value `v` (its default, NULL or zero when missing).
+    fn value(&self, i: usize, v: Field<'_>, out: &mut Vec<u8>) -> Result<(), RowError> {
+        let c = &self.columns[i];
         match (v, &c.default) {
             (Field::Missing, Some(d)) => {
                 out.extend_from_slice(d);
@@ -807,6 +1112,409 @@ mod tests {
         assert!(problems.iter().any(|p| p.starts_with("separator")));
         assert!(problems.iter().any(|p| p.starts_with("columns.nope")));
         assert!(problems.iter().any(|p| p.starts_with("columns.user_id")));
+    }
+
+    fn columns(spec: &[&str]) -> Vec<(String, ColumnType)> {
+        spec.iter()
+            .map(|s| {
+                let (n, t) = s.split_once(' ').unwrap();
+                (n.to_string(), ColumnType::parse(t).unwrap())
+            })
+            .collect()
+    }
+
+    /// The quickstart's demo.orders_local.
+    fn orders() -> Vec<(String, ColumnType)> {
+        columns(&[
+            "id Int64",
+            "customer_id Nullable(Int64)",
+            "status Nullable(String)",
+            "amount Nullable(Decimal(12, 2))",
+            "note Nullable(String)",
+            "updated_at Nullable(DateTime)",
+            "sign Int8",
+            "version UInt64",
+        ])
+    }
+
+    /// The quickstart's demo.customers_local.
+    fn customers() -> Vec<(String, ColumnType)> {
+        columns(&[
+            "id Int64",
+            "name Nullable(String)",
+            "email Nullable(String)",
+            "updated_at Nullable(DateTime)",
+            "version UInt64",
+            "is_deleted UInt8",
+        ])
+    }
+
+    fn debezium(text: &str, table: &[(String, ColumnType)]) -> Template {
+        let c: TemplateConfig = toml::from_str(text).unwrap();
+        Template::compile(&c, table).unwrap_or_else(|p| panic!("{p:?}"))
+    }
+
+    const ORDER_1: &str = r#"{"id": 1, "customer_id": 7, "status": "new", "amount": "12.50", "note": null, "updated_at": "2026-12-05T19:00:00.123456Z"}"#;
+    const ORDER_1_PAID: &str = r#"{"id": 1, "customer_id": 7, "status": "paid", "amount": "12.50", "note": "ok", "updated_at": 1796497260000000}"#;
+
+    fn envelope(op: &str, before: &str, after: &str, rv: &str, brv: &str) -> String {
+        format!(
+            r#"{{"before": {before}, "after": {after}, "source": {{"version": "2.7", "connector": "postgresql", "name": "pg", "ts_ms": 1, "snapshot": "false", "db": "demo", "sequence": "[\"1\",\"2\"]", "schema": "public", "table": "orders", "txId": 9, "lsn": 2, "xmin": null, "row_version": {rv}, "before_row_version": {brv}}}, "op": "{op}", "ts_ms": 2, "transaction": null}}"#
+        )
+    }
+
+    /// An orders row as RowBinary: (id, customer, status, cents, note, updated_at).
+    fn order_row(o: (i64, i64, &str, i64, Option<&str>, u32), sign: i8, version: u64) -> Vec<u8> {
+        let mut v = o.0.to_le_bytes().to_vec();
+        v.push(0);
+        v.extend(o.1.to_le_bytes());
+        v.extend([0, o.2.len() as u8]);
+        v.extend(o.2.as_bytes());
+        v.push(0);
+        v.extend(o.3.to_le_bytes());
+        match o.4 {
+            None => v.push(1),
+            Some(n) => {
+                v.extend([0, n.len() as u8]);
+                v.extend(n.as_bytes());
+            }
+        }
+        v.push(0);
+        v.extend(o.5.to_le_bytes());
+        v.extend(sign.to_le_bytes());
+        v.extend(version.to_le_bytes());
+        v
+    }
+
+    const NEW: (i64, i64, &str, i64, Option<&str>, u32) = (1, 7, "new", 1250, None, 1_796_497_200);
+    const PAID: (i64, i64, &str, i64, Option<&str>, u32) =
+        (1, 7, "paid", 1250, Some("ok"), 1_796_497_260);
+
+    /// Rows as RowBinary, each with whether it is glued to the next.
+    type Glued = Vec<(Vec<u8>, bool)>;
+
+    /// The rows a message becomes, and the shard key.
+    fn changes(t: &Template, key: Option<&str>, msg: &str) -> Result<(Glued, String), RowError> {
+        let mut out = Rows::default();
+        let mut shard_key = Vec::new();
+        let n = t.encode_rows(
+            key.map(str::as_bytes),
+            msg.as_bytes(),
+            &mut out,
+            None,
+            None,
+            &mut shard_key,
+        )?;
+        assert_eq!(n, out.rows());
+        let rows = (0..n)
+            .map(|i| (out.slice(i, i + 1).to_vec(), out.glued.contains(&i)))
+            .collect();
+        Ok((rows, String::from_utf8(shard_key).unwrap()))
+    }
+
+    #[test]
+    fn debezium_versioned_collapsing_rows_per_op() {
+        let t = debezium(
+            "format = \"debezium\"\nengine = \"versioned_collapsing\"",
+            &orders(),
+        );
+        assert_eq!(
+            t.insert_columns(),
+            "`id`, `customer_id`, `status`, `amount`, `note`, `updated_at`, `sign`, `version`"
+        );
+        let key = Some(r#"{"id":1}"#);
+        let (c, shard) = changes(&t, key, &envelope("c", "null", ORDER_1, "10", "null")).unwrap();
+        assert_eq!(c, [(order_row(NEW, 1, 10), false)]);
+        assert_eq!(shard, r#"{"id":1}"#);
+        let (r, _) = changes(&t, key, &envelope("r", "null", ORDER_1, "10", "null")).unwrap();
+        assert_eq!(r, c, "a snapshot read is an insert");
+        // The cancel row is the state row written for version 10, with sign -1.
+        let (u, _) = changes(&t, key, &envelope("u", ORDER_1, ORDER_1_PAID, "11", "10")).unwrap();
+        assert_eq!(
+            u,
+            [
+                (order_row(NEW, -1, 10), true),
+                (order_row(PAID, 1, 11), false)
+            ]
+        );
+        let (d, _) = changes(&t, key, &envelope("d", ORDER_1_PAID, "null", "12", "11")).unwrap();
+        assert_eq!(d, [(order_row(PAID, -1, 11), false)]);
+        // Wrapped with its schema (key too): the same rows, the same shard key.
+        let wrapped = format!(
+            r#"{{"schema": {{"type": "struct", "optional": false, "name": "pg.public.orders.Envelope"}}, "payload": {}}}"#,
+            envelope("u", ORDER_1, ORDER_1_PAID, "11", "10")
+        );
+        let wrapped_key = r#"{"schema": {"type": "struct", "fields": [{"field": "id", "type": "int64"}]}, "payload": {"id": 1}}"#;
+        assert_eq!(
+            changes(&t, Some(wrapped_key), &wrapped).unwrap(),
+            (u, r#"{"id":1}"#.to_string())
+        );
+    }
+
+    #[test]
+    fn debezium_replacing_rows_per_op() {
+        let t = debezium(
+            "format = \"debezium\"\nengine = \"replacing\"",
+            &customers(),
+        );
+        let ann = r#"{"id": 3, "name": "Ann", "email": null, "updated_at": null}"#;
+        let ann2 = r#"{"id": 3, "name": "Ann B", "email": "a@b", "updated_at": 0}"#;
+        let row = |name: &str, email: Option<&str>, at: Option<u32>, version: u64, deleted: u8| {
+            let mut v = 3i64.to_le_bytes().to_vec();
+            v.extend([0, name.len() as u8]);
+            v.extend(name.as_bytes());
+            match email {
+                None => v.push(1),
+                Some(e) => {
+                    v.extend([0, e.len() as u8]);
+                    v.extend(e.as_bytes());
+                }
+            }
+            match at {
+                None => v.push(1),
+                Some(s) => {
+                    v.push(0);
+                    v.extend(s.to_le_bytes());
+                }
+            }
+            v.extend(version.to_le_bytes());
+            v.push(deleted);
+            v
+        };
+        let key = Some(r#"{"id":3}"#);
+        let one = |msg: String| changes(&t, key, &msg).unwrap().0;
+        assert_eq!(
+            one(envelope("c", "null", ann, "5", "null")),
+            [(row("Ann", None, None, 5, 0), false)]
+        );
+        assert_eq!(
+            one(envelope("u", ann, ann2, "6", "5")),
+            [(row("Ann B", Some("a@b"), Some(0), 6, 0), false)]
+        );
+        assert_eq!(
+            one(envelope("d", ann2, "null", "7", "6")),
+            [(row("Ann B", Some("a@b"), Some(0), 7, 1), false)],
+            "a delete: the last row, the delete's version, deleted"
+        );
+    }
+
+    #[test]
+    fn debezium_tombstones_and_truncates() {
+        let vc = debezium(
+            "format = \"debezium\"\nengine = \"versioned_collapsing\"",
+            &orders(),
+        );
+        for tombstone in ["", "null"] {
+            assert_eq!(
+                changes(&vc, Some(r#"{"id":1}"#), tombstone).unwrap(),
+                (vec![], r#"{"id":1}"#.to_string())
+            );
+        }
+        let truncate = envelope("t", "null", "null", "null", "null");
+        let e = changes(&vc, None, &truncate).unwrap_err();
+        assert_eq!(e.kind, "truncate");
+        let ignoring = debezium(
+            "format = \"debezium\"\nengine = \"versioned_collapsing\"\ntruncate = \"ignore\"",
+            &orders(),
+        );
+        assert_eq!(changes(&ignoring, None, &truncate).unwrap().0, vec![]);
+    }
+
+    #[test]
+    fn debezium_values_that_do_not_fit_refuse_the_whole_change() {
+        let t = debezium(
+            "format = \"debezium\"\nengine = \"versioned_collapsing\"",
+            &orders(),
+        );
+        let bad_after = ORDER_1_PAID.replace("\"12.50\"", "\"12.505\"");
+        let mut out = Rows::default();
+        let mut key = Vec::new();
+        // Something already in the part stays as it was.
+        t.encode_rows(
+            None,
+            envelope("c", "null", ORDER_1, "1", "null").as_bytes(),
+            &mut out,
+            None,
+            None,
+            &mut key,
+        )
+        .unwrap();
+        let before = out.clone();
+        let e = t
+            .encode_rows(
+                None,
+                envelope("u", ORDER_1, &bad_after, "2", "1").as_bytes(),
+                &mut out,
+                None,
+                None,
+                &mut key,
+            )
+            .unwrap_err();
+        assert_eq!(e.kind, "type");
+        assert_eq!(
+            e.message,
+            "after: column amount: \"12.505\" has more decimal places than Decimal(12, 2)"
+        );
+        assert_eq!(
+            (out.data, out.row_ends, out.glued),
+            (before.data, before.row_ends, before.glued),
+            "the cancel row, already encoded, is taken back"
+        );
+        let bad_before = ORDER_1.replace("\"customer_id\": 7", "\"customer_id\": \"x\"");
+        let e = changes(&t, None, &envelope("d", &bad_before, "null", "2", "1")).unwrap_err();
+        assert_eq!(e.kind, "type");
+        assert!(
+            e.message.starts_with("before: column customer_id:"),
+            "{e:?}"
+        );
+        let no_id = r#"{"status": "new"}"#;
+        assert_eq!(
+            changes(&t, None, &envelope("c", "null", no_id, "1", "null"))
+                .unwrap()
+                .0[0]
+                .0[..8],
+            [0; 8],
+            "a missing non-Nullable field is its type's zero, as for json"
+        );
+        for (msg, kind) in [
+            ("{oops".to_string(), "parse"),
+            (envelope("u", "null", ORDER_1, "2", "1"), "envelope"),
+            (envelope("d", ORDER_1, "null", "2", "null"), "envelope"),
+            (envelope("z", ORDER_1, "null", "2", "1"), "envelope"),
+            (r#"{"after": {"id": 1}}"#.to_string(), "envelope"),
+        ] {
+            assert_eq!(changes(&t, None, &msg).unwrap_err().kind, kind, "{msg}");
+        }
+    }
+
+    #[test]
+    fn debezium_columns_can_be_renamed_and_defaulted_and_times_follow_debezium() {
+        let table = columns(&[
+            "id Int64",
+            "state String",
+            "day Date",
+            "at DateTime",
+            "origin String",
+            "computed UInt8",
+            "sign Int8",
+            "v UInt64",
+        ]);
+        let t = debezium(
+            r#"
+            format = "debezium"
+            engine = "versioned_collapsing"
+            version_column = "v"
+            [columns.state]
+            path = "status"
+            [columns.origin]
+            default = "pg"
+            [columns.computed]
+            skip = true
+            "#,
+            &table,
+        );
+        assert_eq!(
+            t.insert_columns(),
+            "`id`, `state`, `day`, `at`, `origin`, `sign`, `v`"
+        );
+        let after = r#"{"id": 2, "status": "x", "day": 20792, "at": 1796497200123456}"#;
+        let (rows, _) = changes(&t, None, &envelope("c", "null", after, "4", "null")).unwrap();
+        let mut want = 2i64.to_le_bytes().to_vec();
+        want.extend([1, b'x']);
+        want.extend(20_792u16.to_le_bytes());
+        want.extend(1_796_497_200u32.to_le_bytes());
+        want.extend([2, b'p', b'g', 1]);
+        want.extend(4u64.to_le_bytes());
+        assert_eq!(rows, [(want, false)]);
+        for at in [
+            "2026-12-05T19:00:00Z",
+            "2026-12-05T19:00:00.999999Z",
+            "2026-12-05 19:00:00",
+            "2026-12-05 19:00:00.25",
+        ] {
+            let iso = format!(r#"{{"id": 2, "status": "x", "day": "2026-12-05", "at": "{at}"}}"#);
+            assert_eq!(
+                changes(&t, None, &envelope("c", "null", &iso, "4", "null"))
+                    .unwrap()
+                    .0,
+                rows,
+                "{at}"
+            );
+        }
+    }
+
+    #[test]
+    fn debezium_compile_errors_name_the_option() {
+        let problems = |text: &str, table: &[(String, ColumnType)]| {
+            let c: TemplateConfig = toml::from_str(text).unwrap();
+            Template::compile(&c, table).unwrap_err()
+        };
+        let vc = "format = \"debezium\"\nengine = \"versioned_collapsing\"\n";
+        let no_sign = columns(&["id Int64", "version UInt64"]);
+        let p = problems(vc, &no_sign);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("sign_column: the table has no column \"sign\""),
+            "{p:?}"
+        );
+        let wrong = columns(&["id Int64", "sign Int16", "version UInt32"]);
+        let p = problems(vc, &wrong);
+        assert_eq!(
+            p,
+            [
+                "sign_column: column sign is Int16; versioned_collapsing needs Int8 there",
+                "version_column: column version is UInt32; versioned_collapsing needs UInt64 there"
+            ]
+        );
+        let p = problems(
+            &format!("{vc}sign_column = \"s\"\ndeleted_column = \"d\"\n[columns.version]\npath = \"v\"\n[columns.id]\nindex = 0"),
+            &orders(),
+        );
+        assert!(
+            p.iter()
+                .any(|p| p.starts_with("deleted_column: versioned_collapsing has no")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|p| p.starts_with("sign_column: the table has no column \"s\"")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|p| p.starts_with("columns.version: written from the event (version_column)")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|p| p.starts_with("columns.id.index:")),
+            "{p:?}"
+        );
+        let p = problems(
+            "format = \"debezium\"\nengine = \"replacing\"\n[columns.is_deleted]\nskip = true",
+            &customers(),
+        );
+        assert_eq!(p, ["columns.is_deleted.skip: the deleted_column is written on every row; it cannot be skipped"]);
+        let p = problems("format = \"debezium\"\nengine = \"replacing\"", &orders());
+        assert!(
+            p[0].starts_with("deleted_column: the table has no column \"is_deleted\""),
+            "{p:?}"
+        );
+        let p = problems("format = \"debezium\"", &orders());
+        assert!(
+            p[0].starts_with("engine: a debezium template needs engine"),
+            "{p:?}"
+        );
+        let p = problems(
+            "format = \"json\"\nengine = \"replacing\"\ntruncate = \"ignore\"",
+            &table(),
+        );
+        assert_eq!(
+            p,
+            [
+                "engine: only debezium templates take it",
+                "truncate: only debezium templates take it"
+            ]
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub struct DeadLetter {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
-    /// A fixed word: `parse`, `type`, `time_window`, `refused`.
+    /// A fixed word: `parse`, `type`, `time_window`, `refused`, `envelope`, `truncate`.
     pub reason: &'static str,
     pub error: String,
 }

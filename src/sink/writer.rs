@@ -7,7 +7,8 @@
 //! and tries again: a part is never dropped. A stale pooled connection is not a failing
 //! node: the insert goes again to the same node on a fresh connection (`Node::exchange`).
 //! A part ClickHouse refuses for its data is split in halves until the refused rows are
-//! isolated; only those are returned.
+//! isolated; only those are returned. Rows glued together (`Rows`) are never split: they
+//! are refused together.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,7 +41,8 @@ pub struct Target {
 #[derive(Debug)]
 pub struct Written {
     pub shard: u32,
-    /// (row index, ClickHouse's error) for rows it refused.
+    /// (row index, ClickHouse's error) for rows it refused; rows glued together are
+    /// refused as one, named by their first.
     pub refused: Vec<(usize, String)>,
 }
 
@@ -55,10 +57,10 @@ async fn went_down(backend: &Backend) {
 enum Range {
     /// In ClickHouse.
     Written,
-    /// A single row ClickHouse refused, with its error.
+    /// A single row (or rows glued together) ClickHouse refused, with its error.
     Refused(String),
-    /// ClickHouse refused some of the rows: the halves go again.
-    Split,
+    /// ClickHouse refused some of the rows: the halves, cut at this row, go again.
+    Split(usize),
 }
 
 impl Target {
@@ -157,8 +159,7 @@ impl Target {
             {
                 Range::Written => {}
                 Range::Refused(e) => refused.push((from, e)),
-                Range::Split => {
-                    let mid = from + (to - from) / 2;
+                Range::Split(mid) => {
                     pending.push((mid, to));
                     pending.push((from, mid));
                 }
@@ -217,10 +218,12 @@ impl Target {
                     w.backoff.reset();
                     return Some(Range::Written);
                 }
-                Err(InsertError::Data(e)) if to - from == 1 => return Some(Range::Refused(e)),
                 Err(InsertError::Data(e)) => {
+                    let Some(mid) = rows.split_point(from, to) else {
+                        return Some(Range::Refused(e));
+                    };
                     tracing::warn!(task = %self.task, node = %node.label, rows = to - from, error = %e, "ClickHouse refused the batch's data; splitting it");
-                    return Some(Range::Split);
+                    return Some(Range::Split(mid));
                 }
                 Err(InsertError::Node(e)) => {
                     tracing::warn!(task = %self.task, node = %node.label, shard = number, error = %e, "Insert failed; trying another replica");

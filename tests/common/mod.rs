@@ -705,3 +705,89 @@ pub fn python() -> PathBuf {
         });
     cache.join("venv/bin/python")
 }
+
+/// Creates `topic` (3 partitions) and its dead-letter topic `dlq` (1) on the stack's broker.
+pub fn create_topics(topic: &str, dlq: &str) {
+    stack_shell(&format!(
+        "tansu topic create {topic} --partitions 3 --broker tcp://127.0.0.1:9092 >/dev/null\n\
+         tansu topic create {dlq} --partitions 1 --broker tcp://127.0.0.1:9092 >/dev/null"
+    ));
+}
+
+/// Produces `lines` (each `key\tpayload`) with kcat; keys spread them over partitions. An
+/// empty payload goes as a null value (a tombstone).
+pub fn produce(topic: &str, lines: &[String]) {
+    let file = tempfile_path("produce");
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    stack_shell(&format!(
+        "kcat -P -Z -b 127.0.0.1:9092 -t {topic} -K '\t' -l {}",
+        file.display()
+    ));
+    let _ = std::fs::remove_file(file);
+}
+
+/// The dead-letter topic's messages: (payload, headers as kcat prints them), once there
+/// are `expected` of them (or after 20 s).
+pub fn dead_letters(dlq: &str, expected: usize) -> Vec<(String, String)> {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = stack_shell(&format!(
+            "kcat -C -b 127.0.0.1:9092 -t {dlq} -o beginning -e -q -f '%s\\t%h\\n'"
+        ));
+        let got: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.rsplit_once('\t'))
+            .map(|(p, h)| (p.to_string(), h.to_string()))
+            .collect();
+        if got.len() >= expected || Instant::now() > end {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A `chgate ingest` config for the stack up to its templates and tasks: consumer group,
+/// static member and ZooKeeper root named after `name`, the demo cluster as two shard
+/// groups, the account `ingest`.
+pub fn ingest_header(name: &str, pick_api: Option<SocketAddr>) -> String {
+    let pick = pick_api
+        .map(|a| format!("[pick_api]\nurl = \"http://{a}\"\n"))
+        .unwrap_or_default();
+    format!(
+        r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+group_id = "{name}-group"
+instance_id = "{name}-1"
+# Not shorter: tansu 0.6 expires a restarted static member unless its first heartbeat comes
+# within the session timeout of its killed predecessor's last one (README, "Known with the
+# test broker"); a restart takes ~10 s to get there on a loaded machine.
+session_timeout = "30s"
+start_rewind = 10000
+# tansu holds every fetch for fetch.wait.max.ms, data or not (config/ingest-local.toml).
+properties = {{ "fetch.wait.max.ms" = "10" }}
+{pick}
+[admin]
+listen = "127.0.0.1:0"
+[coordination]
+zookeeper = ["127.0.0.1:2181"]
+root = "/chgate-tests/{name}"
+[picker]
+probe_interval = "1s"
+probe_timeout = "300ms"
+probe_retry_interval = "250ms"
+[[clusters.demo.shard_groups]]
+name = "a"
+zookeeper = ["127.0.0.1:2181"]
+shards = [{{ replicas = [{{ host = "127.0.0.11" }}, {{ host = "127.0.0.12" }}] }}]
+[[clusters.demo.shard_groups]]
+name = "b"
+zookeeper = ["127.0.0.1:2182"]
+shards = [{{ replicas = [{{ host = "127.0.0.13" }}, {{ host = "127.0.0.14" }}] }}]
+[clusters.demo.accounts.ingest]
+user = "chgate"
+password_file = "{secret}"
+"#,
+        secret = secret_file("chgate").display(),
+    )
+}

@@ -142,6 +142,7 @@ impl PartitionWriter {
             );
         }
         if !refused.is_empty() {
+            one_per_message(&mut refused);
             let Some(letters) = self.refused(task, segment.partition, refused).await else {
                 return false;
             };
@@ -239,5 +240,37 @@ impl PartitionWriter {
                 .inc();
         }
         sent
+    }
+}
+
+/// Keeps the first refusal of each message: a message of several rows (a Debezium update)
+/// has its offset once per row, and gets one dead letter.
+fn one_per_message(refused: &mut Vec<(i64, String)>) {
+    let mut seen = std::collections::HashSet::new();
+    refused.retain(|(offset, _)| seen.insert(*offset));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_of_several_refused_rows_is_one_dead_letter() {
+        let mut refused = vec![
+            (7, "a".to_string()),
+            (7, "b".to_string()),
+            (9, "c".to_string()),
+            (3, "d".to_string()),
+            (9, "e".to_string()),
+        ];
+        one_per_message(&mut refused);
+        assert_eq!(
+            refused,
+            [
+                (7, "a".to_string()),
+                (9, "c".to_string()),
+                (3, "d".to_string())
+            ]
+        );
     }
 }
