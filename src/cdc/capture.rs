@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use tokio_postgres::Client;
 
 use super::catalog::{TableSchema, TypeCache};
-use super::config::ValidatedCdc;
+use super::config::{TruncateMode, ValidatedCdc};
 use super::envelope::{now_ms, pg_ts_to_unix_ms, Source, TableEnvelope};
 use super::pg::pgoutput::{Datum, Relation};
 use super::producer::{Done, EventProducer};
@@ -336,9 +336,20 @@ impl Capture {
         Ok(())
     }
 
-    /// A truncate goes to every partition of the table's topic, so it is ordered against
-    /// every row event whatever partition the row's key hashes to.
+    /// A truncate: (with `truncate = "delete_rows"`) a delete of every row the store holds,
+    /// then the `t` event, which goes to every partition of the table's topic, so it is
+    /// ordered against every row event whatever partition the row's key hashes to.
     async fn truncate(&mut self, tx: TxInfo, lsn: u64, t: usize) -> anyhow::Result<()> {
+        if self.cfg.config.capture.truncate == TruncateMode::DeleteRows {
+            for (key_json, row) in self.store.rows_of(&self.tables[t].name)? {
+                let (Some(key), Some(before)) = (parse_object(&key_json), parse_object(&row.json))
+                else {
+                    continue;
+                };
+                let source = self.source(tx, lsn, lsn, Some(row.version));
+                self.emit(t, 'd', &key, Some(Value::Object(before)), None, &source);
+            }
+        }
         self.store.truncate(&self.tables[t].name);
         let source = self.source(tx, lsn, lsn, None);
         let value = self.tables[t]

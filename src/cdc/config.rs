@@ -81,9 +81,26 @@ pub struct CaptureConfig {
     /// Protocol v2 streaming of large in-progress transactions (PostgreSQL 14+).
     #[serde(default = "yes")]
     pub streaming: bool,
+    /// What a TRUNCATE publishes: `delete_rows` (a delete event, with its complete before
+    /// image, for every row the key-state store holds, then the `t` event: consumers that
+    /// only apply row events, ClickHouse tables among them, end up empty too) or
+    /// `event_only` (just Debezium's `t` event).
+    #[serde(default = "default_truncate")]
+    pub truncate: TruncateMode,
     /// Status updates to the server at least this often.
     #[serde(default = "default_status_interval", with = "humantime_serde")]
     pub status_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TruncateMode {
+    DeleteRows,
+    EventOnly,
+}
+
+fn default_truncate() -> TruncateMode {
+    TruncateMode::DeleteRows
 }
 
 fn default_snapshot() -> SnapshotMode {

@@ -300,6 +300,39 @@ impl Store {
         self.open.seq
     }
 
+    /// Every row of `table` as it stands now (committed, with the uncommitted writes on
+    /// top): (key JSON, row).
+    pub fn rows_of(&self, table: &str) -> Result<Vec<(String, StoredRow)>, StoreError> {
+        let prefix = format!("{table}\0");
+        let truncated = self.truncated.get(table).map(|&(_, op)| op);
+        let mut out: std::collections::BTreeMap<Vec<u8>, StoredRow> = Default::default();
+        if truncated.is_none() {
+            let tx = self.db.begin_read().map_err(err)?;
+            let t = tx.open_table(ROWS).map_err(err)?;
+            let mut end = table.as_bytes().to_vec();
+            end.push(1);
+            for entry in t.range(prefix.as_bytes()..end.as_slice()).map_err(err)? {
+                let (k, v) = entry.map_err(err)?;
+                if let Some(row) = StoredRow::decode(v.value()) {
+                    out.insert(k.value().to_vec(), row);
+                }
+            }
+        }
+        for (key, (_, op, row)) in &self.latest {
+            if !key.starts_with(prefix.as_bytes()) || truncated.is_some_and(|t| *op < t) {
+                continue;
+            }
+            match row {
+                Some(r) => out.insert(key.clone(), r.clone()),
+                None => out.remove(key),
+            };
+        }
+        Ok(out
+            .into_iter()
+            .map(|(k, r)| (String::from_utf8_lossy(&k[prefix.len()..]).into_owned(), r))
+            .collect())
+    }
+
     /// Events in the open unit.
     pub fn open_events(&self) -> usize {
         self.open.events.len()
@@ -557,9 +590,18 @@ mod tests {
         assert_eq!(s.get(b"t\0a").unwrap(), None);
         s.put(b"t\0b".to_vec(), row(2, "2"));
         assert_eq!(s.get(b"t\0b").unwrap(), row(2, "2"));
+        assert_eq!(s.rows_of("t").unwrap().len(), 1);
         s.close_unit(Some(20));
         s.commit().unwrap();
         assert_eq!(s.get(b"t\0a").unwrap(), None);
+        s.put(b"t\0c".to_vec(), row(3, "3"));
+        let keys: Vec<String> = s
+            .rows_of("t")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, ["b", "c"]);
         assert_eq!(s.get(b"u\0a").unwrap(), row(1, "1"));
         assert_eq!(s.rows_on_disk().unwrap(), 2);
         std::fs::remove_dir_all(dir).ok();
