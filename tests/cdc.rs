@@ -728,3 +728,260 @@ fn killed_mid_snapshot_and_mid_stream_kafka_still_equals_postgres() {
     db.drop_all();
     let _ = std::fs::remove_dir_all(&state);
 }
+
+/// PostgreSQL -> `chgate cdc` -> Kafka -> `chgate ingest` -> ClickHouse, both SIGKILLed
+/// along the way: ClickHouse (`FINAL`, and the `sum(sign)` form for the
+/// VersionedCollapsingMergeTree table) ends up equal to PostgreSQL row for row, for a table
+/// with REPLICA IDENTITY DEFAULT (orders, into VersionedCollapsingMergeTree) and one with
+/// FULL (customers, into ReplacingMergeTree), through a TRUNCATE and a schema change.
+#[test]
+fn postgres_to_clickhouse_through_kills_of_the_capture_and_the_sidecar() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt.block_on(TestDb::create());
+    let name = db.name.clone();
+    let tables = ClickHouseTables::create(&name);
+    let state = common::tempfile_path("cdc-state");
+    let cfg = config(&db, &name, &state, 2000);
+    let dlq = format!("{name}_dlq");
+    common::create_topics(&format!("{name}.public.orders"), &dlq);
+    common::stack_shell(&format!(
+        "tansu topic create {name}.public.customers --partitions 3 --broker tcp://127.0.0.1:9092 >/dev/null"
+    ));
+    let sidecar_config = format!(
+        r#"{header}
+[templates.orders]
+format = "debezium"
+engine = "versioned_collapsing"
+[templates.customers]
+format = "debezium"
+engine = "replacing"
+# A truncate comes as a delete of every row, then the truncate event, which adds nothing.
+truncate = "ignore"
+[tasks.orders]
+topic = "{name}.public.orders"
+template = "orders"
+cluster = "demo"
+account = "ingest"
+table = "demo.{name}_orders_local"
+batch_rows = 5000
+batch_age = "300ms"
+dead_letter_topic = "{dlq}"
+[tasks.customers]
+topic = "{name}.public.customers"
+template = "customers"
+cluster = "demo"
+account = "ingest"
+table = "demo.{name}_customers_local"
+batch_rows = 5000
+batch_age = "300ms"
+dead_letter_topic = "{dlq}"
+"#,
+        header = common::ingest_header(&name, None),
+    );
+    let next_id = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(1));
+    rt.block_on(async {
+        let c = pg(&db.name).await;
+        c.batch_execute(
+            "INSERT INTO orders SELECT g, g % 500, 'old', g * 1.25,
+                    CASE WHEN g % 10 = 0 THEN (SELECT string_agg(md5(random()::text || g || s), '') FROM generate_series(1, 250) s) ELSE 'o' || g END,
+                    now() FROM generate_series(1, 8000) g;
+             INSERT INTO customers SELECT g, 'c' || g, 'c' || g || '@x.io', now() FROM generate_series(8001, 9000) g;",
+        )
+        .await
+        .unwrap();
+    });
+    next_id.store(9001, std::sync::atomic::Ordering::Relaxed);
+    let mut totals = Totals::default();
+
+    let mut sidecar = common::IngestProcess::start(&sidecar_config);
+    let load = rt.spawn(workload(db.name.clone(), 3, 1200, next_id.clone()));
+    let mut cdc = Cdc::start(&cfg);
+    std::thread::sleep(Duration::from_millis(1500));
+    cdc.kill(&mut totals);
+    eprintln!("capture killed");
+    let mut cdc = Cdc::start(&cfg);
+    std::thread::sleep(Duration::from_millis(2000));
+    sidecar.signal("KILL");
+    sidecar.wait(Duration::from_secs(10));
+    eprintln!("sidecar killed");
+    let mut sidecar = common::IngestProcess::start(&sidecar_config);
+    rt.block_on(async {
+        let c = pg(&db.name).await;
+        c.batch_execute("ALTER TABLE orders ADD COLUMN priority int DEFAULT 0")
+            .await
+            .unwrap();
+        c.batch_execute("UPDATE orders SET amount = amount + 0.01 WHERE id % 3 = 0")
+            .await
+            .unwrap();
+    });
+    cdc.kill(&mut totals);
+    eprintln!("capture killed again");
+    let cdc = Cdc::start(&cfg);
+    rt.block_on(async {
+        let c = pg(&db.name).await;
+        c.batch_execute("TRUNCATE customers").await.unwrap();
+        c.batch_execute("INSERT INTO customers SELECT g, 'again' || g, NULL, now() FROM generate_series(1, 200) g")
+            .await
+            .unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    sidecar.signal("KILL");
+    sidecar.wait(Duration::from_secs(10));
+    eprintln!("sidecar killed again");
+    let sidecar = common::IngestProcess::start(&sidecar_config);
+    rt.block_on(load).unwrap();
+    rt.block_on(workload(db.name.clone(), 5, 300, next_id.clone()));
+
+    let (orders, customers) = rt.block_on(async {
+        let c = pg(&db.name).await;
+        let orders: Vec<String> = c
+            .query(
+                "SELECT concat_ws(E'\\t', id, coalesce(customer_id::text, '\\N'), coalesce(status, '\\N'),
+                        coalesce(amount::text, '\\N'), coalesce(md5(note), '\\N'),
+                        coalesce(floor(extract(epoch FROM updated_at))::bigint::text, '\\N'))
+                 FROM orders ORDER BY id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect();
+        let customers: Vec<String> = c
+            .query(
+                "SELECT concat_ws(E'\\t', id, coalesce(name, '\\N'), coalesce(email, '\\N'),
+                        coalesce(floor(extract(epoch FROM updated_at))::bigint::text, '\\N'))
+                 FROM customers ORDER BY id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect();
+        (orders.join("\n") + "\n", customers.join("\n") + "\n")
+    });
+    // NULL is \N in both (TSV).
+    let order_columns = "id, customer_id, status, toString(amount), lower(hex(MD5(note))), \
+        toUnixTimestamp(updated_at)";
+    let final_orders =
+        format!("SELECT {order_columns} FROM demo.{name}_orders FINAL ORDER BY id FORMAT TSV");
+    let sum_orders = format!(
+        "SELECT {order_columns} FROM demo.{name}_orders \
+         GROUP BY id, customer_id, status, amount, note, updated_at, version HAVING sum(sign) > 0 \
+         ORDER BY id FORMAT TSV"
+    );
+    let final_customers = format!(
+        "SELECT id, name, email, toUnixTimestamp(updated_at) \
+         FROM (SELECT * FROM demo.{name}_customers FINAL) WHERE is_deleted = 0 ORDER BY id FORMAT TSV"
+    );
+    for (what, sql, want) in [
+        ("orders FINAL", &final_orders, &orders),
+        ("orders by sum(sign)", &sum_orders, &orders),
+        ("customers FINAL", &final_customers, &customers),
+    ] {
+        let t0 = Instant::now();
+        loop {
+            let got = common::direct_within("127.0.0.11", sql, 30).unwrap_or_default();
+            if &got == want {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(120) {
+                let got_lines: HashSet<&str> = got.lines().collect();
+                let want_lines: HashSet<&str> = want.lines().collect();
+                let missing: Vec<_> = want_lines.difference(&got_lines).take(5).collect();
+                let extra: Vec<_> = got_lines.difference(&want_lines).take(5).collect();
+                panic!(
+                    "{what}: ClickHouse has {} rows, PostgreSQL {}; missing {missing:?}, extra {extra:?}; capture {:?}",
+                    got.lines().count(),
+                    want.lines().count(),
+                    cdc.tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        eprintln!(
+            "{what}: ClickHouse equals PostgreSQL ({} rows)",
+            want.lines().count()
+        );
+    }
+    assert!(
+        cdc.errors().is_empty(),
+        "capture errors: {:?}",
+        cdc.errors()
+    );
+    let dead = common::dead_letters(&dlq, 0);
+    assert!(dead.is_empty(), "dead letters: {dead:?}");
+    totals.add(&cdc);
+    eprintln!("{totals:?}");
+    drop(sidecar);
+    drop(tables);
+    db.drop_all();
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// The test's ClickHouse tables on every node (the quickstart's shapes), and Distributed
+/// tables over them on the first; dropped at the end.
+struct ClickHouseTables {
+    name: String,
+}
+
+const NODES: [&str; 4] = ["127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"];
+
+impl ClickHouseTables {
+    fn create(name: &str) -> Self {
+        for node in NODES {
+            common::direct(
+                node,
+                &format!(
+                    "CREATE TABLE demo.{name}_orders_local (id Int64, customer_id Nullable(Int64),
+                        status Nullable(String), amount Nullable(Decimal(12, 2)), note Nullable(String),
+                        updated_at Nullable(DateTime), sign Int8, version UInt64)
+                     ENGINE = ReplicatedVersionedCollapsingMergeTree(
+                        '/clickhouse/tables/{{shard}}/demo/{name}_orders_local', '{{replica}}', sign, version)
+                     ORDER BY id"
+                ),
+            );
+            common::direct(
+                node,
+                &format!(
+                    "CREATE TABLE demo.{name}_customers_local (id Int64, name Nullable(String),
+                        email Nullable(String), updated_at Nullable(DateTime), version UInt64, is_deleted UInt8)
+                     ENGINE = ReplicatedReplacingMergeTree(
+                        '/clickhouse/tables/{{shard}}/demo/{name}_customers_local', '{{replica}}', version)
+                     ORDER BY id"
+                ),
+            );
+        }
+        for t in ["orders", "customers"] {
+            common::direct(
+                NODES[0],
+                &format!(
+                    "CREATE TABLE demo.{name}_{t} AS demo.{name}_{t}_local \
+                     ENGINE = Distributed(demo, demo, {name}_{t}_local, cityHash64(id))"
+                ),
+            );
+        }
+        Self { name: name.into() }
+    }
+}
+
+impl Drop for ClickHouseTables {
+    fn drop(&mut self) {
+        let name = &self.name;
+        for t in ["orders", "customers"] {
+            common::direct_within(
+                NODES[0],
+                &format!("DROP TABLE IF EXISTS demo.{name}_{t}"),
+                10,
+            );
+            for node in NODES {
+                common::direct_within(
+                    node,
+                    &format!("DROP TABLE IF EXISTS demo.{name}_{t}_local"),
+                    10,
+                );
+            }
+        }
+    }
+}

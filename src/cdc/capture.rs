@@ -7,7 +7,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use serde_json::{Map, Value};
 use tokio_postgres::Client;
 
 use super::catalog::{TableSchema, TypeCache};
@@ -15,15 +14,17 @@ use super::config::{TruncateMode, ValidatedCdc};
 use super::envelope::{now_ms, pg_ts_to_unix_ms, Source, TableEnvelope};
 use super::pg::pgoutput::{Datum, Relation};
 use super::producer::{Done, EventProducer};
+use super::row::Layout;
 use super::snapshot::{key_literals, Chunk, KeyText, SnapshotState};
 use super::store::{row_key, Store, StoredRow};
-use super::value::{to_json, Kind};
 use crate::kafka::partition::partition_for_key;
 use crate::metrics::METRICS;
 
 /// A captured table.
 pub struct Captured {
     pub schema: TableSchema,
+    /// The catalog's columns (the snapshot's rows).
+    pub layout: Arc<Layout>,
     pub envelope: TableEnvelope,
     pub topic: String,
     /// `schema.table`: the metrics label and the store's key prefix.
@@ -34,7 +35,7 @@ pub struct Captured {
 #[derive(Clone)]
 struct RelState {
     table: usize,
-    columns: Vec<(String, Kind)>,
+    layout: Arc<Layout>,
 }
 
 /// A change of a transaction, applied in order.
@@ -100,7 +101,16 @@ impl Capture {
             .into_iter()
             .map(|s| {
                 let topic = cfg.topic(&s.schema, &s.name);
+                let columns = s
+                    .columns
+                    .iter()
+                    .map(|c| (c.name.clone(), c.kind.clone()))
+                    .collect();
+                let keys: Vec<String> = s.key.iter().map(|&i| s.columns[i].name.clone()).collect();
                 Captured {
+                    layout: Arc::new(
+                        Layout::new(columns, &keys).expect("the key is among the columns"),
+                    ),
                     envelope: TableEnvelope::new(&c.capture.name, &c.postgres.dbname, &s, &topic),
                     name: s.full_name(),
                     topic,
@@ -141,7 +151,22 @@ impl Capture {
             let kind = self.types.kind(&self.catalog, c.type_oid).await?;
             columns.push((c.name.clone(), kind));
         }
-        self.relations.insert(r.id, RelState { table, columns });
+        let keys = &self.tables[table].envelope.key_columns;
+        let Some(layout) = Layout::new(columns, keys) else {
+            anyhow::bail!(
+                "{}.{}: the primary key ({}) is no longer among the table's columns; restart the capture after a key change",
+                r.namespace,
+                r.name,
+                keys.join(", ")
+            );
+        };
+        self.relations.insert(
+            r.id,
+            RelState {
+                table,
+                layout: Arc::new(layout),
+            },
+        );
         Ok(())
     }
 
@@ -222,26 +247,18 @@ impl Capture {
         rel: &RelState,
         new: &[Datum],
     ) -> anyhow::Result<()> {
-        let row = match tuple_to_row(&rel.columns, new, None) {
-            Ok(r) => r,
-            Err(e) => anyhow::bail!("{}: {e}", self.tables[rel.table].name),
-        };
-        let Some(key) = self.tables[rel.table].envelope.key(&row) else {
-            anyhow::bail!(
-                "{}: a row without its primary key",
-                self.tables[rel.table].name
-            );
-        };
+        let t = rel.table;
+        let mut key = Vec::with_capacity(32);
+        if !rel.layout.key(new, &mut key) {
+            anyhow::bail!("{}: a row without its primary key", self.tables[t].name);
+        }
+        let mut after = Vec::with_capacity(256);
+        if let Err(e) = rel.layout.row(new, None, &mut after) {
+            anyhow::bail!("{}: {e}", self.tables[t].name);
+        }
         let source = self.source(tx, lsn, lsn, None);
-        self.put_row(rel.table, &key, &row, lsn);
-        self.emit(
-            rel.table,
-            'c',
-            &key,
-            None,
-            Some(Value::Object(row)),
-            &source,
-        );
+        self.emit(t, 'c', &key, None, Some(&after), &source);
+        self.put_row(t, &key, after, lsn);
         Ok(())
     }
 
@@ -254,58 +271,64 @@ impl Capture {
         new: &[Datum],
     ) -> anyhow::Result<()> {
         let t = rel.table;
-        // The key before the update: from the old tuple if the server sent one (the key
+        // The key before the update: the old tuple's if the server sent one (the key
         // changed, or REPLICA IDENTITY FULL), else the new row's.
-        let old_row = old
-            .as_ref()
-            .and_then(|(_, datums)| tuple_to_row(&rel.columns, datums, None).ok());
-        let probe = old_row
-            .clone()
-            .unwrap_or_else(|| partial_row(&rel.columns, new));
-        let Some(old_key) = self.tables[t].envelope.key(&probe) else {
-            anyhow::bail!("{}: an update without the row's key", self.tables[t].name);
-        };
-        let prev = self.stored(t, &old_key)?;
-        let prev_json = prev.as_ref().and_then(|p| parse_object(&p.json));
-        let after = match tuple_to_row(&rel.columns, new, prev_json.as_ref()) {
-            Ok(r) => r,
-            Err(e) => anyhow::bail!("{}: {e}", self.tables[t].name),
-        };
-        let Some(new_key) = self.tables[t].envelope.key(&after) else {
-            anyhow::bail!("{}: a row without its primary key", self.tables[t].name);
-        };
-        // The complete before image: the stored row; failing that (never stored: snapshot =
-        // never), REPLICA IDENTITY FULL's old row.
-        let (before, before_version) = match (prev, old.as_ref().map(|o| o.0)) {
-            (Some(p), _) => (prev_json.map(Value::Object), Some(p.version)),
-            (None, Some(b'O')) => (old_row.map(Value::Object), None),
-            (None, _) => {
-                METRICS.cdc_skipped.with_label_values(&["no_before"]).inc();
-                (None, None)
+        let mut old_key = Vec::with_capacity(32);
+        let mut new_key = Vec::with_capacity(32);
+        let has_new_key = rel.layout.key(new, &mut new_key);
+        let has_old_key = match &old {
+            Some((_, datums)) => rel.layout.key(datums, &mut old_key),
+            None => {
+                old_key.clone_from(&new_key);
+                has_new_key
             }
         };
+        if !has_old_key {
+            anyhow::bail!("{}: an update without the row's key", self.tables[t].name);
+        }
+        if !has_new_key {
+            // A key column TOASTed and unchanged: the key is the old one.
+            new_key.clone_from(&old_key);
+        }
+        let prev = self.stored(t, &old_key)?;
+        let mut after = Vec::with_capacity(prev.as_ref().map_or(256, |p| p.json.len() + 16));
+        if let Err(e) = rel
+            .layout
+            .row(new, prev.as_ref().map(|p| &*p.json), &mut after)
+        {
+            anyhow::bail!("{}: {e}", self.tables[t].name);
+        }
+        // The complete before image: the stored row; failing that (never stored: snapshot =
+        // never), REPLICA IDENTITY FULL's old row.
+        let fallback = match (&prev, &old) {
+            (None, Some((b'O', datums))) => {
+                let mut row = Vec::new();
+                rel.layout.row(datums, None, &mut row).ok().map(|()| row)
+            }
+            _ => None,
+        };
+        if prev.is_none() && fallback.is_none() {
+            METRICS.cdc_skipped.with_label_values(&["no_before"]).inc();
+        }
+        let before: Option<&[u8]> = prev
+            .as_ref()
+            .map(|p| p.json.as_bytes())
+            .or(fallback.as_deref());
+        let before_version = prev.as_ref().map(|p| p.version);
         if new_key != old_key {
             // A primary key change: a delete of the old key and a create of the new one,
             // as Debezium does.
-            self.store
-                .put(row_key(&self.tables[t].name, &key_json(&old_key)), None);
             let source = self.source(tx, lsn, lsn, before_version);
             self.emit(t, 'd', &old_key, before, None, &source);
-            self.put_row(t, &new_key, &after, lsn);
             let source = self.source(tx, lsn, lsn, None);
-            self.emit(t, 'c', &new_key, None, Some(Value::Object(after)), &source);
+            self.emit(t, 'c', &new_key, None, Some(&after), &source);
+            self.store.put(self.store_key(t, &old_key), None);
+            self.put_row(t, &new_key, after, lsn);
             return Ok(());
         }
-        self.put_row(t, &new_key, &after, lsn);
         let source = self.source(tx, lsn, lsn, before_version);
-        self.emit(
-            t,
-            'u',
-            &new_key,
-            before,
-            Some(Value::Object(after)),
-            &source,
-        );
+        self.emit(t, 'u', &new_key, before, Some(&after), &source);
+        self.put_row(t, &new_key, after, lsn);
         Ok(())
     }
 
@@ -317,22 +340,22 @@ impl Capture {
         old: &[Datum],
     ) -> anyhow::Result<()> {
         let t = rel.table;
-        let old_row = partial_row(&rel.columns, old);
-        let Some(key) = self.tables[t].envelope.key(&old_row) else {
+        let mut key = Vec::with_capacity(32);
+        if !rel.layout.key(old, &mut key) {
             anyhow::bail!("{}: a delete without the row's key", self.tables[t].name);
-        };
+        }
         let prev = self.stored(t, &key)?;
-        let (before, before_version) = match prev {
-            Some(p) => (parse_object(&p.json).map(Value::Object), Some(p.version)),
+        let source = self.source(tx, lsn, lsn, prev.as_ref().map(|p| p.version));
+        match &prev {
+            Some(p) => self.emit(t, 'd', &key, Some(p.json.as_bytes()), None, &source),
             None => {
                 METRICS.cdc_skipped.with_label_values(&["no_before"]).inc();
-                (Some(Value::Object(old_row)), None)
+                let mut partial = Vec::new();
+                rel.layout.partial_row(old, &mut partial);
+                self.emit(t, 'd', &key, Some(&partial), None, &source);
             }
-        };
-        self.store
-            .put(row_key(&self.tables[t].name, &key_json(&key)), None);
-        let source = self.source(tx, lsn, lsn, before_version);
-        self.emit(t, 'd', &key, before, None, &source);
+        }
+        self.store.put(self.store_key(t, &key), None);
         Ok(())
     }
 
@@ -342,12 +365,15 @@ impl Capture {
     async fn truncate(&mut self, tx: TxInfo, lsn: u64, t: usize) -> anyhow::Result<()> {
         if self.cfg.config.capture.truncate == TruncateMode::DeleteRows {
             for (key_json, row) in self.store.rows_of(&self.tables[t].name)? {
-                let (Some(key), Some(before)) = (parse_object(&key_json), parse_object(&row.json))
-                else {
-                    continue;
-                };
                 let source = self.source(tx, lsn, lsn, Some(row.version));
-                self.emit(t, 'd', &key, Some(Value::Object(before)), None, &source);
+                self.emit(
+                    t,
+                    'd',
+                    key_json.as_bytes(),
+                    Some(row.json.as_bytes()),
+                    None,
+                    &source,
+                );
             }
         }
         self.store.truncate(&self.tables[t].name);
@@ -366,27 +392,21 @@ impl Capture {
         Ok(())
     }
 
-    fn stored(&self, t: usize, key: &Map<String, Value>) -> anyhow::Result<Option<StoredRow>> {
-        Ok(self
-            .store
-            .get(&row_key(&self.tables[t].name, &key_json(key)))?)
+    fn store_key(&self, t: usize, key_json: &[u8]) -> Vec<u8> {
+        row_key(&self.tables[t].name, &String::from_utf8_lossy(key_json))
     }
 
-    fn put_row(
-        &mut self,
-        t: usize,
-        key: &Map<String, Value>,
-        row: &Map<String, Value>,
-        version: u64,
-    ) {
-        let json = serde_json::to_string(row).unwrap_or_default();
-        self.store.put(
-            row_key(&self.tables[t].name, &key_json(key)),
-            Some(StoredRow {
-                version,
-                json: json.into(),
-            }),
-        );
+    fn stored(&self, t: usize, key_json: &[u8]) -> anyhow::Result<Option<StoredRow>> {
+        Ok(self.store.get(&self.store_key(t, key_json))?)
+    }
+
+    fn put_row(&mut self, t: usize, key_json: &[u8], row: Vec<u8>, version: u64) {
+        let json: Arc<str> = match String::from_utf8(row) {
+            Ok(s) => s.into(),
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into(),
+        };
+        let key = self.store_key(t, key_json);
+        self.store.put(key, Some(StoredRow { version, json }));
     }
 
     /// Adds one event to the open unit (and Debezium's tombstone after a delete), for the
@@ -395,30 +415,35 @@ impl Capture {
         &mut self,
         t: usize,
         op: char,
-        key: &Map<String, Value>,
-        before: Option<Value>,
-        after: Option<Value>,
+        key_json: &[u8],
+        before: Option<&[u8]>,
+        after: Option<&[u8]>,
         source: &Source,
     ) {
         let with_schema = self.with_schema();
         let table = &self.tables[t];
-        let key_bytes = table.envelope.key_bytes(key, with_schema);
+        let key = table.envelope.key_bytes(key_json, with_schema);
         let value = table.envelope.value(op, before, after, source, with_schema);
-        let partition = partition_for_key(&key_bytes, self.producer.partitions(&table.topic));
-        let topic = table.topic.clone();
+        let partition = partition_for_key(&key, self.producer.partitions(&table.topic));
+        let topic = &table.topic;
         if op == 'd' {
             self.store
-                .add_event(&topic, partition, Some(key_bytes.clone()), Some(value));
-            self.store
-                .add_event(&topic, partition, Some(key_bytes), None);
+                .add_event(topic, partition, Some(key.clone()), Some(value));
+            self.store.add_event(topic, partition, Some(key), None);
         } else {
             self.store
-                .add_event(&topic, partition, Some(key_bytes), Some(value));
+                .add_event(topic, partition, Some(key), Some(value));
         }
-        let label = op.to_string();
+        let label = match op {
+            'c' => "c",
+            'u' => "u",
+            'd' => "d",
+            'r' => "r",
+            _ => "t",
+        };
         METRICS
             .cdc_events
-            .with_label_values(&[self.tables[t].name.as_str(), label.as_str()])
+            .with_label_values(&[table.name.as_str(), label])
             .inc();
     }
 
@@ -497,7 +522,7 @@ impl Capture {
             return Ok(false);
         };
         let regimes = &progress.regimes;
-        let Some(key) = key_text(&rel.columns, datums, &table.schema) else {
+        let Some(key) = rel.layout.key_values(datums) else {
             return Ok(false);
         };
         for (i, r) in regimes.iter().enumerate() {
@@ -552,12 +577,7 @@ impl Capture {
     ) -> anyhow::Result<()> {
         let t = chunk.table;
         let version = state.consistent_lsn;
-        let columns: Vec<(String, Kind)> = self.tables[t]
-            .schema
-            .columns
-            .iter()
-            .map(|c| (c.name.clone(), c.kind.clone()))
-            .collect();
+        let layout = self.tables[t].layout.clone();
         let source = Source {
             commit_ts_ms: now_ms(),
             snapshot: "true",
@@ -568,19 +588,16 @@ impl Capture {
             before_row_version: None,
         };
         let n = chunk.rows.len();
-        for values in chunk.rows {
-            let mut row = Map::with_capacity(columns.len());
-            for ((name, kind), v) in columns.iter().zip(values) {
-                row.insert(
-                    name.clone(),
-                    v.map_or(Value::Null, |text| to_json(kind, &text)),
-                );
-            }
-            let Some(key) = self.tables[t].envelope.key(&row) else {
+        let mut key = Vec::with_capacity(32);
+        for values in &chunk.rows {
+            key.clear();
+            if !layout.key_text(values, &mut key) {
                 anyhow::bail!("{}: a snapshot row without its key", self.tables[t].name);
-            };
-            self.put_row(t, &key, &row, version);
-            self.emit(t, 'r', &key, None, Some(Value::Object(row)), &source);
+            }
+            let mut row = Vec::with_capacity(256);
+            layout.row_text(values, &mut row);
+            self.emit(t, 'r', &key, None, Some(&row), &source);
+            self.put_row(t, &key, row, version);
         }
         METRICS
             .cdc_snapshot_rows
@@ -601,109 +618,7 @@ impl Capture {
     }
 }
 
-/// A tuple as a row object. `Unchanged` (TOAST) values come from `prev`, the stored row.
-fn tuple_to_row(
-    columns: &[(String, Kind)],
-    datums: &[Datum],
-    prev: Option<&Map<String, Value>>,
-) -> Result<Map<String, Value>, String> {
-    if datums.len() != columns.len() {
-        return Err(format!(
-            "a tuple of {} columns for a relation of {}",
-            datums.len(),
-            columns.len()
-        ));
-    }
-    let mut row = Map::with_capacity(columns.len());
-    for ((name, kind), d) in columns.iter().zip(datums) {
-        let v = match d {
-            Datum::Null => Value::Null,
-            Datum::Text(b) => to_json(kind, &String::from_utf8_lossy(b)),
-            Datum::Unchanged => match prev.and_then(|p| p.get(name)) {
-                Some(v) => v.clone(),
-                None => {
-                    return Err(format!(
-                        "column {name} is an unchanged TOAST value and the key-state store has no earlier row to take it from"
-                    ))
-                }
-            },
-        };
-        row.insert(name.clone(), v);
-    }
-    Ok(row)
-}
-
-/// The columns a (key or partial) tuple has values for.
-fn partial_row(columns: &[(String, Kind)], datums: &[Datum]) -> Map<String, Value> {
-    columns
-        .iter()
-        .zip(datums)
-        .map(|((name, kind), d)| {
-            let v = match d {
-                Datum::Text(b) => to_json(kind, &String::from_utf8_lossy(b)),
-                _ => Value::Null,
-            };
-            (name.clone(), v)
-        })
-        .collect()
-}
-
-/// The key columns' text values of a tuple.
-fn key_text(columns: &[(String, Kind)], datums: &[Datum], table: &TableSchema) -> Option<KeyText> {
-    table
-        .key
-        .iter()
-        .map(|&i| {
-            let name = &table.columns[i].name;
-            let at = columns.iter().position(|(n, _)| n == name)?;
-            Some(match datums.get(at)? {
-                Datum::Text(b) => Some(String::from_utf8_lossy(b).into_owned()),
-                _ => None,
-            })
-        })
-        .collect()
-}
-
-fn key_json(key: &Map<String, Value>) -> String {
-    serde_json::to_string(key).unwrap_or_default()
-}
-
-fn parse_object(json: &str) -> Option<Map<String, Value>> {
-    serde_json::from_str(json).ok()
-}
-
 /// A PostgreSQL commit timestamp in Unix ms.
 pub fn commit_ms(pg_ts: i64) -> i64 {
     pg_ts_to_unix_ms(pg_ts)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use bytes::Bytes;
-
-    fn cols() -> Vec<(String, Kind)> {
-        vec![("id".into(), Kind::Int), ("note".into(), Kind::Text)]
-    }
-
-    #[test]
-    fn unchanged_toast_values_come_from_the_stored_row() {
-        let prev: Map<String, Value> =
-            serde_json::from_str(r#"{"id":1,"note":"a long note"}"#).unwrap();
-        let row = tuple_to_row(
-            &cols(),
-            &[Datum::Text(Bytes::from_static(b"1")), Datum::Unchanged],
-            Some(&prev),
-        )
-        .unwrap();
-        assert_eq!(row["note"], "a long note");
-        let e = tuple_to_row(
-            &cols(),
-            &[Datum::Text(Bytes::from_static(b"1")), Datum::Unchanged],
-            None,
-        )
-        .unwrap_err();
-        assert!(e.contains("unchanged TOAST"), "{e}");
-        assert!(tuple_to_row(&cols(), &[Datum::Null], None).is_err());
-    }
 }

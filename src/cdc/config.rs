@@ -87,6 +87,9 @@ pub struct CaptureConfig {
     /// `event_only` (just Debezium's `t` event).
     #[serde(default = "default_truncate")]
     pub truncate: TruncateMode,
+    /// The key-state store's page cache (redb), in MiB: what of the store stays in memory.
+    #[serde(default = "default_store_cache_mib")]
+    pub store_cache_mib: usize,
     /// Status updates to the server at least this often.
     #[serde(default = "default_status_interval", with = "humantime_serde")]
     pub status_interval: Duration,
@@ -101,6 +104,10 @@ pub enum TruncateMode {
 
 fn default_truncate() -> TruncateMode {
     TruncateMode::DeleteRows
+}
+
+fn default_store_cache_mib() -> usize {
+    64
 }
 
 fn default_snapshot() -> SnapshotMode {

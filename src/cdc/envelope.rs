@@ -11,9 +11,10 @@
 //! increasing along each row's history, and one UInt64, so it is ClickHouse's
 //! VersionedCollapsingMergeTree or ReplacingMergeTree version as it is.
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use super::catalog::TableSchema;
+use super::value::write_str;
 
 /// What `source` says about an event.
 #[derive(Debug, Clone)]
@@ -32,13 +33,15 @@ pub struct Source {
 
 /// Everything fixed per table: names, and the schemas `with_schema` sends.
 pub struct TableEnvelope {
-    pub server: String,
-    pub db: String,
-    pub schema: String,
-    pub table: String,
     pub key_columns: Vec<String>,
     key_schema: Value,
     value_schema: Value,
+    /// `,"source":{"version":...,"connector":"postgresql","name":...,`
+    source_head: Vec<u8>,
+    /// `"db":...,`
+    source_db: Vec<u8>,
+    /// `"schema":...,"table":...,`
+    source_table: Vec<u8>,
 }
 
 impl TableEnvelope {
@@ -81,11 +84,26 @@ impl TableEnvelope {
             {"type": "int64", "optional": false, "field": "row_version"},
             {"type": "int64", "optional": true, "field": "before_row_version"}
         ]});
+        let mut source_head = br#","source":{"version":"#.to_vec();
+        write_str(
+            &mut source_head,
+            concat!("chgate-", env!("CARGO_PKG_VERSION")),
+        );
+        source_head.extend_from_slice(br#","connector":"postgresql","name":"#);
+        write_str(&mut source_head, server);
+        source_head.push(b',');
+        let mut source_db = br#""db":"#.to_vec();
+        write_str(&mut source_db, db);
+        source_db.push(b',');
+        let mut source_table = br#""schema":"#.to_vec();
+        write_str(&mut source_table, &t.schema);
+        source_table.extend_from_slice(br#","table":"#);
+        write_str(&mut source_table, &t.name);
+        source_table.push(b',');
         Self {
-            server: server.into(),
-            db: db.into(),
-            schema: t.schema.clone(),
-            table: t.name.clone(),
+            source_head,
+            source_db,
+            source_table,
             key_columns: t.key.iter().map(|&i| t.columns[i].name.clone()).collect(),
             key_schema: json!({"type": "struct", "fields": key_fields, "optional": false,
                                "name": format!("{topic}.Key")}),
@@ -98,68 +116,70 @@ impl TableEnvelope {
         }
     }
 
-    /// The key of a row: its primary key columns, in key order. `None` if the row lacks
-    /// one of them.
-    pub fn key(&self, row: &Map<String, Value>) -> Option<Map<String, Value>> {
-        self.key_columns
-            .iter()
-            .map(|c| row.get(c).map(|v| (c.clone(), v.clone())))
-            .collect()
+    /// The key as published: its JSON object (`key_json`, from [`super::row::Layout`]),
+    /// wrapped with its schema under `with_schema`.
+    pub fn key_bytes(&self, key_json: &[u8], with_schema: bool) -> Vec<u8> {
+        if !with_schema {
+            return key_json.to_vec();
+        }
+        let mut out = Vec::with_capacity(key_json.len() + 256);
+        out.extend_from_slice(b"{\"schema\":");
+        let _ = serde_json::to_writer(&mut out, &self.key_schema);
+        out.extend_from_slice(b",\"payload\":");
+        out.extend_from_slice(key_json);
+        out.push(b'}');
+        out
     }
 
-    /// The key as published (and as the store keys rows).
-    pub fn key_bytes(&self, key: &Map<String, Value>, with_schema: bool) -> Vec<u8> {
-        let payload = Value::Object(key.clone());
-        let v = if with_schema {
-            json!({"schema": self.key_schema, "payload": payload})
-        } else {
-            payload
-        };
-        serde_json::to_vec(&v).unwrap_or_default()
-    }
-
-    /// The event's value.
+    /// The event's value, written straight from the rows' JSON bytes.
     pub fn value(
         &self,
         op: char,
-        before: Option<Value>,
-        after: Option<Value>,
+        before: Option<&[u8]>,
+        after: Option<&[u8]>,
         source: &Source,
         with_schema: bool,
     ) -> Vec<u8> {
-        let sequence = match (source.commit_lsn, source.lsn) {
-            (Some(c), Some(l)) => Value::String(format!("[\"{c}\",\"{l}\"]")),
-            _ => Value::Null,
-        };
-        let payload = json!({
-            "before": before.unwrap_or(Value::Null),
-            "after": after.unwrap_or(Value::Null),
-            "source": {
-                "version": concat!("chgate-", env!("CARGO_PKG_VERSION")),
-                "connector": "postgresql",
-                "name": self.server,
-                "ts_ms": source.commit_ts_ms,
-                "snapshot": source.snapshot,
-                "db": self.db,
-                "sequence": sequence,
-                "schema": self.schema,
-                "table": self.table,
-                "txId": source.tx_id,
-                "lsn": source.lsn,
-                "xmin": Value::Null,
-                "row_version": source.row_version,
-                "before_row_version": source.before_row_version,
-            },
-            "op": op.to_string(),
-            "ts_ms": now_ms(),
-            "transaction": Value::Null,
-        });
-        let v = if with_schema {
-            json!({"schema": self.value_schema, "payload": payload})
-        } else {
-            payload
-        };
-        serde_json::to_vec(&v).unwrap_or_default()
+        use std::io::Write;
+        let size = before.map_or(4, <[u8]>::len) + after.map_or(4, <[u8]>::len) + 400;
+        let mut out = Vec::with_capacity(size);
+        if with_schema {
+            out.extend_from_slice(b"{\"schema\":");
+            let _ = serde_json::to_writer(&mut out, &self.value_schema);
+            out.extend_from_slice(b",\"payload\":");
+        }
+        out.extend_from_slice(b"{\"before\":");
+        out.extend_from_slice(before.unwrap_or(b"null"));
+        out.extend_from_slice(b",\"after\":");
+        out.extend_from_slice(after.unwrap_or(b"null"));
+        out.extend_from_slice(&self.source_head);
+        let _ = write!(
+            out,
+            "\"ts_ms\":{},\"snapshot\":\"{}\",",
+            source.commit_ts_ms, source.snapshot
+        );
+        out.extend_from_slice(&self.source_db);
+        match (source.commit_lsn, source.lsn) {
+            (Some(c), Some(l)) => {
+                let _ = write!(out, "\"sequence\":\"[\\\"{c}\\\",\\\"{l}\\\"]\",");
+            }
+            _ => out.extend_from_slice(b"\"sequence\":null,"),
+        }
+        out.extend_from_slice(&self.source_table);
+        let opt = |v: Option<u64>| v.map_or_else(|| "null".to_string(), |v| v.to_string());
+        let _ = write!(
+            out,
+            "\"txId\":{},\"lsn\":{},\"xmin\":null,\"row_version\":{},\"before_row_version\":{}}},\"op\":\"{op}\",\"ts_ms\":{},\"transaction\":null}}",
+            opt(source.tx_id.map(u64::from)),
+            opt(source.lsn),
+            source.row_version,
+            opt(source.before_row_version),
+            now_ms()
+        );
+        if with_schema {
+            out.push(b'}');
+        }
+        out
     }
 }
 
@@ -208,9 +228,8 @@ mod tests {
     #[test]
     fn the_envelope_has_debeziums_shape() {
         let e = TableEnvelope::new("pg", "demo", &table(), "pg.public.orders");
-        let row: Map<String, Value> = serde_json::from_str(r#"{"id":7,"note":"x"}"#).unwrap();
-        let key = e.key(&row).unwrap();
-        assert_eq!(e.key_bytes(&key, false), br#"{"id":7}"#);
+        let row = br#"{"id":7,"note":"x"}"#;
+        assert_eq!(e.key_bytes(br#"{"id":7}"#, false), br#"{"id":7}"#);
         let source = Source {
             commit_ts_ms: 1,
             snapshot: "false",
@@ -220,21 +239,30 @@ mod tests {
             row_version: 200,
             before_row_version: Some(150),
         };
-        let v: Value = serde_json::from_slice(&e.value(
-            'u',
-            Some(Value::Object(row.clone())),
-            Some(Value::Object(row)),
-            &source,
-            false,
-        ))
-        .unwrap();
+        let v: Value =
+            serde_json::from_slice(&e.value('u', Some(row), Some(row), &source, false)).unwrap();
         assert_eq!(v["op"], "u");
         assert_eq!(v["source"]["sequence"], "[\"100\",\"200\"]");
         assert_eq!(v["source"]["before_row_version"], 150);
+        assert_eq!(v["source"]["txId"], 9);
+        assert_eq!(v["source"]["table"], "orders");
+        assert_eq!(v["source"]["connector"], "postgresql");
         assert_eq!(v["after"]["note"], "x");
+        assert_eq!(v["transaction"], Value::Null);
+        let snapshot = Source {
+            tx_id: None,
+            commit_lsn: None,
+            before_row_version: None,
+            snapshot: "true",
+            ..source
+        };
         let wrapped: Value =
-            serde_json::from_slice(&e.value('d', None, None, &source, true)).unwrap();
-        assert_eq!(wrapped["payload"]["op"], "d");
+            serde_json::from_slice(&e.value('r', None, Some(row), &snapshot, true)).unwrap();
+        assert_eq!(wrapped["payload"]["op"], "r");
+        assert_eq!(wrapped["payload"]["source"]["sequence"], Value::Null);
+        assert_eq!(wrapped["payload"]["source"]["txId"], Value::Null);
         assert_eq!(wrapped["schema"]["name"], "pg.public.orders.Envelope");
+        let key: Value = serde_json::from_slice(&e.key_bytes(br#"{"id":7}"#, true)).unwrap();
+        assert_eq!(key["payload"]["id"], 7);
     }
 }

@@ -7,7 +7,8 @@
 //!   that do either need a git fork of it or bring a second TLS/crypto stack (pg_walstream:
 //!   aws-lc next to our ring); `postgres-protocol` does the message codec and SCRAM;
 //! - [`config`], [`value`] (text values to Debezium's JSON), [`catalog`] (tables, keys,
-//!   types; publication and slot), [`envelope`] (key and value bytes);
+//!   types; publication and slot), [`row`] (rows and keys as JSON bytes), [`envelope`]
+//!   (key and value bytes);
 //! - [`store`] (rows as last published, the outbox, progress), [`producer`] (acknowledged
 //!   units), [`tail`] (what the broker has after a crash);
 //! - [`capture`] (changes to events), [`snapshot`] (existing rows), [`stream`] (the
@@ -23,6 +24,7 @@ pub mod config;
 pub mod envelope;
 pub mod pg;
 pub mod producer;
+pub mod row;
 pub mod snapshot;
 pub mod store;
 pub mod stream;
@@ -103,12 +105,13 @@ async fn capture(
         }
     }
     catalog::ensure_publication(&catalog, &c.capture.publication, &schemas).await?;
-    let store = Store::open(&c.capture.state_dir).with_context(|| {
-        format!(
-            "cannot open the key-state store in {}",
-            c.capture.state_dir.display()
-        )
-    })?;
+    let store =
+        Store::open(&c.capture.state_dir, c.capture.store_cache_mib << 20).with_context(|| {
+            format!(
+                "cannot open the key-state store in {}",
+                c.capture.state_dir.display()
+            )
+        })?;
     let mut producer = producer::EventProducer::new(&c.kafka)?;
     let topics: Vec<String> = schemas
         .iter()

@@ -78,9 +78,13 @@ pub struct ProduceError(pub String);
 impl EventProducer {
     pub fn new(cfg: &CdcKafkaConfig) -> Result<Self, ProduceError> {
         let mut c = client_config(&cfg.brokers, &Default::default());
+        // Bounded: the outbox holds every event until it is acknowledged, so librdkafka's
+        // own queue needs no depth (its defaults allow 100,000 messages and 1 GiB).
         c.set("enable.idempotence", "true")
             .set("linger.ms", "5")
-            .set("compression.type", "lz4");
+            .set("compression.type", "lz4")
+            .set("queue.buffering.max.messages", "50000")
+            .set("queue.buffering.max.kbytes", "65536");
         for (k, v) in &cfg.properties {
             c.set(k, v);
         }

@@ -24,6 +24,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 
 const ROWS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("rows");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// A committed unit's events, in one record keyed by its last event's number.
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 
 /// A row's last published state.
@@ -99,6 +100,28 @@ impl OutboxEvent {
             value,
         })
     }
+}
+
+/// A unit's events as one record: per event, its number, its length and its encoding.
+fn encode_events(events: &[OutboxEvent]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in events {
+        let one = e.encode();
+        out.extend_from_slice(&e.seq.to_le_bytes());
+        out.extend_from_slice(&(one.len() as u32).to_le_bytes());
+        out.extend_from_slice(&one);
+    }
+    out
+}
+
+fn decode_events(mut b: &[u8]) -> Option<Vec<OutboxEvent>> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let seq = u64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
+        let len = u32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?);
+        out.push(OutboxEvent::decode(seq, take(&mut b, len as usize)?)?);
+    }
+    Some(out)
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: Option<&[u8]>) {
@@ -183,9 +206,13 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    /// Opens (or creates) the store in `dir`; `cache_bytes` bounds redb's page cache.
+    pub fn open(dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(err)?;
-        let db = Database::create(dir.join("state.redb")).map_err(err)?;
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(dir.join("state.redb"))
+            .map_err(err)?;
         let tx = db.begin_write().map_err(err)?;
         tx.open_table(ROWS).map_err(err)?;
         tx.open_table(META).map_err(err)?;
@@ -379,8 +406,10 @@ impl Store {
                 for (name, value) in &unit.meta {
                     meta.insert(name.as_str(), value.as_slice()).map_err(err)?;
                 }
-                for e in &unit.events {
-                    outbox.insert(e.seq, e.encode().as_slice()).map_err(err)?;
+                if let Some(last) = unit.events.last() {
+                    outbox
+                        .insert(last.seq, encode_events(&unit.events).as_slice())
+                        .map_err(err)?;
                 }
             }
             if let Some(seq) = clear {
@@ -469,9 +498,14 @@ impl Store {
         let mut out = Vec::new();
         for entry in t.iter().map_err(err)? {
             let (k, v) = entry.map_err(err)?;
-            match OutboxEvent::decode(k.value(), v.value()) {
-                Some(e) => out.push(e),
-                None => return Err(StoreError(format!("outbox event {} is damaged", k.value()))),
+            match decode_events(v.value()) {
+                Some(events) => out.extend(events),
+                None => {
+                    return Err(StoreError(format!(
+                        "the outbox record of the unit ending at event {} is damaged",
+                        k.value()
+                    )))
+                }
             }
         }
         Ok(out)
@@ -549,7 +583,7 @@ mod tests {
     fn only_committed_units_survive_a_crash_and_their_events_wait_in_the_outbox() {
         let dir = temp();
         {
-            let mut s = Store::open(&dir).unwrap();
+            let mut s = Store::open(&dir, 1 << 20).unwrap();
             s.put(b"t\0k1".to_vec(), row(1, "{\"a\":1}"));
             s.add_event("topic", 2, Some(b"k1".to_vec()), Some(b"v1".to_vec()));
             s.close_unit(Some(100));
@@ -564,7 +598,7 @@ mod tests {
             assert_eq!(s.get(b"t\0k1").unwrap(), row(2, "{\"a\":2}"));
             // A crash now: the second unit is lost with the process.
         }
-        let mut s = Store::open(&dir).unwrap();
+        let mut s = Store::open(&dir, 1 << 20).unwrap();
         assert_eq!(s.store_lsn(), 100);
         assert_eq!(s.get(b"t\0k1").unwrap(), row(1, "{\"a\":1}"));
         assert_eq!(s.get(b"t\0k2").unwrap(), None);
@@ -581,7 +615,7 @@ mod tests {
     #[test]
     fn a_truncate_hides_older_rows_and_not_newer_ones() {
         let dir = temp();
-        let mut s = Store::open(&dir).unwrap();
+        let mut s = Store::open(&dir, 1 << 20).unwrap();
         s.put(b"t\0a".to_vec(), row(1, "1"));
         s.put(b"u\0a".to_vec(), row(1, "1"));
         s.close_unit(Some(10));
@@ -605,6 +639,23 @@ mod tests {
         assert_eq!(s.get(b"u\0a").unwrap(), row(1, "1"));
         assert_eq!(s.rows_on_disk().unwrap(), 2);
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn a_units_events_round_trip_in_one_record() {
+        let events: Vec<OutboxEvent> = (1..4)
+            .map(|seq| OutboxEvent {
+                seq,
+                unit: 9,
+                topic: "t".into(),
+                partition: seq as i32,
+                key: Some(vec![seq as u8]),
+                value: (seq != 2).then(|| b"v".to_vec()),
+            })
+            .collect();
+        let blob = encode_events(&events);
+        assert_eq!(decode_events(&blob), Some(events));
+        assert!(decode_events(&blob[..blob.len() - 1]).is_none());
     }
 
     #[test]

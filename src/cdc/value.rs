@@ -290,3 +290,83 @@ mod tests {
         );
     }
 }
+
+/// Appends `s` as a JSON string (quoted, escaped).
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f => {
+                out.extend_from_slice(&bytes[start..i]);
+                out.extend_from_slice(format!("\\u{b:04x}").as_bytes());
+                start = i + 1;
+                continue;
+            }
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(esc);
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// Appends the JSON of `text` for a column of `kind`: what [`to_json`] gives, written
+/// straight into `out` (no value tree) for the common kinds.
+pub fn write_json(out: &mut Vec<u8>, kind: &Kind, text: &str) {
+    match kind {
+        Kind::Int if is_integer(text) => out.extend_from_slice(text.as_bytes()),
+        Kind::Text | Kind::Numeric => write_str(out, text),
+        Kind::Bool if text == "t" => out.extend_from_slice(b"true"),
+        Kind::Bool if text == "f" => out.extend_from_slice(b"false"),
+        Kind::TimestampTz => match timestamptz_iso(text) {
+            Some(iso) => write_str(out, &iso),
+            None => write_str(out, text),
+        },
+        _ => {
+            let v = to_json(kind, text);
+            // Writing a Value to a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, &v);
+        }
+    }
+}
+
+fn is_integer(s: &str) -> bool {
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    !digits.is_empty() && digits.len() < 20 && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod write_tests {
+    use super::*;
+
+    #[test]
+    fn written_json_equals_the_value_tree() {
+        let cases: &[(Kind, &str)] = &[
+            (Kind::Int, "-42"),
+            (Kind::Int, "not a number"),
+            (Kind::Text, "tab\there \"quoted\" back\\slash \u{1} é"),
+            (Kind::Numeric, "12.30"),
+            (Kind::Bool, "t"),
+            (Kind::Bool, "f"),
+            (Kind::TimestampTz, "2026-12-05 19:00:00.123456+00"),
+            (Kind::Timestamp, "1970-01-01 00:00:01.5"),
+            (Kind::Float, "NaN"),
+            (Kind::Array(Box::new(Kind::Int)), "{1,NULL}"),
+        ];
+        for (kind, text) in cases {
+            let mut out = Vec::new();
+            write_json(&mut out, kind, text);
+            let parsed: Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(parsed, to_json(kind, text), "{kind:?} {text:?}");
+        }
+    }
+}
