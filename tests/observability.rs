@@ -10,6 +10,24 @@ use chgate::metrics::METRICS;
 fn exposition() -> String {
     // Touch each labelled family so it appears in the output.
     METRICS
+        .cdc_events
+        .with_label_values(&["public.t", "c"])
+        .inc();
+    METRICS
+        .cdc_snapshot_rows
+        .with_label_values(&["public.t"])
+        .inc();
+    METRICS
+        .cdc_skipped
+        .with_label_values(&["seen_by_snapshot"])
+        .inc();
+    METRICS.cdc_transactions.with_label_values(&["whole"]).inc();
+    METRICS
+        .cdc_slot_wal_status
+        .with_label_values(&["reserved"])
+        .set(1);
+    METRICS.cdc_commit_to_ack.observe(0.01);
+    METRICS
         .http_requests
         .with_label_values(&["u", "200", "n"])
         .inc();

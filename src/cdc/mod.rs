@@ -120,6 +120,8 @@ async fn capture(
     producer.ensure_topics(&c.kafka, &topics).await?;
     tracing::info!(tables = %topics.join(", "), "Capturing");
     let mut capture = Capture::new(cfg.clone(), catalog, schemas, store, producer);
+    // One instance captures a slot (PostgreSQL lets one connection stream it at a time).
+    METRICS.cdc_leader.set(1);
     resend_outbox(&mut capture).await?;
     let (conn, plan) = prepare_slot(&mut capture).await?;
     if let Some(plan) = plan {
