@@ -114,6 +114,13 @@ impl Totals {
     }
 }
 
+impl Drop for TestDb {
+    /// The slot goes even when the test fails: a slot left behind holds WAL forever.
+    fn drop(&mut self) {
+        self.drop_all();
+    }
+}
+
 /// `chgate cdc` as a real process.
 struct Cdc {
     child: Child,
@@ -725,7 +732,6 @@ fn killed_mid_snapshot_and_mid_stream_kafka_still_equals_postgres() {
         orders.len(),
         customers.len()
     );
-    db.drop_all();
     let _ = std::fs::remove_dir_all(&state);
 }
 
@@ -916,7 +922,6 @@ dead_letter_topic = "{dlq}"
     eprintln!("{totals:?}");
     drop(sidecar);
     drop(tables);
-    db.drop_all();
     let _ = std::fs::remove_dir_all(&state);
 }
 
