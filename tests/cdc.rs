@@ -747,7 +747,7 @@ fn postgres_to_clickhouse_through_kills_of_the_capture_and_the_sidecar() {
     let name = db.name.clone();
     let tables = ClickHouseTables::create(&name);
     let state = common::tempfile_path("cdc-state");
-    let cfg = config(&db, &name, &state, 2000);
+    let cfg = config(&db, &name, &state, 50);
     let dlq = format!("{name}_dlq");
     common::create_topics(&format!("{name}.public.orders"), &dlq);
     common::stack_shell(&format!(
@@ -802,11 +802,11 @@ dead_letter_topic = "{dlq}"
     let mut sidecar = common::IngestProcess::start(&sidecar_config);
     let load = rt.spawn(workload(db.name.clone(), 3, 1200, next_id.clone()));
     let mut cdc = Cdc::start(&cfg);
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(600));
     cdc.kill(&mut totals);
     eprintln!("capture killed");
     let mut cdc = Cdc::start(&cfg);
-    std::thread::sleep(Duration::from_millis(2000));
+    std::thread::sleep(Duration::from_millis(200));
     sidecar.signal("KILL");
     sidecar.wait(Duration::from_secs(10));
     eprintln!("sidecar killed");
@@ -989,4 +989,128 @@ impl Drop for ClickHouseTables {
             }
         }
     }
+}
+
+/// Two instances with one config (and one state directory): one leads, the other stands by;
+/// SIGKILL the leader mid-stream and the standby takes over within the ZooKeeper session
+/// timeout (plus its start), losing nothing: Kafka still folds to PostgreSQL.
+#[test]
+fn the_standby_takes_over_when_the_leader_is_killed() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt.block_on(TestDb::create());
+    let prefix = db.name.replace('_', "-");
+    let state = common::tempfile_path("cdc-state");
+    let cfg = config(&db, &prefix, &state, 1000);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text += &format!(
+        "\n[coordination]\nzookeeper = [\"127.0.0.1:2181\"]\nroot = \"/chgate-tests/{}\"\nsession_timeout = \"3s\"\n",
+        db.name
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let next_id = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(1));
+    rt.block_on(async {
+        pg(&db.name)
+            .await
+            .batch_execute("INSERT INTO orders SELECT g, g, 'old', g, 'o', now() FROM generate_series(1, 3000) g")
+            .await
+            .unwrap();
+    });
+    next_id.store(3001, std::sync::atomic::Ordering::Relaxed);
+
+    let mut a = Cdc::start(&cfg);
+    a.wait_streaming(Duration::from_secs(60));
+    let b = Cdc::start(&cfg);
+    let t0 = Instant::now();
+    while !b
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("Standing by"))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the second instance did not stand by: {:?}",
+            b.tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(b.metric("chgate_cdc_leader", &[]), 0.0);
+    assert_eq!(a.metric("chgate_cdc_leader", &[]), 1.0);
+    let status = common::curl(&["-s", &format!("http://{}/readyz", b.admin)]).status;
+    assert_eq!(status, 503, "a standby is not ready");
+
+    let load = rt.spawn(workload(db.name.clone(), 21, 800, next_id.clone()));
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut totals = Totals::default();
+    a.kill(&mut totals);
+    let killed = Instant::now();
+    b.wait_streaming(Duration::from_secs(30));
+    let takeover = killed.elapsed();
+    eprintln!("the standby streams {takeover:?} after the leader's SIGKILL (session timeout 3 s)");
+    assert!(
+        takeover < Duration::from_secs(15),
+        "takeover took {takeover:?}"
+    );
+    rt.block_on(load).unwrap();
+    let mut b = b;
+    rt.block_on(async {
+        let c = pg(&db.name).await;
+        let end: String = c.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+        let t0 = Instant::now();
+        loop {
+            let done: bool = c
+                .query_one(
+                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                    &[&end, &db.slot],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if done {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "the standby did not catch up");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    b.term();
+    let (orders, problems) = fold(&read_topic(&format!("{prefix}.public.orders")));
+    assert!(
+        problems.is_empty(),
+        "orders: {} problems, first: {:?}",
+        problems.len(),
+        &problems[..problems.len().min(10)]
+    );
+    let (customers, problems) = fold(&read_topic(&format!("{prefix}.public.customers")));
+    assert!(
+        problems.is_empty(),
+        "customers: {:?}",
+        &problems[..problems.len().min(10)]
+    );
+    let (want_orders, want_customers): (i64, i64) = rt.block_on(async {
+        let c = pg(&db.name).await;
+        let o: i64 = c
+            .query_one("SELECT count(*) FROM orders", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let cu: i64 = c
+            .query_one("SELECT count(*) FROM customers", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (o, cu)
+    });
+    assert_eq!(
+        orders.len() as i64,
+        want_orders,
+        "orders in Kafka vs PostgreSQL"
+    );
+    assert_eq!(
+        customers.len() as i64,
+        want_customers,
+        "customers in Kafka vs PostgreSQL"
+    );
+    let _ = std::fs::remove_dir_all(&state);
 }

@@ -64,6 +64,14 @@ pub enum Change {
     },
 }
 
+/// Which halves of a key-changing update to publish (a resumed snapshot may already hold
+/// one of them).
+#[derive(Debug, Clone, Copy)]
+struct Halves {
+    delete_old: bool,
+    create_new: bool,
+}
+
 /// The transaction being applied.
 #[derive(Debug, Clone, Copy)]
 pub struct TxInfo {
@@ -192,10 +200,25 @@ impl Capture {
                 let Some(rel) = self.rel(relation) else {
                     return Ok(());
                 };
-                if self.seen_by_snapshot(&rel, tx, &new).await? {
+                // A key change is a delete of the old key and a create of the new one; a
+                // resumed snapshot may hold either half (each key lies in its own range).
+                let seen_new = self.seen_by_snapshot(&rel, tx, &new).await?;
+                let seen_old = match &old {
+                    Some((_, datums))
+                        if rel.layout.key_values(datums) != rel.layout.key_values(&new) =>
+                    {
+                        self.seen_by_snapshot(&rel, tx, datums).await?
+                    }
+                    _ => seen_new,
+                };
+                if seen_old && seen_new {
                     return Ok(());
                 }
-                self.update(tx, lsn, &rel, old, &new).await
+                let halves = Halves {
+                    delete_old: !seen_old,
+                    create_new: !seen_new,
+                };
+                self.update(tx, lsn, &rel, old, &new, halves).await
             }
             Change::Delete { lsn, relation, old } => {
                 let Some(rel) = self.rel(relation) else {
@@ -258,7 +281,7 @@ impl Capture {
         }
         let source = self.source(tx, lsn, lsn, None);
         self.emit(t, 'c', &key, None, Some(&after), &source);
-        self.put_row(t, &key, after, lsn);
+        self.put_row(t, &key, after, lsn, StoredRow::STREAMED);
         Ok(())
     }
 
@@ -269,6 +292,7 @@ impl Capture {
         rel: &RelState,
         old: Option<(u8, Vec<Datum>)>,
         new: &[Datum],
+        halves: Halves,
     ) -> anyhow::Result<()> {
         let t = rel.table;
         // The key before the update: the old tuple's if the server sent one (the key
@@ -317,18 +341,22 @@ impl Capture {
         let before_version = prev.as_ref().map(|p| p.version);
         if new_key != old_key {
             // A primary key change: a delete of the old key and a create of the new one,
-            // as Debezium does.
-            let source = self.source(tx, lsn, lsn, before_version);
-            self.emit(t, 'd', &old_key, before, None, &source);
-            let source = self.source(tx, lsn, lsn, None);
-            self.emit(t, 'c', &new_key, None, Some(&after), &source);
-            self.store.put(self.store_key(t, &old_key), None);
-            self.put_row(t, &new_key, after, lsn);
+            // as Debezium does (each unless a resumed snapshot already holds it).
+            if halves.delete_old {
+                let source = self.source(tx, lsn, lsn, before_version);
+                self.emit(t, 'd', &old_key, before, None, &source);
+                self.store.put(self.store_key(t, &old_key), None);
+            }
+            if halves.create_new {
+                let source = self.source(tx, lsn, lsn, None);
+                self.emit(t, 'c', &new_key, None, Some(&after), &source);
+                self.put_row(t, &new_key, after, lsn, StoredRow::STREAMED);
+            }
             return Ok(());
         }
         let source = self.source(tx, lsn, lsn, before_version);
         self.emit(t, 'u', &new_key, before, Some(&after), &source);
-        self.put_row(t, &new_key, after, lsn);
+        self.put_row(t, &new_key, after, lsn, StoredRow::STREAMED);
         Ok(())
     }
 
@@ -363,6 +391,22 @@ impl Capture {
     /// then the `t` event, which goes to every partition of the table's topic, so it is
     /// ordered against every row event whatever partition the row's key hashes to.
     async fn truncate(&mut self, tx: TxInfo, lsn: u64, t: usize) -> anyhow::Result<()> {
+        let seeing = self.regimes_seeing(t, tx);
+        if !seeing.is_empty() {
+            // Resumed snapshots taken after this truncate read their key ranges as it left
+            // them: those rows stay; only the rows read before it, or written by changes
+            // before it, go. No `t` event: it would wipe what those snapshots published.
+            for (key_json, row) in self.store.rows_of(&self.tables[t].name)? {
+                if seeing.contains(&row.regime) {
+                    continue;
+                }
+                let source = self.source(tx, lsn, lsn, Some(row.version));
+                let key = key_json.as_bytes();
+                self.emit(t, 'd', key, Some(row.json.as_bytes()), None, &source);
+                self.store.put(self.store_key(t, key), None);
+            }
+            return Ok(());
+        }
         if self.cfg.config.capture.truncate == TruncateMode::DeleteRows {
             for (key_json, row) in self.store.rows_of(&self.tables[t].name)? {
                 let source = self.source(tx, lsn, lsn, Some(row.version));
@@ -400,13 +444,20 @@ impl Capture {
         Ok(self.store.get(&self.store_key(t, key_json))?)
     }
 
-    fn put_row(&mut self, t: usize, key_json: &[u8], row: Vec<u8>, version: u64) {
+    fn put_row(&mut self, t: usize, key_json: &[u8], row: Vec<u8>, version: u64, regime: u8) {
         let json: Arc<str> = match String::from_utf8(row) {
             Ok(s) => s.into(),
             Err(e) => String::from_utf8_lossy(e.as_bytes()).into(),
         };
         let key = self.store_key(t, key_json);
-        self.store.put(key, Some(StoredRow { version, json }));
+        self.store.put(
+            key,
+            Some(StoredRow {
+                version,
+                regime,
+                json,
+            }),
+        );
     }
 
     /// Adds one event to the open unit (and Debezium's tombstone after a delete), for the
@@ -503,6 +554,28 @@ impl Capture {
         Ok(Some(done))
     }
 
+    /// The table's snapshot regimes (as store row markers) whose snapshot saw `tx`.
+    fn regimes_seeing(&self, t: usize, tx: TxInfo) -> Vec<u8> {
+        let Some(state) = &self.snapshot else {
+            return Vec::new();
+        };
+        if tx.commit_lsn > state.check_until() {
+            return Vec::new();
+        }
+        state
+            .tables
+            .get(&self.tables[t].name)
+            .map(|p| {
+                p.regimes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.snapshot.as_ref().is_some_and(|s| s.sees(tx.xid)))
+                    .filter_map(|(i, _)| u8::try_from(i).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Whether a resumed snapshot regime already holds this change (its transaction is
     /// visible in the snapshot the row's key range was read under).
     async fn seen_by_snapshot(
@@ -535,6 +608,7 @@ impl Capture {
                 .key_in_range(&table.schema, &key, r.from.as_ref(), next)
                 .await?
             {
+                tracing::debug!(table = %table.name, ?key, xid = tx.xid, regime = i, from = ?r.from, next = ?next, "seen by the snapshot");
                 METRICS
                     .cdc_skipped
                     .with_label_values(&["seen_by_snapshot"])
@@ -588,6 +662,13 @@ impl Capture {
             before_row_version: None,
         };
         let n = chunk.rows.len();
+        // The chunk's regime: the newest of its table (a new one comes with its first chunk).
+        let regimes = state
+            .tables
+            .get(&self.tables[t].name)
+            .map_or(0, |p| p.regimes.len());
+        let regime = (regimes + usize::from(chunk.new_regime.is_some())).saturating_sub(1);
+        let regime = u8::try_from(regime).unwrap_or(StoredRow::STREAMED - 1);
         let mut key = Vec::with_capacity(32);
         for values in &chunk.rows {
             key.clear();
@@ -597,7 +678,7 @@ impl Capture {
             let mut row = Vec::with_capacity(256);
             layout.row_text(values, &mut row);
             self.emit(t, 'r', &key, None, Some(&row), &source);
-            self.put_row(t, &key, row, version);
+            self.put_row(t, &key, row, version, regime);
         }
         METRICS
             .cdc_snapshot_rows

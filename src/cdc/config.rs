@@ -19,6 +19,29 @@ pub struct CdcConfig {
     pub kafka: CdcKafkaConfig,
     #[serde(default)]
     pub admin: CdcAdminConfig,
+    /// Active/standby through ZooKeeper (see `cdc/leader.rs`); without it, one instance.
+    pub coordination: Option<CoordinationConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinationConfig {
+    /// The ensemble's members, `host:port`.
+    pub zookeeper: Vec<String>,
+    /// The election znode is `<root>/<slot>/leader`.
+    #[serde(default = "default_coordination_root")]
+    pub root: String,
+    /// How long after a leader dies a standby takes over.
+    #[serde(default = "default_session_timeout", with = "humantime_serde")]
+    pub session_timeout: Duration,
+}
+
+fn default_coordination_root() -> String {
+    "/chgate/cdc".into()
+}
+
+fn default_session_timeout() -> Duration {
+    Duration::from_secs(6)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -256,6 +279,26 @@ pub fn validate(config: CdcConfig, base: &Path) -> Result<ValidatedCdc, Vec<Prob
             "kafka.topic_prefix",
             format!("{prefix:?}: a Kafka topic name takes letters, digits, '.', '_' and '-'"),
         ));
+    }
+    if let Some(co) = &config.coordination {
+        if co.zookeeper.is_empty() {
+            problems.push(Problem::new(
+                "coordination.zookeeper",
+                "name at least one host:port",
+            ));
+        }
+        if !co.root.starts_with('/') || co.root.len() < 2 {
+            problems.push(Problem::new(
+                "coordination.root",
+                format!("{:?} is not an absolute znode path", co.root),
+            ));
+        }
+        if co.session_timeout < Duration::from_secs(2) {
+            problems.push(Problem::new(
+                "coordination.session_timeout",
+                "must be at least 2 s",
+            ));
+        }
     }
     if config.kafka.partitions < 1 {
         problems.push(Problem::new("kafka.partitions", "must be at least 1"));

@@ -22,6 +22,7 @@ pub mod capture;
 pub mod catalog;
 pub mod config;
 pub mod envelope;
+pub mod leader;
 pub mod pg;
 pub mod producer;
 pub mod row;
@@ -75,7 +76,31 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let result = capture(cfg, stop, streaming).await;
+    // With [coordination], wait to lead; the capture stops when leadership is lost.
+    let leadership = match &cfg.config.coordination {
+        Some(co) => match leader::acquire(co, &cfg.config.capture.slot, &stop).await? {
+            Some(l) => Some(l),
+            None => {
+                admin_stop.cancel();
+                return Ok(());
+            }
+        },
+        None => None,
+    };
+    let run_stop = stop.child_token();
+    if let Some(l) = &leadership {
+        let (lost, run_stop) = (l.lost.clone(), run_stop.clone());
+        tokio::spawn(async move {
+            lost.cancelled().await;
+            run_stop.cancel();
+        });
+    }
+    let mut result = capture(cfg, run_stop, streaming).await;
+    if leadership.as_ref().is_some_and(|l| l.lost.is_cancelled()) && result.is_ok() {
+        result = Err(anyhow::anyhow!(
+            "lost the leadership of the capture; restart to stand by"
+        ));
+    }
     admin_stop.cancel();
     if let Some(t) = admin_thread {
         let _ = t.join();
@@ -120,7 +145,7 @@ async fn capture(
     producer.ensure_topics(&c.kafka, &topics).await?;
     tracing::info!(tables = %topics.join(", "), "Capturing");
     let mut capture = Capture::new(cfg.clone(), catalog, schemas, store, producer);
-    // One instance captures a slot (PostgreSQL lets one connection stream it at a time).
+    // This instance captures the slot (alone, or elected).
     METRICS.cdc_leader.set(1);
     resend_outbox(&mut capture).await?;
     let (conn, plan) = prepare_slot(&mut capture).await?;

@@ -31,23 +31,31 @@ const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredRow {
     pub version: u64,
+    /// The snapshot regime the row was read under (its index in the table's regimes), or
+    /// [`StoredRow::STREAMED`] for a row a streamed change wrote.
+    pub regime: u8,
     /// The row's JSON object, as published.
     pub json: std::sync::Arc<str>,
 }
 
 impl StoredRow {
+    pub const STREAMED: u8 = u8::MAX;
+
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 + self.json.len());
+        let mut out = Vec::with_capacity(9 + self.json.len());
         out.extend_from_slice(&self.version.to_le_bytes());
+        out.push(self.regime);
         out.extend_from_slice(self.json.as_bytes());
         out
     }
 
     fn decode(bytes: &[u8]) -> Option<Self> {
         let version = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
-        let json = std::str::from_utf8(bytes.get(8..)?).ok()?;
+        let regime = *bytes.get(8)?;
+        let json = std::str::from_utf8(bytes.get(9..)?).ok()?;
         Some(Self {
             version,
+            regime,
             json: json.into(),
         })
     }
@@ -75,14 +83,26 @@ pub struct OutboxEvent {
 }
 
 impl OutboxEvent {
+    /// Bytes of its encoding, about.
+    fn size(&self) -> usize {
+        self.topic.len()
+            + self.key.as_ref().map_or(0, Vec::len)
+            + self.value.as_ref().map_or(0, Vec::len)
+    }
+
+    #[cfg(test)]
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    fn encode_into(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.unit.to_le_bytes());
         out.extend_from_slice(&self.partition.to_le_bytes());
-        put_bytes(&mut out, Some(self.topic.as_bytes()));
-        put_bytes(&mut out, self.key.as_deref());
-        put_bytes(&mut out, self.value.as_deref());
-        out
+        put_bytes(out, Some(self.topic.as_bytes()));
+        put_bytes(out, self.key.as_deref());
+        put_bytes(out, self.value.as_deref());
     }
 
     fn decode(seq: u64, mut b: &[u8]) -> Option<Self> {
@@ -102,19 +122,30 @@ impl OutboxEvent {
     }
 }
 
-/// A unit's events as one record: per event, its number, its length and its encoding.
+/// A unit's events as one record: per event, its number, its length and its encoding; the
+/// whole LZ4-compressed (JSON events shrink several times: this is most of what a commit
+/// writes).
 fn encode_events(events: &[OutboxEvent]) -> Vec<u8> {
-    let mut out = Vec::new();
+    let mut raw = Vec::with_capacity(events.iter().map(|e| 40 + e.size()).sum());
     for e in events {
-        let one = e.encode();
-        out.extend_from_slice(&e.seq.to_le_bytes());
-        out.extend_from_slice(&(one.len() as u32).to_le_bytes());
-        out.extend_from_slice(&one);
+        raw.extend_from_slice(&e.seq.to_le_bytes());
+        let at = raw.len();
+        raw.extend_from_slice(&[0; 4]);
+        e.encode_into(&mut raw);
+        let len = (raw.len() - at - 4) as u32;
+        raw[at..at + 4].copy_from_slice(&len.to_le_bytes());
     }
-    out
+    lz4_flex::block::compress_prepend_size(&raw)
 }
 
-fn decode_events(mut b: &[u8]) -> Option<Vec<OutboxEvent>> {
+fn decode_events(compressed: &[u8]) -> Option<Vec<OutboxEvent>> {
+    // The size is the record's own word: a damaged one must not allocate gigabytes.
+    let (size, body) = lz4_flex::block::uncompressed_size(compressed).ok()?;
+    if size > 1 << 30 {
+        return None;
+    }
+    let raw = lz4_flex::block::decompress(body, size).ok()?;
+    let mut b = raw.as_slice();
     let mut out = Vec::new();
     while !b.is_empty() {
         let seq = u64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
@@ -571,6 +602,7 @@ mod tests {
     fn row(v: u64, j: &str) -> Option<StoredRow> {
         Some(StoredRow {
             version: v,
+            regime: StoredRow::STREAMED,
             json: j.into(),
         })
     }
