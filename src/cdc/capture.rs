@@ -651,7 +651,6 @@ impl Capture {
     ) -> anyhow::Result<()> {
         let t = chunk.table;
         let version = state.consistent_lsn;
-        let layout = self.tables[t].layout.clone();
         let source = Source {
             commit_ts_ms: now_ms(),
             snapshot: "true",
@@ -669,14 +668,7 @@ impl Capture {
             .map_or(0, |p| p.regimes.len());
         let regime = (regimes + usize::from(chunk.new_regime.is_some())).saturating_sub(1);
         let regime = u8::try_from(regime).unwrap_or(StoredRow::STREAMED - 1);
-        let mut key = Vec::with_capacity(32);
-        for values in &chunk.rows {
-            key.clear();
-            if !layout.key_text(values, &mut key) {
-                anyhow::bail!("{}: a snapshot row without its key", self.tables[t].name);
-            }
-            let mut row = Vec::with_capacity(256);
-            layout.row_text(values, &mut row);
+        for (key, row) in chunk.rows {
             self.emit(t, 'r', &key, None, Some(&row), &source);
             self.put_row(t, &key, row, version, regime);
         }

@@ -404,6 +404,7 @@ async fn run_snapshot(
     let mut running = 0;
     let start = |capture: &Capture, i: usize, state: &SnapshotState| {
         let table = capture.tables[i].schema.clone();
+        let layout = capture.tables[i].layout.clone();
         let after = state
             .tables
             .get(&capture.tables[i].name)
@@ -417,7 +418,15 @@ async fn run_snapshot(
         tokio::spawn(async move {
             match catalog::connect(&cfg).await {
                 Ok(client) => {
-                    snapshot::read_table(client, i, table, after, exported, chunk_rows, tx).await
+                    let read = snapshot::TableRead {
+                        index: i,
+                        table,
+                        layout,
+                        after,
+                        snapshot: exported,
+                        chunk_rows,
+                    };
+                    snapshot::read_table(client, read, tx).await
                 }
                 Err(e) => {
                     let _ = tx

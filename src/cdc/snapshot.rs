@@ -14,6 +14,7 @@
 //! Every snapshot row's version is the slot's start LSN, below every streamed change.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::TryStreamExt;
@@ -22,6 +23,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
 use super::catalog::{quote_ident, quote_literal, TableSchema};
+use super::row::Layout;
 
 /// Key values of a row, as text (`None` for NULL), in key order.
 pub type KeyText = Vec<Option<String>>;
@@ -108,8 +110,9 @@ impl SnapshotState {
 /// One chunk of a table's rows, read under one snapshot.
 pub struct Chunk {
     pub table: usize,
-    /// Each row's values, as text, in the table's column order.
-    pub rows: Vec<Vec<Option<String>>>,
+    /// Each row as (key JSON, row JSON), written by the reading task (so the conversion
+    /// runs beside the publishing, not in its way).
+    pub rows: Vec<(Vec<u8>, Vec<u8>)>,
     /// The last row's key.
     pub last_key: Option<KeyText>,
     /// Fewer rows than a chunk: the table is done.
@@ -118,18 +121,29 @@ pub struct Chunk {
     pub new_regime: Option<Regime>,
 }
 
-/// Reads one table from `after` on, chunk by chunk, into `out`. `snapshot` names the
-/// exported snapshot to read under; without it the worker takes a new one and reports it
-/// as a regime with its first chunk.
-pub async fn read_table(
-    client: Client,
-    index: usize,
-    table: TableSchema,
-    mut after: Option<KeyText>,
-    snapshot: Option<String>,
-    chunk_rows: u32,
-    out: mpsc::Sender<anyhow::Result<Chunk>>,
-) {
+/// What one table's reading task is to read.
+pub struct TableRead {
+    pub index: usize,
+    pub table: TableSchema,
+    pub layout: Arc<Layout>,
+    /// Go on after this key (the last one published).
+    pub after: Option<KeyText>,
+    /// The exported snapshot to read under; without it the task takes a new one and
+    /// reports it as a regime with its first chunk.
+    pub snapshot: Option<String>,
+    pub chunk_rows: u32,
+}
+
+/// Reads one table chunk by chunk into `out`.
+pub async fn read_table(client: Client, read: TableRead, out: mpsc::Sender<anyhow::Result<Chunk>>) {
+    let TableRead {
+        index,
+        table,
+        layout,
+        mut after,
+        snapshot,
+        chunk_rows,
+    } = read;
     let result = async {
         client
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -163,15 +177,25 @@ pub async fn read_table(
             let sql = chunk_query(&table, after.as_ref(), chunk_rows);
             let stream = client.copy_out(sql.as_str()).await?;
             let data: Vec<Bytes> = stream.try_collect().await?;
-            let rows = parse_copy_text(&data.concat())?;
-            let last = rows.len() < chunk_rows as usize;
-            let last_key = rows.last().map(|r| {
+            let values = parse_copy_text(&data.concat())?;
+            let last = values.len() < chunk_rows as usize;
+            let last_key = values.last().map(|r| {
                 table
                     .key
                     .iter()
                     .map(|&i| r.get(i).cloned().flatten())
                     .collect()
             });
+            let mut rows = Vec::with_capacity(values.len());
+            for v in &values {
+                let mut key = Vec::with_capacity(32);
+                if !layout.key_text(v, &mut key) {
+                    anyhow::bail!("a row without its primary key");
+                }
+                let mut row = Vec::with_capacity(256);
+                layout.row_text(v, &mut row);
+                rows.push((key, row));
+            }
             if let Some(k) = &last_key {
                 after = Some(Clone::clone(k));
             }

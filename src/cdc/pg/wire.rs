@@ -242,6 +242,11 @@ impl ReplicationConn {
             return Ok(false);
         }
         let len = u32::from_be_bytes([self.read[1], self.read[2], self.read[3], self.read[4]]);
+        if !(4..=1 << 20).contains(&len) {
+            return Err(WireError::Protocol(format!(
+                "a CopyBothResponse of {len} bytes"
+            )));
+        }
         let total = 1 + len as usize;
         while self.read.len() < total {
             self.fill().await?;
