@@ -26,6 +26,7 @@ pub mod leader;
 pub mod pg;
 pub mod producer;
 pub mod row;
+pub mod slot;
 pub mod snapshot;
 pub mod store;
 pub mod stream;
@@ -40,7 +41,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::sync::mpsc;
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminSource};
@@ -489,55 +489,6 @@ async fn drain_acks(capture: &mut Capture) -> anyhow::Result<()> {
     }
     capture.store.clear_acknowledged()?;
     Ok(())
-}
-
-/// Exports the slot's WAL safety figures; warns before PostgreSQL would drop the slot.
-pub async fn slot_metrics(client: &Client, slot: &str) {
-    let row = client
-        .query_opt(
-            "SELECT wal_status, safe_wal_size,
-                    (pg_current_wal_lsn() - restart_lsn)::bigint
-             FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await;
-    let row = match row {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            tracing::error!(slot, "The replication slot is gone");
-            return;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "Cannot read the slot's state");
-            return;
-        }
-    };
-    let status: Option<String> = row.get(0);
-    let safe: Option<i64> = row.get(1);
-    let retained: Option<i64> = row.get(2);
-    for s in ["reserved", "extended", "unreserved", "lost"] {
-        METRICS
-            .cdc_slot_wal_status
-            .with_label_values(&[s])
-            .set(i64::from(status.as_deref() == Some(s)));
-    }
-    METRICS.cdc_slot_safe_wal_bytes.set(safe.unwrap_or(-1));
-    METRICS.cdc_slot_retained_bytes.set(retained.unwrap_or(0));
-    match status.as_deref() {
-        Some("unreserved") => tracing::error!(
-            slot,
-            "The slot's WAL is beyond max_slot_wal_keep_size: PostgreSQL may drop it at the next checkpoint"
-        ),
-        Some("lost") => tracing::error!(slot, "The slot has lost WAL it needed: it cannot be used"),
-        _ => {}
-    }
-    if let Some(s) = safe.filter(|&s| s < 1 << 30) {
-        tracing::warn!(
-            slot,
-            safe_wal_bytes = s,
-            "Less than 1 GiB of WAL left before PostgreSQL would invalidate the slot"
-        );
-    }
 }
 
 /// The admin listener's view: `/metrics`, `/healthz`, `/readyz` (ready while streaming).

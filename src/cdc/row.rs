@@ -179,7 +179,11 @@ fn text(b: &Bytes) -> std::borrow::Cow<'_, str> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use bytes::Bytes;
+
+    use crate::cdc::pg::pgoutput::Datum;
+    use crate::cdc::row::Layout;
+    use crate::cdc::value::Kind;
 
     fn layout() -> Layout {
         Layout::new(

@@ -147,7 +147,7 @@ impl Stream<'_> {
                         tracing::warn!(error = %e, "Heartbeat failed");
                     }
                 }
-                _ = slot_check.tick() => super::slot_metrics(&self.capture.catalog, &cfg.slot).await,
+                _ = slot_check.tick() => super::slot::slot_metrics(&self.capture.catalog, &cfg.slot).await,
             }
         }
     }
