@@ -179,6 +179,25 @@ impl Cdc {
         let _ = self.child.wait();
     }
 
+    /// Waits until the snapshot has published `rows` rows, and checks it is not done yet
+    /// (the kill that follows must land in the middle of it).
+    fn wait_mid_snapshot(&self, rows: f64) {
+        let t0 = Instant::now();
+        while self.metric("chgate_cdc_snapshot_rows_total", &[]) < rows {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "no snapshot progress: {:?}",
+                self.tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pending = self.metric("chgate_cdc_snapshot_tables_pending", &[]);
+        assert!(
+            pending > 0.0,
+            "the snapshot finished before the kill: make it bigger"
+        );
+    }
+
     /// Waits until the capture streams (its `/readyz` answers 200).
     fn wait_streaming(&self, deadline: Duration) {
         let end = Instant::now() + deadline;
@@ -267,6 +286,52 @@ listen = "127.0.0.1:0"
     )
     .unwrap();
     path
+}
+
+/// Rows that exist before the capture: `orders` orders (every tenth with a note wide
+/// enough to be TOASTed) and `customers` customers after them.
+async fn seed(db: &TestDb, orders: i64, customers: i64) {
+    pg(&db.name)
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO orders SELECT g, g % 500, 'old', g * 1.25,
+                    CASE WHEN g % 10 = 0 THEN (SELECT string_agg(md5(random()::text || g || s), '') FROM generate_series(1, 250) s) ELSE 'o' || g END,
+                    now() FROM generate_series(1, {orders}) g;
+             INSERT INTO customers SELECT g, 'c' || g, 'c' || g || '@x.io', now()
+                    FROM generate_series({orders} + 1, {orders} + {customers}) g;"
+        ))
+        .await
+        .unwrap();
+}
+
+/// Waits until the slot is confirmed past PostgreSQL's current position.
+async fn wait_caught_up(db: &TestDb, cdc: &Cdc) {
+    let c = pg(&db.name).await;
+    let end: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let t0 = Instant::now();
+    loop {
+        let done: bool = c
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                &[&end, &db.slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if done {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "the capture did not catch up: {:?}",
+            cdc.tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// One message of a topic.
@@ -510,39 +575,16 @@ fn killed_mid_snapshot_and_mid_stream_kafka_still_equals_postgres() {
     let next_id = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(1));
 
     // Rows that exist before the capture: the snapshot's work (some with wide notes).
-    rt.block_on(async {
-        let c = pg(&db.name).await;
-        c.batch_execute(
-            "INSERT INTO orders SELECT g, g % 500, 'old', g * 1.25,
-                    CASE WHEN g % 10 = 0 THEN (SELECT string_agg(md5(random()::text || g || s), '') FROM generate_series(1, 250) s) ELSE 'o' || g END,
-                    now() FROM generate_series(1, 20000) g;
-             INSERT INTO customers SELECT g, 'c' || g, 'c' || g || '@x.io', now() FROM generate_series(20001, 23000) g;",
-        )
-        .await
-        .unwrap();
-    });
+    rt.block_on(seed(&db, 20000, 3000));
     next_id.store(23001, std::sync::atomic::Ordering::Relaxed);
 
     // Writes go on while the snapshot runs; the capture dies in the middle of it.
     let load = rt.spawn(workload(db.name.clone(), 7, 1500, next_id.clone()));
     let mut cdc = Cdc::start(&cfg);
-    let t0 = Instant::now();
-    while cdc.metric("chgate_cdc_snapshot_rows_total", &[]) < 3000.0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no snapshot progress: {:?}",
-            cdc.tail()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    cdc.wait_mid_snapshot(3000.0);
     let mut totals = Totals::default();
-    let pending = cdc.metric("chgate_cdc_snapshot_tables_pending", &[]);
     cdc.kill(&mut totals);
-    eprintln!("killed mid-snapshot ({pending} tables pending)");
-    assert!(
-        pending > 0.0,
-        "the snapshot finished before the kill: make it bigger"
-    );
+    eprintln!("killed mid-snapshot");
 
     // Resumed: the rest of the snapshot under new snapshots, then the stream.
     let mut cdc = Cdc::start(&cfg);
@@ -594,29 +636,7 @@ fn killed_mid_snapshot_and_mid_stream_kafka_still_equals_postgres() {
     rt.block_on(more).unwrap();
 
     // Caught up: the slot confirmed past the last write.
-    rt.block_on(async {
-        let c = pg(&db.name).await;
-        let end: String = c
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .unwrap()
-            .get(0);
-        let t0 = Instant::now();
-        loop {
-            let row = c
-                .query_one(
-                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
-                    &[&end, &db.slot],
-                )
-                .await
-                .unwrap();
-            if row.get::<_, bool>(0) {
-                break;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(90), "the capture did not catch up: {:?}", cdc.tail());
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
+    rt.block_on(wait_caught_up(&db, &cdc));
     totals.add(&cdc);
     cdc.term();
     assert!(cdc.errors().is_empty(), "errors logged: {:?}", cdc.errors());
@@ -785,26 +805,16 @@ dead_letter_topic = "{dlq}"
         header = common::ingest_header(&name, None),
     );
     let next_id = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(1));
-    rt.block_on(async {
-        let c = pg(&db.name).await;
-        c.batch_execute(
-            "INSERT INTO orders SELECT g, g % 500, 'old', g * 1.25,
-                    CASE WHEN g % 10 = 0 THEN (SELECT string_agg(md5(random()::text || g || s), '') FROM generate_series(1, 250) s) ELSE 'o' || g END,
-                    now() FROM generate_series(1, 8000) g;
-             INSERT INTO customers SELECT g, 'c' || g, 'c' || g || '@x.io', now() FROM generate_series(8001, 9000) g;",
-        )
-        .await
-        .unwrap();
-    });
+    rt.block_on(seed(&db, 8000, 1000));
     next_id.store(9001, std::sync::atomic::Ordering::Relaxed);
     let mut totals = Totals::default();
 
     let mut sidecar = common::IngestProcess::start(&sidecar_config);
     let load = rt.spawn(workload(db.name.clone(), 3, 1200, next_id.clone()));
     let mut cdc = Cdc::start(&cfg);
-    std::thread::sleep(Duration::from_millis(600));
+    cdc.wait_mid_snapshot(1000.0);
     cdc.kill(&mut totals);
-    eprintln!("capture killed");
+    eprintln!("capture killed mid-snapshot");
     let mut cdc = Cdc::start(&cfg);
     std::thread::sleep(Duration::from_millis(200));
     sidecar.signal("KILL");
@@ -1054,26 +1064,7 @@ fn the_standby_takes_over_when_the_leader_is_killed() {
     );
     rt.block_on(load).unwrap();
     let mut b = b;
-    rt.block_on(async {
-        let c = pg(&db.name).await;
-        let end: String = c.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
-        let t0 = Instant::now();
-        loop {
-            let done: bool = c
-                .query_one(
-                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
-                    &[&end, &db.slot],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if done {
-                break;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(60), "the standby did not catch up");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
+    rt.block_on(wait_caught_up(&db, &b));
     b.term();
     let (orders, problems) = fold(&read_topic(&format!("{prefix}.public.orders")));
     assert!(

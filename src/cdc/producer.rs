@@ -199,9 +199,8 @@ impl EventProducer {
                     rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
                     _,
                 )) => {
-                    // Let acknowledgements come back before trying again.
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                    self.drain_acks()?;
+                    // librdkafka's queue is full: wait for an acknowledgement to free a place.
+                    self.wait_ack(Duration::from_millis(100)).await?;
                 }
                 Err((err, _)) => {
                     return Err(ProduceError(format!("producing to {}: {err}", e.topic)))
