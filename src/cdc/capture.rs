@@ -88,6 +88,9 @@ pub struct Capture {
     pub tables: Vec<Captured>,
     by_name: HashMap<(String, String), usize>,
     relations: HashMap<u32, RelState>,
+    /// Relations described by the server that the capture does not publish (a
+    /// publication shared with others may hold more tables).
+    ignored: std::collections::HashSet<u32>,
     pub store: Store,
     pub producer: EventProducer,
     /// Resumed snapshot regimes, while streamed transactions may still be seen by them.
@@ -138,6 +141,7 @@ impl Capture {
             tables,
             by_name,
             relations: HashMap::new(),
+            ignored: Default::default(),
             store,
             producer,
             snapshot: None,
@@ -152,8 +156,10 @@ impl Capture {
     async fn relation(&mut self, r: Relation) -> anyhow::Result<()> {
         let Some(&table) = self.by_name.get(&(r.namespace.clone(), r.name.clone())) else {
             self.relations.remove(&r.id);
+            self.ignored.insert(r.id);
             return Ok(());
         };
+        self.ignored.remove(&r.id);
         let mut columns = Vec::with_capacity(r.columns.len());
         for c in &r.columns {
             let kind = self.types.kind(&self.catalog, c.type_oid).await?;
@@ -183,7 +189,7 @@ impl Capture {
         match change {
             Change::Relation(r) => self.relation(r).await,
             Change::Insert { lsn, relation, new } => {
-                let Some(rel) = self.rel(relation) else {
+                let Some(rel) = self.rel(relation)? else {
                     return Ok(());
                 };
                 if self.seen_by_snapshot(&rel, tx, &new).await? {
@@ -197,7 +203,7 @@ impl Capture {
                 old,
                 new,
             } => {
-                let Some(rel) = self.rel(relation) else {
+                let Some(rel) = self.rel(relation)? else {
                     return Ok(());
                 };
                 // A key change is a delete of the old key and a create of the new one; a
@@ -221,7 +227,7 @@ impl Capture {
                 self.update(tx, lsn, &rel, old, &new, halves).await
             }
             Change::Delete { lsn, relation, old } => {
-                let Some(rel) = self.rel(relation) else {
+                let Some(rel) = self.rel(relation)? else {
                     return Ok(());
                 };
                 if self.seen_by_snapshot(&rel, tx, &old.1).await? {
@@ -231,7 +237,7 @@ impl Capture {
             }
             Change::Truncate { lsn, relations } => {
                 for r in relations {
-                    if let Some(rel) = self.rel(r) {
+                    if let Some(rel) = self.rel(r)? {
                         self.truncate(tx, lsn, rel.table).await?;
                     }
                 }
@@ -240,15 +246,23 @@ impl Capture {
         }
     }
 
-    fn rel(&self, relation: u32) -> Option<RelState> {
-        let r = self.relations.get(&relation).cloned();
-        if r.is_none() {
+    /// The captured table a change is for; `None` for a table the capture leaves out. A
+    /// change for a relation the server never described is an error: every change of the
+    /// table would be lost, so the capture stops (and its restart starts a new session).
+    fn rel(&self, relation: u32) -> anyhow::Result<Option<RelState>> {
+        if let Some(r) = self.relations.get(&relation) {
+            return Ok(Some(r.clone()));
+        }
+        if self.ignored.contains(&relation) {
             METRICS
                 .cdc_skipped
                 .with_label_values(&["not_captured"])
                 .inc();
+            return Ok(None);
         }
-        r
+        anyhow::bail!(
+            "a change for relation {relation}, which the server has not described in this session"
+        )
     }
 
     fn source(&self, tx: TxInfo, lsn: u64, version: u64, before: Option<u64>) -> Source {

@@ -31,6 +31,13 @@ struct Streamed {
     changes: Vec<(u32, Change)>,
 }
 
+/// The transaction of a relation description, which needs none.
+const NO_TX: TxInfo = TxInfo {
+    xid: 0,
+    commit_lsn: 0,
+    commit_ts_ms: 0,
+};
+
 /// Events of one transaction per store commit at most: a bigger transaction is committed
 /// (and its events sent) in slices of this many, so it never has to fit in memory.
 const SLICE_EVENTS: usize = 20_000;
@@ -109,22 +116,13 @@ impl Stream<'_> {
         let mut slot_check = tokio::time::interval(Duration::from_secs(10));
         let mut last_status = Instant::now();
         loop {
+            // Biased, with the stream last: while the server has a backlog to send, the
+            // stream is always ready, and the timers and acknowledgements must still come
+            // first when due, or nothing would be committed, confirmed or heartbeated
+            // until the backlog ends.
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return Ok(()),
-                data = self.conn.copy_data() => match data? {
-                    Some(d) => {
-                        self.frame(d).await?;
-                        if self.capture.store.uncommitted_events() >= FLUSH_EVENTS {
-                            self.capture.flush().await?;
-                        }
-                    }
-                    None => anyhow::bail!("the server ended the replication stream"),
-                },
-                r = self.capture.producer.wait_ack(Duration::from_millis(50)) => {
-                    r?;
-                    self.settle()?;
-                }
                 _ = tick.tick() => {
                     self.capture.flush().await?;
                     self.settle()?;
@@ -139,6 +137,10 @@ impl Stream<'_> {
                     }
                     self.lag_metrics();
                 }
+                r = self.capture.producer.wait_ack(Duration::from_millis(50)) => {
+                    r?;
+                    self.settle()?;
+                }
                 _ = heartbeat.tick(), if !cfg.heartbeat.is_zero() => {
                     if let Err(e) = self.capture.catalog
                         .batch_execute("SELECT pg_logical_emit_message(false, 'chgate_heartbeat', '')")
@@ -148,6 +150,15 @@ impl Stream<'_> {
                     }
                 }
                 _ = slot_check.tick() => super::slot::slot_metrics(&self.capture.catalog, &cfg.slot).await,
+                data = self.conn.copy_data() => match data? {
+                    Some(d) => {
+                        self.frame(d).await?;
+                        if self.capture.store.uncommitted_events() >= FLUSH_EVENTS {
+                            self.capture.flush().await?;
+                        }
+                    }
+                    None => anyhow::bail!("the server ended the replication stream"),
+                },
             }
         }
     }
@@ -279,7 +290,14 @@ impl Stream<'_> {
                     "already_published"
                 };
                 METRICS.cdc_transactions.with_label_values(&[kind]).inc();
-                if commit_lsn >= store_lsn {
+                if commit_lsn < store_lsn {
+                    // Already in Kafka; its relation descriptions still count from now on.
+                    for (_, change) in tx.changes {
+                        if let Change::Relation(r) = change {
+                            self.capture.apply(NO_TX, Change::Relation(r)).await?;
+                        }
+                    }
+                } else {
                     self.apply_streamed(
                         TxInfo {
                             xid,
@@ -347,21 +365,14 @@ impl Stream<'_> {
                 .push((sub, change));
             return Ok(());
         }
-        match self.current {
-            Some((info, false)) => self.apply(info, change).await,
-            Some((_, true)) => Ok(()),
-            // A relation described outside a transaction.
-            None => {
-                let info = TxInfo {
-                    xid: 0,
-                    commit_lsn: 0,
-                    commit_ts_ms: 0,
-                };
-                match change {
-                    Change::Relation(_) => self.capture.apply(info, change).await,
-                    _ => anyhow::bail!("a row change outside a transaction"),
-                }
-            }
+        match (self.current, change) {
+            (Some((info, false)), change) => self.apply(info, change).await,
+            // pgoutput describes a relation once per session, in the first transaction that
+            // touches it: the description counts even when the transaction is one already
+            // in Kafka (after a restart), or every later change of the table has none.
+            (_, Change::Relation(r)) => self.capture.apply(NO_TX, Change::Relation(r)).await,
+            (Some((_, true)), _) => Ok(()),
+            (None, _) => anyhow::bail!("a row change outside a transaction"),
         }
     }
 
