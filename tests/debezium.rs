@@ -388,6 +388,7 @@ template = "orders"
 cluster = "demo"
 account = "ingest"
 table = "demo.{tables}_orders_local"
+source_table = "public.orders"
 batch_rows = {batch_rows}
 batch_age = "300ms"
 dead_letter_topic = "{dlq}"
@@ -552,6 +553,9 @@ fn orders_script() -> Script {
         "source": {"schema": "public", "table": "orders", "row_version": null, "before_row_version": null}})
     .to_string();
     s.bad(0, &truncate, "truncate");
+    // An event of another table in the topic: the task applies public.orders only.
+    let other_table = s.broken(8, "c", |v| v["source"]["table"] = json!("invoices"));
+    s.bad(8, &other_table, "table");
     // Still applied after all that.
     s.update(5, order(5, 1), true);
     s
@@ -648,6 +652,9 @@ async fn scripted_changes_leave_exactly_the_final_rows_and_dead_letter_the_bad_o
                 payload.contains("\"b\":[3]}"),
                 "the original message: {payload}"
             );
+        }
+        if headers.contains("chgate-reason=table") {
+            assert!(headers.contains("an event of public.invoices"), "{headers}");
         }
         if headers.contains("chgate-reason=truncate") {
             assert!(headers.contains("truncate of public.orders"), "{headers}");

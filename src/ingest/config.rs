@@ -181,6 +181,11 @@ pub struct TaskConfig {
     /// Where messages that cannot become rows go, with headers saying why.
     pub dead_letter_topic: String,
     pub time_window: Option<TimeWindowConfig>,
+    /// Debezium: the `schema.table` whose events this task applies. An event of another
+    /// table (a topic carrying several, or a task pointed at the wrong topic) is
+    /// dead-lettered with reason `table` instead of being written here. Unset: not checked.
+    #[serde(default)]
+    pub source_table: Option<String>,
 }
 
 fn default_batch_rows() -> usize {
@@ -390,6 +395,11 @@ pub(super) fn validate(
         }
         if debezium(&config.templates, t) {
             debezium_task(&key, t, &mut p);
+        } else if t.source_table.is_some() {
+            p(
+                format!("{key}.source_table"),
+                "only tasks with a debezium template take it".into(),
+            );
         } else if t.sharding() == Sharding::Key && t.key.is_none() {
             p(
                 format!("{key}.key"),
@@ -440,6 +450,17 @@ fn debezium(templates: &BTreeMap<String, TemplateConfig>, t: &TaskConfig) -> boo
 /// What a task applying change events must be: sharded by its message key, with no key
 /// column and no time window.
 fn debezium_task(key: &str, t: &TaskConfig, p: &mut impl FnMut(String, String)) {
+    if let Some(table) = &t.source_table {
+        if !table
+            .split_once('.')
+            .is_some_and(|(s, t)| !s.is_empty() && !t.is_empty())
+        {
+            p(
+                format!("{key}.source_table"),
+                format!("{table:?} must be schema.table, as in the events' source"),
+            );
+        }
+    }
     if t.sharding() != Sharding::Key {
         p(
             format!("{key}.sharding"),
@@ -586,6 +607,20 @@ mod tests {
         };
         let v = config("engine = \"replacing\"", "").unwrap();
         assert_eq!(v.config.tasks["x"].sharding(), Sharding::Key, "the default");
+        let v = config("engine = \"replacing\"", "source_table = \"public.t\"").unwrap();
+        assert_eq!(
+            v.config.tasks["x"].source_table.as_deref(),
+            Some("public.t")
+        );
+        for bad in ["t", ".t", "public."] {
+            let problems = config(
+                "engine = \"replacing\"",
+                &format!("source_table = \"{bad}\""),
+            )
+            .unwrap_err();
+            assert_eq!(problems[0].key, "tasks.x.source_table", "{problems:?}");
+            assert!(problems[0].message.contains("schema.table"), "{problems:?}");
+        }
         let problems = config(
             "sign_column = \"s\"",
             "sharding = \"random\"\nkey = \"id\"\ntime_window = { column = \"ts\", max_age = \"1h\" }",

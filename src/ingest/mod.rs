@@ -201,18 +201,20 @@ async fn build_task(
         t.table
     );
     let columns = table_columns(&cluster, &account, db, table).await?;
-    let template = Template::compile(&c.templates[&t.template], &columns).map_err(|problems| {
-        anyhow::anyhow!(
-            "template {} does not fit {}:\n{}",
-            t.template,
-            t.table,
-            problems
-                .iter()
-                .map(|p| format!("templates.{}.{p}", t.template))
-                .collect::<Vec<_>>()
-                .join("\n")
-        )
-    })?;
+    let template = Template::compile(&c.templates[&t.template], &columns)
+        .map_err(|problems| {
+            anyhow::anyhow!(
+                "template {} does not fit {}:\n{}",
+                t.template,
+                t.table,
+                problems
+                    .iter()
+                    .map(|p| format!("templates.{}.{p}", t.template))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        })?
+        .only_from(t.source_table.clone());
     if let Some(apply) = template.debezium() {
         check_engine(&cluster, &account, db, table, apply.engine, name).await;
     }

@@ -232,6 +232,9 @@ pub struct Template {
     top_of: Vec<usize>,
     /// Debezium: the engine and what a truncate does.
     debezium: Option<Apply>,
+    /// Debezium: the `schema.table` whose events the task applies (its `source_table`);
+    /// an event of another table has no target here.
+    source_table: Option<String>,
 }
 
 /// The event-time check of a task: rows whose time column falls outside
@@ -503,10 +506,18 @@ impl Template {
                     }),
                     _ => None,
                 },
+                source_table: None,
             })
         } else {
             Err(problems)
         }
+    }
+
+    /// Debezium: applies only events of `table` (`schema.table`); others are refused with
+    /// reason `table`.
+    pub fn only_from(mut self, table: Option<String>) -> Self {
+        self.source_table = table;
+        self
     }
 
     /// The column list for `INSERT INTO t (...) FORMAT RowBinary`.
@@ -577,6 +588,15 @@ impl Template {
         let Some(event) = Event::parse(payload).map_err(refused)? else {
             return Ok(0);
         };
+        if let Some(want) = self.source_table.as_deref().filter(|w| *w != event.table) {
+            return Err(RowError::new(
+                "table",
+                format!(
+                    "an event of {}, and this task applies {want} (source_table): no target for it",
+                    event.table
+                ),
+            ));
+        }
         let plan = event.plan(apply).map_err(refused)?;
         let rows = plan.rows();
         let start = out.rows();
@@ -1441,6 +1461,32 @@ mod tests {
                 "{at}"
             );
         }
+    }
+
+    #[test]
+    fn debezium_events_of_another_table_are_refused_when_the_task_names_its_table() {
+        let table = columns(&["id Int64", "sign Int8", "version UInt64"]);
+        let text = r#"
+            format = "debezium"
+            engine = "versioned_collapsing"
+        "#;
+        let after = r#"{"id": 3}"#;
+        let orders = envelope("c", "null", after, "4", "null");
+        let invoices = orders.replace(r#""table": "orders""#, r#""table": "invoices""#);
+        // Unset: not checked.
+        let any = debezium(text, &table);
+        assert!(changes(&any, None, &invoices).is_ok());
+        let only = debezium(text, &table).only_from(Some("public.orders".into()));
+        assert_eq!(changes(&only, None, &orders).unwrap().0.len(), 1);
+        let e = changes(&only, None, &invoices).unwrap_err();
+        assert_eq!(e.kind, "table");
+        assert!(
+            e.message.contains("public.invoices") && e.message.contains("public.orders"),
+            "{}",
+            e.message
+        );
+        // A tombstone has no table to check and no row.
+        assert_eq!(changes(&only, None, "").unwrap().0.len(), 0);
     }
 
     #[test]
