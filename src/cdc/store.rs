@@ -17,7 +17,9 @@
 //! store that has moved on. Transactions the server sends again up to `store_lsn` are
 //! skipped; a transaction cut into slices resumes after its last committed slice.
 
-use std::collections::HashMap;
+/// Keyed by row keys from the source database: foldhash with a per-process random seed
+/// (SipHash was a visible share of the snapshot's profile).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -253,8 +255,8 @@ impl Store {
             db,
             closed: Vec::new(),
             open: Unit::default(),
-            latest: HashMap::new(),
-            truncated: HashMap::new(),
+            latest: HashMap::default(),
+            truncated: HashMap::default(),
             next_unit: 1,
             next_op: 1,
             next_event: 1,
