@@ -84,6 +84,7 @@ pub struct Metrics {
     pub cdc_slot_wal_status: IntGaugeVec,
     pub cdc_skipped: IntCounterVec,
     pub cdc_transactions: IntCounterVec,
+    pub cdc_spilled_bytes: IntCounter,
     pub cdc_leader: IntGauge,
 }
 
@@ -494,6 +495,14 @@ impl Metrics {
             "Transactions received from the replication stream, by kind: `whole` (sent after its commit), `streamed` (sent in progress, protocol v2, applied at its commit), `aborted` (streamed, then rolled back: nothing published), `already_published` (sent again after a restart, already in Kafka).",
             &["kind"],
         );
+        let cdc_spilled_bytes = IntCounter::new(
+            "chgate_cdc_spilled_bytes_total",
+            "Bytes of transactions streamed before their commit that went to disk (state_dir/spill) past capture.spill_bytes.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(cdc_spilled_bytes.clone()))
+            .expect("unique metric");
         let cdc_slot_wal_status = gauge_vec(
             "chgate_cdc_slot_wal_status",
             "1 for the replication slot's current pg_replication_slots.wal_status (reserved, extended, unreserved, lost), 0 for the others. `unreserved` means PostgreSQL may remove WAL the slot needs at the next checkpoint.",
@@ -648,6 +657,7 @@ impl Metrics {
             cdc_slot_wal_status,
             cdc_skipped,
             cdc_transactions,
+            cdc_spilled_bytes,
             cdc_leader,
         }
     }

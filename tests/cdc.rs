@@ -271,6 +271,9 @@ tables = ["public.*"]
 state_dir = "{state}"
 snapshot_chunk_rows = {chunk_rows}
 heartbeat = "1s"
+# A transaction the server streams before its commit goes to disk past 64 KiB (the big
+# transaction of the kill test does).
+spill_bytes = 65536
 
 [kafka]
 brokers = "{BROKER}"
@@ -619,9 +622,18 @@ fn killed_mid_snapshot_and_mid_stream_kafka_still_equals_postgres() {
     // truncate, and more kills in the middle of it all.
     rt.block_on(async {
         let c = pg(&db.name).await;
-        c.batch_execute("UPDATE orders SET amount = amount + 0.01 WHERE id % 3 = 0")
-            .await
-            .unwrap();
+        // Streamed in progress (and spilled to disk), with a rolled-back subtransaction
+        // whose changes must not be published.
+        c.batch_execute(
+            "BEGIN;
+             UPDATE orders SET amount = amount + 0.01 WHERE id % 3 = 0;
+             SAVEPOINT s;
+             UPDATE orders SET status = 'rolled back' WHERE id % 3 = 1;
+             ROLLBACK TO SAVEPOINT s;
+             COMMIT",
+        )
+        .await
+        .unwrap();
         c.batch_execute("ALTER TABLE orders ADD COLUMN priority int DEFAULT 0")
             .await
             .unwrap();
@@ -635,6 +647,10 @@ fn killed_mid_snapshot_and_mid_stream_kafka_still_equals_postgres() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert!(
+        cdc.metric("chgate_cdc_spilled_bytes_total", &[]) > 0.0,
+        "the big transaction did not go to disk"
+    );
     cdc.kill(&mut totals);
     eprintln!("killed after the big transaction: {totals:?}");
     let mut cdc = Cdc::start(&cfg);

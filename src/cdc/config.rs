@@ -113,6 +113,10 @@ pub struct CaptureConfig {
     /// The key-state store's page cache (redb), in MiB: what of the store stays in memory.
     #[serde(default = "default_store_cache_mib")]
     pub store_cache_mib: usize,
+    /// A transaction the server streams before its commit is kept in memory up to this
+    /// many bytes, then in a file under `state_dir/spill` until it commits.
+    #[serde(default = "default_spill_bytes")]
+    pub spill_bytes: usize,
     /// Status updates to the server at least this often.
     #[serde(default = "default_status_interval", with = "humantime_serde")]
     pub status_interval: Duration,
@@ -127,6 +131,10 @@ pub enum TruncateMode {
 
 fn default_truncate() -> TruncateMode {
     TruncateMode::DeleteRows
+}
+
+fn default_spill_bytes() -> usize {
+    16 << 20
 }
 
 fn default_store_cache_mib() -> usize {

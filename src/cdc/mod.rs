@@ -28,6 +28,7 @@ pub mod producer;
 pub mod row;
 pub mod slot;
 pub mod snapshot;
+pub mod spill;
 pub mod store;
 pub mod stream;
 pub mod tail;

@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
@@ -23,13 +24,8 @@ use super::catalog::format_lsn;
 use super::envelope::now_ms;
 use super::pg::pgoutput::{self, Decoder, Frame, Logical};
 use super::pg::wire::ReplicationConn;
+use super::spill::{self, Streamed};
 use crate::metrics::METRICS;
-
-/// A transaction streamed before its commit: its changes, each with its subtransaction.
-#[derive(Default)]
-struct Streamed {
-    changes: Vec<(u32, Change)>,
-}
 
 /// The transaction of a relation description, which needs none.
 const NO_TX: TxInfo = TxInfo {
@@ -60,6 +56,9 @@ struct Stream<'a> {
     /// Inside a stream block: the top-level transaction it belongs to.
     stream_top: Option<u32>,
     streamed: HashMap<u32, Streamed>,
+    /// Where a streamed transaction past `spill_limit` bytes goes.
+    spill_dir: std::path::PathBuf,
+    spill_limit: usize,
     confirmed: u64,
     sent_status: u64,
     server_end: u64,
@@ -81,6 +80,9 @@ pub async fn run(
         let n = u64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
         Some((lsn, n))
     });
+    let spill_dir = capture.cfg.config.capture.state_dir.join("spill");
+    let spill_limit = capture.cfg.config.capture.spill_bytes.max(1);
+    spill::clear(&spill_dir).with_context(|| format!("cannot empty {}", spill_dir.display()))?;
     tracing::info!(from = %format_lsn(confirmed), "Streaming changes");
     let mut s = Stream {
         capture,
@@ -92,6 +94,8 @@ pub async fn run(
         partial,
         stream_top: None,
         streamed: HashMap::new(),
+        spill_dir,
+        spill_limit,
         confirmed,
         sent_status: 0,
         server_end: confirmed,
@@ -205,8 +209,24 @@ impl Stream<'_> {
             }
             Frame::XLogData { start, end, data } => {
                 self.server_end = self.server_end.max(end);
-                let m = self.decoder.decode(data)?;
-                self.message(start, m).await
+                let m = self.decoder.decode(data.clone())?;
+                match (self.stream_top, m.stream_xid()) {
+                    // Kept as it came until the transaction commits (or rolls back).
+                    (Some(top), Some(sub)) => {
+                        let (dir, limit) = (&self.spill_dir, self.spill_limit);
+                        self.streamed
+                            .entry(top)
+                            .or_insert_with(|| Streamed::new(top, dir, limit))
+                            .push(sub, start, &data)
+                            .with_context(|| {
+                                format!(
+                                    "cannot keep streamed transaction {top} in {}",
+                                    dir.display()
+                                )
+                            })
+                    }
+                    _ => self.message(start, m).await,
+                }
             }
         }
     }
@@ -243,37 +263,14 @@ impl Stream<'_> {
                     }
                 }
             }
-            Logical::Relation { xid, relation } => {
-                self.change(xid, Change::Relation(relation)).await?
-            }
-            Logical::Insert { xid, relation, new } => {
-                self.change(xid, Change::Insert { lsn, relation, new })
-                    .await?
-            }
-            Logical::Update {
-                xid,
-                relation,
-                old,
-                new,
-            } => {
-                self.change(
-                    xid,
-                    Change::Update {
-                        lsn,
-                        relation,
-                        old,
-                        new,
-                    },
-                )
-                .await?
-            }
-            Logical::Delete { xid, relation, old } => {
-                self.change(xid, Change::Delete { lsn, relation, old })
-                    .await?
-            }
-            Logical::Truncate { xid, relations, .. } => {
-                self.change(xid, Change::Truncate { lsn, relations })
-                    .await?
+            Logical::Relation { .. }
+            | Logical::Insert { .. }
+            | Logical::Update { .. }
+            | Logical::Delete { .. }
+            | Logical::Truncate { .. } => {
+                if let Some(change) = as_change(lsn, m) {
+                    self.change(change).await?;
+                }
             }
             Logical::StreamStart { xid } => self.stream_top = Some(xid),
             Logical::StreamStop => self.stream_top = None,
@@ -283,7 +280,10 @@ impl Stream<'_> {
                 end_lsn,
                 commit_ts,
             } => {
-                let tx = self.streamed.remove(&xid).unwrap_or_default();
+                let tx = self
+                    .streamed
+                    .remove(&xid)
+                    .unwrap_or_else(|| Streamed::new(xid, &self.spill_dir, self.spill_limit));
                 let kind = if commit_lsn >= store_lsn {
                     "streamed"
                 } else {
@@ -292,9 +292,13 @@ impl Stream<'_> {
                 METRICS.cdc_transactions.with_label_values(&[kind]).inc();
                 if commit_lsn < store_lsn {
                     // Already in Kafka; its relation descriptions still count from now on.
-                    for (_, change) in tx.changes {
-                        if let Change::Relation(r) = change {
-                            self.capture.apply(NO_TX, Change::Relation(r)).await?;
+                    let mut replay = tx.replay()?;
+                    let mut decoder = pgoutput::Decoder::in_stream();
+                    while let Some((_, message)) = replay.next_message()? {
+                        if let Logical::Relation { relation, .. } = decoder.decode(message)? {
+                            self.capture
+                                .apply(NO_TX, Change::Relation(relation))
+                                .await?;
                         }
                     }
                 } else {
@@ -318,7 +322,7 @@ impl Stream<'_> {
                         .with_label_values(&["aborted"])
                         .inc();
                 } else if let Some(tx) = self.streamed.get_mut(&xid) {
-                    tx.changes.retain(|(sub, _)| *sub != subxid);
+                    tx.abort_subtransaction(subxid);
                 }
             }
             Logical::Type { .. } | Logical::Origin | Logical::Message { .. } => {}
@@ -355,16 +359,8 @@ impl Stream<'_> {
         Ok(())
     }
 
-    /// A change: kept for later inside a stream block, applied now otherwise.
-    async fn change(&mut self, xid: Option<u32>, change: Change) -> anyhow::Result<()> {
-        if let (Some(top), Some(sub)) = (self.stream_top, xid) {
-            self.streamed
-                .entry(top)
-                .or_default()
-                .changes
-                .push((sub, change));
-            return Ok(());
-        }
+    /// A change of the transaction being received.
+    async fn change(&mut self, change: Change) -> anyhow::Result<()> {
         match (self.current, change) {
             (Some((info, false)), change) => self.apply(info, change).await,
             // pgoutput describes a relation once per session, in the first transaction that
@@ -385,8 +381,19 @@ impl Stream<'_> {
         // Relations described inside the transaction stay described once it commits:
         // pgoutput marks them sent for the whole session then, and does not send them again.
         self.begin_counting(info.commit_lsn);
-        for (_, change) in tx.changes {
-            self.apply(info, change).await?;
+        if tx.spilled() > 0 {
+            tracing::info!(
+                xid = info.xid,
+                spilled_bytes = tx.spilled(),
+                "Reading a streamed transaction back from disk"
+            );
+        }
+        let mut replay = tx.replay()?;
+        let mut decoder = pgoutput::Decoder::in_stream();
+        while let Some((lsn, message)) = replay.next_message()? {
+            if let Some(change) = as_change(lsn, decoder.decode(message)?) {
+                self.apply(info, change).await?;
+            }
         }
         self.capture.close_unit(Some(end_lsn), info.commit_ts_ms);
         self.last_commit_ms = info.commit_ts_ms;
@@ -420,4 +427,23 @@ impl Stream<'_> {
         tracing::info!(confirmed = %format_lsn(self.confirmed), "Stream drained");
         self.conn.close().await;
     }
+}
+
+/// The change a row or relation message is; `None` for the others.
+fn as_change(lsn: u64, m: Logical) -> Option<Change> {
+    Some(match m {
+        Logical::Relation { relation, .. } => Change::Relation(relation),
+        Logical::Insert { relation, new, .. } => Change::Insert { lsn, relation, new },
+        Logical::Update {
+            relation, old, new, ..
+        } => Change::Update {
+            lsn,
+            relation,
+            old,
+            new,
+        },
+        Logical::Delete { relation, old, .. } => Change::Delete { lsn, relation, old },
+        Logical::Truncate { relations, .. } => Change::Truncate { lsn, relations },
+        _ => return None,
+    })
 }

@@ -112,6 +112,22 @@ pub enum Logical {
     },
 }
 
+impl Logical {
+    /// The (sub)transaction of a message inside a stream block (protocol v2).
+    pub fn stream_xid(&self) -> Option<u32> {
+        match self {
+            Logical::Relation { xid, .. }
+            | Logical::Type { xid, .. }
+            | Logical::Insert { xid, .. }
+            | Logical::Update { xid, .. }
+            | Logical::Delete { xid, .. }
+            | Logical::Truncate { xid, .. }
+            | Logical::Message { xid, .. } => *xid,
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[error("pgoutput: {0}")]
 pub struct DecodeError(pub String);
@@ -151,6 +167,11 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// A decoder for messages kept from inside a stream block, read back later.
+    pub fn in_stream() -> Self {
+        Self { in_stream: true }
+    }
+
     pub fn decode(&mut self, data: Bytes) -> Result<Logical, DecodeError> {
         let mut r = Reader::new(data);
         let tag = r.u8()?;
