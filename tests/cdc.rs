@@ -10,10 +10,9 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
@@ -125,45 +124,12 @@ impl Drop for TestDb {
 struct Cdc {
     child: Child,
     admin: SocketAddr,
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    log: common::Log,
 }
 
 impl Cdc {
-    fn start(config: &PathBuf) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chgate"))
-            .args(["--log-format", "json", "cdc", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start chgate cdc");
-        let stderr = child.stderr.take().unwrap();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if std::env::var_os("CHGATE_TEST_ECHO").is_some() {
-                        eprintln!("{line}");
-                    }
-                    log.lock().unwrap().push(line.clone());
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let admin = loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("chgate cdc did not start: {:?}", log.lock().unwrap()));
-            let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            if v["message"] == "Listening" && v["kind"] == "admin" {
-                break v["addr"].as_str().unwrap().parse().unwrap();
-            }
-        };
+    fn start(config: &std::path::Path) -> Self {
+        let (child, admin, log) = common::spawn_logged("cdc", config);
         Self { child, admin, log }
     }
 

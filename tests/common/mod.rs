@@ -477,7 +477,60 @@ pub struct IngestProcess {
     pub child: Child,
     pub admin: SocketAddr,
     pub config_path: PathBuf,
-    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    pub log: Log,
+}
+
+/// The output of a chgate process, a line a JSON record, as it comes.
+pub type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Starts `chgate --log-format json <subcommand> --config <config>`, keeps its log lines
+/// (`CHGATE_TEST_ECHO=1` also prints them, with --nocapture) and waits (30 s at most) for
+/// its admin listener: the address it reports.
+pub fn spawn_logged(
+    subcommand: &str,
+    config: &std::path::Path,
+) -> (std::process::Child, std::net::SocketAddr, Log) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chgate"))
+        .args(["--log-format", "json", subcommand, "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start chgate {subcommand}: {e}"));
+    let stderr = child.stderr.take().unwrap();
+    let log: Log = Default::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let log = log.clone();
+        let echo = std::env::var_os("CHGATE_TEST_ECHO").is_some();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("{line}");
+                }
+                log.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let admin = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "chgate {subcommand} did not start: {:?}",
+                    log.lock().unwrap()
+                )
+            });
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["message"] == "Listening" && v["kind"] == "admin" {
+            break v["addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    (child, admin, log)
 }
 
 impl IngestProcess {
@@ -488,44 +541,7 @@ impl IngestProcess {
     }
 
     pub fn start_with(config_path: PathBuf) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chgate"))
-            .args(["--log-format", "json", "ingest", "--config"])
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start chgate ingest");
-        let stderr = child.stderr.take().unwrap();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        {
-            let log = log.clone();
-            let echo = std::env::var_os("CHGATE_TEST_ECHO").is_some();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    // CHGATE_TEST_ECHO=1 shows the sidecars' logs as they come (with --nocapture).
-                    if echo {
-                        eprintln!("{line}");
-                    }
-                    log.lock().unwrap().push(line.clone());
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let admin = loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| {
-                    panic!("chgate ingest did not start: {:?}", log.lock().unwrap())
-                });
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if v["message"] == "Listening" && v["kind"] == "admin" {
-                break v["addr"].as_str().unwrap().parse().unwrap();
-            }
-        };
+        let (child, admin, log) = spawn_logged("ingest", &config_path);
         Self {
             child,
             admin,
