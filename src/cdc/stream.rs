@@ -3,8 +3,9 @@
 //!
 //! A transaction the server sends whole (after its commit) is applied as it arrives. One
 //! it streams while still in progress (protocol v2, `capture.streaming`) is kept until its
-//! Stream Commit, per subtransaction so a rolled-back subtransaction's changes go, and
-//! dropped on Stream Abort. Transactions that end at or before the store's position are
+//! Stream Commit as the messages came (`spill.rs`: in memory, past `capture.spill_bytes` on
+//! disk), with each message's subtransaction so a rolled-back subtransaction's changes go,
+//! and dropped on Stream Abort. Transactions that end at or before the store's position are
 //! already in Kafka (the server sends them again after a crash) and are skipped.
 //!
 //! While idle (nothing in flight, no transaction open), the server's keepalive position is
