@@ -85,6 +85,7 @@ pub struct Metrics {
     pub cdc_skipped: IntCounterVec,
     pub cdc_transactions: IntCounterVec,
     pub cdc_spilled_bytes: IntCounter,
+    pub cdc_outbox_events: IntGauge,
     pub cdc_leader: IntGauge,
 }
 
@@ -503,6 +504,14 @@ impl Metrics {
         registry
             .register(Box::new(cdc_spilled_bytes.clone()))
             .expect("unique metric");
+        let cdc_outbox_events = IntGauge::new(
+            "chgate_cdc_outbox_events",
+            "Events committed to the key-state store's outbox and not yet acknowledged by the broker (sent again after a crash); it grows while the broker is unreachable.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(cdc_outbox_events.clone()))
+            .expect("unique metric");
         let cdc_slot_wal_status = gauge_vec(
             "chgate_cdc_slot_wal_status",
             "1 for the replication slot's current pg_replication_slots.wal_status (reserved, extended, unreserved, lost), 0 for the others. `unreserved` means PostgreSQL may remove WAL the slot needs at the next checkpoint.",
@@ -658,6 +667,7 @@ impl Metrics {
             cdc_skipped,
             cdc_transactions,
             cdc_spilled_bytes,
+            cdc_outbox_events,
             cdc_leader,
         }
     }

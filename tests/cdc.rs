@@ -644,6 +644,8 @@ fn killed_mid_snapshot_and_mid_stream_kafka_still_equals_postgres() {
     rt.block_on(wait_caught_up(&db, &cdc));
     let whole = |c: &Cdc| c.metric("chgate_cdc_transactions_total", &["kind=\"whole\""]);
     let before = whole(&cdc);
+    let events = |c: &Cdc| c.metric("chgate_cdc_events_total", &[]);
+    let events_before = events(&cdc);
     {
         let _paused = PausedBroker::pause();
         rt.block_on(async {
@@ -666,7 +668,18 @@ fn killed_mid_snapshot_and_mid_stream_kafka_still_equals_postgres() {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(300));
+        // Killed once every event of them is committed to the outbox (and none can be
+        // acknowledged): the restart finds them in the store, not yet confirmed.
+        let made = events(&cdc) - events_before;
+        let t0 = Instant::now();
+        while cdc.metric("chgate_cdc_outbox_events", &[]) < made {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "the transactions' {made} events did not reach the outbox: {:?}",
+                cdc.tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         cdc.kill(&mut totals);
     }
     eprintln!("killed with the broker paused: {totals:?}");

@@ -24,6 +24,8 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
+use crate::metrics::METRICS;
+
 const ROWS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("rows");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// A committed unit's events, in one record keyed by its last event's number.
@@ -236,6 +238,8 @@ pub struct Store {
     /// Events up to this one are acknowledged: they leave the outbox with the next commit.
     acked: u64,
     cleared: u64,
+    /// The last event committed to the outbox.
+    committed: u64,
 }
 
 impl Store {
@@ -263,9 +267,14 @@ impl Store {
             store_lsn: 0,
             acked: 0,
             cleared: 0,
+            committed: 0,
         };
         store.store_lsn = read_u64(store.meta("store_lsn")?);
         store.next_event = read_u64(store.meta("next_event")?).max(1);
+        // What a crashed run left in the outbox is sent again before anything new, and
+        // acknowledged then: counted from here on.
+        store.committed = store.next_event - 1;
+        store.acked = store.committed;
         store.next_unit = read_u64(store.meta("next_unit")?).max(1);
         Ok(store)
     }
@@ -464,6 +473,10 @@ impl Store {
         if let Some(seq) = clear {
             self.cleared = seq;
         }
+        if let Some(last) = units.iter().rev().find_map(|u| u.events.last()) {
+            self.committed = last.seq;
+            self.outbox_gauge();
+        }
         let mut out = Vec::with_capacity(units.len());
         for mut unit in units {
             self.forget(&unit);
@@ -502,6 +515,13 @@ impl Store {
     /// (or [`Store::clear_acknowledged`]).
     pub fn acknowledged(&mut self, seq: u64) {
         self.acked = self.acked.max(seq);
+        self.outbox_gauge();
+    }
+
+    fn outbox_gauge(&self) {
+        METRICS
+            .cdc_outbox_events
+            .set(self.committed.saturating_sub(self.acked) as i64);
     }
 
     /// Removes the acknowledged events from the outbox now (when idle, and on the way out).
