@@ -62,8 +62,14 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ConfigCommand {
-    /// Validate a config file; print every problem with its key and reason.
-    Check { file: PathBuf },
+    /// Validate a config file (a proxy's, an ingest sidecar's or a CDC capture's, told
+    /// apart by its sections); print every problem with its key and reason.
+    Check {
+        file: PathBuf,
+        /// Which program the file is for, when its sections do not say.
+        #[arg(long, value_enum)]
+        kind: Option<ConfigKind>,
+    },
     /// Validate FILE's dynamic sections (clusters, users, quotas, upstream, picker) with the
     /// bootstrap file and publish them to its ZooKeeper root as the next version, in one
     /// atomic step. Exit 1 with every problem if anything is invalid.
@@ -108,30 +114,8 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Config {
-            command: ConfigCommand::Check { file },
-        } => match crate::config::check(&file) {
-            Ok(v) => {
-                match &v.config.config_source {
-                    Some(s) => println!(
-                        "{}: ok (a bootstrap file: clusters and users come from ZooKeeper {}{})",
-                        file.display(),
-                        s.zookeeper.join(","),
-                        s.root
-                    ),
-                    None => println!(
-                        "{}: ok ({} users, {} clusters)",
-                        file.display(),
-                        v.config.users.len(),
-                        v.config.clusters.len()
-                    ),
-                }
-                ExitCode::SUCCESS
-            }
-            Err(problems) => {
-                print_problems(&file, &problems);
-                ExitCode::FAILURE
-            }
-        },
+            command: ConfigCommand::Check { file, kind },
+        } => check_config(&file, kind),
         Command::Config { command } => config_zookeeper(command),
         Command::Passwd { stdin } => passwd(stdin),
         Command::Ingest { config } => {
@@ -272,6 +256,81 @@ fn config_zookeeper(command: ConfigCommand) -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Which program a config file is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ConfigKind {
+    Proxy,
+    Ingest,
+    Cdc,
+}
+
+/// Tells a file's kind by its sections: `[capture]`/`[postgres]` is a capture's, `[tasks]`/
+/// `[templates]` a sidecar's, anything else a proxy's (whose check reports a syntax error
+/// with its line and column).
+fn kind_of(file: &std::path::Path) -> ConfigKind {
+    let table = std::fs::read_to_string(file)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .unwrap_or_default();
+    if table.contains_key("capture") || table.contains_key("postgres") {
+        ConfigKind::Cdc
+    } else if table.contains_key("tasks") || table.contains_key("templates") {
+        ConfigKind::Ingest
+    } else {
+        ConfigKind::Proxy
+    }
+}
+
+/// `chgate config check`: exit 0 with a one-line summary, or 1 with every problem.
+fn check_config(file: &std::path::Path, kind: Option<ConfigKind>) -> ExitCode {
+    let result = match kind.unwrap_or_else(|| kind_of(file)) {
+        ConfigKind::Proxy => crate::config::check(file).map(|v| proxy_summary(&v)),
+        ConfigKind::Ingest => crate::ingest::config::check(file).map(|c| {
+            let source = match &c.config_source {
+                Some(s) => format!(
+                    "clusters from ZooKeeper {}{}",
+                    s.zookeeper.join(","),
+                    s.root
+                ),
+                None => format!("{} clusters", c.clusters.len()),
+            };
+            format!("an ingest sidecar's, {} tasks, {source}", c.tasks.len())
+        }),
+        ConfigKind::Cdc => crate::cdc::config::load(file).map(|v| {
+            format!(
+                "a CDC capture's, slot {}, {} table patterns",
+                v.config.capture.slot,
+                v.config.capture.tables.len()
+            )
+        }),
+    };
+    match result {
+        Ok(summary) => {
+            println!("{}: ok ({summary})", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            print_problems(file, &problems);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn proxy_summary(v: &crate::config::Validated) -> String {
+    match &v.config.config_source {
+        Some(s) => format!(
+            "a bootstrap file: clusters and users come from ZooKeeper {}{}",
+            s.zookeeper.join(","),
+            s.root
+        ),
+        None => format!(
+            "{} users, {} clusters",
+            v.config.users.len(),
+            v.config.clusters.len()
+        ),
     }
 }
 

@@ -208,6 +208,91 @@ account = "chgate"
 }
 
 #[test]
+fn config_check_tells_the_three_kinds_of_file_apart() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
+    let out = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_chgate"))
+            .args(args)
+            .output()
+            .unwrap();
+        let text =
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        (o.status.success(), text)
+    };
+    let (ok, text) = out(&["config", "check", &format!("{dir}/ingest-local.toml")]);
+    assert!(
+        ok && text.contains("an ingest sidecar's, 3 tasks"),
+        "{text}"
+    );
+    let (ok, text) = out(&["config", "check", &format!("{dir}/cdc-local.toml")]);
+    assert!(
+        ok && text.contains("a CDC capture's, slot chgate_demo"),
+        "{text}"
+    );
+    // A capture's problems are reported by the capture's own validation.
+    let bad = tempfile_path("bad-cdc").with_extension("toml");
+    std::fs::write(
+        &bad,
+        "[postgres]\nhost = \"h\"\nuser = \"u\"\ndbname = \"d\"\n\
+         [capture]\nname = \"pg\"\nslot = \"Bad-Slot\"\npublication = \"p\"\ntables = []\nstate_dir = \"s\"\n\
+         [kafka]\nbrokers = \"k:9092\"\n",
+    )
+    .unwrap();
+    let (ok, text) = out(&["config", "check", bad.to_str().unwrap()]);
+    assert!(!ok, "{text}");
+    for expected in ["capture.slot", "capture.tables: name at least one table"] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    // --kind overrides the guess: a proxy file read as a capture's fails on its sections.
+    let (ok, text) = out(&[
+        "config",
+        "check",
+        "--kind",
+        "cdc",
+        &format!("{dir}/local.toml"),
+    ]);
+    assert!(!ok && text.contains("unknown field `proxy`"), "{text}");
+    // A sidecar whose clusters come from ZooKeeper is checked offline, all but the names
+    // its tasks give to clusters; clusters in the file as well are refused.
+    let zk = tempfile_path("ingest-zk").with_extension("toml");
+    let text = std::fs::read_to_string(format!("{dir}/ingest-local.toml")).unwrap();
+    let without_clusters: String = text
+        .split("\n[")
+        .filter(|section| !section.starts_with("[clusters.") && !section.starts_with("clusters."))
+        .collect::<Vec<_>>()
+        .join("\n[");
+    let with_source = format!(
+        "{without_clusters}\n[config_source]\nzookeeper = [\"127.0.0.1:1\"]\nroot = \"/chgate/local\"\n"
+    );
+    std::fs::write(&zk, &with_source).unwrap();
+    let (ok, text) = out(&["config", "check", zk.to_str().unwrap()]);
+    assert!(
+        ok && text.contains("clusters from ZooKeeper 127.0.0.1:1/chgate/local"),
+        "{text}"
+    );
+    std::fs::write(
+        &zk,
+        with_source.replace("batch_rows = 100000", "batch_rows = 0"),
+    )
+    .unwrap();
+    let (ok, text) = out(&["config", "check", zk.to_str().unwrap()]);
+    assert!(
+        !ok && text.contains("batch_rows, batch_bytes and batch_age"),
+        "{text}"
+    );
+    let original = std::fs::read_to_string(format!("{dir}/ingest-local.toml")).unwrap();
+    let both =
+        format!("{original}\n[config_source]\nzookeeper = [\"127.0.0.1:1\"]\nroot = \"/r\"\n");
+    std::fs::write(&zk, both).unwrap();
+    let (ok, text) = out(&["config", "check", zk.to_str().unwrap()]);
+    assert!(
+        !ok && text.contains("the clusters come from ZooKeeper"),
+        "{text}"
+    );
+    let _ = (std::fs::remove_file(&bad), std::fs::remove_file(&zk));
+}
+
+#[test]
 fn passwd_makes_a_hash_the_proxy_accepts() {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_chgate"))

@@ -237,6 +237,42 @@ pub fn load(path: &Path) -> Result<ValidatedIngest, Vec<Problem>> {
     validate(config, &base)
 }
 
+/// Checks a file as `chgate config check` does, returning it as read. With
+/// `[config_source]` the clusters come from ZooKeeper at start, so the tasks' cluster and
+/// account names are checked then; the rest of the file is checked here, offline.
+pub fn check(path: &Path) -> Result<IngestConfig, Vec<Problem>> {
+    let (config, base) = read(path)?;
+    let file = config.clone();
+    if config.config_source.is_none() {
+        return validate(config, &base).map(|_| file);
+    }
+    if !config.clusters.is_empty() {
+        return Err(vec![Problem::new(
+            "clusters",
+            "with [config_source] the clusters come from ZooKeeper; leave them out here",
+        )]);
+    }
+    let named_in_zookeeper = |p: &Problem| {
+        p.key == "clusters"
+            || (p.key.starts_with("tasks.")
+                && (p.key.ends_with(".cluster") || p.key.ends_with(".account")))
+    };
+    match validate(config, &base) {
+        Ok(_) => Ok(file),
+        Err(problems) => {
+            let rest: Vec<Problem> = problems
+                .into_iter()
+                .filter(|p| !named_in_zookeeper(p))
+                .collect();
+            if rest.is_empty() {
+                Ok(file)
+            } else {
+                Err(rest)
+            }
+        }
+    }
+}
+
 /// The sidecar's own file and where its clusters come from, for following them.
 #[derive(Debug)]
 pub struct FromZooKeeper {
