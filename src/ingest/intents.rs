@@ -23,6 +23,8 @@
 //! write and stops before inserting anything more; what it had recorded before the claim
 //! is what the new owner reads and rebuilds.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use zookeeper_client as zk;
 
@@ -78,18 +80,30 @@ impl std::fmt::Display for RecordError {
     }
 }
 
+/// The intents of one ZooKeeper root. The session is replaced when it expires (the
+/// sidecar stopped, or the ensemble away, past the session timeout): intents are persistent
+/// znodes fenced by their versions, which outlive any session.
 pub struct Intents {
-    client: zk::Client,
+    client: arc_swap::ArcSwap<zk::Client>,
+    servers: String,
+    renewing: tokio::sync::Mutex<()>,
     root: String,
+}
+
+const SESSION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn session(servers: &str) -> Result<zk::Client, String> {
+    zk::Client::connector()
+        .with_session_timeout(SESSION_TIMEOUT)
+        .connect(servers)
+        .await
+        .map_err(|e| format!("cannot connect to ZooKeeper {servers}: {e}"))
 }
 
 impl Intents {
     pub async fn connect(servers: &[String], root: &str) -> Result<Self, String> {
-        let client = zk::Client::connector()
-            .with_session_timeout(std::time::Duration::from_secs(10))
-            .connect(&servers.join(","))
-            .await
-            .map_err(|e| format!("cannot connect to ZooKeeper {}: {e}", servers.join(",")))?;
+        let servers = servers.join(",");
+        let client = session(&servers).await?;
         let root = root.trim_end_matches('/').to_string();
         client
             .mkdir(
@@ -98,7 +112,38 @@ impl Intents {
             )
             .await
             .map_err(|e| format!("cannot create {root} in ZooKeeper: {e}"))?;
-        Ok(Self { client, root })
+        Ok(Self {
+            client: arc_swap::ArcSwap::from_pointee(client),
+            servers,
+            renewing: tokio::sync::Mutex::new(()),
+            root,
+        })
+    }
+
+    /// The client, with a new session if the last one has ended (an error to the caller,
+    /// who retries, if ZooKeeper cannot be reached yet).
+    async fn client(&self) -> Result<Arc<zk::Client>, zk::Error> {
+        let client = self.client.load_full();
+        if !client.state().is_terminated() {
+            return Ok(client);
+        }
+        let _one_at_a_time = self.renewing.lock().await;
+        let client = self.client.load_full();
+        if !client.state().is_terminated() {
+            return Ok(client);
+        }
+        match session(&self.servers).await {
+            Ok(fresh) => {
+                tracing::info!(servers = %self.servers, "ZooKeeper session for the batch intents renewed (the last one ended)");
+                let fresh = Arc::new(fresh);
+                self.client.store(fresh.clone());
+                Ok(fresh)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot renew the batch intents' ZooKeeper session");
+                Err(zk::Error::SessionExpired)
+            }
+        }
     }
 
     fn path(&self, group: &str, topic: &str, partition: i32) -> String {
@@ -112,7 +157,13 @@ impl Intents {
         partition: i32,
     ) -> Result<Option<Intent>, String> {
         let path = self.path(group, topic, partition);
-        match self.client.get_data(&path).await {
+        match self
+            .client()
+            .await
+            .map_err(|e| format!("ZooKeeper {}: {e}", self.servers))?
+            .get_data(&path)
+            .await
+        {
             Ok((data, _)) => Self::decode(&path, &data),
             Err(zk::Error::NoNode) => Ok(None),
             Err(e) => Err(format!("reading {path}: {e}")),
@@ -140,10 +191,14 @@ impl Intents {
     ) -> Result<(Option<Intent>, i32), String> {
         let path = self.path(group, topic, partition);
         loop {
-            match self.client.get_data(&path).await {
+            let client = self
+                .client()
+                .await
+                .map_err(|e| format!("ZooKeeper {}: {e}", self.servers))?;
+            match client.get_data(&path).await {
                 Ok((data, stat)) => {
                     let intent = Self::decode(&path, &data)?;
-                    match self.client.set_data(&path, &data, Some(stat.version)).await {
+                    match client.set_data(&path, &data, Some(stat.version)).await {
                         Ok(stat) => return Ok((intent, stat.version)),
                         // Written or dropped meanwhile: read it again.
                         Err(zk::Error::BadVersion | zk::Error::NoNode) => continue,
@@ -152,7 +207,7 @@ impl Intents {
                 }
                 Err(zk::Error::NoNode) => {
                     self.mkdir_parent(&path).await?;
-                    match self.client.create(&path, &[], &Self::options()).await {
+                    match client.create(&path, &[], &Self::options()).await {
                         Ok((stat, _)) => return Ok((None, stat.version)),
                         Err(zk::Error::NodeExists) => continue,
                         Err(e) => return Err(format!("creating {path}: {e}")),
@@ -169,7 +224,9 @@ impl Intents {
 
     async fn mkdir_parent(&self, path: &str) -> Result<(), String> {
         let parent = path.rsplit_once('/').map(|(p, _)| p).unwrap_or(&self.root);
-        self.client
+        self.client()
+            .await
+            .map_err(|e| format!("ZooKeeper {}: {e}", self.servers))?
             .mkdir(parent, &Self::options())
             .await
             .map_err(|e| format!("creating {parent}: {e}"))
@@ -262,7 +319,13 @@ impl Intents {
     /// messages that no longer exist).
     pub async fn forget(&self, group: &str, topic: &str, partition: i32) -> Result<(), String> {
         let path = self.path(group, topic, partition);
-        match self.client.delete(&path, None).await {
+        match self
+            .client()
+            .await
+            .map_err(|e| format!("ZooKeeper {}: {e}", self.servers))?
+            .delete(&path, None)
+            .await
+        {
             Ok(()) | Err(zk::Error::NoNode) => Ok(()),
             Err(e) => Err(format!("deleting {path}: {e}")),
         }
@@ -280,11 +343,47 @@ impl Intents {
     ) -> Result<i32, RecordError> {
         let path = self.path(group, topic, partition);
         let data = serde_json::to_vec(intent).map_err(|e| RecordError::Other(e.to_string()))?;
-        match self.client.set_data(&path, &data, Some(version)).await {
+        let client = self
+            .client()
+            .await
+            .map_err(|e| RecordError::Other(format!("ZooKeeper {}: {e}", self.servers)))?;
+        match client.set_data(&path, &data, Some(version)).await {
             Ok(stat) => Ok(stat.version),
             // Claimed by another writer, or dropped by one that found the topic recreated.
             Err(zk::Error::BadVersion | zk::Error::NoNode) => Err(RecordError::Fenced),
             Err(e) => Err(RecordError::Other(format!("writing {path}: {e}"))),
+        }
+    }
+
+    /// After a write whose outcome is unknown (ZooKeeper stopped answering mid-request) and
+    /// a retry refused for its version: whether that first write landed. It did if the
+    /// znode is exactly one version past `version` and holds `intent`. A claim by another
+    /// consumer writes back the data it read, which is never the intent being recorded
+    /// (every record changes the segment or its `done`), and a claim after the write landed
+    /// leaves the version further on: either way the writer is fenced. Returns the version
+    /// to go on from.
+    pub async fn landed(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+        intent: &Intent,
+        version: i32,
+    ) -> Result<Option<i32>, String> {
+        let path = self.path(group, topic, partition);
+        match self
+            .client()
+            .await
+            .map_err(|e| format!("ZooKeeper {}: {e}", self.servers))?
+            .get_data(&path)
+            .await
+        {
+            Ok((data, stat)) => {
+                let ours = serde_json::to_vec(intent).map_err(|e| e.to_string())?;
+                Ok((stat.version == version + 1 && data == ours).then_some(stat.version))
+            }
+            Err(zk::Error::NoNode) => Ok(None),
+            Err(e) => Err(format!("reading {path}: {e}")),
         }
     }
 }

@@ -58,12 +58,28 @@ impl PartitionWriter {
             return true;
         };
         let mut backoff = Backoff::default();
+        // A write that failed without an answer may still have landed: then its retry is
+        // refused for its version, by this writer's own write.
+        let mut unknown_outcome = false;
         loop {
             let version = self.version.load(Ordering::Relaxed);
-            match intents
+            let result = intents
                 .record(&self.group, &task.topic, partition, intent, version)
-                .await
-            {
+                .await;
+            let result = match result {
+                Err(RecordError::Fenced) if unknown_outcome => {
+                    match intents
+                        .landed(&self.group, &task.topic, partition, intent, version)
+                        .await
+                    {
+                        Ok(Some(next)) => Ok(next),
+                        Ok(None) => Err(RecordError::Fenced),
+                        Err(e) => Err(RecordError::Other(e)),
+                    }
+                }
+                other => other,
+            };
+            match result {
                 Ok(next) => {
                     self.version.store(next, Ordering::Relaxed);
                     return true;
@@ -77,6 +93,7 @@ impl PartitionWriter {
                     return false;
                 }
                 Err(e) => {
+                    unknown_outcome = true;
                     tracing::warn!(topic = %task.topic, partition, error = %e, "Cannot record the batch intent; retrying");
                     if !backoff.wait(&self.hard_stop).await {
                         return false;
