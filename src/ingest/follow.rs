@@ -134,7 +134,7 @@ fn apply(f: &mut Follow, nodes: &Nodes, root: &str, version: u64) {
     }
     f.clusters.store(Arc::new(generation));
     f.running = c.clusters.clone();
-    counted("applied");
+    counted("ok");
     tracing::info!(
         version,
         clusters = c.clusters.len(),
