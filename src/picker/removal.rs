@@ -4,8 +4,11 @@
 //!
 //! Rules, in the order they apply:
 //! - a replica no longer configured is forgotten;
-//! - a taken-out replica healthy for `restore_after` is put back, and at once if its shard
-//!   has no healthy replica left in the published cluster;
+//! - a taken-out replica healthy for `restore_after` is put back, and as soon as it is
+//!   healthy if its shard has fewer than two healthy replicas in the published cluster (one
+//!   more failure would leave the shard with none: every Distributed query would fail with
+//!   ALL_CONNECTION_TRIES_FAILED until the next tick noticed; `min_removal_interval` still
+//!   bounds how often a flapping replica is taken out);
 //! - a replica failing for `remove_after` is taken out only if its shard keeps a healthy
 //!   published replica (never the last), at most one per `min_removal_interval` per
 //!   cluster, the longest failing first;
@@ -172,7 +175,7 @@ impl Tracker {
             let restore = !s.remove_failed
                 || (r.failing.is_none()
                     && (healthy_for >= s.restore_after
-                        || !has_healthy_published(seen, removed, r.shard, &r.key)));
+                        || healthy_published(seen, removed, r.shard, &r.key) < 2));
             if restore {
                 removed.remove(&r.key);
                 changes.push(Change::Restored {
@@ -231,15 +234,30 @@ impl Tracker {
 }
 
 /// Whether `shard` has a healthy replica, other than `except`, in the published cluster.
+/// How many replicas of `shard`, other than `except`, are healthy and published.
+fn healthy_published(
+    seen: &[Seen],
+    removed: &BTreeMap<String, RemovedReplica>,
+    shard: u32,
+    except: &str,
+) -> usize {
+    seen.iter()
+        .filter(|o| {
+            o.shard == shard
+                && o.key != except
+                && o.failing.is_none()
+                && !removed.contains_key(&o.key)
+        })
+        .count()
+}
+
 fn has_healthy_published(
     seen: &[Seen],
     removed: &BTreeMap<String, RemovedReplica>,
     shard: u32,
     except: &str,
 ) -> bool {
-    seen.iter().any(|o| {
-        o.shard == shard && o.key != except && o.failing.is_none() && !removed.contains_key(&o.key)
-    })
+    healthy_published(seen, removed, shard, except) > 0
 }
 
 #[cfg(test)]
@@ -269,7 +287,7 @@ mod tests {
         let t0 = Instant::now();
         let mut t = Tracker::default();
         let mut removed = BTreeMap::new();
-        let down = seen(&[("a", 1, false), ("b", 1, true)]);
+        let down = seen(&[("a", 1, false), ("b", 1, true), ("e", 1, false)]);
         assert!(t.step(t0, 0, &down, &mut removed, &S).is_empty());
         assert!(t
             .step(t0 + Duration::from_secs(4), 0, &down, &mut removed, &S)
@@ -284,7 +302,7 @@ mod tests {
             }]
         );
         assert_eq!(removed["b"].since, 7);
-        let up = seen(&[("a", 1, false), ("b", 1, false)]);
+        let up = seen(&[("a", 1, false), ("b", 1, false), ("e", 1, false)]);
         let t1 = t0 + Duration::from_secs(20);
         assert!(t.step(t1, 0, &up, &mut removed, &S).is_empty());
         // Flapping resets the clock.
@@ -301,6 +319,24 @@ mod tests {
             "{c:?}"
         );
         assert!(removed.is_empty());
+    }
+
+    #[test]
+    fn a_shard_left_with_one_healthy_replica_takes_its_spare_back_at_once() {
+        let t0 = Instant::now();
+        let mut t = Tracker::default();
+        let mut removed = BTreeMap::new();
+        let down = seen(&[("a", 1, false), ("b", 1, true)]);
+        t.step(t0, 0, &down, &mut removed, &S);
+        let c = t.step(t0 + Duration::from_secs(5), 0, &down, &mut removed, &S);
+        assert_eq!(c.len(), 1, "{c:?}");
+        // Healthy again: a two-replica shard does not wait restore_after with one left.
+        let up = seen(&[("a", 1, false), ("b", 1, false)]);
+        let c = t.step(t0 + Duration::from_secs(7), 0, &up, &mut removed, &S);
+        assert!(
+            matches!(&c[..], [Change::Restored { key, .. }] if key == "b"),
+            "{c:?}"
+        );
     }
 
     #[test]
