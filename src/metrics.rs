@@ -28,6 +28,7 @@ pub struct Metrics {
     pub picks: IntCounterVec,
     pub failovers: IntCounterVec,
     pub retry_budget_exhausted: IntCounterVec,
+    pub declined_reads: IntCounterVec,
     pub hedges: IntCounterVec,
     pub hedge_after: GaugeVec,
     pub steered_reads: IntCounterVec,
@@ -202,6 +203,11 @@ impl Metrics {
             "chgate_retry_budget_exhausted_total",
             "Failovers refused because the cluster's retry budget was spent; the client got the error.",
             &["cluster"],
+        );
+        let declined_reads = counter(
+            "chgate_declined_reads_total",
+            "Reads this node answered with a fan-out error (it could not reach a node the query needed: codes 209, 210, 279), sent again to another node.",
+            &["node"],
         );
         let hedges = counter(
             "chgate_hedges_total",
@@ -610,6 +616,7 @@ impl Metrics {
             picks,
             failovers,
             retry_budget_exhausted,
+            declined_reads,
             hedges,
             hedge_after,
             steered_reads,

@@ -86,6 +86,81 @@ async fn a_read_lost_on_one_node_is_answered_by_another() {
     );
 }
 
+const FAN_OUT_ERROR: &str = "Code: 279, e.displayText() = DB::NetException: All connection tries failed. Log: \n\nCode: 210, e.displayText() = DB::NetException: Connection refused (10.0.0.3:9000)\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_a_node_could_not_fan_out_is_answered_by_another() {
+    let _gauges = GAUGES.read().await;
+    // Node a coordinates reads but cannot reach a shard (code 279); b can. Writes and
+    // other errors from a are passed on as they are.
+    let a = FakeClickHouse::start(|seen| {
+        if seen.body.starts_with(b"SELECT") {
+            Reply::error(500, FAN_OUT_ERROR)
+        } else if seen.query.starts_with("INSERT") {
+            Reply::error(
+                500,
+                "Code: 210, e.displayText() = DB::NetException: Connection reset\n",
+            )
+        } else {
+            Reply::error(
+                500,
+                "Code: 60, e.displayText() = DB::Exception: Table t doesn't exist\n",
+            )
+        }
+    })
+    .await;
+    let b = FakeClickHouse::start(|seen| {
+        if seen.body.starts_with(b"SELECT") {
+            Reply::ok("1\n")
+        } else {
+            Reply::error(
+                500,
+                "Code: 60, e.displayText() = DB::Exception: Table t doesn't exist\n",
+            )
+        }
+    })
+    .await;
+    let p = TestProxy::start(&fake::config(&[a.port(), b.port()], "")).await;
+    for i in 0..20 {
+        let out = read(&p.url(), &format!("SELECT {i}")).await;
+        assert_eq!((out.status, out.body.as_str()), (200, "1\n"), "read {i}");
+    }
+    assert!(!a.seen().is_empty(), "some reads went to a first");
+    let m = p.metrics().await;
+    assert!(
+        metric_sum(&m, "chgate_declined_reads_total", &[]) >= 1.0,
+        "{m}"
+    );
+    // An error that is the query's own comes back from the first node, not sent again.
+    let before = a.seen().len() + b.seen().len();
+    let out = read(&p.url(), "DESCRIBE t").await;
+    assert_eq!(out.status, 500, "{}", out.body);
+    assert!(out.body.contains("Code: 60"), "{}", out.body);
+    assert_eq!(a.seen().len() + b.seen().len(), before + 1);
+    // A write answered with a network code is not sent again.
+    for i in 0..10 {
+        let before = b.seen().len();
+        let out = write(&p.url(), "INSERT INTO t FORMAT TSV", &format!("{i}\n")).await;
+        assert_eq!(out.status, 500, "{}", out.body);
+        assert_eq!(
+            b.seen().len() - before,
+            usize::from(!out.body.contains("Code: 210"))
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_no_node_could_fan_out_gets_clickhouses_own_error() {
+    let _gauges = GAUGES.read().await;
+    let a = FakeClickHouse::start(|_| Reply::error(500, FAN_OUT_ERROR)).await;
+    let b = FakeClickHouse::start(|_| Reply::error(500, FAN_OUT_ERROR)).await;
+    let p = TestProxy::start(&fake::config(&[a.port(), b.port()], "")).await;
+    let out = read(&p.url(), "SELECT 1").await;
+    assert_eq!(out.status, 500, "{}", out.body);
+    assert_eq!(out.body, FAN_OUT_ERROR);
+    assert_eq!(a.seen().len() + b.seen().len(), 2, "each node asked once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_lost_after_it_was_sent_is_not_sent_again() {
     let _gauges = GAUGES.read().await;

@@ -42,6 +42,7 @@ fn exposition() -> String {
     METRICS.http_response_bytes.with_label_values(&["u"]).inc();
     METRICS.http_errors.with_label_values(&["readonly"]).inc();
     METRICS.failovers.with_label_values(&["n"]).inc();
+    METRICS.declined_reads.with_label_values(&["n"]).inc();
     METRICS.picks.with_label_values(&["n", "read"]).inc();
     METRICS
         .retry_budget_exhausted

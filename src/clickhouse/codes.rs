@@ -53,6 +53,15 @@ pub fn is_data_error(code: u32) -> bool {
     DATA_ERRORS.contains(&code)
 }
 
+/// Codes a node answers a read with when it could not reach another node the query
+/// needed (a shard's replicas, for a Distributed table): 209 SOCKET_TIMEOUT, 210
+/// NETWORK_ERROR, 279 ALL_CONNECTION_TRIES_FAILED. Another node, coordinating the same
+/// read, may reach them (its own replica of the shard, a pool without a stale connection,
+/// a newer cluster definition).
+pub fn is_fan_out_error(code: u32) -> bool {
+    matches!(code, 209 | 210 | 279)
+}
+
 /// The code in an exception text: the number after the first `Code: `.
 pub fn in_text(text: &str) -> Option<u32> {
     let at = text.find("Code: ")? + 6;

@@ -43,6 +43,12 @@ pub enum Attempt<T, R> {
     Unsent(R, UpstreamError),
     /// The request went out and the connection failed before an answer.
     Lost(UpstreamError),
+    /// The node answered a read with an error another node may not give: it could not
+    /// reach a node the query needed (a shard's replicas, for a Distributed table). The
+    /// read goes to another node, within `max_attempts` and the retry budget; this answer
+    /// is what the client gets if none does better. Not the node's own failure: the
+    /// picker is not told of it.
+    Declined(T),
 }
 
 /// How a query may be routed.
@@ -168,6 +174,8 @@ where
         }
     };
     let read = plan.statement.is_read();
+    // Whether a declined answer may be sent to another node: as for a hedge.
+    let movable = read && plan.replayable && plan.session.is_none();
     // Timers are armed only when they apply; an unarmed one is never polled.
     let mut hedge_armed = plan.hedgeable();
     let hedge_after = if hedge_armed {
@@ -195,6 +203,8 @@ where
     let mut reached = 0usize;
     let mut hedged = false;
     let mut unsent: Option<R> = None;
+    // The last declined answer, for the client if no node does better.
+    let mut declined: Option<Routed<T>> = None;
     let mut next = Some(first);
     loop {
         if let Some(backend) = next.take() {
@@ -267,13 +277,49 @@ where
                             plan.resend_after_loss()?;
                         }
                     }
+                    Attempt::Declined(answer) if !movable => {
+                        // A session's query, or one that cannot be sent again: as it is.
+                        r.backend.answered(r.started.elapsed());
+                        return Ok(Routed {
+                            answer,
+                            backend: r.backend,
+                            attempts: reached + 1 + underway.running.len(),
+                            in_flight: r.in_flight,
+                        });
+                    }
+                    Attempt::Declined(answer) => {
+                        reached += 1;
+                        r.backend.answered(r.started.elapsed());
+                        METRICS
+                            .declined_reads
+                            .with_label_values(&[r.backend.label()])
+                            .inc();
+                        tried.push(r.backend.clone());
+                        declined = Some(Routed {
+                            answer,
+                            backend: r.backend,
+                            attempts: reached,
+                            in_flight: r.in_flight,
+                        });
+                        if !underway.running.is_empty() {
+                            continue;
+                        }
+                        match failover(&plan, purpose, &tried, &tried[tried.len() - 1]) {
+                            Ok(Some(backend)) => {
+                                next = Some(backend);
+                                continue;
+                            }
+                            Ok(None) | Err(_) => break,
+                        }
+                    }
                 }
                 tried.push(r.backend.clone());
                 // With another attempt still under way, wait for it.
                 if underway.running.is_empty() {
-                    match failover(&plan, purpose, &tried, &r.backend)? {
-                        Some(backend) => next = Some(backend),
-                        None => break,
+                    match failover(&plan, purpose, &tried, &r.backend) {
+                        Ok(Some(backend)) => next = Some(backend),
+                        Ok(None) => break,
+                        Err(e) => return declined.ok_or(e),
                     }
                 }
             }
@@ -313,6 +359,9 @@ where
                 });
             }
         }
+    }
+    if let Some(answer) = declined {
+        return Ok(answer);
     }
     Err(GatewayError::NoNodeAvailable {
         cluster: cluster.name.clone(),

@@ -22,10 +22,11 @@ use super::rewrite;
 use super::routes::{self, Route};
 use super::sniff;
 use super::Frontend;
-use crate::gateway::route::{self, Plan, Routed};
+use crate::gateway::route::{self, Attempt, Plan, Routed};
 use crate::gateway::{admission, kill_query as kill, policy, Admission, GatewayError, User};
 use crate::metrics::{GaugeGuard, METRICS};
-use crate::upstream::Upstream;
+use crate::picker::Backend;
+use crate::upstream::{Upstream, UpstreamError};
 
 /// A web UI page is read whole within this long, up to this size.
 const WEB_UI_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -260,9 +261,15 @@ impl Frontend {
             Some(req)
         };
         let query_id = unanswered.query_id.as_deref().unwrap_or_default();
-        let routed = route::route(plan, request, route::send_http, |backend| {
-            kill(backend, &user, query_id)
-        })
+        // An error answer to a read that may move is read whole, to see whether another
+        // node might answer it (see `route::Attempt::Declined`).
+        let movable = plan.statement.is_read() && plan.replayable && plan.session.is_none();
+        let routed = route::route(
+            plan,
+            request,
+            |backend, req| send_query(backend, req, movable),
+            |backend| kill(backend, &user, query_id),
+        )
         .await?;
         let query_id = unanswered.query_id.take().unwrap_or_default();
         let compressed = rewritten.compress;
@@ -271,7 +278,7 @@ impl Frontend {
 
     fn respond(
         &self,
-        routed: Routed<(Response<Incoming>, Upstream)>,
+        routed: Routed<Answer>,
         admission: Admission,
         query_id: String,
         started: Instant,
@@ -279,12 +286,18 @@ impl Frontend {
         compressed: bool,
     ) -> Response<RespBody> {
         let Routed {
-            answer: (resp, upstream),
+            answer,
             backend,
             attempts,
             in_flight: node_in_flight,
         } = routed;
-        let (mut parts, inner) = resp.into_parts();
+        let (mut parts, inner, upstream) = match answer {
+            Answer::Streamed(resp, upstream) => {
+                let (parts, inner) = resp.into_parts();
+                (parts, Ok(inner), upstream)
+            }
+            Answer::Whole(parts, text, upstream) => (parts, Err(text), upstream),
+        };
         rewrite::strip_response(&mut parts.headers);
         // 18.16 does not send the query id back; later versions do. Either way the client
         // gets it.
@@ -312,17 +325,68 @@ impl Frontend {
             http_in_flight,
             done: false,
         };
-        if inner.is_end_stream() {
-            backend.node.checkin(upstream);
-            exchange.finish(true);
-            return Response::from_parts(parts, RespBody::full(Bytes::new()));
-        }
+        let inner = match inner {
+            Ok(inner) if !inner.is_end_stream() => inner,
+            whole => {
+                let text = whole.err().unwrap_or_default();
+                backend.node.checkin(upstream);
+                exchange.bytes_out = text.len() as u64;
+                exchange.finish(true);
+                return Response::from_parts(parts, RespBody::full(text));
+            }
+        };
         Response::from_parts(
             parts,
             RespBody::Upstream(Box::new(UpstreamBody::new(
                 inner, upstream, exchange, encoded,
             ))),
         )
+    }
+}
+
+/// A node's answer to a query: streamed on as it comes, or (an error answer to a read,
+/// read to find its code) whole.
+pub(super) enum Answer {
+    Streamed(Response<Incoming>, Upstream),
+    Whole(http::response::Parts, Bytes, Upstream),
+}
+
+/// An error answer is read whole within this long (ClickHouse writes its exception text
+/// at once).
+const ERROR_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One attempt of a query on a node. With `movable` (a read that may go to another node),
+/// an error answer is read whole, and declined if its code says the node could not reach
+/// a node the query needed.
+async fn send_query(
+    backend: Arc<Backend>,
+    req: Request<crate::upstream::Body>,
+    movable: bool,
+) -> Attempt<Answer, Request<crate::upstream::Body>> {
+    let (resp, mut upstream) = match route::send_http(backend, req).await {
+        Attempt::Answered(answer) => answer,
+        Attempt::Declined((resp, upstream)) => {
+            return Attempt::Declined(Answer::Streamed(resp, upstream))
+        }
+        Attempt::Unsent(req, e) => return Attempt::Unsent(req, e),
+        Attempt::Lost(e) => return Attempt::Lost(e),
+    };
+    if !movable || resp.status() != http::StatusCode::INTERNAL_SERVER_ERROR {
+        return Attempt::Answered(Answer::Streamed(resp, upstream));
+    }
+    let (parts, body) = resp.into_parts();
+    let text = match tokio::time::timeout(ERROR_BODY_TIMEOUT, upstream.read_body(body)).await {
+        Ok(Ok(text)) => text,
+        Ok(Err(e)) => return Attempt::Lost(UpstreamError::Body(e)),
+        Err(_) => return Attempt::Lost(UpstreamError::Timeout(ERROR_BODY_TIMEOUT)),
+    };
+    let head = String::from_utf8_lossy(&text[..text.len().min(512)]);
+    let code = crate::clickhouse::codes::from_answer(&parts.headers, &head);
+    let answer = Answer::Whole(parts, text, upstream);
+    if code.is_some_and(crate::clickhouse::codes::is_fan_out_error) {
+        Attempt::Declined(answer)
+    } else {
+        Attempt::Answered(answer)
     }
 }
 
