@@ -397,6 +397,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         pipeline::Settings {
             group: c.kafka.group_id.clone(),
             rewind,
+            session_timeout: c.kafka.session_timeout,
             intents,
             workers: c.limits.workers,
             ring_capacity: c.limits.ring_capacity,

@@ -41,6 +41,8 @@ pub struct Start {
     pub fetching_done: Arc<AtomicBool>,
     /// Set once the writers are done (the last commits may be made).
     pub flushed: Arc<AtomicBool>,
+    pub group: String,
+    pub session_timeout: Duration,
 }
 
 struct Consume {
@@ -63,6 +65,10 @@ struct Consume {
     last_gauges: Instant,
     last_lag: Instant,
     last_forward: Instant,
+    /// Since when the assignment has been empty (see [`Consume::check_membership`]).
+    unassigned_since: Option<Instant>,
+    group: String,
+    session_timeout: Duration,
     /// Declared last: whatever holds messages (the stash, the rings) is dropped before it.
     consumer: Arc<BaseConsumer<Context>>,
 }
@@ -79,6 +85,8 @@ pub fn run(start: Start) {
         stop,
         fetching_done,
         flushed,
+        group,
+        session_timeout,
     } = start;
     let rewind = consumer.context().rewind;
     let mut c = Consume {
@@ -109,6 +117,9 @@ pub fn run(start: Start) {
         last_gauges: Instant::now(),
         last_lag: Instant::now(),
         last_forward: Instant::now(),
+        unassigned_since: None,
+        group,
+        session_timeout,
     };
     // Messages come in batches from one queue that every assigned partition is forwarded
     // to (the rebalance does it).
@@ -246,6 +257,7 @@ impl Consume {
             // Setting it again is harmless and moves what waits there, in order.
             if let Ok(assignment) = self.consumer.assignment() {
                 self.consumer.context().forward(&self.consumer, &assignment);
+                self.check_membership(assignment.count() == 0);
             }
             self.last_forward = Instant::now();
         }
@@ -278,6 +290,51 @@ impl Consume {
                 }
             }
             self.last_lag = Instant::now();
+        }
+    }
+
+    /// A consumer left without partitions for two session timeouts asks the broker about
+    /// its group, and joins again if no member of it holds a partition. A broker can lose
+    /// a group's assignment (tansu 0.6, after a member was killed and another joined: the
+    /// group "stable", its members holding nothing, heartbeats answered), and every
+    /// partition would stay unconsumed; Kafka rebalances instead, and then this never finds
+    /// it so. With more members than partitions an idle member sees the others' partitions,
+    /// and stays as it is.
+    fn check_membership(&mut self, unassigned: bool) {
+        if !unassigned {
+            self.unassigned_since = None;
+            return;
+        }
+        let since = *self.unassigned_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < 2 * self.session_timeout {
+            return;
+        }
+        self.unassigned_since = Some(Instant::now());
+        let held = match self
+            .consumer
+            .fetch_group_list(Some(&self.group), Duration::from_secs(2))
+        {
+            Ok(list) => list
+                .groups()
+                .iter()
+                .flat_map(|g| g.members())
+                .filter_map(|m| m.assignment())
+                .map(|a| crate::kafka::assigned_partitions(a).unwrap_or(1))
+                .sum::<usize>(),
+            Err(e) => {
+                tracing::warn!(group = %self.group, error = %e, "No partitions, and the consumer group cannot be listed");
+                return;
+            }
+        };
+        if held > 0 {
+            tracing::info!(group = %self.group, held, "No partitions for two session timeouts; other members hold the group's partitions");
+            return;
+        }
+        tracing::warn!(group = %self.group, "No member of the consumer group holds a partition (the broker lost its assignment); joining again");
+        let topics: Vec<&str> = self.tasks.iter().map(|t| t.topic.as_str()).collect();
+        self.consumer.unsubscribe();
+        if let Err(e) = self.consumer.subscribe(&topics) {
+            tracing::error!(error = %e, "Cannot subscribe again");
         }
     }
 

@@ -58,6 +58,8 @@ pub struct Settings {
     pub group: String,
     /// See `Context::rewind`.
     pub rewind: i64,
+    /// The consumer group's session timeout (`kafka.session_timeout`).
+    pub session_timeout: Duration,
     /// Batch intents (exactly-once); `None` runs at-least-once.
     pub intents: Option<Arc<Intents>>,
     pub workers: usize,
@@ -161,6 +163,8 @@ pub async fn run(
         stop: stop.clone(),
         fetching_done: fetching_done.clone(),
         flushed: flushed.clone(),
+        group: settings.group.clone(),
+        session_timeout: settings.session_timeout,
     };
     let consumer_thread = std::thread::Builder::new()
         .name("chgate-consume".into())
