@@ -206,7 +206,7 @@ impl Metrics {
         );
         let declined_reads = counter(
             "chgate_declined_reads_total",
-            "Reads this node answered with a fan-out error (it could not reach a node the query needed: codes 209, 210, 279), sent again to another node.",
+            "Reads this node answered with a fan-out error (it could not reach a node the query needed: codes 32, 209, 210, 279), sent again to another node.",
             &["node"],
         );
         let hedges = counter(

@@ -54,12 +54,14 @@ pub fn is_data_error(code: u32) -> bool {
 }
 
 /// Codes a node answers a read with when it could not reach another node the query
-/// needed (a shard's replicas, for a Distributed table): 209 SOCKET_TIMEOUT, 210
-/// NETWORK_ERROR, 279 ALL_CONNECTION_TRIES_FAILED. Another node, coordinating the same
-/// read, may reach them (its own replica of the shard, a pool without a stale connection,
-/// a newer cluster definition).
+/// needed (a shard's replicas, for a Distributed table): 32 ATTEMPT_TO_READ_AFTER_EOF (the
+/// connection to a remote node ended mid-answer: "while receiving packet from"), 209
+/// SOCKET_TIMEOUT, 210 NETWORK_ERROR, 279 ALL_CONNECTION_TRIES_FAILED. Another node,
+/// coordinating the same read, may reach them (its own replica of the shard, a pool
+/// without a stale connection, a newer cluster definition). A read is safe to send again
+/// whatever the code: at worst the next node gives the same error.
 pub fn is_fan_out_error(code: u32) -> bool {
-    matches!(code, 209 | 210 | 279)
+    matches!(code, 32 | 209 | 210 | 279)
 }
 
 /// The code in an exception text: the number after the first `Code: `.
