@@ -120,6 +120,13 @@ impl Intents {
         })
     }
 
+    /// [`Self::client`], its error as text.
+    async fn zk(&self) -> Result<Arc<zk::Client>, String> {
+        self.client()
+            .await
+            .map_err(|e| format!("ZooKeeper {}: {e}", self.servers))
+    }
+
     /// The client, with a new session if the last one has ended (an error to the caller,
     /// who retries, if ZooKeeper cannot be reached yet).
     async fn client(&self) -> Result<Arc<zk::Client>, zk::Error> {
@@ -157,13 +164,7 @@ impl Intents {
         partition: i32,
     ) -> Result<Option<Intent>, String> {
         let path = self.path(group, topic, partition);
-        match self
-            .client()
-            .await
-            .map_err(|e| format!("ZooKeeper {}: {e}", self.servers))?
-            .get_data(&path)
-            .await
-        {
+        match self.zk().await?.get_data(&path).await {
             Ok((data, _)) => Self::decode(&path, &data),
             Err(zk::Error::NoNode) => Ok(None),
             Err(e) => Err(format!("reading {path}: {e}")),
@@ -191,10 +192,7 @@ impl Intents {
     ) -> Result<(Option<Intent>, i32), String> {
         let path = self.path(group, topic, partition);
         loop {
-            let client = self
-                .client()
-                .await
-                .map_err(|e| format!("ZooKeeper {}: {e}", self.servers))?;
+            let client = self.zk().await?;
             match client.get_data(&path).await {
                 Ok((data, stat)) => {
                     let intent = Self::decode(&path, &data)?;
@@ -224,9 +222,8 @@ impl Intents {
 
     async fn mkdir_parent(&self, path: &str) -> Result<(), String> {
         let parent = path.rsplit_once('/').map(|(p, _)| p).unwrap_or(&self.root);
-        self.client()
-            .await
-            .map_err(|e| format!("ZooKeeper {}: {e}", self.servers))?
+        self.zk()
+            .await?
             .mkdir(parent, &Self::options())
             .await
             .map_err(|e| format!("creating {parent}: {e}"))
@@ -319,13 +316,7 @@ impl Intents {
     /// messages that no longer exist).
     pub async fn forget(&self, group: &str, topic: &str, partition: i32) -> Result<(), String> {
         let path = self.path(group, topic, partition);
-        match self
-            .client()
-            .await
-            .map_err(|e| format!("ZooKeeper {}: {e}", self.servers))?
-            .delete(&path, None)
-            .await
-        {
+        match self.zk().await?.delete(&path, None).await {
             Ok(()) | Err(zk::Error::NoNode) => Ok(()),
             Err(e) => Err(format!("deleting {path}: {e}")),
         }
@@ -343,10 +334,7 @@ impl Intents {
     ) -> Result<i32, RecordError> {
         let path = self.path(group, topic, partition);
         let data = serde_json::to_vec(intent).map_err(|e| RecordError::Other(e.to_string()))?;
-        let client = self
-            .client()
-            .await
-            .map_err(|e| RecordError::Other(format!("ZooKeeper {}: {e}", self.servers)))?;
+        let client = self.zk().await.map_err(RecordError::Other)?;
         match client.set_data(&path, &data, Some(version)).await {
             Ok(stat) => Ok(stat.version),
             // Claimed by another writer, or dropped by one that found the topic recreated.
@@ -371,13 +359,7 @@ impl Intents {
         version: i32,
     ) -> Result<Option<i32>, String> {
         let path = self.path(group, topic, partition);
-        match self
-            .client()
-            .await
-            .map_err(|e| format!("ZooKeeper {}: {e}", self.servers))?
-            .get_data(&path)
-            .await
-        {
+        match self.zk().await?.get_data(&path).await {
             Ok((data, stat)) => {
                 let ours = serde_json::to_vec(intent).map_err(|e| e.to_string())?;
                 Ok((stat.version == version + 1 && data == ours).then_some(stat.version))
