@@ -145,18 +145,26 @@ impl Cdc {
         let _ = self.child.wait();
     }
 
+    /// Polls a metric until it reaches `at_least`; fails with `what` and the log's tail
+    /// after `secs`.
+    fn wait_metric(&self, name: &str, labels: &[&str], at_least: f64, secs: u64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while self.metric(name, labels) < at_least {
+            assert!(Instant::now() < deadline, "{what}: {:?}", self.tail());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until the snapshot has published `rows` rows, and checks it is not done yet
     /// (the kill that follows must land in the middle of it).
     fn wait_mid_snapshot(&self, rows: f64) {
-        let t0 = Instant::now();
-        while self.metric("chgate_cdc_snapshot_rows_total", &[]) < rows {
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "no snapshot progress: {:?}",
-                self.tail()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_metric(
+            "chgate_cdc_snapshot_rows_total",
+            &[],
+            rows,
+            60,
+            "no snapshot progress",
+        );
         let pending = self.metric("chgate_cdc_snapshot_tables_pending", &[]);
         assert!(
             pending > 0.0,
@@ -604,15 +612,13 @@ fn killed_mid_snapshot_and_mid_stream_kafka_still_equals_postgres() {
             .await
             .unwrap();
     });
-    let t0 = Instant::now();
-    while cdc.metric("chgate_cdc_transactions_total", &["kind=\"streamed\""]) < 1.0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "the big transaction was not streamed: {:?}",
-            cdc.tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    cdc.wait_metric(
+        "chgate_cdc_transactions_total",
+        &["kind=\"streamed\""],
+        1.0,
+        60,
+        "the big transaction was not streamed",
+    );
     assert!(
         cdc.metric("chgate_cdc_spilled_bytes_total", &[]) > 0.0,
         "the big transaction did not go to disk"
@@ -671,15 +677,13 @@ fn killed_mid_snapshot_and_mid_stream_kafka_still_equals_postgres() {
         // Killed once every event of them is committed to the outbox (and none can be
         // acknowledged): the restart finds them in the store, not yet confirmed.
         let made = events(&cdc) - events_before;
-        let t0 = Instant::now();
-        while cdc.metric("chgate_cdc_outbox_events", &[]) < made {
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "the transactions' {made} events did not reach the outbox: {:?}",
-                cdc.tail()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        cdc.wait_metric(
+            "chgate_cdc_outbox_events",
+            &[],
+            made,
+            30,
+            &format!("the transactions' {made} events did not reach the outbox"),
+        );
         cdc.kill(&mut totals);
     }
     eprintln!("killed with the broker paused: {totals:?}");
