@@ -90,13 +90,16 @@ impl Plan<'_> {
         }
     }
 
-    /// Whether the query may be hedged: a read (it changes nothing) that can be built
-    /// again and is not tied to one node by a session.
+    /// Whether the query may go to another node while or after one has it (a hedge, a
+    /// declined answer): a read (it changes nothing) that can be built again and is not
+    /// tied to one node by a session.
+    pub fn movable(&self) -> bool {
+        self.statement.is_read() && self.replayable && self.session.is_none()
+    }
+
+    /// Whether the query may be hedged: movable, and the cluster hedges.
     fn hedgeable(&self) -> bool {
-        self.statement.is_read()
-            && self.replayable
-            && self.session.is_none()
-            && self.cluster.hedging.mode() != HedgeMode::Off
+        self.movable() && self.cluster.hedging.mode() != HedgeMode::Off
     }
 }
 
@@ -174,8 +177,7 @@ where
         }
     };
     let read = plan.statement.is_read();
-    // Whether a declined answer may be sent to another node: as for a hedge.
-    let movable = read && plan.replayable && plan.session.is_none();
+    let movable = plan.movable();
     // Timers are armed only when they apply; an unarmed one is never polled.
     let mut hedge_armed = plan.hedgeable();
     let hedge_after = if hedge_armed {
@@ -304,7 +306,8 @@ where
                         if !underway.running.is_empty() {
                             continue;
                         }
-                        match failover(&plan, purpose, &tried, &tried[tried.len() - 1]) {
+                        let declining = &tried[tried.len() - 1];
+                        match failover(&plan, purpose, &tried, declining) {
                             Ok(Some(backend)) => {
                                 next = Some(backend);
                                 continue;

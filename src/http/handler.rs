@@ -263,7 +263,7 @@ impl Frontend {
         let query_id = unanswered.query_id.as_deref().unwrap_or_default();
         // An error answer to a read that may move is read whole, to see whether another
         // node might answer it (see `route::Attempt::Declined`).
-        let movable = plan.statement.is_read() && plan.replayable && plan.session.is_none();
+        let movable = plan.movable();
         let routed = route::route(
             plan,
             request,
