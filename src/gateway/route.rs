@@ -434,6 +434,26 @@ pub fn connection_node(
     Ok(Some(backend))
 }
 
+/// Whether a read should carry ClickHouse's `load_balancing=in_order` (both frontends ask):
+/// while a replica is down and the `in_order` order avoids it (the first replica of every
+/// shard with one down is up), a node fanning the read out then never sends a shard's part
+/// to the down replica (see `upstream.avoid_down_replicas`). Counted in
+/// `chgate_steered_reads_total` when it says yes.
+pub fn steer_in_order(cluster: &Cluster) -> bool {
+    if !cluster.avoid_down_replicas {
+        return false;
+    }
+    let view = cluster.view();
+    let steer = view.degraded && view.in_order_avoids_down;
+    if steer {
+        METRICS
+            .steered_reads
+            .with_label_values(&[&cluster.name])
+            .inc();
+    }
+    steer
+}
+
 /// Starts one attempt.
 fn start<T, R, Fut, A: Fn(&Arc<Backend>)>(
     underway: &mut Underway<'_, Fut, A>,

@@ -390,21 +390,11 @@ async fn send_query(
     }
 }
 
-/// While a replica is down and ClickHouse's `in_order` load balancing avoids it (the first
-/// replica of its shard is up), a read carries `load_balancing=in_order`: a node fanning it
-/// out then never sends a shard's part to the down replica (see
-/// `upstream.avoid_down_replicas`). It goes first: settings after a `readonly=1` could not
-/// be changed.
+/// Puts `load_balancing=in_order` first in a read's URI while
+/// [`route::steer_in_order`] says so. First: settings after a `readonly=1` could not be
+/// changed.
 fn avoid_down_replicas(path_and_query: &mut String, cluster: &crate::picker::Cluster) {
-    if !cluster.avoid_down_replicas {
-        return;
-    }
-    let view = cluster.view();
-    if view.degraded && view.in_order_avoids_down {
+    if route::steer_in_order(cluster) {
         path_and_query.insert_str(2, "load_balancing=in_order&");
-        METRICS
-            .steered_reads
-            .with_label_values(&[&cluster.name])
-            .inc();
     }
 }

@@ -200,6 +200,7 @@ async fn start(
         purpose,
         max_attempts: gateway.settings.max_attempts,
         same_as: None,
+        avoid: &[],
     };
     let upstream = upstream::connect(&target)
         .await

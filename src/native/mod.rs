@@ -12,6 +12,7 @@
 //! - [`upstream`]: a connection to a node: open, Hello, failover, session replay;
 //! - [`relay`]: the packets of a logged-in connection, both ways;
 //! - [`query`]: one Query: policy, rewrite, accounting;
+//! - [`retry`]: a read that may still move to another node, until its result begins;
 //! - [`server`]: the listeners, one task per connection, the drain.
 //!
 //! Every decision about a user or a query is the gateway's; this module only speaks the
@@ -22,6 +23,7 @@
 mod login;
 mod query;
 mod relay;
+mod retry;
 mod server;
 mod upstream;
 

@@ -12,6 +12,8 @@ use crate::gateway::{policy, Admission, GatewayError, Statement, User};
 use crate::metrics::{GaugeGuard, METRICS};
 use crate::picker::Backend;
 
+use super::retry::Retry;
+
 /// What chgate answers a client with instead of the node: rendered as an Exception packet.
 #[derive(Debug)]
 pub enum Refusal {
@@ -103,9 +105,10 @@ pub async fn decide(user: &Arc<User>, query: &Query<'_>) -> Result<Decision, Gat
 /// The Query the node gets: the client's, with a read-only user's own `readonly` dropped
 /// and the user's level added last (after the client's settings, so the server applies
 /// them before it is read-only), a quota's `max_execution_time` (the client's own only
-/// where it is lower; `execution_time` is the typed value), the mapped user as the quota
-/// key, the revision spoken with the node in the client info, and a query id if the
-/// client sent none.
+/// where it is lower; `execution_time` is the typed value), `load_balancing=in_order`
+/// first with `in_order` (unless the client set it; see `route::steer_in_order`), the
+/// mapped user as the quota key, the revision spoken with the node in the client info,
+/// and a query id if the client sent none.
 pub fn rewrite<'a>(
     query: &Query<'a>,
     user: &'a User,
@@ -113,24 +116,33 @@ pub fn rewrite<'a>(
     query_id: &'a str,
     readonly: &'a [u8],
     execution_time: Option<&'a [u8]>,
+    in_order: bool,
 ) -> Query<'a> {
-    let mut settings: Vec<Setting<'a>> = query
-        .settings
-        .iter()
-        .filter(|s| !(user.readonly && s.name == "readonly"))
-        .filter(|s| {
-            // The client's own limit stays if it is stricter than the quota's.
-            let Some(quota) = execution_time else {
-                return true;
-            };
-            s.name != "max_execution_time" || {
-                let own = Reader::new(s.value).varuint().unwrap_or(0);
-                let limit = Reader::new(quota).varuint().unwrap_or(0);
-                own > 0 && own <= limit
-            }
-        })
-        .cloned()
-        .collect();
+    let mut settings: Vec<Setting<'a>> = Vec::with_capacity(query.settings.len() + 3);
+    if in_order && !query.settings.iter().any(|s| s.name == "load_balancing") {
+        settings.push(Setting {
+            name: "load_balancing",
+            value: IN_ORDER,
+        });
+    }
+    settings.extend(
+        query
+            .settings
+            .iter()
+            .filter(|s| !(user.readonly && s.name == "readonly"))
+            .filter(|s| {
+                // The client's own limit stays if it is stricter than the quota's.
+                let Some(quota) = execution_time else {
+                    return true;
+                };
+                s.name != "max_execution_time" || {
+                    let own = Reader::new(s.value).varuint().unwrap_or(0);
+                    let limit = Reader::new(quota).varuint().unwrap_or(0);
+                    own > 0 && own <= limit
+                }
+            })
+            .cloned(),
+    );
     if let Some(value) = execution_time {
         if !settings.iter().any(|s| s.name == "max_execution_time") {
             settings.push(Setting {
@@ -161,6 +173,9 @@ pub fn rewrite<'a>(
         text: query.text,
     }
 }
+
+/// `load_balancing`'s value `in_order`, typed (a String setting below revision 54429).
+const IN_ORDER: &[u8] = b"\x08in_order";
 
 /// How a query ended, as `chgate_native_queries_total` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,6 +223,8 @@ pub struct Running {
     pub cut: Option<(GatewayError, &'static str)>,
     /// Bytes of the result (Data, Totals and Extremes packets) sent, for `max_result_bytes`.
     pub result_bytes: u64,
+    /// A read: whether and how it may still move to another node.
+    pub retry: Option<Retry>,
 }
 
 impl Running {
@@ -340,7 +357,7 @@ mod tests {
                 },
             ],
         );
-        let r = rewrite(&q, &bi, 54412, "id-1", &one, None);
+        let r = rewrite(&q, &bi, 54412, "id-1", &one, None, false);
         let names: Vec<_> = r.settings.iter().map(|s| (s.name, s.value)).collect();
         assert_eq!(
             names,
@@ -358,9 +375,45 @@ mod tests {
         assert_eq!(r.query_id, b"id-1");
         // A user that is not read-only keeps whatever it sent.
         let etl = test_user("etl", false);
-        let r = rewrite(&q, &etl, 54412, "id-2", &one, None);
+        let r = rewrite(&q, &etl, 54412, "id-2", &one, None, false);
         assert_eq!(r.settings.len(), 2);
         assert_eq!(r.settings[0].value, &zero[..]);
+    }
+
+    #[test]
+    fn in_order_goes_first_unless_the_client_chose_its_load_balancing() {
+        let bi = test_user("bi", true);
+        let one = varuint_value(1);
+        let threads = varuint_value(2);
+        let q = query(
+            b"SELECT 1",
+            vec![Setting {
+                name: "max_threads",
+                value: &threads,
+            }],
+        );
+        let r = rewrite(&q, &bi, 54412, "id", &one, None, true);
+        let names: Vec<_> = r.settings.iter().map(|s| s.name).collect();
+        assert_eq!(names, vec!["load_balancing", "max_threads", "readonly"]);
+        assert_eq!(r.settings[0].value, b"\x08in_order");
+        let own = b"\x06random";
+        let q = query(
+            b"SELECT 1",
+            vec![Setting {
+                name: "load_balancing",
+                value: own,
+            }],
+        );
+        let r = rewrite(&q, &bi, 54412, "id", &one, None, true);
+        let found: Vec<_> = r.settings.iter().map(|s| (s.name, s.value)).collect();
+        assert_eq!(
+            found,
+            vec![("load_balancing", &own[..]), ("readonly", &one[..])]
+        );
+        // The rewritten packet reads back: the value is typed as the server expects.
+        let mut out = Vec::new();
+        rewrite(&q, &bi, 54412, "id", &one, None, true).write(&mut out, 54412);
+        assert!(Query::read(&out, 54412).is_ok());
     }
 
     #[test]
@@ -379,7 +432,7 @@ mod tests {
             )
         };
         let limit = |q: &Query<'_>| {
-            let r = rewrite(q, &etl, 54412, "id", &one, Some(&ten));
+            let r = rewrite(q, &etl, 54412, "id", &one, Some(&ten), false);
             let found: Vec<_> = r
                 .settings
                 .iter()

@@ -9,9 +9,12 @@
 //!   arrive, unchanged (compressed frames are never recompressed); EndOfStream and Exception
 //!   end the query.
 //! - A node that closes while the connection is idle is let go; the next query opens a
-//!   connection elsewhere and replays the session ([`super::upstream`]). One lost during a
-//!   query ends that query with an Exception if the client is at a packet boundary, else the
-//!   connection closes. Bytes chgate cannot read fail closed the same way.
+//!   connection elsewhere and replays the session ([`super::upstream`]). A read whose node
+//!   is lost, or declines it with a fan-out error, before any of its result went out moves
+//!   to another node the same way and is sent again ([`super::retry`]). Otherwise a node
+//!   lost during a query ends that query with an Exception if the client is at a packet
+//!   boundary, else the connection closes. Bytes chgate cannot read fail closed the same
+//!   way.
 //!
 //! Walking a large block that arrives over many reads again from its start after every
 //! read would cost time quadratic in its size: an uncompressed block is walked again only
@@ -31,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::login::Connection;
 use super::query::{self, Refusal, Running, Status};
+use super::retry::{Retry, Verdict, HOLD_MAX};
 use super::upstream::{self, exception_code, Target, Upstream};
 use super::Frontend;
 use crate::clickhouse::codes;
@@ -39,11 +43,16 @@ use crate::clickhouse::native::server::{
     ClientKind, Kind, ServerHello, ServerPackets, Session, PONG,
 };
 use crate::clickhouse::native::WalkError;
+use crate::gateway::route;
 use crate::gateway::sql::SessionEffect;
 use crate::gateway::{GatewayError, User};
 use crate::metrics::{GaugeGuard, METRICS};
-use crate::picker::Purpose;
+use crate::picker::{Backend, Purpose};
 use crate::upstream::UpstreamError;
+
+/// The most bytes a Progress packet takes at the revisions chgate speaks (its type and
+/// three varuints).
+const MAX_PROGRESS: usize = 1 + 3 * 10;
 
 /// Bytes asked of a socket per read.
 const READ_CHUNK: usize = 64 * 1024;
@@ -255,6 +264,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 }
                 client::CANCEL => {
                     self.buf.advance(1);
+                    // A cancelled read stays where it is: what its node says next ends it.
+                    if let Some(retry) = self.running.as_mut().and_then(|r| r.retry.as_mut()) {
+                        retry.settle();
+                    }
                     if self.running.is_some() {
                         self.send_upstream(&[client::CANCEL as u8]).await;
                     }
@@ -372,6 +385,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         let execution_limit = decision.admission.execution_limit();
         let execution_time = execution_limit
             .map(|l| client::varuint_value(crate::gateway::quota::upstream_execution_seconds(l)));
+        let read = decision.statement.is_read();
+        let in_order = read && route::steer_in_order(&self.user.cluster);
         let rewritten = query::rewrite(
             &query,
             &self.user,
@@ -379,6 +394,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             &query_id,
             &self.readonly,
             execution_time.as_deref(),
+            in_order,
         );
         let mut out = Vec::with_capacity(packet.len() + 32);
         rewritten.write(&mut out, self.revision);
@@ -398,7 +414,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         let backend = upstream.backend.clone();
         let text = matches!(decision.effect, SessionEffect::Set).then(|| query.text.to_vec());
         let deadline = execution_limit.map(|l| (decision.admission.admitted_at() + l).into());
+        // A read may move to another node until its result begins, unless a temporary
+        // table of this session holds it here.
+        let retry = (read && !self.session.temporary).then(|| {
+            let limit = self.frontend.gateway.settings.max_replay_body_bytes;
+            Retry::new(out, backend.clone(), limit)
+        });
         self.running = Some(Running {
+            retry,
             deadline,
             cut: None,
             result_bytes: 0,
@@ -487,6 +510,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         let Some(upstream) = self.upstream.as_mut() else {
             return;
         };
+        if let Some(retry) = self.running.as_mut().and_then(|r| r.retry.as_mut()) {
+            retry.client_bytes(&self.buf[start..end]);
+        }
         if let Err(e) = upstream.io.write_all(&self.buf[start..end]).await {
             tracing::debug!(node = upstream.backend.label(), error = %e, "Writing to the node failed");
             // Reading from it will tell the rest.
@@ -548,6 +574,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             };
             match upstream.packets.next(&upstream.buf, &session) {
                 Ok(p) => {
+                    let retry = self.running.as_mut().and_then(|r| r.retry.as_mut());
+                    // (A packet of which some bytes went on can only be finished.)
+                    let whole = upstream.forwarded == 0;
+                    let verdict = match retry.filter(|r| whole && r.active()) {
+                        Some(retry) => retry.verdict(p.kind, p.rows, &upstream.buf[..p.len]),
+                        None => Verdict::Forward,
+                    };
+                    match verdict {
+                        Verdict::Forward => {}
+                        Verdict::Drop | Verdict::Replace(_) => {
+                            upstream.buf.advance(p.len);
+                            upstream.forwarded = 0;
+                            upstream.incomplete_at = 0;
+                            if let Verdict::Replace(bytes) = verdict {
+                                self.send_client(&bytes).await?;
+                            }
+                            continue;
+                        }
+                        Verdict::Move => {
+                            let packet = upstream.buf.split_to(p.len).freeze();
+                            let Some(old) = self.upstream.take() else {
+                                return Ok(());
+                            };
+                            return self.move_query(old, Moving::Declined(packet)).await;
+                        }
+                    }
                     self.forward_server_bytes(Some(p.len)).await?;
                     let Some(upstream) = self.upstream.as_mut() else {
                         return Ok(());
@@ -563,6 +615,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 }
                 Err(WalkError::Incomplete) => {
                     upstream.incomplete_at = upstream.buf.len();
+                    let retry = self.running.as_mut().and_then(|r| r.retry.as_mut());
+                    if let Some(retry) = retry {
+                        // While the read may move, only whole packets go on; once it
+                        // moved, whole Progress packets (a few bytes), to be adjusted.
+                        let progress = upstream.buf.first() == Some(&3);
+                        if retry.movable() && upstream.buf.len() <= HOLD_MAX {
+                            return Ok(());
+                        }
+                        if retry.active() && progress && upstream.buf.len() <= MAX_PROGRESS {
+                            return Ok(());
+                        }
+                        retry.settle();
+                    }
                     return self.forward_server_bytes(None).await;
                 }
                 Err(e) => return self.server_unreadable(e).await,
@@ -664,6 +729,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         let Some(run) = self.running.as_mut() else {
             return;
         };
+        if let Some(retry) = run.retry.as_mut() {
+            retry.forwarded(kind, packet);
+        }
         match kind {
             Kind::Data | Kind::Totals | Kind::Extremes => run.rows += rows,
             Kind::Exception => {
@@ -772,6 +840,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             }
             return Ok(());
         };
+        if upstream.forwarded == 0 && run.retry.as_ref().is_some_and(Retry::movable) {
+            self.running = Some(run);
+            return self.move_query(upstream, Moving::Lost(error)).await;
+        }
         tracing::warn!(node = upstream.backend.label(), error = %error, query_id = %run.query_id, "Node connection lost during a query");
         upstream.backend.failed(&UpstreamError::Io(error));
         METRICS
@@ -810,16 +882,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         } else {
             Purpose::Write
         };
-        let target = Target {
-            user: &self.user,
-            client: &self.hello,
-            revision: self.revision,
-            database: &self.session.database,
-            purpose,
-            max_attempts: self.frontend.gateway.settings.max_attempts,
-            same_as: Some(&self.told),
-        };
-        let connected = upstream::connect(&target).await;
+        let connected = upstream::connect(&self.target(purpose, &[])).await;
         let mut up = match connected {
             Ok(up) => up,
             Err(r) => {
@@ -848,6 +911,130 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         tracing::info!(peer = %self.peer, user = %self.user.name, node = up.backend.label(), "Native connection moved to another node");
         METRICS.native_reconnects.with_label_values(&["ok"]).inc();
         self.pings = 0;
+        self.upstream = Some(up);
+        Ok(())
+    }
+}
+
+/// Why a read is moving to another node.
+enum Moving {
+    /// Its node declined it with this Exception packet (a fan-out error): what the client
+    /// gets if no other node takes the query.
+    Declined(Bytes),
+    /// Its node's connection was lost.
+    Lost(std::io::Error),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
+    /// Where a connection to a node goes: for `purpose`, avoiding `avoid`, on a node that
+    /// keeps what the client was told true.
+    fn target<'a>(&'a self, purpose: Purpose, avoid: &'a [Arc<Backend>]) -> Target<'a> {
+        Target {
+            user: &self.user,
+            client: &self.hello,
+            revision: self.revision,
+            database: &self.session.database,
+            purpose,
+            max_attempts: self.frontend.gateway.settings.max_attempts,
+            same_as: Some(&self.told),
+            avoid,
+        }
+    }
+
+    /// Sends the running read, none of whose result went out, to another node (see
+    /// [`super::retry`]), with the session carried over, within the cluster's attempts
+    /// and retry budget. If no node takes it, the client gets what ended it on `old`.
+    async fn move_query(&mut self, old: Upstream, why: Moving) -> Step {
+        let Some(mut tried) = self
+            .running
+            .as_ref()
+            .and_then(|r| r.retry.as_ref())
+            .map(|r| r.tried.clone())
+        else {
+            return Ok(());
+        };
+        // The declining node's exception, kept for the client.
+        let declined = match why {
+            Moving::Declined(packet) => {
+                tracing::info!(node = old.backend.label(), user = %self.user.name, exception = %upstream::exception_text(&packet), "Native read declined by its node (a fan-out error); sent to another node");
+                METRICS
+                    .declined_reads
+                    .with_label_values(&[old.backend.label()])
+                    .inc();
+                Some(packet)
+            }
+            Moving::Lost(e) => {
+                tracing::warn!(node = old.backend.label(), error = %e, "Node connection lost during a read before its result; sent to another node");
+                old.backend.failed(&UpstreamError::Io(e));
+                METRICS
+                    .native_errors
+                    .with_label_values(&["upstream_lost"])
+                    .inc();
+                None
+            }
+        };
+        drop(old);
+        // Pings the old node did not answer are answered here.
+        for _ in 0..std::mem::take(&mut self.pings) {
+            self.send_client(&PONG).await?;
+        }
+        let refusal = loop {
+            let up = match upstream::connect(&self.target(Purpose::Read, &tried)).await {
+                Ok(up) => up,
+                Err(refusal) => break refusal,
+            };
+            match self.resend(up).await {
+                Ok(()) => return Ok(()),
+                Err(failed) => tried.push(failed),
+            }
+        };
+        tracing::info!(user = %self.user.name, error = ?refusal, "No other node took the read");
+        if let Some(packet) = declined {
+            // As the node said it; the next query opens a connection afresh.
+            self.send_client(&packet).await?;
+            self.observe(Kind::Exception, 0, &packet);
+            return Ok(());
+        }
+        let refusal = Refusal::Gateway(GatewayError::UpstreamFailed {
+            reason: "connection lost",
+            why: "may have run already",
+        });
+        if let Some(mut run) = self.running.take() {
+            run.finish(Status::Error, Some(refusal.code()));
+        }
+        self.discarding = true;
+        self.send_client(&refusal.packet()).await
+    }
+
+    /// Replays the session on `up` and sends it the running read again; on failure, the
+    /// node that failed.
+    async fn resend(&mut self, mut up: Upstream) -> Result<(), Arc<Backend>> {
+        let replayed = upstream::replay(
+            &mut up,
+            &self.session.sets,
+            &self.hello,
+            &self.user,
+            self.revision,
+        )
+        .await;
+        if let Err(e) = replayed {
+            tracing::warn!(node = up.backend.label(), error = ?e, "Session could not be restored on the node a read moved to");
+            return Err(up.backend);
+        }
+        let Some(run) = self.running.as_mut() else {
+            return Err(up.backend);
+        };
+        let Some(retry) = run.retry.as_mut() else {
+            return Err(up.backend);
+        };
+        if let Err(e) = up.io.write_all(retry.sent()).await {
+            up.backend.failed(&UpstreamError::Io(e));
+            return Err(up.backend);
+        }
+        tracing::info!(node = up.backend.label(), query_id = %run.query_id, "Native read sent again on another node");
+        retry.moved_to(up.backend.clone());
+        run._in_flight = GaugeGuard::new(&up.backend.node.in_flight);
+        run.backend = up.backend.clone();
         self.upstream = Some(up);
         Ok(())
     }

@@ -53,6 +53,9 @@ pub struct Target<'a> {
     /// For a connection that moves: the node must have this timezone and speak at least
     /// `revision` (what the client was told must stay true).
     pub same_as: Option<&'a ServerHello>,
+    /// Nodes not to use (a moving read's): they count against `max_attempts`, and any
+    /// other node is a failover, paid from the retry budget.
+    pub avoid: &'a [Arc<Backend>],
 }
 
 impl Target<'_> {
@@ -80,7 +83,7 @@ enum OpenError {
 pub async fn connect(target: &Target<'_>) -> Result<Upstream, Refusal> {
     let cluster = &target.user.cluster;
     let max_attempts = target.max_attempts.max(1);
-    let mut tried: Vec<Arc<Backend>> = Vec::new();
+    let mut tried: Vec<Arc<Backend>> = target.avoid.to_vec();
     let mut why = "every node tried failed";
     while tried.len() < max_attempts {
         let Some(backend) = connection_node(cluster, target.purpose, &tried)? else {
