@@ -211,7 +211,7 @@ impl Metrics {
         );
         let hedges = counter(
             "chgate_hedges_total",
-            "Reads still waiting for an answer after the hedge bound, by what became of them: `sent` (a second node was asked too), then `won` (the second node answered first) or `lost` (the first did); `no_budget` and `no_node` (no hedge could be sent).",
+            "Reads still waiting for an answer after the hedge bound, by what became of them: `sent` (a second node was asked too), then `won` (the second node answered first) or `lost` (the first did); `no_budget` and `no_node` (no hedge could be sent); `moved` (native: a read whose node fell silent before its result was sent to another node instead).",
             &["cluster", "result"],
         );
         let hedge_after = GaugeVec::new(

@@ -363,22 +363,29 @@ async fn running_on(nodes: &[&str], pattern: &str, rows: u64) {
 }
 
 /// A TCP relay in front of a node's HTTP and native ports, which can be cut like a node
-/// that died: every connection closes, new ones are refused.
+/// that died (every connection closes, new ones are refused) or hung like a SIGSTOPped
+/// one (connections stay open and are accepted, nothing is passed on) until it is cut.
 struct Relay {
     http: SocketAddr,
     native: SocketAddr,
     cut: CancellationToken,
+    hang: CancellationToken,
 }
 
 impl Relay {
     async fn start(node: &str) -> Relay {
-        let cut = CancellationToken::new();
-        let http = Self::listen(format!("{node}:8123"), cut.clone()).await;
-        let native = Self::listen(format!("{node}:9000"), cut.clone()).await;
-        Relay { http, native, cut }
+        let (cut, hang) = (CancellationToken::new(), CancellationToken::new());
+        let http = Self::listen(format!("{node}:8123"), cut.clone(), hang.clone()).await;
+        let native = Self::listen(format!("{node}:9000"), cut.clone(), hang.clone()).await;
+        Relay {
+            http,
+            native,
+            cut,
+            hang,
+        }
     }
 
-    async fn listen(target: String, cut: CancellationToken) -> SocketAddr {
+    async fn listen(target: String, cut: CancellationToken, hang: CancellationToken) -> SocketAddr {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move {
@@ -390,13 +397,18 @@ impl Relay {
                 let Ok((mut client, _)) = accepted else {
                     continue;
                 };
-                let (target, cut) = (target.clone(), cut.clone());
+                let (target, cut, hang) = (target.clone(), cut.clone(), hang.clone());
                 tokio::spawn(async move {
+                    if hang.is_cancelled() {
+                        cut.cancelled().await;
+                        return;
+                    }
                     let Ok(mut node) = TcpStream::connect(&target).await else {
                         return;
                     };
                     tokio::select! {
                         _ = cut.cancelled() => {}
+                        _ = hang.cancelled() => cut.cancelled().await,
                         _ = tokio::io::copy_bidirectional(&mut client, &mut node) => {}
                     }
                 });
@@ -408,6 +420,11 @@ impl Relay {
 
 /// A proxy over two relayed replicas of shard 1 (ch1, ch2).
 async fn relayed_proxy() -> (TestProxy, SocketAddr, Relay, Relay) {
+    relayed_proxy_with("").await
+}
+
+/// [`relayed_proxy`] with `upstream` added to its `[upstream]` settings.
+async fn relayed_proxy_with(upstream: &str) -> (TestProxy, SocketAddr, Relay, Relay) {
     let (a, b) = (
         Relay::start("127.0.0.11").await,
         Relay::start("127.0.0.12").await,
@@ -419,7 +436,8 @@ async fn relayed_proxy() -> (TestProxy, SocketAddr, Relay, Relay) {
         b.http.port(),
         b.native.port()
     );
-    let text = native_config(&[("127.0.0.11", 8123)], FAST_PICKER);
+    let text = native_config(&[("127.0.0.11", 8123)], FAST_PICKER)
+        .replace("[upstream]\n", &format!("[upstream]\n{upstream}\n"));
     let start = text.find("replicas = [").unwrap();
     let end = start + text[start..].find('\n').unwrap();
     let text = format!("{}{}{}", &text[..start], replicas, &text[end..]);
@@ -750,4 +768,58 @@ print(p.get_result()[0][0], rows, flush=True)
         1.0,
         "it moved once"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_node_falls_silent_moves_to_another() {
+    let (p, addr, a, _b) = relayed_proxy_with("hedge = \"always\"\nhedge_after = \"300ms\"").await;
+    // The same view on both replicas; on ch1 it reads another node through a relay that
+    // then hangs (accepts, answers nothing), so ch1 waits on it as on a SIGSTOPped replica
+    // (18.16: for receive_timeout, 300 s) and sends nothing more.
+    let db = Database::new("silent");
+    let v = format!("{}.v", db.0);
+    let hung = Relay::start("127.0.0.13").await;
+    direct(
+        "127.0.0.11",
+        &format!(
+            "CREATE VIEW {v} AS SELECT toUInt8(1) AS x FROM remote('127.0.0.1:{}', system.one, 'default', '{}')",
+            hung.native.port(),
+            secret("default")
+        ),
+    );
+    hung.hang.cancel();
+    direct(
+        "127.0.0.12",
+        &format!("CREATE VIEW {v} AS SELECT toUInt8(2) AS x FROM system.one"),
+    );
+    let moved = || async {
+        metric_sum(
+            &p.metrics().await,
+            "chgate_hedges_total",
+            &["result=\"moved\""],
+        )
+    };
+    let before = moved().await;
+    // New connections until one started on ch1 (the picker spreads them): every answer is
+    // ch2's, within the bound plus a normal answer.
+    let sql = format!("SELECT x FROM {v}");
+    let ch1 = format!("node=\"127.0.0.1:{}\"", a.http.port());
+    let mut runs = 0;
+    while moved().await == before {
+        runs += 1;
+        assert!(runs <= 40, "no connection started on ch1 in 40");
+        let started = Instant::now();
+        let out = client(addr, &with(&ETL, &["-q", &sql]), None).await;
+        let took = started.elapsed();
+        assert!(out.status.success(), "{}", errors(&out));
+        assert_eq!(text(&out), "2\n", "every answer is ch2's");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+    let m = p.metrics().await;
+    assert!(
+        metric_sum(&m, "chgate_native_queries_total", &[&ch1, "status=\"ok\""]) == 0.0,
+        "nothing answered on ch1"
+    );
+    // The silent query is killed on ch1; the relay is cut so nothing waits on it.
+    hung.cut.cancel();
 }

@@ -34,6 +34,10 @@ use hyper::body::Incoming;
 
 use crate::upstream::{Body, SendFailure, Upstream, UpstreamError};
 
+/// While the hedge mode waits for a node to be down, a read past its hedge bound is looked
+/// at again this often.
+pub const HEDGE_RECHECK: Duration = Duration::from_millis(200);
+
 /// What became of one attempt on one node.
 pub enum Attempt<T, R> {
     /// The node answered (at least the head of its answer came back).
@@ -328,8 +332,10 @@ where
             }
             Event::Hedge => {
                 if cluster.hedging.mode() == HedgeMode::Degraded && !cluster.view().degraded {
-                    // Nothing is down (yet): look again after another bound.
-                    let again = tokio::time::Instant::now() + hedge_after;
+                    // Nothing is down (yet): look again shortly, so a read stuck on a node
+                    // that hung after it was sent is hedged as soon as the node is seen
+                    // down, not a whole bound later.
+                    let again = tokio::time::Instant::now() + hedge_after.min(HEDGE_RECHECK);
                     hedge_timer.as_mut().reset(again);
                     continue;
                 }

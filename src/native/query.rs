@@ -225,9 +225,21 @@ pub struct Running {
     pub result_bytes: u64,
     /// A read: whether and how it may still move to another node.
     pub retry: Option<Retry>,
+    /// A read whose node says nothing for this long moves (the cluster's hedge bound;
+    /// `None`: it does not).
+    pub stall_after: Option<std::time::Duration>,
+    /// When the node's silence is next looked at.
+    pub stall_at: Option<tokio::time::Instant>,
 }
 
 impl Running {
+    /// The node sent something: its silence starts again.
+    pub fn heard(&mut self) {
+        if let Some(after) = self.stall_after {
+            self.stall_at = Some(tokio::time::Instant::now() + after);
+        }
+    }
+
     /// Accounts for the query as `status` (with the exception's code, if any).
     pub fn finish(&mut self, status: Status, code: Option<i32>) {
         if std::mem::replace(&mut self.done, true) {

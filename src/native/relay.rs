@@ -43,6 +43,7 @@ use crate::clickhouse::native::server::{
     ClientKind, Kind, ServerHello, ServerPackets, Session, PONG,
 };
 use crate::clickhouse::native::WalkError;
+use crate::config::HedgeMode;
 use crate::gateway::route;
 use crate::gateway::sql::SessionEffect;
 use crate::gateway::{GatewayError, User};
@@ -111,6 +112,8 @@ enum Event {
     Drain,
     /// The running query's quota execution limit.
     Deadline,
+    /// The running read's node has been silent for the cluster's hedge bound.
+    Stalled,
 }
 
 /// Relays `conn` until either side closes, it idles out, or the proxy drains.
@@ -195,12 +198,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 .as_ref()
                 .filter(|r| r.cut.is_none())
                 .and_then(|r| r.deadline);
+            let stall_at = self
+                .running
+                .as_ref()
+                .filter(|r| r.retry.as_ref().is_some_and(Retry::movable))
+                .and_then(|r| r.stall_at);
             let event = tokio::select! {
                 r = self.client.read_buf(&mut self.buf) => Event::Client(r),
                 r = read_upstream(&mut self.upstream) => Event::Server(r),
                 _ = tokio::time::sleep(idle_timeout), if idle => Event::Idle,
                 _ = drain.cancelled(), if !self.closing => Event::Drain,
                 _ = until(deadline) => Event::Deadline,
+                _ = until(stall_at) => Event::Stalled,
             };
             let step = match event {
                 Event::Client(Ok(0)) => break,
@@ -223,6 +232,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 Event::Server(Err(e)) => self.upstream_lost(e).await,
                 Event::Server(Ok(n)) => {
                     self.to_client.inc_by(n as u64);
+                    if let Some(run) = self.running.as_mut() {
+                        run.heard();
+                    }
                     self.on_server(n < server_spare).await
                 }
                 Event::Idle => {
@@ -237,6 +249,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                     Ok(())
                 }
                 Event::Deadline => self.execution_time_out().await,
+                Event::Stalled => self.stalled().await,
             };
             if step.is_err() {
                 break;
@@ -420,7 +433,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             let limit = self.frontend.gateway.settings.max_replay_body_bytes;
             Retry::new(out, backend.clone(), limit)
         });
+        // While it may move, a read whose node falls silent (a hung replica it waits on, or
+        // the node itself hung) moves once the cluster's hedge bound passes, as the HTTP
+        // frontend hedges.
+        let hedging = &self.user.cluster.hedging;
+        let stall_after =
+            (retry.is_some() && hedging.mode() != HedgeMode::Off).then(|| hedging.after());
         self.running = Some(Running {
+            stall_at: stall_after.map(|d| tokio::time::Instant::now() + d),
+            stall_after,
             retry,
             deadline,
             cut: None,
@@ -1004,6 +1025,54 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         }
         self.discarding = true;
         self.send_client(&refusal.packet()).await
+    }
+
+    /// The running read's node has said nothing for the hedge bound: while the hedge mode
+    /// allows (`degraded`: a node of the cluster is down or unreachable), the read moves to
+    /// another node and is killed on this one; otherwise it is looked at again shortly.
+    /// If no other node takes it, it stays where it is.
+    async fn stalled(&mut self) -> Step {
+        let cluster = self.user.cluster.clone();
+        let Some(run) = self.running.as_mut() else {
+            return Ok(());
+        };
+        let (Some(bound), Some(retry)) = (run.stall_after, run.retry.as_ref()) else {
+            return Ok(());
+        };
+        let now = tokio::time::Instant::now();
+        if cluster.hedging.mode() == HedgeMode::Degraded && !cluster.view().degraded {
+            run.stall_at = Some(now + bound.min(route::HEDGE_RECHECK));
+            return Ok(());
+        }
+        let tried = retry.tried.clone();
+        let (old, query_id) = (run.backend.clone(), run.query_id.clone());
+        let moved = match upstream::connect(&self.target(Purpose::Read, &tried)).await {
+            Ok(up) => self.resend(up).await.is_ok(),
+            Err(refusal) => {
+                tracing::debug!(error = ?refusal, "No other node for a stalled native read");
+                false
+            }
+        };
+        let result = if moved { "moved" } else { "no_node" };
+        METRICS
+            .hedges
+            .with_label_values(&[&cluster.name, result])
+            .inc();
+        let Some(run) = self.running.as_mut() else {
+            return Ok(());
+        };
+        if !moved {
+            run.stall_after = None;
+            return Ok(());
+        }
+        tracing::info!(node = old.label(), %query_id, silent = ?bound, "Native read moved off a silent node");
+        crate::gateway::kill_query(&old, &self.user, &query_id);
+        run.heard();
+        // Pings the old node did not answer are answered here.
+        for _ in 0..std::mem::take(&mut self.pings) {
+            self.send_client(&PONG).await?;
+        }
+        Ok(())
     }
 
     /// Replays the session on `up` and sends it the running read again; on failure, the

@@ -25,6 +25,11 @@ const ACCOUNT_REFUSED: [i32; 4] = [192, 193, 194, 516];
 /// The most bytes a node's Hello (or a replayed statement's answer) may take.
 const MAX_HANDSHAKE: usize = 1 << 20;
 
+/// How long a node may take to answer chgate's Hello, or a replayed statement: a healthy
+/// node takes milliseconds; a hung one (SIGSTOPped: its kernel still accepts the
+/// connection) never answers, and is given up after this to try the next.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// A logged-in connection to a node.
 pub struct Upstream {
     pub io: TcpStream,
@@ -116,13 +121,36 @@ pub async fn connect(target: &Target<'_>) -> Result<Upstream, Refusal> {
     }))
 }
 
-/// Opens a connection to `backend` and logs in.
+/// Opens a connection to `backend` and logs in, within [`HANDSHAKE_TIMEOUT`] of the
+/// connection being made.
 async fn open(backend: &Arc<Backend>, target: &Target<'_>) -> Result<Upstream, OpenError> {
     let mut io = backend
         .node
         .connect_native()
         .await
         .map_err(OpenError::Node)?;
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, log_in(&mut io, backend, target)).await {
+        Ok(Ok((buf, hello))) => Ok(Upstream {
+            io,
+            buf,
+            forwarded: 0,
+            incomplete_at: 0,
+            packets: ServerPackets::default(),
+            backend: backend.clone(),
+            hello,
+        }),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(OpenError::Node(UpstreamError::Timeout(HANDSHAKE_TIMEOUT))),
+    }
+}
+
+/// Chgate's Hello with the user's cluster account, and the node's answer: the bytes read
+/// past it, and its Hello.
+async fn log_in(
+    io: &mut TcpStream,
+    backend: &Arc<Backend>,
+    target: &Target<'_>,
+) -> Result<(BytesMut, ServerHello), OpenError> {
     let account = &target.user.account;
     let hello = Hello {
         client_name: target.client.client_name.clone(),
@@ -169,15 +197,7 @@ async fn open(backend: &Arc<Backend>, target: &Target<'_>) -> Result<Upstream, O
             "no other node has the timezone and protocol revision the client was given",
         ));
     }
-    Ok(Upstream {
-        io,
-        buf,
-        forwarded: 0,
-        incomplete_at: 0,
-        packets: ServerPackets::default(),
-        backend: backend.clone(),
-        hello,
-    })
+    Ok((buf, hello))
 }
 
 /// A Query of chgate's own on behalf of the client (a replayed `SET`), as the client's
@@ -212,9 +232,15 @@ pub fn own_query<'a>(
 }
 
 impl Upstream {
-    /// Runs `query` (uncompressed, no data) and reads its answer to the end: Ok, or the
-    /// server's exception text.
+    /// Runs `query` (uncompressed, no data) and reads its answer to the end, within
+    /// [`HANDSHAKE_TIMEOUT`]: Ok, or the server's exception text.
     pub async fn run(&mut self, query: &Query<'_>, revision: u64) -> Result<(), String> {
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, self.run_inner(query, revision))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {HANDSHAKE_TIMEOUT:?}")))
+    }
+
+    async fn run_inner(&mut self, query: &Query<'_>, revision: u64) -> Result<(), String> {
         let mut out = Vec::with_capacity(256);
         query.write(&mut out, revision);
         client::write_empty_data(&mut out);
