@@ -551,16 +551,19 @@ async fn the_ingest_sidecar_takes_its_clusters_from_the_same_root() {
     let handles = chgate::ingest::follow::handles(&clusters.load(), ["demo"].into_iter());
     let demo = handles["demo"].clone();
     let stop = CancellationToken::new();
+    let tracker = chgate::config::source::Tracker::new("zookeeper".into(), z.version, false);
+    let follow = |source, handles, tracker| chgate::ingest::follow::Follow {
+        file: z.file.clone(),
+        base: z.base.clone(),
+        source,
+        clusters: clusters.clone(),
+        handles,
+        running: c.clusters.clone(),
+        started_with: z.nodes.clone(),
+        tracker,
+    };
     tokio::spawn(chgate::ingest::follow::run(
-        chgate::ingest::follow::Follow {
-            file: z.file,
-            base: z.base,
-            source: z.source,
-            clusters: clusters.clone(),
-            handles,
-            running: c.clusters.clone(),
-            started_with: z.nodes,
-        },
+        follow(z.source.clone(), handles.clone(), tracker.clone()),
         stop.clone(),
     ));
     let replicas = |c: &chgate::picker::Cluster| -> Vec<String> {
@@ -609,6 +612,23 @@ async fn the_ingest_sidecar_takes_its_clusters_from_the_same_root() {
     }
     assert_eq!(replicas(&demo.load()).len(), 3);
     assert_eq!(demo.load().topology().shards.len(), 1);
+    assert_eq!(tracker.status().stale_seconds, 0.0, "it reads the root");
+    stop.cancel();
+    // A root it cannot reach: the clusters stay, and the config is stale.
+    let mut away = z.source.clone();
+    away.zookeeper = vec!["127.0.0.1:1".into()];
+    let stale = chgate::config::source::Tracker::new("zookeeper".into(), z.version, false);
+    let stop = CancellationToken::new();
+    tokio::spawn(chgate::ingest::follow::run(
+        follow(away, handles, stale.clone()),
+        stop.clone(),
+    ));
+    let start = Instant::now();
+    while stale.status().stale_seconds < 0.5 {
+        assert!(start.elapsed() < Duration::from_secs(10), "never stale");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(replicas(&demo.load()).len(), 3);
     stop.cancel();
     // Clusters in the file as well as from ZooKeeper: refused, not merged.
     std::fs::write(

@@ -69,7 +69,9 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    fn new(source: String, version: u64, from_cache: bool) -> Arc<Self> {
+    /// The status of a config read from `source` at `version` (from the local cache:
+    /// stale from the start).
+    pub fn new(source: String, version: u64, from_cache: bool) -> Arc<Self> {
         METRICS.config_version.set(version as i64);
         Arc::new(Self {
             status: Mutex::new(Status {
@@ -102,7 +104,9 @@ impl Tracker {
         since.map_or(0.0, |t| t.elapsed().as_secs_f64())
     }
 
-    fn set_connected(&self, connected: bool) {
+    /// Whether the source can be read now: the config is stale from the first `false`
+    /// until the next `true`.
+    pub fn set_connected(&self, connected: bool) {
         self.lock().connected = connected;
         let mut since = self.stale_since.lock().unwrap_or_else(|e| e.into_inner());
         match (connected, *since) {

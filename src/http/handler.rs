@@ -47,7 +47,7 @@ impl Frontend {
             Route::ReplicasStatus { verbose } => {
                 routes::replicas_status(&self.gateway.generation(), verbose)
             }
-            Route::WebUi => self.web_ui(req).await,
+            Route::WebUi => self.web_ui(req, peer.ip()).await,
             Route::Options => routes::options(),
             Route::NotFound => routes::not_found(req.uri().path()),
             Route::NotImplemented => routes::not_implemented(),
@@ -80,7 +80,7 @@ impl Frontend {
         let mut unanswered = Unanswered::new(started, self.settings.access_log);
         let resp = match self.query(req, peer.ip(), &mut unanswered, in_flight).await {
             Ok(resp) => resp,
-            Err(e) => self.error_response(e, unanswered.user.as_deref().unwrap_or("-")),
+            Err(e) => self.error_response(e, unanswered.user.as_deref().unwrap_or("-"), peer.ip()),
         };
         unanswered.answered();
         resp
@@ -89,7 +89,7 @@ impl Frontend {
     /// The web UIs of ClickHouse 23.x+ (`/play`, `/dashboard`, `/binary`, `/js/...`): static
     /// pages, served by any healthy node without a login (the pages log in through the
     /// queries they send back, to chgate); 18.16 answers 404. No credential goes upstream.
-    async fn web_ui(&self, req: Request<Incoming>) -> Response<RespBody> {
+    async fn web_ui(&self, req: Request<Incoming>, client: IpAddr) -> Response<RespBody> {
         let generation = self.gateway.generation();
         let Some(cluster) = generation
             .clusters
@@ -128,7 +128,7 @@ impl Frontend {
         };
         let routed = match route::route(plan, request, route::send_http, |_| {}).await {
             Ok(r) => r,
-            Err(e) => return self.error_response(HttpError::from(e), "-"),
+            Err(e) => return self.error_response(HttpError::from(e), "-", client),
         };
         let (resp, mut upstream) = routed.answer;
         let (mut parts, body) = resp.into_parts();
@@ -140,7 +140,7 @@ impl Frontend {
                     reason: "reading the page failed",
                     why: "is a page, not a query",
                 };
-                return self.error_response(HttpError::from(e), "-");
+                return self.error_response(HttpError::from(e), "-", client);
             }
         };
         routed.backend.node.checkin(upstream);
@@ -149,7 +149,9 @@ impl Frontend {
         Response::from_parts(parts, RespBody::full(body))
     }
 
-    fn error_response(&self, e: HttpError, user: &str) -> Response<RespBody> {
+    /// The answer to a request chgate refused or could not serve, counted and logged with
+    /// the client's address (a refused login has no user to name it by).
+    fn error_response(&self, e: HttpError, user: &str, client: IpAddr) -> Response<RespBody> {
         let resp = e.to_response();
         METRICS.http_errors.with_label_values(&[e.kind()]).inc();
         METRICS
@@ -157,7 +159,7 @@ impl Frontend {
             .with_label_values(&[user, resp.status().as_str(), "-"])
             .inc();
         if self.settings.access_log {
-            tracing::info!(target: "chgate::access", user = %user, status = resp.status().as_u16(), error = e.kind(), "Request refused");
+            tracing::info!(target: "chgate::access", user = %user, %client, status = resp.status().as_u16(), error = e.kind(), "Request refused");
         }
         resp
     }

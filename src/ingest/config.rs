@@ -282,6 +282,8 @@ pub struct FromZooKeeper {
     pub source: crate::config::ConfigSourceConfig,
     /// The znodes the start read.
     pub nodes: crate::config::zookeeper::Nodes,
+    /// The root's version then.
+    pub version: u64,
 }
 
 /// [`load`], with the clusters (and `[upstream]`, `[picker]`, if there) taken from the
@@ -325,6 +327,7 @@ pub async fn load_with_source(
             base,
             source,
             nodes: snapshot.nodes,
+            version: snapshot.version,
         }),
     ))
 }

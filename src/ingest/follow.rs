@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{self, IngestConfig};
 use crate::backoff::Backoff;
+use crate::config::source::Tracker;
 use crate::config::zookeeper::{self, Nodes, Store};
 use crate::config::{ClusterConfig, ConfigSourceConfig};
 use crate::metrics::METRICS;
@@ -40,6 +41,8 @@ pub struct Follow {
     pub running: BTreeMap<String, ClusterConfig>,
     /// The znodes the start read, not offered again.
     pub started_with: Nodes,
+    /// Whether the root can be read now (`chgate_config_stale_seconds`).
+    pub tracker: Arc<Tracker>,
 }
 
 /// Follows the root until `stop`.
@@ -54,6 +57,7 @@ pub async fn run(mut f: Follow, stop: CancellationToken) {
         let store = match store {
             Ok(s) => s,
             Err(e) => {
+                f.tracker.set_connected(false);
                 tracing::warn!(error = %e, "Config source unreachable; the running clusters stay");
                 if !backoff.wait(&stop).await {
                     return;
@@ -66,10 +70,12 @@ pub async fn run(mut f: Follow, stop: CancellationToken) {
             let snapshot = match store.read(true).await {
                 Ok(s) => s,
                 Err(e) => {
+                    f.tracker.set_connected(false);
                     tracing::warn!(error = %e, "Reading the config root failed");
                     break;
                 }
             };
+            f.tracker.set_connected(true);
             if snapshot.nodes != last {
                 apply(&mut f, &snapshot.nodes, store.root(), snapshot.version);
                 last = snapshot.nodes.clone();
@@ -87,6 +93,7 @@ pub async fn run(mut f: Follow, stop: CancellationToken) {
                 _ = stop.cancelled() => return,
             }
             if store.client().state().is_terminated() {
+                f.tracker.set_connected(false);
                 break;
             }
         }
@@ -135,6 +142,7 @@ fn apply(f: &mut Follow, nodes: &Nodes, root: &str, version: u64) {
     f.clusters.store(Arc::new(generation));
     f.running = c.clusters.clone();
     counted("ok");
+    METRICS.config_version.set(version as i64);
     tracing::info!(
         version,
         clusters = c.clusters.len(),

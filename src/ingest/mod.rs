@@ -351,6 +351,13 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     }
     let follow_stop = CancellationToken::new();
     if let Some(z) = from_zookeeper {
+        let origin = format!(
+            "zookeeper:{}{}",
+            z.source.zookeeper.join(","),
+            z.source.root
+        );
+        let tracker = crate::config::source::Tracker::new(origin, z.version, false);
+        tracker.spawn_stale_gauge(follow_stop.clone());
         tokio::spawn(follow::run(
             follow::Follow {
                 file: z.file,
@@ -360,6 +367,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
                 handles,
                 running: c.clusters.clone(),
                 started_with: z.nodes,
+                tracker,
             },
             follow_stop.clone(),
         ));

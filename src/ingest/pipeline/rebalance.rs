@@ -34,42 +34,80 @@ pub struct Context {
 
 impl ClientContext for Context {}
 
+/// Partitions whose intent is past their end checked at once (each check is a consumer
+/// of its own, for a few seconds).
+const READ_CHECKS: usize = 16;
+
 impl Context {
-    /// The first offset to read from a partition: right after its last finished segment,
-    /// or the start of its unfinished one. An intent past the partition's end names
-    /// messages that are gone (the topic was deleted and created again, or the broker lost
-    /// its log): it is dropped and the partition starts like a new one, as Kafka does with
-    /// a committed offset out of range; keeping it would skip every new message below it.
+    /// Where each partition of an assignment starts: right after its last finished
+    /// segment, or the start of its unfinished one (`None` for a partition without an
+    /// intent: the committed offset). An intent past the partition's end names messages
+    /// that are gone (the topic was deleted and created again, or the broker lost its
+    /// log): it is dropped and the partition starts like a new one, as Kafka does with a
+    /// committed offset out of range; keeping it would skip every new message below it.
     /// Dropping one wrongly writes again whatever lies between the committed offset and
     /// the intent, so the end the broker reports is not taken alone: the intent is only
     /// dropped if its last message cannot be read either (tansu 0.6 reports the first
     /// offset of the partition's last record batch as its end, below a sidecar that has
-    /// caught up).
-    fn start_offset(
+    /// caught up). Those reads wait a few seconds for a message that is gone, so they run
+    /// side by side ([`READ_CHECKS`] at a time): one after another, a recreated topic of
+    /// many partitions held the rebalance for seconds per partition (a fault run saw 45 s
+    /// for 9, and a group that never settled under repeated restarts).
+    fn start_offsets(
         &self,
         consumer: &BaseConsumer<Self>,
-        topic: &str,
-        partition: i32,
-    ) -> Option<i64> {
-        let (intents, group, handle) = self.intents.as_ref()?;
-        // The rebalance cannot go on without knowing: wait for ZooKeeper as long as it takes.
-        let intent = intents.load_waiting(handle, group, topic, partition, None)??;
-        let start = if intent.done {
-            intent.last + 1
-        } else {
-            intent.first
+        tpl: &TopicPartitionList,
+    ) -> Vec<(String, i32, i64)> {
+        let Some((intents, group, handle)) = self.intents.as_ref() else {
+            return Vec::new();
         };
-        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)) {
-            Ok((_, end)) if start > end && !self.readable(topic, partition, intent.last) => {
+        let mut starts = Vec::new();
+        // (topic, partition, start, the broker's end, the intent's last offset)
+        let mut past_end = Vec::new();
+        for e in tpl.elements() {
+            let (topic, partition) = (e.topic(), e.partition());
+            // The rebalance cannot go on without knowing: wait for ZooKeeper as long as
+            // it takes.
+            let Some(Some(intent)) = intents.load_waiting(handle, group, topic, partition, None)
+            else {
+                continue;
+            };
+            let start = if intent.done {
+                intent.last + 1
+            } else {
+                intent.first
+            };
+            match consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)) {
+                Ok((_, end)) if start > end => {
+                    past_end.push((topic.to_string(), partition, start, end, intent.last))
+                }
+                _ => starts.push((topic.to_string(), partition, start)),
+            }
+        }
+        for chunk in past_end.chunks(READ_CHECKS) {
+            let readable: Vec<bool> = std::thread::scope(|s| {
+                let checks: Vec<_> = chunk
+                    .iter()
+                    .map(|(topic, partition, _, _, last)| {
+                        s.spawn(move || self.readable(topic, *partition, *last))
+                    })
+                    .collect();
+                // A check that failed to run keeps the intent, as one that cannot tell.
+                checks.into_iter().map(|c| c.join().unwrap_or(true)).collect()
+            });
+            for ((topic, partition, start, end, _), there) in chunk.iter().zip(readable) {
+                if there {
+                    starts.push((topic.clone(), *partition, *start));
+                    continue;
+                }
                 tracing::warn!(
                     topic, partition, recorded = start, end,
                     "The batch intent is past the partition's end (the topic was recreated?): dropping it and starting the partition anew"
                 );
-                intents.forget_waiting(handle, group, topic, partition);
-                None
+                intents.forget_waiting(handle, group, topic, *partition);
             }
-            _ => Some(start),
         }
+        starts
     }
 
     /// Whether the message at `offset` can be read (a few seconds at most).
@@ -123,15 +161,7 @@ impl ConsumerContext for Context {
         );
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let starts: Vec<(String, i32, i64)> = tpl
-                    .elements()
-                    .iter()
-                    .filter_map(|e| {
-                        let start = self.start_offset(base_consumer, e.topic(), e.partition())?;
-                        Some((e.topic().to_string(), e.partition(), start))
-                    })
-                    .collect();
-                for (topic, partition, start) in starts {
+                for (topic, partition, start) in self.start_offsets(base_consumer, tpl) {
                     let from = (start - self.rewind).max(0);
                     tracing::info!(topic = %topic, partition, offset = start, fetch_from = from, "Starting the partition where its batch intent says");
                     let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(from));
