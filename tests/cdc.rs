@@ -1169,3 +1169,101 @@ fn the_standby_takes_over_when_the_leader_is_killed() {
     );
     let _ = std::fs::remove_dir_all(&state);
 }
+
+/// The capture's connections to PostgreSQL (the replication one and tokio-postgres's)
+/// over TLS, as `postgres.sslmode` says: `verify-full` against the stack's certificate
+/// connects and captures, with every connection encrypted; against a CA that did not sign
+/// the server's certificate, it stops at once, saying why.
+#[test]
+fn the_capture_speaks_tls_to_postgres_as_sslmode_says() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt.block_on(TestDb::create());
+    rt.block_on(seed(&db, 20, 2));
+    let prefix = db.name.replace('_', "-");
+    let with_tls = |rootcert: &std::path::Path| {
+        let cfg = config(&db, &prefix, &common::tempfile_path("cdc-state"), 1000);
+        let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+            "[capture]",
+            &format!(
+                "sslmode = \"verify-full\"\nsslrootcert = \"{}\"\n\n[capture]",
+                rootcert.display()
+            ),
+            1,
+        );
+        std::fs::write(&cfg, text).unwrap();
+        cfg
+    };
+
+    // A CA of its own, which did not sign the server's certificate: refused.
+    let other = common::tempfile_path("other-ca");
+    std::fs::create_dir_all(&other).unwrap();
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(other.join("key.pem"))
+        .arg("-out")
+        .arg(other.join("cert.pem"))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let mut refused = Cdc::start(&with_tls(&other.join("cert.pem")));
+    let end = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = refused.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < end, "kept going: {:?}", refused.tail());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let said = refused.tail().join("\n");
+    assert!(
+        said.contains("UnknownIssuer") || said.contains("certificate"),
+        "{said}"
+    );
+
+    // The stack's certificate: captured, encrypted.
+    let mut cdc = Cdc::start(&with_tls(&common::stack_dir().join("tls/cert.pem")));
+    cdc.wait_streaming(Duration::from_secs(60));
+    rt.block_on(async {
+        pg(&db.name)
+            .await
+            .batch_execute("INSERT INTO orders VALUES (100, 1, 'new', 1, 'o', now())")
+            .await
+            .unwrap();
+        wait_caught_up(&db, &cdc).await;
+        let rows = pg(&db.name)
+            .await
+            .query(
+                "SELECT a.backend_type, s.ssl, coalesce(s.version, '') FROM pg_stat_activity a
+                 JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = 'chgate-cdc' AND a.datname = $1",
+                &[&db.name],
+            )
+            .await
+            .unwrap();
+        let conns: Vec<(String, bool, String)> =
+            rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+        assert!(
+            conns.iter().any(|c| c.0 == "walsender"),
+            "the replication connection: {conns:?}"
+        );
+        assert!(
+            conns.iter().any(|c| c.0 == "client backend"),
+            "a catalog connection: {conns:?}"
+        );
+        assert!(
+            conns.iter().all(|c| c.1 && c.2.starts_with("TLS")),
+            "every connection encrypted: {conns:?}"
+        );
+    });
+    cdc.wait_metric(
+        "chgate_cdc_events_total",
+        &[],
+        23.0,
+        30,
+        "the snapshot and the new row published",
+    );
+    cdc.term();
+}

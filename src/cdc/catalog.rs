@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::config::{matches, ValidatedCdc};
 use super::pg::wire::SESSION_OPTIONS;
@@ -62,11 +62,12 @@ pub async fn connect(cfg: &ValidatedCdc) -> Result<Client, tokio_postgres::Error
         .dbname(&p.dbname)
         .application_name("chgate-cdc")
         .options(SESSION_OPTIONS)
-        .connect_timeout(p.connect_timeout);
+        .connect_timeout(p.connect_timeout)
+        .ssl_mode(cfg.tls.postgres_mode());
     if let Some(pw) = &cfg.password {
         c.password(pw.expose());
     }
-    let (client, connection) = c.connect(NoTls).await?;
+    let (client, connection) = c.connect(cfg.tls.clone()).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "catalog connection ended");

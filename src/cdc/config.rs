@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::pg::tls::{PgTls, SslMode};
 use crate::config::Problem;
 use crate::secret::Secret;
 
@@ -57,6 +58,13 @@ pub struct PostgresConfig {
     pub dbname: String,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// TLS, as libpq's `sslmode` (`disable`, `prefer`: the default, `require`,
+    /// `verify-ca`, `verify-full`; see `cdc::pg::tls`).
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// The CA certificates (PEM) the server's must lead to: needed by `verify-ca` and
+    /// `verify-full`; with `require` it makes it `verify-ca`, as in libpq.
+    pub sslrootcert: Option<PathBuf>,
 }
 
 fn default_pg_port() -> u16 {
@@ -201,6 +209,8 @@ pub struct ValidatedCdc {
     pub config: CdcConfig,
     pub password: Option<Secret>,
     pub topic_prefix: String,
+    /// `postgres.sslmode` and `sslrootcert`, loaded.
+    pub tls: PgTls,
 }
 
 impl ValidatedCdc {
@@ -329,11 +339,20 @@ pub fn validate(config: CdcConfig, base: &Path) -> Result<ValidatedCdc, Vec<Prob
             }
         },
     };
-    if problems.is_empty() {
+    let rootcert = p.sslrootcert.as_ref().map(|f| base.join(f));
+    let tls = match PgTls::new(p.sslmode, rootcert.as_deref()) {
+        Ok(tls) => Some(tls),
+        Err(e) => {
+            problems.push(Problem::new("postgres.sslrootcert", e));
+            None
+        }
+    };
+    if let (true, Some(tls)) = (problems.is_empty(), tls) {
         Ok(ValidatedCdc {
             config,
             password,
             topic_prefix: prefix,
+            tls,
         })
     } else {
         Err(problems)

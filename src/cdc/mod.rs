@@ -193,6 +193,7 @@ fn connect_params(cfg: &ValidatedCdc) -> ConnectParams {
         dbname: p.dbname.clone(),
         application_name: "chgate-cdc".into(),
         connect_timeout: p.connect_timeout,
+        tls: cfg.tls.clone(),
     }
 }
 

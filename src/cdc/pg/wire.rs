@@ -13,8 +13,10 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::{backend::Message, frontend};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+
+use super::tls::PgTls;
 
 /// Where and as whom to connect.
 #[derive(Debug, Clone)]
@@ -26,6 +28,7 @@ pub struct ConnectParams {
     pub dbname: String,
     pub application_name: String,
     pub connect_timeout: Duration,
+    pub tls: PgTls,
 }
 
 /// An error from the server (its SQLSTATE and message) or from the connection.
@@ -57,9 +60,97 @@ impl WireError {
 /// ISO dates in UTC, hex bytea, floats exactly.
 pub const SESSION_OPTIONS: &str = "-c datestyle=ISO -c timezone=UTC -c intervalstyle=iso_8601 -c extra_float_digits=3 -c bytea_output=hex";
 
+/// The connection's bytes: TLS or plain.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => std::pin::Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => std::pin::Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => std::pin::Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => std::pin::Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Asks the server for TLS (`SSLRequest`) and shakes hands if it agrees; a server that
+/// does not is refused if the mode requires TLS, else spoken to in plain.
+async fn negotiate(mut tcp: TcpStream, params: &ConnectParams) -> Result<Stream, WireError> {
+    if !params.tls.wanted() {
+        return Ok(Stream::Plain(tcp));
+    }
+    let mut request = BytesMut::with_capacity(8);
+    frontend::ssl_request(&mut request);
+    tcp.write_all(&request).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => {
+            let tls = params.tls.handshake(&params.host, tcp).await.map_err(|e| {
+                WireError::Protocol(format!(
+                    "TLS with {}:{} (sslmode = \"{}\"): {e}",
+                    params.host,
+                    params.port,
+                    params.tls.mode().as_str()
+                ))
+            })?;
+            Ok(Stream::Tls(Box::new(tls)))
+        }
+        b'N' if !params.tls.required() => Ok(Stream::Plain(tcp)),
+        b'N' => Err(WireError::Protocol(format!(
+            "{}:{} does not offer TLS, and sslmode = \"{}\" requires it",
+            params.host,
+            params.port,
+            params.tls.mode().as_str()
+        ))),
+        other => Err(WireError::Protocol(format!(
+            "the server answered the TLS request with {other:#04x}, neither S nor N"
+        ))),
+    }
+}
+
 /// A connection in replication mode.
 pub struct ReplicationConn {
-    stream: TcpStream,
+    stream: Stream,
     read: BytesMut,
     write: BytesMut,
     /// `server_version_num`-style number from the `server_version` parameter (150004).
@@ -76,6 +167,11 @@ impl ReplicationConn {
             .await
             .map_err(|_| WireError::Protocol(format!("connecting to {addr} timed out")))??;
         stream.set_nodelay(true)?;
+        let stream = tokio::time::timeout(params.connect_timeout, negotiate(stream, params))
+            .await
+            .map_err(|_| {
+                WireError::Protocol(format!("the TLS handshake with {addr} timed out"))
+            })??;
         let mut conn = Self {
             stream,
             read: BytesMut::with_capacity(64 << 10),

@@ -93,7 +93,10 @@ impl Context {
                     })
                     .collect();
                 // A check that failed to run keeps the intent, as one that cannot tell.
-                checks.into_iter().map(|c| c.join().unwrap_or(true)).collect()
+                checks
+                    .into_iter()
+                    .map(|c| c.join().unwrap_or(true))
+                    .collect()
             });
             for ((topic, partition, start, end, _), there) in chunk.iter().zip(readable) {
                 if there {
