@@ -1267,3 +1267,37 @@ fn the_capture_speaks_tls_to_postgres_as_sslmode_says() {
     );
     cdc.term();
 }
+
+/// SIGTERM while the capture starts and its broker does not answer (the topics cannot be
+/// created): it stops at once, cleanly, instead of waiting for the broker.
+#[test]
+fn sigterm_stops_a_capture_still_waiting_for_its_broker() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt.block_on(TestDb::create());
+    let prefix = db.name.replace('_', "-");
+    let cfg = config(&db, &prefix, &common::tempfile_path("cdc-state"), 1000);
+    let paused = PausedBroker::pause();
+    let mut cdc = Cdc::start(&cfg);
+    // Well into the start: its admin listener is up (the catalog comes next, then the
+    // topics, which wait on the broker), and it has not got as far as capturing.
+    let end = Instant::now() + Duration::from_secs(30);
+    while !cdc.tail().iter().any(|l| l.contains("Listening")) {
+        assert!(Instant::now() < end, "never started: {:?}", cdc.tail());
+        assert!(cdc.child.try_wait().unwrap().is_none(), "{:?}", cdc.tail());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !cdc.tail().iter().any(|l| l.contains("Capturing")),
+        "{:?}",
+        cdc.tail()
+    );
+    let t0 = Instant::now();
+    cdc.term();
+    drop(paused);
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "stopped after {:?}: {:?}",
+        t0.elapsed(),
+        cdc.tail()
+    );
+}

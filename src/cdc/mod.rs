@@ -114,8 +114,37 @@ async fn capture(
     stop: CancellationToken,
     streaming: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
+    // Connecting, creating topics and resending the outbox can each wait on a server
+    // that is away: SIGTERM stops them (whatever they left is picked up at the next start).
+    let (mut capture, conn, plan) = tokio::select! {
+        started = start(&cfg) => started?,
+        _ = stop.cancelled() => {
+            tracing::info!("Stopped before the capture started");
+            return Ok(());
+        }
+    };
+    if let Some(plan) = plan {
+        if !run_snapshot(&mut capture, plan, &stop).await? {
+            return Ok(());
+        }
+    }
+    if stop.is_cancelled() {
+        return Ok(());
+    }
+    let sql = start_sql(&cfg, conn.server_version);
+    streaming.store(true, Ordering::Relaxed);
+    let r = stream::run(&mut capture, conn, &sql, stop).await;
+    streaming.store(false, Ordering::Relaxed);
+    r
+}
+
+/// Everything before the snapshot and the stream: the catalog, the publication, the
+/// store, the topics, the outbox resent, the slot; and what the snapshot must cover.
+async fn start(
+    cfg: &Arc<ValidatedCdc>,
+) -> anyhow::Result<(Capture, ReplicationConn, Option<SnapshotPlan>)> {
     let c = &cfg.config;
-    let catalog = catalog::connect(&cfg).await.with_context(|| {
+    let catalog = catalog::connect(cfg).await.with_context(|| {
         format!(
             "cannot connect to PostgreSQL {}:{} database {}",
             c.postgres.host, c.postgres.port, c.postgres.dbname
@@ -150,19 +179,7 @@ async fn capture(
     METRICS.cdc_leader.set(1);
     resend_outbox(&mut capture).await?;
     let (conn, plan) = prepare_slot(&mut capture).await?;
-    if let Some(plan) = plan {
-        if !run_snapshot(&mut capture, plan, &stop).await? {
-            return Ok(());
-        }
-    }
-    if stop.is_cancelled() {
-        return Ok(());
-    }
-    let sql = start_sql(&cfg, conn.server_version);
-    streaming.store(true, Ordering::Relaxed);
-    let r = stream::run(&mut capture, conn, &sql, stop).await;
-    streaming.store(false, Ordering::Relaxed);
-    r
+    Ok((capture, conn, plan))
 }
 
 /// `START_REPLICATION` with pgoutput's options: protocol v2 with streaming of large
