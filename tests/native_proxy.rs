@@ -349,17 +349,8 @@ async fn protocol_refusals_are_exceptions_and_never_desynchronise() {
 
 /// Waits until a query whose text holds `pattern` runs on one of `nodes`, having read at
 /// least `rows` rows.
-async fn running_on(nodes: &[&str], pattern: &str, rows: u64) {
-    let sql = format!(
-        "SELECT count() FROM system.processes WHERE query LIKE '%{pattern}%' \
-         AND query NOT LIKE '%system.processes%' AND read_rows >= {rows}"
-    );
-    wait_until(
-        &format!("{pattern:?} running"),
-        Duration::from_secs(20),
-        || nodes.iter().any(|node| direct(node, &sql).trim() != "0"),
-    )
-    .await;
+async fn running_on(nodes: &[&'static str], pattern: &str, rows: u64) {
+    node_running(nodes, pattern, rows).await;
 }
 
 /// A TCP relay in front of a node's HTTP and native ports, which can be cut like a node
