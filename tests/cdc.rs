@@ -1083,7 +1083,7 @@ fn the_standby_takes_over_when_the_leader_is_killed() {
     next_id.store(3001, std::sync::atomic::Ordering::Relaxed);
 
     let mut a = Cdc::start(&cfg);
-    a.wait_streaming(Duration::from_secs(60));
+    a.wait_streaming(Duration::from_secs(120));
     let b = Cdc::start(&cfg);
     let t0 = Instant::now();
     while !b
@@ -1226,7 +1226,9 @@ fn the_capture_speaks_tls_to_postgres_as_sslmode_says() {
 
     // The stack's certificate: captured, encrypted.
     let mut cdc = Cdc::start(&with_tls(&common::stack_dir().join("tls/cert.pem")));
-    cdc.wait_streaming(Duration::from_secs(60));
+    // Its new slot waits for every transaction writing on the server (the other tests'
+    // workloads too) to end before it is consistent: the capture logs what it waits for.
+    cdc.wait_streaming(Duration::from_secs(120));
     rt.block_on(async {
         pg(&db.name)
             .await

@@ -295,6 +295,32 @@ pub async fn slot_confirmed(client: &Client, slot: &str) -> anyhow::Result<Optio
     Ok(Some(lsn.as_deref().and_then(parse_lsn).unwrap_or(0)))
 }
 
+/// The transactions that hold up a logical slot being created: PostgreSQL reaches the
+/// slot's consistent point only once every transaction with an xid that was running when it
+/// was asked has ended, in any database of the server. One line each: pid, database, user,
+/// age, state.
+pub async fn transactions_holding_slot(client: &Client) -> anyhow::Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT pid, coalesce(datname, ''), coalesce(usename, ''),
+                    coalesce(extract(epoch FROM now() - xact_start)::float8, 0),
+                    coalesce(state, '')
+             FROM pg_stat_activity
+             WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()
+             ORDER BY xact_start LIMIT 5",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let (pid, db, user, age, state): (i32, String, String, f64, String) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            format!("pid {pid} ({user}@{db}, {age:.0} s, {state})")
+        })
+        .collect())
+}
+
 /// "16/B374D848" -> 0x16B374D848.
 pub fn parse_lsn(s: &str) -> Option<u64> {
     let (hi, lo) = s.split_once('/')?;

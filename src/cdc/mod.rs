@@ -276,6 +276,51 @@ async fn resend_outbox(capture: &mut Capture) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often a slot creation that has not returned says what holds it up.
+const SLOT_WAIT_REPORT: Duration = Duration::from_secs(10);
+
+/// `CREATE_REPLICATION_SLOT ... EXPORT_SNAPSHOT`. PostgreSQL answers only once every
+/// transaction that was writing when it was asked has ended (server-wide), which under a
+/// busy server or one forgotten open transaction takes a while: every 10 s the wait is
+/// logged with the transactions it waits for.
+async fn create_slot(
+    conn: &mut ReplicationConn,
+    catalog: &tokio_postgres::Client,
+    slot: &str,
+) -> anyhow::Result<Vec<pg::wire::TextRow>> {
+    tracing::info!(slot, "Creating the replication slot");
+    let started = std::time::Instant::now();
+    let query = format!(
+        "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+        quote_ident(slot)
+    );
+    let create = conn.simple_query(&query);
+    tokio::pin!(create);
+    let mut report = tokio::time::interval_at(
+        tokio::time::Instant::now() + SLOT_WAIT_REPORT,
+        SLOT_WAIT_REPORT,
+    );
+    loop {
+        tokio::select! {
+            rows = &mut create => {
+                return rows.with_context(|| format!("cannot create replication slot {slot:?}"));
+            }
+            _ = report.tick() => {
+                let holding = catalog::transactions_holding_slot(catalog)
+                    .await
+                    .unwrap_or_else(|e| vec![format!("(cannot list them: {e})")]);
+                tracing::warn!(
+                    slot,
+                    waited_s = started.elapsed().as_secs(),
+                    transactions = %holding.join("; "),
+                    "Still creating the replication slot: PostgreSQL waits for the transactions \
+                     running when it was asked to end"
+                );
+            }
+        }
+    }
+}
+
 /// What the snapshot still has to do.
 struct SnapshotPlan {
     state: SnapshotState,
@@ -319,13 +364,7 @@ async fn prepare_slot(
         None => {
             // A new slot: nothing the store holds belongs to it.
             capture.store.reset()?;
-            let rows = conn
-                .simple_query(&format!(
-                    "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
-                    quote_ident(&c.slot)
-                ))
-                .await
-                .with_context(|| format!("cannot create replication slot {:?}", c.slot))?;
+            let rows = create_slot(&mut conn, &capture.catalog, &c.slot).await?;
             let row = rows
                 .first()
                 .context("CREATE_REPLICATION_SLOT returned no row")?;
