@@ -145,6 +145,65 @@ fn sighup_reloads_users_and_keeps_running_on_a_bad_config() {
     assert_eq!(q("bi:bi-pass"), 200);
 }
 
+/// A node taken out of the config on a reload takes its series with it: its
+/// `chgate_node_up` would otherwise stay at its last value, and an alert on it never clear.
+#[test]
+fn a_node_taken_out_on_a_reload_leaves_no_series_behind() {
+    let two = [("127.0.0.11", 8123), ("127.0.0.12", 8123)];
+    let p = ProxyProcess::start(&config(&two, ""));
+    let series_of = |node: &str| -> Vec<String> {
+        curl(&["-sS", &format!("http://{}/metrics", p.admin)])
+            .body
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&format!("\"{node}")))
+            // The clients' history by node stays; the node's own series go.
+            .filter(|l| {
+                !l.starts_with("chgate_http_request") && !l.starts_with("chgate_native_queries")
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    let names = |lines: &[String]| -> std::collections::BTreeSet<String> {
+        lines
+            .iter()
+            .map(|l| l.split('{').next().unwrap_or_default().to_string())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !names(&series_of("127.0.0.12")).contains("chgate_node_probe_round_trip_seconds") {
+        assert!(Instant::now() < deadline, "{:?}", series_of("127.0.0.12"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = names(&series_of("127.0.0.12"));
+    for name in ["chgate_node_up", "chgate_node_weight", "chgate_picks_total"] {
+        assert!(before.contains(name), "{name} missing: {before:?}");
+    }
+
+    std::fs::write(&p.config_path, config(&two[..1], "")).unwrap();
+    p.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !series_of("127.0.0.12").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?}",
+            series_of("127.0.0.12")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Past a few probe rounds of the node that stays, nothing of the other comes back.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(series_of("127.0.0.12"), Vec::<String>::new());
+    let kept = names(&series_of("127.0.0.11"));
+    for name in [
+        "chgate_node_up",
+        "chgate_node_weight",
+        "chgate_picks_total",
+        "chgate_node_probe_round_trip_seconds",
+    ] {
+        assert!(kept.contains(name), "{name} of the node kept: {kept:?}");
+    }
+}
+
 /// Runs the chgate binary; returns (success, stderr).
 fn chgate(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_chgate"))

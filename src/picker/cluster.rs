@@ -11,7 +11,7 @@
 //!   every node and swaps in a new [`View`]; it also notices a new topology and starts or
 //!   stops node tasks to match.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +26,7 @@ use super::hedge::Hedging;
 use super::probe::{probe_node, probe_zookeeper, system_clusters};
 use super::purpose::Purpose;
 use super::score::ScoreConfig;
+use super::series::{Held, Key};
 use super::state::{Group, MemberStatus};
 use super::topology::Topology;
 use super::view::{Inputs, View};
@@ -45,6 +46,8 @@ pub struct Shared {
     pub view: ArcSwap<View>,
     /// Wakes the supervisor to publish at once (a node or an ensemble changed state).
     changed: tokio::sync::Notify,
+    /// The node and ensemble series this cluster exports (see `series`).
+    series: Held,
 }
 
 impl Shared {
@@ -76,22 +79,47 @@ impl Shared {
                 coordinate_from_degraded_shards: self.picker.coordinate_from_degraded_shards,
             },
         );
-        for (i, node) in view.topology.nodes.iter().enumerate() {
-            let shard = view.topology.shards[view.topology.replicas[i].shard]
+        let shard_of = |i: usize| {
+            view.topology.shards[view.topology.replicas[i].shard]
                 .number
-                .to_string();
-            let labels = [self.name.as_str(), shard.as_str(), node.label()];
-            METRICS
-                .node_health
-                .with_label_values(&labels)
-                .set((view.standings[i].state == State::Up) as i64);
-            for purpose in [Purpose::Read, Purpose::Write] {
-                METRICS
-                    .node_weight
-                    .with_label_values(&[&self.name, &shard, node.label(), purpose.as_str()])
-                    .set(view.published_weight(i, purpose) as f64);
-            }
+                .to_string()
+        };
+        let mut keys: HashSet<Key> = HashSet::new();
+        for (i, node) in view.topology.nodes.iter().enumerate() {
+            keys.insert(Key::Node(node.label().to_string()));
+            keys.insert(Key::Member {
+                cluster: self.name.clone(),
+                shard: shard_of(i),
+                node: node.label().to_string(),
+            });
         }
+        for group in view
+            .topology
+            .groups
+            .iter()
+            .filter(|g| !g.zookeeper.is_empty())
+        {
+            keys.insert(Key::Group {
+                cluster: self.name.clone(),
+                group: group.name.clone(),
+            });
+        }
+        self.series.hold_only(keys, || {
+            for (i, node) in view.topology.nodes.iter().enumerate() {
+                let shard = shard_of(i);
+                let labels = [self.name.as_str(), shard.as_str(), node.label()];
+                METRICS
+                    .node_health
+                    .with_label_values(&labels)
+                    .set((view.standings[i].state == State::Up) as i64);
+                for purpose in [Purpose::Read, Purpose::Write] {
+                    METRICS
+                        .node_weight
+                        .with_label_values(&[&self.name, &shard, node.label(), purpose.as_str()])
+                        .set(view.published_weight(i, purpose) as f64);
+                }
+            }
+        });
         self.view.store(Arc::new(view));
     }
 }
@@ -121,6 +149,8 @@ pub struct Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop.cancel();
+        // Its tasks may still be finishing: from here on they write no series.
+        self.shared.series.release();
     }
 }
 
@@ -193,6 +223,7 @@ impl Cluster {
             )),
             topology: ArcSwap::new(topology),
             changed: tokio::sync::Notify::new(),
+            series: Held::new(),
         };
         shared.publish();
         Self {
@@ -341,21 +372,25 @@ async fn probe_node_loop(shared: Arc<Shared>, backend: Arc<Backend>, stop: Cance
                 backend.state.set_capabilities(Some(caps));
                 // The node answers: whatever connection backoff requests put on it is over.
                 node.recovered();
-                METRICS
-                    .node_probe_seconds
-                    .with_label_values(&[&node.label])
-                    .set(figures.round_trip.as_secs_f64());
-                METRICS
-                    .node_replication_delay
-                    .with_label_values(&[&node.label])
-                    .set(figures.replica_delay_s as i64);
+                shared.series.write(&Key::Node(node.label.clone()), || {
+                    METRICS
+                        .node_probe_seconds
+                        .with_label_values(&[&node.label])
+                        .set(figures.round_trip.as_secs_f64());
+                    METRICS
+                        .node_replication_delay
+                        .with_label_values(&[&node.label])
+                        .set(figures.replica_delay_s as i64);
+                });
                 Ok(figures)
             }
             Err(e) => {
-                METRICS
-                    .node_probe_failures
-                    .with_label_values(&[&node.label, e.kind()])
-                    .inc();
+                shared.series.write(&Key::Node(node.label.clone()), || {
+                    METRICS
+                        .node_probe_failures
+                        .with_label_values(&[&node.label, e.kind()])
+                        .inc();
+                });
                 tracing::debug!(cluster = %shared.name, node = %node.label, error = %e, "Probe failed");
                 Err(e.to_string())
             }
@@ -423,10 +458,16 @@ async fn probe_group_loop(shared: Arc<Shared>, group: Arc<Group>, stop: Cancella
             })
             .collect();
         let (transition, healthy) = group.record(shared.health_config(), members);
-        METRICS
-            .zookeeper_healthy
-            .with_label_values(&labels)
-            .set(healthy as i64);
+        let key = Key::Group {
+            cluster: shared.name.clone(),
+            group: group.name.clone(),
+        };
+        shared.series.write(&key, || {
+            METRICS
+                .zookeeper_healthy
+                .with_label_values(&labels)
+                .set(healthy as i64)
+        });
         match transition {
             Some(Transition::WentDown) => tracing::warn!(
                 cluster = %shared.name, group = %group.name, errors = %errors.join("; "),

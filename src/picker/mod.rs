@@ -34,6 +34,7 @@ pub mod purpose;
 pub mod removal;
 pub mod score;
 pub mod select;
+pub mod series;
 pub mod state;
 pub mod topology;
 pub mod view;
