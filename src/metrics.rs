@@ -52,6 +52,7 @@ pub struct Metrics {
     pub ingest_pending_bytes: IntGauge,
     pub ingest_skipped_by_broker: IntCounter,
     pub ingest_fenced: IntCounterVec,
+    pub ingest_columns_added: IntCounterVec,
     pub ingest_lag: IntGaugeVec,
     pub native_connections: IntCounterVec,
     pub native_open: IntGauge,
@@ -277,12 +278,17 @@ impl Metrics {
         );
         let ingest_dead_letters = counter(
             "chgate_ingest_dead_letters_total",
-            "Messages sent to the dead-letter topic, by task and reason (parse, type, time_window, refused; debezium tasks also envelope, truncate).",
+            "Messages sent to the dead-letter topic, by task and reason (parse, type, time_window, refused; debezium tasks also envelope, truncate, table, column).",
             &["task", "reason"],
         );
         let ingest_fenced = counter(
             "chgate_ingest_fenced_total",
             "Times a partition's writer found that another consumer had claimed the partition and stopped writing it.",
+            &["task"],
+        );
+        let ingest_columns_added = counter(
+            "chgate_ingest_columns_added_total",
+            "Columns a debezium task with new_columns = \"add\" added to its table (ALTER TABLE ... ADD COLUMN on every replica).",
             &["task"],
         );
         let ingest_rows = counter(
@@ -640,6 +646,7 @@ impl Metrics {
             ingest_pending_bytes,
             ingest_skipped_by_broker,
             ingest_fenced,
+            ingest_columns_added,
             ingest_lag,
             native_connections,
             native_open,

@@ -833,6 +833,8 @@ fn postgres_to_clickhouse_through_kills_of_the_capture_and_the_sidecar() {
 [templates.orders]
 format = "debezium"
 engine = "versioned_collapsing"
+# The ALTER TABLE orders ADD COLUMN below reaches ClickHouse too.
+new_columns = "add"
 [templates.customers]
 format = "debezium"
 engine = "replacing"
@@ -844,6 +846,7 @@ template = "orders"
 cluster = "demo"
 account = "ingest"
 table = "demo.{name}_orders_local"
+alter_also = ["demo.{name}_orders"]
 batch_rows = 5000
 batch_age = "300ms"
 dead_letter_topic = "{dlq}"
@@ -884,6 +887,9 @@ dead_letter_topic = "{dlq}"
         c.batch_execute("UPDATE orders SET amount = amount + 0.01 WHERE id % 3 = 0")
             .await
             .unwrap();
+        c.batch_execute("UPDATE orders SET priority = id % 7 WHERE id % 5 = 0")
+            .await
+            .unwrap();
     });
     cdc.kill(&mut totals);
     eprintln!("capture killed again");
@@ -909,7 +915,8 @@ dead_letter_topic = "{dlq}"
             .query(
                 "SELECT concat_ws(E'\\t', id, coalesce(customer_id::text, '\\N'), coalesce(status, '\\N'),
                         coalesce(amount::text, '\\N'), coalesce(md5(note), '\\N'),
-                        coalesce(floor(extract(epoch FROM updated_at))::bigint::text, '\\N'))
+                        coalesce(floor(extract(epoch FROM updated_at))::bigint::text, '\\N'),
+                        coalesce(priority, 0))
                  FROM orders ORDER BY id",
                 &[],
             )
@@ -933,13 +940,15 @@ dead_letter_topic = "{dlq}"
         (orders.join("\n") + "\n", customers.join("\n") + "\n")
     });
     // NULL is \N in both (TSV).
+    // A row PostgreSQL has not changed since the ALTER has its default there and NULL in
+    // ClickHouse (the column came with the first event that had it; no event backfills).
     let order_columns = "id, customer_id, status, toString(amount), lower(hex(MD5(note))), \
-        toUnixTimestamp(updated_at)";
+        toUnixTimestamp(updated_at), ifNull(priority, 0)";
     let final_orders =
         format!("SELECT {order_columns} FROM demo.{name}_orders FINAL ORDER BY id FORMAT TSV");
     let sum_orders = format!(
         "SELECT {order_columns} FROM demo.{name}_orders \
-         GROUP BY id, customer_id, status, amount, note, updated_at, version HAVING sum(sign) > 0 \
+         GROUP BY id, customer_id, status, amount, note, updated_at, priority, version HAVING sum(sign) > 0 \
          ORDER BY id FORMAT TSV"
     );
     let final_customers = format!(

@@ -504,6 +504,7 @@ async fn shard_of_two(a: &FakeClickHouse, b: &FakeClickHouse) -> chgate::sink::T
         insert: chgate::clickhouse::insert::Insert::new("db", "t", "a"),
         pick_api: None,
         insert_timeout: Duration::from_secs(5),
+        alter_also: Vec::new(),
     }
 }
 
@@ -544,7 +545,13 @@ async fn a_stale_pooled_connection_sends_the_insert_again_to_the_same_node() {
     let stop = tokio_util::sync::CancellationToken::new();
     for batch in 0..3u8 {
         let written = target
-            .write(Some(1), &rows(batch + 1), &format!("t:0:{batch}"), &stop)
+            .write(
+                None,
+                Some(1),
+                &rows(batch + 1),
+                &format!("t:0:{batch}"),
+                &stop,
+            )
             .await
             .unwrap();
         assert_eq!(written.shard, 1);
@@ -584,7 +591,7 @@ async fn an_insert_closed_unanswered_on_a_fresh_connection_moves_to_another_repl
     let target = shard_of_two(&a, &b).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let written = target
-        .write(Some(1), &rows(4), "t:0:9", &stop)
+        .write(None, Some(1), &rows(4), "t:0:9", &stop)
         .await
         .unwrap();
     assert!(written.refused.is_empty());
@@ -618,7 +625,7 @@ async fn refused_rows_are_isolated_and_the_rest_written() {
     let target = shard_of_two(&a, &b).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let written = target
-        .write(Some(1), &rows(6), "t:0:1", &stop)
+        .write(None, Some(1), &rows(6), "t:0:1", &stop)
         .await
         .unwrap();
     let refused: Vec<usize> = written.refused.iter().map(|(row, _)| *row).collect();

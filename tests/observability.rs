@@ -135,6 +135,7 @@ fn exposition() -> String {
         .set(0);
     METRICS.ingest_lag.with_label_values(&["t", "0"]).set(0);
     METRICS.ingest_fenced.with_label_values(&["t"]).inc();
+    METRICS.ingest_columns_added.with_label_values(&["t"]).inc();
     METRICS.native_connections.with_label_values(&["ok"]).inc();
     METRICS.native_open.set(0);
     METRICS

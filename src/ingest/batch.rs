@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::config::Sharding;
 use super::pending::{Ceiling, Reservation};
 use super::shard_key;
-use super::template::{Template, Window};
+use super::template::{RowError, Template, Window, NEW_COLUMNS};
 use crate::kafka::DeadLetter;
 use crate::sink::Rows;
 
@@ -55,6 +55,9 @@ pub struct Segment {
     /// A segment rebuilt from an unfinished intent: its shard and clock are the recorded
     /// ones, and its intent is already in ZooKeeper.
     pub replay: bool,
+    /// The template that encoded every row of it: the task's, or one extended with new
+    /// columns (then the insert names them, and the table must have them first).
+    pub template: Arc<Template>,
 }
 
 /// What a task's batches need to know, fixed at start.
@@ -113,6 +116,28 @@ pub struct Batcher {
     key: Vec<u8>,
     /// A message's rows being encoded before their shard is known (key sharding), reused.
     rows: Rows,
+    /// The template rows are encoded with: the task's until a message brings new columns
+    /// (`new_columns = "add"`), then the task's extended by them, from a new segment on.
+    template: Arc<Template>,
+    /// A segment closed ahead of a message that brought new columns, for the worker to
+    /// hand on before whatever `add` returns.
+    ready: Option<Segment>,
+}
+
+/// Keeps a message the template refused as a dead letter of the open segment.
+fn set_aside(open: &mut Open, msg: Message, e: RowError) {
+    let kept = msg.payload().len() + msg.key().map_or(0, <[u8]>::len) + e.message.len();
+    open.reserved.grow(kept);
+    let (partition, offset) = (msg.partition, msg.offset);
+    let (key, payload) = msg.into_parts();
+    open.dead.push(DeadLetter {
+        partition,
+        offset,
+        key,
+        payload,
+        reason: e.kind,
+        error: e.message,
+    });
 }
 
 fn unix_now() -> i64 {
@@ -129,6 +154,7 @@ impl Batcher {
         ceiling: &'static Ceiling,
     ) -> Self {
         Self {
+            template: spec.template.clone(),
             spec,
             task,
             partition,
@@ -136,6 +162,7 @@ impl Batcher {
             open: None,
             key: Vec::new(),
             rows: Rows::default(),
+            ready: None,
         }
     }
 
@@ -167,6 +194,12 @@ impl Batcher {
         self.open.as_ref().is_some_and(|o| o.ends_at.is_some())
     }
 
+    /// A segment closed ahead of a message that brought new columns: hand it on before
+    /// what the `add` returned.
+    pub fn take_ready(&mut self) -> Option<Segment> {
+        self.ready.take()
+    }
+
     /// `clock`: the instant a segment opened by this message measures its window from
     /// (`None`: now, read only when a segment opens).
     fn add_inner(
@@ -176,6 +209,7 @@ impl Batcher {
         replay: Option<(Option<u32>, i64)>,
     ) -> Option<Segment> {
         let spec = &*self.spec;
+        let template = &*self.template;
         let ceiling = self.ceiling;
         let open = self.open.get_or_insert_with(|| Open {
             ends_at: replay.map(|(_, last)| last),
@@ -201,6 +235,7 @@ impl Batcher {
             rows: 0,
             reserved: ceiling.reserve(0),
         });
+        let last_before = open.last;
         open.last = msg.offset;
         let encoded_before: usize = open.parts.iter().map(|p| p.rows.data.len()).sum();
         let window = spec.window.map(|(column, age, future)| Window {
@@ -210,8 +245,7 @@ impl Batcher {
         });
         // Encode into scratch rows first when the shard depends on the key.
         let result = match spec.sharding {
-            Sharding::Random => spec
-                .template
+            Sharding::Random => template
                 .encode_rows(
                     msg.key(),
                     msg.payload(),
@@ -223,7 +257,7 @@ impl Batcher {
                 .map(|n| (0, n)),
             Sharding::Key => {
                 self.rows.clear();
-                spec.template
+                template
                     .encode_rows(
                         msg.key(),
                         msg.payload(),
@@ -254,20 +288,23 @@ impl Batcher {
                     .grow(encoded - encoded_before + n * ROW_OVERHEAD);
                 drop(msg);
             }
-            Err(e) => {
-                let kept = msg.payload().len() + msg.key().map_or(0, <[u8]>::len) + e.message.len();
-                open.reserved.grow(kept);
-                let (partition, offset) = (msg.partition, msg.offset);
-                let (key, payload) = msg.into_parts();
-                open.dead.push(DeadLetter {
-                    partition,
-                    offset,
-                    key,
-                    payload,
-                    reason: e.kind,
-                    error: e.message,
-                });
+            Err(e) if e.kind == NEW_COLUMNS => {
+                let adds = template.new_fields(msg.payload());
+                if replay.is_none() && !adds.is_empty() {
+                    return self.extend_for(msg, clock, last_before, adds);
+                }
+                // A segment being rebuilt keeps the template it had (the table had every
+                // column it wrote when it was recorded): a field new to it goes aside.
+                let e = RowError {
+                    kind: "column",
+                    message: format!(
+                        "field(s) {} have no column in the table, and a segment being rebuilt cannot add them",
+                        e.message
+                    ),
+                };
+                set_aside(open, msg, e);
             }
+            Err(e) => set_aside(open, msg, e),
         }
         let full = match open.ends_at {
             // A rebuilt segment ends where it ended before, whatever the limits say.
@@ -289,6 +326,35 @@ impl Batcher {
         })
     }
 
+    /// `msg` has fields the template has no column for: the open segment is closed before
+    /// it (into `ready`), the template extended by them, and `msg` added again: it starts
+    /// the first segment of the wider template.
+    fn extend_for(
+        &mut self,
+        msg: Message,
+        clock: Option<i64>,
+        last_before: i64,
+        adds: Vec<(String, crate::clickhouse::types::ColumnType)>,
+    ) -> Option<Segment> {
+        if let Some(open) = self.open.as_mut() {
+            if open.first == msg.offset {
+                // Opened for this message: nothing of it to keep.
+                self.open = None;
+            } else {
+                open.last = last_before;
+                self.ready = self.seal();
+            }
+        }
+        tracing::info!(
+            partition = self.partition,
+            offset = msg.offset,
+            columns = %adds.iter().map(|(n, t)| format!("{n} {t}")).collect::<Vec<_>>().join(", "),
+            "New columns in the events: the table gets them before the next segment is written"
+        );
+        self.template = Arc::new(self.template.extended(&adds));
+        self.add_inner(msg, clock, None)
+    }
+
     /// Closes the open segment, if any.
     pub fn seal(&mut self) -> Option<Segment> {
         let open = self.open.take()?;
@@ -302,6 +368,7 @@ impl Batcher {
             parts: open.parts.into_iter().filter(|p| p.rows() > 0).collect(),
             dead: open.dead,
             reserved: open.reserved,
+            template: self.template.clone(),
         })
     }
 }

@@ -186,6 +186,10 @@ pub struct TaskConfig {
     /// dead-lettered with reason `table` instead of being written here. Unset: not checked.
     #[serde(default)]
     pub source_table: Option<String>,
+    /// Debezium with `new_columns = "add"`: more tables that get each new column, on every
+    /// node of the cluster (the Distributed table over `table`, say), after `table` has it.
+    #[serde(default)]
+    pub alter_also: Vec<String>,
 }
 
 fn default_batch_rows() -> usize {
@@ -434,9 +438,14 @@ pub(super) fn validate(
         }
         if debezium(&config.templates, t) {
             debezium_task(&key, t, &mut p);
-        } else if t.source_table.is_some() {
+        } else if t.source_table.is_some() || !t.alter_also.is_empty() {
+            let option = if t.source_table.is_some() {
+                "source_table"
+            } else {
+                "alter_also"
+            };
             p(
-                format!("{key}.source_table"),
+                format!("{key}.{option}"),
                 "only tasks with a debezium template take it".into(),
             );
         } else if t.sharding() == Sharding::Key && t.key.is_none() {
@@ -489,6 +498,19 @@ fn debezium(templates: &BTreeMap<String, TemplateConfig>, t: &TaskConfig) -> boo
 /// What a task applying change events must be: sharded by its message key, with no key
 /// column and no time window.
 fn debezium_task(key: &str, t: &TaskConfig, p: &mut impl FnMut(String, String)) {
+    for table in &t.alter_also {
+        let plain =
+            |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !table
+            .split_once('.')
+            .is_some_and(|(d, t)| plain(d) && plain(t))
+        {
+            p(
+                format!("{key}.alter_also"),
+                format!("{table:?} must be database.table with letters, digits and _"),
+            );
+        }
+    }
     if let Some(table) = &t.source_table {
         if !table
             .split_once('.')

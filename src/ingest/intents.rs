@@ -67,6 +67,9 @@ impl Intent {
 pub enum RecordError {
     /// Another writer claimed the partition since this one did.
     Fenced,
+    /// The topic's alter fence moved since the writer read it (a task adding columns):
+    /// read it again, and wait while it says `altering`.
+    FenceMoved,
     /// ZooKeeper did not answer or refused: worth retrying.
     Other(String),
 }
@@ -75,6 +78,7 @@ impl std::fmt::Display for RecordError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Fenced => f.write_str("another consumer has claimed the partition"),
+            Self::FenceMoved => f.write_str("the topic's alter fence moved"),
             Self::Other(e) => f.write_str(e),
         }
     }
@@ -341,6 +345,143 @@ impl Intents {
             Err(zk::Error::BadVersion | zk::Error::NoNode) => Err(RecordError::Fenced),
             Err(e) => Err(RecordError::Other(format!("writing {path}: {e}"))),
         }
+    }
+
+    fn fence_path(&self, group: &str, topic: &str) -> String {
+        format!("{}/{group}/{topic}/fence", self.root)
+    }
+
+    fn lock_path(&self, group: &str, topic: &str) -> String {
+        format!("{}/{group}/{topic}/alter-lock", self.root)
+    }
+
+    /// The topic's alter fence (`DESIGN.md`, "New columns"): whether a writer is adding
+    /// columns to the table, and the znode's version, which every pending record of a task
+    /// that may add columns checks. Created (not altering) if missing.
+    pub async fn fence(&self, group: &str, topic: &str) -> Result<(bool, i32), String> {
+        let path = self.fence_path(group, topic);
+        loop {
+            let client = self.zk().await?;
+            match client.get_data(&path).await {
+                Ok((data, stat)) => return Ok((data.as_slice() == b"altering", stat.version)),
+                Err(zk::Error::NoNode) => {
+                    self.mkdir_parent(&path).await?;
+                    match client.create(&path, b"stable", &Self::options()).await {
+                        Ok(_) | Err(zk::Error::NodeExists) => continue,
+                        Err(e) => return Err(format!("creating {path}: {e}")),
+                    }
+                }
+                Err(e) => return Err(format!("reading {path}: {e}")),
+            }
+        }
+    }
+
+    /// [`Self::record`] in one multi with a check that the fence is still at
+    /// `fence_version`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn record_fenced(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+        intent: &Intent,
+        version: i32,
+        fence_version: i32,
+    ) -> Result<i32, RecordError> {
+        let path = self.path(group, topic, partition);
+        let fence = self.fence_path(group, topic);
+        let data = serde_json::to_vec(intent).map_err(|e| RecordError::Other(e.to_string()))?;
+        let client = self.zk().await.map_err(RecordError::Other)?;
+        let mut multi = client.new_multi_writer();
+        multi
+            .add_check_version(&fence, fence_version)
+            .and_then(|()| multi.add_set_data(&path, &data, Some(version)))
+            .map_err(|e| RecordError::Other(e.to_string()))?;
+        match multi.commit().await {
+            Ok(results) => match results.into_iter().nth(1) {
+                Some(zk::MultiWriteResult::SetData { stat }) => Ok(stat.version),
+                other => Err(RecordError::Other(format!(
+                    "writing {path}: unexpected answer {other:?}"
+                ))),
+            },
+            Err(zk::MultiWriteError::OperationFailed { index: 0, .. }) => {
+                Err(RecordError::FenceMoved)
+            }
+            Err(zk::MultiWriteError::OperationFailed {
+                source: zk::Error::BadVersion | zk::Error::NoNode,
+                ..
+            }) => Err(RecordError::Fenced),
+            Err(e) => Err(RecordError::Other(format!("writing {path}: {e}"))),
+        }
+    }
+
+    /// Takes the topic's alter lock (an ephemeral znode): false if another writer holds it.
+    pub async fn lock_alter(&self, group: &str, topic: &str) -> Result<bool, String> {
+        let path = self.lock_path(group, topic);
+        let client = self.zk().await?;
+        self.mkdir_parent(&path).await?;
+        let ephemeral = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
+        match client.create(&path, &[], &ephemeral).await {
+            Ok(_) => Ok(true),
+            Err(zk::Error::NodeExists) => Ok(false),
+            Err(e) => Err(format!("creating {path}: {e}")),
+        }
+    }
+
+    /// Whether some writer holds the topic's alter lock.
+    pub async fn alter_locked(&self, group: &str, topic: &str) -> Result<bool, String> {
+        let path = self.lock_path(group, topic);
+        match self.zk().await?.check_stat(&path).await {
+            Ok(stat) => Ok(stat.is_some()),
+            Err(e) => Err(format!("reading {path}: {e}")),
+        }
+    }
+
+    pub async fn unlock_alter(&self, group: &str, topic: &str) -> Result<(), String> {
+        let path = self.lock_path(group, topic);
+        match self.zk().await?.delete(&path, None).await {
+            Ok(()) | Err(zk::Error::NoNode) => Ok(()),
+            Err(e) => Err(format!("deleting {path}: {e}")),
+        }
+    }
+
+    /// Sets the fence (`altering` or not), moving its version; with `expected`, only if it
+    /// is still at that version (false if not).
+    pub async fn set_fence(
+        &self,
+        group: &str,
+        topic: &str,
+        altering: bool,
+        expected: Option<i32>,
+    ) -> Result<bool, String> {
+        let path = self.fence_path(group, topic);
+        let data: &[u8] = if altering { b"altering" } else { b"stable" };
+        match self.zk().await?.set_data(&path, data, expected).await {
+            Ok(_) => Ok(true),
+            Err(zk::Error::BadVersion) => Ok(false),
+            Err(e) => Err(format!("writing {path}: {e}")),
+        }
+    }
+
+    /// The topic's partitions whose intent is pending (recorded, not done).
+    pub async fn pending(&self, group: &str, topic: &str) -> Result<Vec<i32>, String> {
+        let dir = format!("{}/{group}/{topic}", self.root);
+        let client = self.zk().await?;
+        let children = match client.list_children(&dir).await {
+            Ok(c) => c,
+            Err(zk::Error::NoNode) => return Ok(Vec::new()),
+            Err(e) => return Err(format!("listing {dir}: {e}")),
+        };
+        let mut pending = Vec::new();
+        for partition in children.iter().filter_map(|c| c.parse::<i32>().ok()) {
+            if let Some(i) = self.load(group, topic, partition).await? {
+                if !i.done {
+                    pending.push(partition);
+                }
+            }
+        }
+        pending.sort_unstable();
+        Ok(pending)
     }
 
     /// After a write whose outcome is unknown (ZooKeeper stopped answering mid-request) and

@@ -276,6 +276,7 @@ async fn build_task(
                 timeout: *timeout,
             }),
             insert_timeout: Duration::from_secs(60),
+            alter_also: t.alter_also.clone(),
         }),
     })
 }

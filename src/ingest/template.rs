@@ -66,7 +66,30 @@ pub struct TemplateConfig {
     /// Debezium: what a truncate event does (`dead_letter`, the default, or `ignore`).
     #[serde(default)]
     pub truncate: Option<Truncate>,
+    /// Debezium: what a row field with a value and no column does (`dead_letter`, the
+    /// default; `add`: the column is added to the table; `ignore`).
+    #[serde(default)]
+    pub new_columns: Option<NewColumns>,
 }
+
+/// What a debezium task does with a field of a row image that has a value and no column
+/// in the table (a column added in PostgreSQL, say).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NewColumns {
+    /// The event is dead-lettered with reason `column`, naming the fields.
+    #[default]
+    DeadLetter,
+    /// The column is added (`Nullable`, its type from the value) to the table on every
+    /// replica before the first row that has it is written; see `DESIGN.md`, "New columns".
+    Add,
+    /// The field is left out.
+    Ignore,
+}
+
+/// A message's fields that ask for new columns (`new_columns = "add"`): the batcher
+/// extends its template with them.
+pub const NEW_COLUMNS: &str = "new_columns";
 
 impl TemplateConfig {
     /// Problems of the template's own options, as (option, why) (the columns are checked
@@ -79,6 +102,7 @@ impl TemplateConfig {
             ("version_column", self.version_column.is_some()),
             ("deleted_column", self.deleted_column.is_some()),
             ("truncate", self.truncate.is_some()),
+            ("new_columns", self.new_columns.is_some()),
         ];
         if self.format != FormatKind::Debezium {
             for (key, set) in debezium_only {
@@ -235,6 +259,13 @@ pub struct Template {
     /// Debezium: the `schema.table` whose events the task applies (its `source_table`);
     /// an event of another table has no target here.
     source_table: Option<String>,
+    /// Debezium: what a field with no column does.
+    new_columns: NewColumns,
+    /// Debezium: the row fields the template reads or leaves out on purpose (a skipped
+    /// column's): any other field with a value is new.
+    known: std::collections::HashSet<String>,
+    /// The columns [`Self::extended`] added, in order (empty for a compiled template).
+    pub added: Vec<(String, ColumnType)>,
 }
 
 /// The event-time check of a task: rows whose time column falls outside
@@ -321,6 +352,19 @@ fn check_roles(
             ));
         }
     }
+}
+
+/// The column a new field gets, from its value (never NULL: that cannot choose a type).
+/// `Nullable` so that rows written before the column existed and rows that lack the field
+/// read the same (NULL), which keeps a replayed segment's part the same (`DESIGN.md`).
+fn column_for(v: &Value) -> ColumnType {
+    let inner = match v {
+        Value::Bool(_) => ColumnType::UInt8,
+        Value::Number(n) if n.is_i64() || n.is_u64() => ColumnType::Int64,
+        Value::Number(_) => ColumnType::Float64,
+        _ => ColumnType::String,
+    };
+    ColumnType::Nullable(Box::new(inner))
 }
 
 /// How Debezium writes times in JSON: `timestamp` as microseconds since the epoch,
@@ -491,6 +535,14 @@ impl Template {
                 top_of.push(i);
             }
         }
+        let mut known: std::collections::HashSet<String> = top_keys.iter().cloned().collect();
+        known.extend(
+            config
+                .columns
+                .iter()
+                .filter(|(_, m)| m.skip)
+                .map(|(name, _)| name.clone()),
+        );
         if problems.is_empty() {
             Ok(Self {
                 format: config.format.clone(),
@@ -507,10 +559,75 @@ impl Template {
                     _ => None,
                 },
                 source_table: None,
+                new_columns: if config.format == FormatKind::Debezium {
+                    config.new_columns.unwrap_or_default()
+                } else {
+                    NewColumns::Ignore
+                },
+                known,
+                added: Vec::new(),
             })
         } else {
             Err(problems)
         }
+    }
+
+    /// Whether a field with no column adds one (`new_columns = "add"`).
+    pub fn adds_columns(&self) -> bool {
+        self.new_columns == NewColumns::Add
+    }
+
+    /// This template with `adds` as more columns (after the table's, as `ALTER TABLE ...
+    /// ADD COLUMN` puts them), each reading the row field of its name.
+    pub fn extended(&self, adds: &[(String, ColumnType)]) -> Template {
+        let mut t = self.clone();
+        for (name, ty) in adds {
+            if t.known.contains(name) {
+                continue;
+            }
+            t.known.insert(name.clone());
+            t.top_keys.push(name.clone());
+            t.top_of.push(t.top_keys.len() - 1);
+            t.columns.push(Column {
+                name: name.clone(),
+                ty: ty.clone(),
+                locator: Locator::Path(vec![PathStep::Key(name.clone())]),
+                formats: debezium_formats(ty),
+                default: None,
+            });
+            t.added.push((name.clone(), ty.clone()));
+        }
+        t
+    }
+
+    /// Debezium: the fields of the event in `payload` that have a value and no column, each
+    /// with the type a new column for it gets: `Nullable` of Int64, Float64, UInt8 (a
+    /// bool) or String (text, and JSON objects and arrays as their text). Empty for a
+    /// message that is not an event.
+    pub fn new_fields(&self, payload: &[u8]) -> Vec<(String, ColumnType)> {
+        let Ok(Some(event)) = Event::parse(payload) else {
+            return Vec::new();
+        };
+        self.unknown(&event)
+            .into_iter()
+            .map(|(name, v)| (name.to_string(), column_for(v)))
+            .collect()
+    }
+
+    /// The fields of the event's row images that have a value and no column, in order.
+    fn unknown<'e>(&self, event: &'e Event) -> Vec<(&'e str, &'e Value)> {
+        let mut out: Vec<(&str, &Value)> = Vec::new();
+        for image in [event.before.as_ref(), event.after.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            for (k, v) in image {
+                if !v.is_null() && !self.known.contains(k) && !out.iter().any(|(n, _)| n == k) {
+                    out.push((k, v));
+                }
+            }
+        }
+        out
     }
 
     /// Debezium: applies only events of `table` (`schema.table`); others are refused with
@@ -598,6 +715,24 @@ impl Template {
             ));
         }
         let plan = event.plan(apply).map_err(refused)?;
+        if self.new_columns != NewColumns::Ignore && !plan.rows().is_empty() {
+            let unknown = self.unknown(&event);
+            if !unknown.is_empty() {
+                let names: Vec<&str> = unknown.iter().map(|(n, _)| *n).collect();
+                return Err(match self.new_columns {
+                    NewColumns::Add => RowError::new(NEW_COLUMNS, names.join(", ")),
+                    _ => RowError::new(
+                        "column",
+                        format!(
+                            "{} has field(s) {} with no column in the table (new_columns = \"dead_letter\"): \
+                             add the columns on every replica and restart the sidecar, or set new_columns = \"add\" or \"ignore\"",
+                            event.table,
+                            names.join(", ")
+                        ),
+                    ),
+                });
+            }
+        }
         let rows = plan.rows();
         let start = out.rows();
         for (i, row) in rows.iter().enumerate() {
@@ -1268,6 +1403,75 @@ mod tests {
         assert_eq!(
             changes(&t, Some(wrapped_key), &wrapped).unwrap(),
             (u, r#"{"id":1}"#.to_string())
+        );
+    }
+
+    /// An orders row with a field the table has no column for: dead-lettered by default
+    /// (naming the field), left out with `ignore`, and with `add` asked for as a new
+    /// Nullable column; the extended template then writes it after the table's columns,
+    /// and NULL where an image lacks it (a row from before the column).
+    #[test]
+    fn debezium_new_columns_by_mode() {
+        let with_priority = r#"{"id": 1, "customer_id": 7, "status": "paid", "amount": "12.50", "note": "ok", "updated_at": 1796497260000000, "priority": 3, "gone": null}"#;
+        let u = envelope("u", ORDER_1, with_priority, "11", "10");
+        let key = Some(r#"{"id":1}"#);
+        let vc = "format = \"debezium\"\nengine = \"versioned_collapsing\"\n";
+
+        let strict = debezium(vc, &orders());
+        let e = changes(&strict, key, &u).unwrap_err();
+        assert_eq!(e.kind, "column");
+        assert!(
+            e.message
+                .contains("public.orders has field(s) priority with no column"),
+            "{}",
+            e.message
+        );
+
+        let ignoring = debezium(&format!("{vc}new_columns = \"ignore\""), &orders());
+        assert_eq!(
+            changes(&ignoring, key, &u).unwrap().0,
+            [
+                (order_row(NEW, -1, 10), true),
+                (order_row(PAID, 1, 11), false)
+            ]
+        );
+
+        let adding = debezium(&format!("{vc}new_columns = \"add\""), &orders());
+        assert!(adding.adds_columns());
+        assert_eq!(changes(&adding, key, &u).unwrap_err().kind, NEW_COLUMNS);
+        // A field whose only value is NULL asks for nothing (its type is unknown, and
+        // NULL is what the table gives a row without it anyway).
+        let adds = adding.new_fields(u.as_bytes());
+        let nullable_int = ColumnType::parse("Nullable(Int64)").unwrap();
+        assert_eq!(adds, [("priority".to_string(), nullable_int)]);
+        let wider = adding.extended(&adds);
+        assert_eq!(
+            wider.insert_columns(),
+            "`id`, `customer_id`, `status`, `amount`, `note`, `updated_at`, `sign`, `version`, `priority`"
+        );
+        let mut cancel = order_row(NEW, -1, 10);
+        cancel.push(1);
+        let mut state = order_row(PAID, 1, 11);
+        state.extend([0, 3, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            changes(&wider, key, &u).unwrap().0,
+            [(cancel, true), (state, false)]
+        );
+        // Other types follow the value.
+        let more = r#"{"id": 1, "flag": true, "ratio": 0.5, "tags": ["a"], "label": "x"}"#;
+        let types: Vec<String> = adding
+            .new_fields(envelope("c", "null", more, "1", "null").as_bytes())
+            .into_iter()
+            .map(|(n, t)| format!("{n} {t}"))
+            .collect();
+        assert_eq!(
+            types,
+            [
+                "flag Nullable(UInt8)",
+                "ratio Nullable(Float64)",
+                "tags Nullable(String)",
+                "label Nullable(String)"
+            ]
         );
     }
 

@@ -19,6 +19,7 @@ use super::pick_api::PickApi;
 use super::Rows;
 use crate::backoff::Backoff;
 use crate::clickhouse::insert::{Insert, InsertError};
+use crate::clickhouse::types::ColumnType;
 use crate::metrics::METRICS;
 use crate::picker::{Backend, Cluster, Purpose};
 use crate::upstream::Account;
@@ -35,6 +36,8 @@ pub struct Target {
     pub insert: Insert,
     pub pick_api: Option<PickApi>,
     pub insert_timeout: Duration,
+    /// Tables of every node that get a new column too (`alter_also`).
+    pub alter_also: Vec<String>,
 }
 
 /// What became of a part.
@@ -134,11 +137,113 @@ impl Target {
         }
     }
 
+    /// The insert of `columns` (a template extended with new columns names more than the
+    /// task's insert).
+    pub fn insert_of(&self, columns: &str) -> Insert {
+        let (db, table) = self.table.split_once('.').unwrap_or(("", ""));
+        Insert::new(db, table, columns).with_dedup_token(self.insert.dedup_token())
+    }
+
+    /// Adds `columns` (name, type) to the table on every node that answers, then to each
+    /// of `also` (tables of every node, e.g. the Distributed one); a column already there
+    /// is fine. `Err` unless every shard has a replica with every column afterwards (a
+    /// replica down now takes the change from the replication log when it comes back).
+    pub async fn add_columns(
+        &self,
+        columns: &[(String, ColumnType)],
+        also: &[String],
+    ) -> Result<(), String> {
+        const TIMEOUT: Duration = Duration::from_secs(30);
+        let topology = self.cluster.load().topology();
+        let alter = |table: &str| {
+            columns
+                .iter()
+                .map(|(name, ty)| {
+                    format!(
+                        "ALTER TABLE {table} ADD COLUMN `{}` {ty}",
+                        name.replace('`', "\\`")
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut shards_done = std::collections::BTreeSet::new();
+        let mut errors = Vec::new();
+        for (i, backend) in topology.nodes.iter().enumerate() {
+            let node = &backend.node;
+            let mut ok = true;
+            for sql in alter(&self.table) {
+                match node.execute(&self.account, &sql, TIMEOUT).await {
+                    Ok(_) => {
+                        tracing::info!(task = %self.task, node = %node.label, sql = %sql, "Column added")
+                    }
+                    Err(e) if e.to_string().contains("already exists") => {}
+                    Err(e) => {
+                        ok = false;
+                        errors.push(format!("{}: {sql}: {e}", node.label));
+                    }
+                }
+            }
+            if ok && self.has_columns(node, &self.table, columns).await {
+                shards_done.insert(topology.shards[topology.replicas[i].shard].number);
+            }
+            for table in also {
+                for sql in alter(table) {
+                    if let Err(e) = node.execute(&self.account, &sql, TIMEOUT).await {
+                        let e = e.to_string();
+                        if e.contains("doesn't exist") {
+                            tracing::debug!(task = %self.task, node = %node.label, table = %table, "No such table on this node");
+                            break;
+                        }
+                        if !e.contains("already exists") {
+                            tracing::warn!(task = %self.task, node = %node.label, sql = %sql, error = %e, "Cannot add the column to a table of alter_also; run the statement by hand");
+                        }
+                    }
+                }
+            }
+        }
+        let missing: Vec<u32> = topology
+            .shards
+            .iter()
+            .map(|s| s.number)
+            .filter(|n| !shards_done.contains(n))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "shard(s) {missing:?} have no replica with the new columns: {}",
+                errors.join("; ")
+            ))
+        }
+    }
+
+    /// Whether `table` on `node` has every one of `columns`.
+    async fn has_columns(
+        &self,
+        node: &crate::upstream::Node,
+        table: &str,
+        columns: &[(String, ColumnType)],
+    ) -> bool {
+        let (db, name) = table.split_once('.').unwrap_or(("", ""));
+        let sql = format!(
+            "SELECT name FROM system.columns WHERE database = '{db}' AND table = '{name}' FORMAT TSV"
+        );
+        match node
+            .query(&self.account, &sql, Duration::from_secs(5))
+            .await
+        {
+            Ok(text) => columns.iter().all(|(c, _)| text.lines().any(|l| l == c)),
+            Err(_) => false,
+        }
+    }
+
     /// Writes a part's `rows`, whatever it takes; `None` only if stopped first. `shard` is
     /// the part's (`None`: the first pick chooses it); `token` names the part for servers
-    /// that take a deduplication token.
+    /// that take a deduplication token; `insert` is the task's unless the rows were
+    /// encoded with new columns.
     pub async fn write(
         &self,
+        insert: Option<&Insert>,
         shard: Option<u32>,
         rows: &Rows,
         token: &str,
@@ -154,7 +259,7 @@ impl Target {
         let mut pending = vec![(0usize, rows.rows())];
         while let Some((from, to)) = pending.pop() {
             match self
-                .write_range(&mut writing, rows, from, to, token, stop)
+                .write_range(&mut writing, insert, rows, from, to, token, stop)
                 .await?
             {
                 Range::Written => {}
@@ -174,9 +279,11 @@ impl Target {
 
     /// Rows `[from, to)`, to a node of the part's shard, retried on its other replicas
     /// (and after a wait when none is left) until ClickHouse has taken or refused them.
+    #[allow(clippy::too_many_arguments)]
     async fn write_range(
         &self,
         w: &mut Writing,
+        insert: Option<&Insert>,
         rows: &Rows,
         from: usize,
         to: usize,
@@ -208,7 +315,7 @@ impl Target {
             // until the timeout: give up on it as soon as the probes say so. The retry on
             // another replica is safe: the shard deduplicates the block.
             let outcome = tokio::select! {
-                r = node.insert(&self.account, &self.insert, rows.slice(from, to), Some(&range_token), self.insert_timeout) => r,
+                r = node.insert(&self.account, insert.unwrap_or(&self.insert), rows.slice(from, to), Some(&range_token), self.insert_timeout) => r,
                 _ = went_down(&backend) => Err(InsertError::Node("the node went down during the insert".into())),
             };
             tracing::debug!(task = %self.task, node = %node.label, shard = number, token = %range_token, ok = outcome.is_ok(), "Insert");

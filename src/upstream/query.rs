@@ -112,9 +112,20 @@ impl Node {
             quoted(query_id),
             quoted(&account.user)
         );
+        self.execute(account, &sql, timeout).await.map(drop)
+    }
+
+    /// Runs one statement as a POST (never read-only: DDL such as `ALTER TABLE`) and
+    /// returns its text.
+    pub async fn execute(
+        &self,
+        account: &Account,
+        sql: &str,
+        timeout: Duration,
+    ) -> Result<String, QueryError> {
         let make = || {
             let mut req = Request::new(Body::Full(http_body_util::Full::new(bytes::Bytes::from(
-                sql.clone(),
+                sql.to_string(),
             ))));
             *req.method_mut() = Method::POST;
             *req.uri_mut() = http::Uri::from_static("/");
@@ -131,7 +142,7 @@ impl Node {
                 &answer.body,
             ));
         }
-        Ok(())
+        Ok(String::from_utf8_lossy(&answer.body).into_owned())
     }
 }
 

@@ -32,6 +32,8 @@ pub struct PartitionWriter {
     pub(super) producer: Arc<FutureProducer>,
     pub(super) commit_tx: mpsc::Sender<Commit>,
     pub(super) hard_stop: CancellationToken,
+    /// New columns this writer has made sure the table has.
+    pub(super) columns_in_place: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl PartitionWriter {
@@ -52,20 +54,42 @@ impl PartitionWriter {
     }
 
     /// Records an intent, retrying until ZooKeeper takes it; false on a hard stop or once
-    /// another consumer has claimed the partition (then nothing more is written).
+    /// another consumer has claimed the partition (then nothing more is written). A
+    /// pending intent of a task that may add columns is recorded only while the topic's
+    /// alter fence says `stable`, and checks it in the same write (`DESIGN.md`, "New
+    /// columns").
     async fn record(&self, task: &Task, partition: i32, intent: &Intent) -> bool {
         let Some(intents) = &self.intents else {
             return true;
         };
+        let fenced = !intent.done && task.spec.template.adds_columns();
         let mut backoff = Backoff::default();
         // A write that failed without an answer may still have landed: then its retry is
         // refused for its version, by this writer's own write.
         let mut unknown_outcome = false;
         loop {
             let version = self.version.load(Ordering::Relaxed);
-            let result = intents
-                .record(&self.group, &task.topic, partition, intent, version)
-                .await;
+            let result = if fenced {
+                match self.fence_open(intents, task).await {
+                    Some(fence) => {
+                        intents
+                            .record_fenced(
+                                &self.group,
+                                &task.topic,
+                                partition,
+                                intent,
+                                version,
+                                fence,
+                            )
+                            .await
+                    }
+                    None => return false,
+                }
+            } else {
+                intents
+                    .record(&self.group, &task.topic, partition, intent, version)
+                    .await
+            };
             let result = match result {
                 Err(RecordError::Fenced) if unknown_outcome => {
                     match intents
@@ -84,6 +108,7 @@ impl PartitionWriter {
                     self.version.store(next, Ordering::Relaxed);
                     return true;
                 }
+                Err(RecordError::FenceMoved) => continue,
                 Err(RecordError::Fenced) => {
                     tracing::warn!(topic = %task.topic, partition, first = intent.first, last = intent.last, "Another consumer has claimed the partition: this one stops writing it");
                     METRICS
@@ -103,6 +128,179 @@ impl PartitionWriter {
         }
     }
 
+    /// Waits until the topic's alter fence says `stable`; returns its version (`None` if
+    /// stopped first). A fence left `altering` by a writer that died (no one holds the
+    /// lock) is set back: that writer's segment was never recorded.
+    async fn fence_open(&self, intents: &Intents, task: &Task) -> Option<i32> {
+        let mut backoff = Backoff::default();
+        let mut waited = std::time::Instant::now();
+        loop {
+            let state = match intents.fence(&self.group, &task.topic).await {
+                Ok((false, version)) => return Some(version),
+                Ok((true, version)) => intents
+                    .alter_locked(&self.group, &task.topic)
+                    .await
+                    .map(|locked| (locked, version)),
+                Err(e) => Err(e),
+            };
+            match state {
+                Ok((false, version)) => {
+                    tracing::warn!(topic = %task.topic, "The alter fence was left up by a writer that is gone; taking it down");
+                    let _ = intents
+                        .set_fence(&self.group, &task.topic, false, Some(version))
+                        .await;
+                    continue;
+                }
+                Ok((true, _)) => {
+                    if waited.elapsed() > Duration::from_secs(10) {
+                        tracing::info!(topic = %task.topic, "Waiting for another writer to add columns to the table");
+                        waited = std::time::Instant::now();
+                    }
+                    tokio::select! {
+                        _ = self.hard_stop.cancelled() => return None,
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %task.topic, error = %e, "Cannot read the alter fence; retrying");
+                    if !backoff.wait(&self.hard_stop).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The table gets the columns `segment` was encoded with and lacks: under the topic's
+    /// alter lock, with the fence up, once no partition has a pending intent (whose replay
+    /// after the `ALTER` would be a different block to ClickHouse); false if stopped first.
+    async fn add_columns(&self, task: &Task, segment: &Segment) -> bool {
+        let added = &segment.template.added;
+        let names: Vec<&str> = added.iter().map(|(n, _)| n.as_str()).collect();
+        let Some(intents) = &self.intents else {
+            // No coordination (at-least-once): nothing to fence.
+            return self.alter(task, added).await;
+        };
+        let (group, topic) = (&self.group, &task.topic);
+        let mut backoff = Backoff::default();
+        loop {
+            match intents.lock_alter(group, topic).await {
+                Ok(true) => break,
+                Ok(false) => {
+                    tokio::select! {
+                        _ = self.hard_stop.cancelled() => return false,
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %topic, error = %e, "Cannot take the alter lock; retrying");
+                    if !backoff.wait(&self.hard_stop).await {
+                        return false;
+                    }
+                }
+            }
+        }
+        tracing::info!(topic = %topic, columns = ?names, "Adding columns: waiting for every partition's pending segment first");
+        let done = self.alter_fenced(intents, task, added).await;
+        let _ = intents.set_fence(group, topic, false, None).await;
+        let _ = intents.unlock_alter(group, topic).await;
+        done
+    }
+
+    async fn alter_fenced(
+        &self,
+        intents: &Intents,
+        task: &Task,
+        added: &[(String, crate::clickhouse::types::ColumnType)],
+    ) -> bool {
+        let (group, topic) = (&self.group, &task.topic);
+        let mut backoff = Backoff::default();
+        while let Err(e) = intents.set_fence(group, topic, true, None).await {
+            tracing::warn!(topic = %topic, error = %e, "Cannot raise the alter fence; retrying");
+            if !backoff.wait(&self.hard_stop).await {
+                return false;
+            }
+        }
+        let mut said = std::time::Instant::now();
+        loop {
+            match intents.pending(group, topic).await {
+                Ok(p) if p.is_empty() => break,
+                Ok(p) => {
+                    if said.elapsed() > Duration::from_secs(10) {
+                        tracing::info!(topic = %topic, partitions = ?p, "Adding columns: still waiting for these partitions' pending segments");
+                        said = std::time::Instant::now();
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %topic, error = %e, "Cannot read the intents; retrying")
+                }
+            }
+            tokio::select! {
+                _ = self.hard_stop.cancelled() => return false,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+        self.alter(task, added).await
+    }
+
+    /// `ALTER TABLE ... ADD COLUMN` until every shard has the columns.
+    async fn alter(
+        &self,
+        task: &Task,
+        added: &[(String, crate::clickhouse::types::ColumnType)],
+    ) -> bool {
+        let mut backoff = Backoff::default();
+        loop {
+            match task
+                .target
+                .add_columns(added, &task.target.alter_also)
+                .await
+            {
+                Ok(()) => {
+                    METRICS
+                        .ingest_columns_added
+                        .with_label_values(&[task.name.as_str()])
+                        .inc_by(added.len() as u64);
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(task = %task.name, error = %e, "Cannot add the new columns yet; retrying");
+                    if !backoff.wait(&self.hard_stop).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the table has the columns `segment` adds, adding them if not (this writer
+    /// remembers what it has seen in place).
+    async fn columns_ready(&self, task: &Task, segment: &Segment) -> bool {
+        let missing = {
+            let have = self
+                .columns_in_place
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            segment
+                .template
+                .added
+                .iter()
+                .any(|(name, _)| !have.contains(name))
+        };
+        if !missing {
+            return true;
+        }
+        if !self.add_columns(task, segment).await {
+            return false;
+        }
+        let mut have = self
+            .columns_in_place
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        have.extend(segment.template.added.iter().map(|(n, _)| n.clone()));
+        true
+    }
+
     /// True once every row is in ClickHouse and every dead letter is acknowledged.
     async fn write(&self, segment: &mut Segment) -> bool {
         let task = &self.tasks[segment.task];
@@ -113,6 +311,13 @@ impl PartitionWriter {
             shard: None,
             done: false,
         };
+        // Rows encoded with new columns: the table gets them before the segment is
+        // recorded (and so before any insert of it), and the insert names them.
+        let extended = !segment.template.added.is_empty();
+        if extended && !segment.replay && !self.columns_ready(task, segment).await {
+            return false;
+        }
+        let insert = extended.then(|| task.target.insert_of(&segment.template.insert_columns()));
         if self.intents.is_some() && !segment.replay {
             // A random-sharded segment's shard is chosen before anything is written, so a
             // rebuild after a crash goes back to it.
@@ -146,7 +351,13 @@ impl PartitionWriter {
             );
             let Some(written) = task
                 .target
-                .write(part.shard, &part.rows, &token, &self.hard_stop)
+                .write(
+                    insert.as_ref(),
+                    part.shard,
+                    &part.rows,
+                    &token,
+                    &self.hard_stop,
+                )
                 .await
             else {
                 return false;

@@ -220,6 +220,10 @@ impl Worker {
             },
             None => batcher.add(msg),
         };
+        // Closed ahead of a message that brought new columns: it goes first.
+        if let Some(ready) = self.batchers.get_mut(&key).and_then(Batcher::take_ready) {
+            self.dispatch(ready);
+        }
         if let Some(segment) = sealed {
             self.dispatch(segment);
         }
@@ -244,6 +248,7 @@ impl Worker {
                 commit_tx: self.commit_tx.clone(),
                 hard_stop: stop.clone(),
                 version: AtomicI32::new(self.claimed.get(&key).copied().unwrap_or(-1)),
+                columns_in_place: Default::default(),
             };
             self.tracker.spawn_on(writer.run(rx), &self.handle);
             (tx, stop)
