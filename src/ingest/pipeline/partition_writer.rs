@@ -182,10 +182,30 @@ impl PartitionWriter {
             return self.alter(task, added).await;
         };
         let (group, topic) = (&self.group, &task.topic);
+        loop {
+            if !self.lock_alter(intents, topic).await {
+                return false;
+            }
+            tracing::info!(topic = %topic, columns = ?names, "Adding columns: waiting for every partition's pending segment first");
+            let outcome = self.alter_fenced(intents, task, added).await;
+            let _ = intents.set_fence(group, topic, false, None).await;
+            let _ = intents.unlock_alter(group, topic).await;
+            match outcome {
+                Some(true) => return true,
+                None => return false,
+                // The fence or the lock went away under it: once more, from the lock.
+                Some(false) => {}
+            }
+        }
+    }
+
+    /// Takes the topic's alter lock, waiting while another writer holds it; false if
+    /// stopped first.
+    async fn lock_alter(&self, intents: &Intents, topic: &str) -> bool {
         let mut backoff = Backoff::default();
         loop {
-            match intents.lock_alter(group, topic).await {
-                Ok(true) => break,
+            match intents.lock_alter(&self.group, topic).await {
+                Ok(true) => return true,
                 Ok(false) => {
                     tokio::select! {
                         _ = self.hard_stop.cancelled() => return false,
@@ -200,29 +220,34 @@ impl PartitionWriter {
                 }
             }
         }
-        tracing::info!(topic = %topic, columns = ?names, "Adding columns: waiting for every partition's pending segment first");
-        let done = self.alter_fenced(intents, task, added).await;
-        let _ = intents.set_fence(group, topic, false, None).await;
-        let _ = intents.unlock_alter(group, topic).await;
-        done
     }
 
+    /// Under the lock: raises the fence, waits for every pending segment, alters. `None`
+    /// if stopped first, `Some(false)` if the fence or the lock went away meanwhile.
     async fn alter_fenced(
         &self,
         intents: &Intents,
         task: &Task,
         added: &[(String, crate::clickhouse::types::ColumnType)],
-    ) -> bool {
+    ) -> Option<bool> {
         let (group, topic) = (&self.group, &task.topic);
         let mut backoff = Backoff::default();
         while let Err(e) = intents.set_fence(group, topic, true, None).await {
             tracing::warn!(topic = %topic, error = %e, "Cannot raise the alter fence; retrying");
             if !backoff.wait(&self.hard_stop).await {
-                return false;
+                return None;
             }
         }
         let mut said = std::time::Instant::now();
         loop {
+            // Still ours: a writer that found the lock gone (this session expired) would
+            // have lowered the fence, and segments may be going in without it.
+            let ours = matches!(intents.fence(group, topic).await, Ok((true, _)))
+                && matches!(intents.alter_locked(group, topic).await, Ok(true));
+            if !ours {
+                tracing::warn!(topic = %topic, "The alter fence or lock went away while waiting; adding the columns is tried again");
+                return Some(false);
+            }
             match intents.pending(group, topic).await {
                 Ok(p) if p.is_empty() => break,
                 Ok(p) => {
@@ -236,11 +261,11 @@ impl PartitionWriter {
                 }
             }
             tokio::select! {
-                _ = self.hard_stop.cancelled() => return false,
+                _ = self.hard_stop.cancelled() => return None,
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
-        self.alter(task, added).await
+        self.alter(task, added).await.then_some(true)
     }
 
     /// `ALTER TABLE ... ADD COLUMN` until every shard has the columns.
