@@ -354,6 +354,40 @@ fn check_roles(
     }
 }
 
+/// The column a new field gets from a Debezium schema (`{"type": "struct", "fields": [...
+/// {"field": "after", "fields": [{"field": NAME, "type": ..., "name": ...}]}]}`): the
+/// logical times as DateTime and Date (their numbers are read as Debezium writes them),
+/// integers and floats by width, boolean as UInt8, anything else as String.
+fn schema_column(schema: &Value, field: &str) -> Option<ColumnType> {
+    let named = |list: &Value, want: &str| -> Option<Value> {
+        list.get("fields")?
+            .as_array()?
+            .iter()
+            .find(|f| f.get("field").and_then(Value::as_str) == Some(want))
+            .cloned()
+    };
+    let f = named(schema, "after")
+        .and_then(|row| named(&row, field))
+        .or_else(|| named(schema, "before").and_then(|row| named(&row, field)))?;
+    let inner = match (
+        f.get("type").and_then(Value::as_str)?,
+        f.get("name").and_then(Value::as_str),
+    ) {
+        (_, Some("io.debezium.time.MicroTimestamp" | "io.debezium.time.Timestamp"))
+        | (_, Some("io.debezium.time.ZonedTimestamp")) => ColumnType::DateTime,
+        (_, Some("io.debezium.time.Date")) => ColumnType::Date,
+        ("boolean", _) => ColumnType::UInt8,
+        ("int8", _) => ColumnType::Int8,
+        ("int16", _) => ColumnType::Int16,
+        ("int32", _) => ColumnType::Int32,
+        ("int64", _) => ColumnType::Int64,
+        ("float" | "float32", _) => ColumnType::Float32,
+        ("double" | "float64", _) => ColumnType::Float64,
+        _ => ColumnType::String,
+    };
+    Some(ColumnType::Nullable(Box::new(inner)))
+}
+
 /// The column a new field gets, from its value (never NULL: that cannot choose a type).
 /// `Nullable` so that rows written before the column existed and rows that lack the field
 /// read the same (NULL), which keeps a replayed segment's part the same (`DESIGN.md`).
@@ -601,16 +635,26 @@ impl Template {
     }
 
     /// Debezium: the fields of the event in `payload` that have a value and no column, each
-    /// with the type a new column for it gets: `Nullable` of Int64, Float64, UInt8 (a
-    /// bool) or String (text, and JSON objects and arrays as their text). Empty for a
-    /// message that is not an event.
+    /// with the type a new column for it gets, always `Nullable`: from the message's schema
+    /// when it is wrapped with one (`schema_column`), else from the value (Int64, Float64,
+    /// UInt8 for a bool, String for text and JSON objects and arrays). Empty for a message
+    /// that is not an event.
     pub fn new_fields(&self, payload: &[u8]) -> Vec<(String, ColumnType)> {
         let Ok(Some(event)) = Event::parse(payload) else {
             return Vec::new();
         };
+        let schema: Option<Value> = serde_json::from_slice::<Value>(payload)
+            .ok()
+            .and_then(|mut v| v.get_mut("schema").map(Value::take));
         self.unknown(&event)
             .into_iter()
-            .map(|(name, v)| (name.to_string(), column_for(v)))
+            .map(|(name, v)| {
+                let ty = schema
+                    .as_ref()
+                    .and_then(|s| schema_column(s, name))
+                    .unwrap_or_else(|| column_for(v));
+                (name.to_string(), ty)
+            })
             .collect()
     }
 
@@ -1456,6 +1500,30 @@ mod tests {
         assert_eq!(
             changes(&wider, key, &u).unwrap().0,
             [(cancel, true), (state, false)]
+        );
+        // Wrapped with its schema, the schema says: a timestamp is a DateTime, not the
+        // Int64 its microseconds would make.
+        let wrapped = format!(
+            r#"{{"schema": {{"type": "struct", "fields": [{{"field": "after", "type": "struct", "fields": [
+                {{"field": "priority", "type": "int32", "optional": true}},
+                {{"field": "seen", "type": "int64", "optional": true, "name": "io.debezium.time.MicroTimestamp"}}]}}]}},
+                "payload": {}}}"#,
+            envelope(
+                "c",
+                "null",
+                r#"{"id": 1, "priority": 3, "seen": 1796497260000000}"#,
+                "1",
+                "null"
+            )
+        );
+        let typed: Vec<String> = adding
+            .new_fields(wrapped.as_bytes())
+            .into_iter()
+            .map(|(n, t)| format!("{n} {t}"))
+            .collect();
+        assert_eq!(
+            typed,
+            ["priority Nullable(Int32)", "seen Nullable(DateTime)"]
         );
         // Other types follow the value.
         let more = r#"{"id": 1, "flag": true, "ratio": 0.5, "tags": ["a"], "label": "x"}"#;
