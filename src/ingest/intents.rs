@@ -319,8 +319,12 @@ impl Intents {
     /// Drops a partition's intent (its topic was recreated: the recorded offsets name
     /// messages that no longer exist).
     pub async fn forget(&self, group: &str, topic: &str, partition: i32) -> Result<(), String> {
-        let path = self.path(group, topic, partition);
-        match self.zk().await?.delete(&path, None).await {
+        self.delete(&self.path(group, topic, partition)).await
+    }
+
+    /// Deletes `path`; one already gone is fine.
+    async fn delete(&self, path: &str) -> Result<(), String> {
+        match self.zk().await?.delete(path, None).await {
             Ok(()) | Err(zk::Error::NoNode) => Ok(()),
             Err(e) => Err(format!("deleting {path}: {e}")),
         }
@@ -438,11 +442,7 @@ impl Intents {
     }
 
     pub async fn unlock_alter(&self, group: &str, topic: &str) -> Result<(), String> {
-        let path = self.lock_path(group, topic);
-        match self.zk().await?.delete(&path, None).await {
-            Ok(()) | Err(zk::Error::NoNode) => Ok(()),
-            Err(e) => Err(format!("deleting {path}: {e}")),
-        }
+        self.delete(&self.lock_path(group, topic)).await
     }
 
     /// Sets the fence (`altering` or not), moving its version; with `expected`, only if it
