@@ -127,6 +127,13 @@ async fn a_raised_fence_stops_pending_records_and_the_alterer_sees_what_is_pendi
     assert!(!intents.set_fence(g, t, false, Some(f2)).await.unwrap());
     assert!(intents.fence(g, t).await.unwrap().0);
 
+    // An alter may be a topic's first use of the fence.
+    assert!(intents
+        .set_fence(g, "fresh-topic", true, None)
+        .await
+        .unwrap());
+    assert!(intents.fence(g, "fresh-topic").await.unwrap().0);
+
     // The lock is ephemeral: it goes with the session that took it.
     let other = Intents::connect(&["127.0.0.1:2181".to_string()], &root)
         .await

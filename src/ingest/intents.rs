@@ -454,6 +454,8 @@ impl Intents {
         altering: bool,
         expected: Option<i32>,
     ) -> Result<bool, String> {
+        // Made first if missing: an alter may come before any pending record read it.
+        self.fence(group, topic).await?;
         let path = self.fence_path(group, topic);
         let data: &[u8] = if altering { b"altering" } else { b"stable" };
         match self.zk().await?.set_data(&path, data, expected).await {
