@@ -42,12 +42,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The keys one cluster holds; `None` once it has let go of all of them (dropped).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Held(Mutex<Option<HashSet<Key>>>);
+
+/// A holder of nothing yet (not one already let go, which would write nothing).
+impl Default for Held {
+    fn default() -> Self {
+        Self(Mutex::new(Some(HashSet::new())))
+    }
+}
 
 impl Held {
     pub fn new() -> Self {
-        Self(Mutex::new(Some(HashSet::new())))
+        Self::default()
     }
 
     /// Holds exactly `wanted` from now on (the cluster's current topology): takes the new

@@ -128,6 +128,15 @@ impl PartitionWriter {
         }
     }
 
+    /// The pause between two looks at ZooKeeper while another writer holds the alter
+    /// lock or the fence; false if stopped meanwhile.
+    async fn poll_pause(&self) -> bool {
+        tokio::select! {
+            _ = self.hard_stop.cancelled() => false,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => true,
+        }
+    }
+
     /// Waits until the topic's alter fence says `stable`; returns its version (`None` if
     /// stopped first). A fence left `altering` by a writer that died (no one holds the
     /// lock) is set back: that writer's segment was never recorded.
@@ -156,9 +165,8 @@ impl PartitionWriter {
                         tracing::info!(topic = %task.topic, "Waiting for another writer to add columns to the table");
                         waited = std::time::Instant::now();
                     }
-                    tokio::select! {
-                        _ = self.hard_stop.cancelled() => return None,
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    if !self.poll_pause().await {
+                        return None;
                     }
                 }
                 Err(e) => {
@@ -207,9 +215,8 @@ impl PartitionWriter {
             match intents.lock_alter(&self.group, topic).await {
                 Ok(true) => return true,
                 Ok(false) => {
-                    tokio::select! {
-                        _ = self.hard_stop.cancelled() => return false,
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    if !self.poll_pause().await {
+                        return false;
                     }
                 }
                 Err(e) => {
@@ -260,9 +267,8 @@ impl PartitionWriter {
                     tracing::warn!(topic = %topic, error = %e, "Cannot read the intents; retrying")
                 }
             }
-            tokio::select! {
-                _ = self.hard_stop.cancelled() => return None,
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            if !self.poll_pause().await {
+                return None;
             }
         }
         self.alter(task, added).await.then_some(true)
