@@ -16,7 +16,7 @@ use super::pg::pgoutput::{Datum, Relation};
 use super::producer::{Done, EventProducer};
 use super::row::Layout;
 use super::snapshot::{key_literals, Chunk, KeyText, SnapshotState};
-use super::store::{row_key, Store, StoredRow};
+use super::store::{row_key, Committed, Store, StoredRow};
 use crate::kafka::partition::partition_for_key;
 use crate::metrics::METRICS;
 
@@ -26,7 +26,7 @@ pub struct Captured {
     /// The catalog's columns (the snapshot's rows).
     pub layout: Arc<Layout>,
     pub envelope: TableEnvelope,
-    pub topic: String,
+    pub topic: Arc<str>,
     /// `schema.table`: the metrics label and the store's key prefix.
     pub name: String,
 }
@@ -97,6 +97,8 @@ pub struct Capture {
     pub snapshot: Option<SnapshotState>,
     /// Commit time of each unit in flight, for the commit-to-ack latency.
     commit_times: VecDeque<(u64, i64)>,
+    /// Scratch for a row's store key.
+    key_buf: Vec<u8>,
 }
 
 impl Capture {
@@ -124,7 +126,7 @@ impl Capture {
                     ),
                     envelope: TableEnvelope::new(&c.capture.name, &c.postgres.dbname, &s, &topic),
                     name: s.full_name(),
-                    topic,
+                    topic: topic.into(),
                     schema: s,
                 }
             })
@@ -146,6 +148,7 @@ impl Capture {
             producer,
             snapshot: None,
             commit_times: VecDeque::new(),
+            key_buf: Vec::new(),
         }
     }
 
@@ -295,7 +298,7 @@ impl Capture {
         }
         let source = self.source(tx, lsn, lsn, None);
         self.emit(t, 'c', &key, None, Some(&after), &source);
-        self.put_row(t, &key, after, lsn, StoredRow::STREAMED);
+        self.put_row(t, &key, &after, lsn, StoredRow::STREAMED);
         Ok(())
     }
 
@@ -364,13 +367,13 @@ impl Capture {
             if halves.create_new {
                 let source = self.source(tx, lsn, lsn, None);
                 self.emit(t, 'c', &new_key, None, Some(&after), &source);
-                self.put_row(t, &new_key, after, lsn, StoredRow::STREAMED);
+                self.put_row(t, &new_key, &after, lsn, StoredRow::STREAMED);
             }
             return Ok(());
         }
         let source = self.source(tx, lsn, lsn, before_version);
         self.emit(t, 'u', &new_key, before, Some(&after), &source);
-        self.put_row(t, &new_key, after, lsn, StoredRow::STREAMED);
+        self.put_row(t, &new_key, &after, lsn, StoredRow::STREAMED);
         Ok(())
     }
 
@@ -441,7 +444,8 @@ impl Capture {
             .value('t', None, None, &source, self.with_schema());
         let topic = self.tables[t].topic.clone();
         for p in 0..self.producer.partitions(&topic) {
-            self.store.add_event(&topic, p, None, Some(value.clone()));
+            self.store
+                .add_event(Arc::clone(&topic), p, None, Some(value.clone()));
         }
         METRICS
             .cdc_events
@@ -458,20 +462,22 @@ impl Capture {
         Ok(self.store.get(&self.store_key(t, key_json))?)
     }
 
-    fn put_row(&mut self, t: usize, key_json: &[u8], row: Vec<u8>, version: u64, regime: u8) {
-        let json: Arc<str> = match String::from_utf8(row) {
-            Ok(s) => s.into(),
-            Err(e) => String::from_utf8_lossy(e.as_bytes()).into(),
-        };
-        let key = self.store_key(t, key_json);
+    fn put_row(&mut self, t: usize, key_json: &[u8], row: &[u8], version: u64, regime: u8) {
+        let json: Arc<str> = String::from_utf8_lossy(row).into();
+        let mut key = std::mem::take(&mut self.key_buf);
+        key.clear();
+        key.extend_from_slice(self.tables[t].name.as_bytes());
+        key.push(0);
+        key.extend_from_slice(key_json);
         self.store.put(
-            key,
+            &key[..],
             Some(StoredRow {
                 version,
                 regime,
                 json,
             }),
         );
+        self.key_buf = key;
     }
 
     /// Adds one event to the open unit (and Debezium's tombstone after a delete), for the
@@ -493,17 +499,19 @@ impl Capture {
         let topic = &table.topic;
         if op == 'd' {
             self.store
-                .add_event(topic, partition, Some(key.clone()), Some(value));
-            self.store.add_event(topic, partition, Some(key), None);
+                .add_event(Arc::clone(topic), partition, Some(key.clone()), Some(value));
+            self.store
+                .add_event(Arc::clone(topic), partition, Some(key), None);
         } else {
             self.store
-                .add_event(topic, partition, Some(key), Some(value));
+                .add_event(Arc::clone(topic), partition, Some(key), Some(value));
         }
         let label = match op {
             'c' => "c",
             'u' => "u",
             'd' => "d",
-            'r' => "r",
+            // A snapshot chunk counts its `r` events at once.
+            'r' => return,
             _ => "t",
         };
         METRICS
@@ -530,7 +538,14 @@ impl Capture {
 
     /// Commits the closed units to the store, then sends their events.
     pub async fn flush(&mut self) -> anyhow::Result<()> {
-        for c in self.store.commit()? {
+        let committed = self.store.commit()?;
+        self.send(committed).await
+    }
+
+    /// Sends the events of units just committed (by [`Capture::flush`], or by a
+    /// [`super::store::CommitJob`] the caller ran and gave back to the store).
+    pub async fn send(&mut self, committed: Vec<Committed>) -> anyhow::Result<()> {
+        for c in committed {
             let mut ts = 0;
             while let Some(&(u, t)) = self.commit_times.front() {
                 if u > c.unit {
@@ -682,13 +697,18 @@ impl Capture {
             .map_or(0, |p| p.regimes.len());
         let regime = (regimes + usize::from(chunk.new_regime.is_some())).saturating_sub(1);
         let regime = u8::try_from(regime).unwrap_or(StoredRow::STREAMED - 1);
-        for (key, row) in chunk.rows {
-            self.emit(t, 'r', &key, None, Some(&row), &source);
-            self.put_row(t, &key, row, version, regime);
+        self.store.reserve(n);
+        for (key, row) in chunk.rows.iter() {
+            self.emit(t, 'r', key, None, Some(row), &source);
+            self.put_row(t, key, row, version, regime);
         }
         METRICS
             .cdc_snapshot_rows
             .with_label_values(&[self.tables[t].name.as_str()])
+            .inc_by(n as u64);
+        METRICS
+            .cdc_events
+            .with_label_values(&[self.tables[t].name.as_str(), "r"])
             .inc_by(n as u64);
         let progress = state.tables.entry(self.tables[t].name.clone()).or_default();
         if let Some(r) = chunk.new_regime {

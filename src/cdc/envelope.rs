@@ -166,20 +166,33 @@ impl TableEnvelope {
             _ => out.extend_from_slice(b"\"sequence\":null,"),
         }
         out.extend_from_slice(&self.source_table);
-        let opt = |v: Option<u64>| v.map_or_else(|| "null".to_string(), |v| v.to_string());
+        out.extend_from_slice(b"\"txId\":");
+        put_opt(&mut out, source.tx_id.map(u64::from));
+        out.extend_from_slice(b",\"lsn\":");
+        put_opt(&mut out, source.lsn);
+        let _ = write!(out, ",\"xmin\":null,\"row_version\":{}", source.row_version);
+        out.extend_from_slice(b",\"before_row_version\":");
+        put_opt(&mut out, source.before_row_version);
         let _ = write!(
             out,
-            "\"txId\":{},\"lsn\":{},\"xmin\":null,\"row_version\":{},\"before_row_version\":{}}},\"op\":\"{op}\",\"ts_ms\":{},\"transaction\":null}}",
-            opt(source.tx_id.map(u64::from)),
-            opt(source.lsn),
-            source.row_version,
-            opt(source.before_row_version),
+            "}},\"op\":\"{op}\",\"ts_ms\":{},\"transaction\":null}}",
             now_ms()
         );
         if with_schema {
             out.push(b'}');
         }
         out
+    }
+}
+
+/// A number, or `null`.
+fn put_opt(out: &mut Vec<u8>, v: Option<u64>) {
+    use std::io::Write;
+    match v {
+        Some(v) => {
+            let _ = write!(out, "{v}");
+        }
+        None => out.extend_from_slice(b"null"),
     }
 }
 

@@ -223,7 +223,7 @@ async fn resend_outbox(capture: &mut Capture) -> anyhow::Result<()> {
     }
     let partitions: BTreeSet<(String, i32)> = events
         .iter()
-        .map(|e| (e.topic.clone(), e.partition))
+        .map(|e| (e.topic.to_string(), e.partition))
         .collect();
     let k = &capture.cfg.config.kafka;
     let (brokers, props, rewind) = (k.brokers.clone(), k.properties.clone(), k.tail_rewind);
@@ -236,7 +236,7 @@ async fn resend_outbox(capture: &mut Capture) -> anyhow::Result<()> {
     for e in &events {
         if e.seq
             <= have
-                .get(&(e.topic.clone(), e.partition))
+                .get(&(e.topic.to_string(), e.partition))
                 .copied()
                 .unwrap_or(0)
         {
@@ -499,9 +499,13 @@ async fn run_snapshot(
         start(capture, i, &state);
         running += 1;
     }
+    // The previous chunk's commit, written on a blocking thread while the next chunk is
+    // turned into events on this one; its events are sent when it is back.
+    let mut writing: Option<Writing> = None;
     while running > 0 {
         let chunk = tokio::select! {
             _ = stop.cancelled() => {
+                finish_writing(capture, &mut writing).await?;
                 drain_acks(capture).await?;
                 return Ok(false);
             }
@@ -516,7 +520,11 @@ async fn run_snapshot(
         let chunk = chunk?;
         let last = chunk.last;
         capture.apply_chunk(chunk, &mut state).await?;
-        capture.flush().await?;
+        finish_writing(capture, &mut writing).await?;
+        writing = capture
+            .store
+            .begin_commit()
+            .map(|job| tokio::task::spawn_blocking(move || job.write()));
         capture.settle()?;
         if last {
             running -= 1;
@@ -527,12 +535,31 @@ async fn run_snapshot(
             }
         }
     }
+    finish_writing(capture, &mut writing).await?;
     drain_acks(capture).await?;
     tracing::info!("Snapshot done");
     if state.check_until() > 0 {
         capture.snapshot = Some(state);
     }
     Ok(true)
+}
+
+/// A snapshot chunk's commit on a blocking thread.
+type Writing = tokio::task::JoinHandle<Result<store::CommitJob, store::StoreError>>;
+
+/// Waits for the commit on its way, if any, and sends its events.
+async fn finish_writing(
+    capture: &mut Capture,
+    writing: &mut Option<Writing>,
+) -> anyhow::Result<()> {
+    if let Some(w) = writing.take() {
+        let job = w
+            .await
+            .map_err(|e| anyhow::anyhow!("the store's commit: {e}"))??;
+        let committed = capture.store.finish_commit(job);
+        capture.send(committed).await?;
+    }
+    Ok(())
 }
 
 /// Waits until everything sent is acknowledged.

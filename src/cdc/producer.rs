@@ -178,14 +178,15 @@ impl EventProducer {
 
     /// Queues one event; waits while librdkafka's queue is full.
     pub async fn send(&mut self, e: &OutboxEvent) -> Result<(), ProduceError> {
-        let seq = e.seq.to_string();
+        let mut digits = [0u8; 20];
+        let seq = decimal(e.seq, &mut digits);
         loop {
             let mut record =
                 BaseRecord::<[u8], [u8], usize>::with_opaque_to(&e.topic, e.unit as usize)
                     .partition(e.partition)
                     .headers(OwnedHeaders::new().insert(Header {
                         key: SEQ_HEADER,
-                        value: Some(seq.as_str()),
+                        value: Some(seq),
                     }));
             if let Some(k) = &e.key {
                 record = record.key(k.as_slice());
@@ -256,5 +257,31 @@ impl EventProducer {
     /// Units not yet wholly acknowledged.
     pub fn in_flight_units(&self) -> usize {
         self.pending.len()
+    }
+}
+
+/// `v` in decimal, written into `buf` (no allocation per event).
+fn decimal(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_numbers_are_written_in_decimal() {
+        let mut buf = [0u8; 20];
+        assert_eq!(decimal(0, &mut buf), b"0");
+        assert_eq!(decimal(1_234_567, &mut buf), b"1234567");
+        assert_eq!(decimal(u64::MAX, &mut buf), u64::MAX.to_string().as_bytes());
     }
 }

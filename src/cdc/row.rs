@@ -93,15 +93,16 @@ impl Layout {
         Ok(())
     }
 
-    /// Writes a row of text values (`None` is NULL), as a snapshot reads them.
-    pub fn row_text(&self, values: &[Option<String>], out: &mut Vec<u8>) {
+    /// Writes a row of text values, as a snapshot reads them: `value(i)` is column `i`'s
+    /// text, `None` for NULL.
+    pub fn row_text<'a>(&self, value: impl Fn(usize) -> Option<&'a str>, out: &mut Vec<u8>) {
         out.push(b'{');
-        for (i, v) in values.iter().enumerate().take(self.names.len()) {
+        for (i, prefix) in self.prefixes.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(&self.prefixes[i]);
-            match v {
+            out.extend_from_slice(prefix);
+            match value(i) {
                 None => out.extend_from_slice(b"null"),
                 Some(t) => write_json(out, &self.kinds[i], t),
             }
@@ -127,11 +128,16 @@ impl Layout {
         true
     }
 
-    /// Writes the key of a row of text values; false if a key column is NULL.
-    pub fn key_text(&self, values: &[Option<String>], out: &mut Vec<u8>) -> bool {
+    /// Writes the key of a row of text values (as [`Layout::row_text`] takes them); false
+    /// if a key column is NULL.
+    pub fn key_text<'a>(
+        &self,
+        value: impl Fn(usize) -> Option<&'a str>,
+        out: &mut Vec<u8>,
+    ) -> bool {
         out.push(b'{');
         for (n, &i) in self.key.iter().enumerate() {
-            let Some(Some(t)) = values.get(i) else {
+            let Some(t) = value(i) else {
                 return false;
             };
             if n > 0 {

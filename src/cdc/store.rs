@@ -21,6 +21,7 @@
 /// (SipHash was a visible share of the snapshot's profile).
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::path::Path;
+use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
@@ -45,12 +46,11 @@ pub struct StoredRow {
 impl StoredRow {
     pub const STREAMED: u8 = u8::MAX;
 
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(9 + self.json.len());
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        out.reserve(9 + self.json.len());
         out.extend_from_slice(&self.version.to_le_bytes());
         out.push(self.regime);
         out.extend_from_slice(self.json.as_bytes());
-        out
     }
 
     fn decode(bytes: &[u8]) -> Option<Self> {
@@ -80,7 +80,7 @@ pub fn row_key(table: &str, key_json: &str) -> Vec<u8> {
 pub struct OutboxEvent {
     pub seq: u64,
     pub unit: u64,
-    pub topic: String,
+    pub topic: Arc<str>,
     pub partition: i32,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
@@ -112,7 +112,7 @@ impl OutboxEvent {
     fn decode(seq: u64, mut b: &[u8]) -> Option<Self> {
         let unit = u64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
         let partition = i32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?);
-        let topic = String::from_utf8(get_bytes(&mut b)??).ok()?;
+        let topic: Arc<str> = String::from_utf8(get_bytes(&mut b)??).ok()?.into();
         let key = get_bytes(&mut b)?;
         let value = get_bytes(&mut b)?;
         Some(Self {
@@ -129,17 +129,38 @@ impl OutboxEvent {
 /// A unit's events as one record: per event, its number, its length and its encoding; the
 /// whole LZ4-compressed (JSON events shrink several times: this is most of what a commit
 /// writes).
-fn encode_events(events: &[OutboxEvent]) -> Vec<u8> {
-    let mut raw = Vec::with_capacity(events.iter().map(|e| 40 + e.size()).sum());
+///
+/// `scratch` holds the uncompressed bytes and `out` the record; both are kept from unit to
+/// unit (a snapshot chunk's events are tens of MiB: fresh buffers each time cost more in
+/// page faults than the copy itself).
+fn encode_events_into(events: &[OutboxEvent], scratch: &mut Vec<u8>, out: &mut Vec<u8>) {
+    scratch.clear();
+    scratch.reserve(events.iter().map(|e| 40 + e.size()).sum());
     for e in events {
-        raw.extend_from_slice(&e.seq.to_le_bytes());
-        let at = raw.len();
-        raw.extend_from_slice(&[0; 4]);
-        e.encode_into(&mut raw);
-        let len = (raw.len() - at - 4) as u32;
-        raw[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        scratch.extend_from_slice(&e.seq.to_le_bytes());
+        let at = scratch.len();
+        scratch.extend_from_slice(&[0; 4]);
+        e.encode_into(scratch);
+        let len = (scratch.len() - at - 4) as u32;
+        scratch[at..at + 4].copy_from_slice(&len.to_le_bytes());
     }
-    lz4_flex::block::compress_prepend_size(&raw)
+    // lz4_flex's "size prepended" block: the uncompressed size (u32 LE), then the block.
+    out.clear();
+    out.resize(
+        4 + lz4_flex::block::get_maximum_output_size(scratch.len()),
+        0,
+    );
+    out[..4].copy_from_slice(&(scratch.len() as u32).to_le_bytes());
+    let n = lz4_flex::block::compress_into(scratch, &mut out[4..])
+        .expect("the output has the block's maximum size");
+    out.truncate(4 + n);
+}
+
+#[cfg(test)]
+fn encode_events(events: &[OutboxEvent]) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_events_into(events, &mut Vec::new(), &mut out);
+    out
 }
 
 fn decode_events(compressed: &[u8]) -> Option<Vec<OutboxEvent>> {
@@ -186,7 +207,7 @@ fn get_bytes(b: &mut &[u8]) -> Option<Option<Vec<u8>>> {
 
 /// A write of a unit, applied in order.
 enum Op {
-    Row(Vec<u8>, Option<StoredRow>),
+    Row(Arc<[u8]>, Option<StoredRow>),
     /// Every row of a table goes (a TRUNCATE).
     Truncate(String),
 }
@@ -221,14 +242,73 @@ fn read_u64(b: Option<Vec<u8>>) -> u64 {
         .unwrap_or(0)
 }
 
+/// Closed units on their way into the file: see [`Store::begin_commit`].
+pub struct CommitJob {
+    db: Arc<Database>,
+    units: Vec<Unit>,
+    /// Acknowledged events to drop from the outbox, up to this one.
+    clear: Option<u64>,
+    /// The position the units' complete transactions reach, if it moves.
+    reached: Option<u64>,
+    next_event: u64,
+    next_unit: u64,
+    /// The store's buffers for outbox records, lent to the job.
+    scratch: Vec<u8>,
+    record: Vec<u8>,
+}
+
+impl CommitJob {
+    /// Writes the units in one durable transaction. It blocks on the disk: in async code,
+    /// run it on a blocking thread.
+    pub fn write(mut self) -> Result<Self, StoreError> {
+        let tx = self.db.begin_write().map_err(err)?;
+        {
+            let mut rows = tx.open_table(ROWS).map_err(err)?;
+            let mut meta = tx.open_table(META).map_err(err)?;
+            let mut outbox = tx.open_table(OUTBOX).map_err(err)?;
+            for unit in &self.units {
+                write_ops(&mut rows, &unit.ops)?;
+                for (name, value) in &unit.meta {
+                    meta.insert(name.as_str(), value.as_slice()).map_err(err)?;
+                }
+                if let Some(last) = unit.events.last() {
+                    encode_events_into(&unit.events, &mut self.scratch, &mut self.record);
+                    outbox
+                        .insert(last.seq, self.record.as_slice())
+                        .map_err(err)?;
+                    // A snapshot's chunks leave big buffers; streaming needs small ones.
+                    for buf in [&mut self.scratch, &mut self.record] {
+                        if buf.capacity() > 16 << 20 && buf.len() < buf.capacity() / 4 {
+                            buf.shrink_to_fit();
+                        }
+                    }
+                }
+            }
+            if let Some(seq) = self.clear {
+                outbox.retain_in(..=seq, |_, _| false).map_err(err)?;
+            }
+            if let Some(lsn) = self.reached {
+                meta.insert("store_lsn", lsn.to_le_bytes().as_slice())
+                    .map_err(err)?;
+            }
+            meta.insert("next_event", self.next_event.to_le_bytes().as_slice())
+                .map_err(err)?;
+            meta.insert("next_unit", self.next_unit.to_le_bytes().as_slice())
+                .map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(self)
+    }
+}
+
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
     /// Closed units not yet committed, oldest first.
     closed: Vec<Unit>,
     open: Unit,
     /// The newest uncommitted state of each key a closed or open unit wrote: the unit,
     /// the write's number, the state.
-    latest: HashMap<Vec<u8>, (u64, u64, Option<StoredRow>)>,
+    latest: HashMap<Arc<[u8]>, (u64, u64, Option<StoredRow>)>,
     /// Tables an uncommitted unit truncated: the unit and the write's number.
     truncated: HashMap<String, (u64, u64)>,
     next_unit: u64,
@@ -240,6 +320,9 @@ pub struct Store {
     cleared: u64,
     /// The last event committed to the outbox.
     committed: u64,
+    /// Buffers for a unit's outbox record, kept between commits.
+    scratch: Vec<u8>,
+    record: Vec<u8>,
 }
 
 impl Store {
@@ -256,7 +339,7 @@ impl Store {
         tx.open_table(OUTBOX).map_err(err)?;
         tx.commit().map_err(err)?;
         let mut store = Self {
-            db,
+            db: Arc::new(db),
             closed: Vec::new(),
             open: Unit::default(),
             latest: HashMap::default(),
@@ -268,6 +351,8 @@ impl Store {
             acked: 0,
             cleared: 0,
             committed: 0,
+            scratch: Vec::new(),
+            record: Vec::new(),
         };
         store.store_lsn = read_u64(store.meta("store_lsn")?);
         store.next_event = read_u64(store.meta("next_event")?).max(1);
@@ -315,10 +400,20 @@ impl Store {
     }
 
     /// Sets (or with `None` removes) a row in the open unit.
-    pub fn put(&mut self, key: Vec<u8>, row: Option<StoredRow>) {
+    pub fn put(&mut self, key: impl Into<Arc<[u8]>>, row: Option<StoredRow>) {
+        let key = key.into();
         let (unit, op) = (self.unit(), self.op());
-        self.latest.insert(key.clone(), (unit, op, row.clone()));
+        self.latest
+            .insert(Arc::clone(&key), (unit, op, row.clone()));
         self.open.ops.push(Op::Row(key, row));
+    }
+
+    /// Makes room in the open unit for `rows` more rows and events (a snapshot chunk's:
+    /// grown one at a time, the vectors' copies were a tenth of the applying thread).
+    pub fn reserve(&mut self, rows: usize) {
+        self.open.ops.reserve(rows);
+        self.open.events.reserve(rows);
+        self.latest.reserve(rows);
     }
 
     /// Removes every row of `table` in the open unit.
@@ -336,7 +431,7 @@ impl Store {
     /// Adds an event to the open unit; returns its sequence number.
     pub fn add_event(
         &mut self,
-        topic: &str,
+        topic: impl Into<Arc<str>>,
         partition: i32,
         key: Option<Vec<u8>>,
         value: Option<Vec<u8>>,
@@ -392,8 +487,8 @@ impl Store {
                 continue;
             }
             match row {
-                Some(r) => out.insert(key.clone(), r.clone()),
-                None => out.remove(key),
+                Some(r) => out.insert(key.to_vec(), r.clone()),
+                None => out.remove(&key[..]),
             };
         }
         Ok(out
@@ -428,50 +523,55 @@ impl Store {
     /// Commits every closed unit in one durable transaction: rows, progress, events into
     /// the outbox, the position reached. Returns the units, whose events may now be sent.
     pub fn commit(&mut self) -> Result<Vec<Committed>, StoreError> {
-        if self.closed.is_empty() {
-            return Ok(Vec::new());
+        match self.begin_commit() {
+            None => Ok(Vec::new()),
+            Some(job) => Ok(self.finish_commit(job.write()?)),
         }
-        let clear = (self.acked > self.cleared).then_some(self.acked);
+    }
+
+    /// Takes every closed unit for a commit that [`CommitJob::write`] makes durable, on
+    /// another thread if the caller likes, while new units are written here; then
+    /// [`Store::finish_commit`]. One job at a time, finished in order. `None`: nothing to
+    /// commit.
+    pub fn begin_commit(&mut self) -> Option<CommitJob> {
+        if self.closed.is_empty() {
+            return None;
+        }
         let units = std::mem::take(&mut self.closed);
         let reached = units
             .iter()
             .filter_map(|u| u.lsn)
             .max()
             .filter(|&l| l > self.store_lsn);
-        let tx = self.db.begin_write().map_err(err)?;
-        {
-            let mut rows = tx.open_table(ROWS).map_err(err)?;
-            let mut meta = tx.open_table(META).map_err(err)?;
-            let mut outbox = tx.open_table(OUTBOX).map_err(err)?;
-            for unit in &units {
-                write_ops(&mut rows, &unit.ops)?;
-                for (name, value) in &unit.meta {
-                    meta.insert(name.as_str(), value.as_slice()).map_err(err)?;
-                }
-                if let Some(last) = unit.events.last() {
-                    outbox
-                        .insert(last.seq, encode_events(&unit.events).as_slice())
-                        .map_err(err)?;
-                }
-            }
-            if let Some(seq) = clear {
-                outbox.retain_in(..=seq, |_, _| false).map_err(err)?;
-            }
-            if let Some(lsn) = reached {
-                meta.insert("store_lsn", lsn.to_le_bytes().as_slice())
-                    .map_err(err)?;
-            }
-            meta.insert("next_event", self.next_event.to_le_bytes().as_slice())
-                .map_err(err)?;
-            meta.insert("next_unit", self.next_unit.to_le_bytes().as_slice())
-                .map_err(err)?;
-        }
-        tx.commit().map_err(err)?;
+        Some(CommitJob {
+            db: Arc::clone(&self.db),
+            clear: (self.acked > self.cleared).then_some(self.acked),
+            reached,
+            next_event: self.next_event,
+            next_unit: self.next_unit,
+            units,
+            scratch: std::mem::take(&mut self.scratch),
+            record: std::mem::take(&mut self.record),
+        })
+    }
+
+    /// Takes a written job back: its units leave the overlay (the file has them now), and
+    /// are returned, their events to be sent.
+    pub fn finish_commit(&mut self, job: CommitJob) -> Vec<Committed> {
+        let CommitJob {
+            units,
+            clear,
+            reached,
+            scratch,
+            record,
+            ..
+        } = job;
+        (self.scratch, self.record) = (scratch, record);
         if let Some(lsn) = reached {
-            self.store_lsn = lsn;
+            self.store_lsn = self.store_lsn.max(lsn);
         }
         if let Some(seq) = clear {
-            self.cleared = seq;
+            self.cleared = self.cleared.max(seq);
         }
         if let Some(last) = units.iter().rev().find_map(|u| u.events.last()) {
             self.committed = last.seq;
@@ -486,7 +586,7 @@ impl Store {
                 events: std::mem::take(&mut unit.events),
             });
         }
-        Ok(out)
+        out
     }
 
     /// Drops a committed unit's overlay entries that no later unit replaced.
@@ -595,14 +695,16 @@ impl Store {
 }
 
 fn write_ops(rows: &mut redb::Table<&[u8], &[u8]>, ops: &[Op]) -> Result<(), StoreError> {
+    let mut value = Vec::new();
     for op in ops {
         match op {
             Op::Row(key, Some(r)) => {
-                rows.insert(key.as_slice(), r.encode().as_slice())
-                    .map_err(err)?;
+                value.clear();
+                r.encode_into(&mut value);
+                rows.insert(&key[..], value.as_slice()).map_err(err)?;
             }
             Op::Row(key, None) => {
-                rows.remove(key.as_slice()).map_err(err)?;
+                rows.remove(&key[..]).map_err(err)?;
             }
             Op::Truncate(table) => {
                 let mut start = table.as_bytes().to_vec();
@@ -708,6 +810,8 @@ mod tests {
             })
             .collect();
         let blob = encode_events(&events);
+        // lz4_flex's size-prepended block, as records written before the buffers were kept.
+        assert!(lz4_flex::block::decompress_size_prepended(&blob).is_ok());
         assert_eq!(decode_events(&blob), Some(events));
         assert!(decode_events(&blob[..blob.len() - 1]).is_none());
     }
