@@ -5,7 +5,8 @@
 //!
 //! - Foundations: [`secret`] (cluster passwords from the environment or files), [`tls`],
 //!   [`metrics`] (everything exported), [`backoff`], [`signals`], [`wake`] (a task's
-//!   wakes of itself as another pass of its poll), and [`config`] (typed, fully validated
+//!   wakes of itself as another pass of its poll), [`failpoint`] (a crash or a wait put
+//!   where a test needs it, from `CHGATE_FAILPOINTS`), and [`config`] (typed, fully validated
 //!   settings, shared sections validated alike for every app).
 //! - [`auth`]: client password hashes and throttling, protocol-free. [`clickhouse`]: what
 //!   chgate knows about ClickHouse with no I/O (error codes, column types, RowBinary, the
@@ -39,6 +40,7 @@ pub mod tls;
 
 pub mod backoff;
 pub mod config;
+pub mod failpoint;
 pub mod metrics;
 pub mod signals;
 pub mod wake;

@@ -778,3 +778,131 @@ async fn killed_mid_way_it_still_applies_every_change_exactly_once() {
     drop(sidecar);
     drop(tables);
 }
+
+/// The timestamp of the first JSON log line with this message (and text), in seconds.
+fn logged_at(log: &[String], message: &str, text: &str) -> Option<f64> {
+    log.iter().find_map(|line| {
+        let v: Value = serde_json::from_str(line).ok()?;
+        if v["message"] != message || !line.contains(text) {
+            return None;
+        }
+        let ts = chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str()?).ok()?;
+        Some(ts.timestamp_micros() as f64 / 1e6)
+    })
+}
+
+/// `DESIGN.md`, "New columns": a segment inserted before an `ALTER ... ADD COLUMN` and
+/// replayed after it would be a new block to ClickHouse 18.16 and land twice. Here the
+/// sidecar dies (a failpoint's SIGKILL) right after its first insert, before that segment's
+/// done record, with partition 0 the only one written. Then changes with a column the table
+/// lacks come on every partition, and the sidecar restarts with the pending segment's
+/// replay held back 3 s: the writers of partitions 1 and 2, which have nothing to replay,
+/// meet the new column at once and must wait for that replay before their `ALTER`.
+/// Afterwards every row is in exactly once and the new column has its values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_is_added_only_after_a_killed_writers_pending_segment_is_replayed() {
+    let name = unique("dbzalter");
+    let dlq = format!("{name}_dlq");
+    let tables = setup(&name, &dlq).await;
+    let topic = format!("{name}_orders");
+    let to = |partition: i32, lines: Vec<String>| {
+        let topic = topic.clone();
+        tokio::task::spawn_blocking(move || produce_to(&topic, partition, &lines))
+    };
+    // A key's changes stay in one partition: ids below 300 in 0, then 1 and 2.
+    let mut orders = Script::new("orders");
+    for id in 0..300 {
+        orders.insert(id, order(id, 1), "c");
+    }
+    to(0, orders.lines.clone()).await.unwrap();
+    let config = config(&name, &name, &dlq, 40).replace(
+        "engine = \"versioned_collapsing\"\n",
+        "engine = \"versioned_collapsing\"\nnew_columns = \"add\"\n",
+    );
+    let path = tempfile_path("ingest").with_extension("toml");
+    std::fs::write(&path, &config).unwrap();
+
+    let p = path.clone();
+    let mut sidecar = tokio::task::spawn_blocking(move || {
+        IngestProcess::start_with_failpoints(p, "ingest.inserted=kill")
+    })
+    .await
+    .unwrap();
+    let status = sidecar.wait(Duration::from_secs(120));
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "the failpoint's SIGKILL ended it: {status:?}"
+    );
+    drop(sidecar);
+
+    let with_priority = |id: i64| {
+        let mut row = order(id, 2);
+        row["priority"] = json!(id % 7 + 1);
+        row
+    };
+    let mut sent = orders.lines.len();
+    for id in 0..300 {
+        orders.update(id, with_priority(id), true);
+    }
+    to(0, orders.lines[sent..].to_vec()).await.unwrap();
+    for partition in 1..3 {
+        sent = orders.lines.len();
+        for id in 200 + 100 * i64::from(partition)..300 + 100 * i64::from(partition) {
+            orders.insert(id, with_priority(id), "c");
+        }
+        to(partition, orders.lines[sent..].to_vec()).await.unwrap();
+    }
+    let sidecar = tokio::task::spawn_blocking(move || {
+        IngestProcess::start_with_failpoints(path, "ingest.replay=sleep(3000)")
+    })
+    .await
+    .unwrap();
+
+    orders_are(&name, &orders, &sidecar).await;
+    let mut priorities = [0i64; 2];
+    for (id, (row, _)) in &orders.live {
+        priorities[shard_of(*id)] += row["priority"].as_i64().unwrap();
+    }
+    on_every_shard(
+        "priority, through sum(priority * sign)",
+        format!("SELECT sum(priority * sign) FROM demo.{name}_orders_local FORMAT TSV"),
+        priorities.map(|p| format!("{p}\n")),
+        &sidecar,
+    )
+    .await;
+
+    let log = sidecar.log.lock().unwrap().clone();
+    let replays = log
+        .iter()
+        .filter(|l| l.contains("Failpoint: sleeping"))
+        .count();
+    assert_eq!(
+        replays, 1,
+        "partition 0's segment, and only it, was replayed"
+    );
+    let replay = logged_at(&log, "Failpoint: sleeping", "ingest.replay").unwrap();
+    let waited = logged_at(
+        &log,
+        "Adding columns: waiting for every partition's pending segment first",
+        "",
+    )
+    .expect("a writer met the new column");
+    let added = logged_at(&log, "Column added", "").expect("the column was added");
+    eprintln!(
+        "replay held from {replay:.3}; an alterer waiting from {waited:.3}; first ALTER at \
+         {added:.3} ({:.2} s after the replay began)",
+        added - replay
+    );
+    assert!(
+        waited < replay + 3.0,
+        "no writer was waiting to alter while the replay was held back: the test proved nothing"
+    );
+    assert!(
+        added >= replay + 3.0,
+        "the ALTER ran {:.2} s after the pending segment's replay began, before it was in",
+        added - replay
+    );
+    drop(sidecar);
+    drop(tables);
+}

@@ -14,7 +14,14 @@ use std::path::{Path, PathBuf};
 /// Layers, bottom up: a module may use modules of a lower layer.
 const LAYERS: &[&[&str]] = &[
     &[
-        "secret", "tls", "net", "backoff", "metrics", "signals", "wake",
+        "secret",
+        "tls",
+        "net",
+        "backoff",
+        "metrics",
+        "signals",
+        "wake",
+        "failpoint",
     ],
     &["config"],
     &["auth", "clickhouse", "kafka"],

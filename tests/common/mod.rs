@@ -490,9 +490,19 @@ pub fn spawn_logged(
     subcommand: &str,
     config: &std::path::Path,
 ) -> (std::process::Child, std::net::SocketAddr, Log) {
+    spawn_logged_env(subcommand, config, &[])
+}
+
+/// [`spawn_logged`] with more environment variables (`CHGATE_FAILPOINTS`, say).
+pub fn spawn_logged_env(
+    subcommand: &str,
+    config: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (std::process::Child, std::net::SocketAddr, Log) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_chgate"))
         .args(["--log-format", "json", subcommand, "--config"])
         .arg(config)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -541,7 +551,13 @@ impl IngestProcess {
     }
 
     pub fn start_with(config_path: PathBuf) -> Self {
-        let (child, admin, log) = spawn_logged("ingest", &config_path);
+        Self::start_with_failpoints(config_path, "")
+    }
+
+    /// Started with `CHGATE_FAILPOINTS` set to `failpoints` (see `src/failpoint.rs`).
+    pub fn start_with_failpoints(config_path: PathBuf, failpoints: &str) -> Self {
+        let (child, admin, log) =
+            spawn_logged_env("ingest", &config_path, &[("CHGATE_FAILPOINTS", failpoints)]);
         Self {
             child,
             admin,
@@ -737,6 +753,17 @@ pub fn produce(topic: &str, lines: &[String]) {
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
     stack_shell(&format!(
         "kcat -P -Z -b 127.0.0.1:9092 -t {topic} -K '\t' -l {}",
+        file.display()
+    ));
+    let _ = std::fs::remove_file(file);
+}
+
+/// [`produce`] into one partition.
+pub fn produce_to(topic: &str, partition: i32, lines: &[String]) {
+    let file = tempfile_path("produce");
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    stack_shell(&format!(
+        "kcat -P -Z -b 127.0.0.1:9092 -t {topic} -p {partition} -K '\t' -l {}",
         file.display()
     ));
     let _ = std::fs::remove_file(file);

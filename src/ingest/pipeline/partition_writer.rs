@@ -368,6 +368,7 @@ impl PartitionWriter {
             }
         } else if segment.replay {
             intent.shard = segment.parts.first().and_then(|p| p.shard);
+            crate::failpoint::reach("ingest.replay").await;
         }
         let mut dead: Vec<DeadLetter> = segment.dead.clone();
         let mut refused = Vec::new();
@@ -400,6 +401,7 @@ impl PartitionWriter {
                     .map(|(row, error)| (part.offsets[row], error)),
             );
         }
+        crate::failpoint::reach("ingest.inserted").await;
         if !refused.is_empty() {
             one_per_message(&mut refused);
             let Some(letters) = self.refused(task, segment.partition, refused).await else {
