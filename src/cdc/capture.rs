@@ -7,6 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio_postgres::Client;
 
 use super::catalog::{TableSchema, TypeCache};
@@ -25,7 +26,7 @@ pub struct Captured {
     pub schema: TableSchema,
     /// The catalog's columns (the snapshot's rows).
     pub layout: Arc<Layout>,
-    pub envelope: TableEnvelope,
+    pub envelope: Arc<TableEnvelope>,
     pub topic: Arc<str>,
     /// `schema.table`: the metrics label and the store's key prefix.
     pub name: String,
@@ -124,7 +125,12 @@ impl Capture {
                     layout: Arc::new(
                         Layout::new(columns, &keys).expect("the key is among the columns"),
                     ),
-                    envelope: TableEnvelope::new(&c.capture.name, &c.postgres.dbname, &s, &topic),
+                    envelope: Arc::new(TableEnvelope::new(
+                        &c.capture.name,
+                        &c.postgres.dbname,
+                        &s,
+                        &topic,
+                    )),
                     name: s.full_name(),
                     topic: topic.into(),
                     schema: s,
@@ -152,7 +158,7 @@ impl Capture {
         }
     }
 
-    fn with_schema(&self) -> bool {
+    pub fn with_schema(&self) -> bool {
         self.cfg.config.kafka.with_schema
     }
 
@@ -442,6 +448,7 @@ impl Capture {
         let value = self.tables[t]
             .envelope
             .value('t', None, None, &source, self.with_schema());
+        let value = Bytes::from(value);
         let topic = self.tables[t].topic.clone();
         for p in 0..self.producer.partitions(&topic) {
             self.store
@@ -498,20 +505,28 @@ impl Capture {
         let partition = partition_for_key(&key, self.producer.partitions(&table.topic));
         let topic = &table.topic;
         if op == 'd' {
-            self.store
-                .add_event(Arc::clone(topic), partition, Some(key.clone()), Some(value));
+            let key = Bytes::from(key);
+            self.store.add_event(
+                Arc::clone(topic),
+                partition,
+                Some(key.clone()),
+                Some(value.into()),
+            );
             self.store
                 .add_event(Arc::clone(topic), partition, Some(key), None);
         } else {
-            self.store
-                .add_event(Arc::clone(topic), partition, Some(key), Some(value));
+            self.store.add_event(
+                Arc::clone(topic),
+                partition,
+                Some(key.into()),
+                Some(value.into()),
+            );
         }
         let label = match op {
             'c' => "c",
             'u' => "u",
             'd' => "d",
-            // A snapshot chunk counts its `r` events at once.
-            'r' => return,
+            'r' => "r",
             _ => "t",
         };
         METRICS
@@ -671,8 +686,8 @@ impl Capture {
         Ok(row.get::<_, Option<bool>>(0).unwrap_or(false))
     }
 
-    /// Publishes a snapshot chunk's rows as `r` events and records the table's progress
-    /// with them.
+    /// Publishes a snapshot chunk's rows as `r` events (written by its reading task) and
+    /// records the table's progress with them.
     pub async fn apply_chunk(
         &mut self,
         chunk: Chunk,
@@ -680,15 +695,6 @@ impl Capture {
     ) -> anyhow::Result<()> {
         let t = chunk.table;
         let version = state.consistent_lsn;
-        let source = Source {
-            commit_ts_ms: now_ms(),
-            snapshot: "true",
-            tx_id: None,
-            lsn: Some(version),
-            commit_lsn: None,
-            row_version: version,
-            before_row_version: None,
-        };
         let n = chunk.rows.len();
         // The chunk's regime: the newest of its table (a new one comes with its first chunk).
         let regimes = state
@@ -697,18 +703,25 @@ impl Capture {
             .map_or(0, |p| p.regimes.len());
         let regime = (regimes + usize::from(chunk.new_regime.is_some())).saturating_sub(1);
         let regime = u8::try_from(regime).unwrap_or(StoredRow::STREAMED - 1);
+        let topic = Arc::clone(&self.tables[t].topic);
         self.store.reserve(n);
-        for (key, row) in chunk.rows.iter() {
-            self.emit(t, 'r', key, None, Some(row), &source);
+        for ((key, row), event) in chunk.rows.iter().zip(chunk.events) {
+            self.store.add_event(
+                Arc::clone(&topic),
+                event.partition,
+                Some(event.key),
+                Some(event.value),
+            );
             self.put_row(t, key, row, version, regime);
         }
+        let name = self.tables[t].name.as_str();
         METRICS
             .cdc_snapshot_rows
-            .with_label_values(&[self.tables[t].name.as_str()])
+            .with_label_values(&[name])
             .inc_by(n as u64);
         METRICS
             .cdc_events
-            .with_label_values(&[self.tables[t].name.as_str(), "r"])
+            .with_label_values(&[name, "r"])
             .inc_by(n as u64);
         let progress = state.tables.entry(self.tables[t].name.clone()).or_default();
         if let Some(r) = chunk.new_regime {

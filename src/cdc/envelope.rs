@@ -34,8 +34,9 @@ pub struct Source {
 /// Everything fixed per table: names, and the schemas `with_schema` sends.
 pub struct TableEnvelope {
     pub key_columns: Vec<String>,
-    key_schema: Value,
-    value_schema: Value,
+    /// The key's and the value's schemas, as JSON, written once.
+    key_schema: Vec<u8>,
+    value_schema: Vec<u8>,
     /// `,"source":{"version":...,"connector":"postgresql","name":...,`
     source_head: Vec<u8>,
     /// `"db":...,`
@@ -106,29 +107,39 @@ impl TableEnvelope {
             source_table,
             key_columns: t.key.iter().map(|&i| t.columns[i].name.clone()).collect(),
             key_schema: json!({"type": "struct", "fields": key_fields, "optional": false,
-                               "name": format!("{topic}.Key")}),
+                               "name": format!("{topic}.Key")})
+            .to_string()
+            .into_bytes(),
             value_schema: json!({"type": "struct", "optional": false,
                 "name": format!("{topic}.Envelope"), "fields": [
                 row("before"), row("after"), source,
                 {"type": "string", "optional": false, "field": "op"},
                 {"type": "int64", "optional": true, "field": "ts_ms"}
-            ]}),
+            ]})
+            .to_string()
+            .into_bytes(),
         }
     }
 
     /// The key as published: its JSON object (`key_json`, from [`super::row::Layout`]),
     /// wrapped with its schema under `with_schema`.
     pub fn key_bytes(&self, key_json: &[u8], with_schema: bool) -> Vec<u8> {
+        let mut out = Vec::with_capacity(key_json.len() + if with_schema { 256 } else { 0 });
+        self.key_into(key_json, with_schema, &mut out);
+        out
+    }
+
+    /// [`TableEnvelope::key_bytes`], appended to `out`.
+    pub fn key_into(&self, key_json: &[u8], with_schema: bool, out: &mut Vec<u8>) {
         if !with_schema {
-            return key_json.to_vec();
+            out.extend_from_slice(key_json);
+            return;
         }
-        let mut out = Vec::with_capacity(key_json.len() + 256);
         out.extend_from_slice(b"{\"schema\":");
-        let _ = serde_json::to_writer(&mut out, &self.key_schema);
+        out.extend_from_slice(&self.key_schema);
         out.extend_from_slice(b",\"payload\":");
         out.extend_from_slice(key_json);
         out.push(b'}');
-        out
     }
 
     /// The event's value, written straight from the rows' JSON bytes.
@@ -140,12 +151,26 @@ impl TableEnvelope {
         source: &Source,
         with_schema: bool,
     ) -> Vec<u8> {
-        use std::io::Write;
         let size = before.map_or(4, <[u8]>::len) + after.map_or(4, <[u8]>::len) + 400;
         let mut out = Vec::with_capacity(size);
+        self.value_into(op, before, after, source, with_schema, &mut out);
+        out
+    }
+
+    /// [`TableEnvelope::value`], appended to `out`.
+    pub fn value_into(
+        &self,
+        op: char,
+        before: Option<&[u8]>,
+        after: Option<&[u8]>,
+        source: &Source,
+        with_schema: bool,
+        out: &mut Vec<u8>,
+    ) {
+        use std::io::Write;
         if with_schema {
             out.extend_from_slice(b"{\"schema\":");
-            let _ = serde_json::to_writer(&mut out, &self.value_schema);
+            out.extend_from_slice(&self.value_schema);
             out.extend_from_slice(b",\"payload\":");
         }
         out.extend_from_slice(b"{\"before\":");
@@ -167,12 +192,12 @@ impl TableEnvelope {
         }
         out.extend_from_slice(&self.source_table);
         out.extend_from_slice(b"\"txId\":");
-        put_opt(&mut out, source.tx_id.map(u64::from));
+        put_opt(out, source.tx_id.map(u64::from));
         out.extend_from_slice(b",\"lsn\":");
-        put_opt(&mut out, source.lsn);
+        put_opt(out, source.lsn);
         let _ = write!(out, ",\"xmin\":null,\"row_version\":{}", source.row_version);
         out.extend_from_slice(b",\"before_row_version\":");
-        put_opt(&mut out, source.before_row_version);
+        put_opt(out, source.before_row_version);
         let _ = write!(
             out,
             "}},\"op\":\"{op}\",\"ts_ms\":{},\"transaction\":null}}",
@@ -181,7 +206,6 @@ impl TableEnvelope {
         if with_schema {
             out.push(b'}');
         }
-        out
     }
 }
 

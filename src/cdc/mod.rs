@@ -458,11 +458,19 @@ async fn run_snapshot(
         consistent_point = %format_lsn(state.consistent_lsn),
         "Snapshot of the existing rows"
     );
-    let (tx, mut rx) = mpsc::channel::<anyhow::Result<Chunk>>(4);
+    // One chunk read ahead: the reading tasks turn rows into events faster than they are
+    // applied, and each waiting chunk holds its rows and events (tens of MiB at 50,000 rows).
+    let (tx, mut rx) = mpsc::channel::<anyhow::Result<Chunk>>(1);
     let mut running = 0;
     let start = |capture: &Capture, i: usize, state: &SnapshotState| {
         let table = capture.tables[i].schema.clone();
         let layout = capture.tables[i].layout.clone();
+        let events = snapshot::EventShape {
+            envelope: Arc::clone(&capture.tables[i].envelope),
+            with_schema: capture.with_schema(),
+            partitions: capture.producer.partitions(&capture.tables[i].topic),
+            version: state.consistent_lsn,
+        };
         let after = state
             .tables
             .get(&capture.tables[i].name)
@@ -480,6 +488,7 @@ async fn run_snapshot(
                         index: i,
                         table,
                         layout,
+                        events,
                         after,
                         snapshot: exported,
                         chunk_rows,

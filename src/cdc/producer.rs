@@ -189,10 +189,10 @@ impl EventProducer {
                         value: Some(seq),
                     }));
             if let Some(k) = &e.key {
-                record = record.key(k.as_slice());
+                record = record.key(&k[..]);
             }
             if let Some(v) = &e.value {
-                record = record.payload(v.as_slice());
+                record = record.payload(&v[..]);
             }
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),

@@ -23,7 +23,9 @@ use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
 use super::catalog::{quote_ident, quote_literal, TableSchema};
+use super::envelope::{now_ms, Source, TableEnvelope};
 use super::row::Layout;
+use crate::kafka::partition::partition_for_key;
 
 /// Key values of a row, as text (`None` for NULL), in key order.
 pub type KeyText = Vec<Option<String>>;
@@ -110,9 +112,11 @@ impl SnapshotState {
 /// One chunk of a table's rows, read under one snapshot.
 pub struct Chunk {
     pub table: usize,
-    /// Each row's key JSON and row JSON, written by the reading task (so the conversion
-    /// runs beside the publishing, not in its way).
+    /// Each row's key JSON and row JSON, and its `r` event, written by the reading task
+    /// (so the conversion runs beside the publishing, not in its way).
     pub rows: ChunkRows,
+    /// The rows' events, in row order.
+    pub events: Vec<ChunkEvent>,
     /// The last row's key.
     pub last_key: Option<KeyText>,
     /// Fewer rows than a chunk: the table is done.
@@ -172,11 +176,65 @@ impl ChunkRows {
     }
 }
 
+/// A snapshot row's `r` event: its partition, key and value, slices of one buffer per
+/// chunk.
+pub struct ChunkEvent {
+    pub partition: i32,
+    pub key: Bytes,
+    pub value: Bytes,
+}
+
+/// How a reading task writes its rows' events.
+pub struct EventShape {
+    pub envelope: Arc<TableEnvelope>,
+    pub with_schema: bool,
+    /// The topic's partitions.
+    pub partitions: i32,
+    /// Every snapshot row's version: the LSN the slot started at.
+    pub version: u64,
+}
+
+impl EventShape {
+    /// The `r` events of a chunk's rows.
+    fn events(&self, rows: &ChunkRows) -> Vec<ChunkEvent> {
+        let source = Source {
+            commit_ts_ms: now_ms(),
+            snapshot: "true",
+            tx_id: None,
+            lsn: Some(self.version),
+            commit_lsn: None,
+            row_version: self.version,
+            before_row_version: None,
+        };
+        let mut buf = Vec::with_capacity(rows.buf.len() * 2 + rows.len() * 400);
+        let mut spans = Vec::with_capacity(rows.len());
+        for (key, row) in rows.iter() {
+            let start = buf.len();
+            self.envelope.key_into(key, self.with_schema, &mut buf);
+            let key_end = buf.len();
+            self.envelope
+                .value_into('r', None, Some(row), &source, self.with_schema, &mut buf);
+            let partition = partition_for_key(&buf[start..key_end], self.partitions);
+            spans.push((partition, start, key_end, buf.len()));
+        }
+        let buf = Bytes::from(buf);
+        spans
+            .into_iter()
+            .map(|(partition, start, key_end, end)| ChunkEvent {
+                partition,
+                key: buf.slice(start..key_end),
+                value: buf.slice(key_end..end),
+            })
+            .collect()
+    }
+}
+
 /// What one table's reading task is to read.
 pub struct TableRead {
     pub index: usize,
     pub table: TableSchema,
     pub layout: Arc<Layout>,
+    pub events: EventShape,
     /// Go on after this key (the last one published).
     pub after: Option<KeyText>,
     /// The exported snapshot to read under; without it the task takes a new one and
@@ -191,6 +249,7 @@ pub async fn read_table(client: Client, read: TableRead, out: mpsc::Sender<anyho
         index,
         table,
         layout,
+        events: shape,
         mut after,
         snapshot,
         chunk_rows,
@@ -230,6 +289,7 @@ pub async fn read_table(client: Client, read: TableRead, out: mpsc::Sender<anyho
             let data: Vec<Bytes> = stream.try_collect().await?;
             let data = data.concat();
             let (rows, last_key) = rows_of_copy(&data, &table, &layout, chunk_rows)?;
+            let events = shape.events(&rows);
             let last = rows.len() < chunk_rows as usize;
             if let Some(k) = &last_key {
                 after = Some(Clone::clone(k));
@@ -237,6 +297,7 @@ pub async fn read_table(client: Client, read: TableRead, out: mpsc::Sender<anyho
             let chunk = Chunk {
                 table: index,
                 rows,
+                events,
                 last_key,
                 last,
                 new_regime: new_regime.take(),

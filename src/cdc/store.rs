@@ -23,6 +23,7 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 use std::path::Path;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::metrics::METRICS;
@@ -82,16 +83,17 @@ pub struct OutboxEvent {
     pub unit: u64,
     pub topic: Arc<str>,
     pub partition: i32,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
+    /// Shared with the other events of its snapshot chunk, whose bytes are one buffer.
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
 }
 
 impl OutboxEvent {
     /// Bytes of its encoding, about.
     fn size(&self) -> usize {
         self.topic.len()
-            + self.key.as_ref().map_or(0, Vec::len)
-            + self.value.as_ref().map_or(0, Vec::len)
+            + self.key.as_ref().map_or(0, Bytes::len)
+            + self.value.as_ref().map_or(0, Bytes::len)
     }
 
     #[cfg(test)]
@@ -113,8 +115,8 @@ impl OutboxEvent {
         let unit = u64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
         let partition = i32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?);
         let topic: Arc<str> = String::from_utf8(get_bytes(&mut b)??).ok()?.into();
-        let key = get_bytes(&mut b)?;
-        let value = get_bytes(&mut b)?;
+        let key = get_bytes(&mut b)?.map(Bytes::from);
+        let value = get_bytes(&mut b)?.map(Bytes::from);
         Some(Self {
             seq,
             unit,
@@ -433,8 +435,8 @@ impl Store {
         &mut self,
         topic: impl Into<Arc<str>>,
         partition: i32,
-        key: Option<Vec<u8>>,
-        value: Option<Vec<u8>>,
+        key: Option<Bytes>,
+        value: Option<Bytes>,
     ) -> u64 {
         let seq = self.next_event;
         self.next_event += 1;
@@ -741,14 +743,19 @@ mod tests {
         {
             let mut s = Store::open(&dir, 1 << 20).unwrap();
             s.put(b"t\0k1".to_vec(), row(1, "{\"a\":1}"));
-            s.add_event("topic", 2, Some(b"k1".to_vec()), Some(b"v1".to_vec()));
+            s.add_event(
+                "topic",
+                2,
+                Some(Bytes::from_static(b"k1")),
+                Some(Bytes::from_static(b"v1")),
+            );
             s.close_unit(Some(100));
             let committed = s.commit().unwrap();
             assert_eq!(committed.len(), 1);
             assert_eq!(committed[0].events[0].partition, 2);
             s.put(b"t\0k1".to_vec(), row(2, "{\"a\":2}"));
             s.put(b"t\0k2".to_vec(), row(2, "{\"b\":1}"));
-            s.add_event("topic", 0, Some(b"k2".to_vec()), None);
+            s.add_event("topic", 0, Some(Bytes::from_static(b"k2")), None);
             s.close_unit(Some(200));
             // Reads see the newest state, committed or not.
             assert_eq!(s.get(b"t\0k1").unwrap(), row(2, "{\"a\":2}"));
@@ -805,8 +812,8 @@ mod tests {
                 unit: 9,
                 topic: "t".into(),
                 partition: seq as i32,
-                key: Some(vec![seq as u8]),
-                value: (seq != 2).then(|| b"v".to_vec()),
+                key: Some(Bytes::from(vec![seq as u8])),
+                value: (seq != 2).then(|| Bytes::from_static(b"v")),
             })
             .collect();
         let blob = encode_events(&events);
@@ -824,7 +831,7 @@ mod tests {
             topic: "t".into(),
             partition: 0,
             key: None,
-            value: Some(b"x".to_vec()),
+            value: Some(Bytes::from_static(b"x")),
         };
         let bytes = e.encode();
         assert_eq!(OutboxEvent::decode(1, &bytes), Some(e));
