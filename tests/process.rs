@@ -150,7 +150,28 @@ fn sighup_reloads_users_and_keeps_running_on_a_bad_config() {
 #[test]
 fn a_node_taken_out_on_a_reload_leaves_no_series_behind() {
     let two = [("127.0.0.11", 8123), ("127.0.0.12", 8123)];
-    let p = ProxyProcess::start(&config(&two, ""));
+    // A second cluster, which the reload removes whole.
+    let spare = format!(
+        "[[clusters.spare.shards]]\nreplicas = [{{ host = \"127.0.0.13\", http_port = 8123 }}]\n\
+         [clusters.spare.accounts.chgate]\nuser = \"chgate\"\npassword_file = \"{}\"\n",
+        secret_file("chgate").display()
+    );
+    let p = ProxyProcess::start(&config(&two, &spare));
+    let hedge_bounds = || -> Vec<String> {
+        curl(&["-sS", &format!("http://{}/metrics", p.admin)])
+            .body
+            .lines()
+            .filter(|l| l.starts_with("chgate_hedge_after_seconds{"))
+            .map(|l| l.split(' ').next().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(
+        hedge_bounds(),
+        [
+            "chgate_hedge_after_seconds{cluster=\"demo\"}",
+            "chgate_hedge_after_seconds{cluster=\"spare\"}"
+        ]
+    );
     let series_of = |node: &str| -> Vec<String> {
         curl(&["-sS", &format!("http://{}/metrics", p.admin)])
             .body
@@ -202,6 +223,12 @@ fn a_node_taken_out_on_a_reload_leaves_no_series_behind() {
     ] {
         assert!(kept.contains(name), "{name} of the node kept: {kept:?}");
     }
+    // The removed cluster's hedge bound goes; the kept one's stays (its new generation
+    // holds it before the old one lets go).
+    assert_eq!(
+        hedge_bounds(),
+        ["chgate_hedge_after_seconds{cluster=\"demo\"}"]
+    );
 }
 
 /// Runs the chgate binary; returns (success, stderr).

@@ -85,6 +85,7 @@ impl Shared {
                 .to_string()
         };
         let mut keys: HashSet<Key> = HashSet::new();
+        keys.insert(Key::Cluster(self.name.clone()));
         for (i, node) in view.topology.nodes.iter().enumerate() {
             keys.insert(Key::Node(node.label().to_string()));
             keys.insert(Key::Member {

@@ -32,6 +32,10 @@ pub enum Key {
     Node(String),
     /// A shard group's ensemble: `chgate_zookeeper_healthy`.
     Group { cluster: String, group: String },
+    /// A cluster as a whole: `chgate_hedge_after_seconds`. (Its counters of hedges, steered
+    /// reads and spent retry budgets stay, as history: a read still in flight on a cluster
+    /// a reload removed may count after it is gone.)
+    Cluster(String),
 }
 
 /// How many clusters hold each key.
@@ -138,6 +142,9 @@ fn remove(key: &Key) {
                 &[("cluster", cluster), ("group", group)],
             );
         }
+        Key::Cluster(cluster) => {
+            remove_matching(&m.hedge_after, &[("cluster", cluster)]);
+        }
     }
 }
 
@@ -224,6 +231,34 @@ mod tests {
         // Discovery drops a from the new generation's topology.
         new.hold_only(HashSet::new(), || {});
         assert_eq!(exported("st-a:8123"), 0);
+    }
+
+    #[test]
+    fn a_clusters_hedge_bound_goes_with_the_cluster() {
+        let gauge = |c: &str| {
+            METRICS
+                .hedge_after
+                .collect()
+                .iter()
+                .flat_map(|f| f.get_metric())
+                .filter(|m| m.get_label().iter().any(|p| p.value() == c))
+                .count()
+        };
+        let (old, new) = (Held::new(), Held::new());
+        let key = Key::Cluster("series-gone".into());
+        old.hold_only([key.clone()].into(), || {
+            METRICS
+                .hedge_after
+                .with_label_values(&["series-gone"])
+                .set(0.5)
+        });
+        // A reload: the next generation of the same cluster holds it too.
+        new.hold_only([key].into(), || {});
+        old.release();
+        assert_eq!(gauge("series-gone"), 1);
+        // The cluster leaves the config.
+        new.release();
+        assert_eq!(gauge("series-gone"), 0);
     }
 
     #[test]

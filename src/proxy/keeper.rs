@@ -14,7 +14,7 @@
 //! element alone, and it never overwrites an element of a newer version (a push that
 //! landed meanwhile).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -66,12 +66,22 @@ pub async fn run(inputs: Inputs, shown: Arc<ArcSwapOption<Publication>>, stop: C
     // TICK later, not by a burst.
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + TICK, TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The clusters whose gauges the last round set.
+    let mut exported: BTreeSet<String> = BTreeSet::new();
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
             _ = stop.cancelled() => break,
         }
         let publication = keeper.round().await;
+        // A cluster gone from the config takes its gauges with it.
+        for gone in exported.difference(&publication.clusters.iter().cloned().collect()) {
+            let _ = METRICS.remote_servers_removed.remove_label_values(&[gone]);
+            let _ = METRICS
+                .remote_servers_stale_nodes
+                .remove_label_values(&[gone]);
+        }
+        exported = publication.clusters.iter().cloned().collect();
         for cluster in &publication.clusters {
             let out = publication.removed.get(cluster).map_or(0, |r| r.len());
             METRICS
