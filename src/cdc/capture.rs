@@ -17,7 +17,7 @@ use super::pg::pgoutput::{Datum, Relation};
 use super::producer::{Done, EventProducer};
 use super::row::Layout;
 use super::snapshot::{key_literals, Chunk, KeyText, SnapshotState};
-use super::store::{row_key, Committed, Store, StoredRow};
+use super::store::{row_key_into, Committed, Store, StoredRow};
 use crate::kafka::partition::partition_for_key;
 use crate::metrics::METRICS;
 
@@ -462,7 +462,9 @@ impl Capture {
     }
 
     fn store_key(&self, t: usize, key_json: &[u8]) -> Vec<u8> {
-        row_key(&self.tables[t].name, &String::from_utf8_lossy(key_json))
+        let mut key = Vec::new();
+        row_key_into(&self.tables[t].name, key_json, &mut key);
+        key
     }
 
     fn stored(&self, t: usize, key_json: &[u8]) -> anyhow::Result<Option<StoredRow>> {
@@ -472,10 +474,7 @@ impl Capture {
     fn put_row(&mut self, t: usize, key_json: &[u8], row: &[u8], version: u64, regime: u8) {
         let json: Arc<str> = String::from_utf8_lossy(row).into();
         let mut key = std::mem::take(&mut self.key_buf);
-        key.clear();
-        key.extend_from_slice(self.tables[t].name.as_bytes());
-        key.push(0);
-        key.extend_from_slice(key_json);
+        row_key_into(&self.tables[t].name, key_json, &mut key);
         self.store.put(
             &key[..],
             Some(StoredRow {

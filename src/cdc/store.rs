@@ -66,13 +66,14 @@ impl StoredRow {
     }
 }
 
-/// The store key of a row: its table and its key JSON.
-pub fn row_key(table: &str, key_json: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(table.len() + 1 + key_json.len());
-    k.extend_from_slice(table.as_bytes());
-    k.push(0);
-    k.extend_from_slice(key_json.as_bytes());
-    k
+/// Writes the store key of a row into `out` (cleared first): its table, a zero byte, its
+/// key JSON.
+pub fn row_key_into(table: &str, key_json: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(table.len() + 1 + key_json.len());
+    out.extend_from_slice(table.as_bytes());
+    out.push(0);
+    out.extend_from_slice(key_json);
 }
 
 /// An event waiting for the broker: where it goes, and its bytes. `seq` increases across
