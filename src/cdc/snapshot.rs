@@ -112,10 +112,10 @@ impl SnapshotState {
 /// One chunk of a table's rows, read under one snapshot.
 pub struct Chunk {
     pub table: usize,
-    /// Each row's key JSON and row JSON, and its `r` event, written by the reading task
-    /// (so the conversion runs beside the publishing, not in its way).
+    /// Each row's key JSON and row JSON, written by the reading task (so the conversion
+    /// runs beside the publishing, not in its way).
     pub rows: ChunkRows,
-    /// The rows' events, in row order.
+    /// The rows' `r` events, in row order, also written by the reading task.
     pub events: Vec<ChunkEvent>,
     /// The last row's key.
     pub last_key: Option<KeyText>,
@@ -126,8 +126,8 @@ pub struct Chunk {
 }
 
 /// A chunk's rows as JSON, key then row, one after the other in one buffer: two
-/// allocations a chunk instead of two a row (the snapshot's rate is bound by the thread
-/// that turns rows into events, and glibc's free lists were a fifth of it).
+/// allocations a chunk instead of two a row (glibc's free lists were a large share of the
+/// snapshot's applying thread, README "The CDC snapshot's applying thread").
 #[derive(Debug, Default)]
 pub struct ChunkRows {
     buf: Vec<u8>,
