@@ -749,21 +749,19 @@ pub fn create_topics(topic: &str, dlq: &str) {
 /// Produces `lines` (each `key\tpayload`) with kcat; keys spread them over partitions. An
 /// empty payload goes as a null value (a tombstone).
 pub fn produce(topic: &str, lines: &[String]) {
-    let file = tempfile_path("produce");
-    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
-    stack_shell(&format!(
-        "kcat -P -Z -b 127.0.0.1:9092 -t {topic} -K '\t' -l {}",
-        file.display()
-    ));
-    let _ = std::fs::remove_file(file);
+    kcat_produce(topic, "", lines);
 }
 
 /// [`produce`] into one partition.
 pub fn produce_to(topic: &str, partition: i32, lines: &[String]) {
+    kcat_produce(topic, &format!("-p {partition} "), lines);
+}
+
+fn kcat_produce(topic: &str, options: &str, lines: &[String]) {
     let file = tempfile_path("produce");
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
     stack_shell(&format!(
-        "kcat -P -Z -b 127.0.0.1:9092 -t {topic} -p {partition} -K '\t' -l {}",
+        "kcat -P -Z -b 127.0.0.1:9092 -t {topic} {options}-K '\t' -l {}",
         file.display()
     ));
     let _ = std::fs::remove_file(file);
