@@ -542,7 +542,7 @@ async fn a_stale_pooled_connection_sends_the_insert_again_to_the_same_node() {
     };
     let failures = |m: &str| metric_sum(m, "chgate_ingest_insert_failures_total", &[&label]);
     let m0 = String::from_utf8(chgate::metrics::METRICS.render()).unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
+    let stop = chgate::backoff::Stop::default();
     for batch in 0..3u8 {
         let written = target
             .write(
@@ -589,7 +589,7 @@ async fn an_insert_closed_unanswered_on_a_fresh_connection_moves_to_another_repl
     .await;
     let b = FakeClickHouse::start(|_| Reply::ok("")).await;
     let target = shard_of_two(&a, &b).await;
-    let stop = tokio_util::sync::CancellationToken::new();
+    let stop = chgate::backoff::Stop::default();
     let written = target
         .write(None, Some(1), &rows(4), "t:0:9", &stop)
         .await
@@ -623,7 +623,7 @@ async fn refused_rows_are_isolated_and_the_rest_written() {
     .await;
     let b = FakeClickHouse::start(|_| Reply::ok("")).await;
     let target = shard_of_two(&a, &b).await;
-    let stop = tokio_util::sync::CancellationToken::new();
+    let stop = chgate::backoff::Stop::default();
     let written = target
         .write(None, Some(1), &rows(6), "t:0:1", &stop)
         .await

@@ -510,6 +510,61 @@ async fn a_whole_shard_down_holds_only_what_must_go_there() {
     drop(ingest);
 }
 
+/// SIGTERM while writers wait for a shard that is down: they give up at once instead of
+/// holding the drain up for its 30 s limit, and the next run writes their segments, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_does_not_wait_for_a_shard_that_is_down() {
+    let topic = unique("ing_term");
+    let dlq = format!("{topic}_dlq");
+    create_topics(&topic, &dlq);
+    let event = unique("tm");
+    let n = 20_000u64;
+    let now = unix_now();
+    produce_off(&topic, events(&event, n, |_| now)).await;
+    // Keyed: a segment's rows of shard 2 can go nowhere else.
+    let config = ingest_config(
+        &topic,
+        &dlq,
+        None,
+        "sharding = \"key\"\nkey = \"user_id\"",
+        "format = \"json\"",
+    );
+    let frozen = Frozen::stop(&[("ch3", NODES[2]), ("ch4", NODES[3])]);
+    let mut ingest = start_ingest(config).await;
+    wait_for_log(
+        &ingest,
+        "No node for a batch",
+        Duration::from_secs(60),
+        "no writer waited for shard 2",
+    )
+    .await;
+    let asked = Instant::now();
+    ingest.signal("TERM");
+    let status = tokio::task::block_in_place(|| ingest.wait(Duration::from_secs(60)));
+    let took = asked.elapsed();
+    if !status.success() || took > Duration::from_secs(10) {
+        fail_with_logs(
+            &format!("SIGTERM with shard 2 down: {status} after {took:?}"),
+            &[&ingest],
+        );
+    }
+    let said = ingest
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("cannot be written now stays uncommitted"));
+    if !said {
+        fail_with_logs(
+            "no writer said it left its segment to the next run",
+            &[&ingest],
+        );
+    }
+    drop(frozen);
+    let again = restart_ingest(ingest.config_path.clone()).await;
+    exactly_once(&event, n, "after a SIGTERM with shard 2 down", &[&again]).await;
+}
+
 /// Rows of `event` in a local table, counted on the first replica of each shard.
 fn rows_in(table: &str, event: &str) -> u64 {
     [NODES[0], NODES[2]]

@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, Stop};
 
 /// A message that goes to the dead-letter topic, and why.
 #[derive(Debug, Clone)]
@@ -53,13 +52,13 @@ impl DeadLetter {
 }
 
 /// Publishes `letter` (from `source_topic`) to `topic` until the broker acknowledges it;
-/// false if `stop` is cancelled first. Waits between tries with [`Backoff`].
+/// false if stopped first (a drain ends only the waits between tries, see [`Stop`]).
 pub async fn publish(
     producer: &FutureProducer,
     topic: &str,
     source_topic: &str,
     letter: &DeadLetter,
-    stop: &CancellationToken,
+    stop: &Stop,
 ) -> bool {
     let mut backoff = Backoff::default();
     loop {
@@ -70,14 +69,14 @@ pub async fn publish(
             record = record.key(k.as_slice());
         }
         let sent = tokio::select! {
-            _ = stop.cancelled() => return false,
+            _ = stop.now.cancelled() => return false,
             r = producer.send(record, Duration::from_secs(5)) => r,
         };
         match sent {
             Ok(_) => return true,
             Err((e, _)) => {
                 tracing::warn!(topic, error = %e, "Dead letter not delivered; retrying");
-                if !backoff.wait(stop).await {
+                if !stop.backoff(&mut backoff).await {
                     return false;
                 }
             }

@@ -13,11 +13,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio_util::sync::CancellationToken;
-
 use super::pick_api::PickApi;
 use super::Rows;
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, Stop};
 use crate::clickhouse::insert::{Insert, InsertError};
 use crate::clickhouse::types::ColumnType;
 use crate::metrics::METRICS;
@@ -121,15 +119,15 @@ impl Target {
     }
 
     /// The shard for a random-sharded batch, as the picker chooses it now (waiting while
-    /// no shard can take writes); `None` only if stopped first.
-    pub async fn choose_shard(&self, stop: &CancellationToken) -> Option<u32> {
+    /// no shard can take writes); `None` if stopped (a drain ends the wait).
+    pub async fn choose_shard(&self, stop: &Stop) -> Option<u32> {
         let mut backoff = Backoff::default();
         loop {
             match self.pick(None, &[]).await {
                 Ok((shard, _)) => return Some(shard),
                 Err(why) => {
                     tracing::warn!(task = %self.task, reason = %why, "No shard takes writes; waiting");
-                    if !backoff.wait(stop).await {
+                    if !stop.backoff(&mut backoff).await {
                         return None;
                     }
                 }
@@ -237,7 +235,8 @@ impl Target {
         }
     }
 
-    /// Writes a part's `rows`, whatever it takes; `None` only if stopped first. `shard` is
+    /// Writes a part's `rows`, whatever it takes; `None` if stopped: by `stop.now` at once,
+    /// by a drain once no replica is left to try without waiting. `shard` is
     /// the part's (`None`: the first pick chooses it); `token` names the part for servers
     /// that take a deduplication token; `insert` is the task's unless the rows were
     /// encoded with new columns.
@@ -247,7 +246,7 @@ impl Target {
         shard: Option<u32>,
         rows: &Rows,
         token: &str,
-        stop: &CancellationToken,
+        stop: &Stop,
     ) -> Option<Written> {
         let mut writing = Writing {
             shard,
@@ -288,10 +287,10 @@ impl Target {
         from: usize,
         to: usize,
         token: &str,
-        stop: &CancellationToken,
+        stop: &Stop,
     ) -> Option<Range> {
         loop {
-            if stop.is_cancelled() {
+            if stop.now.is_cancelled() {
                 return None;
             }
             let (number, backend) = match self.pick(w.shard, &w.failed).await {
@@ -299,7 +298,7 @@ impl Target {
                 Err(why) => {
                     tracing::warn!(task = %self.task, shard = ?w.shard, reason = %why, retry_in_ms = w.backoff.next().as_millis() as u64, "No node for a batch; waiting");
                     w.failed.clear();
-                    if !w.backoff.wait(stop).await {
+                    if !stop.backoff(&mut w.backoff).await {
                         return None;
                     }
                     continue;

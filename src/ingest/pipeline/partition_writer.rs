@@ -10,10 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::producer::FutureProducer;
-use tokio_util::sync::CancellationToken;
 
 use super::handoff::{Commit, Task};
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, Stop};
 use crate::ingest::batch::Segment;
 use crate::ingest::config::Sharding;
 use crate::ingest::intents::{Intent, Intents, RecordError};
@@ -31,7 +30,11 @@ pub struct PartitionWriter {
     pub(super) tasks: Arc<Vec<Task>>,
     pub(super) producer: Arc<FutureProducer>,
     pub(super) commit_tx: mpsc::Sender<Commit>,
-    pub(super) hard_stop: CancellationToken,
+    /// `now`: a hard stop or the partition revoked; `draining`: the sidecar stopping, which
+    /// ends this writer's retries (a segment it cannot write now stays uncommitted, and is
+    /// replayed from its intent by the next run) so a drain is not held up by a node or a
+    /// broker that is down.
+    pub(super) stop: Stop,
     /// New columns this writer has made sure the table has.
     pub(super) columns_in_place: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -39,10 +42,19 @@ pub struct PartitionWriter {
 impl PartitionWriter {
     pub async fn run(self, mut rx: tokio::sync::mpsc::UnboundedReceiver<Segment>) {
         while let Some(mut segment) = rx.recv().await {
-            if self.hard_stop.is_cancelled() || !self.write(&mut segment).await {
+            if self.stop.now.is_cancelled() || !self.write(&mut segment).await {
                 // Stopped (or the partition was revoked) before the segment was in: its
                 // offsets stay uncommitted, and whoever consumes the partition next resumes
                 // from its intent. What waits behind it is dropped with the channel.
+                if self.stop.draining.is_cancelled() && !self.stop.now.is_cancelled() {
+                    tracing::info!(
+                        topic = %self.tasks[segment.task].topic,
+                        partition = segment.partition,
+                        first = segment.first,
+                        last = segment.last,
+                        "Stopping: a segment that cannot be written now stays uncommitted, for the next run"
+                    );
+                }
                 return;
             }
             let _ = self.commit_tx.send(Commit {
@@ -53,7 +65,7 @@ impl PartitionWriter {
         }
     }
 
-    /// Records an intent, retrying until ZooKeeper takes it; false on a hard stop or once
+    /// Records an intent, retrying until ZooKeeper takes it; false if stopped or once
     /// another consumer has claimed the partition (then nothing more is written). A
     /// pending intent of a task that may add columns is recorded only while the topic's
     /// alter fence says `stable`, and checks it in the same write (`DESIGN.md`, "New
@@ -120,7 +132,7 @@ impl PartitionWriter {
                 Err(e) => {
                     unknown_outcome = true;
                     tracing::warn!(topic = %task.topic, partition, error = %e, "Cannot record the batch intent; retrying");
-                    if !backoff.wait(&self.hard_stop).await {
+                    if !self.stop.backoff(&mut backoff).await {
                         return false;
                     }
                 }
@@ -131,10 +143,7 @@ impl PartitionWriter {
     /// The pause between two looks at ZooKeeper while another writer holds the alter
     /// lock or the fence; false if stopped meanwhile.
     async fn poll_pause(&self) -> bool {
-        tokio::select! {
-            _ = self.hard_stop.cancelled() => false,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => true,
-        }
+        self.stop.pause(Duration::from_millis(200)).await
     }
 
     /// Waits until the topic's alter fence says `stable`; returns its version (`None` if
@@ -171,7 +180,7 @@ impl PartitionWriter {
                 }
                 Err(e) => {
                     tracing::warn!(topic = %task.topic, error = %e, "Cannot read the alter fence; retrying");
-                    if !backoff.wait(&self.hard_stop).await {
+                    if !self.stop.backoff(&mut backoff).await {
                         return None;
                     }
                 }
@@ -221,7 +230,7 @@ impl PartitionWriter {
                 }
                 Err(e) => {
                     tracing::warn!(topic = %topic, error = %e, "Cannot take the alter lock; retrying");
-                    if !backoff.wait(&self.hard_stop).await {
+                    if !self.stop.backoff(&mut backoff).await {
                         return false;
                     }
                 }
@@ -241,7 +250,7 @@ impl PartitionWriter {
         let mut backoff = Backoff::default();
         while let Err(e) = intents.set_fence(group, topic, true, None).await {
             tracing::warn!(topic = %topic, error = %e, "Cannot raise the alter fence; retrying");
-            if !backoff.wait(&self.hard_stop).await {
+            if !self.stop.backoff(&mut backoff).await {
                 return None;
             }
         }
@@ -296,7 +305,7 @@ impl PartitionWriter {
                 }
                 Err(e) => {
                     tracing::warn!(task = %task.name, error = %e, "Cannot add the new columns yet; retrying");
-                    if !backoff.wait(&self.hard_stop).await {
+                    if !self.stop.backoff(&mut backoff).await {
                         return false;
                     }
                 }
@@ -355,7 +364,7 @@ impl PartitionWriter {
             if task.spec.sharding == Sharding::Random {
                 for part in &mut segment.parts {
                     if part.shard.is_none() {
-                        let Some(shard) = task.target.choose_shard(&self.hard_stop).await else {
+                        let Some(shard) = task.target.choose_shard(&self.stop).await else {
                             return false;
                         };
                         part.shard = Some(shard);
@@ -383,13 +392,7 @@ impl PartitionWriter {
             );
             let Some(written) = task
                 .target
-                .write(
-                    insert.as_ref(),
-                    part.shard,
-                    &part.rows,
-                    &token,
-                    &self.hard_stop,
-                )
+                .write(insert.as_ref(), part.shard, &part.rows, &token, &self.stop)
                 .await
             else {
                 return false;
@@ -448,15 +451,12 @@ impl PartitionWriter {
                     tracing::warn!(topic = %task.topic, partition, error = %e, "Cannot read refused messages again")
                 }
             }
-            if originals.len() == offsets.len()
-                || attempt == 3
-                || !backoff.wait(&self.hard_stop).await
-            {
+            if originals.len() == offsets.len() || attempt == 3 {
                 break;
             }
-        }
-        if self.hard_stop.is_cancelled() {
-            return None;
+            if !self.stop.backoff(&mut backoff).await {
+                return None;
+            }
         }
         Some(
             refused
@@ -491,7 +491,7 @@ impl PartitionWriter {
             &task.dead_letter_topic,
             &task.topic,
             d,
-            &self.hard_stop,
+            &self.stop,
         )
         .await;
         if sent {

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use super::handoff::{Commit, Item, Task};
 use super::partition_writer::PartitionWriter;
 use super::rebalance::Context;
+use crate::backoff::Stop;
 use crate::ingest::batch::{Batcher, Message, Segment};
 use crate::ingest::intents::{Disposition, Intent, Intents};
 use crate::ingest::pending::Ceiling;
@@ -238,7 +239,7 @@ impl Worker {
             .inc_by(rows as u64);
         let (tx, _) = self.writers.entry(key).or_insert_with(|| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let stop = self.hard_stop.child_token();
+            let now = self.hard_stop.child_token();
             let writer = PartitionWriter {
                 group: self.group.clone(),
                 reread: self.reread.clone(),
@@ -246,12 +247,15 @@ impl Worker {
                 tasks: self.tasks.clone(),
                 producer: self.producer.clone(),
                 commit_tx: self.commit_tx.clone(),
-                hard_stop: stop.clone(),
+                stop: Stop {
+                    now: now.clone(),
+                    draining: self.stop.clone(),
+                },
                 version: AtomicI32::new(self.claimed.get(&key).copied().unwrap_or(-1)),
                 columns_in_place: Default::default(),
             };
             self.tracker.spawn_on(writer.run(rx), &self.handle);
-            (tx, stop)
+            (tx, now)
         });
         if let Err(e) = tx.send(segment) {
             // Its writer stopped: another consumer claimed the partition (this one hears of
