@@ -364,13 +364,7 @@ impl Walk<'_, '_> {
                     .ok_or(WalkError::Malformed("a column larger than memory"))?;
                 self.r.skip(len)
             }
-            None => {
-                for _ in 0..count {
-                    let len = self.r.varuint()?;
-                    self.r.skip(len)?;
-                }
-                Ok(())
-            }
+            None => self.r.skip_strings(count),
         }
     }
 }
@@ -580,6 +574,30 @@ mod tests {
             walk_block(&[0xff; 11], HTTP),
             Err(WalkError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn strings_of_every_length_class() {
+        // Lengths of one VarUInt byte and of two and three, mixed: the quick loop and the
+        // long way hand over to each other.
+        let values: Vec<Vec<u8>> = [0usize, 1, 127, 128, 200, 5, 16_384, 3]
+            .iter()
+            .map(|&n| vec![b'x'; n])
+            .collect();
+        let mut b = vec![1, values.len() as u8];
+        column(&mut b, "s", "String");
+        for v in &values {
+            string(&mut b, std::str::from_utf8(v).unwrap());
+        }
+        let walked = walk_block(&b, HTTP).unwrap();
+        assert_eq!((walked.rows, walked.len), (values.len() as u64, b.len()));
+        every_prefix_is_incomplete(&b, HTTP);
+        // A row count far beyond the bytes: incomplete, found at the first missing byte.
+        let mut huge = vec![1];
+        crate::clickhouse::rowbinary::write_varint(&mut huge, u64::MAX);
+        column(&mut huge, "s", "String");
+        huge.extend_from_slice(b"\x01a\x01b");
+        assert_eq!(walk_block(&huge, HTTP), Err(WalkError::Incomplete));
     }
 
     #[test]

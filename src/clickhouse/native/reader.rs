@@ -95,6 +95,32 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(le))
     }
 
+    /// Steps over `count` length-prefixed strings: a column of `String` values. Lengths
+    /// under 128 (one VarUInt byte, nearly every value in practice) are taken in a tight
+    /// loop; a longer one goes through [`Reader::varuint`].
+    pub fn skip_strings(&mut self, count: u64) -> Result<()> {
+        let mut pos = self.pos;
+        for _ in 0..count {
+            // Each step moves at least one byte, so a count far beyond the bytes at hand
+            // ends at the first missing one.
+            match self.buf.get(pos) {
+                Some(&len) if len < 0x80 => pos += 1 + usize::from(len),
+                Some(_) => {
+                    self.pos = pos;
+                    let len = self.varuint()?;
+                    self.skip(len)?;
+                    pos = self.pos;
+                }
+                None => return Err(WalkError::Incomplete),
+            }
+        }
+        if pos > self.buf.len() {
+            return Err(WalkError::Incomplete);
+        }
+        self.pos = pos;
+        Ok(())
+    }
+
     /// A length-prefixed string, borrowed.
     pub fn string(&mut self) -> Result<&'a [u8]> {
         let len = self.varuint()?;
