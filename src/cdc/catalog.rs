@@ -30,6 +30,9 @@ pub struct TableSchema {
     pub key: Vec<usize>,
     /// `d` default, `f` full, `i` index, `n` nothing.
     pub replica_identity: char,
+    /// A partitioned table: its partitions' changes are published under its name (the
+    /// publication's `publish_via_partition_root`).
+    pub partitioned: bool,
 }
 
 impl TableSchema {
@@ -78,10 +81,16 @@ pub async fn connect(cfg: &ValidatedCdc) -> Result<Client, tokio_postgres::Error
 
 /// The tables the config names, each with its columns and primary key. A name that
 /// matches nothing, or a table without a primary key, is an error naming it.
+///
+/// A partitioned table is captured as one table: its partitions' changes come under its
+/// name (PostgreSQL 13 and later). Partitions themselves are never captured on their own
+/// (a pattern skips them; naming one is an error that names its partitioned table), so
+/// no row is published twice.
 pub async fn tables(client: &Client, patterns: &[String]) -> anyhow::Result<Vec<TableSchema>> {
     let rows = client
         .query(
-            "SELECT n.nspname, c.relname, c.oid, c.relreplident::text
+            "SELECT n.nspname, c.relname, c.oid, c.relreplident::text, c.relkind::text,
+                    c.relispartition
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE c.relkind IN ('r', 'p')
                AND n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -90,16 +99,30 @@ pub async fn tables(client: &Client, patterns: &[String]) -> anyhow::Result<Vec<
             &[],
         )
         .await?;
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
     let mut out = Vec::new();
     let mut types = TypeCache::default();
     for pattern in patterns {
         let mut found = false;
+        let mut partition = None;
         for row in &rows {
             let (schema, name): (String, String) = (row.get(0), row.get(1));
             if !matches(pattern, &schema, &name) {
                 continue;
             }
+            if row.get::<_, bool>(5) {
+                partition.get_or_insert(format!("{schema}.{name}"));
+                continue;
+            }
             found = true;
+            if row.get::<_, String>(4) == "p" && version < 130000 {
+                anyhow::bail!(
+                    "table {schema}.{name} is partitioned: capturing it needs PostgreSQL 13 or later (publish_via_partition_root)"
+                );
+            }
             if out
                 .iter()
                 .any(|t: &TableSchema| t.schema == schema && t.name == name)
@@ -108,7 +131,14 @@ pub async fn tables(client: &Client, patterns: &[String]) -> anyhow::Result<Vec<
             }
             let oid: u32 = row.get(2);
             let ident: String = row.get(3);
-            out.push(table(client, &mut types, schema, name, oid, &ident).await?);
+            let mut t = table(client, &mut types, schema, name, oid, &ident).await?;
+            t.partitioned = row.get::<_, String>(4) == "p";
+            out.push(t);
+        }
+        if let (false, Some(partition)) = (found, &partition) {
+            anyhow::bail!(
+                "capture.tables: {pattern:?} names only partitions ({partition}); name their partitioned table, whose changes include theirs"
+            );
         }
         if !found {
             anyhow::bail!("capture.tables: {pattern:?} matches no table in the database");
@@ -163,13 +193,36 @@ async fn table(
             "table {schema}.{name} has no primary key: chgate cdc keys events and ClickHouse rows by it"
         );
     }
+    let replica_identity = ident.chars().next().unwrap_or('d');
+    if replica_identity == 'i' {
+        // A delete's old row then carries only the identity index's columns: the key must
+        // be among them, or the row cannot be found.
+        let identity = client
+            .query(
+                "SELECT unnest(i.indkey::int2[]) FROM pg_index i
+                 WHERE i.indrelid = $1 AND i.indisreplident",
+                &[&oid],
+            )
+            .await?;
+        let covered = pk.iter().all(|k| {
+            identity
+                .iter()
+                .any(|r| r.get::<_, i16>(0) == k.get::<_, i16>(0))
+        });
+        if !covered {
+            anyhow::bail!(
+                "table {schema}.{name} has REPLICA IDENTITY USING INDEX on an index without every primary key column: its deletes would not say which row went; use DEFAULT (or FULL)"
+            );
+        }
+    }
     Ok(TableSchema {
         schema,
         name,
         oid,
         columns,
         key,
-        replica_identity: ident.chars().next().unwrap_or('d'),
+        replica_identity,
+        partitioned: false,
     })
 }
 
@@ -238,17 +291,44 @@ pub async fn ensure_publication(
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let via_root = tables.iter().any(|t| t.partitioned);
     if !exists {
         let all: Vec<&TableSchema> = tables.iter().collect();
+        let with = if via_root {
+            " WITH (publish_via_partition_root = true)"
+        } else {
+            ""
+        };
         client
             .batch_execute(&format!(
-                "CREATE PUBLICATION {} FOR TABLE {}",
+                "CREATE PUBLICATION {} FOR TABLE {}{with}",
                 quote_ident(publication),
                 list(&all)
             ))
             .await?;
         tracing::info!(publication, tables = %list(&all), "Created the publication");
         return Ok(());
+    }
+    if via_root {
+        let set = client
+            .query_one(
+                "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
+                &[&publication],
+            )
+            .await?
+            .get::<_, bool>(0);
+        if !set {
+            client
+                .batch_execute(&format!(
+                    "ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
+                    quote_ident(publication)
+                ))
+                .await?;
+            tracing::info!(
+                publication,
+                "Set publish_via_partition_root: a partitioned table's changes come under its name"
+            );
+        }
     }
     let have = client
         .query(

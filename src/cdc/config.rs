@@ -321,6 +321,27 @@ pub fn validate(config: CdcConfig, base: &Path) -> Result<ValidatedCdc, Vec<Prob
     if config.kafka.partitions < 1 {
         problems.push(Problem::new("kafka.partitions", "must be at least 1"));
     }
+    if config.kafka.tail_rewind < 1 {
+        problems.push(Problem::new(
+            "kafka.tail_rewind",
+            "must be at least 1 (a tail read from the end finds no event)",
+        ));
+    }
+    for key in config.kafka.properties.keys() {
+        if crate::cdc::producer::FIXED_PROPERTIES
+            .iter()
+            .any(|(k, _)| k == key)
+            || matches!(
+                key.as_str(),
+                "delivery.timeout.ms" | "request.required.acks" | "acks" | "transactional.id"
+            )
+        {
+            problems.push(Problem::new(
+                format!("kafka.properties.{key}"),
+                "chgate sets this itself: the broker must hold a gap-free, duplicate-free prefix of every partition's events (an idempotent producer whose messages never time out and that stops at any error that could leave a gap)",
+            ));
+        }
+    }
     let p = &config.postgres;
     let password = match (&p.password_env, &p.password_file) {
         (Some(_), Some(_)) => {

@@ -259,6 +259,7 @@ mod tests {
             ],
             key: vec![0],
             replica_identity: 'd',
+            partitioned: false,
         }
     }
 

@@ -63,8 +63,23 @@ pub struct Done {
     pub commit_ts_ms: Vec<i64>,
 }
 
+/// Producer properties chgate sets and a config may not change. What a restart relies on
+/// is that each partition holds a gap-free prefix of the events sent to it (`cdc/tail.rs`):
+/// idempotence keeps retries from doubling or reordering them; a message never times out
+/// (a timed-out message is not covered by the next one, which may still land after it); and
+/// any other error that could leave a gap stops the producer (librdkafka's
+/// `enable.gapless.guarantee`) instead of letting later events land.
+pub const FIXED_PROPERTIES: [(&str, &str); 3] = [
+    ("enable.idempotence", "true"),
+    ("message.timeout.ms", "0"),
+    ("enable.gapless.guarantee", "true"),
+];
+
 pub struct EventProducer {
     producer: ThreadedProducer<Context>,
+    /// The first delivery that failed: nothing more is sent after it (a later event could
+    /// land behind a missing one).
+    failed: Option<String>,
     acks: mpsc::UnboundedReceiver<Delivery>,
     pending: VecDeque<Pending>,
     /// Partitions per topic.
@@ -75,25 +90,34 @@ pub struct EventProducer {
 #[error("Kafka: {0}")]
 pub struct ProduceError(pub String);
 
+/// The producer's librdkafka properties: the config's, then [`FIXED_PROPERTIES`] over them
+/// (validation refuses a config that sets those, so nothing is silently overridden).
+fn producer_config(cfg: &CdcKafkaConfig) -> rdkafka::ClientConfig {
+    let mut c = client_config(&cfg.brokers, &Default::default());
+    // Bounded: the outbox holds every event until it is acknowledged, so librdkafka's
+    // own queue needs no depth (its defaults allow 100,000 messages and 1 GiB).
+    c.set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "50000")
+        .set("queue.buffering.max.kbytes", "65536");
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    for (k, v) in FIXED_PROPERTIES {
+        c.set(k, v);
+    }
+    c
+}
+
 impl EventProducer {
     pub fn new(cfg: &CdcKafkaConfig) -> Result<Self, ProduceError> {
-        let mut c = client_config(&cfg.brokers, &Default::default());
-        // Bounded: the outbox holds every event until it is acknowledged, so librdkafka's
-        // own queue needs no depth (its defaults allow 100,000 messages and 1 GiB).
-        c.set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .set("compression.type", "lz4")
-            .set("queue.buffering.max.messages", "50000")
-            .set("queue.buffering.max.kbytes", "65536");
-        for (k, v) in &cfg.properties {
-            c.set(k, v);
-        }
         let (tx, rx) = mpsc::unbounded_channel();
-        let producer = c
+        let producer = producer_config(cfg)
             .create_with_context(Context { acks: tx })
             .map_err(|e| ProduceError(e.to_string()))?;
         Ok(Self {
             producer,
+            failed: None,
             acks: rx,
             pending: VecDeque::new(),
             partitions: Default::default(),
@@ -178,6 +202,11 @@ impl EventProducer {
 
     /// Queues one event; waits while librdkafka's queue is full.
     pub async fn send(&mut self, e: &OutboxEvent) -> Result<(), ProduceError> {
+        if let Some(first) = &self.failed {
+            return Err(ProduceError(format!(
+                "not sending after a failed delivery: {first}"
+            )));
+        }
         let mut digits = [0u8; 20];
         let seq = decimal(e.seq, &mut digits);
         loop {
@@ -221,6 +250,7 @@ impl EventProducer {
 
     fn ack(&mut self, unit: u64, error: Option<String>) -> Result<(), ProduceError> {
         if let Some(e) = error {
+            self.failed.get_or_insert_with(|| e.clone());
             return Err(ProduceError(format!("an event was not delivered: {e}")));
         }
         if let Ok(i) = self.pending.binary_search_by_key(&unit, |p| p.unit) {
@@ -276,6 +306,19 @@ fn decimal(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gap_free_properties_win_over_the_config() {
+        let cfg: CdcKafkaConfig = toml::from_str(
+            "brokers = \"127.0.0.1:9092\"\n[properties]\n\"linger.ms\" = \"50\"\n\"message.timeout.ms\" = \"1000\"",
+        )
+        .unwrap();
+        let c = producer_config(&cfg);
+        assert_eq!(c.get("linger.ms"), Some("50"));
+        for (k, v) in FIXED_PROPERTIES {
+            assert_eq!(c.get(k), Some(v), "{k}");
+        }
+    }
 
     #[test]
     fn sequence_numbers_are_written_in_decimal() {

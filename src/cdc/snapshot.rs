@@ -268,7 +268,10 @@ pub async fn read_table(client: Client, read: TableRead, out: mpsc::Sender<anyho
             None => {
                 let row = client
                     .query_one(
-                        "SELECT pg_current_snapshot()::text, pg_current_wal_lsn()::text",
+                        // The WAL's insert position, not its write position: with
+                        // asynchronous commit a transaction is visible once its commit
+                        // record is inserted, before it is written.
+                        "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text",
                         &[],
                     )
                     .await?;

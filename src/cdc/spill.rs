@@ -118,7 +118,12 @@ pub struct Replay {
 }
 
 impl Replay {
-    /// The next message not rolled back, or `None` at the end.
+    /// The next message not rolled back, or `None` at the end. A rolled-back
+    /// subtransaction's table descriptions go with it, and rightly: pgoutput forgets at
+    /// every stream abort which tables it described in the transaction
+    /// (`cleanup_rel_sync_cache` on the top-level xid), so a table used again after the
+    /// rollback is described again, as it is then (an `ALTER` inside the rolled-back
+    /// subtransaction is not in it).
     pub fn next_message(&mut self) -> io::Result<Option<(u64, Bytes)>> {
         loop {
             let Some((subxid, lsn, message)) = self.next_record()? else {
