@@ -54,6 +54,10 @@ use crate::upstream::UpstreamError;
 /// The most bytes a Progress packet takes at the revisions chgate speaks (its type and
 /// three varuints).
 const MAX_PROGRESS: usize = 1 + 3 * 10;
+/// The most bytes of one packet held while it is walked, either way. ClickHouse refuses a
+/// compressed frame over 1 GiB; a packet that walks past this (a block whose sizes no
+/// peer could send, a node's block that big) ends the connection instead of the memory.
+const MAX_PACKET_BYTES: usize = 1 << 30;
 
 /// Bytes asked of a socket per read.
 const READ_CHUNK: usize = 64 * 1024;
@@ -163,6 +167,48 @@ async fn until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
+/// Reads what `io` has now, without waiting: `None` if a read would wait.
+async fn read_now<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+) -> Option<std::io::Result<usize>> {
+    buf.reserve(READ_CHUNK);
+    let mut read = std::pin::pin!(io.read_buf(buf));
+    std::future::poll_fn(|cx| match std::future::Future::poll(read.as_mut(), cx) {
+        std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await
+}
+
+/// Whether a socket whose last read filled the buffer's spare room has been read to its
+/// end. A packet waiting for more bytes is walked again only once its bytes have doubled
+/// or the socket is drained; a read that took exactly the last bytes a peer sent (the
+/// peer now waiting for an answer) must count as drained, or the walk never comes and
+/// both sides wait on each other. So, while that walk is held back, this reads on
+/// without waiting until the socket has nothing or the bytes have doubled.
+async fn drained_after_full_read<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    incomplete_at: usize,
+    read: &IntCounter,
+) -> bool {
+    while incomplete_at > 0 && buf.len() < 2 * incomplete_at {
+        let spare = buf.capacity() - buf.len();
+        match read_now(io, buf).await {
+            Some(Ok(n)) if n > 0 => {
+                read.inc_by(n as u64);
+                if n < spare {
+                    return true;
+                }
+            }
+            // Nothing now; or the end or an error, which the next read reports.
+            _ => return true,
+        }
+    }
+    false
+}
+
 /// Reads from the node, or waits forever without one.
 async fn read_upstream(upstream: &mut Option<Upstream>) -> std::io::Result<usize> {
     match upstream {
@@ -223,7 +269,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 }
                 Event::Client(Ok(n)) => {
                     self.to_server.inc_by(n as u64);
-                    self.on_client(n < client_spare).await
+                    let drained = n < client_spare
+                        || drained_after_full_read(
+                            &mut self.client,
+                            &mut self.buf,
+                            self.client_incomplete_at,
+                            &self.to_server,
+                        )
+                        .await;
+                    self.on_client(drained).await
                 }
                 Event::Server(Ok(0)) => {
                     let eof = std::io::ErrorKind::UnexpectedEof.into();
@@ -235,7 +289,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                     if let Some(run) = self.running.as_mut() {
                         run.heard();
                     }
-                    self.on_server(n < server_spare).await
+                    let mut drained = n < server_spare;
+                    if let (false, Some(u)) = (drained, self.upstream.as_mut()) {
+                        drained = drained_after_full_read(
+                            &mut u.io,
+                            &mut u.buf,
+                            u.incomplete_at,
+                            &self.to_client,
+                        )
+                        .await;
+                    }
+                    self.on_server(drained).await
                 }
                 Event::Idle => {
                     METRICS
@@ -488,7 +552,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             compression: self.compression,
             empty_low_cardinality_granule: false,
         };
-        match self.client_packets.next_client(&self.buf, &session) {
+        let packet = match self.client_packets.next_client(&self.buf, &session) {
+            Err(WalkError::Incomplete) if self.buf.len() > MAX_PACKET_BYTES => {
+                Err(WalkError::Malformed("a data packet over 1 GiB"))
+            }
+            other => other,
+        };
+        match packet {
             Ok(p) => {
                 self.forward_client_bytes(p.len).await;
                 self.buf.advance(p.len);
@@ -593,7 +663,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                     .hello
                     .writes_empty_low_cardinality_granules(),
             };
-            match upstream.packets.next(&upstream.buf, &session) {
+            let packet = match upstream.packets.next(&upstream.buf, &session) {
+                Err(WalkError::Incomplete) if upstream.buf.len() > MAX_PACKET_BYTES => {
+                    Err(WalkError::Malformed("a packet over 1 GiB"))
+                }
+                other => other,
+            };
+            match packet {
                 Ok(p) => {
                     let retry = self.running.as_mut().and_then(|r| r.retry.as_mut());
                     // (A packet of which some bytes went on can only be finished.)

@@ -57,6 +57,11 @@ pub fn walk_block(buf: &[u8], framing: Framing) -> Result<Block> {
         r.string()?;
         let ty = std::str::from_utf8(r.string()?)
             .map_err(|_| WalkError::Malformed("a column type name that is not UTF-8"))?;
+        if !plain_quoted_names(ty) {
+            return Err(WalkError::Unsupported(
+                "a type name with a quoted element name that holds separators",
+            ));
+        }
         if framing.custom_serialization && r.u8()? != 0 {
             return Err(WalkError::Unsupported(
                 "sparse or other custom serialization",
@@ -77,6 +82,51 @@ pub fn walk_block(buf: &[u8], framing: Framing) -> Result<Block> {
         rows,
         len: r.position(),
     })
+}
+
+/// Whether every quoted identifier in a type name (a named tuple's element the server
+/// quoted, `` `key` ``) holds only characters this walk's splitting never looks at. One
+/// holding a space, a comma, a parenthesis, a quote or an escape is split by the server's
+/// parser, not by [`args`] and [`element`]: a different split is a different layout, so
+/// it is refused rather than guessed at. Single-quoted strings (an `Enum`'s names, a time
+/// zone) are stepped over as [`args`] does.
+fn plain_quoted_names(ty: &str) -> bool {
+    let mut chars = ty.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => loop {
+                match chars.next() {
+                    Some('\\') => {
+                        chars.next();
+                    }
+                    Some('\'') => break,
+                    Some(_) => {}
+                    None => return true,
+                }
+            },
+            '`' | '"' => {
+                let mut empty = true;
+                loop {
+                    match chars.next() {
+                        Some(end) if end == c => break,
+                        Some(inner)
+                            if inner.is_whitespace()
+                                || matches!(inner, ',' | '(' | ')' | '\'' | '"' | '`' | '\\') =>
+                        {
+                            return false
+                        }
+                        Some(_) => empty = false,
+                        None => return false,
+                    }
+                }
+                if empty {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    true
 }
 
 /// `BlockInfo`: numbered fields, 0 ends it.
@@ -166,9 +216,9 @@ fn fixed_width(name: &str, inner: Option<&str>) -> Result<Option<u64>> {
         "UInt256" | "Int256" | "Decimal256" => 32,
         n if n.starts_with("Interval") => 8,
         "Decimal" => {
-            let precision: u32 = inner
+            let precision = inner
                 .and_then(|a| args(a).next())
-                .and_then(|p| p.parse().ok())
+                .and_then(number)
                 .ok_or(WalkError::Malformed("Decimal without a precision"))?;
             match precision {
                 0..=9 => 4,
@@ -178,10 +228,21 @@ fn fixed_width(name: &str, inner: Option<&str>) -> Result<Option<u64>> {
             }
         }
         "FixedString" => inner
-            .and_then(|a| a.trim().parse().ok())
+            .and_then(number)
             .ok_or(WalkError::Malformed("FixedString without a length"))?,
         _ => return Ok(None),
     }))
+}
+
+/// A type argument that is a number written as the server writes one: decimal digits, no
+/// sign, no leading zero (18.16 reads `010` as octal 8, so a lenient parse would walk a
+/// column of another width than the node's).
+fn number(arg: &str) -> Option<u64> {
+    let arg = arg.trim();
+    let canonical = !arg.is_empty()
+        && arg.bytes().all(|b| b.is_ascii_digit())
+        && (arg == "0" || !arg.starts_with('0'));
+    canonical.then(|| arg.parse().ok()).flatten()
 }
 
 /// The one argument of `name(T)`.
@@ -594,10 +655,46 @@ mod tests {
         every_prefix_is_incomplete(&b, HTTP);
         // A row count far beyond the bytes: incomplete, found at the first missing byte.
         let mut huge = vec![1];
-        crate::clickhouse::rowbinary::write_varint(&mut huge, u64::MAX);
+        crate::clickhouse::rowbinary::write_varint(&mut huge, 1 << 62);
         column(&mut huge, "s", "String");
         huge.extend_from_slice(b"\x01a\x01b");
         assert_eq!(walk_block(&huge, HTTP), Err(WalkError::Incomplete));
+    }
+
+    #[test]
+    fn type_names_the_node_could_read_otherwise_are_refused() {
+        for ty in ["FixedString(010)", "Decimal(010, 2)", "FixedString(+4)"] {
+            let mut b = vec![1, 1];
+            column(&mut b, "c", ty);
+            b.extend_from_slice(&[0; 16]);
+            assert!(
+                matches!(walk_block(&b, HTTP), Err(WalkError::Malformed(_))),
+                "{ty}"
+            );
+        }
+        let mut b = vec![1, 1];
+        column(&mut b, "t", "Tuple(`a UInt8,b` UInt64)");
+        b.extend_from_slice(&[0; 9]);
+        assert!(matches!(
+            walk_block(&b, HTTP),
+            Err(WalkError::Unsupported(_))
+        ));
+        let mut b = vec![1, 1];
+        column(&mut b, "t", "Tuple(\"a\\\" x\" UInt8)");
+        b.extend_from_slice(&[0; 1]);
+        assert!(matches!(
+            walk_block(&b, HTTP),
+            Err(WalkError::Unsupported(_))
+        ));
+        // A plain quoted name, as servers write a keyword, is fine.
+        let mut b = vec![1, 1];
+        column(&mut b, "t", "Tuple(`key` UInt8, v Enum8('a`b' = 1))");
+        b.extend_from_slice(&[0; 2]);
+        assert_eq!(walk_block(&b, HTTP).unwrap().len, b.len());
+        let mut b = vec![1, 1];
+        column(&mut b, "f", "FixedString(10)");
+        b.extend_from_slice(&[0; 10]);
+        assert_eq!(walk_block(&b, HTTP).unwrap().len, b.len());
     }
 
     #[test]

@@ -425,6 +425,22 @@ mod tests {
     }
 
     #[test]
+    fn a_setting_value_longer_than_the_node_reads_is_refused() {
+        // max_threads = a 10-byte VarUInt: 18.16 stops after nine and would take the tenth
+        // and what follows (the settings chgate appends, the query text) as new fields.
+        let q = query(vec![Setting {
+            name: "max_threads",
+            value: b"\x80\x80\x80\x80\x80\x80\x80\x80\x80\x00",
+        }]);
+        let mut out = Vec::new();
+        q.write(&mut out, 54412);
+        assert!(matches!(
+            Query::read(&out, 54412),
+            Err(WalkError::Malformed(_))
+        ));
+    }
+
+    #[test]
     fn an_unknown_setting_is_refused_by_name() {
         let q = query(vec![Setting {
             name: "no_such_setting",

@@ -19,6 +19,13 @@ pub enum WalkError {
 
 pub type Result<T> = std::result::Result<T, WalkError>;
 
+/// The longest VarUInt read. ClickHouse 18.16's own reader stops after 9 bytes (63 bits)
+/// whatever the 9th byte says, so a longer one would be one number to chgate and a number
+/// plus the start of the next field to the node: bytes chgate checked as a setting's value
+/// would reach the node as a query of their own. Refused instead, in both directions (no
+/// field of these revisions needs 64 bits).
+pub const MAX_VARUINT_BYTES: u64 = 9;
+
 /// A cursor over received bytes.
 pub struct Reader<'a> {
     buf: &'a [u8],
@@ -35,20 +42,18 @@ impl<'a> Reader<'a> {
         self.pos
     }
 
+    /// A VarUInt of at most [`MAX_VARUINT_BYTES`] bytes.
     pub fn varuint(&mut self) -> Result<u64> {
         let mut value = 0u64;
-        for shift in (0..70).step_by(7) {
+        for shift in (0..7 * MAX_VARUINT_BYTES).step_by(7) {
             let byte = *self.buf.get(self.pos).ok_or(WalkError::Incomplete)?;
             self.pos += 1;
-            if shift == 63 && byte > 1 {
-                return Err(WalkError::Malformed("a VarUInt longer than 64 bits"));
-            }
             value |= u64::from(byte & 0x7f) << shift;
             if byte & 0x80 == 0 {
                 return Ok(value);
             }
         }
-        Err(WalkError::Malformed("a VarUInt longer than 10 bytes"))
+        Err(WalkError::Malformed("a VarUInt longer than 9 bytes"))
     }
 
     pub fn bytes(&mut self, n: u64) -> Result<&'a [u8]> {
@@ -125,5 +130,23 @@ impl<'a> Reader<'a> {
     pub fn string(&mut self) -> Result<&'a [u8]> {
         let len = self.varuint()?;
         self.bytes(len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_varuint_ends_within_nine_bytes() {
+        let nine = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
+        assert_eq!(Reader::new(&nine).varuint(), Ok(u64::MAX >> 1));
+        // What 18.16 reads as nine bytes and a next field, chgate refuses.
+        let ten = [0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00];
+        assert!(matches!(
+            Reader::new(&ten).varuint(),
+            Err(WalkError::Malformed(_))
+        ));
+        assert_eq!(Reader::new(&ten[..8]).varuint(), Err(WalkError::Incomplete));
     }
 }

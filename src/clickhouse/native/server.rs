@@ -272,6 +272,7 @@ impl ServerPackets {
                             ));
                         };
                         r.seek(end)?;
+                        self.release_big_scratch();
                         return Ok((block.columns, block.rows));
                     }
                     Err(WalkError::Incomplete) => {}
@@ -290,6 +291,17 @@ impl ServerPackets {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Gives back a scratch buffer a big block grew (a block can decompress to 1 GiB):
+    /// blocks of the usual size (a megabyte or so) keep theirs.
+    fn release_big_scratch(&mut self) {
+        const KEEP: usize = 16 << 20;
+        if self.scratch.len() > KEEP {
+            self.scratch = Vec::new();
+            self.filled = 0;
+            self.walked = 0;
         }
     }
 
