@@ -1383,6 +1383,189 @@ fn a_partitioned_table_is_captured_once_under_its_own_name() {
     assert!(cdc.errors().is_empty(), "{:?}", cdc.errors());
 }
 
+/// A capture whose `state_dir` was lost starts with a new store: its events are numbered
+/// after those already in the topics, so every partition's `chgate-seq` keeps growing (a
+/// tail check after a later crash relies on that).
+#[test]
+fn a_new_store_numbers_its_events_after_those_in_the_topics() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt.block_on(TestDb::create());
+    rt.block_on(seed(&db, 30, 0));
+    let prefix = db.name.replace('_', "-");
+    let first = config(&db, &prefix, &common::tempfile_path("cdc-state"), 1000);
+    let mut cdc = Cdc::start(&first);
+    cdc.wait_streaming(Duration::from_secs(60));
+    cdc.term();
+    // The same capture, its state gone.
+    let second = config(&db, &prefix, &common::tempfile_path("cdc-state"), 1000);
+    let cdc = Cdc::start(&second);
+    cdc.wait_streaming(Duration::from_secs(60));
+    rt.block_on(async {
+        pg(&db.name)
+            .await
+            .batch_execute("UPDATE orders SET status = 'again' WHERE id <= 10")
+            .await
+            .unwrap();
+        wait_caught_up(&db, &cdc).await;
+    });
+    assert!(
+        cdc.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("numbering this one's after theirs")),
+        "{:?}",
+        cdc.tail()
+    );
+    let events = read_topic(&format!("{prefix}.public.orders"));
+    for pair in events.windows(2) {
+        if pair[0].partition == pair[1].partition {
+            assert!(
+                pair[0].seq < pair[1].seq,
+                "partition {}: chgate-seq {:?} at offset {} then {:?} at {}",
+                pair[0].partition,
+                pair[0].seq,
+                pair[0].offset,
+                pair[1].seq,
+                pair[1].offset
+            );
+        }
+    }
+    assert!(events.len() > 30, "{} events", events.len());
+}
+
+/// A table added to `capture.tables` after the snapshot finished: its existing rows are
+/// read, under a snapshot of their own, before the stream goes on, and the changes made
+/// around that come once each (the folded topic equals the table).
+#[test]
+fn a_table_added_later_is_read_then_streamed() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt.block_on(TestDb::create());
+    rt.block_on(seed(&db, 20, 15));
+    let prefix = db.name.replace('_', "-");
+    let state = common::tempfile_path("cdc-state");
+    let cfg = config(&db, &prefix, &state, 4);
+    let with_tables = |tables: &str| {
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        std::fs::write(
+            &cfg,
+            text.replace(r#"tables = ["public.*"]"#, &format!("tables = {tables}")),
+        )
+        .unwrap();
+    };
+    let sql = |q: &'static str| {
+        rt.block_on(async { pg(&db.name).await.batch_execute(q).await.unwrap() });
+    };
+    with_tables(r#"["public.orders"]"#);
+    let mut cdc = Cdc::start(&cfg);
+    cdc.wait_streaming(Duration::from_secs(60));
+    sql("UPDATE customers SET name = 'early' WHERE id <= 25");
+    cdc.term();
+    sql("INSERT INTO customers VALUES (100, 'late', 'l@x.io', now()); DELETE FROM customers WHERE id = 21");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            r#"tables = ["public.orders"]"#,
+            r#"tables = ["public.orders", "public.customers"]"#,
+        ),
+    )
+    .unwrap();
+    let cdc = Cdc::start(&cfg);
+    cdc.wait_streaming(Duration::from_secs(60));
+    sql(
+        "UPDATE customers SET name = 'streamed' WHERE id IN (22, 100);
+         INSERT INTO customers VALUES (101, 'new', 'n@x.io', now())",
+    );
+    rt.block_on(wait_caught_up(&db, &cdc));
+    assert!(
+        cdc.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("Tables new to the capture")),
+        "{:?}",
+        cdc.tail()
+    );
+    let (rows, problems) = fold(&read_topic(&format!("{prefix}.public.customers")));
+    assert!(problems.is_empty(), "{problems:?}");
+    let want: Vec<(i64, String)> = rt.block_on(async {
+        pg(&db.name)
+            .await
+            .query("SELECT id, name FROM customers ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    });
+    let got: Vec<(i64, String)> = rows
+        .iter()
+        .map(|(id, row)| (*id, row["name"].as_str().unwrap_or("?").to_string()))
+        .collect();
+    assert_eq!(got, want);
+    assert!(cdc.errors().is_empty(), "{:?}", cdc.errors());
+}
+
+/// With `with_schema`, a column added mid-stream is in the schema of the events that
+/// carry it (a JSON converter drops a payload field its schema lacks).
+#[test]
+fn with_schema_the_schema_follows_an_added_column() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt.block_on(TestDb::create());
+    rt.block_on(seed(&db, 3, 0));
+    let prefix = db.name.replace('_', "-");
+    let cfg = config(&db, &prefix, &common::tempfile_path("cdc-state"), 1000);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("partitions = 3", "partitions = 3\nwith_schema = true"),
+    )
+    .unwrap();
+    let cdc = Cdc::start(&cfg);
+    cdc.wait_streaming(Duration::from_secs(60));
+    rt.block_on(async {
+        pg(&db.name)
+            .await
+            .batch_execute(
+                "ALTER TABLE orders ADD COLUMN extra int; UPDATE orders SET extra = 7 WHERE id = 1",
+            )
+            .await
+            .unwrap();
+        wait_caught_up(&db, &cdc).await;
+    });
+    let events = read_topic(&format!("{prefix}.public.orders"));
+    let fields_of = |v: &Value, row: &str| -> Vec<String> {
+        v["schema"]["fields"]
+            .as_array()
+            .and_then(|f| f.iter().find(|f| f["field"] == row))
+            .and_then(|f| f["fields"].as_array())
+            .map(|f| {
+                f.iter()
+                    .filter_map(|f| f["field"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let values: Vec<&Value> = events.iter().filter_map(|e| e.value.as_ref()).collect();
+    let read = values
+        .iter()
+        .find(|v| v["payload"]["op"] == "r")
+        .expect("a snapshot event");
+    assert!(!fields_of(read, "after").contains(&"extra".to_string()));
+    let update = values
+        .iter()
+        .find(|v| v["payload"]["op"] == "u")
+        .expect("the update");
+    assert_eq!(update["payload"]["after"]["extra"], 7, "{update}");
+    assert!(
+        fields_of(update, "after").contains(&"extra".to_string()),
+        "{}",
+        update["schema"]
+    );
+    assert!(cdc.errors().is_empty(), "{:?}", cdc.errors());
+}
+
 #[test]
 fn sigterm_stops_a_capture_still_waiting_for_its_broker() {
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -339,12 +339,98 @@ async fn protocol_refusals_are_exceptions_and_never_desynchronise() {
     assert_eq!(&got[1..5], &115i32.to_le_bytes());
     assert!(String::from_utf8_lossy(&got).contains("Unknown setting no_such_setting"));
 
+    // A setting value longer than the node reads (a 10-byte VarUInt: 18.16 stops after 9
+    // and would take the rest as fields chgate never checked): refused, nothing runs.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&hello("bi", "bi-pass", 54412)).await.unwrap();
+    let n = s.read(&mut buf).await.unwrap();
+    assert_eq!(buf[0], 0, "a server Hello: {:?}", &buf[..n]);
+    let mut q = vec![1u8, 0];
+    q.extend_from_slice(&[1, 0, 0, 0, 1, 0, 0, 0, 18, 16, 0x8c, 0xa9, 0x03, 0, 0]);
+    q.push(11);
+    q.extend_from_slice(b"max_threads");
+    q.extend_from_slice(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00]);
+    q.extend_from_slice(&[0, 2, 0, 8]);
+    q.extend_from_slice(b"SELECT 1");
+    s.write_all(&q).await.unwrap();
+    let got = read_all(&mut s).await;
+    assert_eq!(got.first(), Some(&2), "{got:?}");
+    assert!(
+        String::from_utf8_lossy(&got).contains("VarUInt longer than 9 bytes"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+
     // A client older than chgate speaks is told so.
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(&hello("bi", "bi-pass", 54000)).await.unwrap();
     let got = read_all(&mut s).await;
     assert_eq!(got.first(), Some(&2));
     assert!(String::from_utf8_lossy(&got).contains("revision 54000"));
+}
+
+/// A Query packet at revision 54412 with no settings, uncompressed, and the empty block
+/// that ends its (absent) external tables.
+fn plain_query(text: &str) -> Vec<u8> {
+    let mut q = vec![1u8, 0]; // Query, empty id
+    q.extend_from_slice(&[1, 0, 0]); // client info: initial, no user, no query id
+    q.push(9);
+    q.extend_from_slice(b"0.0.0.0:0"); // the address 18.16 parses
+    q.push(1); // TCP
+    q.extend_from_slice(&[0, 0, 0, 18, 16]); // os user, host, name; version
+    q.extend_from_slice(&[0x8c, 0xa9, 0x03]); // revision 54412
+    q.extend_from_slice(&[0, 0]); // quota key, patch
+    q.push(0); // no settings
+    q.extend_from_slice(&[2, 0]); // stage Complete, no compression
+    chgate::clickhouse::rowbinary::write_varint(&mut q, text.len() as u64);
+    q.extend_from_slice(text.as_bytes());
+    chgate::clickhouse::native::client::write_empty_data(&mut q);
+    q
+}
+
+/// A client that stops reading mid-result: after `native_send_timeout` its query is
+/// killed on the node and its connection closed, instead of both being held for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_let_go() {
+    let config = native_config(&[("127.0.0.11", 8123)], "").replace(
+        "access_log = false",
+        "access_log = false\nnative_send_timeout = \"2s\"",
+    );
+    let p = TestProxy::start(&config).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(p.native.unwrap()).await.unwrap();
+    s.write_all(&hello("etl", "etl-pass", 54412)).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert_eq!(buf[0], 0, "a server Hello: {:?}", &buf[..n]);
+    s.write_all(&plain_query(
+        "SELECT number, toString(number), 'unread-client' FROM system.numbers LIMIT 500000000",
+    ))
+    .await
+    .unwrap();
+    node_running(&["127.0.0.11"], "unread-client", 0).await;
+    // Nothing read from here on.
+    let gone = "SELECT count() FROM system.processes WHERE query LIKE '%unread-client%' \
+                AND query NOT LIKE '%system.processes%'";
+    let end = Instant::now() + Duration::from_secs(20);
+    while direct("127.0.0.11", gone).trim() != "0" {
+        assert!(
+            Instant::now() < end,
+            "the query of a client that stopped reading still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = common::curl(&["-sS", &format!("http://{}/metrics", p.admin)]).body;
+    assert!(
+        common::metric_sum(
+            &metrics,
+            "chgate_native_errors_total",
+            &["client_send_timeout"]
+        ) >= 1.0,
+        "{metrics}"
+    );
+    drop(s);
 }
 
 /// Waits until a query whose text holds `pattern` runs on one of `nodes`, having read at

@@ -175,7 +175,7 @@ impl Capture {
             columns.push((c.name.clone(), kind));
         }
         let keys = &self.tables[table].envelope.key_columns;
-        let Some(layout) = Layout::new(columns, keys) else {
+        let Some(layout) = Layout::new(columns.clone(), keys) else {
             anyhow::bail!(
                 "{}.{}: the primary key ({}) is no longer among the table's columns; restart the capture after a key change",
                 r.namespace,
@@ -183,6 +183,9 @@ impl Capture {
                 keys.join(", ")
             );
         };
+        if self.with_schema() {
+            self.follow_columns(table, &r, &columns).await?;
+        }
         self.relations.insert(
             r.id,
             RelState {
@@ -190,6 +193,62 @@ impl Capture {
                 layout: Arc::new(layout),
             },
         );
+        Ok(())
+    }
+
+    /// With `with_schema`, a table's schema follows its columns as the server describes
+    /// them (after an `ALTER`): a field the payload carries is never missing from the
+    /// schema sent with it (a JSON converter would drop it), and a dropped column leaves it.
+    async fn follow_columns(
+        &mut self,
+        table: usize,
+        r: &Relation,
+        columns: &[(String, super::value::Kind)],
+    ) -> anyhow::Result<()> {
+        let current = &self.tables[table].schema.columns;
+        let same = current.len() == columns.len()
+            && current
+                .iter()
+                .zip(columns)
+                .all(|(c, (name, kind))| &c.name == name && &c.kind == kind);
+        if same {
+            return Ok(());
+        }
+        let mut followed = Vec::with_capacity(columns.len());
+        for (c, (name, kind)) in r.columns.iter().zip(columns) {
+            let type_name = match current.iter().find(|o| &o.name == name) {
+                Some(o) => o.type_name.clone(),
+                None => self
+                    .catalog
+                    .query_one("SELECT format_type($1, NULL)", &[&c.type_oid])
+                    .await?
+                    .get(0),
+            };
+            followed.push(super::catalog::Column {
+                name: name.clone(),
+                type_oid: c.type_oid,
+                type_name,
+                kind: kind.clone(),
+            });
+        }
+        let t = &mut self.tables[table];
+        let mut schema = t.schema.clone();
+        schema.key = t
+            .envelope
+            .key_columns
+            .iter()
+            .filter_map(|k| followed.iter().position(|c| &c.name == k))
+            .collect();
+        schema.columns = followed;
+        let c = &self.cfg.config;
+        t.envelope = Arc::new(TableEnvelope::new(
+            &c.capture.name,
+            &c.postgres.dbname,
+            &schema,
+            &t.topic,
+        ));
+        t.schema = schema;
+        tracing::info!(table = %t.name, "The table's columns changed: its events' schema follows");
         Ok(())
     }
 

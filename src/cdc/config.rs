@@ -244,6 +244,18 @@ fn identifier_ok(s: &str) -> bool {
         && !s.starts_with(|c: char| c.is_ascii_digit())
 }
 
+/// Producer properties chgate sets and a config may not change. What a restart relies on
+/// is that each partition holds a gap-free prefix of the events sent to it (`cdc/tail.rs`):
+/// idempotence keeps retries from doubling or reordering them; a message never times out
+/// (a timed-out message is not covered by the next one, which may still land after it); and
+/// any other error that could leave a gap stops the producer (librdkafka's
+/// `enable.gapless.guarantee`) instead of letting later events land.
+pub const FIXED_PROPERTIES: [(&str, &str); 3] = [
+    ("enable.idempotence", "true"),
+    ("message.timeout.ms", "0"),
+    ("enable.gapless.guarantee", "true"),
+];
+
 pub fn validate(config: CdcConfig, base: &Path) -> Result<ValidatedCdc, Vec<Problem>> {
     let mut problems = Vec::new();
     let c = &config.capture;
@@ -328,9 +340,7 @@ pub fn validate(config: CdcConfig, base: &Path) -> Result<ValidatedCdc, Vec<Prob
         ));
     }
     for key in config.kafka.properties.keys() {
-        if crate::cdc::producer::FIXED_PROPERTIES
-            .iter()
-            .any(|(k, _)| k == key)
+        if FIXED_PROPERTIES.iter().any(|(k, _)| k == key)
             || matches!(
                 key.as_str(),
                 "delivery.timeout.ms" | "request.required.acks" | "acks" | "transactional.id"

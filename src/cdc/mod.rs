@@ -160,8 +160,8 @@ async fn start(
         }
     }
     catalog::ensure_publication(&catalog, &c.capture.publication, &schemas).await?;
-    let store =
-        Store::open(&c.capture.state_dir, c.capture.store_cache_mib << 20).with_context(|| {
+    let mut store = Store::open(&c.capture.state_dir, c.capture.store_cache_mib << 20)
+        .with_context(|| {
             format!(
                 "cannot open the key-state store in {}",
                 c.capture.state_dir.display()
@@ -173,6 +173,9 @@ async fn start(
         .map(|t| cfg.topic(&t.schema, &t.name))
         .collect();
     producer.ensure_topics(&c.kafka, &topics).await?;
+    if store.is_new()? {
+        number_after_the_topics(cfg, &producer, &topics, &mut store).await?;
+    }
     tracing::info!(tables = %topics.join(", "), "Capturing");
     let mut capture = Capture::new(cfg.clone(), catalog, schemas, store, producer);
     // This instance captures the slot (alone, or elected).
@@ -212,6 +215,36 @@ fn connect_params(cfg: &ValidatedCdc) -> ConnectParams {
         connect_timeout: p.connect_timeout,
         tls: cfg.tls.clone(),
     }
+}
+
+/// A new store (a first start, or a `state_dir` that was lost) numbers its events after
+/// the highest `chgate-seq` already in the topics: the tail check after a crash counts an
+/// outbox event as sent when its partition holds a higher number, so numbers starting
+/// again at 1 would have new events skipped as sent.
+async fn number_after_the_topics(
+    cfg: &ValidatedCdc,
+    producer: &producer::EventProducer,
+    topics: &[String],
+    store: &mut Store,
+) -> anyhow::Result<()> {
+    let partitions: BTreeSet<(String, i32)> = topics
+        .iter()
+        .flat_map(|t| (0..producer.partitions(t)).map(move |p| (t.clone(), p)))
+        .collect();
+    let k = &cfg.config.kafka;
+    let (brokers, props, rewind) = (k.brokers.clone(), k.properties.clone(), k.tail_rewind);
+    let have = tokio::task::spawn_blocking(move || {
+        tail::highest_seqs(&brokers, &props, &partitions, rewind)
+    })
+    .await??;
+    if let Some(&highest) = have.values().max() {
+        tracing::warn!(
+            highest,
+            "A new key-state store, and the topics already hold events: numbering this one's after theirs"
+        );
+        store.number_events_after(highest);
+    }
+    Ok(())
 }
 
 /// After a crash: sends the outbox's events the broker does not have, and waits until it
@@ -336,10 +369,36 @@ async fn prepare_slot(
     let cfg = capture.cfg.clone();
     let c = &cfg.config.capture;
     let slot_lsn = catalog::slot_confirmed(&capture.catalog, &c.slot).await?;
-    let saved: Option<SnapshotState> = capture
+    let mut saved: Option<SnapshotState> = capture
         .store
         .meta("snapshot")?
         .and_then(|b| serde_json::from_slice(&b).ok());
+    // Tables added to the capture after its snapshot began are read too, each under a
+    // snapshot of its own taken now (a regime, as for a resumed table): the stream brings
+    // their changes from when the publication took them in, and those the new snapshot
+    // already saw are skipped.
+    if let (Some(_), Some(state), SnapshotMode::Initial) = (slot_lsn, &mut saved, &c.snapshot) {
+        let added: Vec<String> = capture
+            .tables
+            .iter()
+            .filter(|t| !state.tables.contains_key(&t.name))
+            .map(|t| t.name.clone())
+            .collect();
+        if !added.is_empty() {
+            for name in &added {
+                state.tables.insert(
+                    name.clone(),
+                    TableProgress {
+                        done: false,
+                        after: None,
+                        regimes: Vec::new(),
+                    },
+                );
+            }
+            record_state(capture, state)?;
+            tracing::info!(tables = %added.join(", "), "Tables new to the capture: their existing rows are read first");
+        }
+    }
     let mut conn = ReplicationConn::connect(&connect_params(&cfg))
         .await
         .context("cannot open the replication connection")?;

@@ -15,7 +15,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message};
 use tokio::sync::mpsc;
 
-use super::config::CdcKafkaConfig;
+use super::config::{CdcKafkaConfig, FIXED_PROPERTIES};
 use super::store::OutboxEvent;
 use crate::kafka::client_config;
 
@@ -62,18 +62,6 @@ pub struct Done {
     /// Commit times of their transactions (Unix ms), for the latency histogram.
     pub commit_ts_ms: Vec<i64>,
 }
-
-/// Producer properties chgate sets and a config may not change. What a restart relies on
-/// is that each partition holds a gap-free prefix of the events sent to it (`cdc/tail.rs`):
-/// idempotence keeps retries from doubling or reordering them; a message never times out
-/// (a timed-out message is not covered by the next one, which may still land after it); and
-/// any other error that could leave a gap stops the producer (librdkafka's
-/// `enable.gapless.guarantee`) instead of letting later events land.
-pub const FIXED_PROPERTIES: [(&str, &str); 3] = [
-    ("enable.idempotence", "true"),
-    ("message.timeout.ms", "0"),
-    ("enable.gapless.guarantee", "true"),
-];
 
 pub struct EventProducer {
     producer: ThreadedProducer<Context>,

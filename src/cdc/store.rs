@@ -367,6 +367,22 @@ impl Store {
         Ok(store)
     }
 
+    /// Whether this store has never committed a unit (its event numbers start at 1).
+    pub fn is_new(&self) -> Result<bool, StoreError> {
+        Ok(self.meta("next_event")?.is_none())
+    }
+
+    /// Numbers the events from `seq + 1` on: for a new store whose topics already hold
+    /// events numbered up to `seq` (by a store that was lost), so that a tail read after a
+    /// crash never takes a new event for one the broker has. Kept with the first commit.
+    pub fn number_events_after(&mut self, seq: u64) {
+        if seq >= self.next_event {
+            self.next_event = seq + 1;
+            self.committed = seq;
+            self.acked = seq;
+        }
+    }
+
     /// The position of the last complete transaction committed here: every transaction
     /// ending at or before it has its events in the outbox or the broker.
     pub fn store_lsn(&self) -> u64 {

@@ -117,6 +117,11 @@ pub struct ProxyConfig {
     /// `idle_connection_timeout`, 3600 s by default).
     #[serde(with = "humantime_serde")]
     pub native_idle_timeout: Duration,
+    /// How long a write to a native client may wait for it to read (ClickHouse's
+    /// `send_timeout`, 300 s): past it, its query is killed and the connection closed, so a
+    /// client that stopped reading does not hold its query slot and node connection.
+    #[serde(with = "humantime_serde")]
+    pub native_send_timeout: Duration,
     /// The largest native Query packet (query text and settings) accepted, in bytes; a
     /// larger one is refused with `QUERY_IS_TOO_LARGE`. INSERT data travels in Data
     /// packets, not here.
@@ -136,6 +141,7 @@ impl Default for ProxyConfig {
             native_listen: None,
             native_tls: None,
             native_idle_timeout: Duration::from_secs(3600),
+            native_send_timeout: Duration::from_secs(300),
             native_max_query_bytes: 16 << 20,
         }
     }

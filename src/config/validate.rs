@@ -145,6 +145,12 @@ pub(super) fn validate_with(
             p((*key).into(), format!("{addr} is already {earlier}"));
         }
     }
+    if proxy.native_send_timeout.is_zero() {
+        p(
+            "proxy.native_send_timeout".into(),
+            "must be greater than zero".into(),
+        );
+    }
     if proxy.native_idle_timeout.is_zero() {
         p(
             "proxy.native_idle_timeout".into(),

@@ -42,6 +42,7 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub idle_timeout: Duration,
+    pub send_timeout: Duration,
     pub max_query_bytes: usize,
     pub drain_timeout: Duration,
     pub access_log: bool,
@@ -51,6 +52,7 @@ impl From<&ProxyConfig> for Settings {
     fn from(c: &ProxyConfig) -> Self {
         Self {
             idle_timeout: c.native_idle_timeout,
+            send_timeout: c.native_send_timeout,
             max_query_bytes: c.native_max_query_bytes,
             drain_timeout: c.drain_timeout,
             access_log: c.access_log,

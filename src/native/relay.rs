@@ -167,6 +167,37 @@ async fn until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
+/// How a bounded write to the client ended.
+enum Written {
+    Done(std::io::Result<()>),
+    /// The quota's deadline (plus its grace) came first.
+    Deadline,
+    /// `send_timeout` passed with the client reading nothing.
+    TimedOut,
+}
+
+/// Runs `write`; if it cannot finish at once, until `deadline` or `timeout`, whichever
+/// comes first. A write that finishes at once (nearly every one) arms no timer.
+async fn at_once_or(
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+    deadline: impl std::future::Future<Output = ()>,
+    timeout: std::time::Duration,
+) -> Written {
+    let mut write = std::pin::pin!(write);
+    let now = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::future::Future::poll(write.as_mut(), cx))
+    })
+    .await;
+    if let std::task::Poll::Ready(r) = now {
+        return Written::Done(r);
+    }
+    tokio::select! {
+        r = write => Written::Done(r),
+        _ = deadline => Written::Deadline,
+        _ = tokio::time::sleep(timeout) => Written::TimedOut,
+    }
+}
+
 /// Reads what `io` has now, without waiting: `None` if a read would wait.
 async fn read_now<R: AsyncRead + Unpin>(
     io: &mut R,
@@ -618,17 +649,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
     }
 
     async fn send_client(&mut self, bytes: &[u8]) -> Step {
+        let send_timeout = self.frontend.settings.send_timeout;
         let written = async {
             self.client.write_all(bytes).await?;
             self.client.flush().await
         };
-        match written.await {
-            Ok(()) => Ok(()),
-            Err(e) => {
+        match at_once_or(written, until(None), send_timeout).await {
+            Written::Done(Ok(())) => Ok(()),
+            Written::Done(Err(e)) => {
                 tracing::debug!(peer = %self.peer, error = %e, "Writing to the native client failed");
                 Err(Close)
             }
+            Written::Deadline => Err(Close),
+            Written::TimedOut => self.client_not_reading(),
         }
+    }
+
+    /// A write to the client waited `send_timeout` for it to read: its query (if any) is
+    /// killed, the node connection dropped (it frees the node's blocked write) and the
+    /// connection closed; mid-packet, nothing more can be told.
+    fn client_not_reading(&mut self) -> Step {
+        METRICS
+            .native_errors
+            .with_label_values(&["client_send_timeout"])
+            .inc();
+        let timeout = self.frontend.settings.send_timeout;
+        if let Some(mut run) = self.running.take() {
+            crate::gateway::kill_query(&run.backend, &self.user, &run.query_id);
+            tracing::info!(peer = %self.peer, user = %self.user.name, query_id = %run.query_id, timeout_s = timeout.as_secs_f64(), "The native client read nothing for proxy.native_send_timeout: query killed, connection closed");
+            run.finish(Status::ClientClosed, None);
+        } else {
+            tracing::info!(peer = %self.peer, user = %self.user.name, timeout_s = timeout.as_secs_f64(), "The native client read nothing for proxy.native_send_timeout: connection closed");
+        }
+        self.upstream = None;
+        Err(Close)
     }
 
     /// Tells the client why and closes: what comes after this point could not be read.
@@ -781,18 +835,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             .as_ref()
             .and_then(|r| r.deadline)
             .map(|d| d + STALLED_CLIENT_GRACE);
+        let send_timeout = self.frontend.settings.send_timeout;
         let written = async {
             self.client.write_all(&upstream.buf[start..end]).await?;
             self.client.flush().await
         };
-        let written = tokio::select! {
-            r = written => r,
-            _ = until(stalled_after) => return self.stalled_past_deadline(),
-        };
-        written.map_err(|e| {
-            tracing::debug!(peer = %self.peer, error = %e, "Writing to the native client failed");
-            Close
-        })
+        match at_once_or(written, until(stalled_after), send_timeout).await {
+            Written::Done(r) => r.map_err(|e| {
+                tracing::debug!(peer = %self.peer, error = %e, "Writing to the native client failed");
+                Close
+            }),
+            Written::Deadline => self.stalled_past_deadline(),
+            Written::TimedOut => self.client_not_reading(),
+        }
     }
 
     /// The client stopped reading and its query ran past the quota's execution limit: the
