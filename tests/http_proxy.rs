@@ -228,6 +228,64 @@ async fn readonly_user_cannot_write_but_can_read_with_settings() {
     )
     .await;
     assert_eq!(write.status, 403);
+    // A HEAD with a body chgate cannot look into (ClickHouse's compressed format): the
+    // server makes only GETs read-only, so chgate's readonly goes on it too.
+    let insert = format!("INSERT INTO demo.events VALUES (now(), 1, '{marker}', 1)");
+    let body = chgate::clickhouse::compress::lz4_block(insert.as_bytes()).unwrap();
+    let mut head = format!(
+        "HEAD /?decompress=1 HTTP/1.1\r\nHost: x\r\nX-ClickHouse-User: bi\r\n\
+         X-ClickHouse-Key: bi-pass\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    head.extend_from_slice(&body);
+    let answer = tokio::task::spawn_blocking({
+        let addr = p.http;
+        move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(&head).unwrap();
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // The server would run the first `query`, chgate would check another: refused.
+    let twice = get(
+        &p,
+        &[
+            "-u",
+            "bi:bi-pass",
+            "{proxy}/?query=INSERT%20INTO%20demo.events%20FORMAT%20TSV&query=SELECT%201",
+            "--data-binary",
+            "2026-01-01 00:00:00\t1\tx\t1\n",
+        ],
+    )
+    .await;
+    assert_eq!(twice.status, 400, "{}", twice.body);
+    assert!(
+        twice.body.contains("given more than once"),
+        "{}",
+        twice.body
+    );
+    // Form fields would be settings applied after chgate's readonly.
+    let form = get(
+        &p,
+        &[
+            "-u",
+            "bi:bi-pass",
+            "{proxy}/?query=SELECT%201",
+            "-F",
+            "readonly=0",
+        ],
+    )
+    .await;
+    assert_eq!(form.status, 400, "{}", form.body);
+    assert!(form.body.contains("multipart"), "{}", form.body);
     // Nothing was written.
     let count = direct(
         NODES[0],

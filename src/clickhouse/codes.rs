@@ -23,6 +23,7 @@ impl Code {
 }
 
 pub const NOT_IMPLEMENTED: Code = Code::new(48, "NOT_IMPLEMENTED");
+pub const BAD_ARGUMENTS: Code = Code::new(36, "BAD_ARGUMENTS");
 pub const UNKNOWN_PACKET_FROM_CLIENT: Code = Code::new(99, "UNKNOWN_PACKET_FROM_CLIENT");
 pub const UNEXPECTED_PACKET_FROM_CLIENT: Code = Code::new(101, "UNEXPECTED_PACKET_FROM_CLIENT");
 pub const UNKNOWN_SETTING: Code = Code::new(115, "UNKNOWN_SETTING");

@@ -79,8 +79,16 @@ impl Plan<'_> {
     }
 
     /// Whether a request lost after it was sent may be sent to another node: only a read
-    /// (it changes nothing) whose body was kept.
+    /// (it changes nothing) whose body was kept, outside a session (whose temporary tables
+    /// and settings are on the node that had it: elsewhere the same query could read
+    /// something else).
     fn resend_after_loss(&self) -> Result<(), GatewayError> {
+        if self.session.is_some() {
+            return Err(GatewayError::UpstreamFailed {
+                reason: "connection lost",
+                why: "belongs to a session, whose state is on that node",
+            });
+        }
         match (self.statement.is_read(), self.replayable) {
             (true, true) => Ok(()),
             (true, false) => Err(GatewayError::UpstreamFailed {

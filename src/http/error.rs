@@ -18,6 +18,9 @@ pub enum HttpError {
     Gateway(#[from] GatewayError),
     #[error("Cannot read the request body: {0}")]
     RequestBody(String),
+    /// A request chgate will not pass on as it is (it says why).
+    #[error("{0}")]
+    BadRequest(String),
 }
 
 impl HttpError {
@@ -26,6 +29,7 @@ impl HttpError {
         match self {
             Self::Gateway(e) => e.kind().as_str(),
             Self::RequestBody(_) => "request_body",
+            Self::BadRequest(_) => "bad_request",
         }
     }
 
@@ -33,6 +37,7 @@ impl HttpError {
         match self {
             Self::Gateway(e) => e.code(),
             Self::RequestBody(_) => codes::CANNOT_READ_ALL_DATA,
+            Self::BadRequest(_) => codes::BAD_ARGUMENTS,
         }
     }
 
@@ -74,7 +79,7 @@ impl HttpError {
         );
         if let Some(after) = match self {
             Self::Gateway(e) => e.retry_after(),
-            Self::RequestBody(_) => None,
+            Self::RequestBody(_) | Self::BadRequest(_) => None,
         } {
             // Whole seconds, rounded up: never 0 for a wait that has not passed.
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);

@@ -210,6 +210,10 @@ impl Frontend {
             .and_then(|q| q.config().max_execution_time);
         let mut rewritten =
             rewrite::query(parts.uri.query(), &user, &parts.method, execution_limit);
+        if let Some(refusal) = refuse_as_sent(&rewritten, &parts.headers, &user) {
+            sniff::discard(&mut body).await;
+            return Err(HttpError::BadRequest(refusal));
+        }
         // Kept by `unanswered` (for the access log, however the request ends), lent from there.
         unanswered.query_id = Some(std::mem::take(&mut rewritten.query_id));
         // The body cannot be read by us if it is compressed: by Content-Encoding, or in
@@ -399,4 +403,34 @@ fn avoid_down_replicas(path_and_query: &mut String, cluster: &crate::picker::Clu
     if route::steer_in_order(cluster) {
         path_and_query.insert_str(2, "load_balancing=in_order&");
     }
+}
+
+/// A request that cannot go on as sent: a parameter chgate decides on given twice (the
+/// server would run another statement than the one checked), or a read-only user's
+/// `multipart/form-data` body (its form fields become settings the server applies after
+/// the `readonly` chgate adds, a `readonly=0` among them on 18.16).
+fn refuse_as_sent(
+    rewritten: &rewrite::Rewritten,
+    headers: &http::HeaderMap,
+    user: &User,
+) -> Option<String> {
+    if let Some(name) = rewritten.ambiguous {
+        return Some(format!(
+            "The parameter {name} is given more than once; give it once"
+        ));
+    }
+    let multipart = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .get(..19)
+                .is_some_and(|t| t.eq_ignore_ascii_case("multipart/form-data"))
+        });
+    (user.readonly && multipart).then(|| {
+        format!(
+            "{}: multipart/form-data bodies (form fields, external tables) are not accepted for read-only users",
+            user.name
+        )
+    })
 }

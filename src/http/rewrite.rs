@@ -49,13 +49,20 @@ pub struct Rewritten {
     pub compress: bool,
     /// The client set `load_balancing` itself.
     pub load_balancing: bool,
+    /// Why the request cannot go on: a parameter chgate decides on (`query`, `query_id`,
+    /// `session_id`) given twice. ClickHouse takes the first, a reading of the last would
+    /// check another statement than the one that runs.
+    pub ambiguous: Option<&'static str>,
 }
 
 /// Drops the client's credentials (and, for read-only users, any `readonly` it sent),
 /// namespaces `session_id` by user, makes sure there is a `query_id`, passes a quota's
 /// `max_execution_time` on (the client's own only where it is lower), and adds
-/// `readonly=1` for read-only users' POSTs, last, so nothing after it has to change a
-/// setting. Every other parameter is forwarded byte for byte.
+/// `readonly=1` for read-only users' requests other than GETs (the server makes GETs
+/// read-only itself; a HEAD it does not), last, so nothing after it has to change a
+/// setting; drops a read-only user's `replace_running_query` (every mapped user shares the
+/// cluster account, so it would cancel another user's query of the same id). Every other
+/// parameter is forwarded byte for byte.
 pub fn query(
     query: Option<&str>,
     user: &User,
@@ -74,10 +81,20 @@ pub fn query(
         out.path_and_query.push_str(raw);
     };
     let mut max_execution_time = execution_limit.map(upstream_execution_seconds);
+    let mut seen = [false; 3];
     for raw in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (raw_name, raw_value) = raw.split_once('=').unwrap_or((raw, ""));
         let name = decode_component(raw_name);
+        if let Some(i) = ["query", "query_id", "session_id"]
+            .iter()
+            .position(|n| *n == name.as_ref())
+        {
+            if std::mem::replace(&mut seen[i], true) {
+                out.ambiguous = Some(["query", "query_id", "session_id"][i]);
+            }
+        }
         match name.as_ref() {
+            "replace_running_query" if user.readonly => continue,
             "user" | "password" => continue,
             "max_execution_time" if max_execution_time.is_some() => {
                 let own = decode_component(raw_value).trim().parse::<u64>().ok();
@@ -118,8 +135,9 @@ pub fn query(
     if let Some(seconds) = max_execution_time {
         push_raw(&mut out, &format!("max_execution_time={seconds}"));
     }
-    // GET already implies readonly on the server, and ClickHouse refuses to change it there.
-    if user.readonly && method != Method::GET && method != Method::HEAD {
+    // GET already implies readonly on the server, and ClickHouse refuses to change it
+    // there; HEAD does not (18.16 makes only a GET read-only).
+    if user.readonly && method != Method::GET {
         push_raw(
             &mut out,
             if user.upstream_readonly == 2 {
@@ -337,6 +355,43 @@ mod tests {
             !query(Some("max_execution_time=600"), &bi, &Method::POST, None)
                 .path_and_query
                 .contains("max_execution_time=11")
+        );
+    }
+
+    #[test]
+    fn what_a_read_only_user_cannot_slip_past() {
+        let bi = test_user("bi", true);
+        // HEAD is not made read-only by the server: chgate's readonly goes on it.
+        let r = query(Some("query=SELECT+1"), &bi, &Method::HEAD, None);
+        assert!(
+            r.path_and_query.ends_with("&readonly=1"),
+            "{}",
+            r.path_and_query
+        );
+        // Another user's query id cannot be replaced.
+        let r = query(
+            Some("query=SELECT+1&query_id=theirs&replace_running_query=1"),
+            &bi,
+            &Method::POST,
+            None,
+        );
+        assert!(!r.path_and_query.contains("replace_running_query"));
+        let etl = test_user("etl", false);
+        let r = query(Some("replace_running_query=1"), &etl, &Method::POST, None);
+        assert!(r.path_and_query.contains("replace_running_query=1"));
+        // The server runs the first `query`; chgate would have checked the last.
+        for twice in [
+            "query=INSERT+INTO+t+SELECT+1&query=SELECT+1",
+            "query_id=a&query_id=b",
+            "session_id=a&query=SELECT+1&session_id=b",
+        ] {
+            let r = query(Some(twice), &etl, &Method::POST, None);
+            assert!(r.ambiguous.is_some(), "{twice}");
+        }
+        assert!(
+            query(Some("query=SELECT+1&query_id=a"), &bi, &Method::GET, None)
+                .ambiguous
+                .is_none()
         );
     }
 

@@ -22,6 +22,9 @@ use crate::upstream::Body;
 /// Bytes of a request body read at most to find the first keyword of the statement.
 const SNIFF_LIMIT: usize = 64 * 1024;
 
+/// How long a client gets to send the part of its body that says what the statement is.
+const SNIFF_TIME: Duration = Duration::from_secs(30);
+
 /// What is read and dropped of a refused request's body, at most.
 const DISCARD_LIMIT: usize = 1 << 20;
 const DISCARD_TIME: Duration = Duration::from_secs(1);
@@ -51,9 +54,24 @@ pub async fn statement(
             ended,
         });
     }
+    let deadline = tokio::time::Instant::now() + SNIFF_TIME;
+    // The body so far is looked at again only once it has doubled (or is all there): a
+    // body sent a byte at a time costs linear time, not quadratic.
+    let mut looked_at = 0;
     while kind == StatementKind::Incomplete {
-        ended = read_more(body, &mut head, SNIFF_LIMIT).await?;
+        ended = tokio::time::timeout_at(deadline, read_more(body, &mut head, SNIFF_LIMIT))
+            .await
+            .map_err(|_| {
+                HttpError::RequestBody(format!(
+                    "the statement did not arrive within {} s",
+                    SNIFF_TIME.as_secs()
+                ))
+            })??;
         let complete = ended || head.len() >= SNIFF_LIMIT;
+        if !complete && head.len() < 2 * looked_at {
+            continue;
+        }
+        looked_at = head.len();
         kind = if param.is_empty() {
             classify(&head, complete)
         } else {

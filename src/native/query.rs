@@ -129,7 +129,10 @@ pub fn rewrite<'a>(
         query
             .settings
             .iter()
-            .filter(|s| !(user.readonly && s.name == "readonly"))
+            // A read-only user's own `readonly` goes (chgate sets it), and so does its
+            // `replace_running_query`: every mapped user shares the cluster account, so it
+            // would cancel another user's query that has the same id.
+            .filter(|s| !(user.readonly && matches!(s.name, "readonly" | "replace_running_query")))
             .filter(|s| {
                 // The client's own limit stays if it is stricter than the quota's.
                 let Some(quota) = execution_time else {
@@ -399,10 +402,17 @@ mod tests {
         let threads = varuint_value(2);
         let q = query(
             b"SELECT 1",
-            vec![Setting {
-                name: "max_threads",
-                value: &threads,
-            }],
+            vec![
+                Setting {
+                    name: "max_threads",
+                    value: &threads,
+                },
+                // Dropped for a read-only user: it would cancel another user's query.
+                Setting {
+                    name: "replace_running_query",
+                    value: &one,
+                },
+            ],
         );
         let r = rewrite(&q, &bi, 54412, "id", &one, None, true);
         let names: Vec<_> = r.settings.iter().map(|s| s.name).collect();
