@@ -198,12 +198,12 @@ async fn at_once_or(
     }
 }
 
-/// Reads what `io` has now, without waiting: `None` if a read would wait.
+/// Reads what `io` has now into `buf`'s spare room, without waiting: `None` if a read
+/// would wait.
 async fn read_now<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut BytesMut,
 ) -> Option<std::io::Result<usize>> {
-    buf.reserve(READ_CHUNK);
     let mut read = std::pin::pin!(io.read_buf(buf));
     std::future::poll_fn(|cx| match std::future::Future::poll(read.as_mut(), cx) {
         std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
@@ -225,6 +225,7 @@ async fn drained_after_full_read<R: AsyncRead + Unpin>(
     read: &IntCounter,
 ) -> bool {
     while incomplete_at > 0 && buf.len() < 2 * incomplete_at {
+        buf.reserve(READ_CHUNK);
         let spare = buf.capacity() - buf.len();
         match read_now(io, buf).await {
             Some(Ok(n)) if n > 0 => {

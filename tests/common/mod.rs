@@ -3,10 +3,12 @@
 //! real clients (curl, the official `clickhouse` crate).
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -608,17 +610,26 @@ impl Drop for IngestProcess {
 /// resumes them and waits (bounded, without panicking) until each has its ZooKeeper session
 /// back and no read-only replica, so a test that froze a node long enough to expire its
 /// session does not leave the next test a half-recovered cluster.
+///
+/// Tests of one binary run side by side: a node two of them froze is resumed only when the
+/// last of them lets go (a count per process), so one test's end never thaws a node
+/// another still counts on being stopped.
 pub struct Frozen {
     nodes: Vec<(&'static str, String)>,
 }
+
+/// How many live [`Frozen`] hold each stopped pid.
+static FROZEN_BY: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
 
 impl Frozen {
     /// `nodes` are stack names and addresses, e.g. `("ch4", "127.0.0.14")`.
     pub fn stop(nodes: &[(&'static str, &'static str)]) -> Frozen {
         let mut frozen = Frozen { nodes: Vec::new() };
+        let mut by = FROZEN_BY.lock().unwrap_or_else(|p| p.into_inner());
         for (name, host) in nodes {
             let pid = stack_pid(name);
             send_signal(&pid, "STOP");
+            *by.entry(pid.clone()).or_insert(0) += 1;
             frozen.nodes.push((host, pid));
         }
         frozen
@@ -627,10 +638,20 @@ impl Frozen {
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        for (_, pid) in &self.nodes {
-            try_signal(pid, "CONT");
+        let mut resumed = Vec::new();
+        {
+            let mut by = FROZEN_BY.lock().unwrap_or_else(|p| p.into_inner());
+            for (host, pid) in &self.nodes {
+                let count = by.entry(pid.clone()).or_insert(1);
+                *count -= 1;
+                if *count == 0 {
+                    by.remove(pid);
+                    try_signal(pid, "CONT");
+                    resumed.push(*host);
+                }
+            }
         }
-        for (host, _) in &self.nodes {
+        for host in resumed {
             if let Err(e) = settled(host, Duration::from_secs(90)) {
                 eprintln!("{host} did not settle after SIGCONT: {e}");
             }
