@@ -373,31 +373,8 @@ async fn prepare_slot(
         .store
         .meta("snapshot")?
         .and_then(|b| serde_json::from_slice(&b).ok());
-    // Tables added to the capture after its snapshot began are read too, each under a
-    // snapshot of its own taken now (a regime, as for a resumed table): the stream brings
-    // their changes from when the publication took them in, and those the new snapshot
-    // already saw are skipped.
     if let (Some(_), Some(state), SnapshotMode::Initial) = (slot_lsn, &mut saved, &c.snapshot) {
-        let added: Vec<String> = capture
-            .tables
-            .iter()
-            .filter(|t| !state.tables.contains_key(&t.name))
-            .map(|t| t.name.clone())
-            .collect();
-        if !added.is_empty() {
-            for name in &added {
-                state.tables.insert(
-                    name.clone(),
-                    TableProgress {
-                        done: false,
-                        after: None,
-                        regimes: Vec::new(),
-                    },
-                );
-            }
-            record_state(capture, state)?;
-            tracing::info!(tables = %added.join(", "), "Tables new to the capture: their existing rows are read first");
-        }
+        follow_captured_tables(capture, state)?;
     }
     let mut conn = ReplicationConn::connect(&connect_params(&cfg))
         .await
@@ -482,6 +459,52 @@ async fn prepare_slot(
         },
     };
     Ok((conn, plan))
+}
+
+/// Brings a saved snapshot's tables in line with the tables captured now. One added after
+/// the snapshot began is read too, under a snapshot of its own taken at its turn (a
+/// regime, as for a resumed table): the stream brings its changes from when the
+/// publication took it in, and those the new snapshot already saw are skipped. One no
+/// longer captured is forgotten (else the snapshot would never be done), so it is read
+/// again if it comes back.
+fn follow_captured_tables(capture: &mut Capture, state: &mut SnapshotState) -> anyhow::Result<()> {
+    let captured = |name: &String| capture.tables.iter().any(|t| &t.name == name);
+    let removed: Vec<String> = state
+        .tables
+        .keys()
+        .filter(|n| !captured(n))
+        .cloned()
+        .collect();
+    let added: Vec<String> = capture
+        .tables
+        .iter()
+        .filter(|t| !state.tables.contains_key(&t.name))
+        .map(|t| t.name.clone())
+        .collect();
+    if added.is_empty() && removed.is_empty() {
+        return Ok(());
+    }
+    for name in &removed {
+        state.tables.remove(name);
+    }
+    for name in &added {
+        state.tables.insert(
+            name.clone(),
+            TableProgress {
+                done: false,
+                after: None,
+                regimes: Vec::new(),
+            },
+        );
+    }
+    record_state(capture, state)?;
+    if !added.is_empty() {
+        tracing::info!(tables = %added.join(", "), "Tables new to the capture: their existing rows are read first");
+    }
+    if !removed.is_empty() {
+        tracing::info!(tables = %removed.join(", "), "Tables no longer captured: their snapshot progress is forgotten");
+    }
+    Ok(())
 }
 
 fn record_state(capture: &mut Capture, state: &SnapshotState) -> anyhow::Result<()> {
