@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -184,11 +185,7 @@ async fn at_once_or(
     timeout: std::time::Duration,
 ) -> Written {
     let mut write = std::pin::pin!(write);
-    let now = std::future::poll_fn(|cx| {
-        std::task::Poll::Ready(std::future::Future::poll(write.as_mut(), cx))
-    })
-    .await;
-    if let std::task::Poll::Ready(r) = now {
+    if let Some(r) = write.as_mut().now_or_never() {
         return Written::Done(r);
     }
     tokio::select! {
@@ -198,27 +195,13 @@ async fn at_once_or(
     }
 }
 
-/// Reads what `io` has now into `buf`'s spare room, without waiting: `None` if a read
-/// would wait.
-async fn read_now<R: AsyncRead + Unpin>(
-    io: &mut R,
-    buf: &mut BytesMut,
-) -> Option<std::io::Result<usize>> {
-    let mut read = std::pin::pin!(io.read_buf(buf));
-    std::future::poll_fn(|cx| match std::future::Future::poll(read.as_mut(), cx) {
-        std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
-        std::task::Poll::Pending => std::task::Poll::Ready(None),
-    })
-    .await
-}
-
 /// Whether a socket whose last read filled the buffer's spare room has been read to its
 /// end. A packet waiting for more bytes is walked again only once its bytes have doubled
 /// or the socket is drained; a read that took exactly the last bytes a peer sent (the
 /// peer now waiting for an answer) must count as drained, or the walk never comes and
 /// both sides wait on each other. So, while that walk is held back, this reads on
 /// without waiting until the socket has nothing or the bytes have doubled.
-async fn drained_after_full_read<R: AsyncRead + Unpin>(
+fn drained_after_full_read<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut BytesMut,
     incomplete_at: usize,
@@ -227,7 +210,8 @@ async fn drained_after_full_read<R: AsyncRead + Unpin>(
     while incomplete_at > 0 && buf.len() < 2 * incomplete_at {
         buf.reserve(READ_CHUNK);
         let spare = buf.capacity() - buf.len();
-        match read_now(io, buf).await {
+        // What the socket has now, without waiting (`None`: a read would wait).
+        match io.read_buf(buf).now_or_never() {
             Some(Ok(n)) if n > 0 => {
                 read.inc_by(n as u64);
                 if n < spare {
@@ -307,8 +291,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                             &mut self.buf,
                             self.client_incomplete_at,
                             &self.to_server,
-                        )
-                        .await;
+                        );
                     self.on_client(drained).await
                 }
                 Event::Server(Ok(0)) => {
@@ -328,8 +311,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                             &mut u.buf,
                             u.incomplete_at,
                             &self.to_client,
-                        )
-                        .await;
+                        );
                     }
                     self.on_server(drained).await
                 }
