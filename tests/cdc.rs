@@ -40,6 +40,11 @@ struct TestDb {
 }
 
 impl TestDb {
+    /// Runs `sql` (statements separated by `;`) in the database, from a test's thread.
+    fn exec(&self, rt: &tokio::runtime::Runtime, sql: &str) {
+        rt.block_on(async { pg(&self.name).await.batch_execute(sql).await.unwrap() });
+    }
+
     async fn create() -> Self {
         let name = common::unique("cdc");
         let admin = pg("postgres").await;
@@ -205,6 +210,11 @@ impl Cdc {
     fn tail(&self) -> Vec<String> {
         let log = self.log.lock().unwrap();
         log.iter().rev().take(15).rev().cloned().collect()
+    }
+
+    /// Whether a line of the log holds `text`.
+    fn logged(&self, text: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(text))
     }
 
     fn errors(&self) -> Vec<String> {
@@ -1289,21 +1299,13 @@ fn the_capture_speaks_tls_to_postgres_as_sslmode_says() {
 fn a_partitioned_table_is_captured_once_under_its_own_name() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let db = rt.block_on(TestDb::create());
-    rt.block_on(async {
-        pg(&db.name)
-            .await
-            .batch_execute(
-                "CREATE TABLE measures (id bigint, region text, v int, PRIMARY KEY (id, region))
+    db.exec(&rt, "CREATE TABLE measures (id bigint, region text, v int, PRIMARY KEY (id, region))
                      PARTITION BY LIST (region);
                  CREATE TABLE measures_eu PARTITION OF measures FOR VALUES IN ('eu');
                  CREATE TABLE measures_us PARTITION OF measures FOR VALUES IN ('us');
                  INSERT INTO measures VALUES (1, 'eu', 10), (2, 'eu', 20), (3, 'us', 30), (4, 'us', 40);
                  CREATE TABLE badident (id bigint PRIMARY KEY, code text NOT NULL UNIQUE);
-                 ALTER TABLE badident REPLICA IDENTITY USING INDEX badident_code_key;",
-            )
-            .await
-            .unwrap();
-    });
+                 ALTER TABLE badident REPLICA IDENTITY USING INDEX badident_code_key;");
     let prefix = db.name.replace('_', "-");
     let state = common::tempfile_path("cdc-state");
     let cfg = config(&db, &prefix, &state, 1000);
@@ -1317,21 +1319,11 @@ fn a_partitioned_table_is_captured_once_under_its_own_name() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(
-        !status.success()
-            && refused
-                .tail()
-                .iter()
-                .any(|l| l.contains("badident has REPLICA IDENTITY USING INDEX")),
+        !status.success() && refused.logged("badident has REPLICA IDENTITY USING INDEX"),
         "{status}: {:?}",
         refused.tail()
     );
-    rt.block_on(async {
-        pg(&db.name)
-            .await
-            .batch_execute("ALTER TABLE badident REPLICA IDENTITY DEFAULT")
-            .await
-            .unwrap();
-    });
+    db.exec(&rt, "ALTER TABLE badident REPLICA IDENTITY DEFAULT");
     let cdc = Cdc::start(&cfg);
     cdc.wait_streaming(Duration::from_secs(60));
     rt.block_on(async {
@@ -1409,11 +1401,7 @@ fn a_new_store_numbers_its_events_after_those_in_the_topics() {
         wait_caught_up(&db, &cdc).await;
     });
     assert!(
-        cdc.log
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("numbering this one's after theirs")),
+        cdc.logged("numbering this one's after theirs"),
         "{:?}",
         cdc.tail()
     );
@@ -1459,32 +1447,22 @@ fn a_table_added_later_is_read_then_streamed() {
             .collect();
         std::fs::write(&cfg, text.join("\n")).unwrap();
     };
-    let sql = |q: &'static str| {
-        rt.block_on(async { pg(&db.name).await.batch_execute(q).await.unwrap() });
-    };
     with_tables(r#"["public.orders"]"#);
     let mut cdc = Cdc::start(&cfg);
     cdc.wait_streaming(Duration::from_secs(60));
-    sql("UPDATE customers SET name = 'early' WHERE id <= 25");
+    db.exec(&rt, "UPDATE customers SET name = 'early' WHERE id <= 25");
     cdc.term();
-    sql("INSERT INTO customers VALUES (100, 'late', 'l@x.io', now()); DELETE FROM customers WHERE id = 21");
+    db.exec(&rt, "INSERT INTO customers VALUES (100, 'late', 'l@x.io', now()); DELETE FROM customers WHERE id = 21");
     with_tables(r#"["public.orders", "public.customers"]"#);
     let cdc = Cdc::start(&cfg);
     cdc.wait_streaming(Duration::from_secs(60));
-    sql(
+    db.exec(
+        &rt,
         "UPDATE customers SET name = 'streamed' WHERE id IN (22, 100);
          INSERT INTO customers VALUES (101, 'new', 'n@x.io', now())",
     );
     rt.block_on(wait_caught_up(&db, &cdc));
-    assert!(
-        cdc.log
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("Tables new to the capture")),
-        "{:?}",
-        cdc.tail()
-    );
+    assert!(cdc.logged("Tables new to the capture"), "{:?}", cdc.tail());
     let (rows, problems) = fold(&read_topic(&format!("{prefix}.public.customers")));
     assert!(problems.is_empty(), "{problems:?}");
     let want: Vec<(i64, String)> = rt.block_on(async {
@@ -1509,15 +1487,7 @@ fn a_table_added_later_is_read_then_streamed() {
     with_tables(r#"["public.orders"]"#);
     let cdc = Cdc::start(&cfg);
     cdc.wait_streaming(Duration::from_secs(60));
-    assert!(
-        cdc.log
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("no longer captured")),
-        "{:?}",
-        cdc.tail()
-    );
+    assert!(cdc.logged("no longer captured"), "{:?}", cdc.tail());
 }
 
 /// With `with_schema`, a column added mid-stream is in the schema of the events that

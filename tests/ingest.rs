@@ -512,6 +512,8 @@ async fn a_whole_shard_down_holds_only_what_must_go_there() {
 
 /// SIGTERM while writers wait for a shard that is down: they give up at once instead of
 /// holding the drain up for its 30 s limit, and the next run writes their segments, once.
+/// (Shard 2 is "down" by its replicas' addresses in the first run's config, which answer
+/// nothing: freezing the real nodes would also freeze other tests' inserts under them.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_does_not_wait_for_a_shard_that_is_down() {
     let topic = unique("ing_term");
@@ -529,8 +531,11 @@ async fn sigterm_does_not_wait_for_a_shard_that_is_down() {
         "sharding = \"key\"\nkey = \"user_id\"",
         "format = \"json\"",
     );
-    let frozen = Frozen::stop(&[("ch3", NODES[2]), ("ch4", NODES[3])]);
-    let mut ingest = start_ingest(config).await;
+    let unreachable = config
+        .replace("\"127.0.0.13\"", "\"127.0.0.98\"")
+        .replace("\"127.0.0.14\"", "\"127.0.0.99\"");
+    assert_ne!(unreachable, config);
+    let mut ingest = start_ingest(unreachable).await;
     wait_for_log(
         &ingest,
         "No node for a batch",
@@ -560,8 +565,7 @@ async fn sigterm_does_not_wait_for_a_shard_that_is_down() {
             &[&ingest],
         );
     }
-    drop(frozen);
-    let again = restart_ingest(ingest.config_path.clone()).await;
+    let again = start_ingest(config).await;
     exactly_once(&event, n, "after a SIGTERM with shard 2 down", &[&again]).await;
 }
 
