@@ -1392,14 +1392,8 @@ fn a_new_store_numbers_its_events_after_those_in_the_topics() {
     let second = config(&db, &prefix, &common::tempfile_path("cdc-state"), 1000);
     let cdc = Cdc::start(&second);
     cdc.wait_streaming(Duration::from_secs(60));
-    rt.block_on(async {
-        pg(&db.name)
-            .await
-            .batch_execute("UPDATE orders SET status = 'again' WHERE id <= 10")
-            .await
-            .unwrap();
-        wait_caught_up(&db, &cdc).await;
-    });
+    db.exec(&rt, "UPDATE orders SET status = 'again' WHERE id <= 10");
+    rt.block_on(wait_caught_up(&db, &cdc));
     assert!(
         cdc.logged("numbering this one's after theirs"),
         "{:?}",

@@ -177,16 +177,10 @@ async fn table(
         });
         attnums.push(c.get::<_, i16>(2));
     }
-    let pk = client
-        .query(
-            "SELECT unnest(i.indkey::int2[]) FROM pg_index i
-             WHERE i.indrelid = $1 AND i.indisprimary",
-            &[&oid],
-        )
-        .await?;
+    let pk = index_columns(client, oid, Index::Primary).await?;
     let key: Vec<usize> = pk
         .iter()
-        .filter_map(|r| attnums.iter().position(|&a| a == r.get::<_, i16>(0)))
+        .filter_map(|k| attnums.iter().position(|a| a == k))
         .collect();
     if key.is_empty() {
         anyhow::bail!(
@@ -197,18 +191,8 @@ async fn table(
     if replica_identity == 'i' {
         // A delete's old row then carries only the identity index's columns: the key must
         // be among them, or the row cannot be found.
-        let identity = client
-            .query(
-                "SELECT unnest(i.indkey::int2[]) FROM pg_index i
-                 WHERE i.indrelid = $1 AND i.indisreplident",
-                &[&oid],
-            )
-            .await?;
-        let covered = pk.iter().all(|k| {
-            identity
-                .iter()
-                .any(|r| r.get::<_, i16>(0) == k.get::<_, i16>(0))
-        });
+        let identity = index_columns(client, oid, Index::ReplicaIdentity).await?;
+        let covered = pk.iter().all(|k| identity.contains(k));
         if !covered {
             anyhow::bail!(
                 "table {schema}.{name} has REPLICA IDENTITY USING INDEX on an index without every primary key column: its deletes would not say which row went; use DEFAULT (or FULL)"
@@ -224,6 +208,29 @@ async fn table(
         replica_identity,
         partitioned: false,
     })
+}
+
+/// Which of a table's indexes [`index_columns`] reads.
+enum Index {
+    Primary,
+    ReplicaIdentity,
+}
+
+/// The column numbers (`attnum`) of a table's primary key or replica identity index, in
+/// index order; empty if it has none.
+async fn index_columns(client: &Client, oid: u32, index: Index) -> anyhow::Result<Vec<i16>> {
+    let sql = match index {
+        Index::Primary => {
+            "SELECT unnest(i.indkey::int2[]) FROM pg_index i
+             WHERE i.indrelid = $1 AND i.indisprimary"
+        }
+        Index::ReplicaIdentity => {
+            "SELECT unnest(i.indkey::int2[]) FROM pg_index i
+             WHERE i.indrelid = $1 AND i.indisreplident"
+        }
+    };
+    let rows = client.query(sql, &[&oid]).await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// Kinds of non-built-in types (enums, domains, arrays of those), asked once each.
