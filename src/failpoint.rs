@@ -10,7 +10,8 @@
 //!
 //! Names in use: `ingest.inserted` (a segment's rows are in ClickHouse, its done record not
 //! yet written), `ingest.replay` (a writer is about to insert a segment rebuilt from a
-//! pending intent).
+//! pending intent), `cdc.truncate_sliced` (the capture committed a slice of a truncate's
+//! deletes, more of them to come).
 
 use std::collections::HashMap;
 use std::sync::OnceLock;

@@ -1574,3 +1574,71 @@ fn sigterm_stops_a_capture_still_waiting_for_its_broker() {
         cdc.tail()
     );
 }
+
+/// A TRUNCATE of rows too wide for one unit (1,200 rows of 64 KiB: their delete events
+/// carry about 80 MiB of before images): its deletes are committed in slices, the rows read
+/// from the store a batch at a time. Killed right after the first slice, the restarted
+/// capture deletes the rest, each row once, then publishes the truncate; the topic folds to
+/// an empty table with no inconsistency. The snapshot before it read the wide rows in
+/// chunks cut to a size, not `snapshot_chunk_rows` at a time.
+#[test]
+fn a_truncate_of_wide_rows_goes_in_slices_and_survives_a_kill() {
+    const ROWS: usize = 1200;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt.block_on(TestDb::create());
+    db.exec(
+        &rt,
+        &format!(
+            "CREATE TABLE wide (id bigint PRIMARY KEY, doc text);
+             INSERT INTO wide SELECT g, repeat(md5(g::text), 2048) FROM generate_series(1, {ROWS}) g"
+        ),
+    );
+    let prefix = db.name.replace('_', "-");
+    let cfg = config(&db, &prefix, &common::tempfile_path("cdc-state"), 5000);
+    let (child, admin, log) = common::spawn_logged_env(
+        "cdc",
+        &cfg,
+        &[("CHGATE_FAILPOINTS", "cdc.truncate_sliced=kill")],
+    );
+    let mut cdc = Cdc { child, admin, log };
+    cdc.wait_streaming(Duration::from_secs(120));
+    assert_eq!(
+        cdc.metric("chgate_cdc_snapshot_rows_total", &["table=\"public.wide\""]),
+        ROWS as f64
+    );
+    db.exec(&rt, "TRUNCATE wide");
+    let end = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(status) = cdc.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < end,
+            "the truncate was not sliced (the failpoint never killed the capture): {:?}",
+            cdc.tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "killed by the failpoint, not {status}");
+    drop(cdc);
+
+    let cdc = Cdc::start(&cfg);
+    cdc.wait_streaming(Duration::from_secs(120));
+    rt.block_on(wait_caught_up(&db, &cdc));
+    assert!(cdc.errors().is_empty(), "{:?}", cdc.errors());
+    let events = read_topic(&format!("{prefix}.public.wide"));
+    let (rows, problems) = fold(&events);
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert!(rows.is_empty(), "{} rows left", rows.len());
+    let op = |e: &Event, op: &str| e.value.as_ref().is_some_and(|v| v["op"] == op);
+    let deletes: Vec<&Event> = events.iter().filter(|e| op(e, "d")).collect();
+    let keys: HashSet<&str> = deletes.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!((deletes.len(), keys.len()), (ROWS, ROWS));
+    assert!(deletes.iter().all(|e| {
+        e.value.as_ref().unwrap()["before"]["doc"]
+            .as_str()
+            .is_some_and(|d| d.len() == 65536)
+    }));
+    let truncates = events.iter().filter(|e| op(e, "t")).count();
+    assert_eq!(truncates, 3, "one truncate event per partition");
+}

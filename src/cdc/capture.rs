@@ -32,6 +32,24 @@ pub struct Captured {
     pub name: String,
 }
 
+/// Rows, and bytes of them, a truncate reads from the store at a time.
+const TRUNCATE_BATCH: usize = 1_000;
+const TRUNCATE_BATCH_BYTES: usize = 8 << 20;
+
+/// A TRUNCATE of one table under way: see [`Capture::truncate_step`].
+pub struct Truncating {
+    t: usize,
+    tx: TxInfo,
+    lsn: u64,
+    /// The regimes of resumed snapshots that saw the truncate (their rows stay).
+    seeing: Vec<u8>,
+    /// Rows are deleted one by one (`delete_rows`, or resumed snapshots saw it), and some
+    /// are left to read.
+    rows_left: bool,
+    /// The store key the next batch starts after.
+    next: Option<Vec<u8>>,
+}
+
 /// What the stream said a relation looks like now.
 #[derive(Clone)]
 struct RelState {
@@ -303,10 +321,11 @@ impl Capture {
                 }
                 self.delete(tx, lsn, &rel, &old.1).await
             }
+            // Whole, in one unit: the stream applies a truncate itself, in slices.
             Change::Truncate { lsn, relations } => {
                 for r in relations {
-                    if let Some(rel) = self.rel(r)? {
-                        self.truncate(tx, lsn, rel.table).await?;
+                    if let Some(mut run) = self.begin_truncate(tx, lsn, r)? {
+                        while !self.truncate_step(&mut run)? {}
                     }
                 }
                 Ok(())
@@ -469,29 +488,58 @@ impl Capture {
         Ok(())
     }
 
-    /// A truncate: (with `truncate = "delete_rows"`) a delete of every row the store holds,
-    /// then the `t` event, which goes to every partition of the table's topic, so it is
-    /// ordered against every row event whatever partition the row's key hashes to.
-    async fn truncate(&mut self, tx: TxInfo, lsn: u64, t: usize) -> anyhow::Result<()> {
+    /// Starts a TRUNCATE of `relation`; `None` for a table the capture leaves out. Its rows
+    /// are then deleted a batch at a time by [`Capture::truncate_step`], so a table of
+    /// millions of rows is never read into memory whole, and its events can be committed
+    /// in slices.
+    pub fn begin_truncate(
+        &self,
+        tx: TxInfo,
+        lsn: u64,
+        relation: u32,
+    ) -> anyhow::Result<Option<Truncating>> {
+        let Some(rel) = self.rel(relation)? else {
+            return Ok(None);
+        };
+        let t = rel.table;
+        // Resumed snapshots taken after this truncate read their key ranges as it left
+        // them: those rows stay; only the rows read before it, or written by changes
+        // before it, go. No `t` event: it would wipe what those snapshots published.
         let seeing = self.regimes_seeing(t, tx);
-        if !seeing.is_empty() {
-            // Resumed snapshots taken after this truncate read their key ranges as it left
-            // them: those rows stay; only the rows read before it, or written by changes
-            // before it, go. No `t` event: it would wipe what those snapshots published.
-            for (key_json, row) in self.store.rows_of(&self.tables[t].name)? {
-                if seeing.contains(&row.regime) {
+        let delete_rows =
+            !seeing.is_empty() || self.cfg.config.capture.truncate == TruncateMode::DeleteRows;
+        Ok(Some(Truncating {
+            t,
+            tx,
+            lsn,
+            seeing,
+            rows_left: delete_rows,
+            next: None,
+        }))
+    }
+
+    /// Applies the next batch of a truncate: a delete event (with its complete before
+    /// image) for each row going, each row taken out of the store. `Ok(true)` once the
+    /// truncate is complete: then, unless resumed snapshots saw it, the table is emptied
+    /// in the store and the `t` event goes to every partition of the table's topic, so it
+    /// is ordered against every row event whatever partition the row's key hashes to.
+    ///
+    /// After a crash between two batches (their slices committed) the truncate is applied
+    /// again: the rows deleted before are gone from the store, so none is deleted twice.
+    pub fn truncate_step(&mut self, run: &mut Truncating) -> anyhow::Result<bool> {
+        let t = run.t;
+        if run.rows_left {
+            let batch = self.store.rows_batch(
+                &self.tables[t].name,
+                run.next.as_deref(),
+                TRUNCATE_BATCH,
+                TRUNCATE_BATCH_BYTES,
+            )?;
+            for (store_key, key_json, row) in batch.rows {
+                if run.seeing.contains(&row.regime) {
                     continue;
                 }
-                let source = self.source(tx, lsn, lsn, Some(row.version));
-                let key = key_json.as_bytes();
-                self.emit(t, 'd', key, Some(row.json.as_bytes()), None, &source);
-                self.store.put(self.store_key(t, key), None);
-            }
-            return Ok(());
-        }
-        if self.cfg.config.capture.truncate == TruncateMode::DeleteRows {
-            for (key_json, row) in self.store.rows_of(&self.tables[t].name)? {
-                let source = self.source(tx, lsn, lsn, Some(row.version));
+                let source = self.source(run.tx, run.lsn, run.lsn, Some(row.version));
                 self.emit(
                     t,
                     'd',
@@ -500,10 +548,19 @@ impl Capture {
                     None,
                     &source,
                 );
+                self.store.put(store_key, None);
+            }
+            run.next = batch.next;
+            run.rows_left = run.next.is_some();
+            if run.rows_left {
+                return Ok(false);
             }
         }
+        if !run.seeing.is_empty() {
+            return Ok(true);
+        }
         self.store.truncate(&self.tables[t].name);
-        let source = self.source(tx, lsn, lsn, None);
+        let source = self.source(run.tx, run.lsn, run.lsn, None);
         let value = self.tables[t]
             .envelope
             .value('t', None, None, &source, self.with_schema());
@@ -517,7 +574,7 @@ impl Capture {
             .cdc_events
             .with_label_values(&[self.tables[t].name.as_str(), "t"])
             .inc();
-        Ok(())
+        Ok(true)
     }
 
     fn store_key(&self, t: usize, key_json: &[u8]) -> Vec<u8> {

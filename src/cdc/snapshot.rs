@@ -255,6 +255,8 @@ pub async fn read_table(client: Client, read: TableRead, out: mpsc::Sender<anyho
         chunk_rows,
     } = read;
     let result = async {
+        // Before the transaction: SET TRANSACTION SNAPSHOT must be its first statement.
+        let mut limit = first_chunk_rows(&client, &table, chunk_rows).await;
         client
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await?;
@@ -287,13 +289,14 @@ pub async fn read_table(client: Client, read: TableRead, out: mpsc::Sender<anyho
             }
         };
         loop {
-            let sql = chunk_query(&table, after.as_ref(), chunk_rows);
+            let sql = chunk_query(&table, after.as_ref(), limit);
             let stream = client.copy_out(sql.as_str()).await?;
             let data: Vec<Bytes> = stream.try_collect().await?;
             let data = data.concat();
-            let (rows, last_key) = rows_of_copy(&data, &table, &layout, chunk_rows)?;
+            let (rows, last_key) = rows_of_copy(&data, &table, &layout, limit)?;
             let events = shape.events(&rows);
-            let last = rows.len() < chunk_rows as usize;
+            let last = rows.len() < limit as usize;
+            limit = chunk_rows_for(rows.len(), data.len(), chunk_rows);
             if let Some(k) = &last_key {
                 after = Some(Clone::clone(k));
             }
@@ -317,6 +320,39 @@ pub async fn read_table(client: Client, read: TableRead, out: mpsc::Sender<anyho
         let _ = out
             .send(Err(e.context(format!("snapshot of {}", table.full_name()))))
             .await;
+    }
+}
+
+/// A chunk's COPY text is kept near this size: `snapshot_chunk_rows` rows of wide rows
+/// (documents of 100 KiB, say) would be gigabytes in memory, and one outbox record too big
+/// to read back.
+const CHUNK_BYTES: usize = 16 << 20;
+
+/// The rows of the next chunk: as many as fill [`CHUNK_BYTES`] at the last chunk's bytes
+/// per row, at most `max` (`snapshot_chunk_rows`).
+fn chunk_rows_for(rows: usize, bytes: usize, max: u32) -> u32 {
+    if rows == 0 || bytes == 0 {
+        return max;
+    }
+    let per_row = bytes.div_ceil(rows);
+    u32::try_from(CHUNK_BYTES / per_row)
+        .unwrap_or(u32::MAX)
+        .clamp(1, max.max(1))
+}
+
+/// The first chunk's rows, from the table's size per row in the catalog (its TOAST
+/// included, compressed as it is on disk, so a guess that wide values can still exceed),
+/// and at most 1,000 until a chunk has shown the real width.
+async fn first_chunk_rows(client: &Client, table: &TableSchema, max: u32) -> u32 {
+    let max = max.clamp(1, 1_000);
+    let sql = "SELECT (pg_total_relation_size(c.oid) / greatest(c.reltuples, 1))::float8 \
+               FROM pg_class c WHERE c.oid = $1::text::regclass AND c.reltuples > 0";
+    match client.query_opt(sql, &[&table.qualified()]).await {
+        Ok(Some(row)) => {
+            let per_row = row.get::<_, f64>(0).max(1.0);
+            ((CHUNK_BYTES as f64 / per_row) as u32).clamp(1, max)
+        }
+        _ => max,
     }
 }
 
@@ -529,6 +565,18 @@ mod tests {
             Ok(())
         })?;
         Ok(rows)
+    }
+
+    #[test]
+    fn chunks_are_cut_to_a_size_in_bytes() {
+        // Narrow rows: the configured count.
+        assert_eq!(chunk_rows_for(20_000, 1_200_000, 20_000), 20_000);
+        // 64 KiB rows: 16 MiB of them.
+        assert_eq!(chunk_rows_for(1_000, 1_000 * 65_536, 20_000), 256);
+        // A row over the budget: one at a time, never none.
+        assert_eq!(chunk_rows_for(3, 3 * (64 << 20), 20_000), 1);
+        // An empty chunk says nothing about the width.
+        assert_eq!(chunk_rows_for(0, 0, 500), 500);
     }
 
     #[test]

@@ -223,6 +223,17 @@ struct Unit {
     ops: Vec<Op>,
     meta: Vec<(String, Vec<u8>)>,
     events: Vec<OutboxEvent>,
+    /// The bytes its rows and events hold (keys, JSON, values): what bounds a unit, with
+    /// its event count.
+    bytes: usize,
+}
+
+/// A batch of a table's rows: see [`Store::rows_batch`].
+pub struct RowsBatch {
+    /// Store key, key JSON, row.
+    pub rows: Vec<(Vec<u8>, String, StoredRow)>,
+    /// Where the next batch starts (`None`: the table is read to its end).
+    pub next: Option<Vec<u8>>,
 }
 
 /// A unit just committed: its events are to be sent.
@@ -421,6 +432,7 @@ impl Store {
     /// Sets (or with `None` removes) a row in the open unit.
     pub fn put(&mut self, key: impl Into<Arc<[u8]>>, row: Option<StoredRow>) {
         let key = key.into();
+        self.open.bytes += key.len() + row.as_ref().map_or(0, |r| r.json.len());
         let (unit, op) = (self.unit(), self.op());
         self.latest
             .insert(Arc::clone(&key), (unit, op, row.clone()));
@@ -458,6 +470,8 @@ impl Store {
         let seq = self.next_event;
         self.next_event += 1;
         let unit = self.unit();
+        self.open.bytes +=
+            key.as_ref().map_or(0, Bytes::len) + value.as_ref().map_or(0, Bytes::len);
         self.open.events.push(OutboxEvent {
             seq,
             unit,
@@ -483,26 +497,61 @@ impl Store {
         self.open.seq
     }
 
-    /// Every row of `table` as it stands now (committed, with the uncommitted writes on
-    /// top): (key JSON, row).
-    pub fn rows_of(&self, table: &str) -> Result<Vec<(String, StoredRow)>, StoreError> {
-        let prefix = format!("{table}\0");
+    /// Up to about `limit` rows, or `max_bytes` of them, of `table` as they stand now, in
+    /// key order, after the store key `after` (from the table's first row without one): a
+    /// table read a batch at a time, never whole. Returns the rows (store key, key JSON, row) and where the
+    /// next batch starts, `None` once the table is read to its end.
+    pub fn rows_batch(
+        &self,
+        table: &str,
+        after: Option<&[u8]>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<RowsBatch, StoreError> {
+        use std::ops::Bound;
+        let mut prefix = table.as_bytes().to_vec();
+        prefix.push(0);
+        let mut end = table.as_bytes().to_vec();
+        end.push(1);
+        let start = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Included(prefix.as_slice()),
+        };
         let truncated = self.truncated.get(table).map(|&(_, op)| op);
         let mut out: std::collections::BTreeMap<Vec<u8>, StoredRow> = Default::default();
+        // The last key read from the file when it has more: overlay rows past it belong
+        // to a later batch.
+        let mut bound: Option<Vec<u8>> = None;
         if truncated.is_none() {
             let tx = self.db.begin_read().map_err(err)?;
             let t = tx.open_table(ROWS).map_err(err)?;
-            let mut end = table.as_bytes().to_vec();
-            end.push(1);
-            for entry in t.range(prefix.as_bytes()..end.as_slice()).map_err(err)? {
+            let range = t
+                .range((start, Bound::Excluded(end.as_slice())))
+                .map_err(err)?;
+            let (mut read, mut bytes) = (0, 0);
+            for entry in range {
                 let (k, v) = entry.map_err(err)?;
+                read += 1;
+                bytes += v.value().len();
                 if let Some(row) = StoredRow::decode(v.value()) {
                     out.insert(k.value().to_vec(), row);
+                }
+                if read >= limit || bytes >= max_bytes {
+                    bound = Some(k.value().to_vec());
+                    break;
                 }
             }
         }
         for (key, (_, op, row)) in &self.latest {
-            if !key.starts_with(prefix.as_bytes()) || truncated.is_some_and(|t| *op < t) {
+            let past_start = match after {
+                Some(a) => &key[..] > a,
+                None => true,
+            };
+            if !key.starts_with(&prefix)
+                || !past_start
+                || bound.as_deref().is_some_and(|b| &key[..] > b)
+                || truncated.is_some_and(|t| *op < t)
+            {
                 continue;
             }
             match row {
@@ -510,15 +559,24 @@ impl Store {
                 None => out.remove(&key[..]),
             };
         }
-        Ok(out
+        let rows = out
             .into_iter()
-            .map(|(k, r)| (String::from_utf8_lossy(&k[prefix.len()..]).into_owned(), r))
-            .collect())
+            .map(|(k, r)| {
+                let json = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                (k, json, r)
+            })
+            .collect();
+        Ok(RowsBatch { rows, next: bound })
     }
 
     /// Events in the open unit.
     pub fn open_events(&self) -> usize {
         self.open.events.len()
+    }
+
+    /// Bytes the open unit's rows and events hold.
+    pub fn open_bytes(&self) -> usize {
+        self.open.bytes
     }
 
     /// Closes the open unit; `lsn` is the position a complete transaction reaches.
@@ -533,6 +591,11 @@ impl Store {
     /// Events in closed units, waiting for [`Store::commit`].
     pub fn uncommitted_events(&self) -> usize {
         self.closed.iter().map(|u| u.events.len()).sum()
+    }
+
+    /// Bytes the closed units waiting for [`Store::commit`] hold.
+    pub fn uncommitted_bytes(&self) -> usize {
+        self.closed.iter().map(|u| u.bytes).sum()
     }
 
     pub fn has_uncommitted(&self) -> bool {
@@ -792,6 +855,61 @@ mod tests {
         std::fs::remove_dir_all(dir).ok();
     }
 
+    /// Every row of `table`, read `limit` at a time: their key JSON.
+    fn all_rows(s: &Store, table: &str, limit: usize) -> Vec<String> {
+        rows_after(s, table, None, limit)
+    }
+
+    fn rows_after(s: &Store, table: &str, mut after: Option<Vec<u8>>, limit: usize) -> Vec<String> {
+        let mut keys = Vec::new();
+        loop {
+            let batch = s
+                .rows_batch(table, after.as_deref(), limit, usize::MAX)
+                .unwrap();
+            keys.extend(batch.rows.into_iter().map(|(_, k, _)| k));
+            match batch.next {
+                Some(n) => after = Some(n),
+                None => return keys,
+            }
+        }
+    }
+
+    #[test]
+    fn a_table_is_read_in_batches_with_the_open_writes_on_top() {
+        let dir = temp();
+        let mut s = Store::open(&dir, 1 << 20).unwrap();
+        for k in ["a", "b", "c", "d", "e", "f", "g"] {
+            s.put(format!("t\0{k}").into_bytes(), row(1, "1"));
+        }
+        s.put(b"s\0a".to_vec(), row(1, "1"));
+        s.put(b"u\0a".to_vec(), row(1, "1"));
+        s.close_unit(Some(10));
+        s.commit().unwrap();
+        // Uncommitted: one row gone, two new (one between committed rows, one past them).
+        s.put(b"t\0c".to_vec(), None);
+        s.put(b"t\0bb".to_vec(), row(2, "2"));
+        s.put(b"t\0z".to_vec(), row(2, "2"));
+        let want = ["a", "b", "bb", "d", "e", "f", "g", "z"];
+        for limit in [1, 2, 3, 1000] {
+            assert_eq!(all_rows(&s, "t", limit), want, "{limit} at a time");
+        }
+        // Bounded by bytes: a row (10 bytes here) at a time.
+        assert_eq!(s.rows_batch("t", None, 1000, 1).unwrap().rows.len(), 1);
+        // Rows deleted as they are read (a truncate's batches) are not read again.
+        let first = s.rows_batch("t", None, 2, usize::MAX).unwrap();
+        for (key, _, _) in &first.rows {
+            s.put(key.clone(), None);
+        }
+        let rest = rows_after(&s, "t", first.next, 2);
+        assert_eq!(rest, ["bb", "d", "e", "f", "g", "z"]);
+        // The bytes the open unit holds are counted.
+        assert!(s.open_bytes() > 0);
+        s.close_unit(None);
+        assert_eq!(s.open_bytes(), 0);
+        assert!(s.uncommitted_bytes() > 0);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
     #[test]
     fn a_truncate_hides_older_rows_and_not_newer_ones() {
         let dir = temp();
@@ -804,18 +922,12 @@ mod tests {
         assert_eq!(s.get(b"t\0a").unwrap(), None);
         s.put(b"t\0b".to_vec(), row(2, "2"));
         assert_eq!(s.get(b"t\0b").unwrap(), row(2, "2"));
-        assert_eq!(s.rows_of("t").unwrap().len(), 1);
+        assert_eq!(all_rows(&s, "t", 1000).len(), 1);
         s.close_unit(Some(20));
         s.commit().unwrap();
         assert_eq!(s.get(b"t\0a").unwrap(), None);
         s.put(b"t\0c".to_vec(), row(3, "3"));
-        let keys: Vec<String> = s
-            .rows_of("t")
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        assert_eq!(keys, ["b", "c"]);
+        assert_eq!(all_rows(&s, "t", 1000), ["b", "c"]);
         assert_eq!(s.get(b"u\0a").unwrap(), row(1, "1"));
         assert_eq!(s.rows_on_disk().unwrap(), 2);
         std::fs::remove_dir_all(dir).ok();

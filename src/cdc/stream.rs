@@ -35,12 +35,17 @@ const NO_TX: TxInfo = TxInfo {
     commit_ts_ms: 0,
 };
 
-/// Events of one transaction per store commit at most: a bigger transaction is committed
-/// (and its events sent) in slices of this many, so it never has to fit in memory.
+/// Events, and bytes of rows and events, of one transaction per store commit at most: a
+/// bigger transaction is committed (and its events sent) in slices of this size, so it
+/// never has to fit in memory, and a unit's outbox record stays far below the 1 GiB its
+/// reader takes (20,000 updates of 100 KiB documents would be 4 GiB).
 const SLICE_EVENTS: usize = 20_000;
+const SLICE_BYTES: usize = 64 << 20;
 
-/// Closed units hold this many events: commit them now rather than at the next tick.
+/// Closed units hold this many events, or bytes: commit them now rather than at the next
+/// tick.
 const FLUSH_EVENTS: usize = 5_000;
+const FLUSH_BYTES: usize = 64 << 20;
 
 struct Stream<'a> {
     capture: &'a mut Capture,
@@ -158,7 +163,10 @@ impl Stream<'_> {
                 data = self.conn.copy_data() => match data? {
                     Some(d) => {
                         self.frame(d).await?;
-                        if self.capture.store.uncommitted_events() >= FLUSH_EVENTS {
+                        let store = &self.capture.store;
+                        if store.uncommitted_events() >= FLUSH_EVENTS
+                            || store.uncommitted_bytes() >= FLUSH_BYTES
+                        {
                             self.capture.flush().await?;
                         }
                     }
@@ -344,20 +352,60 @@ impl Stream<'_> {
     /// Applies a change of the current transaction: row changes already committed by a
     /// slice before a crash are skipped, and a big transaction is cut into slices.
     async fn apply(&mut self, info: TxInfo, change: Change) -> anyhow::Result<()> {
-        if matches!(change, Change::Relation(_)) {
-            return self.capture.apply(info, change).await;
+        match change {
+            Change::Relation(_) => return self.capture.apply(info, change).await,
+            Change::Truncate { lsn, relations } => {
+                return self.truncate(info, lsn, relations).await
+            }
+            _ => {}
         }
         self.applied += 1;
         if self.applied <= self.skip {
             return Ok(());
         }
         self.capture.apply(info, change).await?;
-        if self.capture.store.open_events() >= SLICE_EVENTS {
-            self.capture
-                .close_slice(info.commit_lsn, self.applied, info.commit_ts_ms);
-            self.capture.flush().await?;
+        self.slice_if_full(info, self.applied).await.map(drop)
+    }
+
+    /// A TRUNCATE, counted as one change per table. A table's rows are deleted in
+    /// batches, and the transaction is sliced between them when the unit is full: such a
+    /// slice counts the table as not applied yet, so after a crash its truncate is applied
+    /// again, to the rows the store still holds.
+    async fn truncate(
+        &mut self,
+        info: TxInfo,
+        lsn: u64,
+        relations: Vec<u32>,
+    ) -> anyhow::Result<()> {
+        for relation in relations {
+            self.applied += 1;
+            if self.applied <= self.skip {
+                continue;
+            }
+            let Some(mut run) = self.capture.begin_truncate(info, lsn, relation)? else {
+                continue;
+            };
+            while !self.capture.truncate_step(&mut run)? {
+                if self.slice_if_full(info, self.applied - 1).await? {
+                    crate::failpoint::reach("cdc.truncate_sliced").await;
+                }
+            }
+            self.slice_if_full(info, self.applied).await?;
         }
         Ok(())
+    }
+
+    /// Commits the transaction's changes so far as a slice (`applied` of them in) if the
+    /// open unit is full; whether it was.
+    async fn slice_if_full(&mut self, info: TxInfo, applied: u64) -> anyhow::Result<bool> {
+        let store = &self.capture.store;
+        if store.open_events() < SLICE_EVENTS && store.open_bytes() < SLICE_BYTES {
+            return Ok(false);
+        }
+        self.capture
+            .close_slice(info.commit_lsn, applied, info.commit_ts_ms);
+        self.capture.flush().await?;
+        Ok(true)
     }
 
     /// A change of the transaction being received.
