@@ -394,7 +394,7 @@ impl Metrics {
         );
         let native_errors = counter(
             "chgate_native_errors_total",
-            "Native-protocol connections ended or queries failed by chgate, by kind (unknown_setting, unsupported, malformed, unexpected_packet, upstream_lost, client_io, idle_timeout, client_send_timeout, query_too_large).",
+            "Native-protocol connections ended or queries failed by chgate, by kind (unknown_setting, unsupported, malformed, unexpected_packet, upstream_lost, client_io, idle_timeout, client_send_timeout, node_send_timeout, query_too_large).",
             &["kind"],
         );
         let native_reconnects = counter(

@@ -433,6 +433,107 @@ async fn a_client_that_stops_reading_is_let_go() {
     drop(s);
 }
 
+/// An INSERT whose node stops reading mid-stream (hung: its connection stays open, nothing
+/// is taken): after `native_send_timeout` chgate gives the node up, the client gets an
+/// Exception and its remaining data is dropped, instead of chgate, the client and the
+/// user's concurrency slot waiting on the node for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_whose_node_stops_reading_is_given_up() {
+    let (p, addr, a, b) = relayed_proxy_with_settings("", "native_send_timeout = \"2s\"").await;
+    let db = Database::new("hungwrite");
+    for node in ["127.0.0.11", "127.0.0.12"] {
+        direct(
+            node,
+            &format!(
+                "CREATE TABLE {}.sink (id UInt64, s String) ENGINE = Null",
+                db.0
+            ),
+        );
+    }
+    let sql = format!("INSERT INTO {}.sink FORMAT TSV", db.0);
+    let args: Vec<String> = ["--host", "127.0.0.1", "--port"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([addr.port().to_string()])
+        .chain(
+            // Blocks of ~10 MiB, sent as stdin is read.
+            with(&ETL, &["--max_insert_block_size", "10000", "-q", &sql])
+                .iter()
+                .map(|s| s.to_string()),
+        )
+        .collect();
+    let mut child = Command::new("clickhouse-client")
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("clickhouse-client");
+    // 200 MiB of rows that do not compress (the client sends LZ4 blocks: rows of one
+    // letter would all fit in the sockets' buffers), written as fast as the client takes
+    // them; it stops when the client fails.
+    let mut input = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        use std::io::Write;
+        const LETTERS: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut chunk = Vec::with_capacity(1 << 20);
+        for _ in 0..200 {
+            chunk.clear();
+            for _ in 0..1000 {
+                chunk.extend_from_slice(b"1\t");
+                for _ in 0..1000 {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    chunk.push(LETTERS[(seed & 63) as usize]);
+                }
+                chunk.push(b'\n');
+            }
+            if input.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    node_running(&["127.0.0.11", "127.0.0.12"], "hungwrite", 0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.hang.cancel();
+    b.hang.cancel();
+    let hung_at = Instant::now();
+    let pid = child.id();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap());
+    let Ok(out) = tokio::time::timeout(Duration::from_secs(30), out).await else {
+        let m = p.metrics().await;
+        let errors: Vec<&str> = m
+            .lines()
+            .filter(|l| l.contains("native_errors") || l.contains("native_queries"))
+            .collect();
+        send_signal(&pid.to_string(), "KILL");
+        a.cut.cancel();
+        b.cut.cancel();
+        panic!("the client still waits on a node that reads nothing: {errors:#?}");
+    };
+    let out = out.unwrap();
+    feeder.join().unwrap();
+    assert!(!out.status.success(), "the insert cannot have succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("connection lost"), "{stderr}");
+    let m = p.metrics().await;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "chgate_native_errors_total",
+            &["kind=\"node_send_timeout\""]
+        ),
+        1.0,
+        "{m}"
+    );
+    eprintln!("given up {:?} after the node hung", hung_at.elapsed());
+    a.cut.cancel();
+    b.cut.cancel();
+}
+
 /// Waits until a query whose text holds `pattern` runs on one of `nodes`, having read at
 /// least `rows` rows.
 async fn running_on(nodes: &[&'static str], pattern: &str, rows: u64) {
@@ -502,6 +603,15 @@ async fn relayed_proxy() -> (TestProxy, SocketAddr, Relay, Relay) {
 
 /// [`relayed_proxy`] with `upstream` added to its `[upstream]` settings.
 async fn relayed_proxy_with(upstream: &str) -> (TestProxy, SocketAddr, Relay, Relay) {
+    relayed_proxy_with_settings(upstream, "").await
+}
+
+/// [`relayed_proxy`] with `upstream` added to its `[upstream]` settings and `proxy` to its
+/// `[proxy]` ones.
+async fn relayed_proxy_with_settings(
+    upstream: &str,
+    proxy: &str,
+) -> (TestProxy, SocketAddr, Relay, Relay) {
     let (a, b) = (
         Relay::start("127.0.0.11").await,
         Relay::start("127.0.0.12").await,
@@ -514,7 +624,11 @@ async fn relayed_proxy_with(upstream: &str) -> (TestProxy, SocketAddr, Relay, Re
         b.native.port()
     );
     let text = native_config(&[("127.0.0.11", 8123)], FAST_PICKER)
-        .replace("[upstream]\n", &format!("[upstream]\n{upstream}\n"));
+        .replace("[upstream]\n", &format!("[upstream]\n{upstream}\n"))
+        .replace(
+            "access_log = false",
+            &format!("access_log = false\n{proxy}"),
+        );
     let start = text.find("replicas = [").unwrap();
     let end = start + text[start..].find('\n').unwrap();
     let text = format!("{}{}{}", &text[..start], replicas, &text[end..]);

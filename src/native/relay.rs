@@ -225,6 +225,24 @@ fn drained_after_full_read<R: AsyncRead + Unpin>(
     false
 }
 
+/// Writes `bytes` to a node. A node that takes none of them for `timeout` (its socket
+/// accepted the connection and stopped reading: a SIGSTOPped or wedged server, whose
+/// kernel answers the zero-window probes for ever) fails the write with `TimedOut`, where
+/// nothing else would ever end it. A write that finishes at once arms no timer.
+async fn write_upstream<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    bytes: &[u8],
+    timeout: std::time::Duration,
+) -> std::io::Result<()> {
+    match at_once_or(io.write_all(bytes), until(None), timeout).await {
+        Written::Done(r) => r,
+        Written::Deadline | Written::TimedOut => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the node took no bytes for proxy.native_send_timeout",
+        )),
+    }
+}
+
 /// Reads from the node, or waits forever without one.
 async fn read_upstream(upstream: &mut Option<Upstream>) -> std::io::Result<usize> {
     match upstream {
@@ -360,14 +378,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                         retry.settle();
                     }
                     if self.running.is_some() {
-                        self.send_upstream(&[client::CANCEL as u8]).await;
+                        self.send_upstream(&[client::CANCEL as u8]).await?;
                     }
                 }
                 client::PING => {
                     self.buf.advance(1);
                     if self.upstream.is_some() {
                         self.pings += 1;
-                        self.send_upstream(&[client::PING as u8]).await;
+                        self.send_upstream(&[client::PING as u8]).await?;
                     } else {
                         // No node now: the connection is alive all the same.
                         self.send_client(&PONG).await?;
@@ -492,8 +510,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         let Some(upstream) = self.upstream.as_mut() else {
             return Err(Close);
         };
-        if let Err(e) = upstream.io.write_all(&out).await {
-            // Nothing of the query reached the node: it never ran.
+        let send_timeout = self.frontend.settings.send_timeout;
+        if let Err(e) = write_upstream(&mut upstream.io, &out, send_timeout).await {
+            // The node has no whole query: it never ran.
             upstream.backend.failed(&UpstreamError::Io(e));
             self.upstream = None;
             let refusal = Refusal::Gateway(crate::gateway::GatewayError::UpstreamFailed {
@@ -574,7 +593,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         };
         match packet {
             Ok(p) => {
-                self.forward_client_bytes(p.len).await;
+                self.forward_client_bytes(p.len).await?;
                 self.buf.advance(p.len);
                 self.client_forwarded = 0;
                 self.client_incomplete_at = 0;
@@ -584,7 +603,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 Ok(true)
             }
             Err(WalkError::Incomplete) => {
-                self.forward_client_bytes(self.buf.len()).await;
+                self.forward_client_bytes(self.buf.len()).await?;
                 self.client_incomplete_at = self.buf.len();
                 Ok(false)
             }
@@ -606,28 +625,52 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
 
     /// Sends the client's bytes up to `end` of the buffer on to the node (unless they are
     /// being dropped), those not sent yet.
-    async fn forward_client_bytes(&mut self, end: usize) {
+    async fn forward_client_bytes(&mut self, end: usize) -> Step {
         let start = self.client_forwarded;
         self.client_forwarded = end;
         if self.discarding || start >= end {
-            return;
+            return Ok(());
         }
         let Some(upstream) = self.upstream.as_mut() else {
-            return;
+            return Ok(());
         };
         if let Some(retry) = self.running.as_mut().and_then(|r| r.retry.as_mut()) {
             retry.client_bytes(&self.buf[start..end]);
         }
-        if let Err(e) = upstream.io.write_all(&self.buf[start..end]).await {
-            tracing::debug!(node = upstream.backend.label(), error = %e, "Writing to the node failed");
-            // Reading from it will tell the rest.
-        }
+        let send_timeout = self.frontend.settings.send_timeout;
+        let written = write_upstream(&mut upstream.io, &self.buf[start..end], send_timeout).await;
+        self.after_upstream_write(written).await
     }
 
-    /// Writes to the node; a failure is left for the next read from it to report.
-    async fn send_upstream(&mut self, bytes: &[u8]) {
-        if let Some(u) = self.upstream.as_mut() {
-            let _ = u.io.write_all(bytes).await;
+    /// Writes to the node.
+    async fn send_upstream(&mut self, bytes: &[u8]) -> Step {
+        let send_timeout = self.frontend.settings.send_timeout;
+        let Some(u) = self.upstream.as_mut() else {
+            return Ok(());
+        };
+        let written = write_upstream(&mut u.io, bytes, send_timeout).await;
+        self.after_upstream_write(written).await
+    }
+
+    /// A failed write to the node is left for the next read from it to report (the node
+    /// may have said why before it closed), except a timed-out one: a node that reads
+    /// nothing sends nothing either, so it is given up on now.
+    async fn after_upstream_write(&mut self, written: std::io::Result<()>) -> Step {
+        match written {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                METRICS
+                    .native_errors
+                    .with_label_values(&["node_send_timeout"])
+                    .inc();
+                self.upstream_lost(e).await
+            }
+            Err(e) => {
+                if let Some(u) = &self.upstream {
+                    tracing::debug!(node = u.backend.label(), error = %e, "Writing to the node failed");
+                }
+                Ok(())
+            }
         }
     }
 
@@ -1210,7 +1253,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         let Some(retry) = run.retry.as_mut() else {
             return Err(up.backend);
         };
-        if let Err(e) = up.io.write_all(retry.sent()).await {
+        let send_timeout = self.frontend.settings.send_timeout;
+        if let Err(e) = write_upstream(&mut up.io, retry.sent(), send_timeout).await {
             up.backend.failed(&UpstreamError::Io(e));
             return Err(up.backend);
         }
