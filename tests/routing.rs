@@ -245,11 +245,19 @@ async fn a_lagging_replica_takes_no_reads() {
         &format!("INSERT INTO demo.events_local VALUES (now(), 1, '{tag}', 1)"),
     );
 
+    // Right after the stack starts, a replica that has not loaded its queue yet is
+    // excluded too (ClickHouse reports its delay since the epoch): wait for the lag.
     let t = wait_for_topology(
         p.admin,
         "ch2 excluded for lag",
         Duration::from_secs(15),
-        |t| replica(t, lagger)["read"]["weight"] == 0,
+        |t| {
+            let r = replica(t, lagger);
+            r["read"]["weight"] == 0
+                && r["read"]["excluded"]
+                    .as_str()
+                    .is_some_and(|why| why.contains("replication delay"))
+        },
     )
     .await;
     let r = replica(&t, lagger);

@@ -20,7 +20,10 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 pub use load::{check, load, parse, read};
-pub use validate::{validate_clusters, validate_picker, validate_upstream, Problem, Validated};
+pub use validate::{
+    validate_clusters, validate_config_source, validate_picker, validate_upstream, Problem,
+    Validated,
+};
 
 /// The root of a chgate config file.
 #[derive(Debug, Clone, Deserialize)]

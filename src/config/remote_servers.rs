@@ -116,7 +116,8 @@ pub fn render(
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "<!-- cluster {key}, published by chgate{} -->",
+            "<!-- cluster {}, published by chgate{} -->",
+            comment(key),
             if taken.is_empty() {
                 String::new()
             } else {
@@ -606,5 +607,18 @@ mod tests {
         assert_eq!(comment("x--y"), "x- -y");
         assert_eq!(comment("a---b-"), "a- - -b- ");
         assert!(!comment("----").contains("--"));
+        // A cluster key may hold `--` (names allow `-`): never inside the comment as is.
+        let c: BTreeMap<String, ClusterConfig> = toml::from_str(
+            "[\"prod--eu\"]\nshards = [{ replicas = [{ host = \"h\" }] }]\n[\"prod--eu\".remote_servers]\nname = \"prod_eu\"\n",
+        )
+        .unwrap();
+        let text = render(&c, &Removed::new(), 1);
+        assert!(text.contains("<prod_eu>"), "{text}");
+        let comments: Vec<&str> = text
+            .split("<!--")
+            .skip(1)
+            .map(|c| c.split("-->").next().unwrap())
+            .collect();
+        assert!(comments.iter().all(|c| !c.contains("--")), "{text}");
     }
 }

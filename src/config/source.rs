@@ -184,15 +184,15 @@ pub async fn start(path: &Path) -> Result<Started, Vec<Problem>> {
     };
     let (validated, version, nodes) = match from_zk.await {
         Ok((validated, version, nodes)) => {
-            write_cache(&cache, &nodes, version, &source.root);
+            write_cache(&cache, &nodes, version, source.root.trim_end_matches('/'));
             (validated, version, Some(nodes))
         }
         Err(problems) => {
             for p in &problems {
                 tracing::error!(problem = %p, "Cannot load the config from ZooKeeper");
             }
-            let (validated, version) =
-                read_cache(&cache, &bootstrap, &base).map_err(|mut cache_problems| {
+            let (validated, version) = read_cache(&cache, &source.root, &bootstrap, &base)
+                .map_err(|mut cache_problems| {
                     cache_problems.splice(0..0, problems);
                     cache_problems
                 })?;
@@ -291,11 +291,26 @@ fn write_cache(cache: &Path, nodes: &Nodes, version: u64, root: &str) {
     }
 }
 
+/// The version and root a cache's first line names (`None` for a line that is not one).
+fn cache_header(line: &str) -> (u64, Option<&str>) {
+    let Some(rest) = line.strip_prefix("# chgate config cache: version ") else {
+        return (0, None);
+    };
+    let Some((version, rest)) = rest.split_once(" of ") else {
+        return (0, None);
+    };
+    let root = rest.rsplit_once(". Written by").map(|(root, _)| root);
+    (version.parse().unwrap_or(0), root)
+}
+
+/// The cache of the config under `root` (trailing slashes trimmed, as the store does).
 fn read_cache(
     cache: &Path,
+    root: &str,
     bootstrap: &Config,
     base: &Path,
 ) -> Result<(Validated, u64), Vec<Problem>> {
+    let root = root.trim_end_matches('/');
     let key = format!("config_source.cache_file {}", cache.display());
     let text = std::fs::read_to_string(cache).map_err(|e| {
         vec![Problem::new(
@@ -303,13 +318,16 @@ fn read_cache(
             format!("no cached config to start from: {e}"),
         )]
     })?;
-    let version = text
-        .lines()
-        .next()
-        .and_then(|l| l.strip_prefix("# chgate config cache: version "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|v| v.trim_end_matches('.').parse().ok())
-        .unwrap_or(0);
+    let (version, cached_root) = cache_header(text.lines().next().unwrap_or(""));
+    if cached_root != Some(root) {
+        return Err(vec![Problem::new(
+            key,
+            format!(
+                "the cached config is of {}, not of this instance's root {root}: not used",
+                cached_root.unwrap_or("an unknown root")
+            ),
+        )]);
+    }
     let dynamic: zookeeper::Dynamic = toml::from_str(&text).map_err(|e| {
         let p = Problem::from_toml(&e, &text);
         vec![Problem::new(key.clone(), p.message)]
@@ -420,6 +438,36 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
             ("admin.listen", format!("{:?}", c.admin.listen)),
             ("auth", format!("{:?}", c.auth)),
             ("config_source", format!("{:?}", c.config_source)),
+            // Read once by the listeners and the frontends they start.
+            (
+                "proxy.max_replay_body_bytes",
+                format!("{:?}", c.proxy.max_replay_body_bytes),
+            ),
+            (
+                "proxy.keep_alive_timeout",
+                format!("{:?}", c.proxy.keep_alive_timeout),
+            ),
+            (
+                "proxy.header_read_timeout",
+                format!("{:?}", c.proxy.header_read_timeout),
+            ),
+            (
+                "proxy.drain_timeout",
+                format!("{:?}", c.proxy.drain_timeout),
+            ),
+            ("proxy.access_log", format!("{:?}", c.proxy.access_log)),
+            (
+                "proxy.native_idle_timeout",
+                format!("{:?}", c.proxy.native_idle_timeout),
+            ),
+            (
+                "proxy.native_send_timeout",
+                format!("{:?}", c.proxy.native_send_timeout),
+            ),
+            (
+                "proxy.native_max_query_bytes",
+                format!("{:?}", c.proxy.native_max_query_bytes),
+            ),
         ]
     };
     listen(old)
@@ -460,8 +508,10 @@ pub async fn watch<F: Fn(&Validated)>(
                 continue;
             }
         };
-        backoff.reset();
-        // The session joins the fleet (and joins again whenever its znode is missing).
+        // The session joins the fleet (and joins again whenever its znode is missing). The
+        // wait between sessions starts again only once one has read the root: a session
+        // that connects and then cannot read (a znode's ACL, say) must not reconnect ten
+        // times a second.
         let ended = session(
             &store,
             &w,
@@ -469,6 +519,7 @@ pub async fn watch<F: Fn(&Validated)>(
             &members,
             &member_id,
             &mut offered,
+            &mut backoff,
             &stop,
         )
         .await;
@@ -500,6 +551,7 @@ async fn session<F: Fn(&Validated)>(
     members: &impl Fn(u32),
     member_id: &str,
     offered: &mut Offered,
+    backoff: &mut Backoff,
     stop: &CancellationToken,
 ) -> Option<()> {
     let mut state = store.client().state_watcher();
@@ -511,6 +563,7 @@ async fn session<F: Fn(&Validated)>(
                 return Some(());
             }
         };
+        backoff.reset();
         reloader.tracker.set_connected(true);
         let (mut names, mut members_watch) = match store.members().await {
             Ok(m) => m,
@@ -588,5 +641,44 @@ async fn session<F: Fn(&Validated)>(
             }
             Some(_) => return Some(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cache_names_its_root_and_another_root_refuses_it() {
+        let line =
+            "# chgate config cache: version 12 of /chgate/prod.eu. Written by chgate; do not edit.";
+        assert_eq!(cache_header(line), (12, Some("/chgate/prod.eu")));
+        assert_eq!(cache_header("# something else"), (0, None));
+        let dir = std::env::temp_dir().join(format!("chgate-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cache = dir.join("c.toml");
+        std::fs::write(&cache, format!("{line}\n")).unwrap();
+        let bootstrap: Config = toml::from_str("").unwrap();
+        let refused = read_cache(&cache, "/chgate/staging/", &bootstrap, &dir).unwrap_err();
+        assert!(
+            refused[0]
+                .message
+                .contains("not of this instance's root /chgate/staging"),
+            "{refused:?}"
+        );
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn settings_read_once_at_start_are_reported_as_needing_a_restart() {
+        let old: Config = toml::from_str("").unwrap();
+        let new: Config =
+            toml::from_str("[proxy]\ndrain_timeout = \"5s\"\nnative_send_timeout = \"9s\"\n")
+                .unwrap();
+        assert_eq!(
+            restart_keys(&old, &new),
+            ["proxy.drain_timeout", "proxy.native_send_timeout"]
+        );
+        assert!(restart_keys(&old, &old).is_empty());
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use argon2::PasswordHash;
 
-use super::{ClusterConfig, Config, HedgeAfter, PickerConfig, UpstreamConfig};
+use super::{ClusterConfig, Config, ConfigSourceConfig, HedgeAfter, PickerConfig, UpstreamConfig};
 use crate::secret::Secret;
 
 /// One thing wrong with a config: where (a dotted key path) and why.
@@ -228,6 +228,9 @@ pub(super) fn validate_with(
 
     validate_upstream(&config.upstream, &mut problems);
     validate_picker(&config.picker, &mut problems);
+    if let Some(source) = &config.config_source {
+        validate_config_source(source, &mut problems);
+    }
     let secrets = validate_clusters(&config.clusters, base, &mut problems);
     validate_remote_servers(&config.clusters, &mut problems);
     if !require_users {
@@ -375,6 +378,58 @@ fn validate_quotas(quotas: &BTreeMap<String, super::QuotaConfig>, problems: &mut
 }
 
 /// The `[upstream]` section, for every app.
+/// `[config_source]`: an ensemble, an absolute root of its own, and digest credentials
+/// whole (a password without a user would connect unauthenticated and create every znode
+/// open to anyone, while the operator believes it is protected).
+pub fn validate_config_source(cs: &ConfigSourceConfig, problems: &mut Vec<Problem>) {
+    let mut p = |key: &str, message: String| problems.push(Problem::new(key, message));
+    if cs.zookeeper.is_empty() {
+        p(
+            "config_source.zookeeper",
+            "names no ZooKeeper server".into(),
+        );
+    }
+    for server in &cs.zookeeper {
+        let port = server
+            .rsplit_once(':')
+            .map(|(host, port)| (host, port.parse::<u16>()));
+        if !matches!(port, Some((host, Ok(port))) if !host.is_empty() && port > 0) {
+            p(
+                "config_source.zookeeper",
+                format!("{server:?} is not host:port"),
+            );
+        }
+    }
+    let root = cs.root.trim_end_matches('/');
+    if !cs.root.starts_with('/') || root.is_empty() || root.contains("//") {
+        p(
+            "config_source.root",
+            format!(
+                "{:?} is not an absolute ZooKeeper path below / (such as \"/chgate/prod\")",
+                cs.root
+            ),
+        );
+    }
+    let password = cs.digest_password_env.is_some() || cs.digest_password_file.is_some();
+    match (&cs.digest_user, password) {
+        (None, true) => p(
+            "config_source.digest_user",
+            "a digest password is set without a user: set digest_user, or the instance would connect without authentication".into(),
+        ),
+        (Some(_), false) => p(
+            "config_source.digest_user",
+            "set digest_password_env or digest_password_file".into(),
+        ),
+        _ => {}
+    }
+    if cs.digest_password_env.is_some() && cs.digest_password_file.is_some() {
+        p(
+            "config_source.digest_password_env",
+            "set one of digest_password_env and digest_password_file".into(),
+        );
+    }
+}
+
 pub fn validate_upstream(up: &UpstreamConfig, problems: &mut Vec<Problem>) {
     let mut p = |key: String, message: String| problems.push(Problem::new(key, message));
     // Upstream.
@@ -813,6 +868,34 @@ mod tests {
             networks = ["127.0.0.0/8"]
             "#
         )
+    }
+
+    #[test]
+    fn a_config_source_is_checked_whole() {
+        let check = |text: &str| {
+            let cs: ConfigSourceConfig = toml::from_str(text).unwrap();
+            let mut problems = Vec::new();
+            validate_config_source(&cs, &mut problems);
+            problems
+                .into_iter()
+                .map(|p| format!("{}: {}", p.key, p.message))
+                .collect::<Vec<_>>()
+        };
+        assert!(check("zookeeper = [\"zk-0.zk:2181\"]\nroot = \"/chgate/prod/\"").is_empty());
+        let open = check(
+            "zookeeper = [\"127.0.0.1:2181\"]\nroot = \"/chgate\"\ndigest_password_env = \"ZK_PW\"",
+        );
+        assert!(
+            open[0].contains("without a user") && open.len() == 1,
+            "{open:?}"
+        );
+        for root in ["/", "", "chgate/prod", "/a//b"] {
+            let bad = check(&format!("zookeeper = [\"h:1\"]\nroot = \"{root}\""));
+            assert!(bad[0].starts_with("config_source.root"), "{root}: {bad:?}");
+        }
+        let bad = check("zookeeper = [\"h\", \":2181\"]\nroot = \"/x\"");
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        assert!(!check("zookeeper = []\nroot = \"/x\"").is_empty());
     }
 
     #[test]

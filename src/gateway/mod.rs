@@ -26,7 +26,7 @@ pub mod sql;
 pub mod users;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, Guard};
@@ -76,13 +76,20 @@ impl Generation {
     }
 }
 
-/// Query settings fixed for the life of the process (listener-level config).
-#[derive(Debug, Clone)]
+/// Query settings of the gateway: `max_replay_body_bytes` fixed for the life of the
+/// process (listener-level config), `max_attempts` followed on reload.
+#[derive(Debug)]
 pub struct Settings {
     /// A read whose body is at most this long is kept, so it can be sent again elsewhere.
     pub max_replay_body_bytes: usize,
-    /// Nodes tried for one query.
-    pub max_attempts: usize,
+    /// Nodes tried for one query (`upstream.max_attempts`, followed on reload).
+    max_attempts: AtomicUsize,
+}
+
+impl Settings {
+    pub fn max_attempts(&self) -> usize {
+        self.max_attempts.load(Ordering::Relaxed)
+    }
 }
 
 pub struct Gateway {
@@ -106,7 +113,7 @@ impl Gateway {
             throttle: Throttle::new(&c.auth),
             settings: Settings {
                 max_replay_body_bytes: c.proxy.max_replay_body_bytes,
-                max_attempts: c.upstream.max_attempts,
+                max_attempts: AtomicUsize::new(c.upstream.max_attempts),
             },
             draining: AtomicBool::new(false),
         }
@@ -121,6 +128,9 @@ impl Gateway {
     pub fn reload(&self, v: &Validated) {
         let next = Generation::build(v, Some(&self.generation.load()), &self.fleet);
         self.generation.store(Arc::new(next));
+        self.settings
+            .max_attempts
+            .store(v.config.upstream.max_attempts, Ordering::Relaxed);
     }
 
     pub fn start_draining(&self) {
@@ -160,4 +170,36 @@ pub fn kill_query(backend: &Arc<crate::picker::Backend>, user: &User, query_id: 
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn max_attempts_follows_a_reload() {
+        std::env::set_var("CHGATE_TEST_SECRET_GATEWAY", "s3cret");
+        let config = |attempts: usize| {
+            let text = format!(
+                r#"
+                [upstream]
+                max_attempts = {attempts}
+                [clusters.demo]
+                shards = [{{ replicas = [{{ host = "127.0.0.11" }}] }}]
+                [clusters.demo.accounts.chgate]
+                user = "chgate"
+                password_env = "CHGATE_TEST_SECRET_GATEWAY"
+                [users.bi]
+                password_hash = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0Q0cBJqm8bGZ0c2r0l1f0mYvSxQ2nM+4rW3W1QqkQ3E"
+                cluster = "demo"
+                account = "chgate"
+                "#
+            );
+            crate::config::parse(&text, std::path::Path::new(".")).expect("valid")
+        };
+        let gateway = Gateway::new(&config(3));
+        assert_eq!(gateway.settings.max_attempts(), 3);
+        gateway.reload(&config(1));
+        assert_eq!(gateway.settings.max_attempts(), 1);
+    }
 }

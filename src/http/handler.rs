@@ -116,7 +116,7 @@ impl Frontend {
             statement: crate::gateway::Statement::Read,
             session: None,
             replayable: true,
-            max_attempts: self.gateway.settings.max_attempts,
+            max_attempts: self.gateway.settings.max_attempts(),
             execution_limit: None,
         };
         let request = || {
@@ -251,7 +251,7 @@ impl Frontend {
             statement,
             session: rewritten.session.as_deref().map(str::as_bytes),
             replayable: payload.replayable(),
-            max_attempts: self.gateway.settings.max_attempts,
+            max_attempts: self.gateway.settings.max_attempts(),
             execution_limit: admission.execution_limit().map(|l| (l, &*user.name)),
         };
         // Taken by the first attempt; a retry (rare) builds them again.

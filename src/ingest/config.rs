@@ -356,6 +356,9 @@ pub(super) fn validate(
         }
     }
     // The same checks as the proxy's: a sidecar's embedded picker is a picker like its.
+    if let Some(source) = &config.config_source {
+        crate::config::validate_config_source(source, &mut problems);
+    }
     validate_upstream(&config.upstream, &mut problems);
     validate_picker(&config.picker, &mut problems);
     let secrets = validate_clusters(&config.clusters, base, &mut problems);

@@ -198,7 +198,7 @@ async fn start(
         revision,
         database: &hello.database,
         purpose,
-        max_attempts: gateway.settings.max_attempts,
+        max_attempts: gateway.settings.max_attempts(),
         same_as: None,
         avoid: &[],
     };

@@ -1113,7 +1113,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             revision: self.revision,
             database: &self.session.database,
             purpose,
-            max_attempts: self.frontend.gateway.settings.max_attempts,
+            max_attempts: self.frontend.gateway.settings.max_attempts(),
             same_as: Some(&self.told),
             avoid,
         }
