@@ -355,6 +355,11 @@ impl Batcher {
         self.add_inner(msg, clock, None)
     }
 
+    /// Drops the open segment unwritten (its memory reservation goes with it).
+    pub fn abandon(&mut self) {
+        self.open = None;
+    }
+
     /// Closes the open segment, if any.
     pub fn seal(&mut self) -> Option<Segment> {
         let open = self.open.take()?;

@@ -659,19 +659,45 @@ impl Template {
     }
 
     /// The fields of the event's row images that have a value and no column, in order.
+    /// A field named like a column chgate fills from the event (the engine's sign,
+    /// version, deleted flag) is not one: that column exists, and cannot be added.
     fn unknown<'e>(&self, event: &'e Event) -> Vec<(&'e str, &'e Value)> {
         let mut out: Vec<(&str, &Value)> = Vec::new();
-        for image in [event.before.as_ref(), event.after.as_ref()]
-            .into_iter()
-            .flatten()
-        {
-            for (k, v) in image {
-                if !v.is_null() && !self.known.contains(k) && !out.iter().any(|(n, _)| n == k) {
-                    out.push((k, v));
-                }
+        for (k, v) in Self::fields(event) {
+            if !v.is_null()
+                && !self.known.contains(k)
+                && self.engine_column(k).is_none()
+                && !out.iter().any(|(n, _)| *n == k)
+            {
+                out.push((k, v));
             }
         }
         out
+    }
+
+    /// Every field of the event's row images, before's then after's.
+    fn fields(event: &Event) -> impl Iterator<Item = (&str, &Value)> {
+        [event.before.as_ref(), event.after.as_ref()]
+            .into_iter()
+            .flatten()
+            .flat_map(|image| image.iter().map(|(k, v)| (k.as_str(), v)))
+    }
+
+    /// The column of this name that chgate writes from the event, if there is one.
+    fn engine_column(&self, name: &str) -> Option<&Column> {
+        self.columns
+            .iter()
+            .find(|c| c.name == name && matches!(c.locator, Locator::Role(_)))
+    }
+
+    /// A field with a value whose name is one of the engine's columns: its value has
+    /// nowhere to go.
+    fn clashing<'e>(&self, event: &'e Event) -> Option<&'e str> {
+        Self::fields(event)
+            .find(|(k, v)| {
+                !v.is_null() && !self.known.contains(*k) && self.engine_column(k).is_some()
+            })
+            .map(|(k, _)| k)
     }
 
     /// Debezium: applies only events of `table` (`schema.table`); others are refused with
@@ -760,6 +786,17 @@ impl Template {
         }
         let plan = event.plan(apply).map_err(refused)?;
         if self.new_columns != NewColumns::Ignore && !plan.rows().is_empty() {
+            if let Some(field) = self.clashing(&event) {
+                return Err(RowError::new(
+                    "column",
+                    format!(
+                        "{} has a field {field}, and the table's column {field} is the one chgate fills from the event \
+                         (the engine's sign, version or deleted flag): the field's value has nowhere to go. \
+                         Give the engine's columns names no source column has (such as _{field}), or set new_columns = \"ignore\"",
+                        event.table
+                    ),
+                ));
+            }
             let unknown = self.unknown(&event);
             if !unknown.is_empty() {
                 let names: Vec<&str> = unknown.iter().map(|(n, _)| *n).collect();
@@ -1448,6 +1485,32 @@ mod tests {
             changes(&t, Some(wrapped_key), &wrapped).unwrap(),
             (u, r#"{"id":1}"#.to_string())
         );
+    }
+
+    /// A source row with a field named like the engine's column (`version`, as a JPA
+    /// `@Version` column is): never asked for as a new column (ALTER ... ADD of an existing
+    /// column, then an INSERT naming it twice, stalled every partition), but refused with a
+    /// reason saying what clashes, in `add` and `dead_letter` modes alike.
+    #[test]
+    fn debezium_a_field_named_like_an_engine_column() {
+        let with_version = r#"{"id": 1, "customer_id": 7, "status": "paid", "amount": "12.50", "note": "ok", "updated_at": 1796497260000000, "version": 4}"#;
+        let u = envelope("u", ORDER_1, with_version, "11", "10");
+        let key = Some(r#"{"id":1}"#);
+        let vc = "format = \"debezium\"\nengine = \"versioned_collapsing\"\n";
+        for mode in ["dead_letter", "add"] {
+            let t = debezium(&format!("{vc}new_columns = \"{mode}\""), &orders());
+            assert!(t.new_fields(u.as_bytes()).is_empty(), "{mode}");
+            let e = changes(&t, key, &u).unwrap_err();
+            assert_eq!(e.kind, "column", "{mode}");
+            assert!(
+                e.message
+                    .contains("the table's column version is the one chgate fills"),
+                "{mode}: {}",
+                e.message
+            );
+        }
+        let ignoring = debezium(&format!("{vc}new_columns = \"ignore\""), &orders());
+        assert!(changes(&ignoring, key, &u).is_ok());
     }
 
     /// An orders row with a field the table has no column for: dead-lettered by default

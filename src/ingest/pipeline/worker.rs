@@ -98,7 +98,19 @@ impl Worker {
                 }
                 let keys: Vec<_> = self.batchers.keys().copied().collect();
                 for k in keys {
-                    if let Some(s) = self.batchers.get_mut(&k).and_then(Batcher::seal) {
+                    let Some(b) = self.batchers.get_mut(&k) else {
+                        continue;
+                    };
+                    // A segment being rebuilt is written whole or not at all: sealed short
+                    // of its recorded end, its rows would go under another range (another
+                    // token, another done record) than the insert that may have landed
+                    // before the crash. Its intent stays pending; the next run rebuilds it.
+                    if b.replaying() {
+                        b.abandon();
+                        tracing::info!(worker = self.index, task = k.0, partition = k.1, "Stopped before a pending segment was rebuilt whole: it is rebuilt by the next run");
+                        continue;
+                    }
+                    if let Some(s) = b.seal() {
                         self.dispatch(s);
                     }
                 }
