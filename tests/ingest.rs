@@ -392,6 +392,42 @@ async fn delimited_text_and_key_sharding_put_each_key_on_one_shard() {
     assert_eq!(shard1.len() + shard2.len(), 50);
 }
 
+/// A bad message larger than the dead-letter producer takes (`message.max.bytes` lowered
+/// to 20,000 here; librdkafka's default is 1,000,000 while topics may take more): it goes
+/// to the dead-letter topic without its payload, saying so, instead of holding its
+/// partition back for ever; the rows after it land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_for_its_topic_goes_without_its_payload() {
+    let topic = unique("ing_big_dlq");
+    let dlq = format!("{topic}_dlq");
+    create_topics(&topic, &dlq);
+    let event = unique("bigdlq");
+    let now = unix_now();
+    let mut lines = vec![format!("big\tnot json {}", "x".repeat(50_000))];
+    lines.extend(events(&event, 100, |_| now));
+    produce_off(&topic, lines).await;
+    let config = ingest_config(&topic, &dlq, None, "", "format = \"json\"").replace(
+        "properties = { \"fetch.wait.max.ms\" = \"10\" }",
+        "properties = { \"fetch.wait.max.ms\" = \"10\", \"message.max.bytes\" = \"20000\" }",
+    );
+    assert!(config.contains("message.max.bytes"));
+    let ingest = start_ingest(config).await;
+    let got = rows_reaching(&event, 100).await;
+    assert_eq!(got, 100, "the rows after the big bad message did not land");
+    let dlq2 = dlq.clone();
+    let dead = tokio::task::spawn_blocking(move || dead_letters(&dlq2, 1))
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].0.is_empty(), "the payload went along");
+    assert!(
+        dead[0].1.contains("chgate-reason=parse") && dead[0].1.contains("not included"),
+        "{}",
+        dead[0].1
+    );
+    drop(ingest);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_three_times_with_a_replica_stopped_still_exactly_once() {
     let topic = unique("ing_kill");
