@@ -169,6 +169,38 @@ async fn a_pushed_shard_reaches_every_nodes_cluster_reads() {
     );
 }
 
+/// The root made again (deleted, then pushed anew: its version numbering starts again at
+/// 1): ensemble B still holds an element of a higher version of the old numbering, and
+/// must take the new one all the same (it was left alone as "newer", and nodes 13/14
+/// never saw a change again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_made_again_still_reaches_the_other_ensemble() {
+    let _one = ROOT.lock().await;
+    let b = Bootstrap::new();
+    let count = "SELECT count() FROM cluster('extra_pair', system.one)";
+    // A few versions of the old numbering, the last one published everywhere.
+    for _ in 0..3 {
+        b.push(&quickstart(""));
+    }
+    b.push(&quickstart(&extra_cluster(&["127.0.0.11"])));
+    wait_on_nodes(&NODES, count, "cluster extra_pair with 1 shard", |a| {
+        a == "1"
+    });
+    let deleted = Command::new(python())
+        .args([
+            "-c",
+            "from kazoo.client import KazooClient\nzk = KazooClient(hosts='127.0.0.1:2181')\nzk.start(timeout=10)\nzk.delete('/chgate/local', recursive=True)\nzk.stop()",
+        ])
+        .output()
+        .unwrap();
+    assert!(deleted.status.success(), "{deleted:?}");
+    let out = b.push(&quickstart(&extra_cluster(&["127.0.0.11", "127.0.0.14"])));
+    assert!(!out.contains("left in"), "{out}");
+    wait_on_nodes(&NODES, count, "cluster extra_pair with 2 shards", |a| {
+        a == "2"
+    });
+}
+
 /// The quickstart's config with fast probes and a keeper that acts within seconds.
 fn fast_keeper() -> String {
     let mut text = quickstart(FAST_PICKER);

@@ -173,7 +173,15 @@ pub async fn diff(bootstrap_path: &Path, file: &Path) -> Result<Vec<String>, Vec
     let mut publisher = Publisher::new(&b.source, &b.base, CONNECT_TIMEOUT);
     let removed = publisher.removed().await.map_err(|e| vec![e])?;
     let now = publisher.element().await.map_err(|e| vec![e])?;
-    let next = remote_servers::render(&clusters, &removed, read.version + 1);
+    // Compared without its label: the history does not matter here.
+    let next = remote_servers::render(
+        &clusters,
+        &removed,
+        remote_servers::Labelled {
+            version: read.version + 1,
+            history: 0,
+        },
+    );
     if !remote_servers::same_content(now.as_deref().unwrap_or(""), &next) {
         lines.push(format!(
             "~ {} (the nodes' remote_servers{})",

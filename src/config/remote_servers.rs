@@ -72,17 +72,46 @@ pub fn published(
     })
 }
 
-/// The label on the element's first line: the config version it was rendered from, so
-/// that nothing overwrites an element of a newer version (see [`Publisher::publish`]).
+/// The label on the element's first line: the config version it was rendered from, and
+/// the history that version belongs to, so that nothing overwrites an element of a newer
+/// version of the same history (see [`Publisher::publish`]).
 const VERSION_LABEL: &str = "<!-- chgate config version ";
 
-/// The config version an element was rendered from (0 if it has no label).
-fn version_of(element: &str) -> u64 {
-    element
+/// A config version and its history: the creation zxid of the root's `version` znode, which
+/// changes when the root is made again (deleted and pushed anew, or moved to another
+/// ensemble) and its numbering starts again. Versions compare only within one history;
+/// shard groups' ensembles keep elements of whatever history wrote them last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Labelled {
+    pub version: u64,
+    pub history: i64,
+}
+
+impl Labelled {
+    fn label(&self) -> String {
+        format!("{VERSION_LABEL}{} of {} -->\n", self.version, self.history)
+    }
+
+    /// Whether an element labelled `there` must be left alone by one labelled `self`.
+    fn is_behind(&self, there: Labelled) -> bool {
+        there.history == self.history && there.version > self.version
+    }
+}
+
+/// The version and history an element was rendered from (version 0, history 0 without a
+/// label; history 0 for a label of a version before histories).
+fn label_of(element: &str) -> Labelled {
+    let mut words = element
         .strip_prefix(VERSION_LABEL)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+        .and_then(|rest| rest.split('\n').next())
+        .unwrap_or("")
+        .split_whitespace();
+    let version = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    let history = match (words.next(), words.next()) {
+        (Some("of"), Some(h)) => h.parse().unwrap_or(0),
+        _ => 0,
+    };
+    Labelled { version, history }
 }
 
 /// Whether two elements say the same, whatever versions they were rendered from.
@@ -102,9 +131,9 @@ pub fn same_content(a: &str, b: &str) -> bool {
 pub fn render(
     clusters: &BTreeMap<String, ClusterConfig>,
     removed: &Removed,
-    version: u64,
+    version: Labelled,
 ) -> String {
-    let mut out = format!("{VERSION_LABEL}{version} -->\n");
+    let mut out = version.label();
     for (key, cluster, settings, name) in published(clusters) {
         let out_of = removed.get(key);
         let taken: Vec<String> = out_of
@@ -334,7 +363,7 @@ impl Publisher {
         ensemble: &[String],
         rel: &str,
         text: &str,
-        version: Option<u64>,
+        version: Option<Labelled>,
     ) -> Result<Put, String> {
         let path = self.path(rel);
         let (client, _) = self.client(ensemble).await?;
@@ -343,9 +372,9 @@ impl Publisher {
             match client.get_data(&path).await {
                 Ok((d, _)) if d == text.as_bytes() => return Ok(Put::Unchanged),
                 Ok((d, stat)) => {
-                    let there = version_of(&String::from_utf8_lossy(&d));
-                    if version.is_some_and(|v| there > v) {
-                        return Ok(Put::Newer(there));
+                    let there = label_of(&String::from_utf8_lossy(&d));
+                    if version.is_some_and(|v| v.is_behind(there)) {
+                        return Ok(Put::Newer(there.version));
                     }
                     return client
                         .set_data(&path, text.as_bytes(), Some(stat.version))
@@ -437,6 +466,15 @@ impl Publisher {
             Err(_) => None,
         };
         let known = before.clone().unwrap_or_default();
+        let version = match self.history().await {
+            Ok(history) => Labelled { version, history },
+            Err(e) => {
+                return vec![Outcome {
+                    ensemble: root.join(","),
+                    result: Err(e),
+                }]
+            }
+        };
         let text = render(clusters, removed, version);
         let mut outcomes = Vec::new();
         let nothing_published = published(clusters).next().is_none();
@@ -454,7 +492,7 @@ impl Publisher {
                 result,
             });
         }
-        let empty = format!("{VERSION_LABEL}{version} -->\n");
+        let empty = version.label();
         for gone in known.iter().filter(|e| !targets.contains(e)) {
             let result = self.put(gone, ELEMENT, &empty, Some(version)).await;
             outcomes.push(Outcome {
@@ -513,6 +551,23 @@ impl Publisher {
     }
 
     /// The config root's pushed version.
+    /// The root's history: the creation zxid of its `version` znode (see [`Labelled`]); 0
+    /// before anything was pushed.
+    pub async fn history(&mut self) -> Result<i64, String> {
+        let root = self.source.zookeeper.clone();
+        let path = self.path("version");
+        let (client, _) = self.client(&root).await?;
+        match client.check_stat(&path).await {
+            Ok(stat) => Ok(stat.map_or(0, |s| s.czxid)),
+            Err(e) => {
+                if session_lost(&e) {
+                    self.drop_session(&root);
+                }
+                Err(format!("reading {path}: {e}"))
+            }
+        }
+    }
+
     pub async fn root_version(&mut self) -> Result<u64, String> {
         let root = self.source.zookeeper.clone();
         let text = self.get(&root, "version").await?.unwrap_or_default();
@@ -569,8 +624,12 @@ mod tests {
                 since: 1,
             },
         );
-        let text = render(&c, &removed, 7);
-        assert_eq!(version_of(&text), 7, "{text}");
+        let v7 = Labelled {
+            version: 7,
+            history: 4242,
+        };
+        let text = render(&c, &removed, v7);
+        assert_eq!(label_of(&text), v7, "{text}");
         assert!(text.contains("<demo_cluster>\n"), "{text}");
         assert!(!text.contains("<other>"), "{text}");
         assert!(text.contains("<host>127.0.0.11</host>"), "{text}");
@@ -586,6 +645,22 @@ mod tests {
         // Well-formed inside ClickHouse's wrapping element.
         let wrapped = format!("<from_zk>{text}</from_zk>");
         assert_eq!(wrapped.matches('<').count(), wrapped.matches('>').count());
+    }
+
+    /// Versions compare within one history only: after the root was made again (its
+    /// numbering started again), an element of version 57 of the old history is
+    /// overwritten by version 1 of the new one, never kept as "newer".
+    #[test]
+    fn versions_compare_within_one_history() {
+        let new = |version, history| Labelled { version, history };
+        assert!(new(3, 9).is_behind(new(5, 9)));
+        assert!(!new(5, 9).is_behind(new(3, 9)));
+        assert!(!new(1, 10).is_behind(new(57, 9)), "another history");
+        // A label written before histories: history 0, overwritten by any new one.
+        let old = "<!-- chgate config version 57 -->\n<demo/>";
+        assert_eq!(label_of(old), new(57, 0));
+        assert!(!new(1, 10).is_behind(label_of(old)));
+        assert_eq!(label_of("<demo/>"), new(0, 0));
     }
 
     #[test]
@@ -612,7 +687,14 @@ mod tests {
             "[\"prod--eu\"]\nshards = [{ replicas = [{ host = \"h\" }] }]\n[\"prod--eu\".remote_servers]\nname = \"prod_eu\"\n",
         )
         .unwrap();
-        let text = render(&c, &Removed::new(), 1);
+        let text = render(
+            &c,
+            &Removed::new(),
+            Labelled {
+                version: 1,
+                history: 1,
+            },
+        );
         assert!(text.contains("<prod_eu>"), "{text}");
         let comments: Vec<&str> = text
             .split("<!--")
