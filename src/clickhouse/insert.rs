@@ -69,16 +69,22 @@ impl Insert {
         self.dedup_token
     }
 
-    /// The request's path and query; `token` names the block where servers take it.
-    pub fn uri(&self, token: Option<&str>) -> String {
-        match token {
-            Some(t) if self.dedup_token => format!(
-                "{}&insert_deduplication_token={}",
-                self.path_and_query,
-                form_urlencoded::byte_serialize(t.as_bytes()).collect::<String>()
-            ),
-            _ => self.path_and_query.clone(),
+    /// The request's path and query for `rows` rows; `token` names the block where servers
+    /// take it. `max_insert_block_size` is the insert's own row count, so the server makes
+    /// exactly one block of it whatever its profile says: an insert cut into several
+    /// blocks could land in part (a data error in a later block), and the halves retried
+    /// after it would write the landed rows again.
+    pub fn uri(&self, rows: usize, token: Option<&str>) -> String {
+        let mut uri = format!(
+            "{}&max_insert_block_size={}",
+            self.path_and_query,
+            rows.max(1)
+        );
+        if let (Some(t), true) = (token, self.dedup_token) {
+            uri.push_str("&insert_deduplication_token=");
+            uri.extend(form_urlencoded::byte_serialize(t.as_bytes()));
         }
+        uri
     }
 
     /// The request body for `rows` (RowBinary): one compressed block.
@@ -107,14 +113,15 @@ mod tests {
     #[test]
     fn the_statement_and_its_token() {
         let i = Insert::new("demo", "events_local", "ts, user_id");
-        let uri = i.uri(Some("t:0:1-2:1"));
+        let uri = i.uri(20, Some("t:0:1-2:1"));
         assert!(uri.starts_with("/?insert_deduplicate=1&decompress=1&query=INSERT+INTO+%60demo%60.%60events_local%60+%28ts%2C+user_id%29+FORMAT+RowBinary"), "{uri}");
         assert!(!uri.contains("token"), "not without server support: {uri}");
+        assert!(uri.ends_with("&max_insert_block_size=20"), "{uri}");
         let i = i.with_dedup_token(true);
         assert!(i
-            .uri(Some("t:0:1-2:1"))
-            .ends_with("&insert_deduplication_token=t%3A0%3A1-2%3A1"));
-        assert!(!i.uri(None).contains("token"));
+            .uri(20, Some("t:0:1-2:1"))
+            .ends_with("&max_insert_block_size=20&insert_deduplication_token=t%3A0%3A1-2%3A1"));
+        assert!(!i.uri(20, None).contains("token"));
     }
 
     #[test]

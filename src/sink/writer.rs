@@ -314,7 +314,7 @@ impl Target {
             // until the timeout: give up on it as soon as the probes say so. The retry on
             // another replica is safe: the shard deduplicates the block.
             let outcome = tokio::select! {
-                r = node.insert(&self.account, insert.unwrap_or(&self.insert), rows.slice(from, to), Some(&range_token), self.insert_timeout) => r,
+                r = node.insert(&self.account, insert.unwrap_or(&self.insert), (rows.slice(from, to), to - from), Some(&range_token), self.insert_timeout) => r,
                 _ = went_down(&backend) => Err(InsertError::Node("the node went down during the insert".into())),
             };
             tracing::debug!(task = %self.task, node = %node.label, shard = number, token = %range_token, ok = outcome.is_ok(), "Insert");

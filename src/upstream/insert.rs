@@ -9,20 +9,20 @@ use super::{Account, Body, Node};
 use crate::clickhouse::insert::{Insert, InsertError};
 
 impl Node {
-    /// Inserts `rows` (RowBinary) as one compressed block; `token` names the block for
-    /// servers that take a deduplication token. Sent again on a fresh connection if a
-    /// pooled one turns out stale: the server deduplicates the block.
+    /// Inserts `rows` (RowBinary, `count` of them) as one compressed block; `token` names
+    /// the block for servers that take a deduplication token. Sent again on a fresh
+    /// connection if a pooled one turns out stale: the server deduplicates the block.
     pub async fn insert(
         &self,
         account: &Account,
         insert: &Insert,
-        rows: &[u8],
+        (rows, count): (&[u8], usize),
         token: Option<&str>,
         timeout: Duration,
     ) -> Result<(), InsertError> {
         let body = Insert::body(rows)?;
         let uri: http::Uri = insert
-            .uri(token)
+            .uri(count, token)
             .parse()
             .map_err(|e| InsertError::Node(format!("the insert's URI: {e}")))?;
         let make = || {
