@@ -104,6 +104,12 @@ impl Tracker {
         since.map_or(0.0, |t| t.elapsed().as_secs_f64())
     }
 
+    /// Backdates the start of staleness by `age` (a config from a cache that old).
+    pub fn stale_for(&self, age: Duration) {
+        let mut since = self.stale_since.lock().unwrap_or_else(|e| e.into_inner());
+        *since = Some(Instant::now().checked_sub(age).unwrap_or_else(Instant::now));
+    }
+
     /// Whether the source can be read now: the config is stale from the first `false`
     /// until the next `true`.
     pub fn set_connected(&self, connected: bool) {
@@ -182,25 +188,29 @@ pub async fn start(path: &Path) -> Result<Started, Vec<Problem>> {
         let validated = build(&bootstrap, &base, &snapshot.nodes, &root)?;
         Ok::<_, Vec<Problem>>((validated, snapshot.version, snapshot.nodes))
     };
-    let (validated, version, nodes) = match from_zk.await {
+    let (validated, version, nodes, cached_at) = match from_zk.await {
         Ok((validated, version, nodes)) => {
             write_cache(&cache, &nodes, version, source.root.trim_end_matches('/'));
-            (validated, version, Some(nodes))
+            (validated, version, Some(nodes), None)
         }
         Err(problems) => {
             for p in &problems {
                 tracing::error!(problem = %p, "Cannot load the config from ZooKeeper");
             }
-            let (validated, version) = read_cache(&cache, &source.root, &bootstrap, &base)
+            let (validated, version, written) = read_cache(&cache, &source.root, &bootstrap, &base)
                 .map_err(|mut cache_problems| {
                     cache_problems.splice(0..0, problems);
                     cache_problems
                 })?;
             tracing::warn!(cache = %cache.display(), version, "ZooKeeper could not be reached or its config is invalid: started from the cached config of version {version}; it is replaced as soon as ZooKeeper answers");
-            (validated, version, None)
+            (validated, version, None, written)
         }
     };
     let tracker = Tracker::new(origin, version, nodes.is_none());
+    if let Some(written) = cached_at {
+        // Stale since the cache was written, not since this start.
+        tracker.stale_for(Duration::from_secs(unix_now().saturating_sub(written)));
+    }
     Ok(Started {
         validated,
         tracker,
@@ -277,7 +287,10 @@ fn write_cache(cache: &Path, nodes: &Nodes, version: u64, root: &str) {
     let Ok(text) = zookeeper::assemble(nodes, root) else {
         return;
     };
-    let body = format!("# chgate config cache: version {version} of {root}. Written by chgate; do not edit.\n{text}");
+    let body = format!(
+        "# chgate config cache: version {version} of {root}. Written by chgate; do not edit.\n# written_unix = {}\n{text}",
+        unix_now()
+    );
     let tmp = cache.with_extension("tmp");
     let written = (|| {
         use std::io::Write as _;
@@ -309,7 +322,7 @@ fn read_cache(
     root: &str,
     bootstrap: &Config,
     base: &Path,
-) -> Result<(Validated, u64), Vec<Problem>> {
+) -> Result<(Validated, u64, Option<u64>), Vec<Problem>> {
     let root = root.trim_end_matches('/');
     let key = format!("config_source.cache_file {}", cache.display());
     let text = std::fs::read_to_string(cache).map_err(|e| {
@@ -319,6 +332,11 @@ fn read_cache(
         )]
     })?;
     let (version, cached_root) = cache_header(text.lines().next().unwrap_or(""));
+    let written = text
+        .lines()
+        .nth(1)
+        .and_then(|l| l.strip_prefix("# written_unix = "))
+        .and_then(|t| t.trim().parse::<u64>().ok());
     if cached_root != Some(root) {
         return Err(vec![Problem::new(
             key,
@@ -333,7 +351,7 @@ fn read_cache(
         vec![Problem::new(key.clone(), p.message)]
     })?;
     let validated = validate(dynamic.merge_into(bootstrap.clone()), base)?;
-    Ok((validated, version))
+    Ok((validated, version, written))
 }
 
 /// The one path a change takes, from a file or from ZooKeeper.
@@ -667,6 +685,15 @@ mod tests {
             "{refused:?}"
         );
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn a_config_from_an_old_cache_is_stale_since_the_cache_was_written() {
+        let t = Tracker::new("zookeeper:x/y".into(), 3, true);
+        t.stale_for(Duration::from_secs(3600));
+        assert!(t.status().stale_seconds >= 3600.0);
+        t.set_connected(true);
+        assert_eq!(t.status().stale_seconds, 0.0);
     }
 
     #[test]
