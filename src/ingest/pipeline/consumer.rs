@@ -475,13 +475,26 @@ impl Consume {
             let _ = self.consumer.poll(Duration::from_millis(50));
         }
         self.commit(CommitMode::Sync);
+        // Only partitions this member still holds: one revoked earlier may have been
+        // consumed further by its new owner since, and committing this member's older
+        // position would move the group back over it.
+        let held: std::collections::HashSet<(String, i32)> = self
+            .consumer
+            .assignment()
+            .map(|a| {
+                a.elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut tpl = TopicPartitionList::new();
         for ((task, partition), next) in &self.latest {
-            let _ = tpl.add_partition_offset(
-                &self.tasks[*task].topic,
-                *partition,
-                Offset::Offset(*next),
-            );
+            let topic = &self.tasks[*task].topic;
+            if !held.contains(&(topic.to_string(), *partition)) {
+                continue;
+            }
+            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
         }
         if tpl.count() > 0 {
             if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {
@@ -494,6 +507,6 @@ impl Consume {
             .queue
             .store(std::ptr::null_mut(), Ordering::Release);
         drop(queue);
-        tracing::info!(committed_partitions = self.latest.len(), "Consumer closed");
+        tracing::info!(committed_partitions = tpl.count(), "Consumer closed");
     }
 }
