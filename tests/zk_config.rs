@@ -290,6 +290,58 @@ async fn two_proxies_follow_pushes_refuse_bad_ones_and_roll_back() {
     assert!(ok && list.contains("(active)"), "{list}");
 }
 
+/// A znode the proxies cannot read (an ACL set by hand): the change is refused, naming
+/// it, the proxy keeps serving and stays in the fleet (it reconnected every 100 ms and
+/// left the fleet before), and it takes the new version once the znode is readable again.
+#[tokio::test]
+async fn an_unreadable_znode_is_refused_and_the_proxy_stays_in_the_fleet() {
+    let r = Root::new(ZK_A);
+    r.push(&dynamic(&["127.0.0.11"], &["ann", "bob"], ""));
+    let a = ProxyProcess::start_file(&r.bootstrap("a"));
+    assert_eq!(status(addrs(&a), "bob").await, 200);
+    let znode = format!("{}/config/users/bob", r.root);
+    zkcli(&["setAcl", &znode, "world:anyone:a"]);
+    // A new version (by hand: `config push` cannot read the root either): the proxy
+    // reads the whole root again, and cannot read bob's znode.
+    assert_eq!(config_status(addrs(&a)).await["version"], 1);
+    zkcli(&["set", &format!("{}/version", r.root), "2"]);
+    wait_async(
+        "the unreadable znode refused",
+        Duration::from_secs(5),
+        || async {
+            let s = config_status(addrs(&a)).await;
+            let why = s["last_rejection"].to_string();
+            f64::from(u8::from(
+                why.contains("/config/users/bob") && why.contains("cannot be read"),
+            ))
+        },
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        status(addrs(&a), "bob").await,
+        200,
+        "the running config serves"
+    );
+    assert_eq!(config_status(addrs(&a)).await["version"], 1);
+    let m = curl_async(vec!["-sS".into(), format!("http://{}/metrics", a.admin)])
+        .await
+        .body;
+    assert_eq!(metric_sum(&m, "chgate_fleet_members", &[]), 1.0, "{m}");
+    zkcli(&["setAcl", &znode, "world:anyone:cdrwa"]);
+    wait_async(
+        "version 2 taken once readable",
+        Duration::from_secs(20),
+        || async {
+            config_status(addrs(&a)).await["version"]
+                .as_f64()
+                .unwrap_or(0.0)
+        },
+        2.0,
+    )
+    .await;
+}
+
 /// zkCli.sh against ensemble A (a JVM: a couple of seconds).
 fn zkcli(args: &[&str]) {
     let out = Command::new("/usr/share/zookeeper/bin/zkCli.sh")

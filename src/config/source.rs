@@ -509,6 +509,7 @@ pub async fn watch<F: Fn(&Validated)>(
     let mut backoff = Backoff::default();
     let mut offered = Offered {
         last: w.nodes.clone().map(|n| (w.version, n)),
+        unreadable: None,
     };
     loop {
         let store = tokio::select! {
@@ -554,9 +555,41 @@ pub async fn watch<F: Fn(&Validated)>(
     }
 }
 
-/// The config last offered (applied or refused), by version and znodes.
+/// The config last offered (applied or refused), by version and znodes; and the read
+/// error last refused, if the root cannot be read now.
 struct Offered {
     last: Option<(u64, Nodes)>,
+    unreadable: Option<String>,
+}
+
+/// Whether the session is connected (a failed read was not the connection's fault).
+fn session_alive(store: &Store) -> bool {
+    use zookeeper_client::SessionState;
+    matches!(
+        store.client().state(),
+        SessionState::SyncConnected | SessionState::ConnectedReadOnly
+    )
+}
+
+/// Joins the fleet if this instance is not in it, and passes the member count on.
+async fn stay_in_fleet(store: &Store, members: &impl Fn(u32), member_id: &str) {
+    let Ok((names, _)) = store.members().await else {
+        return;
+    };
+    if names.iter().any(|n| n == member_id) {
+        members(names.len() as u32);
+        return;
+    }
+    let about = format!(
+        "{{\"pid\":{},\"joined\":{}}}",
+        std::process::id(),
+        unix_now()
+    );
+    if store.join(member_id, &about).await.is_ok() {
+        if let Ok((names, _)) = store.members().await {
+            members(names.len() as u32);
+        }
+    }
 }
 
 /// One ZooKeeper session: read, offer, wait for the next change; `None` once stopped,
@@ -576,11 +609,32 @@ async fn session<F: Fn(&Validated)>(
     loop {
         let snapshot = match store.read(true).await {
             Ok(s) => s,
+            Err(e) if session_alive(store) => {
+                // Connected, and a znode cannot be read (its ACL, say): a config that
+                // cannot be taken, not a lost session. Refused once (named, counted, in
+                // /v1/config), the instance stays in the fleet, and the read is tried
+                // again after a wait in the same session.
+                if offered.unreadable.as_deref() != Some(e.as_str()) {
+                    let problem = Problem::new(
+                        format!("config_source.root {}", store.root()),
+                        format!("cannot be read: {e}"),
+                    );
+                    let version = offered.last.as_ref().map_or(0, |(v, _)| *v);
+                    reloader.offer(Err(vec![problem]), version);
+                    offered.unreadable = Some(e);
+                }
+                stay_in_fleet(store, members, member_id).await;
+                if !backoff.wait(stop).await {
+                    return None;
+                }
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "Reading the config root failed");
                 return Some(());
             }
         };
+        offered.unreadable = None;
         backoff.reset();
         reloader.tracker.set_connected(true);
         let (mut names, mut members_watch) = match store.members().await {

@@ -65,7 +65,6 @@ pub async fn run(mut f: Follow, stop: CancellationToken) {
                 continue;
             }
         };
-        backoff.reset();
         loop {
             let snapshot = match store.read(true).await {
                 Ok(s) => s,
@@ -75,6 +74,9 @@ pub async fn run(mut f: Follow, stop: CancellationToken) {
                     break;
                 }
             };
+            // Only a session that reads starts the waits between sessions again: one
+            // that connects and cannot read (a znode's ACL) must not reconnect at once.
+            backoff.reset();
             f.tracker.set_connected(true);
             if snapshot.nodes != last {
                 apply(&mut f, &snapshot.nodes, store.root(), snapshot.version);
