@@ -131,12 +131,17 @@ impl View {
                         .is_some_and(|i| !down(i))
             });
         let coordinators = coordinators(&topology, &standings, |p, m| weights(p, m), inputs);
-        let mut read = weights(Purpose::Read, &all);
-        for (w, &preferred) in read.iter_mut().zip(coordinators.iter()) {
-            if !preferred {
-                *w = 0;
-            }
-        }
+        // The coordinators first, then priority among them: the other way round, a
+        // degraded shard served by its standby alone zeroed every node (the standby for
+        // its priority, the rest as no coordinators), and the cluster looked unreadable.
+        let coordinating: Vec<u32> = all
+            .iter()
+            .map(|&i| match standings[i].get(Purpose::Read) {
+                Ok(w) if coordinators[i] => *w,
+                _ => 0,
+            })
+            .collect();
+        let read = best_priority_only(&coordinating, priorities.iter().copied());
         let cluster = [
             Snapshot::new(&read, &labels),
             Snapshot::new(&weights(Purpose::Write, &all), &labels),
@@ -501,6 +506,13 @@ mod tests {
                 .map(|i| t.nodes[i].label().to_string())
                 .unwrap(),
             "a3:8123"
+        );
+        // Unpinned too: the standby is the degraded shard's coordinator, and the cluster
+        // stays readable (it was all zeros: /readyz 503 on every proxy).
+        assert!(v.readable());
+        assert_eq!(
+            counts(&v, Purpose::Read, None).keys().collect::<Vec<_>>(),
+            ["a3:8123"]
         );
     }
 
