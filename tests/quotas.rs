@@ -25,6 +25,11 @@ struct Quota {
 
 impl Quota {
     async fn start(quota: &str) -> Self {
+        Self::start_with(quota, "{ host = \"127.0.0.11\", http_port = 8123 }").await
+    }
+
+    /// [`Quota::start`] with `replica` as the one node.
+    async fn start_with(quota: &str, replica: &str) -> Self {
         let user = unique("q").replace('-', "_");
         let extra = format!(
             r#"
@@ -38,10 +43,12 @@ quota = "test"
 "#,
             hash = hash("q-pass"),
         );
-        let text = config(&[("127.0.0.11", 8123)], &extra).replace(
-            "http_listen = \"127.0.0.1:0\"",
-            "http_listen = \"127.0.0.1:0\"\nnative_listen = \"127.0.0.1:0\"",
-        );
+        let text = config(&[("127.0.0.11", 8123)], &extra)
+            .replace(
+                "http_listen = \"127.0.0.1:0\"",
+                "http_listen = \"127.0.0.1:0\"\nnative_listen = \"127.0.0.1:0\"",
+            )
+            .replace("{ host = \"127.0.0.11\", http_port = 8123 }", replica);
         Self {
             proxy: TestProxy::start(&text).await,
             user,
@@ -196,6 +203,60 @@ fn running(node: &str, query_id: &str) -> bool {
     .starts_with('0')
 }
 
+/// A write whose client goes away before its answer runs on (ClickHouse does not stop a
+/// write for a closed connection): its concurrency slot stays taken until the node is done
+/// with it. It was freed at once, so a client cutting its writes short could run any
+/// number of them at once.
+#[tokio::test]
+async fn a_write_whose_client_went_away_keeps_its_slot_while_it_runs() {
+    let q = Quota::start("max_concurrent_queries = 1\nmax_queue_size = 0").await;
+    let table = format!("default.{}", unique("orphan").replace('-', "_"));
+    direct(
+        "127.0.0.11",
+        &format!("CREATE TABLE {table} (x UInt8) ENGINE = Memory"),
+    );
+    let id = unique("orphan");
+    // The client gives up after 1 s; the write takes 3 s on the node.
+    let mut args = q.args(
+        &format!("INSERT INTO {table} SELECT sleep(3)"),
+        &format!("query_id={id}"),
+    );
+    args.insert(0, "-m1".into());
+    let cut = curl_async(args).await;
+    assert_ne!(cut.status, 200, "{}", cut.body);
+    assert!(running("127.0.0.11", &id), "the write runs on");
+    let second = q.http("SELECT 1", "").await;
+    assert_eq!(
+        second.status, 429,
+        "the write still holds the slot: {}",
+        second.body
+    );
+    let end = Instant::now() + Duration::from_secs(15);
+    while running("127.0.0.11", &id) {
+        assert!(Instant::now() < end, "the write never ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Given back within the poll after the node is done.
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let third = q.http("SELECT 1", "").await;
+        if third.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the slot was never given back: {}",
+            third.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        direct("127.0.0.11", &format!("SELECT count() FROM {table}")).trim(),
+        "1"
+    );
+    direct("127.0.0.11", &format!("DROP TABLE {table}"));
+}
+
 #[tokio::test]
 async fn http_execution_time_kills_the_query_and_answers_159() {
     let q = Quota::start("max_execution_time = \"1s\"").await;
@@ -299,6 +360,94 @@ async fn native_client(addr: SocketAddr, user: String, query: &str) -> Output {
     })
     .await
     .unwrap()
+}
+
+/// A relay to ch1's native port that passes the node's first `cap` bytes of each
+/// connection and then nothing more (connections stay open): a node that stops sending in
+/// the middle of a packet.
+async fn stalling_relay(cap: usize) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.11:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(node) = tokio::net::TcpStream::connect("127.0.0.11:9000").await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut nr, mut nw) = node.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut nw).await;
+                });
+                let mut passed = 0;
+                let mut buf = vec![0u8; 16 << 10];
+                while passed < cap {
+                    let n = match nr.read(&mut buf[..(cap - passed).min(16 << 10)]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                    passed += n;
+                }
+                // Stalled: hold both sides open, pass nothing.
+                tokio::time::sleep(Duration::from_secs(120)).await;
+                drop((nr, cw));
+            });
+        }
+    });
+    port
+}
+
+/// A node that stops sending in the middle of a packet while the quota's execution limit
+/// passes: the cut waits for the packet's end, which never comes, so past the limit plus a
+/// grace the query is killed and the connection closed. Before, nothing woke the relay: the
+/// query and its slot stayed until the client gave up (300 s for clickhouse-client).
+#[tokio::test]
+async fn native_execution_time_ends_a_query_whose_node_stalls_mid_packet() {
+    // Past the first blocks (a read's answer is held back whole only until it starts;
+    // after that its packets go on as they come), then in the middle of one.
+    let port = stalling_relay(3_000_000).await;
+    let q = Quota::start_with(
+        "max_execution_time = \"2s\"",
+        &format!("{{ host = \"127.0.0.11\", http_port = 8123, native_port = {port} }}"),
+    )
+    .await;
+    let native = q.proxy.native.expect("native listener");
+    let started = Instant::now();
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        native_client(
+            native,
+            q.user.clone(),
+            "SELECT number FROM system.numbers LIMIT 100000000",
+        ),
+    )
+    .await
+    .expect("the query of a stalled node still holds its client after 30 s");
+    let took = started.elapsed();
+    assert!(
+        !out.status.success(),
+        "the stalled query cannot have succeeded"
+    );
+    assert!(took < Duration::from_secs(10), "ended after {took:?}");
+    let m = q.proxy.metrics().await;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "chgate_quota_kills_total",
+            &[&q.label(), "reason=\"execution_time\""]
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_sum(&m, "chgate_user_queries_in_flight", &[&q.label()]),
+        0.0,
+        "the slot is given back"
+    );
 }
 
 #[tokio::test]

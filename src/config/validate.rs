@@ -368,6 +368,15 @@ fn validate_quotas(quotas: &BTreeMap<String, super::QuotaConfig>, problems: &mut
                 "must be at least 1s (ClickHouse takes it in whole seconds)",
             );
         }
+        // A deadline is the admission instant plus the limit: absurd limits would not fit.
+        if q.max_execution_time
+            .is_some_and(|t| t > Duration::from_secs(366 * 86_400))
+        {
+            p(
+                format!("{key}.max_execution_time"),
+                "must be at most a year (leave it out for no limit)",
+            );
+        }
         if q.max_result_bytes == Some(0) {
             p(
                 format!("{key}.max_result_bytes"),
@@ -906,6 +915,24 @@ mod tests {
         assert_eq!(v.secrets.len(), 1);
         // The secret never shows in Debug output.
         assert!(!format!("{v:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn a_quota_execution_limit_is_at_least_a_second_and_at_most_a_year() {
+        std::env::set_var("CHGATE_TEST_SECRET_VALIDATE", "s3cret");
+        for (limit, ok) in [
+            ("500ms", false),
+            ("1s", true),
+            ("30d", true),
+            ("400d", false),
+        ] {
+            let text = format!(
+                "{}\nquota = \"q\"\n[quotas.q]\nmax_execution_time = \"{limit}\"\n",
+                good()
+            );
+            let result = parse(&text);
+            assert_eq!(result.is_ok(), ok, "{limit}: {:?}", result.err());
+        }
     }
 
     #[test]

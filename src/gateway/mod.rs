@@ -153,6 +153,55 @@ impl Gateway {
     }
 }
 
+/// Keeps `admission` (its concurrency slot) while the write `query_id` runs on on its node
+/// after its client went away: ClickHouse does not stop a write for a closed connection,
+/// so the slot is given back only when the node no longer lists the query (polled once a
+/// second), and a query past the quota's execution limit is killed there, as it would
+/// have been with its client. Without this, a client cutting its writes short could run
+/// any number of them at once.
+pub fn hold_until_done(
+    backend: Arc<crate::picker::Backend>,
+    query_id: String,
+    admission: admission::Admission,
+) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        const POLL: std::time::Duration = std::time::Duration::from_secs(1);
+        const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+        let user = admission.user().clone();
+        let deadline = admission
+            .execution_limit()
+            .and_then(|l| admission.admitted_at().checked_add(l));
+        let mut failures = 0;
+        loop {
+            tokio::time::sleep(POLL).await;
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                tracing::info!(node = %backend.label(), user = %user.name, %query_id, "A write whose client went away reached its execution limit: killed");
+                kill_query(&backend, &user, &query_id);
+                break;
+            }
+            match backend
+                .node
+                .query_running(&user.account, &query_id, TIMEOUT)
+                .await
+            {
+                Ok(true) => failures = 0,
+                Ok(false) => break,
+                Err(e) => {
+                    failures += 1;
+                    if failures >= 3 {
+                        tracing::info!(node = %backend.label(), %query_id, error = %e, "Cannot tell whether a write whose client went away still runs; its slot is given back");
+                        break;
+                    }
+                }
+            }
+        }
+        drop(admission);
+    });
+}
+
 /// Cancels a query on its node, in the background (`KILL QUERY ... ASYNC` as the user's
 /// cluster account): a hedge that lost, a read past `first_byte_timeout`, one past its
 /// quota's limits, or one whose client went away. ClickHouse 18.16 does not notice a closed

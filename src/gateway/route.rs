@@ -136,19 +136,19 @@ struct Running<Fut> {
 }
 
 /// The attempts under way. Whatever is still here when it drops was given up before it
-/// answered, and the caller's `abandon` hears of it (for reads: it cancels the query).
-struct Underway<'a, Fut, A: Fn(&Arc<Backend>)> {
+/// answered, and the caller's `abandon` hears of it, with whether to cancel its query (a
+/// read, or anything at its quota's limit) or leave it running (a write whose client went
+/// away: ClickHouse runs it to its end, and so must the quota's count of it).
+struct Underway<'a, Fut, A: Fn(&Arc<Backend>, bool)> {
     running: Vec<Running<Fut>>,
     abandon: &'a A,
     read: bool,
 }
 
-impl<Fut, A: Fn(&Arc<Backend>)> Drop for Underway<'_, Fut, A> {
+impl<Fut, A: Fn(&Arc<Backend>, bool)> Drop for Underway<'_, Fut, A> {
     fn drop(&mut self) {
         for r in self.running.drain(..) {
-            if self.read {
-                (self.abandon)(&r.backend);
-            }
+            (self.abandon)(&r.backend, self.read);
         }
     }
 }
@@ -161,13 +161,14 @@ enum Event<T, R> {
 
 /// Routes one query. `request` builds the request for an attempt (`None` once it cannot
 /// be built again: a streamed body goes once); `send` makes one attempt on a node;
-/// `abandon` is told of every attempt of a read given up before it answered, and of every
-/// attempt of any query given up at its quota's execution limit.
+/// `abandon` is told of every attempt given up before it answered, and whether to cancel
+/// its query: yes for a read, and for any query at its quota's execution limit; no for a
+/// write whose caller went away.
 pub async fn route<T, R, Fut>(
     plan: Plan<'_>,
     mut request: impl FnMut() -> Option<R>,
     mut send: impl FnMut(Arc<Backend>, R) -> Fut,
-    abandon: impl Fn(&Arc<Backend>),
+    abandon: impl Fn(&Arc<Backend>, bool),
 ) -> Result<Routed<T>, GatewayError>
 where
     Fut: Future<Output = Attempt<T, R>>,
@@ -469,7 +470,7 @@ pub fn steer_in_order(cluster: &Cluster) -> bool {
 }
 
 /// Starts one attempt.
-fn start<T, R, Fut, A: Fn(&Arc<Backend>)>(
+fn start<T, R, Fut, A: Fn(&Arc<Backend>, bool)>(
     underway: &mut Underway<'_, Fut, A>,
     backend: Arc<Backend>,
     req: R,
@@ -510,7 +511,7 @@ fn next_untried<Fut>(
 
 /// The node and request for a hedge, or why there is none (a `chgate_hedges_total`
 /// result).
-fn hedge<R, Fut, A: Fn(&Arc<Backend>)>(
+fn hedge<R, Fut, A: Fn(&Arc<Backend>, bool)>(
     cluster: &Cluster,
     purpose: Purpose,
     tried: &[Arc<Backend>],
@@ -647,7 +648,7 @@ mod tests {
                 let attempt = outcome(&label);
                 async move { attempt }
             },
-            |_| {},
+            |_, _| {},
         )
         .await;
         (tried.into_inner().unwrap(), result)
@@ -683,7 +684,11 @@ mod tests {
                     Attempt::Answered(answer)
                 }
             },
-            |backend| abandoned.lock().unwrap().push(backend.node.host.clone()),
+            |backend, cancel| {
+                if cancel {
+                    abandoned.lock().unwrap().push(backend.node.host.clone())
+                }
+            },
         )
         .await;
         TimedRun {

@@ -126,7 +126,7 @@ impl Frontend {
             *req.headers_mut() = headers.clone();
             Some(req)
         };
-        let routed = match route::route(plan, request, route::send_http, |_| {}).await {
+        let routed = match route::route(plan, request, route::send_http, |_, _| {}).await {
             Ok(r) => r,
             Err(e) => return self.error_response(HttpError::from(e), "-", client),
         };
@@ -231,6 +231,12 @@ impl Frontend {
                 return Err(e.into());
             }
         };
+        let held = Held {
+            admission: Some(admission),
+            orphan: std::sync::Mutex::new(None),
+            query_id: unanswered.query_id.clone().unwrap_or_default(),
+        };
+        let admission = held.admission.as_ref().expect("just set");
         let statement = sniffed.statement;
         let mut payload = sniffed
             .payload(
@@ -274,11 +280,18 @@ impl Frontend {
             plan,
             request,
             |backend, req| send_query(backend, req, movable),
-            |backend| kill(backend, &user, query_id),
+            |backend, cancel| {
+                if cancel {
+                    kill(backend, &user, query_id);
+                } else if let Ok(mut orphan) = held.orphan.lock() {
+                    *orphan = Some(backend.clone());
+                }
+            },
         )
         .await?;
         let query_id = unanswered.query_id.take().unwrap_or_default();
         let compressed = rewritten.compress;
+        let admission = held.take();
         Ok(self.respond(routed, admission, query_id, started, in_flight, compressed))
     }
 
@@ -433,4 +446,30 @@ fn refuse_as_sent(
             user.name
         )
     })
+}
+
+/// A request's admission while it is routed. A write given up with its query still
+/// running on a node (its client went away) leaves the admission to
+/// [`crate::gateway::hold_until_done`], so its concurrency slot stays taken while the
+/// node runs it.
+struct Held {
+    admission: Option<Admission>,
+    orphan: std::sync::Mutex<Option<Arc<Backend>>>,
+    query_id: String,
+}
+
+impl Held {
+    /// The admission, for the answer.
+    fn take(mut self) -> Admission {
+        self.admission.take().expect("taken once")
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let orphan = self.orphan.get_mut().ok().and_then(Option::take);
+        if let (Some(admission), Some(backend)) = (self.admission.take(), orphan) {
+            crate::gateway::hold_until_done(backend, std::mem::take(&mut self.query_id), admission);
+        }
+    }
 }

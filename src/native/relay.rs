@@ -117,6 +117,8 @@ enum Event {
     Drain,
     /// The running query's quota execution limit.
     Deadline,
+    /// The limit plus a grace, with the cut still waiting for the end of a packet.
+    Overdue,
     /// The running read's node has been silent for the cluster's hedge bound.
     Stalled,
 }
@@ -278,6 +280,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 .as_ref()
                 .filter(|r| r.cut.is_none())
                 .and_then(|r| r.deadline);
+            // A cut at the limit waits for the end of the packet under way; a node that
+            // stops sending in the middle of one (hung, partitioned) must not hold the
+            // query and its slot past the limit plus a grace.
+            let overdue_at = self
+                .running
+                .as_ref()
+                .filter(|r| r.cut.is_some())
+                .and_then(|r| r.deadline)
+                .map(|d| d + STALLED_CLIENT_GRACE);
             let stall_at = self
                 .running
                 .as_ref()
@@ -289,6 +300,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 _ = tokio::time::sleep(idle_timeout), if idle => Event::Idle,
                 _ = drain.cancelled(), if !self.closing => Event::Drain,
                 _ = until(deadline) => Event::Deadline,
+                _ = until(overdue_at) => Event::Overdue,
                 _ = until(stall_at) => Event::Stalled,
             };
             let step = match event {
@@ -345,6 +357,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                     Ok(())
                 }
                 Event::Deadline => self.execution_time_out().await,
+                Event::Overdue => self.stalled_past_deadline(),
                 Event::Stalled => self.stalled().await,
             };
             if step.is_err() {
@@ -876,9 +889,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         }
     }
 
-    /// The client stopped reading and its query ran past the quota's execution limit: the
-    /// query is killed, the node connection dropped (which frees the node's blocked write),
-    /// and the client's connection closed (it is mid-packet: nothing more can be told).
+    /// The query ran past the quota's execution limit stuck in the middle of a packet (the
+    /// client stopped reading, or the node stopped sending): the query is killed, the node
+    /// connection dropped (which frees a node's blocked write), and the client's connection
+    /// closed (it is mid-packet: nothing more can be told).
     fn stalled_past_deadline(&mut self) -> Step {
         if let Some(mut run) = self.running.take() {
             METRICS
@@ -886,7 +900,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 .with_label_values(&[&self.user.name, "execution_time"])
                 .inc();
             crate::gateway::kill_query(&run.backend, &self.user, &run.query_id);
-            tracing::info!(user = %self.user.name, query_id = %run.query_id, "Query past its execution limit with a client that stopped reading: killed, connection closed");
+            tracing::info!(user = %self.user.name, query_id = %run.query_id, "Query past its execution limit stuck in the middle of a packet (a client that stopped reading, or a node that stopped sending): killed, connection closed");
             let limit = run.decision.admission.execution_limit().unwrap_or_default();
             let e = GatewayError::ExecutionTimeout {
                 user: self.user.name.to_string(),

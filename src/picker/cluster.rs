@@ -282,7 +282,7 @@ impl Cluster {
 
 /// The supervisor: see the module docs.
 async fn supervise(shared: Arc<Shared>, stop: CancellationToken) {
-    let mut node_tasks: HashMap<String, CancellationToken> = HashMap::new();
+    let mut node_tasks: HashMap<String, (CancellationToken, Arc<Backend>)> = HashMap::new();
     let topology = shared.topology.load_full();
     for group in topology.groups.iter().filter(|g| !g.zookeeper.is_empty()) {
         tokio::spawn(probe_group_loop(
@@ -309,8 +309,13 @@ async fn supervise(shared: Arc<Shared>, stop: CancellationToken) {
         if !current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &topology)) {
             let wanted: HashMap<&str, &Arc<Backend>> =
                 topology.nodes.iter().map(|n| (n.label(), n)).collect();
-            node_tasks.retain(|label, token| {
-                let keep = wanted.contains_key(label.as_str());
+            // A task probes one backend object: a label now naming another one (a node
+            // built anew, its native port changed say) gets a task of its own, or the
+            // backend routed to would never be probed.
+            node_tasks.retain(|label, (token, probed)| {
+                let keep = wanted
+                    .get(label.as_str())
+                    .is_some_and(|node| Arc::ptr_eq(node, probed));
                 if !keep {
                     token.cancel();
                 }
@@ -324,7 +329,7 @@ async fn supervise(shared: Arc<Shared>, stop: CancellationToken) {
                         (*node).clone(),
                         token.clone(),
                     ));
-                    node_tasks.insert(label.to_string(), token);
+                    node_tasks.insert(label.to_string(), (token, (*node).clone()));
                 }
             }
             current = Some(topology.clone());
@@ -334,7 +339,7 @@ async fn supervise(shared: Arc<Shared>, stop: CancellationToken) {
         }
         shared.publish();
     }
-    for token in node_tasks.values() {
+    for (token, _) in node_tasks.values() {
         token.cancel();
     }
 }

@@ -115,6 +115,22 @@ impl Node {
         self.execute(account, &sql, timeout).await.map(drop)
     }
 
+    /// Whether the query `query_id` of `account` is still running on this node.
+    pub async fn query_running(
+        &self,
+        account: &Account,
+        query_id: &str,
+        timeout: Duration,
+    ) -> Result<bool, QueryError> {
+        let sql = format!(
+            "SELECT count() FROM system.processes WHERE query_id = {} AND user = {}",
+            quoted(query_id),
+            quoted(&account.user)
+        );
+        let text = self.query(account, &sql, timeout).await?;
+        Ok(text.trim() != "0")
+    }
+
     /// Runs one statement as a POST (never read-only: DDL such as `ALTER TABLE`) and
     /// returns its text.
     pub async fn execute(
