@@ -34,11 +34,11 @@ impl Gateway {
         creds: &Credentials,
         ip: IpAddr,
     ) -> Result<Arc<User>, GatewayError> {
-        if let Some(delay) = self.throttle.delay(ip) {
+        if let Some(delay) = self.throttle.reserve(ip) {
             tokio::time::sleep(delay).await;
         }
         let failed = |reason: &str| {
-            self.throttle.failure(ip);
+            self.throttle.failure(ip, &creds.user);
             METRICS.auth_failures.with_label_values(&[reason]).inc();
             Err(GatewayError::AuthFailed {
                 user: creds.user.clone(),
@@ -52,7 +52,7 @@ impl Gateway {
         if !self.verifier.verify(&user.password, &creds.password).await {
             return failed("bad_password");
         }
-        self.throttle.success(ip);
+        self.throttle.success(ip, &creds.user);
         if !user.networks.is_empty() && !user.networks.iter().any(|n| n.contains(&ip)) {
             METRICS
                 .auth_failures
