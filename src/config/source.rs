@@ -571,6 +571,15 @@ fn session_alive(store: &Store) -> bool {
     )
 }
 
+/// What this instance's members znode says of it.
+fn member_about() -> String {
+    format!(
+        "{{\"pid\":{},\"joined\":{}}}",
+        std::process::id(),
+        unix_now()
+    )
+}
+
 /// Joins the fleet if this instance is not in it, and passes the member count on.
 async fn stay_in_fleet(store: &Store, members: &impl Fn(u32), member_id: &str) {
     let Ok((names, _)) = store.members().await else {
@@ -580,12 +589,7 @@ async fn stay_in_fleet(store: &Store, members: &impl Fn(u32), member_id: &str) {
         members(names.len() as u32);
         return;
     }
-    let about = format!(
-        "{{\"pid\":{},\"joined\":{}}}",
-        std::process::id(),
-        unix_now()
-    );
-    if store.join(member_id, &about).await.is_ok() {
+    if store.join(member_id, &member_about()).await.is_ok() {
         if let Ok((names, _)) = store.members().await {
             members(names.len() as u32);
         }
@@ -646,12 +650,7 @@ async fn session<F: Fn(&Validated)>(
         };
         if !names.contains(&member_id.to_string()) {
             // Not there yet (a new session), or gone (someone deleted it): join.
-            let about = format!(
-                "{{\"pid\":{},\"joined\":{}}}",
-                std::process::id(),
-                unix_now()
-            );
-            match store.join(member_id, &about).await {
+            match store.join(member_id, &member_about()).await {
                 Ok(()) => match store.members().await {
                     Ok(m) => (names, members_watch) = m,
                     Err(e) => {
