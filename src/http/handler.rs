@@ -234,7 +234,6 @@ impl Frontend {
         let held = Held {
             admission: Some(admission),
             orphan: std::sync::Mutex::new(None),
-            query_id: unanswered.query_id.clone().unwrap_or_default(),
         };
         let admission = held.admission.as_ref().expect("just set");
         let statement = sniffed.statement;
@@ -284,7 +283,7 @@ impl Frontend {
                 if cancel {
                     kill(backend, &user, query_id);
                 } else if let Ok(mut orphan) = held.orphan.lock() {
-                    *orphan = Some(backend.clone());
+                    *orphan = Some((backend.clone(), query_id.to_owned()));
                 }
             },
         )
@@ -454,8 +453,8 @@ fn refuse_as_sent(
 /// node runs it.
 struct Held {
     admission: Option<Admission>,
-    orphan: std::sync::Mutex<Option<Arc<Backend>>>,
-    query_id: String,
+    /// The node and query id of a write left running (rare: its query id is copied then).
+    orphan: std::sync::Mutex<Option<(Arc<Backend>, String)>>,
 }
 
 impl Held {
@@ -468,8 +467,8 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         let orphan = self.orphan.get_mut().ok().and_then(Option::take);
-        if let (Some(admission), Some(backend)) = (self.admission.take(), orphan) {
-            crate::gateway::hold_until_done(backend, std::mem::take(&mut self.query_id), admission);
+        if let (Some(admission), Some((backend, query_id))) = (self.admission.take(), orphan) {
+            crate::gateway::hold_until_done(backend, query_id, admission);
         }
     }
 }
