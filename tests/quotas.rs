@@ -55,6 +55,18 @@ quota = "test"
         }
     }
 
+    /// Waits (at most 5 s) for the user's `name` metric to read `value`.
+    async fn until_metric(&self, name: &str, value: f64) {
+        let start = Instant::now();
+        while metric_sum(&self.proxy.metrics().await, name, &[&self.label()]) != value {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{name} never read {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn label(&self) -> String {
         format!("user=\"{}\"", self.user)
     }
@@ -690,4 +702,95 @@ c.execute("SELECT sleep(1)", query_id="{id}")
     // And the user's slot is free for the next query.
     let out = q.http("SELECT 1", "").await;
     assert_eq!(out.status, 200, "{}", out.body);
+}
+
+/// Relays to `node` (a native address), listening on `ip`, whose connections are all reset
+/// (RST: what a node killed with unread bytes sends) when the returned `Notify` fires.
+async fn resetting_relay(
+    ip: &str,
+    node: &'static str,
+) -> (u16, std::sync::Arc<tokio::sync::Notify>) {
+    let l = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let reset = std::sync::Arc::new(tokio::sync::Notify::new());
+    let notify = reset.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = l.accept().await {
+            let reset = notify.clone();
+            tokio::spawn(async move {
+                let Ok(mut node) = tokio::net::TcpStream::connect(node).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut node) => {}
+                    _ = reset.notified() => {
+                        let _ = client.set_zero_linger();
+                    }
+                }
+            });
+        }
+    });
+    (port, reset)
+}
+
+/// A native query that waits in the queue while its connection's node goes away (the
+/// connection reset, as by a node killed) is sent on another connection when its turn
+/// comes: the node never had it. Before, the write to the dead connection failed and the
+/// client got code 210, "could not be sent".
+#[tokio::test]
+async fn a_queued_native_query_whose_node_connection_broke_meanwhile_runs_elsewhere() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let (port_a, reset_a) = resetting_relay("127.0.0.11", "127.0.0.11:9000").await;
+    let (port_b, reset_b) = resetting_relay("127.0.0.12", "127.0.0.12:9000").await;
+    let replicas = format!(
+        "{{ host = \"127.0.0.11\", http_port = 8123, native_port = {port_a} }}, \
+         {{ host = \"127.0.0.12\", http_port = 8123, native_port = {port_b} }}"
+    );
+    let q = Quota::start_with(
+        "max_concurrent_queries = 1\nmax_queue_size = 4\nmax_queue_wait = \"10s\"",
+        &replicas,
+    )
+    .await;
+    let native = q.proxy.native.expect("native listener");
+    let script = format!(
+        r#"
+import sys
+from clickhouse_driver import Client
+c = Client(host="{host}", port={port}, user="{user}", password="q-pass")
+print(c.execute("SELECT 1")[0][0], flush=True)
+sys.stdin.readline()
+try:
+    print(c.execute("SELECT 2")[0][0], flush=True)
+except Exception as e:
+    print("error", str(e).replace("\n", " "), flush=True)
+"#,
+        host = native.ip(),
+        port = native.port(),
+        user = q.user,
+    );
+    let mut child = tokio::process::Command::new(python())
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("1"));
+    // The slot is taken for 2 s over HTTP; the native query queues behind it.
+    let holder = tokio::spawn(curl_async(q.args("SELECT sleep(2)", "")));
+    q.until_metric("chgate_user_queries_in_flight", 1.0).await;
+    stdin.write_all(b"go\n").await.unwrap();
+    q.until_metric("chgate_quota_queued", 1.0).await;
+    // Meanwhile every node connection is reset.
+    reset_a.notify_waiters();
+    reset_b.notify_waiters();
+    let held = holder.await.unwrap();
+    assert_eq!(held.status, 200, "{}", held.body);
+    let answer = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    assert_eq!(answer.as_deref(), Some("2"), "the queued query's answer");
 }

@@ -245,6 +245,16 @@ async fn write_upstream<W: AsyncWrite + Unpin>(
     }
 }
 
+/// Whether an idle connection's node is known to have closed or broken it: what the socket
+/// already holds is read without waiting (bytes stay for the walk).
+fn closed_while_idle(upstream: &mut Upstream) -> bool {
+    match upstream.io.try_read_buf(&mut upstream.buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
 /// Reads from the node, or waits forever without one.
 async fn read_upstream(upstream: &mut Option<Upstream>) -> std::io::Result<usize> {
     match upstream {
@@ -493,12 +503,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             Ok(d) => d,
             Err(e) => return self.refuse(e.into(), query.query_id).await,
         };
-        if self.upstream.is_none() {
-            if let Err((refusal, close)) = self.reconnect().await {
-                self.refuse(refusal, query.query_id).await?;
-                return if close { Err(Close) } else { Ok(()) };
-            }
-        }
         let query_id = if query.query_id.is_empty() {
             uuid::Uuid::new_v4().to_string()
         } else {
@@ -520,21 +524,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         );
         let mut out = Vec::with_capacity(packet.len() + 32);
         rewritten.write(&mut out, self.revision);
-        let Some(upstream) = self.upstream.as_mut() else {
-            return Err(Close);
+        let Some(backend) = self.send_query(&out, query.query_id).await? else {
+            return Ok(());
         };
-        let send_timeout = self.frontend.settings.send_timeout;
-        if let Err(e) = write_upstream(&mut upstream.io, &out, send_timeout).await {
-            // The node has no whole query: it never ran.
-            upstream.backend.failed(&UpstreamError::Io(e));
-            self.upstream = None;
-            let refusal = Refusal::Gateway(crate::gateway::GatewayError::UpstreamFailed {
-                reason: "connection lost",
-                why: "could not be sent; send it again",
-            });
-            return self.refuse(refusal, query.query_id).await;
-        }
-        let backend = upstream.backend.clone();
         let text = matches!(decision.effect, SessionEffect::Set).then(|| query.text.to_vec());
         let deadline = execution_limit.map(|l| (decision.admission.admitted_at() + l).into());
         // A read may move to another node until its result begins, unless a temporary
@@ -567,6 +559,74 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             access_log: self.frontend.settings.access_log,
             done: false,
         });
+        Ok(())
+    }
+
+    /// Sends a Query packet to the connection's node; one that cannot take it (its
+    /// connection found closed, or lost while the packet went) is replaced, as a node that
+    /// never got the whole query never ran it, within the cluster's attempts. The node it
+    /// went to, or `None` when the query was refused.
+    async fn send_query(
+        &mut self,
+        packet: &[u8],
+        query_id: &[u8],
+    ) -> Result<Option<Arc<Backend>>, Close> {
+        let attempts = self.frontend.gateway.settings.max_attempts().max(1);
+        let send_timeout = self.frontend.settings.send_timeout;
+        let mut failed: Vec<Arc<Backend>> = Vec::new();
+        loop {
+            if self.upstream.as_mut().is_some_and(closed_while_idle) {
+                if let Some(upstream) = self.upstream.as_ref() {
+                    tracing::debug!(
+                        node = upstream.backend.label(),
+                        "Idle native node connection found closed before a query"
+                    );
+                }
+                self.let_go_idle_upstream().await?;
+            }
+            if self.upstream.is_none() {
+                if let Err((refusal, close)) = self.reconnect(&failed).await {
+                    self.refuse(refusal, query_id).await?;
+                    return if close { Err(Close) } else { Ok(None) };
+                }
+            }
+            let Some(upstream) = self.upstream.as_mut() else {
+                return Err(Close);
+            };
+            let Err(e) = write_upstream(&mut upstream.io, packet, send_timeout).await else {
+                return Ok(Some(upstream.backend.clone()));
+            };
+            tracing::warn!(node = upstream.backend.label(), error = %e, "A query could not be sent to its node (it never ran there)");
+            upstream.backend.failed(&UpstreamError::Io(e));
+            METRICS
+                .native_errors
+                .with_label_values(&["upstream_lost"])
+                .inc();
+            failed.push(upstream.backend.clone());
+            self.let_go_idle_upstream().await?;
+            if failed.len() >= attempts {
+                let refusal = Refusal::Gateway(crate::gateway::GatewayError::UpstreamFailed {
+                    reason: "connection lost",
+                    why: "could not be sent; send it again",
+                });
+                self.refuse(refusal, query_id).await?;
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Drops the node's connection between queries: pings it did not answer are answered
+    /// here, unless part of a packet from it reached the client (nothing can follow that).
+    async fn let_go_idle_upstream(&mut self) -> Step {
+        let Some(upstream) = self.upstream.take() else {
+            return Ok(());
+        };
+        if upstream.forwarded > 0 {
+            return Err(Close);
+        }
+        for _ in 0..std::mem::take(&mut self.pings) {
+            self.send_client(&PONG).await?;
+        }
         Ok(())
     }
 
@@ -1024,13 +1084,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             // pings the node did not answer are answered here, unless part of a packet
             // from it reached the client.
             tracing::debug!(node = upstream.backend.label(), error = %error, "Idle native node connection closed");
-            if upstream.forwarded > 0 {
-                return Err(Close);
-            }
-            for _ in 0..std::mem::take(&mut self.pings) {
-                self.send_client(&PONG).await?;
-            }
-            return Ok(());
+            self.upstream = Some(upstream);
+            return self.let_go_idle_upstream().await;
         };
         if upstream.forwarded == 0 && run.retry.as_ref().is_some_and(Retry::movable) {
             self.running = Some(run);
@@ -1057,7 +1112,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
 
     /// A connection on another node for the next query, with the session carried over; on
     /// failure, the refusal, and whether the connection must close after it.
-    async fn reconnect(&mut self) -> Result<(), (Refusal, bool)> {
+    async fn reconnect(&mut self, avoid: &[Arc<Backend>]) -> Result<(), (Refusal, bool)> {
         if self.session.temporary {
             METRICS
                 .native_reconnects
@@ -1074,7 +1129,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         } else {
             Purpose::Write
         };
-        let connected = upstream::connect(&self.target(purpose, &[])).await;
+        let connected = upstream::connect(&self.target(purpose, avoid)).await;
         let mut up = match connected {
             Ok(up) => up,
             Err(r) => {
