@@ -16,7 +16,7 @@ fn auth(c: &mut Criterion) {
         .unwrap();
     let check = PasswordCheck::new(&hash_password("bi-pass").unwrap());
     let verifier = Verifier::new(1);
-    assert!(runtime.block_on(verifier.verify(&check, "bi-pass")));
+    assert!(runtime.block_on(verifier.verify("bi", &check, "bi-pass")));
     c.bench_function("auth/cached_password_check", |b| {
         b.iter(|| verifier.verify_cached(black_box(&check), black_box("bi-pass")))
     });

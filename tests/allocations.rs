@@ -28,7 +28,7 @@ fn hot_paths_do_not_allocate() {
         .unwrap();
     let check = chgate::auth::PasswordCheck::new(&chgate::auth::hash_password("pw").unwrap());
     let verifier = chgate::auth::Verifier::new(1);
-    assert!(runtime.block_on(verifier.verify(&check, "pw")));
+    assert!(runtime.block_on(verifier.verify("u", &check, "pw")));
 
     let mut text = String::new();
     for shard in 0..32 {

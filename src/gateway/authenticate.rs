@@ -46,10 +46,16 @@ impl Gateway {
         };
         let user = self.generation().users.get(creds.user.as_str()).cloned();
         let Some(user) = user else {
-            self.verifier.reject_unknown(&creds.password).await;
+            self.verifier
+                .reject_unknown(&creds.user, &creds.password)
+                .await;
             return failed("unknown_user");
         };
-        if !self.verifier.verify(&user.password, &creds.password).await {
+        if !self
+            .verifier
+            .verify(&user.name, &user.password, &creds.password)
+            .await
+        {
             return failed("bad_password");
         }
         self.throttle.success(ip, &creds.user);
