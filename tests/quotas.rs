@@ -30,6 +30,11 @@ impl Quota {
 
     /// [`Quota::start`] with `replica` as the one node.
     async fn start_with(quota: &str, replica: &str) -> Self {
+        Self::start_configured(quota, replica, "").await
+    }
+
+    /// [`Quota::start_with`] with more `[proxy]` keys.
+    async fn start_configured(quota: &str, replica: &str, proxy: &str) -> Self {
         let user = unique("q").replace('-', "_");
         let extra = format!(
             r#"
@@ -46,7 +51,7 @@ quota = "test"
         let text = config(&[("127.0.0.11", 8123)], &extra)
             .replace(
                 "http_listen = \"127.0.0.1:0\"",
-                "http_listen = \"127.0.0.1:0\"\nnative_listen = \"127.0.0.1:0\"",
+                &format!("http_listen = \"127.0.0.1:0\"\nnative_listen = \"127.0.0.1:0\"\n{proxy}"),
             )
             .replace("{ host = \"127.0.0.11\", http_port = 8123 }", replica);
         Self {
@@ -793,4 +798,49 @@ except Exception as e:
         .expect("an answer within 10 s")
         .unwrap();
     assert_eq!(answer.as_deref(), Some("2"), "the queued query's answer");
+}
+
+/// A read whose body stops coming after admission gives its slot back when
+/// `proxy.http_receive_timeout` passes (400, code 33), instead of holding it for as long as
+/// the client keeps the connection open.
+#[tokio::test]
+async fn a_read_whose_body_stops_coming_gives_its_slot_back() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let q = Quota::start_configured(
+        "max_concurrent_queries = 1\nmax_queue_size = 0",
+        "{ host = \"127.0.0.11\", http_port = 8123 }",
+        "http_receive_timeout = \"1s\"",
+    )
+    .await;
+    let auth = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:q-pass", q.user))
+    };
+    // The statement is in the parameter (a read, admitted at once); of its 100-byte body,
+    // 10 bytes come and then nothing.
+    let mut conn = tokio::net::TcpStream::connect(q.proxy.http).await.unwrap();
+    conn.write_all(
+        format!(
+            "POST /?query=SELECT%201 HTTP/1.1\r\nHost: chgate\r\nAuthorization: Basic {auth}\r\nContent-Length: 100\r\n\r\n-- comment"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    q.until_metric("chgate_user_queries_in_flight", 1.0).await;
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut answer))
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    let took = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("Code: 33"), "{answer}");
+    assert!(answer.contains("http_receive_timeout"), "{answer}");
+    assert!(took < Duration::from_secs(4), "answered after {took:?}");
+    q.until_metric("chgate_user_queries_in_flight", 0.0).await;
+    let out = q.http("SELECT 1", "").await;
+    assert_eq!(out.status, 200, "the slot is free again: {}", out.body);
 }

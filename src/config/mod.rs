@@ -105,6 +105,12 @@ pub struct ProxyConfig {
     /// How long a client may take to send its request head.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// How long a client may take to send the part of a request's body chgate reads
+    /// before forwarding: the start that says what the statement is (before admission),
+    /// and the rest of a read small enough to be kept whole (after admission, holding a
+    /// query slot). Past it: HTTP 400, code 33. ClickHouse's `http_receive_timeout` (30 s).
+    #[serde(with = "humantime_serde")]
+    pub http_receive_timeout: Duration,
     /// On SIGTERM, how long in-flight requests get to finish.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -138,6 +144,7 @@ impl Default for ProxyConfig {
             tls: None,
             max_replay_body_bytes: 1 << 20,
             header_read_timeout: Duration::from_secs(30),
+            http_receive_timeout: Duration::from_secs(30),
             keep_alive_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             access_log: true,

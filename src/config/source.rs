@@ -470,6 +470,10 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
                 format!("{:?}", c.proxy.header_read_timeout),
             ),
             (
+                "proxy.http_receive_timeout",
+                format!("{:?}", c.proxy.http_receive_timeout),
+            ),
+            (
                 "proxy.drain_timeout",
                 format!("{:?}", c.proxy.drain_timeout),
             ),

@@ -181,6 +181,12 @@ pub(super) fn validate_with(
             "must be greater than zero".into(),
         );
     }
+    if config.proxy.http_receive_timeout.is_zero() {
+        p(
+            "proxy.http_receive_timeout".into(),
+            "must be greater than zero".into(),
+        );
+    }
 
     let tls = config.proxy.tls.as_ref().and_then(|tls| {
         crate::tls::server_config(

@@ -219,7 +219,9 @@ impl Frontend {
         // The body cannot be read by us if it is compressed: by Content-Encoding, or in
         // ClickHouse's own block format (`decompress=1`).
         let opaque = rewritten.decompress || parts.headers.contains_key(header::CONTENT_ENCODING);
-        let sniffed = sniff::statement(&mut body, rewritten.query.as_deref(), opaque).await?;
+        let receive = self.settings.receive_timeout;
+        let sniffed =
+            sniff::statement(&mut body, rewritten.query.as_deref(), opaque, receive).await?;
         if let Err(e) = policy::allows(&user, sniffed.statement) {
             sniff::discard(&mut body).await;
             return Err(e.into());
@@ -241,6 +243,7 @@ impl Frontend {
             .payload(
                 body,
                 self.gateway.settings.max_replay_body_bytes,
+                receive,
                 &user.traffic.request_bytes,
             )
             .await?;

@@ -39,6 +39,8 @@ pub struct Settings {
     /// Log one line per request.
     pub access_log: bool,
     pub header_read_timeout: Duration,
+    /// How long the body chgate reads before forwarding may take to arrive.
+    pub receive_timeout: Duration,
     /// An idle client connection is closed after this long (advertised in `Keep-Alive`).
     pub keep_alive: Duration,
     pub drain_timeout: Duration,
@@ -49,6 +51,7 @@ impl From<&ProxyConfig> for Settings {
         Self {
             access_log: c.access_log,
             header_read_timeout: c.header_read_timeout,
+            receive_timeout: c.http_receive_timeout,
             keep_alive: c.keep_alive_timeout,
             drain_timeout: c.drain_timeout,
         }

@@ -22,9 +22,6 @@ use crate::upstream::Body;
 /// Bytes of a request body read at most to find the first keyword of the statement.
 const SNIFF_LIMIT: usize = 64 * 1024;
 
-/// How long a client gets to send the part of its body that says what the statement is.
-const SNIFF_TIME: Duration = Duration::from_secs(30);
-
 /// What is read and dropped of a refused request's body, at most.
 const DISCARD_LIMIT: usize = 1 << 20;
 const DISCARD_TIME: Duration = Duration::from_secs(1);
@@ -36,12 +33,13 @@ pub struct Sniffed {
     ended: bool,
 }
 
-/// Reads the body (up to [`SNIFF_LIMIT`]) until the statement is known. `param` is the
-/// decoded `query` parameter; `opaque` says the body cannot be read.
+/// Reads the body (up to [`SNIFF_LIMIT`], within `time`) until the statement is known.
+/// `param` is the decoded `query` parameter; `opaque` says the body cannot be read.
 pub async fn statement(
     body: &mut Incoming,
     param: Option<&str>,
     opaque: bool,
+    time: Duration,
 ) -> Result<Sniffed, HttpError> {
     let mut head = BytesMut::new();
     let mut ended = body.is_end_stream();
@@ -54,19 +52,14 @@ pub async fn statement(
             ended,
         });
     }
-    let deadline = tokio::time::Instant::now() + SNIFF_TIME;
+    let deadline = tokio::time::Instant::now() + time;
     // The body so far is looked at again only once it has doubled (or is all there): a
     // body sent a byte at a time costs linear time, not quadratic.
     let mut looked_at = 0;
     while kind == StatementKind::Incomplete {
         ended = tokio::time::timeout_at(deadline, read_more(body, &mut head, SNIFF_LIMIT))
             .await
-            .map_err(|_| {
-                HttpError::RequestBody(format!(
-                    "the statement did not arrive within {} s",
-                    SNIFF_TIME.as_secs()
-                ))
-            })??;
+            .map_err(|_| late("the statement", time))??;
         let complete = ended || head.len() >= SNIFF_LIMIT;
         if !complete && head.len() < 2 * looked_at {
             continue;
@@ -117,19 +110,27 @@ impl Payload {
 
 impl Sniffed {
     /// The body to send: a read of at most `limit` bytes is read whole (so it can be sent
-    /// again); anything else streams on after what was read. `counted` takes the client's
-    /// request bytes.
+    /// again) within `time`; anything else streams on after what was read. `counted` takes
+    /// the client's request bytes.
     pub async fn payload(
         mut self,
         mut body: Incoming,
         limit: usize,
+        time: Duration,
         counted: &IntCounter,
     ) -> Result<Payload, HttpError> {
         if self.statement.is_read() && !self.ended {
-            self.ended = read_more(&mut body, &mut self.head, limit).await?;
-            while !self.ended && self.head.len() < limit {
+            let deadline = tokio::time::Instant::now() + time;
+            let whole = async {
                 self.ended = read_more(&mut body, &mut self.head, limit).await?;
-            }
+                while !self.ended && self.head.len() < limit {
+                    self.ended = read_more(&mut body, &mut self.head, limit).await?;
+                }
+                Ok::<_, HttpError>(())
+            };
+            tokio::time::timeout_at(deadline, whole)
+                .await
+                .map_err(|_| late("the request body", time))??;
         }
         let head = self.head.freeze();
         counted.inc_by(head.len() as u64);
@@ -143,6 +144,14 @@ impl Sniffed {
             }))
         })
     }
+}
+
+/// The error for a body whose `what` did not arrive within `time`.
+fn late(what: &str, time: Duration) -> HttpError {
+    HttpError::RequestBody(format!(
+        "{what} did not arrive within {:?} (proxy.http_receive_timeout)",
+        time
+    ))
 }
 
 /// Reads body frames into `buf` until it holds more than it did, the body ends (returns
