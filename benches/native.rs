@@ -1,8 +1,11 @@
 //! Walking Native-format blocks (`chgate::clickhouse::native`): what a native-protocol relay
-//! spends per byte to find where a Data packet ends. `cargo bench --bench native`
+//! spends per byte to find where a Data packet ends, plain and in LZ4 frames.
+//! `cargo bench --bench native`
 
 use std::hint::black_box;
 
+use chgate::clickhouse::compress::lz4_block;
+use chgate::clickhouse::native::server::{ServerPackets, Session};
 use chgate::clickhouse::native::{walk_block, Framing};
 use chgate::clickhouse::rowbinary::write_varint;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -70,5 +73,51 @@ fn walk(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, walk);
+/// A server Data packet at revision 54412 carrying `block` in LZ4 frames of at most 1 MiB
+/// of the block, as ClickHouse's compressed buffer writes them.
+fn lz4_packet(block: &[u8]) -> Vec<u8> {
+    let mut packet = vec![1, 0]; // Data, no table name
+    let mut framed = vec![1, 0, 2, 0xff, 0xff, 0xff, 0xff, 0]; // BlockInfo
+    framed.extend_from_slice(block);
+    for part in framed.chunks(1 << 20) {
+        packet.extend_from_slice(&lz4_block(part).expect("a frame of 1 MiB"));
+    }
+    packet
+}
+
+/// Walking compressed Data packets: frames of fixed-width data alone are stepped over
+/// without being decompressed; String columns need every frame.
+fn walk_compressed(c: &mut Criterion) {
+    let numeric = |b: &mut Vec<u8>, r: u64| b.extend_from_slice(&(r * 7919).to_le_bytes());
+    let numbers = |rows| block(rows, &[("UInt64", &numeric), ("UInt64", &numeric)]);
+    let strings = block(
+        65_536,
+        &[
+            ("String", &|b, r| string(b, format!("user-{r}").as_bytes())),
+            ("String", &|b, r| string(b, format!("{}", r * 3).as_bytes())),
+        ],
+    );
+    let session = Session {
+        revision: 54412,
+        compression: true,
+        empty_low_cardinality_granule: false,
+    };
+    let mut group = c.benchmark_group("native_packet_lz4");
+    for (name, block) in [
+        ("numeric_65536_rows", numbers(65_536)),
+        ("numeric_1048576_rows", numbers(1 << 20)),
+        ("strings_65536_rows", strings),
+    ] {
+        let packet = lz4_packet(&block);
+        let mut packets = ServerPackets::default();
+        assert_eq!(packets.next(&packet, &session).unwrap().len, packet.len());
+        group.throughput(Throughput::Bytes(block.len() as u64));
+        group.bench_function(name, |b| {
+            b.iter(|| black_box(packets.next(black_box(&packet), &session)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, walk, walk_compressed);
 criterion_main!(benches);

@@ -47,7 +47,22 @@ pub struct Block {
 
 /// Walks the block at the start of `buf`.
 pub fn walk_block(buf: &[u8], framing: Framing) -> Result<Block> {
-    let mut r = Reader::new(buf);
+    walk(Reader::new(buf), framing)
+}
+
+/// Walks the block at the start of `buf`, of which only the ranges `present` hold its
+/// bytes (decompressed frames; see [`Reader::sparse`]): fixed-width data elsewhere is
+/// stepped over unread, and a byte that must be read there ends the walk with
+/// [`super::WalkError::Absent`].
+pub fn walk_block_sparse(
+    buf: &[u8],
+    present: &[(usize, usize)],
+    framing: Framing,
+) -> Result<Block> {
+    walk(Reader::sparse(buf, present), framing)
+}
+
+fn walk(mut r: Reader<'_>, framing: Framing) -> Result<Block> {
     if framing.block_info {
         block_info(&mut r)?;
     }

@@ -15,6 +15,10 @@ pub enum WalkError {
     /// value can be stepped over only by knowing its type).
     #[error("unknown setting {0}")]
     UnknownSetting(String),
+    /// A byte at this position of a compressed block lies in a frame not decompressed
+    /// yet (see [`Reader::sparse`]); only the walk of such a block sees this.
+    #[error("a compressed frame not decompressed yet, at byte {0} of its block")]
+    Absent(usize),
 }
 
 pub type Result<T> = std::result::Result<T, WalkError>;
@@ -27,14 +31,74 @@ pub type Result<T> = std::result::Result<T, WalkError>;
 pub const MAX_VARUINT_BYTES: u64 = 9;
 
 /// A cursor over received bytes.
+///
+/// A sparse reader stands over a compressed block of which only some frames were
+/// decompressed (`present`: their byte ranges in the block, sorted, adjacent ones merged).
+/// Skipping needs no bytes, so a walk steps over fixed-width data in frames nobody
+/// decompressed; reading a byte of one answers [`WalkError::Absent`] with its position.
 pub struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// The range of `buf` known to be readable around `pos` (all of it, unless sparse).
+    valid: (usize, usize),
+    present: Option<&'a [(usize, usize)]>,
 }
 
 impl<'a> Reader<'a> {
     pub fn new(buf: &'a [u8]) -> Self {
-        Self { buf, pos: 0 }
+        Self {
+            buf,
+            pos: 0,
+            valid: (0, buf.len()),
+            present: None,
+        }
+    }
+
+    /// A reader of `buf` whose readable bytes are the ranges `present` (sorted, adjacent
+    /// ones merged, within `buf`).
+    pub fn sparse(buf: &'a [u8], present: &'a [(usize, usize)]) -> Self {
+        Self {
+            buf,
+            pos: 0,
+            valid: (0, 0),
+            present: Some(present),
+        }
+    }
+
+    /// Makes `start..end` readable, or says why not: past the bytes at hand
+    /// ([`WalkError::Incomplete`]) or in a frame not decompressed ([`WalkError::Absent`]).
+    #[cold]
+    fn cover(&mut self, start: usize, end: usize) -> Result<()> {
+        if end > self.buf.len() {
+            return Err(WalkError::Incomplete);
+        }
+        let Some(present) = self.present else {
+            return Ok(());
+        };
+        // The last range starting at or before `start`.
+        let i = present.partition_point(|&(s, _)| s <= start);
+        let Some(&(s, e)) = i.checked_sub(1).and_then(|i| present.get(i)) else {
+            return Err(WalkError::Absent(start));
+        };
+        if start >= e {
+            return Err(WalkError::Absent(start));
+        }
+        if end > e {
+            // The next range is not adjacent (they are merged): a gap from `e`.
+            return Err(WalkError::Absent(e));
+        }
+        self.valid = (s, e);
+        Ok(())
+    }
+
+    /// Checks that `n` bytes from the position can be read.
+    #[inline]
+    fn readable(&mut self, n: usize) -> Result<usize> {
+        let end = self.pos.checked_add(n).ok_or(WalkError::Incomplete)?;
+        if self.pos < self.valid.0 || end > self.valid.1 {
+            self.cover(self.pos, end)?;
+        }
+        Ok(end)
     }
 
     /// Bytes consumed so far.
@@ -46,7 +110,8 @@ impl<'a> Reader<'a> {
     pub fn varuint(&mut self) -> Result<u64> {
         let mut value = 0u64;
         for shift in (0..7 * MAX_VARUINT_BYTES).step_by(7) {
-            let byte = *self.buf.get(self.pos).ok_or(WalkError::Incomplete)?;
+            self.readable(1)?;
+            let byte = self.buf[self.pos];
             self.pos += 1;
             value |= u64::from(byte & 0x7f) << shift;
             if byte & 0x80 == 0 {
@@ -58,14 +123,21 @@ impl<'a> Reader<'a> {
 
     pub fn bytes(&mut self, n: u64) -> Result<&'a [u8]> {
         let n = usize::try_from(n).map_err(|_| WalkError::Incomplete)?;
-        let end = self.pos.checked_add(n).ok_or(WalkError::Incomplete)?;
-        let out = self.buf.get(self.pos..end).ok_or(WalkError::Incomplete)?;
+        let end = self.readable(n)?;
+        let out = &self.buf[self.pos..end];
         self.pos = end;
         Ok(out)
     }
 
+    /// Steps over `n` bytes, which need not be readable (only there).
     pub fn skip(&mut self, n: u64) -> Result<()> {
-        self.bytes(n).map(|_| ())
+        let n = usize::try_from(n).map_err(|_| WalkError::Incomplete)?;
+        let end = self.pos.checked_add(n).ok_or(WalkError::Incomplete)?;
+        if end > self.buf.len() {
+            return Err(WalkError::Incomplete);
+        }
+        self.pos = end;
+        Ok(())
     }
 
     pub fn u8(&mut self) -> Result<u8> {
@@ -79,9 +151,18 @@ impl<'a> Reader<'a> {
         Ok(u32::from_le_bytes(le))
     }
 
-    /// Everything after the current position (the position does not move).
+    /// Everything after the current position (the position does not move); not for a
+    /// sparse reader.
     pub fn bytes_after(&self) -> Result<&'a [u8]> {
+        debug_assert!(self.present.is_none());
         self.buf.get(self.pos..).ok_or(WalkError::Incomplete)
+    }
+
+    /// The bytes at `start..end` of the buffer, wherever the position is; not for a sparse
+    /// reader.
+    pub fn slice(&self, start: usize, end: usize) -> Result<&'a [u8]> {
+        debug_assert!(self.present.is_none());
+        self.buf.get(start..end).ok_or(WalkError::Incomplete)
     }
 
     /// Moves to `pos`, which must be within the bytes at hand.
@@ -105,18 +186,24 @@ impl<'a> Reader<'a> {
     /// loop; a longer one goes through [`Reader::varuint`].
     pub fn skip_strings(&mut self, count: u64) -> Result<()> {
         let mut pos = self.pos;
+        let (mut from, mut to) = self.valid;
         for _ in 0..count {
             // Each step moves at least one byte, so a count far beyond the bytes at hand
-            // ends at the first missing one.
-            match self.buf.get(pos) {
-                Some(&len) if len < 0x80 => pos += 1 + usize::from(len),
-                Some(_) => {
+            // ends at the first missing one. Only the lengths are read: a long string's
+            // bytes may lie in frames nobody decompressed.
+            if pos < from || pos >= to {
+                self.cover(pos, pos + 1)?;
+                (from, to) = self.valid;
+            }
+            match self.buf[pos] {
+                len if len < 0x80 => pos += 1 + usize::from(len),
+                _ => {
                     self.pos = pos;
                     let len = self.varuint()?;
                     self.skip(len)?;
                     pos = self.pos;
+                    (from, to) = self.valid;
                 }
-                None => return Err(WalkError::Incomplete),
             }
         }
         if pos > self.buf.len() {
@@ -148,5 +235,35 @@ mod tests {
             Err(WalkError::Malformed(_))
         ));
         assert_eq!(Reader::new(&ten[..8]).varuint(), Err(WalkError::Incomplete));
+    }
+
+    #[test]
+    fn a_sparse_reader_steps_over_gaps_and_reads_only_present_bytes() {
+        let buf: Vec<u8> = (0..40).collect();
+        let present = [(0, 10), (20, 30)];
+        let mut r = Reader::sparse(&buf, &present);
+        assert_eq!(r.u8(), Ok(0));
+        r.skip(8).unwrap();
+        // Byte 9 is there, byte 10 is not.
+        assert_eq!(r.bytes(2), Err(WalkError::Absent(10)));
+        assert_eq!(r.u8(), Ok(9));
+        r.skip(12).unwrap();
+        assert_eq!(r.u8(), Ok(22));
+        r.skip(7).unwrap();
+        assert_eq!(r.u8(), Err(WalkError::Absent(30)));
+        r.skip(10).unwrap();
+        assert_eq!(r.skip(1), Err(WalkError::Incomplete));
+        assert_eq!(r.u8(), Err(WalkError::Incomplete));
+        // Strings: their lengths must be present, their bytes need not be.
+        let mut strings = vec![3, b'a', b'b', b'c', 12];
+        strings.extend_from_slice(&[0; 12]);
+        strings.extend_from_slice(&[1, b'z']);
+        let present = [(0, 5), (17, 19)];
+        let mut r = Reader::sparse(&strings, &present);
+        r.skip_strings(3).unwrap();
+        assert_eq!(r.position(), strings.len());
+        let present = [(0, 5)];
+        let mut r = Reader::sparse(&strings, &present);
+        assert_eq!(r.skip_strings(3), Err(WalkError::Absent(17)));
     }
 }

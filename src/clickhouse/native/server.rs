@@ -6,7 +6,7 @@
 //! fixtures in `tests/fixtures/native` were captured at); a packet type that revision does
 //! not send is refused as unsupported, never guessed at.
 
-use super::block::{walk_block, Framing};
+use super::block::{walk_block, walk_block_sparse, Block, Framing};
 use super::client::put_str;
 use super::reader::{Reader, Result, WalkError};
 use crate::clickhouse::rowbinary::write_varint;
@@ -82,19 +82,35 @@ pub enum ClientKind {
 /// Reads packets of one direction; keeps a buffer for decompressing blocks between
 /// packets, and how far a compressed block's frames were read, so a block arriving over
 /// many reads is decompressed once, not again from its start at every read.
+///
+/// A compressed block's frames are decompressed only where the walk must read: fixed-width
+/// columns are stepped over by their size, so the frames that hold nothing but such data
+/// are never decompressed (each frame is an LZ4 block of its own, and its header says how
+/// many bytes of the block it holds).
 #[derive(Default)]
 pub struct ServerPackets {
-    /// Decompressed bytes of the block being walked: the first `filled`. What lies past
-    /// them is left from earlier blocks and never read: the buffer is not zeroed again for
-    /// every block.
+    /// The block being walked, each decompressed frame's bytes at their place in it (the
+    /// first `filled` bytes). What lies elsewhere is left from earlier blocks and never
+    /// read: the buffer is not zeroed again for every block.
     scratch: Vec<u8>,
     filled: usize,
     /// `filled` when the block was last walked (and found incomplete).
     walked: usize,
-    /// The frames of the block read so far: where each ends in the packet, and `filled`
-    /// after it.
-    frame_ends: Vec<(usize, usize)>,
+    /// The frames of the block read so far (header and body at hand).
+    frames: Vec<Frame>,
+    /// The decompressed frames' ranges of the block, adjacent ones merged.
+    present: Vec<(usize, usize)>,
     resume: Option<Resume>,
+}
+
+/// A compressed frame of the block being walked.
+struct Frame {
+    /// Where its compressed body starts and ends (the frame's end) in the packet.
+    body: (usize, usize),
+    method: u8,
+    /// The range of the block's bytes it holds.
+    raw: (usize, usize),
+    decompressed: bool,
 }
 
 /// Where the walk of a compressed block stopped for lack of bytes: the frames before
@@ -245,27 +261,25 @@ impl ServerPackets {
             _ => {
                 self.filled = 0;
                 self.walked = 0;
-                self.frame_ends.clear();
+                self.frames.clear();
             }
         }
         loop {
             let frame_start = r.position();
             let read = self.frame(r);
-            if read.is_ok() {
-                self.frame_ends.push((r.position(), self.filled));
-                if self.filled < 2 * self.walked {
-                    continue;
-                }
+            if read.is_ok() && self.filled < 2 * self.walked {
+                continue;
             }
             if self.walked < self.filled {
                 self.walked = self.filled;
-                match walk_block(&self.scratch[..self.filled], framing) {
+                match self.walk_frames(r, framing) {
                     Ok(block) => {
                         // Where the block ended: the end of one of the frames read.
-                        let Some(&(end, _)) = self
-                            .frame_ends
+                        let Some(end) = self
+                            .frames
                             .iter()
-                            .find(|(_, filled)| *filled == block.len)
+                            .find(|f| f.raw.1 == block.len)
+                            .map(|f| f.body.1)
                         else {
                             return Err(WalkError::Malformed(
                                 "a block that ends inside a compressed frame",
@@ -305,7 +319,55 @@ impl ServerPackets {
         }
     }
 
-    /// Reads one compressed frame and appends what it holds to the scratch buffer.
+    /// Walks the block in the frames read so far, decompressing the frames it must read.
+    fn walk_frames(&mut self, packet: &Reader<'_>, framing: Framing) -> Result<Block> {
+        if self.scratch.len() < self.filled {
+            self.scratch.resize(self.filled, 0);
+        }
+        loop {
+            self.present.clear();
+            for f in self.frames.iter().filter(|f| f.decompressed) {
+                match self.present.last_mut() {
+                    Some(last) if last.1 == f.raw.0 => last.1 = f.raw.1,
+                    _ => self.present.push(f.raw),
+                }
+            }
+            match walk_block_sparse(&self.scratch[..self.filled], &self.present, framing) {
+                Err(WalkError::Absent(at)) => self.decompress_for(packet, at)?,
+                other => return other,
+            }
+        }
+    }
+
+    /// Decompresses the frame that holds the block's byte `at`. A walk that went on from
+    /// the frame before it (variable-width data read through, a string's bytes crossing
+    /// into it) will most likely read the frames after it too: they are decompressed at
+    /// once, rather than one walk each.
+    fn decompress_for(&mut self, packet: &Reader<'_>, at: usize) -> Result<()> {
+        let k = self.frames.partition_point(|f| f.raw.1 <= at);
+        if k >= self.frames.len() {
+            return Err(WalkError::Malformed("a block read past its frames"));
+        }
+        let read_on = k > 0 && self.frames[k - 1].decompressed;
+        let last = if read_on { self.frames.len() } else { k + 1 };
+        let mut any = false;
+        for i in k..last {
+            if !self.frames[i].decompressed {
+                self.decompress(packet, i)?;
+                any = true;
+            }
+        }
+        if any {
+            Ok(())
+        } else {
+            Err(WalkError::Malformed(
+                "a block walk that stopped in a read frame",
+            ))
+        }
+    }
+
+    /// Reads one compressed frame's header and steps over its body: its bytes' place in
+    /// the block follows the frames before it.
     fn frame(&mut self, r: &mut Reader<'_>) -> Result<()> {
         r.skip(FRAME_CHECKSUM)?;
         let method = r.u8()?;
@@ -319,12 +381,12 @@ impl ServerPackets {
         if self.filled as u64 + raw > MAX_FRAME {
             return Err(WalkError::Malformed("a compressed block over 1 GiB"));
         }
-        let body = r.bytes(compressed - FRAME_HEADER)?;
-        // Nothing is allocated for what the frame cannot hold: LZ4 gets at most 255 bytes
-        // out of one (a long match's length bytes), an uncompressed frame exactly its own.
+        let body_len = compressed - FRAME_HEADER;
+        // A frame cannot hold more than this: LZ4 gets at most 255 bytes out of one (a
+        // long match's length bytes), an uncompressed frame exactly its own.
         let holds = match method {
-            LZ4 => (body.len() as u64).saturating_mul(255).saturating_add(16),
-            NONE => body.len() as u64,
+            LZ4 => body_len.saturating_mul(255).saturating_add(16),
+            NONE => body_len,
             ZSTD => return Err(WalkError::Unsupported("ZSTD-compressed blocks")),
             _ => {
                 return Err(WalkError::Unsupported(
@@ -332,36 +394,48 @@ impl ServerPackets {
                 ))
             }
         };
+        if method == NONE && raw != body_len {
+            return Err(WalkError::Malformed(
+                "an uncompressed frame of the wrong size",
+            ));
+        }
         if raw > holds {
             return Err(WalkError::Malformed(
                 "a compressed frame that claims more than it holds",
             ));
         }
-        let start = self.filled;
+        let start = r.position();
+        r.skip(body_len)?;
         // Checked above: at most 1 GiB.
-        let end = start + raw as usize;
-        if self.scratch.len() < end {
-            self.scratch.resize(end, 0);
-        }
-        let out = &mut self.scratch[start..end];
-        let decompressed = match method {
-            LZ4 => match lz4_flex::block::decompress_into(body, out) {
-                Ok(n) if n == out.len() => Ok(()),
-                _ => Err(WalkError::Malformed(
-                    "an LZ4 frame that does not decompress",
-                )),
-            },
-            NONE if body.len() == out.len() => {
-                out.copy_from_slice(body);
-                Ok(())
-            }
-            // Only LZ4 and stored frames get here.
-            _ => Err(WalkError::Malformed(
-                "an uncompressed frame of the wrong size",
-            )),
-        };
-        decompressed?;
+        let end = self.filled + raw as usize;
+        self.frames.push(Frame {
+            body: (start, r.position()),
+            method,
+            raw: (self.filled, end),
+            decompressed: false,
+        });
         self.filled = end;
+        Ok(())
+    }
+
+    /// Decompresses frame `i` into its place in the scratch buffer.
+    fn decompress(&mut self, packet: &Reader<'_>, i: usize) -> Result<()> {
+        let frame = &mut self.frames[i];
+        let body = packet.slice(frame.body.0, frame.body.1)?;
+        let out = &mut self.scratch[frame.raw.0..frame.raw.1];
+        match frame.method {
+            LZ4 => match lz4_flex::block::decompress_into(body, out) {
+                Ok(n) if n == out.len() => {}
+                _ => {
+                    return Err(WalkError::Malformed(
+                        "an LZ4 frame that does not decompress",
+                    ))
+                }
+            },
+            // Only LZ4 and stored frames (checked to be of the right size) get here.
+            _ => out.copy_from_slice(body),
+        }
+        frame.decompressed = true;
         Ok(())
     }
 }
@@ -593,6 +667,88 @@ mod tests {
         assert_eq!(p.next(&e, &session).unwrap().len, e.len());
         for end in 0..e.len() {
             assert_eq!(p.next(&e[..end], &session), Err(WalkError::Incomplete));
+        }
+    }
+
+    /// A Data packet of 1000 rows of `x UInt64, s String`, in LZ4 frames of `frame`
+    /// bytes of the block; the block's bytes where `x`'s data lies.
+    fn numbers_then_strings(frame: usize) -> (Vec<u8>, std::ops::Range<usize>) {
+        let mut block = vec![1, 0, 2, 0xff, 0xff, 0xff, 0xff, 0]; // BlockInfo
+        block.extend_from_slice(&[2, 0xe8, 0x07, 1, b'x', 6]);
+        block.extend_from_slice(b"UInt64");
+        let numbers = block.len()..block.len() + 8000;
+        block.extend((0..8000u32).map(|i| (i % 251) as u8));
+        block.extend_from_slice(&[1, b's', 6]);
+        block.extend_from_slice(b"String");
+        for i in 0..1000u32 {
+            let value = format!("value {i}");
+            block.push(value.len() as u8);
+            block.extend_from_slice(value.as_bytes());
+        }
+        let mut packet = vec![1, 0];
+        for part in block.chunks(frame) {
+            packet.extend_from_slice(&crate::clickhouse::compress::lz4_block(part).unwrap());
+        }
+        (packet, numbers)
+    }
+
+    /// The frames of a packet: where each one's body lies, and the block's bytes it holds.
+    fn frames_of(packet: &[u8]) -> Vec<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+        let (mut at, mut raw, mut out) = (2, 0, Vec::new());
+        while at < packet.len() {
+            let size = |i: usize| u32::from_le_bytes(packet[i..i + 4].try_into().unwrap());
+            let (compressed, len) = (size(at + 17) as usize, size(at + 21) as usize);
+            out.push((at + 25..at + 16 + compressed, raw..raw + len));
+            at += 16 + compressed;
+            raw += len;
+        }
+        out
+    }
+
+    /// Frames that hold nothing but fixed-width data are stepped over undecompressed:
+    /// spoiled, the walk still ends where the block does. Spoiling a frame the walk must
+    /// read (a column's name, a string's length) is found.
+    #[test]
+    fn frames_of_fixed_width_data_alone_are_never_decompressed() {
+        let session = Session {
+            revision: 54412,
+            compression: true,
+            empty_low_cardinality_granule: false,
+        };
+        for frame in [700, 1000, 3000] {
+            let (packet, numbers) = numbers_then_strings(frame);
+            let frames = frames_of(&packet);
+            assert!(frames.len() > 3);
+            let mut spoiled = packet.clone();
+            let mut inside = 0;
+            for (body, raw) in &frames {
+                if numbers.start <= raw.start && raw.end <= numbers.end {
+                    spoiled[body.clone()].fill(0xff);
+                    inside += 1;
+                }
+            }
+            assert!(inside > 0, "frames of {frame}");
+            for bytes in [&packet, &spoiled] {
+                let p = ServerPackets::default().next(bytes, &session).unwrap();
+                assert_eq!((p.kind, p.len, p.rows), (Kind::Data, packet.len(), 1000));
+            }
+            // Each cut short is incomplete, resumed or not.
+            let mut reader = ServerPackets::default();
+            for cut in (0..packet.len()).step_by(97) {
+                assert_eq!(
+                    reader.next(&spoiled[..cut], &session),
+                    Err(WalkError::Incomplete)
+                );
+            }
+            assert_eq!(reader.next(&spoiled, &session).unwrap().len, packet.len());
+            // The last frame holds string lengths: spoiled, it is read and refused.
+            let (body, _) = frames.last().unwrap();
+            let mut bad = packet.clone();
+            bad[body.clone()].fill(0xff);
+            assert!(matches!(
+                ServerPackets::default().next(&bad, &session),
+                Err(WalkError::Malformed(_))
+            ));
         }
     }
 
