@@ -14,7 +14,7 @@
 //! later], then, only if the block has rows, the column's state prefix (what
 //! `LowCardinality` writes before its data, wherever it is nested) and its data.
 
-use super::reader::{Reader, Result, WalkError};
+use super::reader::{Present, Reader, Result, WalkError};
 
 /// Nesting deeper than this in a type name is refused (it would only come from a peer
 /// trying to exhaust the stack).
@@ -50,16 +50,17 @@ pub fn walk_block(buf: &[u8], framing: Framing) -> Result<Block> {
     walk(Reader::new(buf), framing)
 }
 
-/// Walks the block at the start of `buf`, of which only the ranges `present` hold its
-/// bytes (decompressed frames; see [`Reader::sparse`]): fixed-width data elsewhere is
-/// stepped over unread, and a byte that must be read there ends the walk with
+/// Walks a block of `len` bytes of which only the runs `present` are at hand, in `buf`
+/// (decompressed frames; see [`Reader::sparse`]): fixed-width data elsewhere is stepped
+/// over unread, and a byte that must be read there ends the walk with
 /// [`super::WalkError::Absent`].
 pub fn walk_block_sparse(
     buf: &[u8],
-    present: &[(usize, usize)],
+    len: usize,
+    present: &[Present],
     framing: Framing,
 ) -> Result<Block> {
-    walk(Reader::sparse(buf, present), framing)
+    walk(Reader::sparse(buf, len, present), framing)
 }
 
 fn walk(mut r: Reader<'_>, framing: Framing) -> Result<Block> {

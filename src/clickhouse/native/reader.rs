@@ -33,15 +33,29 @@ pub const MAX_VARUINT_BYTES: u64 = 9;
 /// A cursor over received bytes.
 ///
 /// A sparse reader stands over a compressed block of which only some frames were
-/// decompressed (`present`: their byte ranges in the block, sorted, adjacent ones merged).
+/// decompressed, each kept somewhere in `buf` ([`Present`]). Positions are the block's.
 /// Skipping needs no bytes, so a walk steps over fixed-width data in frames nobody
 /// decompressed; reading a byte of one answers [`WalkError::Absent`] with its position.
 pub struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
-    /// The range of `buf` known to be readable around `pos` (all of it, unless sparse).
+    /// How many bytes there are to walk (`buf`'s length, unless sparse).
+    len: usize,
+    /// The range of positions known to be readable around `pos` (all, unless sparse)...
     valid: (usize, usize),
-    present: Option<&'a [(usize, usize)]>,
+    /// ...and where position `p` of it is in `buf`: at `p - base` (wrapping).
+    base: usize,
+    present: Option<&'a [Present]>,
+}
+
+/// Bytes of a sparse reader's block that are at hand: positions `start..end`, kept in its
+/// buffer from `at`. Sorted by `start`; runs adjacent both in the block and in the buffer
+/// are merged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Present {
+    pub start: usize,
+    pub end: usize,
+    pub at: usize,
 }
 
 impl<'a> Reader<'a> {
@@ -49,18 +63,22 @@ impl<'a> Reader<'a> {
         Self {
             buf,
             pos: 0,
+            len: buf.len(),
             valid: (0, buf.len()),
+            base: 0,
             present: None,
         }
     }
 
-    /// A reader of `buf` whose readable bytes are the ranges `present` (sorted, adjacent
-    /// ones merged, within `buf`).
-    pub fn sparse(buf: &'a [u8], present: &'a [(usize, usize)]) -> Self {
+    /// A reader of a block of `len` bytes whose readable ones are `present`, kept in `buf`.
+    /// Every run must lie within `buf` (a run that does not is never read).
+    pub fn sparse(buf: &'a [u8], len: usize, present: &'a [Present]) -> Self {
         Self {
             buf,
             pos: 0,
+            len,
             valid: (0, 0),
+            base: 0,
             present: Some(present),
         }
     }
@@ -69,25 +87,35 @@ impl<'a> Reader<'a> {
     /// ([`WalkError::Incomplete`]) or in a frame not decompressed ([`WalkError::Absent`]).
     #[cold]
     fn cover(&mut self, start: usize, end: usize) -> Result<()> {
-        if end > self.buf.len() {
+        if end > self.len {
             return Err(WalkError::Incomplete);
         }
         let Some(present) = self.present else {
             return Ok(());
         };
-        // The last range starting at or before `start`.
-        let i = present.partition_point(|&(s, _)| s <= start);
-        let Some(&(s, e)) = i.checked_sub(1).and_then(|i| present.get(i)) else {
+        // The last run starting at or before `start`.
+        let i = present.partition_point(|run| run.start <= start);
+        let Some(run) = i.checked_sub(1).and_then(|i| present.get(i)) else {
             return Err(WalkError::Absent(start));
         };
-        if start >= e {
+        if start >= run.end {
             return Err(WalkError::Absent(start));
         }
-        if end > e {
-            // The next range is not adjacent (they are merged): a gap from `e`.
-            return Err(WalkError::Absent(e));
+        if end > run.end {
+            // What follows is not at hand with it (such runs are merged): a gap.
+            return Err(WalkError::Absent(run.end));
         }
-        self.valid = (s, e);
+        if run
+            .at
+            .checked_add(run.end - run.start)
+            .is_none_or(|e| e > self.buf.len())
+        {
+            return Err(WalkError::Malformed(
+                "a decompressed frame outside its buffer",
+            ));
+        }
+        self.valid = (run.start, run.end);
+        self.base = run.start.wrapping_sub(run.at);
         Ok(())
     }
 
@@ -111,7 +139,7 @@ impl<'a> Reader<'a> {
         let mut value = 0u64;
         for shift in (0..7 * MAX_VARUINT_BYTES).step_by(7) {
             self.readable(1)?;
-            let byte = self.buf[self.pos];
+            let byte = self.buf[self.pos.wrapping_sub(self.base)];
             self.pos += 1;
             value |= u64::from(byte & 0x7f) << shift;
             if byte & 0x80 == 0 {
@@ -124,7 +152,7 @@ impl<'a> Reader<'a> {
     pub fn bytes(&mut self, n: u64) -> Result<&'a [u8]> {
         let n = usize::try_from(n).map_err(|_| WalkError::Incomplete)?;
         let end = self.readable(n)?;
-        let out = &self.buf[self.pos..end];
+        let out = &self.buf[self.pos.wrapping_sub(self.base)..end.wrapping_sub(self.base)];
         self.pos = end;
         Ok(out)
     }
@@ -133,7 +161,7 @@ impl<'a> Reader<'a> {
     pub fn skip(&mut self, n: u64) -> Result<()> {
         let n = usize::try_from(n).map_err(|_| WalkError::Incomplete)?;
         let end = self.pos.checked_add(n).ok_or(WalkError::Incomplete)?;
-        if end > self.buf.len() {
+        if end > self.len {
             return Err(WalkError::Incomplete);
         }
         self.pos = end;
@@ -167,7 +195,7 @@ impl<'a> Reader<'a> {
 
     /// Moves to `pos`, which must be within the bytes at hand.
     pub fn seek(&mut self, pos: usize) -> Result<()> {
-        if pos > self.buf.len() {
+        if pos > self.len {
             return Err(WalkError::Incomplete);
         }
         self.pos = pos;
@@ -195,7 +223,7 @@ impl<'a> Reader<'a> {
                 self.cover(pos, pos + 1)?;
                 (from, to) = self.valid;
             }
-            match self.buf[pos] {
+            match self.buf[pos.wrapping_sub(self.base)] {
                 len if len < 0x80 => pos += 1 + usize::from(len),
                 _ => {
                     self.pos = pos;
@@ -206,7 +234,7 @@ impl<'a> Reader<'a> {
                 }
             }
         }
-        if pos > self.buf.len() {
+        if pos > self.len {
             return Err(WalkError::Incomplete);
         }
         self.pos = pos;
@@ -239,9 +267,22 @@ mod tests {
 
     #[test]
     fn a_sparse_reader_steps_over_gaps_and_reads_only_present_bytes() {
-        let buf: Vec<u8> = (0..40).collect();
-        let present = [(0, 10), (20, 30)];
-        let mut r = Reader::sparse(&buf, &present);
+        // Block bytes 0..10 and 20..30 at hand, kept the other way round.
+        let block: Vec<u8> = (0..40).collect();
+        let buf = [&block[20..30], &block[0..10]].concat();
+        let present = [
+            Present {
+                start: 0,
+                end: 10,
+                at: 10,
+            },
+            Present {
+                start: 20,
+                end: 30,
+                at: 0,
+            },
+        ];
+        let mut r = Reader::sparse(&buf, 40, &present);
         assert_eq!(r.u8(), Ok(0));
         r.skip(8).unwrap();
         // Byte 9 is there, byte 10 is not.
@@ -258,12 +299,23 @@ mod tests {
         let mut strings = vec![3, b'a', b'b', b'c', 12];
         strings.extend_from_slice(&[0; 12]);
         strings.extend_from_slice(&[1, b'z']);
-        let present = [(0, 5), (17, 19)];
-        let mut r = Reader::sparse(&strings, &present);
+        let buf = [&strings[0..5], &strings[17..19]].concat();
+        let present = [
+            Present {
+                start: 0,
+                end: 5,
+                at: 0,
+            },
+            Present {
+                start: 17,
+                end: 19,
+                at: 5,
+            },
+        ];
+        let mut r = Reader::sparse(&buf, strings.len(), &present);
         r.skip_strings(3).unwrap();
         assert_eq!(r.position(), strings.len());
-        let present = [(0, 5)];
-        let mut r = Reader::sparse(&strings, &present);
+        let mut r = Reader::sparse(&buf, strings.len(), &present[..1]);
         assert_eq!(r.skip_strings(3), Err(WalkError::Absent(17)));
     }
 }

@@ -8,6 +8,7 @@
 
 use super::block::{walk_block, walk_block_sparse, Block, Framing};
 use super::client::put_str;
+use super::reader::Present;
 use super::reader::{Reader, Result, WalkError};
 use crate::clickhouse::rowbinary::write_varint;
 
@@ -89,18 +90,24 @@ pub enum ClientKind {
 /// many bytes of the block it holds).
 #[derive(Default)]
 pub struct ServerPackets {
-    /// The block being walked, each decompressed frame's bytes at their place in it (the
-    /// first `filled` bytes). What lies elsewhere is left from earlier blocks and never
-    /// read: the buffer is not zeroed again for every block.
+    /// The decompressed frames of the block being walked, one after another in the order
+    /// they were decompressed: the first `used` bytes. What lies past them is left from
+    /// earlier blocks and never read: the buffer is not zeroed again for every block.
     scratch: Vec<u8>,
+    used: usize,
+    /// The block's bytes in the frames read so far.
     filled: usize,
     /// `filled` when the block was last walked (and found incomplete).
     walked: usize,
     /// The frames of the block read so far (header and body at hand).
     frames: Vec<Frame>,
-    /// The decompressed frames' ranges of the block, adjacent ones merged.
-    present: Vec<(usize, usize)>,
+    /// The decompressed frames' bytes of the block, as the walk finds them.
+    present: Vec<Present>,
     resume: Option<Resume>,
+    /// The last block needed every frame (strings, read through): the blocks after it,
+    /// of the same query and so of the same columns, are decompressed whole at once
+    /// rather than found out again. Until the query's end.
+    whole: bool,
 }
 
 /// A compressed frame of the block being walked.
@@ -110,7 +117,8 @@ struct Frame {
     method: u8,
     /// The range of the block's bytes it holds.
     raw: (usize, usize),
-    decompressed: bool,
+    /// Where its bytes are in the scratch buffer, once decompressed.
+    at: Option<usize>,
 }
 
 /// Where the walk of a compressed block stopped for lack of bytes: the frames before
@@ -140,6 +148,13 @@ impl ServerPackets {
         if !matches!(packet, Err(WalkError::Incomplete)) {
             self.resume = None;
         }
+        if let Ok(Packet {
+            kind: Kind::EndOfStream | Kind::Exception,
+            ..
+        }) = packet
+        {
+            self.whole = false;
+        }
         packet
     }
 
@@ -155,9 +170,12 @@ impl ServerPackets {
                     self.resume = None;
                 }
                 let (columns, rows) = block?;
-                ClientKind::Data {
-                    empty: columns == 0 && rows == 0,
+                let empty = columns == 0 && rows == 0;
+                if empty {
+                    // The end of the query's data.
+                    self.whole = false;
                 }
+                ClientKind::Data { empty }
             }
             super::client::CANCEL => ClientKind::Cancel,
             super::client::PING => ClientKind::Ping,
@@ -241,14 +259,15 @@ impl ServerPackets {
             r.seek(start + block.len)?;
             return Ok((block.columns, block.rows));
         }
-        // The block ends at the end of one of its frames: decompress frame after frame
-        // until it walks to exactly one of those ends, going on from where the last call
-        // stopped if this is the same packet (the resume point is taken, so it is only
-        // ever used by the call right after the one that left it: an identical packet
-        // later on starts afresh). The block is walked again only once its
-        // decompressed bytes have doubled, or when no further frame can be read (the bytes
-        // after the block's end are the next packet's, or not here yet), so a block sent
-        // in many tiny frames costs linear time, not quadratic.
+        // The block ends at the end of one of its frames: read the frames at hand (their
+        // headers: nothing is decompressed yet) and walk to exactly one of those ends,
+        // going on from where the last call stopped if this is the same packet (the
+        // resume point is taken, so it is only ever used by the call right after the one
+        // that left it: an identical packet later on starts afresh). The block is walked
+        // once no further frame can be read: the bytes after the block's end are the next
+        // packet's (which may even read as a frame; the walk ends before it), or not here
+        // yet. The relay walks a packet again only once its bytes have doubled, so a block
+        // sent in many tiny frames costs linear time, not quadratic.
         let blocks_at = r.position();
         let mut checksum = [0u8; 16];
         if let Some(first) = r.bytes_after()?.get(..16) {
@@ -259,6 +278,7 @@ impl ServerPackets {
                 r.seek(at.frames_end)?;
             }
             _ => {
+                self.used = 0;
                 self.filled = 0;
                 self.walked = 0;
                 self.frames.clear();
@@ -267,7 +287,7 @@ impl ServerPackets {
         loop {
             let frame_start = r.position();
             let read = self.frame(r);
-            if read.is_ok() && self.filled < 2 * self.walked {
+            if read.is_ok() {
                 continue;
             }
             if self.walked < self.filled {
@@ -275,17 +295,14 @@ impl ServerPackets {
                 match self.walk_frames(r, framing) {
                     Ok(block) => {
                         // Where the block ended: the end of one of the frames read.
-                        let Some(end) = self
-                            .frames
-                            .iter()
-                            .find(|f| f.raw.1 == block.len)
-                            .map(|f| f.body.1)
+                        let Some(last) = self.frames.iter().position(|f| f.raw.1 == block.len)
                         else {
                             return Err(WalkError::Malformed(
                                 "a block that ends inside a compressed frame",
                             ));
                         };
-                        r.seek(end)?;
+                        r.seek(self.frames[last].body.1)?;
+                        self.whole = self.frames[..=last].iter().all(|f| f.at.is_some());
                         self.release_big_scratch();
                         return Ok((block.columns, block.rows));
                     }
@@ -314,6 +331,7 @@ impl ServerPackets {
         const KEEP: usize = 16 << 20;
         if self.scratch.len() > KEEP {
             self.scratch = Vec::new();
+            self.used = 0;
             self.filled = 0;
             self.walked = 0;
         }
@@ -321,18 +339,28 @@ impl ServerPackets {
 
     /// Walks the block in the frames read so far, decompressing the frames it must read.
     fn walk_frames(&mut self, packet: &Reader<'_>, framing: Framing) -> Result<Block> {
-        if self.scratch.len() < self.filled {
-            self.scratch.resize(self.filled, 0);
+        if self.whole {
+            self.decompress_ahead(packet, 0);
         }
         loop {
             self.present.clear();
-            for f in self.frames.iter().filter(|f| f.decompressed) {
+            for f in &self.frames {
+                let Some(at) = f.at else { continue };
                 match self.present.last_mut() {
-                    Some(last) if last.1 == f.raw.0 => last.1 = f.raw.1,
-                    _ => self.present.push(f.raw),
+                    Some(last)
+                        if last.end == f.raw.0 && last.at + (last.end - last.start) == at =>
+                    {
+                        last.end = f.raw.1;
+                    }
+                    _ => self.present.push(Present {
+                        start: f.raw.0,
+                        end: f.raw.1,
+                        at,
+                    }),
                 }
             }
-            match walk_block_sparse(&self.scratch[..self.filled], &self.present, framing) {
+            let scratch = &self.scratch[..self.used];
+            match walk_block_sparse(scratch, self.filled, &self.present, framing) {
                 Err(WalkError::Absent(at)) => self.decompress_for(packet, at)?,
                 other => return other,
             }
@@ -348,21 +376,26 @@ impl ServerPackets {
         if k >= self.frames.len() {
             return Err(WalkError::Malformed("a block read past its frames"));
         }
-        let read_on = k > 0 && self.frames[k - 1].decompressed;
-        let last = if read_on { self.frames.len() } else { k + 1 };
-        let mut any = false;
-        for i in k..last {
-            if !self.frames[i].decompressed {
-                self.decompress(packet, i)?;
-                any = true;
-            }
-        }
-        if any {
-            Ok(())
-        } else {
-            Err(WalkError::Malformed(
+        if self.frames[k].at.is_some() {
+            return Err(WalkError::Malformed(
                 "a block walk that stopped in a read frame",
-            ))
+            ));
+        }
+        self.decompress(packet, k)?;
+        if k > 0 && self.frames[k - 1].at.is_some() {
+            self.decompress_ahead(packet, k + 1);
+        }
+        Ok(())
+    }
+
+    /// Decompresses the frames from `first` on that are not yet, until one does not
+    /// decompress: the bytes after a block's last frame may be the next packet's, read as
+    /// a frame (the walk tells, if it ever needs that frame).
+    fn decompress_ahead(&mut self, packet: &Reader<'_>, first: usize) {
+        for i in first..self.frames.len() {
+            if self.frames[i].at.is_none() && self.decompress(packet, i).is_err() {
+                return;
+            }
         }
     }
 
@@ -412,17 +445,22 @@ impl ServerPackets {
             body: (start, r.position()),
             method,
             raw: (self.filled, end),
-            decompressed: false,
+            at: None,
         });
         self.filled = end;
         Ok(())
     }
 
-    /// Decompresses frame `i` into its place in the scratch buffer.
+    /// Decompresses frame `i` after the others in the scratch buffer.
     fn decompress(&mut self, packet: &Reader<'_>, i: usize) -> Result<()> {
         let frame = &mut self.frames[i];
         let body = packet.slice(frame.body.0, frame.body.1)?;
-        let out = &mut self.scratch[frame.raw.0..frame.raw.1];
+        let at = self.used;
+        let end = at + (frame.raw.1 - frame.raw.0);
+        if self.scratch.len() < end {
+            self.scratch.resize(end, 0);
+        }
+        let out = &mut self.scratch[at..end];
         match frame.method {
             LZ4 => match lz4_flex::block::decompress_into(body, out) {
                 Ok(n) if n == out.len() => {}
@@ -435,7 +473,8 @@ impl ServerPackets {
             // Only LZ4 and stored frames (checked to be of the right size) get here.
             _ => out.copy_from_slice(body),
         }
-        frame.decompressed = true;
+        frame.at = Some(at);
+        self.used = end;
         Ok(())
     }
 }
@@ -741,6 +780,18 @@ mod tests {
                 );
             }
             assert_eq!(reader.next(&spoiled, &session).unwrap().len, packet.len());
+            // Bytes after the block that read as a frame which does not decompress (the
+            // next packet's, say): not the block's business, walked lazily or whole.
+            let mut followed = spoiled.clone();
+            followed.extend_from_slice(&[0; 16]);
+            followed.push(LZ4);
+            followed.extend_from_slice(&13u32.to_le_bytes());
+            followed.extend_from_slice(&10u32.to_le_bytes());
+            followed.extend_from_slice(&[0xff; 4]);
+            let mut reader = ServerPackets::default();
+            for _ in 0..3 {
+                assert_eq!(reader.next(&followed, &session).unwrap().len, packet.len());
+            }
             // The last frame holds string lengths: spoiled, it is read and refused.
             let (body, _) = frames.last().unwrap();
             let mut bad = packet.clone();
