@@ -104,9 +104,9 @@ pub struct ServerPackets {
     /// The decompressed frames' bytes of the block, as the walk finds them.
     present: Vec<Present>,
     resume: Option<Resume>,
-    /// The last block needed every frame (strings, read through): the blocks after it,
-    /// of the same query and so of the same columns, are decompressed whole at once
-    /// rather than found out again. Until the query's end.
+    /// The last block of several frames needed every one (strings, read through): the
+    /// blocks after it, of the same query and so of the same columns, are decompressed
+    /// whole at once rather than found out again. Until the query's end.
     whole: bool,
 }
 
@@ -302,7 +302,9 @@ impl ServerPackets {
                             ));
                         };
                         r.seek(self.frames[last].body.1)?;
-                        self.whole = self.frames[..=last].iter().all(|f| f.at.is_some());
+                        // (A block of one frame tells nothing: every walk reads it.)
+                        self.whole =
+                            last > 0 && self.frames[..=last].iter().all(|f| f.at.is_some());
                         self.release_big_scratch();
                         return Ok((block.columns, block.rows));
                     }
@@ -780,6 +782,18 @@ mod tests {
                 );
             }
             assert_eq!(reader.next(&spoiled, &session).unwrap().len, packet.len());
+            // A block of one frame first (a query's header block) leaves the next one lazy.
+            let mut reader = ServerPackets::default();
+            let (small, _) = numbers_then_strings(1 << 20);
+            assert_eq!(frames_of(&small).len(), 1);
+            assert_eq!(reader.next(&small, &session).unwrap().len, small.len());
+            assert_eq!(reader.next(&packet, &session).unwrap().len, packet.len());
+            let block = frames_of(&packet).last().unwrap().1.end;
+            assert!(
+                reader.used < block,
+                "{} of {block} bytes decompressed",
+                reader.used
+            );
             // Bytes after the block that read as a frame which does not decompress (the
             // next packet's, say): not the block's business, walked lazily or whole.
             let mut followed = spoiled.clone();
