@@ -8,8 +8,7 @@
 
 use super::block::{walk_block, walk_block_sparse, Block, Framing};
 use super::client::put_str;
-use super::reader::Present;
-use super::reader::{Reader, Result, WalkError};
+use super::reader::{Present, Reader, Result, WalkError};
 use crate::clickhouse::rowbinary::write_varint;
 
 /// The highest revision whose server packets this module reads.
@@ -139,6 +138,11 @@ const ZSTD: u8 = 0x90;
 const NONE: u8 = 0x02;
 /// ClickHouse refuses a compressed frame over 1 GiB; so does this reader, decompressed too.
 const MAX_FRAME: u64 = 1 << 30;
+/// How many times a block's walk may stop at a frame not decompressed (each time it walks
+/// again from the block's start) before every frame is decompressed at once: a block whose
+/// columns send the walk into a new frame each is walked a bounded number of times, not
+/// once per column.
+const LAZY_STOPS: usize = 32;
 
 impl ServerPackets {
     /// The packet at the start of `buf`, or [`WalkError::Incomplete`] until all of it is
@@ -344,6 +348,7 @@ impl ServerPackets {
         if self.whole {
             self.decompress_ahead(packet, 0);
         }
+        let mut stops = 0;
         loop {
             self.present.clear();
             for f in &self.frames {
@@ -363,7 +368,18 @@ impl ServerPackets {
             }
             let scratch = &self.scratch[..self.used];
             match walk_block_sparse(scratch, self.filled, &self.present, framing) {
-                Err(WalkError::Absent(at)) => self.decompress_for(packet, at)?,
+                Err(WalkError::Absent(at)) => {
+                    stops += 1;
+                    if stops == LAZY_STOPS {
+                        self.decompress_ahead(packet, 0);
+                        let k = self.frames.partition_point(|f| f.raw.1 <= at);
+                        if self.frames.get(k).is_some_and(|f| f.at.is_some()) {
+                            continue;
+                        }
+                    }
+                    // (Past the stops, only a frame that does not decompress is left.)
+                    self.decompress_for(packet, at)?;
+                }
                 other => return other,
             }
         }
@@ -390,13 +406,14 @@ impl ServerPackets {
         Ok(())
     }
 
-    /// Decompresses the frames from `first` on that are not yet, until one does not
-    /// decompress: the bytes after a block's last frame may be the next packet's, read as
-    /// a frame (the walk tells, if it ever needs that frame).
+    /// Decompresses the frames from `first` on that are not yet, passing over those that
+    /// do not decompress: the bytes after a block's last frame may be the next packet's,
+    /// read as a frame, and a frame of skipped data is nobody's business here (the walk
+    /// tells, if it ever needs such a frame).
     fn decompress_ahead(&mut self, packet: &Reader<'_>, first: usize) {
         for i in first..self.frames.len() {
-            if self.frames[i].at.is_none() && self.decompress(packet, i).is_err() {
-                return;
+            if self.frames[i].at.is_none() {
+                let _ = self.decompress(packet, i);
             }
         }
     }
@@ -815,6 +832,40 @@ mod tests {
                 Err(WalkError::Malformed(_))
             ));
         }
+    }
+
+    /// A block whose every column sends the walk into a frame of its own is walked a
+    /// bounded number of times: past `LAZY_STOPS` stops, every frame is decompressed.
+    #[test]
+    fn a_walk_that_stops_in_every_frame_decompresses_them_all() {
+        let session = Session {
+            revision: 54412,
+            compression: true,
+            empty_low_cardinality_granule: false,
+        };
+        let columns = 4 * LAZY_STOPS;
+        let mut block = vec![1, 0, 2, 0xff, 0xff, 0xff, 0xff, 0]; // BlockInfo
+        write_varint(&mut block, columns as u64);
+        write_varint(&mut block, 300);
+        // Each column's data spans more than two frames: its name lies two or three frames
+        // on from the last one, never in the frame right after a decompressed one.
+        for c in 0..columns {
+            put_str(&mut block, format!("c{c}").as_bytes());
+            put_str(&mut block, b"UInt64");
+            block.extend((0..2400u32).map(|i| (i % 13) as u8));
+        }
+        let mut packet = vec![1, 0];
+        for part in block.chunks(1000) {
+            packet.extend_from_slice(&crate::clickhouse::compress::lz4_block(part).unwrap());
+        }
+        let mut reader = ServerPackets::default();
+        let p = reader.next(&packet, &session).unwrap();
+        assert_eq!((p.len, p.rows), (packet.len(), 300));
+        assert_eq!(
+            reader.used,
+            block.len(),
+            "every frame decompressed in the end"
+        );
     }
 
     #[test]
