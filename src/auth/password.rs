@@ -260,7 +260,12 @@ mod tests {
             })
             .collect();
         let mut together = false;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !tasks.iter().all(|t| t.is_finished()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "attempts still running"
+            );
             together |= v.slow.available_permits() == 0;
             tokio::time::sleep(std::time::Duration::from_micros(200)).await;
         }

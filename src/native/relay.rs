@@ -245,6 +245,16 @@ async fn write_upstream<W: AsyncWrite + Unpin>(
     }
 }
 
+/// A node connection failed: the node's health hears of it, and
+/// `chgate_native_errors_total{kind="upstream_lost"}` counts it.
+fn node_lost(backend: &Backend, error: std::io::Error) {
+    backend.failed(&UpstreamError::Io(error));
+    METRICS
+        .native_errors
+        .with_label_values(&["upstream_lost"])
+        .inc();
+}
+
 /// Whether an idle connection's node is known to have closed or broken it: what the socket
 /// already holds is read without waiting (bytes stay for the walk).
 fn closed_while_idle(upstream: &mut Upstream) -> bool {
@@ -597,11 +607,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 return Ok(Some(upstream.backend.clone()));
             };
             tracing::warn!(node = upstream.backend.label(), error = %e, "A query could not be sent to its node (it never ran there)");
-            upstream.backend.failed(&UpstreamError::Io(e));
-            METRICS
-                .native_errors
-                .with_label_values(&["upstream_lost"])
-                .inc();
+            node_lost(&upstream.backend, e);
             failed.push(upstream.backend.clone());
             self.let_go_idle_upstream().await?;
             if failed.len() >= attempts {
@@ -1092,11 +1098,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             return self.move_query(upstream, Moving::Lost(error)).await;
         }
         tracing::warn!(node = upstream.backend.label(), error = %error, query_id = %run.query_id, "Node connection lost during a query");
-        upstream.backend.failed(&UpstreamError::Io(error));
-        METRICS
-            .native_errors
-            .with_label_values(&["upstream_lost"])
-            .inc();
+        node_lost(&upstream.backend, error);
         let refusal = Refusal::Gateway(crate::gateway::GatewayError::UpstreamFailed {
             reason: "connection lost",
             why: "may have run already",
@@ -1212,11 +1214,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             }
             Moving::Lost(e) => {
                 tracing::warn!(node = old.backend.label(), error = %e, "Node connection lost during a read before its result; sent to another node");
-                old.backend.failed(&UpstreamError::Io(e));
-                METRICS
-                    .native_errors
-                    .with_label_values(&["upstream_lost"])
-                    .inc();
+                node_lost(&old.backend, e);
                 None
             }
         };
