@@ -66,6 +66,7 @@ pub struct Metrics {
     pub queries_in_flight: IntGaugeVec,
     pub quota_queued: IntGaugeVec,
     pub quota_kills: IntCounterVec,
+    pub query_kills: IntCounterVec,
     pub fleet_members: IntGauge,
     pub config_stale_seconds: prometheus::Gauge,
     pub config_version: IntGauge,
@@ -436,6 +437,11 @@ impl Metrics {
             "Queries the gateway ended and killed on their node, by mapped user and reason (execution_time, result_bytes).",
             &["user", "reason"],
         );
+        let query_kills = counter(
+            "chgate_query_kills_total",
+            "KILL QUERY the gateway sent to a node (a hedge that lost, a client gone, a limit reached), by node and result: sent, failed, withheld (not sent: the server cancels while holding its process list, before 22.9, and a node of the cluster does not answer).",
+            &["node", "result"],
+        );
         let fleet_members = IntGauge::new(
             "chgate_fleet_members",
             "chgate instances registered under the config root's members znode (1 with a file config); per-user concurrency and rate limits are divided by it.",
@@ -660,6 +666,7 @@ impl Metrics {
             queries_in_flight,
             quota_queued,
             quota_kills,
+            query_kills,
             fleet_members,
             config_stale_seconds,
             config_version,

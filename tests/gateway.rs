@@ -738,6 +738,59 @@ async fn a_read_still_waiting_is_hedged_and_the_abandoned_query_killed() {
     assert_eq!(hedges("won"), hedges("sent"));
 }
 
+/// Hedged reads while a third node of the cluster is down, on fakes saying `version`:
+/// (reads the hung node got, `KILL QUERY` it was sent, the metric's withheld kills).
+async fn hedged_while_a_node_is_down(version: &str) -> (usize, usize, f64) {
+    let hung = FakeClickHouse::start(killable(|_| Reply::Hang)).await;
+    let good = FakeClickHouse::start(killable(|_| Reply::ok("1\n"))).await;
+    let down = FakeClickHouse::start(killable(|_| Reply::ok("1\n"))).await;
+    for node in [&hung, &good, &down] {
+        node.set_version(version);
+    }
+    let text = with_upstream(
+        fake::config(&[hung.port(), good.port(), down.port()], ""),
+        "hedge = \"always\"\nhedge_after = \"200ms\"",
+    );
+    let p = TestProxy::start(&text).await;
+    down.hang_probes();
+    wait_health(&p, down.port(), "down").await;
+    // The metrics are the test process's: what this run adds.
+    let withheld = |m: &str| metric_sum(m, "chgate_query_kills_total", &["result=\"withheld\""]);
+    let before = withheld(&p.metrics().await);
+    for i in 0..8 {
+        let out = read(&p.url(), &format!("SELECT {i}")).await;
+        assert_eq!((out.status, out.body.as_str()), (200, "1\n"), "read {i}");
+    }
+    let asked = hung
+        .seen()
+        .iter()
+        .filter(|s| s.body.starts_with(b"SELECT"))
+        .count();
+    assert!(asked >= 1, "some reads went to the hung node first");
+    // Sent kills go out in the background: give them time to arrive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = withheld(&p.metrics().await);
+    (asked, kills(&hung).len(), after - before)
+}
+
+/// Before 22.9 `KILL QUERY` cancels while holding the server's process list; a killed
+/// query waiting on a node that does not answer then stalls every query of the server
+/// (seen as a five-minute freeze of the whole stack in the fault run). While a node is
+/// down, such a server is sent no kill; a newer one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_kill_goes_to_a_server_it_could_freeze_while_a_node_is_down() {
+    let _gauges = GAUGES.read().await;
+    let (asked, killed, withheld) = hedged_while_a_node_is_down("18.16.1").await;
+    assert_eq!(killed, 0, "18.16: nothing killed while a node is down");
+    assert!(withheld >= asked as f64, "{withheld} withheld of {asked}");
+    let (asked, killed, withheld) = hedged_while_a_node_is_down("24.8.4.13").await;
+    assert!(
+        killed >= asked,
+        "24.8: {killed} kills for {asked} abandoned reads"
+    );
+    assert_eq!(withheld, 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_without_an_answer_in_time_gets_code_159_and_is_killed() {
     let _gauges = GAUGES.read().await;

@@ -179,7 +179,7 @@ pub fn hold_until_done(
             tokio::time::sleep(POLL).await;
             if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
                 tracing::info!(node = %backend.label(), user = %user.name, %query_id, "A write whose client went away reached its execution limit: killed");
-                kill_query(&backend, &user, &query_id);
+                kill_query(&backend, &user, &query_id, Abandoned::Answering);
                 break;
             }
             match backend
@@ -202,23 +202,85 @@ pub fn hold_until_done(
     });
 }
 
+/// Where a query the gateway gives up on stands, which decides whether `KILL QUERY` may be
+/// risked on a server whose kill holds its process list (see [`kill_freezes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abandoned {
+    /// It has sent nothing yet (a hedge that lost, a first byte that never came, a client
+    /// that left before one): it may be waiting on a node that does not answer.
+    Silent,
+    /// Its native node connection is closed: the node notices by itself (it looks at the
+    /// client's socket every `interactive_delay` while a query runs).
+    Disconnected,
+    /// It was answering (an execution or result limit reached, a client that stopped
+    /// reading or went away after the answer began).
+    Answering,
+}
+
 /// Cancels a query on its node, in the background (`KILL QUERY ... ASYNC` as the user's
 /// cluster account): a hedge that lost, a read past `first_byte_timeout`, one past its
 /// quota's limits, or one whose client went away. ClickHouse 18.16 does not notice a closed
 /// HTTP connection until it writes to it, so without this the query would run on.
-pub fn kill_query(backend: &Arc<crate::picker::Backend>, user: &User, query_id: &str) {
+///
+/// Withheld where [`kill_freezes`] says the kill could stall the node: the query then ends
+/// when it ends on its own (its client's connection is gone either way).
+pub fn kill_query(
+    backend: &Arc<crate::picker::Backend>,
+    user: &User,
+    query_id: &str,
+    how: Abandoned,
+) {
+    let label = backend.label();
+    if kill_freezes(backend, &user.cluster, how) {
+        tracing::info!(node = %label, %query_id, abandoned = ?how, "Query not killed: this server cancels while holding its process list, and the query may be waiting on a node that does not answer (a kill could stall every query of the node)");
+        crate::metrics::METRICS
+            .query_kills
+            .with_label_values(&[label, "withheld"])
+            .inc();
+        return;
+    }
     let backend = backend.clone();
     let account = user.account.clone();
     let query_id = query_id.to_owned();
     tokio::spawn(async move {
         let timeout = std::time::Duration::from_secs(5);
-        match backend.node.kill_query(&account, &query_id, timeout).await {
-            Ok(()) => tracing::debug!(node = %backend.label(), %query_id, "Query killed"),
-            Err(e) => {
-                tracing::info!(node = %backend.label(), %query_id, error = %e, "Could not kill a query")
+        let label = backend.label();
+        let result = match backend.node.kill_query(&account, &query_id, timeout).await {
+            Ok(()) => {
+                tracing::debug!(node = %label, %query_id, "Query killed");
+                "sent"
             }
-        }
+            Err(e) => {
+                tracing::info!(node = %label, %query_id, error = %e, "Could not kill a query");
+                "failed"
+            }
+        };
+        crate::metrics::METRICS
+            .query_kills
+            .with_label_values(&[label, result])
+            .inc();
     });
+}
+
+/// Whether `KILL QUERY` could stall the whole node. Before 22.9 (ClickHouse PR #41467) a
+/// server cancels a query while holding its process list; a Distributed read waiting on a
+/// stopped replica cannot be cancelled until `receive_timeout` (300 s) passes, and every new
+/// query of the server waits as long, as do the other nodes' queries that need this one.
+/// Seen in the fault run: one hedged native read killed on two nodes while a replica was
+/// stopped froze all four nodes for five minutes. So on such a server (or one whose
+/// version is not known yet) a query is killed only while it was answering and every node
+/// of the cluster answers; a silent one may be waiting on a node that does not, and a
+/// native one whose connection is closed needs no kill.
+pub fn kill_freezes(
+    backend: &crate::picker::Backend,
+    cluster: &crate::picker::Cluster,
+    how: Abandoned,
+) -> bool {
+    let holds = backend
+        .state
+        .capabilities()
+        .is_none_or(|c| c.kill_holds_process_list);
+    holds && (how != Abandoned::Answering || cluster.view().degraded)
 }
 
 #[cfg(test)]

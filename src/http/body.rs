@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 
 use std::future::Future as _;
 
-use crate::gateway::{kill_query as kill, Admission, GatewayError};
+use crate::gateway::{kill_query as kill, Abandoned, Admission, GatewayError};
 use crate::metrics::{GaugeGuard, METRICS};
 use crate::picker::Backend;
 use crate::upstream::Upstream;
@@ -239,7 +239,7 @@ impl UpstreamBody {
                     .with_label_values(&[&user.name, "execution_time"])
                     .inc();
                 tracing::info!(user = %user.name, query_id, "Query past its execution limit with a client that stopped reading: killed, its answer drained");
-                kill(&backend, &user, &query_id);
+                kill(&backend, &user, &query_id, Abandoned::Answering);
             },
         ));
     }
@@ -262,7 +262,12 @@ impl UpstreamBody {
                 .quota_kills
                 .with_label_values(&[&user.name, reason])
                 .inc();
-            kill(&self.exchange.backend, &user, &self.exchange.query_id);
+            kill(
+                &self.exchange.backend,
+                &user,
+                &self.exchange.query_id,
+                Abandoned::Answering,
+            );
         }
         drop(self.take_upstream());
         self.cut = true;

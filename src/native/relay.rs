@@ -780,7 +780,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             .inc();
         let timeout = self.frontend.settings.send_timeout;
         if let Some(mut run) = self.running.take() {
-            crate::gateway::kill_query(&run.backend, &self.user, &run.query_id);
+            crate::gateway::kill_query(
+                &run.backend,
+                &self.user,
+                &run.query_id,
+                crate::gateway::Abandoned::Disconnected,
+            );
             tracing::info!(peer = %self.peer, user = %self.user.name, query_id = %run.query_id, timeout_s = timeout.as_secs_f64(), "The native client read nothing for proxy.native_send_timeout: query killed, connection closed");
             run.finish(Status::ClientClosed, None);
         } else {
@@ -965,7 +970,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 .quota_kills
                 .with_label_values(&[&self.user.name, "execution_time"])
                 .inc();
-            crate::gateway::kill_query(&run.backend, &self.user, &run.query_id);
+            crate::gateway::kill_query(
+                &run.backend,
+                &self.user,
+                &run.query_id,
+                crate::gateway::Abandoned::Disconnected,
+            );
             tracing::info!(user = %self.user.name, query_id = %run.query_id, "Query past its execution limit stuck in the middle of a packet (a client that stopped reading, or a node that stopped sending): killed, connection closed");
             let limit = run.decision.admission.execution_limit().unwrap_or_default();
             let e = GatewayError::ExecutionTimeout {
@@ -1048,7 +1058,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             .quota_kills
             .with_label_values(&[&self.user.name, reason])
             .inc();
-        crate::gateway::kill_query(&run.backend, &self.user, &run.query_id);
+        crate::gateway::kill_query(
+            &run.backend,
+            &self.user,
+            &run.query_id,
+            crate::gateway::Abandoned::Disconnected,
+        );
         tracing::info!(user = %self.user.name, query_id = %run.query_id, reason, "Query cut by its quota and killed");
         let refusal = Refusal::Gateway(e);
         run.finish(Status::Refused, Some(refusal.code()));
@@ -1290,7 +1305,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             return Ok(());
         }
         tracing::info!(node = old.label(), %query_id, silent = ?bound, "Native read moved off a silent node");
-        crate::gateway::kill_query(&old, &self.user, &query_id);
+        crate::gateway::kill_query(
+            &old,
+            &self.user,
+            &query_id,
+            crate::gateway::Abandoned::Disconnected,
+        );
         run.heard();
         // Pings the old node did not answer are answered here.
         for _ in 0..std::mem::take(&mut self.pings) {

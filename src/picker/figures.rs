@@ -11,6 +11,24 @@ pub struct Capabilities {
     pub disks: bool,
     /// `system.replicas` is readable (replication figures).
     pub replicas: bool,
+    /// `KILL QUERY` cancels while holding the server's process list: before 22.9
+    /// (ClickHouse PR #41467, "possible hung/deadlock on query cancellation"). A killed
+    /// query that waits on a node which does not answer (a Distributed read and a stopped
+    /// replica) then holds every new query of the server until its `receive_timeout`, and
+    /// nodes whose queries wait on that server stall in turn. True when the version could
+    /// not be read.
+    pub kill_holds_process_list: bool,
+}
+
+impl Capabilities {
+    /// Whether `KILL QUERY` holds the process list on a server of `version` (`version()`).
+    pub fn kill_holds_process_list(version: &str) -> bool {
+        let mut parts = version.trim().split('.').map(|p| p.parse::<u32>().ok());
+        match (parts.next().flatten(), parts.next().flatten()) {
+            (Some(major), Some(minor)) => (major, minor) < (22, 9),
+            _ => true,
+        }
+    }
 }
 
 /// One probe's figures.

@@ -91,15 +91,23 @@ async fn detect_on(
     let (text, _) = conn.query(
         node,
         account,
-        "SELECT name FROM system.tables WHERE database = 'system' AND name IN ('disks', 'replicas') FORMAT TSV",
+        "SELECT name FROM system.tables WHERE database = 'system' AND name IN ('disks', 'replicas') \
+         UNION ALL SELECT concat('version=', version()) FORMAT TSV",
         timeout,
     )
     .await?;
+    Ok(parse_capabilities(&text))
+}
+
+/// The capabilities query's answer: system tables by name, and a `version=` line.
+fn parse_capabilities(text: &str) -> Capabilities {
     let names: Vec<&str> = text.lines().collect();
-    Ok(Capabilities {
+    let version = names.iter().find_map(|l| l.strip_prefix("version="));
+    Capabilities {
         disks: names.contains(&"disks"),
         replicas: names.contains(&"replicas"),
-    })
+        kill_holds_process_list: version.is_none_or(Capabilities::kill_holds_process_list),
+    }
 }
 
 fn figures_query(caps: Capabilities) -> String {
@@ -331,6 +339,19 @@ fn parse_mntr(text: &str, round_trip: Duration) -> Result<ZooKeeperFigures, Prob
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capabilities_name_the_servers_whose_kill_holds_the_process_list() {
+        let caps = parse_capabilities("replicas\nversion=18.16.1\n");
+        assert!(caps.replicas && !caps.disks && caps.kill_holds_process_list);
+        let caps = parse_capabilities("disks\nreplicas\nversion=22.9.1.2603\n");
+        assert!(caps.disks && !caps.kill_holds_process_list);
+        assert!(!parse_capabilities("version=25.8.3.1\n").kill_holds_process_list);
+        assert!(parse_capabilities("version=22.8.20.11\n").kill_holds_process_list);
+        // No version, or one that does not parse: assumed to hold it.
+        assert!(parse_capabilities("replicas\n").kill_holds_process_list);
+        assert!(parse_capabilities("version=unknown\n").kill_holds_process_list);
+    }
 
     #[test]
     fn parses_figures_with_and_without_disks() {

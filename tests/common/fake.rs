@@ -83,6 +83,8 @@ struct State {
     connections: AtomicUsize,
     /// Probes hang instead of answering (the node looks down to the picker).
     probes_hang: AtomicBool,
+    /// What `version()` gives the picker's capabilities query.
+    version: Mutex<String>,
 }
 
 pub struct FakeClickHouse {
@@ -101,6 +103,7 @@ impl FakeClickHouse {
             seen: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
             probes_hang: AtomicBool::new(false),
+            version: Mutex::new("24.8.4.13".into()),
         });
         let stop = CancellationToken::new();
         tokio::spawn(accept_loop(listener, state.clone(), stop.clone()));
@@ -119,6 +122,12 @@ impl FakeClickHouse {
     /// Connections accepted so far (probes' included).
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// The server version the picker is told (24.8.4.13 unless set), for capabilities it
+    /// asks from now on.
+    pub fn set_version(&self, version: &str) {
+        *self.state.version.lock().unwrap() = version.into();
     }
 
     /// From now on the picker's probes get no answer.
@@ -183,13 +192,13 @@ fn full(status: u16, text: String) -> Response<Body> {
     resp
 }
 
-/// What the picker asks of a node, answered as by a healthy idle one.
-fn probe_answer(uri: &str, query: &str) -> Option<String> {
+/// What the picker asks of a node, answered as by a healthy idle one of `version`.
+fn probe_answer(uri: &str, query: &str, version: &str) -> Option<String> {
     if uri.starts_with("/ping") {
         return Some("Ok.\n".into());
     }
     if query.contains("FROM system.tables WHERE database = 'system'") {
-        return Some(String::new());
+        return Some(format!("version={version}\n"));
     }
     if query.contains("FROM system.processes") {
         return Some("0\t0\t0\t0\t0\t0\t0\t0\t\\N\n".into());
@@ -219,7 +228,8 @@ async fn serve(
                 .map(|(_, v)| v.into_owned())
         })
         .unwrap_or_default();
-    if let Some(answer) = probe_answer(&uri, &query) {
+    let version = state.version.lock().unwrap().clone();
+    if let Some(answer) = probe_answer(&uri, &query, &version) {
         if state.probes_hang.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }
