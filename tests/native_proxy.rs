@@ -1010,6 +1010,31 @@ async fn a_read_whose_node_falls_silent_moves_to_another() {
         metric_sum(&m, "chgate_native_queries_total", &[&ch1, "status=\"ok\""]) == 0.0,
         "nothing answered on ch1"
     );
-    // The silent query is killed on ch1; the relay is cut so nothing waits on it.
+    // No KILL QUERY went to ch1: 18.16 would cancel the silent read holding its process
+    // list, and every new query of ch1 would wait until the hung relay is cut (the fault
+    // run's freeze). The read's node connection was closed instead; ch1 answers.
+    let m = p.metrics().await;
+    assert!(
+        metric_sum(
+            &m,
+            "chgate_query_kills_total",
+            &[&ch1, "result=\"withheld\""]
+        ) >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_sum(&m, "chgate_query_kills_total", &[&ch1, "result=\"sent\""]),
+        0.0
+    );
+    let started = Instant::now();
+    let answer = tokio::task::spawn_blocking(|| direct_within("127.0.0.11", "SELECT 1", 5))
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.as_deref(),
+        Some("1\n"),
+        "ch1 answers while the abandoned read waits ({:?})",
+        started.elapsed()
+    );
     hung.cut.cancel();
 }
