@@ -287,6 +287,63 @@ pub fn kill_freezes(
 mod tests {
     use super::*;
 
+    /// Generations a reload replaced but connections still hold stop probing: the nodes
+    /// get one generation's probes, not one set per generation held.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_held_old_generation_stops_probing() {
+        // A node that accepts and closes: every probe is one connection and fails at once.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::Relaxed);
+                drop(socket);
+            }
+        });
+        std::env::set_var("CHGATE_TEST_SECRET_GATEWAY_PROBES", "s3cret");
+        let text = format!(
+            r#"
+            [picker]
+            probe_interval = "200ms"
+            probe_retry_interval = "100ms"
+            probe_timeout = "100ms"
+            [clusters.demo]
+            shards = [{{ replicas = [{{ host = "127.0.0.1", http_port = {port} }}] }}]
+            [clusters.demo.accounts.chgate]
+            user = "chgate"
+            password_env = "CHGATE_TEST_SECRET_GATEWAY_PROBES"
+            [users.bi]
+            password_hash = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0Q0cBJqm8bGZ0c2r0l1f0mYvSxQ2nM+4rW3W1QqkQ3E"
+            cluster = "demo"
+            account = "chgate"
+            "#
+        );
+        let v = crate::config::parse(&text, std::path::Path::new(".")).expect("valid");
+        let gateway = Gateway::new(&v);
+        let per_second = || async {
+            let before = accepted.load(Ordering::Relaxed);
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            accepted.load(Ordering::Relaxed) - before
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let one = per_second().await;
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            held.push(gateway.generation().clone());
+            gateway.reload(&v);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let six = per_second().await;
+        assert!(one >= 3, "the node is probed: {one} probes in a second");
+        assert!(
+            six <= 2 * one,
+            "{one} probes a second with one generation, {six} with six held"
+        );
+        drop(held);
+    }
+
     #[tokio::test]
     async fn max_attempts_follows_a_reload() {
         std::env::set_var("CHGATE_TEST_SECRET_GATEWAY", "s3cret");

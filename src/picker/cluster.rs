@@ -2,7 +2,7 @@
 //! the view picks read, and the background tasks that keep that view current.
 //!
 //! One supervisor task per cluster (started by [`Cluster::start`], stopped when the
-//! `Cluster` is dropped, e.g. replaced by a reload) owns:
+//! `Cluster` is dropped) owns:
 //! - a probe task per node: `/ping` + the figures query every `probe_interval`, sooner
 //!   after a failure; results go into the node's [`super::state::NodeState`];
 //! - a probe task per shard group with a ZooKeeper ensemble: `ruok`/`mntr` on each member;
@@ -10,6 +10,13 @@
 //! - the publish tick: several times per probe interval it folds passive figures, scores
 //!   every node and swaps in a new [`View`]; it also notices a new topology and starts or
 //!   stops node tasks to match.
+//!
+//! A reload replaces a generation while connections may still hold it (a BI tool's native
+//! connection keeps its user's cluster for hours). [`Cluster::retire_probes`] stops its
+//! probe, group and discovery tasks: the next generation probes the nodes and groups it
+//! carried over, whose state both share, so the old view keeps following them; only the
+//! publish tick runs on. Without it, each held generation probed every node again, and the
+//! health counters of a shared node advanced once per generation and probe.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -144,6 +151,8 @@ pub struct Cluster {
     pub avoid_down_replicas: bool,
     shared: Arc<Shared>,
     stop: CancellationToken,
+    /// Cancels the probe, group and discovery tasks only (a child of `stop`).
+    probes: CancellationToken,
     started: AtomicBool,
 }
 
@@ -227,6 +236,7 @@ impl Cluster {
             series: Held::new(),
         };
         shared.publish();
+        let stop = CancellationToken::new();
         Self {
             name: name.to_string(),
             accounts,
@@ -238,9 +248,16 @@ impl Cluster {
             first_byte_timeout: upstream.first_byte_timeout,
             avoid_down_replicas: upstream.avoid_down_replicas,
             shared: Arc::new(shared),
-            stop: CancellationToken::new(),
+            probes: stop.child_token(),
+            stop,
             started: AtomicBool::new(false),
         }
+    }
+
+    /// This generation is superseded: its probe, group and discovery tasks stop (see the
+    /// module docs); its view is still published, from the state it shares with the next.
+    pub fn retire_probes(&self) {
+        self.probes.cancel();
     }
 
     /// Starts the probes on the current tokio runtime (once; outside a runtime, e.g. in
@@ -252,7 +269,11 @@ impl Cluster {
         if self.started.swap(true, Ordering::Relaxed) {
             return;
         }
-        handle.spawn(supervise(self.shared.clone(), self.stop.clone()));
+        handle.spawn(supervise(
+            self.shared.clone(),
+            self.stop.clone(),
+            self.probes.clone(),
+        ));
     }
 
     /// The current view. Hold it briefly: it pins one generation of weights.
@@ -280,19 +301,20 @@ impl Cluster {
     }
 }
 
-/// The supervisor: see the module docs.
-async fn supervise(shared: Arc<Shared>, stop: CancellationToken) {
+/// The supervisor: see the module docs. `probes` stops the tasks that probe and discover
+/// (a child of `stop`, which ends everything).
+async fn supervise(shared: Arc<Shared>, stop: CancellationToken, probes: CancellationToken) {
     let mut node_tasks: HashMap<String, (CancellationToken, Arc<Backend>)> = HashMap::new();
     let topology = shared.topology.load_full();
     for group in topology.groups.iter().filter(|g| !g.zookeeper.is_empty()) {
         tokio::spawn(probe_group_loop(
             shared.clone(),
             group.clone(),
-            stop.child_token(),
+            probes.child_token(),
         ));
     }
     if shared.config.discovery.is_some() {
-        tokio::spawn(discovery_loop(shared.clone(), stop.child_token()));
+        tokio::spawn(discovery_loop(shared.clone(), probes.child_token()));
     }
     let tick = (shared.picker.probe_interval / 8)
         .clamp(Duration::from_millis(50), Duration::from_millis(250));
@@ -322,8 +344,8 @@ async fn supervise(shared: Arc<Shared>, stop: CancellationToken) {
                 keep
             });
             for (label, node) in wanted {
-                if !node_tasks.contains_key(label) {
-                    let token = stop.child_token();
+                if !node_tasks.contains_key(label) && !probes.is_cancelled() {
+                    let token = probes.child_token();
                     tokio::spawn(probe_node_loop(
                         shared.clone(),
                         (*node).clone(),

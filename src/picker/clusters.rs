@@ -4,8 +4,10 @@
 //! reload source: it builds the clusters a config describes, taking over from the current
 //! generation every backend still configured (same label: its connection pool, health and
 //! passive figures, with the new `[upstream]` settings applied) and every shard group with
-//! the same name and ensemble (its ZooKeeper health), and starts their probes. The old
-//! generation's probes stop when it is dropped.
+//! the same name and ensemble (its ZooKeeper health), and starts their probes. The
+//! generation it is called on stops probing ([`Cluster::retire_probes`]): callers adopt
+//! the new one at once, and whoever still holds an old cluster sees its view follow the
+//! shared nodes' state.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -60,6 +62,9 @@ impl Clusters {
                 (name.clone(), Arc::new(cluster))
             })
             .collect();
+        for old in self.by_name.values() {
+            old.retire_probes();
+        }
         Clusters { by_name }
     }
 
