@@ -206,14 +206,15 @@ pub fn hold_until_done(
 /// risked on a server whose kill holds its process list (see [`kill_freezes`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Abandoned {
-    /// It has sent nothing yet (a hedge that lost, a first byte that never came, a client
-    /// that left before one): it may be waiting on a node that does not answer.
+    /// It lost a hedge's race: its node said nothing while another node answered, so it
+    /// may be waiting on a node that does not answer.
     Silent,
     /// Its native node connection is closed: the node notices by itself (it looks at the
     /// client's socket every `interactive_delay` while a query runs).
     Disconnected,
-    /// It was answering (an execution or result limit reached, a client that stopped
-    /// reading or went away after the answer began).
+    /// Its request ended: an execution or result limit reached, a deadline passed, a
+    /// client that stopped reading or went away. Most such queries are working (a heavy
+    /// query a dashboard gave up on), and are killed unless a node is known not to answer.
     Answering,
 }
 
@@ -268,9 +269,10 @@ pub fn kill_query(
 /// query of the server waits as long, as do the other nodes' queries that need this one.
 /// Seen in the fault run: one hedged native read killed on two nodes while a replica was
 /// stopped froze all four nodes for five minutes. So on such a server (or one whose
-/// version is not known yet) a query is killed only while it was answering and every node
-/// of the cluster answers; a silent one may be waiting on a node that does not, and a
-/// native one whose connection is closed needs no kill.
+/// version is not known yet) a query is killed only when its request ended and every node
+/// of the cluster answers; one that lost a hedge's race may be waiting on a node that does
+/// not (one chgate does not probe, too), and a native one whose connection is closed needs
+/// no kill.
 pub fn kill_freezes(
     backend: &crate::picker::Backend,
     cluster: &crate::picker::Cluster,

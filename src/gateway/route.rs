@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use super::error::GatewayError;
 use super::sql::Statement;
+use super::Abandoned;
 use crate::config::HedgeMode;
 use crate::metrics::{GaugeGuard, METRICS};
 use crate::picker::{Backend, Cluster, Purpose, View};
@@ -136,19 +137,27 @@ struct Running<Fut> {
 }
 
 /// The attempts under way. Whatever is still here when it drops was given up before it
-/// answered, and the caller's `abandon` hears of it, with whether to cancel its query (a
-/// read, or anything at its quota's limit) or leave it running (a write whose client went
-/// away: ClickHouse runs it to its end, and so must the quota's count of it).
-struct Underway<'a, Fut, A: Fn(&Arc<Backend>, bool)> {
+/// answered, and the caller's `abandon` hears of it, with how, when its query is to be
+/// cancelled (a read, or anything at its quota's limit), or `None` to leave it running (a
+/// write whose client went away: ClickHouse runs it to its end, and so must the quota's
+/// count of it).
+struct Underway<'a, Fut, A: Fn(&Arc<Backend>, Option<Abandoned>)> {
     running: Vec<Running<Fut>>,
     abandon: &'a A,
     read: bool,
+    /// Another attempt answered: those left lost the race (they were silent).
+    answered: bool,
 }
 
-impl<Fut, A: Fn(&Arc<Backend>, bool)> Drop for Underway<'_, Fut, A> {
+impl<Fut, A: Fn(&Arc<Backend>, Option<Abandoned>)> Drop for Underway<'_, Fut, A> {
     fn drop(&mut self) {
+        let how = if self.answered {
+            Abandoned::Silent
+        } else {
+            Abandoned::Answering
+        };
         for r in self.running.drain(..) {
-            (self.abandon)(&r.backend, self.read);
+            (self.abandon)(&r.backend, self.read.then_some(how));
         }
     }
 }
@@ -163,12 +172,14 @@ enum Event<T, R> {
 /// be built again: a streamed body goes once); `send` makes one attempt on a node;
 /// `abandon` is told of every attempt given up before it answered, and whether to cancel
 /// its query: yes for a read, and for any query at its quota's execution limit; no for a
-/// write whose caller went away.
+/// write whose caller went away. A cancelled one is [`Abandoned::Silent`] when another
+/// attempt answered first, else [`Abandoned::Answering`] (the request ended: its client
+/// went away, or a deadline passed), as far as its node's own health tells.
 pub async fn route<T, R, Fut>(
     plan: Plan<'_>,
     mut request: impl FnMut() -> Option<R>,
     mut send: impl FnMut(Arc<Backend>, R) -> Fut,
-    abandon: impl Fn(&Arc<Backend>, bool),
+    abandon: impl Fn(&Arc<Backend>, Option<Abandoned>),
 ) -> Result<Routed<T>, GatewayError>
 where
     Fut: Future<Output = Attempt<T, R>>,
@@ -212,6 +223,7 @@ where
         running: Vec::with_capacity(2),
         abandon: &abandon,
         read,
+        answered: false,
     };
     // Nodes that failed this request; allocates only on a failover.
     let mut tried: Vec<Arc<Backend>> = Vec::new();
@@ -273,6 +285,7 @@ where
                                 .inc();
                         }
                         // The other attempt, if any, is abandoned as `underway` drops.
+                        underway.answered = true;
                         return Ok(Routed {
                             answer,
                             backend: r.backend,
@@ -295,6 +308,7 @@ where
                     Attempt::Declined(answer) if !movable => {
                         // A session's query, or one that cannot be sent again: as it is.
                         r.backend.answered(r.started.elapsed());
+                        underway.answered = true;
                         return Ok(Routed {
                             answer,
                             backend: r.backend,
@@ -470,7 +484,7 @@ pub fn steer_in_order(cluster: &Cluster) -> bool {
 }
 
 /// Starts one attempt.
-fn start<T, R, Fut, A: Fn(&Arc<Backend>, bool)>(
+fn start<T, R, Fut, A: Fn(&Arc<Backend>, Option<Abandoned>)>(
     underway: &mut Underway<'_, Fut, A>,
     backend: Arc<Backend>,
     req: R,
@@ -511,7 +525,7 @@ fn next_untried<Fut>(
 
 /// The node and request for a hedge, or why there is none (a `chgate_hedges_total`
 /// result).
-fn hedge<R, Fut, A: Fn(&Arc<Backend>, bool)>(
+fn hedge<R, Fut, A: Fn(&Arc<Backend>, Option<Abandoned>)>(
     cluster: &Cluster,
     purpose: Purpose,
     tried: &[Arc<Backend>],
@@ -685,7 +699,7 @@ mod tests {
                 }
             },
             |backend, cancel| {
-                if cancel {
+                if cancel.is_some() {
                     abandoned.lock().unwrap().push(backend.node.host.clone())
                 }
             },

@@ -23,9 +23,7 @@ use super::routes::{self, Route};
 use super::sniff;
 use super::Frontend;
 use crate::gateway::route::{self, Attempt, Plan, Routed};
-use crate::gateway::{
-    admission, kill_query as kill, policy, Abandoned, Admission, GatewayError, User,
-};
+use crate::gateway::{admission, kill_query as kill, policy, Admission, GatewayError, User};
 use crate::metrics::{GaugeGuard, METRICS};
 use crate::picker::Backend;
 use crate::upstream::{Upstream, UpstreamError};
@@ -285,9 +283,8 @@ impl Frontend {
             request,
             |backend, req| send_query(backend, req, movable),
             |backend, cancel| {
-                if cancel {
-                    // An attempt given up has sent nothing back.
-                    kill(backend, &user, query_id, Abandoned::Silent);
+                if let Some(how) = cancel {
+                    kill(backend, &user, query_id, how);
                 } else if let Ok(mut orphan) = held.orphan.lock() {
                     *orphan = Some((backend.clone(), query_id.to_owned()));
                 }
