@@ -163,6 +163,10 @@ fn exposition() -> String {
         .quota_kills
         .with_label_values(&["u", "execution_time"])
         .inc();
+    METRICS
+        .query_kills
+        .with_label_values(&["127.0.0.11:8123", "withheld"])
+        .inc();
     METRICS.fleet_members.set(1);
     METRICS.config_stale_seconds.set(0.0);
     METRICS.config_version.set(1);
