@@ -179,7 +179,7 @@ pub fn hold_until_done(
             tokio::time::sleep(POLL).await;
             if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
                 tracing::info!(node = %backend.label(), user = %user.name, %query_id, "A write whose client went away reached its execution limit: killed");
-                kill_query(&backend, &user, &query_id, Abandoned::Answering);
+                kill_query(&backend, &user, &query_id, Abandoned::Ended);
                 break;
             }
             match backend
@@ -215,7 +215,7 @@ pub enum Abandoned {
     /// Its request ended: an execution or result limit reached, a deadline passed, a
     /// client that stopped reading or went away. Most such queries are working (a heavy
     /// query a dashboard gave up on), and are killed unless a node is known not to answer.
-    Answering,
+    Ended,
 }
 
 /// Cancels a query on its node, in the background (`KILL QUERY ... ASYNC` as the user's
@@ -282,7 +282,7 @@ pub fn kill_freezes(
         .state
         .capabilities()
         .is_none_or(|c| c.kill_holds_process_list);
-    holds && (how != Abandoned::Answering || cluster.view().degraded)
+    holds && (how != Abandoned::Ended || cluster.view().degraded)
 }
 
 #[cfg(test)]

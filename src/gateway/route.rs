@@ -154,7 +154,7 @@ impl<Fut, A: Fn(&Arc<Backend>, Option<Abandoned>)> Drop for Underway<'_, Fut, A>
         let how = if self.answered {
             Abandoned::Silent
         } else {
-            Abandoned::Answering
+            Abandoned::Ended
         };
         for r in self.running.drain(..) {
             (self.abandon)(&r.backend, self.read.then_some(how));
@@ -173,8 +173,8 @@ enum Event<T, R> {
 /// `abandon` is told of every attempt given up before it answered, and whether to cancel
 /// its query: yes for a read, and for any query at its quota's execution limit; no for a
 /// write whose caller went away. A cancelled one is [`Abandoned::Silent`] when another
-/// attempt answered first, else [`Abandoned::Answering`] (the request ended: its client
-/// went away, or a deadline passed), as far as its node's own health tells.
+/// attempt answered first, else [`Abandoned::Ended`] (the request ended: its client
+/// went away, or a deadline passed).
 pub async fn route<T, R, Fut>(
     plan: Plan<'_>,
     mut request: impl FnMut() -> Option<R>,

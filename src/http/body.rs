@@ -239,7 +239,7 @@ impl UpstreamBody {
                     .with_label_values(&[&user.name, "execution_time"])
                     .inc();
                 tracing::info!(user = %user.name, query_id, "Query past its execution limit with a client that stopped reading: killed, its answer drained");
-                kill(&backend, &user, &query_id, Abandoned::Answering);
+                kill(&backend, &user, &query_id, Abandoned::Ended);
             },
         ));
     }
@@ -266,7 +266,7 @@ impl UpstreamBody {
                 &self.exchange.backend,
                 &user,
                 &self.exchange.query_id,
-                Abandoned::Answering,
+                Abandoned::Ended,
             );
         }
         drop(self.take_upstream());
