@@ -757,7 +757,7 @@ async fn hedged_while_a_node_is_down(version: &str) -> (usize, usize, f64) {
     // The metrics are the test process's: what this run adds.
     let withheld = |m: &str| metric_sum(m, "chgate_query_kills_total", &["result=\"withheld\""]);
     let before = withheld(&p.metrics().await);
-    for i in 0..8 {
+    for i in 0..12 {
         let out = read(&p.url(), &format!("SELECT {i}")).await;
         assert_eq!((out.status, out.body.as_str()), (200, "1\n"), "read {i}");
     }
