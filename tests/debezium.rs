@@ -823,18 +823,9 @@ async fn a_column_is_added_only_after_a_killed_writers_pending_segment_is_replay
     std::fs::write(&path, &config).unwrap();
 
     let p = path.clone();
-    let mut sidecar = tokio::task::spawn_blocking(move || {
-        IngestProcess::start_with_failpoints(p, "ingest.inserted=kill")
-    })
-    .await
-    .unwrap();
-    let status = sidecar.wait(Duration::from_secs(120));
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(9),
-        "the failpoint's SIGKILL ended it: {status:?}"
-    );
-    drop(sidecar);
+    tokio::task::spawn_blocking(move || IngestProcess::killed_after_first_insert(p))
+        .await
+        .unwrap();
 
     let with_priority = |id: i64| {
         let mut row = order(id, 2);

@@ -1102,17 +1102,9 @@ async fn stopped_right_after_resuming_a_pending_segment_still_exactly_once() {
     std::fs::write(&path, &config).unwrap();
 
     let p = path.clone();
-    let mut first = tokio::task::spawn_blocking(move || {
-        IngestProcess::start_with_failpoints(p, "ingest.inserted=kill")
-    })
-    .await
-    .unwrap();
-    let status = first.wait(Duration::from_secs(120));
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(9),
-        "the failpoint's SIGKILL ended it: {status:?}"
-    );
+    let first = tokio::task::spawn_blocking(move || IngestProcess::killed_after_first_insert(p))
+        .await
+        .unwrap();
 
     let mut second = restart_ingest(path.clone()).await;
     wait_for_log(

@@ -289,6 +289,27 @@ pub fn kill_freezes(
 mod tests {
     use super::*;
 
+    /// A config of cluster `demo` (one replica: `replica`, a TOML inline table's fields)
+    /// and a user `bi`, with the account's password in `secret_env`; `extra` goes first.
+    fn demo_config(extra: &str, replica: &str, secret_env: &str) -> crate::config::Validated {
+        std::env::set_var(secret_env, "s3cret");
+        let text = format!(
+            r#"
+            {extra}
+            [clusters.demo]
+            shards = [{{ replicas = [{{ {replica} }}] }}]
+            [clusters.demo.accounts.chgate]
+            user = "chgate"
+            password_env = "{secret_env}"
+            [users.bi]
+            password_hash = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0Q0cBJqm8bGZ0c2r0l1f0mYvSxQ2nM+4rW3W1QqkQ3E"
+            cluster = "demo"
+            account = "chgate"
+            "#
+        );
+        crate::config::parse(&text, std::path::Path::new(".")).expect("valid")
+    }
+
     /// Generations a reload replaced but connections still hold stop probing: the nodes
     /// get one generation's probes, not one set per generation held.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,68 +325,48 @@ mod tests {
                 drop(socket);
             }
         });
-        std::env::set_var("CHGATE_TEST_SECRET_GATEWAY_PROBES", "s3cret");
-        let text = format!(
-            r#"
-            [picker]
-            probe_interval = "200ms"
-            probe_retry_interval = "100ms"
-            probe_timeout = "100ms"
-            [clusters.demo]
-            shards = [{{ replicas = [{{ host = "127.0.0.1", http_port = {port} }}] }}]
-            [clusters.demo.accounts.chgate]
-            user = "chgate"
-            password_env = "CHGATE_TEST_SECRET_GATEWAY_PROBES"
-            [users.bi]
-            password_hash = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0Q0cBJqm8bGZ0c2r0l1f0mYvSxQ2nM+4rW3W1QqkQ3E"
-            cluster = "demo"
-            account = "chgate"
-            "#
+        let v = demo_config(
+            "[picker]\nprobe_interval = \"200ms\"\nprobe_retry_interval = \"100ms\"\nprobe_timeout = \"100ms\"",
+            &format!("host = \"127.0.0.1\", http_port = {port}"),
+            "CHGATE_TEST_SECRET_GATEWAY_PROBES",
         );
-        let v = crate::config::parse(&text, std::path::Path::new(".")).expect("valid");
         let gateway = Gateway::new(&v);
-        let per_second = || async {
-            let before = accepted.load(Ordering::Relaxed);
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            accepted.load(Ordering::Relaxed) - before
+        // How long the node takes to get 10 more probes (failed ones come back every
+        // 100 ms: about a second for one generation).
+        let ten_probes = || async {
+            let (from, started) = (accepted.load(Ordering::Relaxed), std::time::Instant::now());
+            let deadline = started + std::time::Duration::from_secs(10);
+            while accepted.load(Ordering::Relaxed) < from + 10 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the node is not probed"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            started.elapsed()
         };
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        let one = per_second().await;
+        let one = ten_probes().await;
         let mut held = Vec::new();
         for _ in 0..5 {
             held.push(gateway.generation().clone());
             gateway.reload(&v);
         }
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        let six = per_second().await;
-        assert!(one >= 3, "the node is probed: {one} probes in a second");
+        let six = ten_probes().await;
         assert!(
-            six <= 2 * one,
-            "{one} probes a second with one generation, {six} with six held"
+            six >= one / 2,
+            "10 probes took {one:?} with one generation, {six:?} with six held"
         );
         drop(held);
     }
 
     #[tokio::test]
     async fn max_attempts_follows_a_reload() {
-        std::env::set_var("CHGATE_TEST_SECRET_GATEWAY", "s3cret");
         let config = |attempts: usize| {
-            let text = format!(
-                r#"
-                [upstream]
-                max_attempts = {attempts}
-                [clusters.demo]
-                shards = [{{ replicas = [{{ host = "127.0.0.11" }}] }}]
-                [clusters.demo.accounts.chgate]
-                user = "chgate"
-                password_env = "CHGATE_TEST_SECRET_GATEWAY"
-                [users.bi]
-                password_hash = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0Q0cBJqm8bGZ0c2r0l1f0mYvSxQ2nM+4rW3W1QqkQ3E"
-                cluster = "demo"
-                account = "chgate"
-                "#
-            );
-            crate::config::parse(&text, std::path::Path::new(".")).expect("valid")
+            demo_config(
+                &format!("[upstream]\nmax_attempts = {attempts}"),
+                "host = \"127.0.0.11\"",
+                "CHGATE_TEST_SECRET_GATEWAY",
+            )
         };
         let gateway = Gateway::new(&config(3));
         assert_eq!(gateway.settings.max_attempts(), 3);

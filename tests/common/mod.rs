@@ -556,6 +556,20 @@ impl IngestProcess {
         Self::start_with_failpoints(config_path, "")
     }
 
+    /// Runs the sidecar on `config_path` until the failpoint `ingest.inserted=kill` ends it
+    /// right after its first insert, before that segment's done record (a pending intent
+    /// whose rows are in ClickHouse); returns the dead process, for its log.
+    pub fn killed_after_first_insert(config_path: PathBuf) -> Self {
+        let mut sidecar = Self::start_with_failpoints(config_path, "ingest.inserted=kill");
+        let status = sidecar.wait(Duration::from_secs(120));
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9),
+            "the failpoint's SIGKILL ended it: {status:?}"
+        );
+        sidecar
+    }
+
     /// Started with `CHGATE_FAILPOINTS` set to `failpoints` (see `src/failpoint.rs`).
     pub fn start_with_failpoints(config_path: PathBuf, failpoints: &str) -> Self {
         let (child, admin, log) =
