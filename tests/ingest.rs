@@ -1127,3 +1127,58 @@ async fn stopped_right_after_resuming_a_pending_segment_still_exactly_once() {
     )
     .await;
 }
+
+/// Killed right after an insert (a pending intent for a 20,000-row segment, its rows in
+/// ClickHouse), then restarted with a memory ceiling of 256 KiB, far below what that
+/// segment holds while it is rebuilt. A rebuilt segment cannot be cut short (it must be
+/// the same block again), so the ceiling must not pause its partition: paused, it would
+/// hold its bytes and wait for its messages forever, and nothing more would be written.
+/// Every row lands once, and the ceiling still paused the partitions that had settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_segment_larger_than_the_ceiling_is_still_rebuilt_whole() {
+    let topic = unique("ing_rebuild");
+    let dlq = format!("{topic}_dlq");
+    create_topics(&topic, &dlq);
+    let event = unique("rb");
+    let n = 90_000u64;
+    let now = unix_now();
+    produce_off(&topic, events(&event, n, |_| now)).await;
+    let config = |limits: &str| {
+        ingest_config(
+            &topic,
+            &dlq,
+            None,
+            &format!("batch_rows = 20000\nbatch_age = \"2s\"\n{limits}"),
+            "format = \"json\"",
+        )
+        .replace("batch_rows = 5000\nbatch_age = \"300ms\"\n", "")
+    };
+    let path = tempfile_path("ingest").with_extension("toml");
+    std::fs::write(&path, config("")).unwrap();
+    let p = path.clone();
+    let first = tokio::task::spawn_blocking(move || IngestProcess::killed_after_first_insert(p))
+        .await
+        .unwrap();
+
+    std::fs::write(&path, config("[limits]\nmax_pending_bytes = 262144")).unwrap();
+    let second = restart_ingest(path).await;
+    wait_for_log(
+        &second,
+        "\"done\":false",
+        Duration::from_secs(60),
+        "the second run never resumed the pending segment",
+    )
+    .await;
+    exactly_once(
+        &event,
+        n,
+        "a pending segment over the ceiling",
+        &[&first, &second],
+    )
+    .await;
+    let m = second.metrics();
+    assert!(
+        metric_sum(&m, "chgate_ingest_pauses_total", &[]) >= 1.0,
+        "the ceiling never paused anything, so this proved nothing: {m}"
+    );
+}

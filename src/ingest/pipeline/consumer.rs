@@ -1,7 +1,8 @@
 //! The consumer thread: reads messages in batches, admits each ([`Positions`]), holds it
 //! against the memory ceiling and hands it to its partition's worker through a ring;
 //! applies the writers' commits; pauses the assignment while a ring is full or the ceiling
-//! is reached (the message that did not fit waits, in order); and on stop hands over what
+//! is reached (the message that did not fit waits, in order; the ceiling spares partitions
+//! whose start has not settled, see [`Settled`]); and on stop hands over what
 //! it holds, keeps the group membership alive until the writers are done, commits and
 //! leaves the group.
 
@@ -17,7 +18,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use super::handoff::{Commit, Item, Task};
+use super::handoff::{Commit, Item, Settled, Task};
 use super::positions::{Admit, Positions};
 use super::rebalance::Context;
 use crate::ingest::message::Message;
@@ -35,6 +36,7 @@ pub struct Start {
     pub senders: Vec<Sender<Item>>,
     pub commits: mpsc::Receiver<Commit>,
     pub ceiling: &'static Ceiling,
+    pub settled: Arc<Settled>,
     pub max_pending: usize,
     pub stop: CancellationToken,
     /// Set once everything taken is handed over (the workers may finish).
@@ -50,12 +52,17 @@ struct Consume {
     senders: Vec<Sender<Item>>,
     commits: mpsc::Receiver<Commit>,
     ceiling: &'static Ceiling,
+    settled: Arc<Settled>,
     max_pending: usize,
     task_of: HashMap<String, usize>,
     /// Messages waiting for room in their worker's ring, in order.
     stash: VecDeque<(usize, Item)>,
     positions: Positions,
-    paused: bool,
+    /// The partitions this thread has paused.
+    paused: std::collections::HashSet<(usize, i32)>,
+    /// What the paused set was computed for: a full ring (everything paused) or the
+    /// ceiling, and the [`Settled`] change count then. `None`: to be computed again.
+    paused_for: Option<(bool, u64)>,
     /// The last offset committed per partition, for the final commit.
     latest: HashMap<(usize, i32), i64>,
     /// Consumed counts resolved once (a label lookup per message is a hash and a lock)
@@ -81,6 +88,7 @@ pub fn run(start: Start) {
         senders,
         commits,
         ceiling,
+        settled,
         max_pending,
         stop,
         fetching_done,
@@ -110,9 +118,11 @@ pub fn run(start: Start) {
         senders,
         commits,
         ceiling,
+        settled,
         max_pending,
         stash: VecDeque::new(),
-        paused: false,
+        paused: Default::default(),
+        paused_for: None,
         latest: HashMap::default(),
         last_gauges: Instant::now(),
         last_lag: Instant::now(),
@@ -190,31 +200,77 @@ impl Consume {
         }
     }
 
-    /// Pauses the assignment while something waits for room or the ceiling is reached;
-    /// resumes it when neither holds.
+    /// Pauses the assignment while something waits for room in a ring; past the ceiling,
+    /// pauses the partitions whose start has settled (a pending segment being rebuilt
+    /// cannot be cut short to give its bytes back, so pausing its partition could hold
+    /// everything forever); resumes what it paused when neither holds.
     fn flow_control(&mut self) {
-        let want_pause = !self.stash.is_empty() || self.ceiling.held() > self.max_pending;
-        if want_pause == self.paused {
+        let full = !self.stash.is_empty();
+        if !full && self.ceiling.held() <= self.max_pending {
+            if !self.paused.is_empty() {
+                let all: Vec<_> = self.paused.iter().copied().collect();
+                self.set_paused(&all, false);
+                tracing::debug!("Consumption resumed");
+            }
+            self.paused_for = None;
             return;
         }
-        if let Ok(assignment) = self.consumer.assignment() {
-            METRICS.ingest_paused.set(if want_pause {
-                assignment.count() as i64
+        let key = (full, self.settled.changes());
+        if self.paused_for == Some(key) {
+            return;
+        }
+        self.paused_for = Some(key);
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let want: std::collections::HashSet<(usize, i32)> = assignment
+            .elements()
+            .iter()
+            .filter_map(|e| Some((*self.task_of.get(e.topic())?, e.partition())))
+            .filter(|&(task, partition)| full || self.settled.contains(task, partition))
+            .collect();
+        let pause: Vec<_> = want.difference(&self.paused).copied().collect();
+        let resume: Vec<_> = self.paused.difference(&want).copied().collect();
+        if self.paused.is_empty() && !pause.is_empty() {
+            METRICS.ingest_pauses.inc();
+        }
+        self.set_paused(&pause, true);
+        self.set_paused(&resume, false);
+        if !pause.is_empty() || !resume.is_empty() {
+            tracing::debug!(
+                paused = self.paused.len(),
+                running = assignment.count() - self.paused.len(),
+                "Consumption paused"
+            );
+        }
+    }
+
+    /// Pauses or resumes `partitions`, and keeps [`Consume::paused`] and its gauge true.
+    fn set_paused(&mut self, partitions: &[(usize, i32)], pause: bool) {
+        if partitions.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for &(task, partition) in partitions {
+            tpl.add_partition(&self.tasks[task].topic, partition);
+        }
+        let r = if pause {
+            self.consumer.pause(&tpl)
+        } else {
+            self.resume(&tpl)
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "Pausing or resuming partitions failed");
+            return;
+        }
+        for p in partitions {
+            if pause {
+                self.paused.insert(*p);
             } else {
-                0
-            });
-            let r = if want_pause {
-                METRICS.ingest_pauses.inc();
-                self.consumer.pause(&assignment)
-            } else {
-                self.resume(&assignment)
-            };
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "Pausing or resuming partitions failed");
+                self.paused.remove(p);
             }
         }
-        tracing::debug!(paused = want_pause, "Consumption paused or resumed");
-        self.paused = want_pause;
+        METRICS.ingest_paused.set(self.paused.len() as i64);
     }
 
     /// Resumes `assignment`. Pausing drops what the client had fetched ahead; resuming may
@@ -259,6 +315,8 @@ impl Consume {
                 self.consumer.context().forward(&self.consumer, &assignment);
                 self.check_membership(assignment.count() == 0);
             }
+            // A partition assigned meanwhile starts unpaused: flow control looks again.
+            self.paused_for = None;
             self.last_forward = Instant::now();
         }
         if self.last_gauges.elapsed() > Duration::from_millis(500) {
@@ -352,6 +410,10 @@ impl Consume {
             let Some(&task) = self.task_of.get(topic.as_str()) else {
                 continue;
             };
+            if self.paused.remove(&(task, partition)) {
+                METRICS.ingest_paused.set(self.paused.len() as i64);
+            }
+            self.paused_for = None;
             // A worker holds something of it only if a message of it was taken.
             if let Some(worker) = self.positions.revoke(task, partition) {
                 self.stash
@@ -430,7 +492,7 @@ impl Consume {
                 false
             }
             None => {
-                let n = queue.read(batch, if self.paused { 20 } else { 50 });
+                let n = queue.read(batch, if self.paused.is_empty() { 50 } else { 20 });
                 for &raw in &batch[..n] {
                     // SAFETY: returned by the batch read, owned by nothing else; the consumer
                     // is in an `Arc` that every holder of messages also holds, dropping its

@@ -14,7 +14,9 @@
 //!   dead letters are acknowledged by the broker.
 //! - A full ring or the memory ceiling (`limits.max_pending_bytes` of consumed, not yet
 //!   committed message bytes) pauses the assignment; the message that did not fit is kept
-//!   and handed over first when there is room. Nothing spins, nothing grows.
+//!   and handed over first when there is room. Nothing spins, nothing grows. The ceiling
+//!   leaves running the partitions whose start has not settled (a pending segment being
+//!   rebuilt after a crash, which cannot be cut short: see `handoff::Settled`).
 //! - Shutdown: stop fetching, let the workers cut what they hold, let the writers finish
 //!   (up to `drain_timeout`), commit synchronously, leave the group.
 //!
@@ -46,7 +48,7 @@ use super::pending::Ceiling;
 use super::ring::ring;
 use crate::kafka::Rereader;
 pub use handoff::Task;
-use handoff::{Commit, Item};
+use handoff::{Commit, Item, Settled};
 use rebalance::Context;
 use worker::Worker;
 
@@ -110,6 +112,7 @@ pub async fn run(
     consumer.subscribe(&topics)?;
 
     let ceiling = Ceiling::leak();
+    let settled = Arc::new(Settled::default());
     let fetching_done = Arc::new(AtomicBool::new(false));
     let flushed = Arc::new(AtomicBool::new(false));
     let hard_stop = CancellationToken::new();
@@ -141,6 +144,7 @@ pub async fn run(
             producer: producer.clone(),
             commit_tx: commit_tx.clone(),
             ceiling,
+            settled: settled.clone(),
             stop: stop.clone(),
             hard_stop: hard_stop.clone(),
             fetching_done: fetching_done.clone(),
@@ -159,6 +163,7 @@ pub async fn run(
         senders,
         commits: commit_rx,
         ceiling,
+        settled,
         max_pending: settings.max_pending_bytes,
         stop: stop.clone(),
         fetching_done: fetching_done.clone(),

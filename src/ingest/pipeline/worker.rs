@@ -12,7 +12,7 @@ use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::handoff::{Commit, Item, Task};
+use super::handoff::{Commit, Item, Settled, Task};
 use super::partition_writer::PartitionWriter;
 use super::rebalance::Context;
 use crate::backoff::Stop;
@@ -55,6 +55,8 @@ pub struct Worker {
     pub(super) producer: Arc<FutureProducer>,
     pub(super) commit_tx: mpsc::Sender<Commit>,
     pub(super) ceiling: &'static Ceiling,
+    /// Where this worker says a partition's start has settled (see [`Settled`]).
+    pub(super) settled: Arc<Settled>,
     pub(super) stop: CancellationToken,
     pub(super) hard_stop: CancellationToken,
     pub(super) fetching_done: Arc<AtomicBool>,
@@ -173,6 +175,7 @@ impl Worker {
         self.intent_of.remove(&key);
         self.claimed.remove(&key);
         self.seen.remove(&key);
+        self.settled.unsettle(task, partition);
     }
 
     fn accept(&mut self, msg: Message) {
@@ -203,6 +206,11 @@ impl Worker {
                         .inc_by((msg.offset - expected) as u64);
                 }
             }
+            // Nothing to rebuild (no intent, a done one, or none readable while stopping):
+            // the partition may be paused from here on.
+            if !intent.is_some_and(|i| !i.done && i.first != i64::MAX) {
+                self.settled.settle(msg.task, msg.partition);
+            }
             self.intent_of.insert(key, intent);
         }
         let (tasks, ceiling) = (&self.tasks, self.ceiling);
@@ -214,11 +222,16 @@ impl Worker {
             Some(intent) => match intent.disposition(msg.offset) {
                 Disposition::Skip => None,
                 Disposition::Replay => {
-                    batcher.add_replay(msg, intent.clock, intent.shard, intent.last)
+                    let rebuilt = batcher.add_replay(msg, intent.clock, intent.shard, intent.last);
+                    if rebuilt.is_some() {
+                        self.settled.settle(key.0, key.1);
+                    }
+                    rebuilt
                 }
                 Disposition::Fresh => {
                     // Past the recorded segment: from here on, batches are new.
                     self.intent_of.insert(key, None);
+                    self.settled.settle(key.0, key.1);
                     let replayed = if batcher.replaying() {
                         batcher.seal()
                     } else {
