@@ -131,8 +131,9 @@ trait Stream {
     type Packet: Copy + PartialEq + Debug;
     /// The packet at the start of `buf` and its length.
     fn next(&mut self, buf: &[u8]) -> Result<(Self::Packet, usize), WalkError>;
-    /// A new reader in the state this one is in between packets: the same session, none of
-    /// the decompressed frames kept for a packet not yet whole.
+    /// A new reader in the state this one is in between packets: the same session and
+    /// answer's block layout, none of the decompressed frames kept for a packet not yet
+    /// whole.
     fn renewed(&self) -> Self;
 }
 
@@ -151,7 +152,7 @@ impl Stream for Server {
 
     fn renewed(&self) -> Self {
         Server {
-            packets: ServerPackets::default(),
+            packets: self.packets.renewed(),
             session: self.session,
         }
     }
@@ -202,7 +203,7 @@ impl Stream for Client {
 
     fn renewed(&self) -> Self {
         Client {
-            packets: ServerPackets::default(),
+            packets: self.packets.renewed(),
             session: self.session,
             hello_read: self.hello_read,
         }

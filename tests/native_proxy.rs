@@ -127,6 +127,36 @@ async fn clickhouse_client_reads_through_the_native_listener() {
         );
     }
 
+    // Fixed-width columns only, blocks of varying rows, totals and extremes: after the
+    // header block, the answer's blocks are found from their row counts (the LZ4 frames
+    // are not decompressed); equal to the node's all the same.
+    for q in [
+        "SELECT number, toNullable(toInt32(number % 1000)), toFixedString(toString(number % 10), 1), \
+         toDecimal64(number, 2), toDateTime(number), (number, toFloat64(number) / 3) \
+         FROM system.numbers WHERE number % 3 != 1 LIMIT 1500000 FORMAT TSV",
+        "SELECT number % 10 AS k, count(), sum(number) FROM (SELECT number FROM system.numbers LIMIT 1000000) \
+         GROUP BY k \
+         WITH TOTALS ORDER BY k FORMAT TSV",
+    ] {
+        let want = direct(
+            "127.0.0.11",
+            &q.replace(" FORMAT TSV", " SETTINGS extremes = 1 FORMAT TSV"),
+        );
+        for compression in ["0", "1"] {
+            let out = client(
+                addr,
+                &with(&BI, &["--compression", compression, "--extremes", "1", "-q", q]),
+                None,
+            )
+            .await;
+            assert!(out.status.success(), "{}", errors(&out));
+            assert!(
+                text(&out) == want,
+                "{q}: differs from the node's (compression {compression})"
+            );
+        }
+    }
+
     // A session: SET and USE hold for the statements after them (for a user that may change
     // settings: `bi`'s queries carry readonly=1).
     let out = client(

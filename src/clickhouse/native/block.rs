@@ -43,6 +43,44 @@ pub struct Block {
     pub rows: u64,
     /// Its length in bytes.
     pub len: usize,
+    /// Its layout, if every column is a fixed number of bytes per row.
+    pub shape: Option<Shape>,
+}
+
+/// The layout of a block whose columns are all a fixed number of bytes per row
+/// (numbers, dates, `FixedString`, `Nullable` and `Tuple`s of them): its length follows
+/// from its row count. The blocks of one query's answer share their columns, so a reader
+/// that has walked one knows the length of the next from its first bytes (see
+/// `server::ServerPackets`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub columns: u64,
+    /// The columns' names and types (and custom-serialization bytes), in bytes.
+    pub headers: u64,
+    /// The bytes of one row, all columns.
+    pub row_width: u64,
+}
+
+impl Shape {
+    /// The length of a block of this shape and `rows` rows whose `BlockInfo`, column count
+    /// and row count take `prefix` bytes (`None` if it would not fit in memory).
+    pub fn len(&self, prefix: usize, rows: u64) -> Option<u64> {
+        rows.checked_mul(self.row_width)?
+            .checked_add(self.headers)?
+            .checked_add(prefix as u64)
+    }
+}
+
+/// The start of a block: what comes before its first column (`BlockInfo`, the column
+/// count, the row count). Its columns, its rows, and its length in bytes.
+pub fn block_prefix(buf: &[u8], framing: Framing) -> Result<(u64, u64, usize)> {
+    let mut r = Reader::new(buf);
+    if framing.block_info {
+        block_info(&mut r)?;
+    }
+    let columns = r.varuint()?;
+    let rows = r.varuint()?;
+    Ok((columns, rows, r.position()))
 }
 
 /// Walks the block at the start of `buf`.
@@ -69,7 +107,13 @@ fn walk(mut r: Reader<'_>, framing: Framing) -> Result<Block> {
     }
     let columns = r.varuint()?;
     let rows = r.varuint()?;
+    let mut shape = Some(Shape {
+        columns,
+        headers: 0,
+        row_width: 0,
+    });
     for _ in 0..columns {
+        let start = r.position();
         r.string()?;
         let ty = std::str::from_utf8(r.string()?)
             .map_err(|_| WalkError::Malformed("a column type name that is not UTF-8"))?;
@@ -82,6 +126,15 @@ fn walk(mut r: Reader<'_>, framing: Framing) -> Result<Block> {
             return Err(WalkError::Unsupported(
                 "sparse or other custom serialization",
             ));
+        }
+        if let Some(s) = shape.as_mut() {
+            match row_width(ty, 0) {
+                Some(w) => {
+                    s.headers += (r.position() - start) as u64;
+                    s.row_width = s.row_width.saturating_add(w);
+                }
+                None => shape = None,
+            }
         }
         // Zero rows of data are zero bytes: no state prefix either.
         if rows > 0 {
@@ -97,7 +150,28 @@ fn walk(mut r: Reader<'_>, framing: Framing) -> Result<Block> {
         columns,
         rows,
         len: r.position(),
+        shape,
     })
+}
+
+/// The bytes per row of a column of type `ty`, if that is fixed: its data is then exactly
+/// rows times that, with no state prefix (`Nullable` adds its null map's byte; a `Tuple`'s
+/// elements follow each other).
+fn row_width(ty: &str, depth: u32) -> Option<u64> {
+    if depth > MAX_DEPTH {
+        return None;
+    }
+    let (name, inner) = split(ty).ok()?;
+    if let Some(width) = fixed_width(name, inner).ok()? {
+        return Some(width);
+    }
+    match name {
+        "Nullable" => row_width(inner?, depth + 1)?.checked_add(1),
+        "Tuple" => args(inner?).try_fold(0u64, |sum, a| {
+            sum.checked_add(row_width(element(a), depth + 1)?)
+        }),
+        _ => None,
+    }
 }
 
 /// Whether every quoted identifier in a type name (a named tuple's element the server

@@ -9,11 +9,13 @@
 //! - [`block`]: a block's end, over its column types;
 //! - [`server`]: a server packet's end at a negotiated revision, compressed blocks
 //!   included;
+//! - [`lz4`]: the start of an LZ4 frame, decompressed without the rest;
 //! - [`settings`]: the binary form of each query setting, which a Query below revision 54429
 //!   can only be stepped over with.
 
 pub mod block;
 pub mod client;
+pub mod lz4;
 pub mod reader;
 pub mod server;
 pub mod settings;

@@ -6,8 +6,9 @@
 //! fixtures in `tests/fixtures/native` were captured at); a packet type that revision does
 //! not send is refused as unsupported, never guessed at.
 
-use super::block::{walk_block, walk_block_sparse, Block, Framing};
+use super::block::{block_prefix, walk_block, walk_block_sparse, Block, Framing, Shape};
 use super::client::put_str;
+use super::lz4;
 use super::reader::{Present, Reader, Result, WalkError};
 use crate::clickhouse::rowbinary::write_varint;
 
@@ -107,6 +108,21 @@ pub struct ServerPackets {
     /// blocks after it, of the same query and so of the same columns, are decompressed
     /// whole at once rather than found out again. Until the query's end.
     whole: bool,
+    /// The layout of the answer's blocks, when its columns are all fixed-width: the
+    /// server's blocks of one answer share their columns, so the next block's length
+    /// follows from its row count, its first bytes (see [`ServerPackets::by_shape`]).
+    /// Until the query's end.
+    shape: Option<Shape>,
+}
+
+/// What a compressed server block's shape says of where it ends.
+enum ByShape {
+    /// At the end of this frame.
+    End { frame: usize, rows: u64 },
+    /// Past the frames at hand.
+    Later,
+    /// Nothing (no shape, or the frames do not match it): the block is walked.
+    Unknown,
 }
 
 /// A compressed frame of the block being walked.
@@ -145,6 +161,16 @@ const MAX_FRAME: u64 = 1 << 30;
 const LAZY_STOPS: usize = 32;
 
 impl ServerPackets {
+    /// A new reader that knows what this one carries from packet to packet and that
+    /// changes answers (the layout of the answer's blocks), and none of a packet's frames:
+    /// it answers as this one does.
+    pub fn renewed(&self) -> Self {
+        Self {
+            shape: self.shape,
+            ..Self::default()
+        }
+    }
+
     /// The packet at the start of `buf`, or [`WalkError::Incomplete`] until all of it is
     /// there.
     pub fn next(&mut self, buf: &[u8], session: &Session) -> Result<Packet> {
@@ -158,6 +184,7 @@ impl ServerPackets {
         }) = packet
         {
             self.whole = false;
+            self.shape = None;
         }
         packet
     }
@@ -169,7 +196,7 @@ impl ServerPackets {
         let mut r = Reader::new(buf);
         let kind = match r.varuint()? {
             super::client::DATA => {
-                let block = self.data(&mut r, session, session.compression);
+                let block = self.data(&mut r, session, session.compression, false);
                 if !matches!(block, Err(WalkError::Incomplete)) {
                     self.resume = None;
                 }
@@ -208,7 +235,7 @@ impl ServerPackets {
             0 => (Kind::Hello, hello(&mut r, session.revision)?),
             1 => (
                 Kind::Data,
-                self.data(&mut r, session, session.compression)?.1,
+                self.data(&mut r, session, session.compression, true)?.1,
             ),
             2 => (Kind::Exception, exception(&mut r)?),
             3 => (Kind::Progress, progress(&mut r)?),
@@ -217,14 +244,14 @@ impl ServerPackets {
             6 => (Kind::ProfileInfo, profile_info(&mut r)?),
             7 => (
                 Kind::Totals,
-                self.data(&mut r, session, session.compression)?.1,
+                self.data(&mut r, session, session.compression, true)?.1,
             ),
             8 => (
                 Kind::Extremes,
-                self.data(&mut r, session, session.compression)?.1,
+                self.data(&mut r, session, session.compression, true)?.1,
             ),
             // Log blocks are never compressed at these revisions.
-            10 => (Kind::Log, self.data(&mut r, session, false)?.1),
+            10 => (Kind::Log, self.data(&mut r, session, false, false)?.1),
             11 => {
                 r.string()?;
                 r.string()?;
@@ -244,11 +271,14 @@ impl ServerPackets {
     }
 
     /// A table name, then a block, plain or in compressed frames; its columns and rows.
+    /// `answer`: a block of the server's answer (Data, Totals, Extremes), whose layout the
+    /// answer's other blocks share.
     fn data(
         &mut self,
         r: &mut Reader<'_>,
         session: &Session,
         compressed: bool,
+        answer: bool,
     ) -> Result<(u64, u64)> {
         r.string()?;
         let framing = Framing {
@@ -294,6 +324,21 @@ impl ServerPackets {
             if read.is_ok() {
                 continue;
             }
+            match self.by_shape(r, framing, answer) {
+                ByShape::End { frame, rows } => {
+                    r.seek(self.frames[frame].body.1)?;
+                    return Ok((self.shape.map_or(0, |s| s.columns), rows));
+                }
+                ByShape::Later if read == Err(WalkError::Incomplete) => {
+                    self.resume = Some(Resume {
+                        blocks_at,
+                        frames_end: frame_start,
+                        checksum,
+                    });
+                    return Err(WalkError::Incomplete);
+                }
+                ByShape::Later | ByShape::Unknown => {}
+            }
             if self.walked < self.filled {
                 self.walked = self.filled;
                 match self.walk_frames(r, framing) {
@@ -309,6 +354,9 @@ impl ServerPackets {
                         // (A block of one frame tells nothing: every walk reads it.)
                         self.whole =
                             last > 0 && self.frames[..=last].iter().all(|f| f.at.is_some());
+                        if answer {
+                            self.shape = block.shape;
+                        }
                         self.release_big_scratch();
                         return Ok((block.columns, block.rows));
                     }
@@ -328,6 +376,50 @@ impl ServerPackets {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Where a compressed block of the server's answer ends, from the layout of the
+    /// answer's blocks walked before it: only the start of its first frame is
+    /// decompressed, for its row count, and its length must be exactly the end of one of
+    /// its frames (the frames' headers say how many bytes each holds). A block of another
+    /// column count, or one whose length falls inside a frame, is walked instead.
+    ///
+    /// Only the server's blocks: ClickHouse writes every block of an answer with the
+    /// columns of its first. A client's INSERT blocks are always walked: a client could
+    /// send a block whose columns differ from the last one's and whose length, as the
+    /// server reads it, ends at another frame than this arithmetic says, and hide a packet
+    /// from chgate there.
+    fn by_shape(&self, packet: &Reader<'_>, framing: Framing, answer: bool) -> ByShape {
+        let (Some(shape), Some(first), true) = (self.shape, self.frames.first(), answer) else {
+            return ByShape::Unknown;
+        };
+        let Ok(body) = packet.slice(first.body.0, first.body.1) else {
+            return ByShape::Unknown;
+        };
+        // BlockInfo (8 bytes at these revisions) and two VarUInts of at most 9.
+        let mut start = [0u8; 32];
+        let n = match first.method {
+            LZ4 => lz4::decompress_prefix(body, &mut start),
+            _ => {
+                let n = body.len().min(start.len());
+                start[..n].copy_from_slice(&body[..n]);
+                Some(n)
+            }
+        };
+        let Some(n) = n else {
+            return ByShape::Unknown;
+        };
+        let Ok((columns, rows, prefix)) = block_prefix(&start[..n], framing) else {
+            return ByShape::Unknown;
+        };
+        let Some(len) = shape.len(prefix, rows).filter(|_| columns == shape.columns) else {
+            return ByShape::Unknown;
+        };
+        match self.frames.iter().position(|f| f.raw.1 as u64 == len) {
+            Some(frame) => ByShape::End { frame, rows },
+            None if (self.filled as u64) < len => ByShape::Later,
+            None => ByShape::Unknown,
         }
     }
 
@@ -832,6 +924,125 @@ mod tests {
                 Err(WalkError::Malformed(_))
             ));
         }
+    }
+
+    /// A Data packet (`packet_type` 1 from the server, 2 from a client) of `rows` rows of
+    /// `x UInt64, n Nullable(Int32), t Tuple(UInt8, Float64)`, in LZ4 frames of `frame`
+    /// bytes of the block; and how many frames it has.
+    fn fixed_columns(packet_type: u8, rows: u64, frame: usize) -> (Vec<u8>, usize) {
+        let mut block = vec![1, 0, 2, 0xff, 0xff, 0xff, 0xff, 0]; // BlockInfo
+        write_varint(&mut block, 3);
+        write_varint(&mut block, rows);
+        for (name, ty, width) in [
+            ("x", "UInt64", 8),
+            ("n", "Nullable(Int32)", 5),
+            ("t", "Tuple(UInt8, Float64)", 9),
+        ] {
+            put_str(&mut block, name.as_bytes());
+            put_str(&mut block, ty.as_bytes());
+            block.extend((0..rows * width).map(|i| (i % 11) as u8));
+        }
+        let mut packet = vec![packet_type, 0];
+        let frames = block.chunks(frame).count();
+        for part in block.chunks(frame) {
+            packet.extend_from_slice(&crate::clickhouse::compress::lz4_block(part).unwrap());
+        }
+        (packet, frames)
+    }
+
+    /// Every frame but the first filled with 0xff: undecompressable.
+    fn spoil_after_first_frame(packet: &[u8]) -> Vec<u8> {
+        let mut spoiled = packet.to_vec();
+        for (body, _) in frames_of(packet).iter().skip(1) {
+            spoiled[body.clone()].fill(0xff);
+        }
+        spoiled
+    }
+
+    /// Once an answer's header block has shown its columns to be all fixed-width, its
+    /// next blocks end where their row count says: only the start of the first frame is
+    /// decompressed. A block that does not fit the shape is walked; the answer's end
+    /// forgets the shape; a client's blocks are always walked.
+    #[test]
+    fn an_answers_blocks_end_where_their_columns_and_rows_say() {
+        let session = Session {
+            revision: 54412,
+            compression: true,
+            empty_low_cardinality_granule: false,
+        };
+        let (header, _) = fixed_columns(1, 0, 1 << 20);
+        let (data, frames) = fixed_columns(1, 5000, 3000);
+        assert!(frames > 20);
+        let spoiled = spoil_after_first_frame(&data);
+        // Without the header first, the spoiled block cannot be walked.
+        assert!(matches!(
+            ServerPackets::default().next(&spoiled, &session),
+            Err(WalkError::Malformed(_))
+        ));
+        let mut reader = ServerPackets::default();
+        assert_eq!(reader.next(&header, &session).unwrap().rows, 0);
+        for _ in 0..3 {
+            let p = reader.next(&spoiled, &session).unwrap();
+            assert_eq!((p.kind, p.len, p.rows), (Kind::Data, data.len(), 5000));
+            assert!(reader.frames.iter().all(|f| f.at.is_none()));
+        }
+        // Arriving in pieces: incomplete until the last frame is there.
+        for cut in (0..data.len()).step_by(211) {
+            assert_eq!(
+                reader.next(&spoiled[..cut], &session),
+                Err(WalkError::Incomplete)
+            );
+        }
+        assert_eq!(reader.next(&spoiled, &session).unwrap().len, data.len());
+        // Followed by the next packet (EndOfStream): found all the same.
+        let mut followed = spoiled.clone();
+        followed.push(5);
+        assert_eq!(reader.next(&followed, &session).unwrap().len, data.len());
+        // Blocks of other columns: walked, and right.
+        let (other, _) = numbers_then_strings(1000);
+        assert_eq!(reader.next(&other, &session).unwrap().len, other.len());
+        assert_eq!(reader.next(&header, &session).unwrap().rows, 0);
+        let (one_column, _) = (two_frame_data(), ());
+        assert_eq!(
+            reader.next(&one_column, &session).unwrap().len,
+            one_column.len()
+        );
+        // As many columns, other types: the length the shape gives falls inside a frame,
+        // so the block is walked.
+        let mut strings = vec![
+            1, 0, 2, 0xff, 0xff, 0xff, 0xff, 0, 1, 0xe8, 0x07, 1, b'x', 6,
+        ];
+        strings.extend_from_slice(b"String");
+        for i in 0..1000u32 {
+            put_str(&mut strings, format!("value {i}").as_bytes());
+        }
+        let mut packet = vec![1, 0];
+        for part in strings.chunks(1000) {
+            packet.extend_from_slice(&crate::clickhouse::compress::lz4_block(part).unwrap());
+        }
+        let p = reader.next(&packet, &session).unwrap();
+        assert_eq!((p.len, p.rows), (packet.len(), 1000));
+        // The answer's end forgets the shape.
+        assert_eq!(reader.next(&header, &session).unwrap().rows, 0);
+        assert_eq!(reader.next(&[5], &session).unwrap().kind, Kind::EndOfStream);
+        assert!(matches!(
+            reader.next(&spoiled, &session),
+            Err(WalkError::Malformed(_))
+        ));
+        // A client's INSERT blocks are walked, header or not.
+        let (client_header, _) = fixed_columns(2, 0, 1 << 20);
+        let (client_data, _) = fixed_columns(2, 5000, 3000);
+        let mut client = ServerPackets::default();
+        let h = client.next_client(&client_header, &session).unwrap();
+        assert_eq!(h.len, client_header.len());
+        assert_eq!(
+            client.next_client(&client_data, &session).unwrap().len,
+            client_data.len()
+        );
+        assert!(matches!(
+            client.next_client(&spoil_after_first_frame(&client_data), &session),
+            Err(WalkError::Malformed(_))
+        ));
     }
 
     /// A block whose every column sends the walk into a frame of its own is walked a
