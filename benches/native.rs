@@ -87,9 +87,10 @@ fn lz4_packet(block: &[u8]) -> Vec<u8> {
 
 /// Walking compressed Data packets: frames of fixed-width data alone are stepped over
 /// without being decompressed; String columns need every frame. Each case twice: as the
-/// first block of an answer (`walked`: the reader has just seen an EndOfStream, so it
-/// walks), and as a later one (`by_shape`: the reader has walked one, so a block of
-/// fixed-width columns ends where its row count says, from the start of its first frame).
+/// first block of an answer (`first_block`: the reader has just seen an EndOfStream, so it
+/// walks), and as a later one (`later_block`: the reader has walked one, so a block of
+/// fixed-width columns ends where its row count says, from the start of its first frame,
+/// and one of strings is decompressed whole at once).
 fn walk_compressed(c: &mut Criterion) {
     let numeric = |b: &mut Vec<u8>, r: u64| b.extend_from_slice(&(r * 7919).to_le_bytes());
     let numbers = |rows| block(rows, &[("UInt64", &numeric), ("UInt64", &numeric)]);
@@ -115,14 +116,14 @@ fn walk_compressed(c: &mut Criterion) {
         let mut packets = ServerPackets::default();
         assert_eq!(packets.next(&packet, &session).unwrap().len, packet.len());
         group.throughput(Throughput::Bytes(block.len() as u64));
-        group.bench_function(format!("{name}_walked"), |b| {
+        group.bench_function(format!("{name}_first_block"), |b| {
             b.iter(|| {
                 let _ = packets.next(&[5], &session); // EndOfStream: a new answer
                 black_box(packets.next(black_box(&packet), &session))
             })
         });
         assert_eq!(packets.next(&packet, &session).unwrap().len, packet.len());
-        group.bench_function(format!("{name}_by_shape"), |b| {
+        group.bench_function(format!("{name}_later_block"), |b| {
             b.iter(|| black_box(packets.next(black_box(&packet), &session)))
         });
     }
