@@ -69,11 +69,14 @@ pub fn query(
     method: &Method,
     execution_limit: Option<std::time::Duration>,
 ) -> Rewritten {
+    // Room for what is added: a query id (45 bytes), max_execution_time (~30), readonly.
     let mut out = Rewritten {
-        path_and_query: String::with_capacity(query.map_or(0, str::len) + 64),
+        path_and_query: String::with_capacity(query.map_or(0, str::len) + 96),
         ..Default::default()
     };
     out.path_and_query.push_str("/?");
+    // Parameters are written straight into the path: no string of their own, no `format!`
+    // (this runs for every request).
     let push_raw = |out: &mut Rewritten, raw: &str| {
         if out.path_and_query.len() > 2 {
             out.path_and_query.push('&');
@@ -128,12 +131,15 @@ pub fn query(
         push_raw(&mut out, raw);
     }
     if out.query_id.is_empty() {
-        out.query_id = uuid::Uuid::new_v4().to_string();
-        let id = out.query_id.clone();
-        push_raw(&mut out, &format!("query_id={id}"));
+        let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id);
+        push_raw(&mut out, "query_id=");
+        out.path_and_query.push_str(id);
+        out.query_id = id.to_owned();
     }
     if let Some(seconds) = max_execution_time {
-        push_raw(&mut out, &format!("max_execution_time={seconds}"));
+        push_raw(&mut out, "max_execution_time=");
+        push_decimal(&mut out.path_and_query, seconds);
     }
     // GET already implies readonly on the server, and ClickHouse refuses to change it
     // there; HEAD does not (18.16 makes only a GET read-only).
@@ -148,6 +154,23 @@ pub fn query(
         );
     }
     out
+}
+
+/// Writes `n` in decimal.
+fn push_decimal(out: &mut String, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // ASCII digits only.
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
 }
 
 /// Removes `names` and whatever `Connection` names.
@@ -333,6 +356,15 @@ mod tests {
             .path_and_query
             .starts_with("/?readonly=2&decompress=1&query_id="));
         assert!(r.decompress);
+    }
+
+    #[test]
+    fn decimals_are_written_as_format_would() {
+        for n in [0, 1, 9, 10, 3600, 86_399, u64::MAX] {
+            let mut s = String::from("x=");
+            push_decimal(&mut s, n);
+            assert_eq!(s, format!("x={n}"));
+        }
     }
 
     #[test]

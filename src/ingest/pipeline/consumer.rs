@@ -208,29 +208,47 @@ impl Consume {
         let full = !self.stash.is_empty();
         if !full && self.ceiling.held() <= self.max_pending {
             if !self.paused.is_empty() {
-                let all: Vec<_> = self.paused.iter().copied().collect();
-                self.set_paused(&all, false);
-                tracing::debug!("Consumption resumed");
+                self.resume_all();
             }
             self.paused_for = None;
             return;
         }
         let key = (full, self.settled.changes());
-        if self.paused_for == Some(key) {
-            return;
+        if self.paused_for != Some(key) {
+            self.paused_for = Some(key);
+            self.pause_for(full);
         }
-        self.paused_for = Some(key);
+    }
+
+    /// Pauses the whole assignment (`full`: a ring has no room) or the partitions whose
+    /// start has settled (the ceiling), and resumes the others.
+    fn pause_for(&mut self, full: bool) {
         let Ok(assignment) = self.consumer.assignment() else {
             return;
         };
-        let want: std::collections::HashSet<(usize, i32)> = assignment
+        let assigned: Vec<(usize, i32)> = assignment
             .elements()
             .iter()
             .filter_map(|e| Some((*self.task_of.get(e.topic())?, e.partition())))
+            .collect();
+        let want: std::collections::HashSet<(usize, i32)> = assigned
+            .iter()
+            .copied()
             .filter(|&(task, partition)| full || self.settled.contains(task, partition))
             .collect();
         let pause: Vec<_> = want.difference(&self.paused).copied().collect();
         let resume: Vec<_> = self.paused.difference(&want).copied().collect();
+        // Those left running: a partition revoked while paused (no longer in `paused`)
+        // and assigned again may still be paused in the client (a no-op otherwise).
+        let mut running = TopicPartitionList::new();
+        for &(task, partition) in &assigned {
+            if !want.contains(&(task, partition)) && !self.paused.contains(&(task, partition)) {
+                running.add_partition(&self.tasks[task].topic, partition);
+            }
+        }
+        if running.count() > 0 {
+            let _ = self.consumer.resume(&running);
+        }
         if self.paused.is_empty() && !pause.is_empty() {
             METRICS.ingest_pauses.inc();
         }
@@ -239,10 +257,21 @@ impl Consume {
         if !pause.is_empty() || !resume.is_empty() {
             tracing::debug!(
                 paused = self.paused.len(),
-                running = assignment.count() - self.paused.len(),
+                running = assigned.len().saturating_sub(self.paused.len()),
                 "Consumption paused"
             );
         }
+    }
+
+    /// Resumes everything paused. The whole assignment too: a partition revoked while
+    /// paused (no longer in `paused`) and assigned again may still be paused in the client.
+    fn resume_all(&mut self) {
+        if let Ok(assignment) = self.consumer.assignment() {
+            let _ = self.consumer.resume(&assignment);
+        }
+        let all: Vec<_> = self.paused.iter().copied().collect();
+        self.set_paused(&all, false);
+        tracing::debug!("Consumption resumed");
     }
 
     /// Pauses or resumes `partitions`, and keeps [`Consume::paused`] and its gauge true.
