@@ -274,6 +274,26 @@ dead_letter_topic = "{dlq}"
     )
 }
 
+/// [`ingest_config`] for JSON messages, with `batching` (batch keys, and whatever tables
+/// follow) in place of its batch size and age.
+fn json_config_batched(topic: &str, dlq: &str, batching: &str) -> String {
+    ingest_config(topic, dlq, None, batching, "format = \"json\"")
+        .replace("batch_rows = 5000\nbatch_age = \"300ms\"\n", "")
+}
+
+/// A new topic (named from `prefix`) and its dead-letter topic, the first holding `n`
+/// events of a new event name (from `event_prefix`), all stamped now: topic, dead-letter
+/// topic, event name.
+async fn topic_of_events(prefix: &str, event_prefix: &str, n: u64) -> (String, String, String) {
+    let topic = unique(prefix);
+    let dlq = format!("{topic}_dlq");
+    create_topics(&topic, &dlq);
+    let event = unique(event_prefix);
+    let now = unix_now();
+    produce_off(&topic, events(&event, n, |_| now)).await;
+    (topic, dlq, event)
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -503,14 +523,7 @@ async fn killed_three_times_with_a_replica_stopped_still_exactly_once() {
     let now = unix_now();
     let lines = events(&event, n, |i| now - i % 1000);
     produce_off(&topic, lines).await;
-    let config = ingest_config(
-        &topic,
-        &dlq,
-        None,
-        "batch_rows = 2000\nbatch_age = \"200ms\"",
-        "format = \"json\"",
-    )
-    .replace("batch_rows = 5000\nbatch_age = \"300ms\"\n", "");
+    let config = json_config_batched(&topic, &dlq, "batch_rows = 2000\nbatch_age = \"200ms\"");
     let mut ingest = start_ingest(config).await;
     // One replica of shard 2 stops answering for part of the run.
     let mut stopped = None;
@@ -556,14 +569,7 @@ async fn a_whole_shard_down_holds_only_what_must_go_there() {
     let now = unix_now();
     let lines = events(&event, n, |_| now);
     produce_off(&topic, lines).await;
-    let config = ingest_config(
-        &topic,
-        &dlq,
-        None,
-        "batch_rows = 1000\nbatch_age = \"200ms\"",
-        "format = \"json\"",
-    )
-    .replace("batch_rows = 5000\nbatch_age = \"300ms\"\n", "");
+    let config = json_config_batched(&topic, &dlq, "batch_rows = 1000\nbatch_age = \"200ms\"");
     // Both replicas of shard 2 stop answering before the sidecar starts.
     let frozen = Frozen::stop(&[("ch3", NODES[2]), ("ch4", NODES[3])]);
     let ingest = start_ingest(config).await;
@@ -621,13 +627,8 @@ async fn a_whole_shard_down_holds_only_what_must_go_there() {
 /// nothing: freezing the real nodes would also freeze other tests' inserts under them.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_does_not_wait_for_a_shard_that_is_down() {
-    let topic = unique("ing_term");
-    let dlq = format!("{topic}_dlq");
-    create_topics(&topic, &dlq);
-    let event = unique("tm");
     let n = 20_000u64;
-    let now = unix_now();
-    produce_off(&topic, events(&event, n, |_| now)).await;
+    let (topic, dlq, event) = topic_of_events("ing_term", "tm", n).await;
     // Keyed: a segment's rows of shard 2 can go nowhere else.
     let config = ingest_config(
         &topic,
@@ -1083,21 +1084,9 @@ fn a_cut_insert_body_is_refused() {
 /// worker's stop path for a segment cut short: see `src/ingest/DESIGN.md`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopped_right_after_resuming_a_pending_segment_still_exactly_once() {
-    let topic = unique("ing_term");
-    let dlq = format!("{topic}_dlq");
-    create_topics(&topic, &dlq);
-    let event = unique("term");
     let n = 150_000u64;
-    let now = unix_now();
-    produce_off(&topic, events(&event, n, |_| now)).await;
-    let config = ingest_config(
-        &topic,
-        &dlq,
-        None,
-        "batch_rows = 40000\nbatch_age = \"5s\"",
-        "format = \"json\"",
-    )
-    .replace("batch_rows = 5000\nbatch_age = \"300ms\"\n", "");
+    let (topic, dlq, event) = topic_of_events("ing_term", "term", n).await;
+    let config = json_config_batched(&topic, &dlq, "batch_rows = 40000\nbatch_age = \"5s\"");
     let path = tempfile_path("ingest").with_extension("toml");
     std::fs::write(&path, &config).unwrap();
 
@@ -1136,22 +1125,14 @@ async fn stopped_right_after_resuming_a_pending_segment_still_exactly_once() {
 /// Every row lands once, and the ceiling still paused the partitions that had settled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pending_segment_larger_than_the_ceiling_is_still_rebuilt_whole() {
-    let topic = unique("ing_rebuild");
-    let dlq = format!("{topic}_dlq");
-    create_topics(&topic, &dlq);
-    let event = unique("rb");
     let n = 90_000u64;
-    let now = unix_now();
-    produce_off(&topic, events(&event, n, |_| now)).await;
+    let (topic, dlq, event) = topic_of_events("ing_rebuild", "rb", n).await;
     let config = |limits: &str| {
-        ingest_config(
+        json_config_batched(
             &topic,
             &dlq,
-            None,
             &format!("batch_rows = 20000\nbatch_age = \"2s\"\n{limits}"),
-            "format = \"json\"",
         )
-        .replace("batch_rows = 5000\nbatch_age = \"300ms\"\n", "")
     };
     let path = tempfile_path("ingest").with_extension("toml");
     std::fs::write(&path, config("")).unwrap();
