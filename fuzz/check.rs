@@ -24,7 +24,8 @@
 //!
 //! And a reader that keeps state between calls (a compressed block's frames resumed)
 //! answers every call as a new reader would: a relay receiving the stream a few bytes at a
-//! time finds the same packets, and stops at the same error, as one walk over all of it.
+//! time finds the same packets, and stops at the same error, as one walk over all of it,
+//! including the packets whose end it knew early and passed on as a tail.
 //! Hangs are left to the fuzzer's `-timeout`.
 
 use std::fmt::Debug;
@@ -34,6 +35,7 @@ use chgate::clickhouse::native::server::{
     write_exception, ClientKind, ClientPacket, HelloAnswer, Packet, ServerHello, ServerPackets,
     Session,
 };
+use chgate::clickhouse::native::tail::Tail;
 use chgate::clickhouse::native::{walk_block, Framing, WalkError};
 
 /// The revisions byte 0 picks from: 18.16's (what chgate negotiates at most); some at
@@ -135,6 +137,15 @@ trait Stream {
     /// answer's block layout, none of the decompressed frames kept for a packet not yet
     /// whole.
     fn renewed(&self) -> Self;
+    /// After `next` found a packet incomplete: its end, if known all the same, as where
+    /// its rest starts and a [`Tail`] to find that rest's end.
+    fn take_tail(&mut self) -> Option<(usize, Tail)> {
+        None
+    }
+    /// The packet a tail ended, `len` bytes long.
+    fn tail_packet(_tail: &Tail, _len: usize) -> Option<Self::Packet> {
+        None
+    }
 }
 
 /// The server's side: [`ServerPackets::next`].
@@ -155,6 +166,18 @@ impl Stream for Server {
             packets: self.packets.renewed(),
             session: self.session,
         }
+    }
+
+    fn take_tail(&mut self) -> Option<(usize, Tail)> {
+        self.packets.take_tail()
+    }
+
+    fn tail_packet(tail: &Tail, len: usize) -> Option<Packet> {
+        Some(Packet {
+            kind: tail.kind,
+            len,
+            rows: tail.rows,
+        })
     }
 }
 
@@ -263,7 +286,42 @@ fn stream<S: Stream>(what: &str, bytes: &[u8], new: impl Fn() -> S, chunk: usize
                 at += len;
             }
             Err(WalkError::Incomplete) if received < bytes.len() => {
-                received = bytes.len().min(received + chunk);
+                let Some((from, mut tail)) = relay.take_tail() else {
+                    received = bytes.len().min(received + chunk);
+                    continue;
+                };
+                // The rest of the packet passes as it comes: where it ends must be where
+                // the walk over all the bytes found it to end.
+                let mut end = at + from;
+                assert!(end <= received, "{what}: a tail that starts past the bytes");
+                let passed = loop {
+                    match tail.feed(&bytes[end..received]) {
+                        Ok((n, true)) => break Ok(end + n),
+                        Ok((n, false)) => {
+                            end += n;
+                            assert_eq!(end, received, "{what}: a tail left bytes unread");
+                            if received == bytes.len() {
+                                break Err(WalkError::Incomplete);
+                            }
+                            received = bytes.len().min(received + chunk);
+                        }
+                        Err(e) => break Err(e),
+                    }
+                };
+                match passed {
+                    Ok(end) => {
+                        let packet = S::tail_packet(&tail, end - at).expect("a tail's packet");
+                        assert_eq!(
+                            found.get(seen),
+                            Some(&(packet, end - at)),
+                            "{what} {seen} at byte {at}, passed as a tail {chunk} bytes at \
+                             a time, differs from the walk over all the bytes"
+                        );
+                        seen += 1;
+                        at = end;
+                    }
+                    Err(e) => break Err(e),
+                }
             }
             Err(e) => break Err(e),
         }

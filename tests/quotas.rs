@@ -487,8 +487,8 @@ async fn native_execution_time_and_result_bytes_end_the_query_and_keep_the_conne
     let q = Quota::start("max_execution_time = \"1s\"\nmax_result_bytes = 200000").await;
     let native = q.proxy.native.expect("native listener");
     let id = unique("native-exec");
-    // One connection: a query over the time limit, one over the byte limit, then a normal
-    // one, which must still work (the connection moves on to a fresh node connection).
+    // One connection: a query over the time limit, two over the byte limit (in small
+    // blocks, in big ones), then a normal one, which must still work (the connection moves on to a fresh node connection).
     let script = format!(
         r#"
 import sys, time
@@ -505,6 +505,11 @@ try:
     print("bytes: no error", len(rows))
 except Exception as e:
     print("bytes:", getattr(e, "code", None))
+try:
+    rows = c.execute("SELECT number FROM numbers(10000000)", settings={{"max_block_size": 1048576}})
+    print("big: no error", len(rows))
+except Exception as e:
+    print("big:", getattr(e, "code", None))
 print("after:", c.execute("SELECT 42")[0][0])
 "#,
         host = native.ip(),
@@ -532,6 +537,9 @@ print("after:", c.execute("SELECT 42")[0][0])
     let took: f64 = parts.next().unwrap().parse().unwrap();
     assert!(took < 1.8, "answered at the limit: {took}");
     assert!(stdout.contains("bytes: 396"), "{stdout}");
+    // 8 MiB blocks: the first passes through as it comes (its end known from its row
+    // count), and the limit cuts at its end.
+    assert!(stdout.contains("big: 396"), "{stdout}");
     assert!(stdout.contains("after: 42"), "{stdout}");
     wait_until(
         "the query gone from the node",

@@ -15,7 +15,10 @@
 //!   LZ4 frames, in several frames, one of them stored), Totals, Extremes, Log, client
 //!   Data, and at a revision before `BlockInfo`;
 //! - a few blocks and packets made here, of what 18.16 cannot send (later column types,
-//!   custom serialization) or did not in the sessions.
+//!   custom serialization) or did not in the sessions;
+//! - answers whose columns are all fixed-width, plain and in frames, whole and cut short:
+//!   past their header, a relay finds their blocks' ends from the row counts and passes
+//!   the rest on as it comes (`chgate::clickhouse::native::tail`).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -469,6 +472,43 @@ fn made_here(seeds: &mut Seeds) {
     seeds.add("client-others", 0, &client);
 }
 
+/// Answers of three fixed-width columns (one `Nullable`, one `Tuple`): a header, blocks
+/// of a few hundred rows (in several frames, or plain), totals, the end; whole and cut
+/// short inside a block.
+fn fixed_width_answers(seeds: &mut Seeds) {
+    let block = |rows: u64| {
+        let mut b = BLOCK_INFO_BYTES.to_vec();
+        chgate::clickhouse::rowbinary::write_varint(&mut b, 3);
+        chgate::clickhouse::rowbinary::write_varint(&mut b, rows);
+        for (name, ty, width) in [
+            ("x", "UInt64", 8),
+            ("n", "Nullable(Int32)", 5),
+            ("t", "Tuple(UInt8, Float64)", 9),
+        ] {
+            put(&mut b, name);
+            put(&mut b, ty);
+            b.extend((0..rows * width).map(|i| (i % 13) as u8));
+        }
+        b
+    };
+    for compressed in [false, true] {
+        let parts = |n: usize| compressed.then_some(n);
+        let mut answer = packet(1, &block(0), parts(1));
+        answer.extend(packet(1, &block(400), parts(5)));
+        answer.extend(packet(1, &block(250), parts(3)));
+        answer.extend(packet(7, &block(1), parts(1)));
+        answer.push(5);
+        let select = REV_54412 | BLOCK_INFO | if compressed { COMPRESSED } else { 0 };
+        for (name, end) in [
+            ("fixed-answer", answer.len()),
+            ("fixed-answer-cut", answer.len() / 2),
+            ("fixed-answer-cut", answer.len() - 40),
+        ] {
+            seeds.add(name, select, &answer[..end]);
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let [_, fixtures, blocks_dir, out] = &args[..] else {
@@ -490,5 +530,6 @@ fn main() {
     client_sessions(&mut seeds, Path::new(fixtures));
     blocks(&mut seeds, Path::new(blocks_dir));
     made_here(&mut seeds);
+    fixed_width_answers(&mut seeds);
     println!("{} seeds, {} bytes", seeds.written, seeds.bytes);
 }

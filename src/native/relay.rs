@@ -23,6 +23,12 @@
 //! the current packet's are forwarded before the packet is whole: whatever comes after it
 //! (a Query right behind an INSERT block, say) is decided on before it reaches the node,
 //! and no byte goes out twice.
+//!
+//! Memory: a packet being walked is held until its end is found. The node's blocks of an
+//! answer whose columns are all fixed-width are not: once a block's first bytes are here,
+//! its end is known ([`Tail`](crate::clickhouse::native::tail::Tail)), and the rest passes
+//! through as it comes and is let go, whatever the block's size. Between queries, buffers
+//! a big packet grew are given back ([`shrink`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -194,6 +200,18 @@ async fn at_once_or(
         r = write => Written::Done(r),
         _ = deadline => Written::Deadline,
         _ = tokio::time::sleep(timeout) => Written::TimedOut,
+    }
+}
+
+/// Gives back a buffer's room past what a connection between queries needs, if a big
+/// packet (a block of many rows, a long query) grew it: idle connections, a BI tool's
+/// pool of them, must not each keep their biggest packet's room.
+fn shrink(buf: &mut BytesMut) {
+    const KEEP: usize = 1 << 20;
+    if buf.capacity() > KEEP && buf.len() <= READ_CHUNK {
+        let mut small = BytesMut::with_capacity(READ_CHUNK);
+        small.extend_from_slice(buf);
+        *buf = small;
     }
 }
 
@@ -627,7 +645,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         let Some(upstream) = self.upstream.take() else {
             return Ok(());
         };
-        if upstream.forwarded > 0 {
+        if upstream.mid_packet() {
             return Err(Close);
         }
         for _ in 0..std::mem::take(&mut self.pings) {
@@ -815,6 +833,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             if upstream.buf.is_empty() {
                 return Ok(());
             }
+            if upstream.tail.is_some() {
+                if self.pass_tail(0).await? {
+                    continue;
+                }
+                return Ok(());
+            }
             let waiting = upstream.incomplete_at;
             if waiting > 0 && upstream.buf.len() < 2 * waiting && !drained {
                 // As on the client side: only bytes known to be this packet's go on.
@@ -869,6 +893,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                     upstream.forwarded = 0;
                     upstream.incomplete_at = 0;
                     self.observe(p.kind, p.rows, &packet);
+                    drop(packet);
+                    if self.running.is_none() {
+                        // Between queries: what a big packet grew is given back.
+                        if let Some(upstream) = self.upstream.as_mut() {
+                            shrink(&mut upstream.buf);
+                        }
+                        shrink(&mut self.buf);
+                    }
                     // At a packet boundary: where a quota's cut can be told.
                     if self.running.as_ref().is_some_and(|r| r.cut.is_some()) {
                         return self.cut().await;
@@ -889,11 +921,56 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                         }
                         retry.settle();
                     }
+                    // A packet whose end is known: passed on and let go as it comes.
+                    if let Some((from, tail)) = upstream.packets.take_tail() {
+                        upstream.tail = Some(tail);
+                        if self.pass_tail(from).await? {
+                            continue;
+                        }
+                        return Ok(());
+                    }
                     return self.forward_server_bytes(None).await;
                 }
                 Err(e) => return self.server_unreadable(e).await,
             }
         }
+    }
+
+    /// Passes on the bytes at hand of the packet whose [`Tail`](crate::clickhouse::native::tail::Tail)
+    /// is known, from `from` (what
+    /// comes before it is the packet's too), and lets them go: `true` once the packet
+    /// ended, and the bytes after it are the next packet's.
+    async fn pass_tail(&mut self, from: usize) -> Result<bool, Close> {
+        let Some(upstream) = self.upstream.as_mut() else {
+            return Ok(false);
+        };
+        let Some(tail) = upstream.tail.as_mut() else {
+            return Ok(true);
+        };
+        let (n, done) = match tail.feed(&upstream.buf[from..]) {
+            Ok(fed) => fed,
+            Err(e) => return self.server_unreadable(e).await.map(|()| false),
+        };
+        let (kind, rows) = (tail.kind, tail.rows);
+        let end = from + n;
+        self.forward_server_bytes(Some(end)).await?;
+        let Some(upstream) = self.upstream.as_mut() else {
+            return Ok(false);
+        };
+        upstream.buf.advance(end);
+        upstream.forwarded = 0;
+        upstream.incomplete_at = 0;
+        if !done {
+            return Ok(false);
+        }
+        upstream.tail = None;
+        self.observe(kind, rows, &[]);
+        // At a packet boundary: where a quota's cut can be told.
+        if self.running.as_ref().is_some_and(|r| r.cut.is_some()) {
+            self.cut().await?;
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// Sends the node's bytes not sent yet on to the client: up to `end`, or all.
@@ -908,7 +985,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         }
         // The result is what the quota counts: Data, Totals and Extremes packets (types 1, 7
         // and 8; the buffer starts with the current packet's type), not progress or the end.
-        let result_bytes = matches!(upstream.buf.first(), Some(1 | 7 | 8));
+        // A tail is only ever a block's.
+        let result_bytes =
+            upstream.tail.is_some() || matches!(upstream.buf.first(), Some(1 | 7 | 8));
         if let Some(run) = self.running.as_mut().filter(|_| result_bytes) {
             let limit = run.decision.admission.result_limit();
             let over = limit.filter(|&l| run.result_bytes + (end - start) as u64 > l);
@@ -919,7 +998,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                     bytes: run.result_bytes + (end - start) as u64,
                 };
                 run.cut = Some((e, "result_bytes"));
-                if start == 0 {
+                if start == 0 && upstream.tail.is_none() {
                     // Nothing of this packet went out: the cut is told instead of it.
                     return self.cut().await;
                 }
@@ -1037,7 +1116,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             limit,
         };
         run.cut = Some((e, "execution_time"));
-        if self.upstream.as_ref().is_some_and(|u| u.forwarded > 0) {
+        if self.upstream.as_ref().is_some_and(Upstream::mid_packet) {
             return Ok(());
         }
         self.cut().await
@@ -1088,7 +1167,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         if let Some(mut run) = self.running.take() {
             run.finish(Status::Error, Some(refusal.code()));
         }
-        if upstream.forwarded > 0 {
+        if upstream.mid_packet() {
             return Err(Close);
         }
         self.discarding = true;
@@ -1108,7 +1187,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             self.upstream = Some(upstream);
             return self.let_go_idle_upstream().await;
         };
-        if upstream.forwarded == 0 && run.retry.as_ref().is_some_and(Retry::movable) {
+        if !upstream.mid_packet() && run.retry.as_ref().is_some_and(Retry::movable) {
             self.running = Some(run);
             return self.move_query(upstream, Moving::Lost(error)).await;
         }
@@ -1119,7 +1198,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             why: "may have run already",
         });
         run.finish(Status::Error, Some(refusal.code()));
-        if upstream.forwarded > 0 {
+        if upstream.mid_packet() {
             // The client has part of a packet: nothing can follow it.
             return Err(Close);
         }
@@ -1363,5 +1442,27 @@ fn unreadable(what: &str, e: &WalkError) -> Refusal {
     Refusal::Protocol {
         code,
         message: format!("chgate cannot relay this {what}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_a_big_packet_grew_is_given_back_with_its_bytes() {
+        let mut buf = BytesMut::with_capacity(32 << 20);
+        buf.extend_from_slice(b"the next query's start");
+        shrink(&mut buf);
+        assert_eq!(&buf[..], b"the next query's start");
+        assert!(buf.capacity() < 1 << 20, "{}", buf.capacity());
+        // The usual room is kept; so is a big buffer still holding much.
+        let mut usual = BytesMut::with_capacity(READ_CHUNK);
+        shrink(&mut usual);
+        assert_eq!(usual.capacity(), READ_CHUNK);
+        let mut full = BytesMut::with_capacity(32 << 20);
+        full.resize(READ_CHUNK + 1, 7);
+        shrink(&mut full);
+        assert!(full.capacity() >= 32 << 20);
     }
 }

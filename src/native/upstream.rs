@@ -12,6 +12,7 @@ use super::query::Refusal;
 use crate::clickhouse::codes;
 use crate::clickhouse::native::client::{self, ClientInfo, Hello, Query, Setting};
 use crate::clickhouse::native::server::{HelloAnswer, Kind, ServerHello, ServerPackets, Session};
+use crate::clickhouse::native::tail::Tail;
 use crate::clickhouse::native::WalkError;
 use crate::gateway::route::connection_node;
 use crate::gateway::{GatewayError, User};
@@ -40,8 +41,19 @@ pub struct Upstream {
     /// `buf`'s length when its first packet was last found incomplete (0: not waiting).
     pub incomplete_at: usize,
     pub packets: ServerPackets,
+    /// The rest of a packet whose end was known before it was all here, passed on as it
+    /// comes (its bytes before `buf` went to the client and were let go).
+    pub tail: Option<Tail>,
     pub backend: Arc<Backend>,
     pub hello: ServerHello,
+}
+
+impl Upstream {
+    /// Part of a packet went to the client and not the rest: nothing else can be told it
+    /// before that packet's end.
+    pub fn mid_packet(&self) -> bool {
+        self.forwarded > 0 || self.tail.is_some()
+    }
 }
 
 /// What a connection to a node is opened for.
@@ -136,6 +148,7 @@ async fn open(backend: &Arc<Backend>, target: &Target<'_>) -> Result<Upstream, O
             forwarded: 0,
             incomplete_at: 0,
             packets: ServerPackets::default(),
+            tail: None,
             backend: backend.clone(),
             hello,
         }),

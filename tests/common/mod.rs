@@ -288,6 +288,8 @@ pub struct ProxyProcess {
     pub child: Child,
     pub http: SocketAddr,
     pub admin: SocketAddr,
+    /// The native listener, if the config has one (logged before the admin one).
+    pub native: Option<SocketAddr>,
     pub config_path: PathBuf,
     /// The config file was written for this process (and goes with it).
     owns_config: bool,
@@ -322,7 +324,7 @@ impl ProxyProcess {
                 }
             }
         });
-        let (mut http, mut admin) = (None, None);
+        let (mut http, mut admin, mut native) = (None, None, None);
         let deadline = Instant::now() + Duration::from_secs(20);
         while http.is_none() || admin.is_none() {
             let line = rx
@@ -336,6 +338,7 @@ impl ProxyProcess {
                 match v["kind"].as_str() {
                     Some("http") => http = Some(addr),
                     Some("admin") => admin = Some(addr),
+                    Some("native") => native = Some(addr),
                     _ => {}
                 }
             }
@@ -344,6 +347,7 @@ impl ProxyProcess {
             child,
             http: http.unwrap(),
             admin: admin.unwrap(),
+            native,
             config_path,
             owns_config: false,
         }

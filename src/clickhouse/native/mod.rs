@@ -9,6 +9,8 @@
 //! - [`block`]: a block's end, over its column types;
 //! - [`server`]: a server packet's end at a negotiated revision, compressed blocks
 //!   included;
+//! - [`tail`]: the rest of a packet whose end is known before it is all at hand, passed
+//!   on as it comes;
 //! - [`lz4`]: the start of an LZ4 frame, decompressed without the rest;
 //! - [`settings`]: the binary form of each query setting, which a Query below revision 54429
 //!   can only be stepped over with.
@@ -19,6 +21,7 @@ pub mod lz4;
 pub mod reader;
 pub mod server;
 pub mod settings;
+pub mod tail;
 
 pub use block::{walk_block, Block, Framing};
 pub use reader::{Reader, WalkError};

@@ -10,6 +10,7 @@ use super::block::{block_prefix, walk_block, walk_block_sparse, Block, Framing, 
 use super::client::put_str;
 use super::lz4;
 use super::reader::{Present, Reader, Result, WalkError};
+use super::tail::{FrameHeader, Tail, FRAME_CHECKSUM, LZ4, MAX_FRAME};
 use crate::clickhouse::rowbinary::write_varint;
 
 /// The highest revision whose server packets this module reads.
@@ -113,15 +114,18 @@ pub struct ServerPackets {
     /// follows from its row count, its first bytes (see [`ServerPackets::by_shape`]).
     /// Until the query's end.
     shape: Option<Shape>,
+    /// Left by the last call that found a packet incomplete, if the packet's end is known
+    /// all the same: where in its bytes the rest of it starts, and that rest.
+    tail: Option<(usize, Tail)>,
 }
 
 /// What a compressed server block's shape says of where it ends.
 enum ByShape {
     /// At the end of this frame.
     End { frame: usize, rows: u64 },
-    /// Past the frames at hand.
-    Later,
-    /// Nothing (no shape, or the frames do not match it): the block is walked.
+    /// Past the frames at hand: the block is `len` bytes.
+    Later { len: u64, rows: u64 },
+    /// Nothing known (no shape, other columns, a first frame not read): the block is walked.
     Unknown,
 }
 
@@ -146,19 +150,14 @@ struct Resume {
     checksum: [u8; 16],
 }
 
-/// A compressed frame: checksum, method, sizes, then the compressed bytes.
-const FRAME_CHECKSUM: u64 = 16;
-const FRAME_HEADER: u64 = 9;
-const LZ4: u8 = 0x82;
-const ZSTD: u8 = 0x90;
-const NONE: u8 = 0x02;
-/// ClickHouse refuses a compressed frame over 1 GiB; so does this reader, decompressed too.
-const MAX_FRAME: u64 = 1 << 30;
 /// How many times a block's walk may stop at a frame not decompressed (each time it walks
 /// again from the block's start) before every frame is decompressed at once: a block whose
 /// columns send the walk into a new frame each is walked a bounded number of times, not
 /// once per column.
 const LAZY_STOPS: usize = 32;
+/// The scratch buffer a connection keeps between queries: a block of the server's usual
+/// size (`max_compress_block_size`, 1 MiB) decompresses into it.
+const IDLE_SCRATCH: usize = 2 << 20;
 
 impl ServerPackets {
     /// A new reader that knows what this one carries from packet to packet and that
@@ -174,6 +173,7 @@ impl ServerPackets {
     /// The packet at the start of `buf`, or [`WalkError::Incomplete`] until all of it is
     /// there.
     pub fn next(&mut self, buf: &[u8], session: &Session) -> Result<Packet> {
+        self.tail = None;
         let packet = self.server_packet(buf, session);
         if !matches!(packet, Err(WalkError::Incomplete)) {
             self.resume = None;
@@ -185,8 +185,22 @@ impl ServerPackets {
         {
             self.whole = false;
             self.shape = None;
+            // Between queries a connection keeps what the usual blocks need, not what
+            // its biggest took.
+            self.release_scratch_over(IDLE_SCRATCH);
         }
         packet
+    }
+
+    /// After [`ServerPackets::next`] found a packet incomplete: whether its end is known all
+    /// the same (a block of the answer whose columns are all fixed-width, past its first
+    /// bytes), as where in the bytes it was given the rest of the packet starts and a
+    /// [`Tail`] to find that rest's end in the bytes to come. The bytes before that point
+    /// are the packet's; this reader needs none of them again: the packet is done with
+    /// here, the next call of `next` reads the packet after it.
+    pub fn take_tail(&mut self) -> Option<(usize, Tail)> {
+        self.resume = None;
+        self.tail.take()
     }
 
     /// The client packet at the start of `buf`, other than a Hello or a Query (read whole
@@ -205,6 +219,7 @@ impl ServerPackets {
                 if empty {
                     // The end of the query's data.
                     self.whole = false;
+                    self.release_scratch_over(IDLE_SCRATCH);
                 }
                 ClientKind::Data { empty }
             }
@@ -233,22 +248,16 @@ impl ServerPackets {
         let mut r = Reader::new(buf);
         let (kind, rows) = match r.varuint()? {
             0 => (Kind::Hello, hello(&mut r, session.revision)?),
-            1 => (
-                Kind::Data,
-                self.data(&mut r, session, session.compression, true)?.1,
-            ),
+            1 => (Kind::Data, self.answer(&mut r, session, Kind::Data)?),
             2 => (Kind::Exception, exception(&mut r)?),
             3 => (Kind::Progress, progress(&mut r)?),
             4 => (Kind::Pong, 0),
             5 => (Kind::EndOfStream, 0),
             6 => (Kind::ProfileInfo, profile_info(&mut r)?),
-            7 => (
-                Kind::Totals,
-                self.data(&mut r, session, session.compression, true)?.1,
-            ),
+            7 => (Kind::Totals, self.answer(&mut r, session, Kind::Totals)?),
             8 => (
                 Kind::Extremes,
-                self.data(&mut r, session, session.compression, true)?.1,
+                self.answer(&mut r, session, Kind::Extremes)?,
             ),
             // Log blocks are never compressed at these revisions.
             10 => (Kind::Log, self.data(&mut r, session, false, false)?.1),
@@ -270,6 +279,15 @@ impl ServerPackets {
         })
     }
 
+    /// A block of the answer (a `kind` packet's, past its type): its rows.
+    fn answer(&mut self, r: &mut Reader<'_>, session: &Session, kind: Kind) -> Result<u64> {
+        let block = self.data(r, session, session.compression, true);
+        if let Some((_, tail)) = self.tail.as_mut() {
+            tail.kind = kind;
+        }
+        Ok(block?.1)
+    }
+
     /// A table name, then a block, plain or in compressed frames; its columns and rows.
     /// `answer`: a block of the server's answer (Data, Totals, Extremes), whose layout the
     /// answer's other blocks share.
@@ -287,11 +305,7 @@ impl ServerPackets {
             empty_low_cardinality_granule: session.empty_low_cardinality_granule,
         };
         if !compressed {
-            let start = r.position();
-            let rest = r.bytes_after()?;
-            let block = walk_block(rest, framing)?;
-            r.seek(start + block.len)?;
-            return Ok((block.columns, block.rows));
+            return self.plain(r, framing, answer);
         }
         // The block ends at the end of one of its frames: read the frames at hand (their
         // headers: nothing is decompressed yet) and walk to exactly one of those ends,
@@ -324,20 +338,26 @@ impl ServerPackets {
             if read.is_ok() {
                 continue;
             }
-            match self.by_shape(r, framing, answer) {
+            match self.by_shape(r, framing, answer)? {
                 ByShape::End { frame, rows } => {
                     r.seek(self.frames[frame].body.1)?;
                     return Ok((self.shape.map_or(0, |s| s.columns), rows));
                 }
-                ByShape::Later if read == Err(WalkError::Incomplete) => {
-                    self.resume = Some(Resume {
-                        blocks_at,
-                        frames_end: frame_start,
-                        checksum,
-                    });
-                    return Err(WalkError::Incomplete);
+                ByShape::Later { len, rows } => {
+                    if read == Err(WalkError::Incomplete) {
+                        self.resume = Some(Resume {
+                            blocks_at,
+                            frames_end: frame_start,
+                            checksum,
+                        });
+                        // The frames from here on hold the rest of the block.
+                        let raw = len - self.filled as u64;
+                        self.tail = Some((frame_start, Tail::frames(Kind::Data, rows, raw)));
+                    }
+                    // (A frame that cannot be read: the walk would stop there too.)
+                    return read.and(Err(WalkError::Incomplete));
                 }
-                ByShape::Later | ByShape::Unknown => {}
+                ByShape::Unknown => {}
             }
             if self.walked < self.filled {
                 self.walked = self.filled;
@@ -383,19 +403,22 @@ impl ServerPackets {
     /// answer's blocks walked before it: only the start of its first frame is
     /// decompressed, for its row count, and its length must be exactly the end of one of
     /// its frames (the frames' headers say how many bytes each holds). A block of another
-    /// column count, or one whose length falls inside a frame, is walked instead.
+    /// column count is walked instead; one of as many columns whose length falls inside a
+    /// frame is refused ([`misfit`]), not walked: a relay may already have passed its
+    /// first frames on as a [`Tail`], and the answer must not depend on how the bytes
+    /// were cut into reads.
     ///
     /// Only the server's blocks: ClickHouse writes every block of an answer with the
     /// columns of its first. A client's INSERT blocks are always walked: a client could
     /// send a block whose columns differ from the last one's and whose length, as the
     /// server reads it, ends at another frame than this arithmetic says, and hide a packet
     /// from chgate there.
-    fn by_shape(&self, packet: &Reader<'_>, framing: Framing, answer: bool) -> ByShape {
+    fn by_shape(&self, packet: &Reader<'_>, framing: Framing, answer: bool) -> Result<ByShape> {
         let (Some(shape), Some(first), true) = (self.shape, self.frames.first(), answer) else {
-            return ByShape::Unknown;
+            return Ok(ByShape::Unknown);
         };
         let Ok(body) = packet.slice(first.body.0, first.body.1) else {
-            return ByShape::Unknown;
+            return Ok(ByShape::Unknown);
         };
         // BlockInfo (8 bytes at these revisions) and two VarUInts of at most 9.
         let mut start = [0u8; 32];
@@ -408,26 +431,61 @@ impl ServerPackets {
             }
         };
         let Some(n) = n else {
-            return ByShape::Unknown;
+            return Ok(ByShape::Unknown);
         };
         let Ok((columns, rows, prefix)) = block_prefix(&start[..n], framing) else {
-            return ByShape::Unknown;
+            return Ok(ByShape::Unknown);
         };
-        let Some(len) = shape.len(prefix, rows).filter(|_| columns == shape.columns) else {
-            return ByShape::Unknown;
-        };
-        match self.frames.iter().position(|f| f.raw.1 as u64 == len) {
-            Some(frame) => ByShape::End { frame, rows },
-            None if (self.filled as u64) < len => ByShape::Later,
-            None => ByShape::Unknown,
+        if columns != shape.columns {
+            return Ok(ByShape::Unknown);
         }
+        let len = shape_len(shape, prefix, rows)?;
+        Ok(
+            match self.frames.iter().position(|f| f.raw.1 as u64 == len) {
+                Some(frame) => ByShape::End { frame, rows },
+                None if (self.filled as u64) < len => ByShape::Later { len, rows },
+                None => return Err(misfit()),
+            },
+        )
+    }
+
+    /// A plain block: walked, or (one of the answer's, whose layout is known) found from
+    /// its row count, whether all of it is here (its length) or not (a tail).
+    fn plain(&mut self, r: &mut Reader<'_>, framing: Framing, answer: bool) -> Result<(u64, u64)> {
+        let start = r.position();
+        let rest = r.bytes_after()?;
+        let fits = self
+            .shape
+            .filter(|_| answer)
+            .and_then(|shape| Some((shape, block_prefix(rest, framing).ok()?)))
+            .filter(|(shape, (columns, _, _))| *columns == shape.columns);
+        if let Some((shape, (columns, rows, prefix))) = fits {
+            let len = shape_len(shape, prefix, rows)?;
+            if len > rest.len() as u64 {
+                self.tail = Some((start, Tail::plain(Kind::Data, rows, len)));
+                return Err(WalkError::Incomplete);
+            }
+            // At most the bytes at hand.
+            r.seek(start + len as usize)?;
+            return Ok((columns, rows));
+        }
+        let block = walk_block(rest, framing)?;
+        if answer {
+            self.shape = block.shape;
+        }
+        r.seek(start + block.len)?;
+        Ok((block.columns, block.rows))
     }
 
     /// Gives back a scratch buffer a big block grew (a block can decompress to 1 GiB):
     /// blocks of the usual size (a megabyte or so) keep theirs.
     fn release_big_scratch(&mut self) {
-        const KEEP: usize = 16 << 20;
-        if self.scratch.len() > KEEP {
+        self.release_scratch_over(16 << 20);
+    }
+
+    /// Gives back the scratch buffer if it is over `keep` bytes.
+    fn release_scratch_over(&mut self, keep: usize) {
+        if self.scratch.len() > keep {
             self.scratch = Vec::new();
             self.used = 0;
             self.filled = 0;
@@ -513,45 +571,18 @@ impl ServerPackets {
     /// Reads one compressed frame's header and steps over its body: its bytes' place in
     /// the block follows the frames before it.
     fn frame(&mut self, r: &mut Reader<'_>) -> Result<()> {
-        r.skip(FRAME_CHECKSUM)?;
+        r.skip(FRAME_CHECKSUM as u64)?;
         let method = r.u8()?;
-        let compressed = u64::from(r.u32_le()?);
-        let raw = u64::from(r.u32_le()?);
-        if !(FRAME_HEADER..=MAX_FRAME).contains(&compressed) || raw > MAX_FRAME {
-            return Err(WalkError::Malformed(
-                "a compressed frame of an impossible size",
-            ));
-        }
-        if self.filled as u64 + raw > MAX_FRAME {
+        let compressed = r.u32_le()?;
+        let raw = r.u32_le()?;
+        let header = FrameHeader::read(method, compressed, raw)?;
+        if self.filled as u64 + header.raw > MAX_FRAME {
             return Err(WalkError::Malformed("a compressed block over 1 GiB"));
         }
-        let body_len = compressed - FRAME_HEADER;
-        // A frame cannot hold more than this: LZ4 gets at most 255 bytes out of one (a
-        // long match's length bytes), an uncompressed frame exactly its own.
-        let holds = match method {
-            LZ4 => body_len.saturating_mul(255).saturating_add(16),
-            NONE => body_len,
-            ZSTD => return Err(WalkError::Unsupported("ZSTD-compressed blocks")),
-            _ => {
-                return Err(WalkError::Unsupported(
-                    "a compression method chgate does not know",
-                ))
-            }
-        };
-        if method == NONE && raw != body_len {
-            return Err(WalkError::Malformed(
-                "an uncompressed frame of the wrong size",
-            ));
-        }
-        if raw > holds {
-            return Err(WalkError::Malformed(
-                "a compressed frame that claims more than it holds",
-            ));
-        }
         let start = r.position();
-        r.skip(body_len)?;
+        r.skip(header.body_len)?;
         // Checked above: at most 1 GiB.
-        let end = self.filled + raw as usize;
+        let end = self.filled + header.raw as usize;
         self.frames.push(Frame {
             body: (start, r.position()),
             method,
@@ -588,6 +619,21 @@ impl ServerPackets {
         self.used = end;
         Ok(())
     }
+}
+
+/// The length of a block of `shape` and `rows` rows whose start takes `prefix` bytes; a
+/// block over 1 GiB is refused, as a walk refuses one.
+fn shape_len(shape: Shape, prefix: usize, rows: u64) -> Result<u64> {
+    shape
+        .len(prefix, rows)
+        .filter(|&len| len <= MAX_FRAME)
+        .ok_or(WalkError::Malformed("a block over 1 GiB"))
+}
+
+/// A block of the answer's columns whose length (from its row count) is not where its
+/// frames end: not a block of this answer's layout, which every block of it has.
+pub(crate) fn misfit() -> WalkError {
+    WalkError::Malformed("a block of the answer's columns that ends inside a compressed frame")
 }
 
 /// The server's Hello: name, version, revision, then what the client's revision lets it
@@ -930,6 +976,17 @@ mod tests {
     /// `x UInt64, n Nullable(Int32), t Tuple(UInt8, Float64)`, in LZ4 frames of `frame`
     /// bytes of the block; and how many frames it has.
     fn fixed_columns(packet_type: u8, rows: u64, frame: usize) -> (Vec<u8>, usize) {
+        let block = fixed_block(rows);
+        let mut packet = vec![packet_type, 0];
+        let frames = block.chunks(frame).count();
+        for part in block.chunks(frame) {
+            packet.extend_from_slice(&crate::clickhouse::compress::lz4_block(part).unwrap());
+        }
+        (packet, frames)
+    }
+
+    /// A block of three fixed-width columns (one Nullable, one Tuple).
+    fn fixed_block(rows: u64) -> Vec<u8> {
         let mut block = vec![1, 0, 2, 0xff, 0xff, 0xff, 0xff, 0]; // BlockInfo
         write_varint(&mut block, 3);
         write_varint(&mut block, rows);
@@ -942,12 +999,159 @@ mod tests {
             put_str(&mut block, ty.as_bytes());
             block.extend((0..rows * width).map(|i| (i % 11) as u8));
         }
-        let mut packet = vec![packet_type, 0];
-        let frames = block.chunks(frame).count();
-        for part in block.chunks(frame) {
+        block
+    }
+
+    /// Where the tail `reader` left (after it found `bytes[..cut]` incomplete) says the
+    /// packet ends, fed the bytes from where it starts in pieces of `piece` bytes; `None`
+    /// if it left none.
+    fn tail_end(
+        reader: &mut ServerPackets,
+        bytes: &[u8],
+        cut: usize,
+        piece: usize,
+    ) -> Option<(usize, Tail)> {
+        let (from, mut tail) = reader.take_tail()?;
+        assert!(from <= cut);
+        let mut at = from;
+        loop {
+            let end = (at + piece).min(bytes.len());
+            let (n, done) = tail.feed(&bytes[at..end]).unwrap();
+            at += n;
+            if done {
+                return Some((at, tail));
+            }
+            assert!(at < bytes.len(), "the tail never ended");
+        }
+    }
+
+    /// Once the shape of an answer's blocks is known, a block that is not all here yet
+    /// leaves a tail as soon as its first bytes are (a compressed block: its first frame):
+    /// the rest of the packet is found from the frames' headers alone, or its length, and
+    /// ends where the packet does. Without a shape, or past the answer's end, no tail.
+    #[test]
+    fn an_answers_fixed_width_blocks_leave_a_tail_once_their_first_bytes_are_here() {
+        let session = Session {
+            revision: 54412,
+            compression: true,
+            empty_low_cardinality_granule: false,
+        };
+        let (header, _) = fixed_columns(1, 0, 1 << 20);
+        for kind in [1u8, 7, 8] {
+            let (data, frames) = fixed_columns(kind, 5000, 3000);
+            assert!(frames > 20);
+            let first_frame_end = frames_of(&data)[0].0.end;
+            let mut followed = spoil_after_first_frame(&data);
+            followed.push(5);
+            let mut reader = ServerPackets::default();
+            assert_eq!(reader.next(&header, &session).unwrap().rows, 0);
+            for cut in (3..data.len()).step_by(157) {
+                assert_eq!(
+                    reader.next(&followed[..cut], &session),
+                    Err(WalkError::Incomplete)
+                );
+                let tail = tail_end(&mut reader, &followed, cut, 1 + cut % 4000);
+                if cut < first_frame_end {
+                    assert!(tail.is_none(), "{cut}");
+                    continue;
+                }
+                let (end, tail) = tail.unwrap();
+                assert_eq!(end, data.len(), "{cut}");
+                assert_eq!((tail.rows, tail.kind as u8), (5000, kind_of(kind) as u8));
+            }
+            // Whole, it is a packet, and no tail is left.
+            assert_eq!(reader.next(&followed, &session).unwrap().len, data.len());
+            assert!(reader.take_tail().is_none());
+            // The answer's end forgets the shape: no tail after it.
+            assert_eq!(reader.next(&[5], &session).unwrap().kind, Kind::EndOfStream);
+            let cut = first_frame_end + 10;
+            assert_eq!(
+                reader.next(&data[..cut], &session),
+                Err(WalkError::Incomplete)
+            );
+            assert!(reader.take_tail().is_none());
+        }
+        // Plain blocks: the tail is the block's length, once its row count is here.
+        let plain = Session {
+            compression: false,
+            ..session
+        };
+        let mut header = vec![1, 0];
+        header.extend(fixed_block(0));
+        let mut data = vec![1, 0];
+        data.extend(fixed_block(3000));
+        let mut reader = ServerPackets::default();
+        assert!(reader.next(&data[..100], &plain).is_err());
+        assert!(reader.take_tail().is_none(), "no shape yet");
+        assert_eq!(reader.next(&header, &plain).unwrap().len, header.len());
+        for cut in [2, 5, 12, 13, 100, data.len() - 1] {
+            assert_eq!(
+                reader.next(&data[..cut], &plain),
+                Err(WalkError::Incomplete)
+            );
+            let tail = tail_end(&mut reader, &data, cut, 999);
+            // Type, table name, BlockInfo, the column count, then two bytes of rows.
+            if cut < 13 {
+                assert!(tail.is_none(), "{cut}: the row count is not here");
+                continue;
+            }
+            assert_eq!(tail.map(|(end, t)| (end, t.rows)), Some((data.len(), 3000)));
+        }
+        // A client's blocks leave no tail.
+        let mut client = ServerPackets::default();
+        let (client_header, _) = fixed_columns(2, 0, 1 << 20);
+        let (client_data, _) = fixed_columns(2, 5000, 3000);
+        client.next_client(&client_header, &session).unwrap();
+        assert_eq!(
+            client.next_client(&client_data[..client_data.len() - 1], &session),
+            Err(WalkError::Incomplete)
+        );
+        assert!(client.take_tail().is_none());
+    }
+
+    /// A block of strings must be decompressed whole to be walked; what it grew is given
+    /// back at the answer's end, down to what a usual block needs.
+    #[test]
+    fn the_scratch_a_big_block_grew_is_given_back_at_the_answers_end() {
+        let session = Session {
+            revision: 54412,
+            compression: true,
+            empty_low_cardinality_granule: false,
+        };
+        let mut block = vec![1, 0, 2, 0xff, 0xff, 0xff, 0xff, 0, 1];
+        write_varint(&mut block, 300_000);
+        put_str(&mut block, b"s");
+        put_str(&mut block, b"String");
+        for i in 0..300_000u32 {
+            put_str(&mut block, format!("value {i:05}").as_bytes());
+        }
+        let mut packet = vec![1, 0];
+        for part in block.chunks(1 << 20) {
             packet.extend_from_slice(&crate::clickhouse::compress::lz4_block(part).unwrap());
         }
-        (packet, frames)
+        let mut reader = ServerPackets::default();
+        assert_eq!(reader.next(&packet, &session).unwrap().len, packet.len());
+        assert!(
+            reader.scratch.len() > IDLE_SCRATCH,
+            "{}",
+            reader.scratch.len()
+        );
+        assert_eq!(reader.next(&[5], &session).unwrap().kind, Kind::EndOfStream);
+        assert!(
+            reader.scratch.len() <= IDLE_SCRATCH,
+            "{}",
+            reader.scratch.len()
+        );
+        // And the reader reads on.
+        assert_eq!(reader.next(&packet, &session).unwrap().rows, 300_000);
+    }
+
+    fn kind_of(packet_type: u8) -> Kind {
+        match packet_type {
+            1 => Kind::Data,
+            7 => Kind::Totals,
+            _ => Kind::Extremes,
+        }
     }
 
     /// Every frame but the first filled with 0xff: undecompressable.
@@ -961,8 +1165,9 @@ mod tests {
 
     /// Once an answer's header block has shown its columns to be all fixed-width, its
     /// next blocks end where their row count says: only the start of the first frame is
-    /// decompressed. A block that does not fit the shape is walked; the answer's end
-    /// forgets the shape; a client's blocks are always walked.
+    /// decompressed. A block of other columns is walked; one of as many columns whose
+    /// length misses its frames' ends is refused; the answer's end forgets the shape; a
+    /// client's blocks are always walked.
     #[test]
     fn an_answers_blocks_end_where_their_columns_and_rows_say() {
         let session = Session {
@@ -1007,8 +1212,10 @@ mod tests {
             reader.next(&one_column, &session).unwrap().len,
             one_column.len()
         );
-        // As many columns, other types: the length the shape gives falls inside a frame,
-        // so the block is walked.
+        // As many columns, other types (no server sends that within one answer): the
+        // length the shape gives falls inside a frame, and the block is refused, whether
+        // its frames are all here or not (a relay that passed the first ones on cannot
+        // walk it instead).
         let mut strings = vec![
             1, 0, 2, 0xff, 0xff, 0xff, 0xff, 0, 1, 0xe8, 0x07, 1, b'x', 6,
         ];
@@ -1020,6 +1227,15 @@ mod tests {
         for part in strings.chunks(1000) {
             packet.extend_from_slice(&crate::clickhouse::compress::lz4_block(part).unwrap());
         }
+        assert_eq!(reader.next(&packet, &session), Err(misfit()));
+        assert_eq!(
+            reader.next(&packet[..3000], &session),
+            Err(WalkError::Incomplete)
+        );
+        let (from, mut tail) = reader.take_tail().unwrap();
+        assert_eq!(tail.feed(&packet[from..]), Err(misfit()));
+        // Another answer: walked.
+        assert_eq!(reader.next(&[5], &session).unwrap().kind, Kind::EndOfStream);
         let p = reader.next(&packet, &session).unwrap();
         assert_eq!((p.len, p.rows), (packet.len(), 1000));
         // The answer's end forgets the shape.
