@@ -49,6 +49,7 @@ use crate::clickhouse::native::client::{self, Hello, Query};
 use crate::clickhouse::native::server::{
     ClientKind, Kind, ServerHello, ServerPackets, Session, PONG,
 };
+use crate::clickhouse::native::tail::Tail;
 use crate::clickhouse::native::WalkError;
 use crate::config::HedgeMode;
 use crate::gateway::route;
@@ -834,7 +835,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 return Ok(());
             }
             if upstream.tail.is_some() {
-                if self.pass_tail(0).await? {
+                if self.pass_tail(0, None).await? {
                     continue;
                 }
                 return Ok(());
@@ -923,8 +924,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                     }
                     // A packet whose end is known: passed on and let go as it comes.
                     if let Some((from, tail)) = upstream.packets.take_tail() {
-                        upstream.tail = Some(tail);
-                        if self.pass_tail(from).await? {
+                        if self.pass_tail(from, Some(tail)).await? {
                             continue;
                         }
                         return Ok(());
@@ -936,16 +936,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         }
     }
 
-    /// Passes on the bytes at hand of the packet whose [`Tail`](crate::clickhouse::native::tail::Tail)
-    /// is known, from `from` (what
-    /// comes before it is the packet's too), and lets them go: `true` once the packet
-    /// ended, and the bytes after it are the next packet's.
-    async fn pass_tail(&mut self, from: usize) -> Result<bool, Close> {
+    /// Passes on the bytes at hand of the packet whose end is known (its
+    /// [`Tail`](crate::clickhouse::native::tail::Tail)), from `from` (what comes before is
+    /// the packet's too), and lets them go: `true` once the packet ended, and the bytes
+    /// after it are the next packet's. `fresh`: the tail just found, the packet's start
+    /// still in the buffer; else the one under way.
+    ///
+    /// A fresh tail becomes the connection's only once some of its packet went out: until
+    /// then the packet has not begun for the client, so a quota's cut is told instead of it
+    /// and bytes that cannot be read end the query with an Exception, as for a packet held
+    /// whole.
+    async fn pass_tail(&mut self, from: usize, fresh: Option<Tail>) -> Result<bool, Close> {
         let Some(upstream) = self.upstream.as_mut() else {
             return Ok(false);
         };
-        let Some(tail) = upstream.tail.as_mut() else {
-            return Ok(true);
+        let mut fresh = fresh;
+        let tail = match (&mut fresh, &mut upstream.tail) {
+            (Some(tail), _) | (None, Some(tail)) => tail,
+            (None, None) => return Ok(true),
         };
         let (n, done) = match tail.feed(&upstream.buf[from..]) {
             Ok(fed) => fed,
@@ -955,12 +963,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         let end = from + n;
         self.forward_server_bytes(Some(end)).await?;
         let Some(upstream) = self.upstream.as_mut() else {
+            // Cut, told instead of the packet.
             return Ok(false);
         };
         upstream.buf.advance(end);
         upstream.forwarded = 0;
         upstream.incomplete_at = 0;
         if !done {
+            if fresh.is_some() {
+                upstream.tail = fresh;
+            }
             return Ok(false);
         }
         upstream.tail = None;
@@ -999,6 +1011,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 };
                 run.cut = Some((e, "result_bytes"));
                 if start == 0 && upstream.tail.is_none() {
+                    // (A tail under way has gone out in part; a fresh one is not set yet.)
                     // Nothing of this packet went out: the cut is told instead of it.
                     return self.cut().await;
                 }

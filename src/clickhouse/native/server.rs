@@ -199,8 +199,12 @@ impl ServerPackets {
     /// are the packet's; this reader needs none of them again: the packet is done with
     /// here, the next call of `next` reads the packet after it.
     pub fn take_tail(&mut self) -> Option<(usize, Tail)> {
-        self.resume = None;
-        self.tail.take()
+        let tail = self.tail.take();
+        if tail.is_some() {
+            // The packet goes on without this reader; a block walked is resumed instead.
+            self.resume = None;
+        }
+        tail
     }
 
     /// The client packet at the start of `buf`, other than a Hello or a Query (read whole
@@ -351,8 +355,8 @@ impl ServerPackets {
                             checksum,
                         });
                         // The frames from here on hold the rest of the block.
-                        let raw = len - self.filled as u64;
-                        self.tail = Some((frame_start, Tail::frames(Kind::Data, rows, raw)));
+                        let tail = Tail::frames(Kind::Data, rows, self.filled as u64, len);
+                        self.tail = Some((frame_start, tail));
                     }
                     // (A frame that cannot be read: the walk would stop there too.)
                     return read.and(Err(WalkError::Incomplete));
@@ -1144,6 +1148,60 @@ mod tests {
         );
         // And the reader reads on.
         assert_eq!(reader.next(&packet, &session).unwrap().rows, 300_000);
+    }
+
+    /// A tail stops where the walk of the whole packet stops, with the same error: here a
+    /// frame that claims more than a block may hold (1 GiB).
+    #[test]
+    fn a_tail_stops_with_the_error_the_whole_packet_gets() {
+        let session = Session {
+            revision: 54412,
+            compression: true,
+            empty_low_cardinality_granule: false,
+        };
+        let (header, _) = fixed_columns(1, 0, 1 << 20);
+        let (data, _) = fixed_columns(1, 5000, 3000);
+        let frames = frames_of(&data);
+        let mut packet = data[..frames[1].0.end].to_vec();
+        packet.extend_from_slice(&[7u8; 16]);
+        packet.push(0x82);
+        packet.extend_from_slice(&(9u32 + 5_000_000).to_le_bytes());
+        packet.extend_from_slice(&(1u32 << 30).to_le_bytes());
+        packet.extend_from_slice(&[0u8; 100]);
+        let mut whole = ServerPackets::default();
+        whole.next(&header, &session).unwrap();
+        let want = whole.next(&packet, &session).unwrap_err();
+        assert_eq!(want, WalkError::Malformed("a compressed block over 1 GiB"));
+        let mut relay = ServerPackets::default();
+        relay.next(&header, &session).unwrap();
+        let cut = frames[1].0.start + 5;
+        assert_eq!(
+            relay.next(&packet[..cut], &session),
+            Err(WalkError::Incomplete)
+        );
+        let (from, mut tail) = relay.take_tail().expect("a tail");
+        assert_eq!(tail.feed(&packet[from..]), Err(want));
+    }
+
+    /// A block that must be walked leaves no tail, and asking for one keeps where its walk
+    /// stopped: the next read goes on from there, not from the block's start.
+    #[test]
+    fn asking_for_a_tail_keeps_a_walked_blocks_resume_point() {
+        let session = Session {
+            revision: 54412,
+            compression: true,
+            empty_low_cardinality_granule: false,
+        };
+        let (packet, _) = numbers_then_strings(1000);
+        let mut reader = ServerPackets::default();
+        let cut = packet.len() / 2;
+        assert_eq!(
+            reader.next(&packet[..cut], &session),
+            Err(WalkError::Incomplete)
+        );
+        assert!(reader.take_tail().is_none());
+        assert!(reader.resume.is_some(), "the resume point was dropped");
+        assert_eq!(reader.next(&packet, &session).unwrap().len, packet.len());
     }
 
     fn kind_of(packet_type: u8) -> Kind {

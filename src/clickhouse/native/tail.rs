@@ -90,10 +90,13 @@ pub struct Tail {
 enum Left {
     /// Bytes of a plain block.
     Bytes(u64),
-    /// Compressed frames that hold `raw` more bytes of the block; of the frame under way,
-    /// the header's first `have` bytes, and `body` bytes of its body still to come.
+    /// Compressed frames that hold `raw` more bytes of the block, whose frames so far held
+    /// `filled`; of the frame under way, the header's first `have` bytes, and `body` bytes
+    /// of its body still to come; `over`: that frame holds more than the block has left.
     Frames {
         raw: u64,
+        filled: u64,
+        over: bool,
         header: [u8; HEADER],
         have: usize,
         body: u64,
@@ -110,14 +113,16 @@ impl Tail {
         }
     }
 
-    /// The rest of a compressed block: frames that hold `raw` more of its bytes, the first
-    /// of them starting where the tail is first fed.
-    pub(super) fn frames(kind: Kind, rows: u64, raw: u64) -> Self {
+    /// The rest of a compressed block of `len` bytes whose frames so far held `filled`:
+    /// frames from where the tail is first fed.
+    pub(super) fn frames(kind: Kind, rows: u64, filled: u64, len: u64) -> Self {
         Self {
             kind,
             rows,
             left: Left::Frames {
-                raw,
+                raw: len.saturating_sub(filled),
+                filled,
+                over: false,
                 header: [0; HEADER],
                 have: 0,
                 body: 0,
@@ -137,6 +142,8 @@ impl Tail {
             }
             Left::Frames {
                 raw,
+                filled,
+                over,
                 header,
                 have,
                 body,
@@ -154,14 +161,22 @@ impl Tail {
                         at += take;
                         if *have == HEADER {
                             let frame = parse(header)?;
-                            if frame.raw > *raw {
-                                return Err(super::server::misfit());
+                            // As a walk of the whole block tells them.
+                            if *filled + frame.raw > MAX_FRAME {
+                                return Err(WalkError::Malformed("a compressed block over 1 GiB"));
                             }
-                            *raw -= frame.raw;
+                            *filled += frame.raw;
+                            // A frame past the block's end is found out once it is whole,
+                            // where a walk of the whole packet finds it out.
+                            *over = frame.raw > *raw;
+                            *raw = raw.saturating_sub(frame.raw);
                             *body = frame.body_len;
                         }
                     }
                     let whole = *have == HEADER && *body == 0;
+                    if whole && *over {
+                        return Err(crate::clickhouse::native::server::misfit());
+                    }
                     if whole && *raw == 0 {
                         return Ok((at, true));
                     }
@@ -239,17 +254,17 @@ mod tests {
         let end = bytes.len();
         bytes.push(5);
         for piece in 1..=bytes.len() {
-            let tail = Tail::frames(Kind::Data, 3, 35);
+            let tail = Tail::frames(Kind::Data, 3, 0, 35);
             assert_eq!(end_in_pieces(tail, &bytes, piece), Ok(Some(end)), "{piece}");
         }
         // Fewer bytes of the block than the frames hold: one frame would end past it.
-        let tail = Tail::frames(Kind::Data, 3, 33);
+        let tail = Tail::frames(Kind::Data, 3, 0, 33);
         assert_eq!(
             end_in_pieces(tail, &bytes, 1000),
             Err(crate::clickhouse::native::server::misfit())
         );
         // More: the tail is not done with these frames.
-        let tail = Tail::frames(Kind::Data, 3, 36);
+        let tail = Tail::frames(Kind::Data, 3, 0, 36);
         assert_eq!(end_in_pieces(tail, &bytes[..end], 1000), Ok(None));
     }
 
@@ -274,12 +289,12 @@ mod tests {
             ),
         ];
         for (bytes, want) in cases {
-            let mut tail = Tail::frames(Kind::Data, 1, 10);
+            let mut tail = Tail::frames(Kind::Data, 1, 0, 10);
             assert_eq!(tail.feed(&bytes), Err(want));
         }
         let mut short = frame(NONE, &[], 0);
         short[FRAME_CHECKSUM + 1] = 8; // a compressed size below the header's own
-        let mut tail = Tail::frames(Kind::Data, 1, 10);
+        let mut tail = Tail::frames(Kind::Data, 1, 0, 10);
         assert_eq!(
             tail.feed(&short),
             Err(WalkError::Malformed(
@@ -302,7 +317,7 @@ mod tests {
             let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
             let raw = next() % 5000;
             let piece = 1 + (next() % 50) as usize;
-            let _ = end_in_pieces(Tail::frames(Kind::Data, 1, raw), &bytes, piece);
+            let _ = end_in_pieces(Tail::frames(Kind::Data, 1, 0, raw), &bytes, piece);
             let _ = end_in_pieces(Tail::plain(Kind::Totals, 1, raw), &bytes, piece);
         }
     }
