@@ -7,6 +7,7 @@
 //! - [`reader`]: a cursor over received bytes; an incomplete read is `Incomplete`, never a
 //!   panic;
 //! - [`block`]: a block's end, over its column types;
+//! - [`kind`]: the server's packet types;
 //! - [`server`]: a server packet's end at a negotiated revision, compressed blocks
 //!   included;
 //! - [`tail`]: the rest of a packet whose end is known before it is all at hand, passed
@@ -17,6 +18,7 @@
 
 pub mod block;
 pub mod client;
+pub mod kind;
 pub mod lz4;
 pub mod reader;
 pub mod server;

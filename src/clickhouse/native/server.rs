@@ -8,9 +8,10 @@
 
 use super::block::{block_prefix, walk_block, walk_block_sparse, Block, Framing, Shape};
 use super::client::put_str;
+pub use super::kind::Kind;
 use super::lz4;
 use super::reader::{Present, Reader, Result, WalkError};
-use super::tail::{FrameHeader, Tail, FRAME_CHECKSUM, LZ4, MAX_FRAME};
+use super::tail::{misfit, FrameHeader, Tail, FRAME_CHECKSUM, LZ4, MAX_FRAME};
 use crate::clickhouse::rowbinary::write_varint;
 
 /// The highest revision whose server packets this module reads.
@@ -33,22 +34,6 @@ pub struct Session {
     /// The side being read writes a granule for a `LowCardinality` without rows (see
     /// [`Framing::empty_low_cardinality_granule`]): servers before 19.1.
     pub empty_low_cardinality_granule: bool,
-}
-
-/// A server packet's type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Hello,
-    Data,
-    Exception,
-    Progress,
-    Pong,
-    EndOfStream,
-    ProfileInfo,
-    Totals,
-    Extremes,
-    Log,
-    TableColumns,
 }
 
 /// A packet found at the start of the bytes at hand.
@@ -632,12 +617,6 @@ fn shape_len(shape: Shape, prefix: usize, rows: u64) -> Result<u64> {
         .len(prefix, rows)
         .filter(|&len| len <= MAX_FRAME)
         .ok_or(WalkError::Malformed("a block over 1 GiB"))
-}
-
-/// A block of the answer's columns whose length (from its row count) is not where its
-/// frames end: not a block of this answer's layout, which every block of it has.
-pub(crate) fn misfit() -> WalkError {
-    WalkError::Malformed("a block of the answer's columns that ends inside a compressed frame")
 }
 
 /// The server's Hello: name, version, revision, then what the client's revision lets it

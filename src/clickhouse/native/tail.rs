@@ -13,8 +13,8 @@
 //! Frames that do not end exactly where the block must are a stream chgate cannot follow:
 //! the packet is refused as malformed, as a walk would refuse it.
 
+use super::kind::Kind;
 use super::reader::{Result, WalkError};
-use super::server::Kind;
 
 /// A compressed frame: a 16-byte checksum, the method, the compressed size (header
 /// included) and the decompressed size, both u32 little-endian; then the body.
@@ -175,7 +175,7 @@ impl Tail {
                     }
                     let whole = *have == HEADER && *body == 0;
                     if whole && *over {
-                        return Err(crate::clickhouse::native::server::misfit());
+                        return Err(misfit());
                     }
                     if whole && *raw == 0 {
                         return Ok((at, true));
@@ -190,6 +190,12 @@ impl Tail {
             }
         }
     }
+}
+
+/// A block of the answer's columns whose length (from its row count) is not where its
+/// frames end: not a block of this answer's layout, which every block of it has.
+pub fn misfit() -> WalkError {
+    WalkError::Malformed("a block of the answer's columns that ends inside a compressed frame")
 }
 
 fn parse(header: &[u8; HEADER]) -> Result<FrameHeader> {
@@ -259,10 +265,7 @@ mod tests {
         }
         // Fewer bytes of the block than the frames hold: one frame would end past it.
         let tail = Tail::frames(Kind::Data, 3, 0, 33);
-        assert_eq!(
-            end_in_pieces(tail, &bytes, 1000),
-            Err(crate::clickhouse::native::server::misfit())
-        );
+        assert_eq!(end_in_pieces(tail, &bytes, 1000), Err(misfit()));
         // More: the tail is not done with these frames.
         let tail = Tail::frames(Kind::Data, 3, 0, 36);
         assert_eq!(end_in_pieces(tail, &bytes[..end], 1000), Ok(None));
