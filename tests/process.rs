@@ -104,20 +104,13 @@ fn a_native_answer_of_big_blocks_streams_with_bounded_memory() {
             native.ip(),
             native.port()
         );
-        let mut child = Command::new("sh")
+        let child = Command::new("sh")
             .args(["-c", &script])
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         let start = Instant::now();
-        while child.try_wait().unwrap().is_none() {
-            assert!(
-                start.elapsed() < Duration::from_secs(300),
-                "512 MiB took over 5 minutes"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = child.wait_with_output().unwrap();
+        let out = output_within(child, Duration::from_secs(300), "512 MiB");
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
             (rows * 16).to_string(),
@@ -600,7 +593,7 @@ fn a_large_upload_streams_through_with_bounded_memory() {
         "http://{}/?query=INSERT%20INTO%20default.{table}%20FORMAT%20RowBinary",
         p.http
     );
-    let mut child = Command::new("sh")
+    let child = Command::new("sh")
         .arg("-c")
         .arg(format!(
             "head -c {BYTES} /dev/zero | curl -sS -u etl:etl-pass -X POST -T - -w '%{{http_code}}' '{url}'"
@@ -609,14 +602,7 @@ fn a_large_upload_streams_through_with_bounded_memory() {
         .spawn()
         .unwrap();
     let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "upload took over 5 minutes"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = output_within(child, Duration::from_secs(300), "the upload");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
     assert!(
         inserted() - before >= BYTES / 8,

@@ -893,18 +893,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                     let packet = upstream.buf.split_to(p.len);
                     upstream.forwarded = 0;
                     upstream.incomplete_at = 0;
-                    self.observe(p.kind, p.rows, &packet);
-                    drop(packet);
-                    if self.running.is_none() {
-                        // Between queries: what a big packet grew is given back.
-                        if let Some(upstream) = self.upstream.as_mut() {
-                            shrink(&mut upstream.buf);
-                        }
-                        shrink(&mut self.buf);
-                    }
-                    // At a packet boundary: where a quota's cut can be told.
-                    if self.running.as_ref().is_some_and(|r| r.cut.is_some()) {
-                        return self.cut().await;
+                    if !self.packet_ended(p.kind, p.rows, &packet).await? {
+                        return Ok(());
                     }
                 }
                 Err(WalkError::Incomplete) => {
@@ -946,11 +936,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
     /// then the packet has not begun for the client, so a quota's cut is told instead of it
     /// and bytes that cannot be read end the query with an Exception, as for a packet held
     /// whole.
-    async fn pass_tail(&mut self, from: usize, fresh: Option<Tail>) -> Result<bool, Close> {
+    async fn pass_tail(&mut self, from: usize, mut fresh: Option<Tail>) -> Result<bool, Close> {
         let Some(upstream) = self.upstream.as_mut() else {
             return Ok(false);
         };
-        let mut fresh = fresh;
         let tail = match (&mut fresh, &mut upstream.tail) {
             (Some(tail), _) | (None, Some(tail)) => tail,
             (None, None) => return Ok(true),
@@ -976,8 +965,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             return Ok(false);
         }
         upstream.tail = None;
-        self.observe(kind, rows, &[]);
-        // At a packet boundary: where a quota's cut can be told.
+        self.packet_ended(kind, rows, &[]).await
+    }
+
+    /// A packet from the node went to the client whole (`packet`: its bytes, if kept):
+    /// what it means for the query; between queries, the room a big packet grew is given
+    /// back; at this packet boundary a quota's cut is told. `false` once the cut let the
+    /// node's connection go.
+    async fn packet_ended(&mut self, kind: Kind, rows: u64, packet: &[u8]) -> Result<bool, Close> {
+        self.observe(kind, rows, packet);
+        if self.running.is_none() {
+            if let Some(upstream) = self.upstream.as_mut() {
+                shrink(&mut upstream.buf);
+            }
+            shrink(&mut self.buf);
+        }
         if self.running.as_ref().is_some_and(|r| r.cut.is_some()) {
             self.cut().await?;
             return Ok(false);

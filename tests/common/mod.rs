@@ -453,6 +453,19 @@ pub async fn admin_json(admin: SocketAddr, path_and_query: &str) -> (u16, serde_
     (out.status, v)
 }
 
+/// The output of `child` once it has ended; it must end within `limit` (`what` names it
+/// in the failure).
+pub fn output_within(child: Child, limit: Duration, what: &str) -> std::process::Output {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("waiting for a child process"),
+        Err(_) => panic!("{what} took over {limit:?}"),
+    }
+}
+
 /// Runs a bash script with `scripts/dev-stack env` applied (the venv, tansu, and the
 /// newer librdkafka kcat needs for the broker).
 pub fn stack_shell(script: &str) -> std::process::Output {

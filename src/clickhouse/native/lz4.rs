@@ -66,15 +66,8 @@ mod tests {
             numbers.extend_from_slice(&i.to_le_bytes());
             numbers.extend_from_slice(&(i * 2).to_le_bytes());
         }
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let noise: Vec<u8> = (0..5_000)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed as u8
-            })
-            .collect();
+        let mut next = crate::clickhouse::native::test_random(0x2545_f491_4f6c_dd1d);
+        let noise: Vec<u8> = (0..5_000).map(|_| next() as u8).collect();
         vec![
             numbers,
             noise,

@@ -27,3 +27,14 @@ pub mod tail;
 
 pub use block::{walk_block, Block, Framing};
 pub use reader::{Reader, WalkError};
+
+/// A xorshift generator of test inputs from `seed`: the same bytes on every run.
+#[cfg(test)]
+pub(crate) fn test_random(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}

@@ -782,6 +782,13 @@ fn profile_info(r: &mut Reader<'_>) -> Result<u64> {
 mod tests {
     use super::*;
 
+    /// A session of 18.16's revision with compressed blocks.
+    const COMPRESSED: Session = Session {
+        revision: 54412,
+        compression: true,
+        empty_low_cardinality_granule: false,
+    };
+
     /// A server Data packet: 1000 UInt64 rows in two LZ4 frames.
     fn two_frame_data() -> Vec<u8> {
         let mut block = vec![1, 0, 2, 0xff, 0xff, 0xff, 0xff, 0]; // BlockInfo
@@ -797,11 +804,7 @@ mod tests {
 
     #[test]
     fn a_packet_resumed_after_a_cut_and_then_the_same_packet_again() {
-        let session = Session {
-            revision: 54412,
-            compression: true,
-            empty_low_cardinality_granule: false,
-        };
+        let session = COMPRESSED;
         let packet = two_frame_data();
         let mut reader = ServerPackets::default();
         // The first frame and part of the second, then all of it: resumed.
@@ -889,11 +892,7 @@ mod tests {
     /// read (a column's name, a string's length) is found.
     #[test]
     fn frames_of_fixed_width_data_alone_are_never_decompressed() {
-        let session = Session {
-            revision: 54412,
-            compression: true,
-            empty_low_cardinality_granule: false,
-        };
+        let session = COMPRESSED;
         for frame in [700, 1000, 3000] {
             let (packet, numbers) = numbers_then_strings(frame);
             let frames = frames_of(&packet);
@@ -1014,11 +1013,7 @@ mod tests {
     /// ends where the packet does. Without a shape, or past the answer's end, no tail.
     #[test]
     fn an_answers_fixed_width_blocks_leave_a_tail_once_their_first_bytes_are_here() {
-        let session = Session {
-            revision: 54412,
-            compression: true,
-            empty_low_cardinality_granule: false,
-        };
+        let session = COMPRESSED;
         let (header, _) = fixed_columns(1, 0, 1 << 20);
         for kind in [1u8, 7, 8] {
             let (data, frames) = fixed_columns(kind, 5000, 3000);
@@ -1096,11 +1091,7 @@ mod tests {
     /// back at the answer's end, down to what a usual block needs.
     #[test]
     fn the_scratch_a_big_block_grew_is_given_back_at_the_answers_end() {
-        let session = Session {
-            revision: 54412,
-            compression: true,
-            empty_low_cardinality_granule: false,
-        };
+        let session = COMPRESSED;
         let mut block = vec![1, 0, 2, 0xff, 0xff, 0xff, 0xff, 0, 1];
         write_varint(&mut block, 300_000);
         put_str(&mut block, b"s");
@@ -1133,11 +1124,7 @@ mod tests {
     /// frame that claims more than a block may hold (1 GiB).
     #[test]
     fn a_tail_stops_with_the_error_the_whole_packet_gets() {
-        let session = Session {
-            revision: 54412,
-            compression: true,
-            empty_low_cardinality_granule: false,
-        };
+        let session = COMPRESSED;
         let (header, _) = fixed_columns(1, 0, 1 << 20);
         let (data, _) = fixed_columns(1, 5000, 3000);
         let frames = frames_of(&data);
@@ -1166,11 +1153,7 @@ mod tests {
     /// stopped: the next read goes on from there, not from the block's start.
     #[test]
     fn asking_for_a_tail_keeps_a_walked_blocks_resume_point() {
-        let session = Session {
-            revision: 54412,
-            compression: true,
-            empty_low_cardinality_granule: false,
-        };
+        let session = COMPRESSED;
         let (packet, _) = numbers_then_strings(1000);
         let mut reader = ServerPackets::default();
         let cut = packet.len() / 2;
@@ -1207,11 +1190,7 @@ mod tests {
     /// client's blocks are always walked.
     #[test]
     fn an_answers_blocks_end_where_their_columns_and_rows_say() {
-        let session = Session {
-            revision: 54412,
-            compression: true,
-            empty_low_cardinality_granule: false,
-        };
+        let session = COMPRESSED;
         let (header, _) = fixed_columns(1, 0, 1 << 20);
         let (data, frames) = fixed_columns(1, 5000, 3000);
         assert!(frames > 20);
@@ -1302,11 +1281,7 @@ mod tests {
     /// bounded number of times: past `LAZY_STOPS` stops, every frame is decompressed.
     #[test]
     fn a_walk_that_stops_in_every_frame_decompresses_them_all() {
-        let session = Session {
-            revision: 54412,
-            compression: true,
-            empty_low_cardinality_granule: false,
-        };
+        let session = COMPRESSED;
         let columns = 4 * LAZY_STOPS;
         let mut block = vec![1, 0, 2, 0xff, 0xff, 0xff, 0xff, 0]; // BlockInfo
         write_varint(&mut block, columns as u64);

@@ -308,13 +308,7 @@ mod tests {
 
     #[test]
     fn random_bytes_never_panic() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::clickhouse::native::test_random(0x9e37_79b9_7f4a_7c15);
         for _ in 0..2000 {
             let len = (next() % 200) as usize;
             let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
