@@ -33,6 +33,36 @@ async fn pg(db: &str) -> Client {
     client
 }
 
+/// Drops the slots and databases of test runs whose process is gone (killed, so their
+/// `Drop` never ran): each holds one of PostgreSQL's few replication slots, and a few
+/// aborted runs would leave the next one "all replication slots are in use".
+async fn sweep_left_by_dead_runs(admin: &tokio_postgres::Client) {
+    let rows = admin
+        .query(
+            "SELECT slot_name FROM pg_replication_slots WHERE NOT active AND slot_name LIKE 'cdc\\_%'",
+            &[],
+        )
+        .await
+        .unwrap_or_default();
+    for row in rows {
+        let name: String = row.get(0);
+        let pid = name.split('_').nth(1).and_then(|p| p.parse::<u32>().ok());
+        let Some(pid) = pid else { continue };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let _ = admin
+            .batch_execute(&format!(
+                "SELECT pg_drop_replication_slot('{name}') FROM pg_replication_slots WHERE slot_name = '{name}' AND NOT active"
+            ))
+            .await;
+        // (Not in the same batch: DROP DATABASE cannot run inside a transaction.)
+        let _ = admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await;
+    }
+}
+
 /// A database of its own, dropped (with its slot) at the end.
 struct TestDb {
     name: String,
@@ -48,6 +78,7 @@ impl TestDb {
     async fn create() -> Self {
         let name = common::unique("cdc");
         let admin = pg("postgres").await;
+        sweep_left_by_dead_runs(&admin).await;
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
