@@ -506,7 +506,7 @@ impl Metrics {
         );
         let cdc_skipped = counter(
             "chgate_cdc_skipped_total",
-            "Changes not published, by reason: `seen_by_snapshot` (a resumed snapshot chunk already holds the change), `no_before` (an update or delete of a row the key-state store never saw: snapshot = never), `not_captured` (a table outside capture.tables).",
+            "Changes not published, by reason: `seen_by_snapshot` (a resumed snapshot chunk already holds the change), `no_before` (an update or delete of a row the key-state store never saw: snapshot = never), `not_captured` (a table outside capture.tables), `in_topics` (after the store was rebuilt from the topics, a change the server sent again that the topics already hold).",
             &["reason"],
         );
         let cdc_transactions = counter(

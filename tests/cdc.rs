@@ -1106,22 +1106,32 @@ impl Drop for ClickHouseTables {
     }
 }
 
-/// Two instances with one config (and one state directory): one leads, the other stands by;
-/// SIGKILL the leader mid-stream and the standby takes over within the ZooKeeper session
-/// timeout (plus its start), losing nothing: Kafka still folds to PostgreSQL.
+/// Two instances of one capture, each with its own state directory (as on two machines):
+/// one leads, the other stands by; SIGKILL the leader mid-stream and the standby takes
+/// over within the ZooKeeper session timeout (plus its start), rebuilding its key-state
+/// store from the topics. Then the first comes back (its store now behind the topics),
+/// stands by, and takes over again when the second is killed: it rebuilds too. Nothing
+/// is lost or published twice, and every `before` is complete: Kafka still folds to
+/// PostgreSQL.
 #[test]
 fn the_standby_takes_over_when_the_leader_is_killed() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let db = rt.block_on(TestDb::create());
     let prefix = db.name.replace('_', "-");
-    let state = common::tempfile_path("cdc-state");
-    let cfg = config(&db, &prefix, &state, 1000);
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text += &format!(
+    let coordination = format!(
         "\n[coordination]\nzookeeper = [\"127.0.0.1:2181\"]\nroot = \"/chgate-tests/{}\"\nsession_timeout = \"3s\"\n",
         db.name
     );
-    std::fs::write(&cfg, text).unwrap();
+    let states = [
+        common::tempfile_path("cdc-state-a"),
+        common::tempfile_path("cdc-state-b"),
+    ];
+    let [cfg_a, cfg_b] = states.clone().map(|state| {
+        let cfg = config(&db, &prefix, &state, 1000);
+        let text = std::fs::read_to_string(&cfg).unwrap() + &coordination;
+        std::fs::write(&cfg, text).unwrap();
+        cfg
+    });
     let next_id = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(1));
     rt.block_on(async {
         pg(&db.name)
@@ -1132,34 +1142,35 @@ fn the_standby_takes_over_when_the_leader_is_killed() {
     });
     next_id.store(3001, std::sync::atomic::Ordering::Relaxed);
 
-    let mut a = Cdc::start(&cfg);
+    // The first leader dies right after the broker acknowledged its first streamed
+    // events, before it confirmed them to the slot: the server sends them again to the
+    // next leader, whose rebuilt store must see that the topics hold them.
+    let (child, admin, log) = common::spawn_logged_env(
+        "cdc",
+        &cfg_a,
+        &[("CHGATE_FAILPOINTS", "cdc.acked_not_confirmed=kill")],
+    );
+    let mut a = Cdc { child, admin, log };
     a.wait_streaming(Duration::from_secs(120));
-    let b = Cdc::start(&cfg);
-    let t0 = Instant::now();
-    while !b
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.contains("Standing by"))
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "the second instance did not stand by: {:?}",
-            b.tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let b = Cdc::start(&cfg_b);
+    wait_standing_by(&b);
     assert_eq!(b.metric("chgate_cdc_leader", &[]), 0.0);
     assert_eq!(a.metric("chgate_cdc_leader", &[]), 1.0);
     let status = common::curl(&["-s", &format!("http://{}/readyz", b.admin)]).status;
     assert_eq!(status, 503, "a standby is not ready");
 
     let load = rt.spawn(workload(db.name.clone(), 21, 800, next_id.clone()));
-    std::thread::sleep(Duration::from_millis(1500));
-    let mut totals = Totals::default();
-    a.kill(&mut totals);
+    let t0 = Instant::now();
+    while a.child.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the failpoint did not kill the leader: {:?}",
+            a.tail()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let killed = Instant::now();
+    assert!(a.logged("Failpoint: SIGKILL"), "{:?}", a.tail());
     b.wait_streaming(Duration::from_secs(30));
     let takeover = killed.elapsed();
     eprintln!("the standby streams {takeover:?} after the leader's SIGKILL (session timeout 3 s)");
@@ -1167,10 +1178,58 @@ fn the_standby_takes_over_when_the_leader_is_killed() {
         takeover < Duration::from_secs(15),
         "takeover took {takeover:?}"
     );
+    assert!(
+        b.logged("Rebuilt the key-state store from the topics"),
+        "{:?}",
+        b.tail()
+    );
     rt.block_on(load).unwrap();
+    let held = b.metric("chgate_cdc_skipped_total", &["reason=\"in_topics\""]);
+    assert!(
+        held > 0.0,
+        "no change sent again was found in the topics: {:?}",
+        b.tail()
+    );
+    eprintln!("changes the server sent again that the topics held, not published twice: {held}");
+
+    // The first instance again, its store behind what the second published.
+    let a = Cdc::start(&cfg_a);
+    wait_standing_by(&a);
+    let load = rt.spawn(workload(db.name.clone(), 22, 800, next_id.clone()));
+    std::thread::sleep(Duration::from_millis(1500));
     let mut b = b;
-    rt.block_on(wait_caught_up(&db, &b));
-    b.term();
+    let mut totals = Totals::default();
+    b.kill(&mut totals);
+    a.wait_streaming(Duration::from_secs(30));
+    assert!(
+        a.logged("rebuilding it from them"),
+        "a former leader's store, behind the topics, was used as it was: {:?}",
+        a.tail()
+    );
+    rt.block_on(load).unwrap();
+    let mut a = a;
+    rt.block_on(wait_caught_up(&db, &a));
+    a.term();
+    check_topics_equal_postgres(&rt, &db, &prefix);
+    for s in &states {
+        let _ = std::fs::remove_dir_all(s);
+    }
+}
+
+fn wait_standing_by(cdc: &Cdc) {
+    let t0 = Instant::now();
+    while !cdc.logged("Standing by") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the instance did not stand by: {:?}",
+            cdc.tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Folds both topics: no inconsistency, and as many rows as PostgreSQL has.
+fn check_topics_equal_postgres(rt: &tokio::runtime::Runtime, db: &TestDb, prefix: &str) {
     let (orders, problems) = fold(&read_topic(&format!("{prefix}.public.orders")));
     assert!(
         problems.is_empty(),
@@ -1217,7 +1276,6 @@ fn the_standby_takes_over_when_the_leader_is_killed() {
         want_customers,
         "customers in Kafka vs PostgreSQL"
     );
-    let _ = std::fs::remove_dir_all(&state);
 }
 
 /// The capture's connections to PostgreSQL (the replication one and tokio-postgres's)
@@ -1406,30 +1464,76 @@ fn a_partitioned_table_is_captured_once_under_its_own_name() {
     assert!(cdc.errors().is_empty(), "{:?}", cdc.errors());
 }
 
-/// A capture whose `state_dir` was lost starts with a new store: its events are numbered
-/// after those already in the topics, so every partition's `chgate-seq` keeps growing (a
-/// tail check after a later crash relies on that).
+/// A capture whose `state_dir` was lost rebuilds its store from the topics: its events are
+/// numbered after those already there (every partition's `chgate-seq` keeps growing, which
+/// a tail check after a later crash relies on), an update's `before` is still complete
+/// (REPLICA IDENTITY DEFAULT sends only the key), and no row is read again by a second
+/// snapshot. Without the state record that says the snapshot was done, a rebuild is
+/// refused, saying why.
 #[test]
-fn a_new_store_numbers_its_events_after_those_in_the_topics() {
+fn a_lost_state_dir_is_rebuilt_from_the_topics() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let db = rt.block_on(TestDb::create());
-    rt.block_on(seed(&db, 30, 0));
+    rt.block_on(seed(&db, 30, 5));
     let prefix = db.name.replace('_', "-");
     let first = config(&db, &prefix, &common::tempfile_path("cdc-state"), 1000);
     let mut cdc = Cdc::start(&first);
     cdc.wait_streaming(Duration::from_secs(60));
+    db.exec(
+        &rt,
+        "UPDATE orders SET status = 'first' WHERE id <= 20; DELETE FROM orders WHERE id > 25; \
+         TRUNCATE customers; INSERT INTO customers VALUES (100, 'after', 'a@x.io', now())",
+    );
+    rt.block_on(wait_caught_up(&db, &cdc));
     cdc.term();
-    // The same capture, its state gone.
+
+    // The same capture, its state gone, and no record that its snapshot was done: refused.
+    let unrecorded = config(&db, &prefix, &common::tempfile_path("cdc-state"), 1000);
+    let text = std::fs::read_to_string(&unrecorded).unwrap().replace(
+        "partitions = 3",
+        &format!("partitions = 3\nstate_topic = \"{prefix}.other-state\""),
+    );
+    std::fs::write(&unrecorded, text).unwrap();
+    let mut refused = Cdc::start(&unrecorded);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(status) = refused.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{:?}",
+            refused.tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "{:?}", refused.tail());
+    assert!(
+        refused.logged("does not record the snapshot of") && refused.logged("public.orders"),
+        "{:?}",
+        refused.tail()
+    );
+
+    // With the record: rebuilt.
     let second = config(&db, &prefix, &common::tempfile_path("cdc-state"), 1000);
     let cdc = Cdc::start(&second);
     cdc.wait_streaming(Duration::from_secs(60));
-    db.exec(&rt, "UPDATE orders SET status = 'again' WHERE id <= 10");
-    rt.block_on(wait_caught_up(&db, &cdc));
     assert!(
-        cdc.logged("numbering this one's after theirs"),
+        cdc.logged("Rebuilt the key-state store from the topics"),
         "{:?}",
         cdc.tail()
     );
+    assert_eq!(
+        cdc.metric("chgate_cdc_snapshot_rows_total", &[]),
+        0.0,
+        "the rows were read again"
+    );
+    db.exec(
+        &rt,
+        "UPDATE orders SET status = 'again' WHERE id <= 10; DELETE FROM orders WHERE id = 11; \
+         UPDATE customers SET name = 'changed'",
+    );
+    rt.block_on(wait_caught_up(&db, &cdc));
     let events = read_topic(&format!("{prefix}.public.orders"));
     for pair in events.windows(2) {
         if pair[0].partition == pair[1].partition {
@@ -1444,7 +1548,7 @@ fn a_new_store_numbers_its_events_after_those_in_the_topics() {
             );
         }
     }
-    assert!(events.len() > 30, "{} events", events.len());
+    check_topics_equal_postgres(&rt, &db, &prefix);
 }
 
 /// A table added to `capture.tables` after the snapshot finished: its existing rows are

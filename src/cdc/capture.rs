@@ -15,6 +15,7 @@ use super::config::{TruncateMode, ValidatedCdc};
 use super::envelope::{now_ms, pg_ts_to_unix_ms, Source, TableEnvelope};
 use super::pg::pgoutput::{Datum, Relation};
 use super::producer::{Done, EventProducer};
+use super::rebuild::Rebuilt;
 use super::row::Layout;
 use super::snapshot::{key_literals, Chunk, KeyText, SnapshotState};
 use super::store::{row_key_into, Committed, Store, StoredRow};
@@ -118,6 +119,9 @@ pub struct Capture {
     commit_times: VecDeque<(u64, i64)>,
     /// Scratch for a row's store key.
     key_buf: Vec<u8>,
+    /// What the topics hold past the slot's position, when the store was rebuilt from
+    /// them: those changes are not published again.
+    pub rebuilt: Option<Rebuilt>,
 }
 
 impl Capture {
@@ -173,6 +177,7 @@ impl Capture {
             snapshot: None,
             commit_times: VecDeque::new(),
             key_buf: Vec::new(),
+            rebuilt: None,
         }
     }
 
@@ -278,7 +283,9 @@ impl Capture {
                 let Some(rel) = self.rel(relation)? else {
                     return Ok(());
                 };
-                if self.seen_by_snapshot(&rel, tx, &new).await? {
+                if self.seen_by_snapshot(&rel, tx, &new).await?
+                    || self.in_topics(&rel, &new, lsn)?
+                {
                     return Ok(());
                 }
                 self.insert(tx, lsn, &rel, &new).await
@@ -294,12 +301,14 @@ impl Capture {
                 };
                 // A key change is a delete of the old key and a create of the new one; a
                 // resumed snapshot may hold either half (each key lies in its own range).
-                let seen_new = self.seen_by_snapshot(&rel, tx, &new).await?;
+                let seen_new = self.seen_by_snapshot(&rel, tx, &new).await?
+                    || self.in_topics(&rel, &new, lsn)?;
                 let seen_old = match &old {
                     Some((_, datums))
                         if rel.layout.key_values(datums) != rel.layout.key_values(&new) =>
                     {
                         self.seen_by_snapshot(&rel, tx, datums).await?
+                            || self.in_topics(&rel, datums, lsn)?
                     }
                     _ => seen_new,
                 };
@@ -316,7 +325,9 @@ impl Capture {
                 let Some(rel) = self.rel(relation)? else {
                     return Ok(());
                 };
-                if self.seen_by_snapshot(&rel, tx, &old.1).await? {
+                if self.seen_by_snapshot(&rel, tx, &old.1).await?
+                    || self.in_topics(&rel, &old.1, lsn)?
+                {
                     return Ok(());
                 }
                 self.delete(tx, lsn, &rel, &old.1).await
@@ -331,6 +342,32 @@ impl Capture {
                 Ok(())
             }
         }
+    }
+
+    /// Whether the topics already hold the change of version `lsn` to the row `datums`
+    /// (whose key they carry): only after a rebuild (`rebuild.rs`), for the changes the
+    /// server sends again from the slot's position.
+    fn in_topics(&self, rel: &RelState, datums: &[Datum], lsn: u64) -> anyhow::Result<bool> {
+        let Some(r) = &self.rebuilt else {
+            return Ok(false);
+        };
+        if lsn > r.max_version {
+            return Ok(false);
+        }
+        let mut key_json = Vec::with_capacity(32);
+        if !rel.layout.key(datums, &mut key_json) {
+            return Ok(false);
+        }
+        let table = &self.tables[rel.table];
+        let key = table.envelope.key_bytes(&key_json, self.with_schema());
+        let partition = partition_for_key(&key, self.producer.partitions(&table.topic));
+        let store_key = self.store_key(rel.table, &key_json);
+        let stored = self.store.get(&store_key)?;
+        let held = r.holds(&store_key, stored.as_ref(), &table.topic, partition, lsn);
+        if held {
+            METRICS.cdc_skipped.with_label_values(&["in_topics"]).inc();
+        }
+        Ok(held)
     }
 
     /// The captured table a change is for; `None` for a table the capture leaves out. A
@@ -567,6 +604,15 @@ impl Capture {
         let value = Bytes::from(value);
         let topic = self.tables[t].topic.clone();
         for p in 0..self.producer.partitions(&topic) {
+            // After a rebuild: a partition that already has this truncate must not get it
+            // again, behind the rows written since.
+            if self
+                .rebuilt
+                .as_ref()
+                .is_some_and(|r| r.truncate_holds(&topic, p, run.lsn))
+            {
+                continue;
+            }
             self.store
                 .add_event(Arc::clone(&topic), p, None, Some(value.clone()));
         }

@@ -184,6 +184,10 @@ pub struct CdcKafkaConfig {
     /// the broker reports, to find the last event it has (see `cdc/tail.rs`).
     #[serde(default = "default_tail_rewind")]
     pub tail_rewind: i64,
+    /// Where the capture records that its snapshot is complete (one small record per
+    /// slot): what lets a store be rebuilt from the topics (`cdc/rebuild.rs`). Default:
+    /// `<prefix>.__chgate_state`.
+    pub state_topic: Option<String>,
     /// Any other librdkafka producer property.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -216,6 +220,15 @@ pub struct ValidatedCdc {
 impl ValidatedCdc {
     pub fn topic(&self, schema: &str, table: &str) -> String {
         format!("{}.{schema}.{table}", self.topic_prefix)
+    }
+
+    /// The topic of the capture's state records (see `cdc/rebuild.rs`).
+    pub fn state_topic(&self) -> String {
+        self.config
+            .kafka
+            .state_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.__chgate_state", self.topic_prefix))
     }
 }
 
@@ -309,6 +322,18 @@ pub fn validate(config: CdcConfig, base: &Path) -> Result<ValidatedCdc, Vec<Prob
             "kafka.topic_prefix",
             format!("{prefix:?}: a Kafka topic name takes letters, digits, '.', '_' and '-'"),
         ));
+    }
+    if let Some(t) = &config.kafka.state_topic {
+        if t.is_empty()
+            || !t
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch))
+        {
+            problems.push(Problem::new(
+                "kafka.state_topic",
+                format!("{t:?}: a Kafka topic name takes letters, digits, '.', '_' and '-'"),
+            ));
+        }
     }
     if let Some(co) = &config.coordination {
         if co.zookeeper.is_empty() {

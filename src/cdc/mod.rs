@@ -10,12 +10,14 @@
 //!   types; publication and slot), [`row`] (rows and keys as JSON bytes), [`envelope`]
 //!   (key and value bytes);
 //! - [`store`] (rows as last published, the outbox, progress), [`producer`] (acknowledged
-//!   units), [`tail`] (what the broker has after a crash);
+//!   units), [`tail`] (what the broker has after a crash), [`rebuild`] (a store rebuilt
+//!   from the topics, for a standby or a lost `state_dir`);
 //! - [`capture`] (changes to events), [`snapshot`] (existing rows), [`stream`] (the
 //!   replication loop), and [`run`] here, which puts them in order.
 //!
 //! The order of a start: validate the config; read the catalog and manage the
-//! publication; send again what the outbox holds that the broker lacks; create the slot if
+//! publication; rebuild the store from the topics if they hold events it did not write;
+//! send again what the outbox holds that the broker lacks; create the slot if
 //! missing (with an exported snapshot) and snapshot or resume the snapshot; stream.
 
 pub mod capture;
@@ -25,6 +27,7 @@ pub mod envelope;
 pub mod leader;
 pub mod pg;
 pub mod producer;
+pub mod rebuild;
 pub mod row;
 pub mod slot;
 pub mod snapshot;
@@ -131,6 +134,7 @@ async fn capture(
     if stop.is_cancelled() {
         return Ok(());
     }
+    record_snapshot_state(&capture).await;
     let sql = start_sql(&cfg, conn.server_version);
     streaming.store(true, Ordering::Relaxed);
     let r = stream::run(&mut capture, conn, &sql, stop).await;
@@ -160,8 +164,8 @@ async fn start(
         }
     }
     catalog::ensure_publication(&catalog, &c.capture.publication, &schemas).await?;
-    let mut store = Store::open(&c.capture.state_dir, c.capture.store_cache_mib << 20)
-        .with_context(|| {
+    let store =
+        Store::open(&c.capture.state_dir, c.capture.store_cache_mib << 20).with_context(|| {
             format!(
                 "cannot open the key-state store in {}",
                 c.capture.state_dir.display()
@@ -172,15 +176,18 @@ async fn start(
         .iter()
         .map(|t| cfg.topic(&t.schema, &t.name))
         .collect();
-    producer.ensure_topics(&c.kafka, &topics).await?;
-    if store.is_new()? {
-        number_after_the_topics(cfg, &producer, &topics, &mut store).await?;
-    }
+    let mut all = topics.clone();
+    all.push(cfg.state_topic());
+    producer.ensure_topics(&c.kafka, &all).await?;
+    let (store, rebuilt, have) =
+        follow_the_topics(cfg, &catalog, &producer, &schemas, &topics, store).await?;
     tracing::info!(tables = %topics.join(", "), "Capturing");
+    producer.set_store(store.id());
     let mut capture = Capture::new(cfg.clone(), catalog, schemas, store, producer);
+    capture.rebuilt = rebuilt;
     // This instance captures the slot (alone, or elected).
     METRICS.cdc_leader.set(1);
-    resend_outbox(&mut capture).await?;
+    resend_outbox(&mut capture, &have).await?;
     let (conn, plan) = prepare_slot(&mut capture).await?;
     Ok((capture, conn, plan))
 }
@@ -217,16 +224,26 @@ fn connect_params(cfg: &ValidatedCdc) -> ConnectParams {
     }
 }
 
-/// A new store (a first start, or a `state_dir` that was lost) numbers its events after
-/// the highest `chgate-seq` already in the topics: the tail check after a crash counts an
-/// outbox event as sent when its partition holds a higher number, so numbers starting
-/// again at 1 would have new events skipped as sent.
-async fn number_after_the_topics(
-    cfg: &ValidatedCdc,
+/// The last event (by `chgate-seq`) in each partition of the captured topics.
+type Highest = std::collections::HashMap<(String, i32), tail::Last>;
+
+/// Checks the store against the topics. If they hold events it did not write (it is new:
+/// a first start, a `state_dir` that was lost, a standby on another machine; or another
+/// instance led since it last did), it cannot go on as it is:
+///
+/// - with the slot gone (a new one, and a new snapshot, follow), it numbers its events
+///   after theirs: the tail check after a crash counts an outbox event as sent when its
+///   partition holds a higher number, so numbers starting again at 1 would be skipped;
+/// - with the slot there, it is rebuilt from the topics (`rebuild.rs`), which needs the
+///   state record to say the snapshot was finished.
+async fn follow_the_topics(
+    cfg: &Arc<ValidatedCdc>,
+    catalog: &tokio_postgres::Client,
     producer: &producer::EventProducer,
+    schemas: &[catalog::TableSchema],
     topics: &[String],
-    store: &mut Store,
-) -> anyhow::Result<()> {
+    mut store: Store,
+) -> anyhow::Result<(Store, Option<rebuild::Rebuilt>, Highest)> {
     let partitions: BTreeSet<(String, i32)> = topics
         .iter()
         .flat_map(|t| (0..producer.partitions(t)).map(move |p| (t.clone(), p)))
@@ -237,41 +254,169 @@ async fn number_after_the_topics(
         tail::highest_seqs(&brokers, &props, &partitions, rewind)
     })
     .await??;
-    if let Some(&highest) = have.values().max() {
+    let newest = have.values().max_by_key(|l| l.seq).copied();
+    let highest = newest.map_or(0, |l| l.seq);
+    if !behind(newest, store.last_numbered(), store.id()) {
+        return Ok((store, None, have));
+    }
+    let c = &cfg.config.capture;
+    let Some(confirmed) = catalog::slot_confirmed(catalog, &c.slot).await? else {
         tracing::warn!(
             highest,
-            "A new key-state store, and the topics already hold events: numbering this one's after theirs"
+            "The topics already hold events, and the slot is new: numbering this store's after theirs"
         );
         store.number_events_after(highest);
+        return Ok((store, None, have));
+    };
+    let with_events: BTreeSet<&str> = have.keys().map(|(t, _)| t.as_str()).collect();
+    let snapshot = recorded_snapshot(cfg, schemas, &with_events).await?;
+    tracing::warn!(
+        ours = store.last_numbered(),
+        theirs = highest,
+        store = %format!("{:016x}", store.id()),
+        newest_by = %newest.and_then(|l| l.store).map_or("?".into(), |s| format!("{s:016x}")),
+        "The topics hold events this key-state store did not write (a new state_dir, or \
+         another instance led since): rebuilding it from them"
+    );
+    let started = std::time::Instant::now();
+    let topics_of: Vec<rebuild::TopicOf> = schemas
+        .iter()
+        .map(|s| {
+            let topic = cfg.topic(&s.schema, &s.name);
+            rebuild::TopicOf {
+                envelope: Arc::new(envelope::TableEnvelope::new(
+                    &c.name,
+                    &cfg.config.postgres.dbname,
+                    s,
+                    &topic,
+                )),
+                partitions: producer.partitions(&topic),
+                topic,
+                table: s.full_name(),
+            }
+        })
+        .collect();
+    let (brokers, props, with_schema) = (k.brokers.clone(), k.properties.clone(), k.with_schema);
+    let (store, rebuilt) = tokio::task::spawn_blocking(move || {
+        let rebuilt = rebuild::fold_topics(
+            &brokers,
+            &props,
+            &topics_of,
+            with_schema,
+            confirmed,
+            &mut store,
+        )?;
+        let snapshot = snapshot.map(|s| serde_json::to_vec(&s)).transpose()?;
+        store.adopt(confirmed, snapshot, rebuilt.highest_seq.max(highest))?;
+        anyhow::Ok((store, rebuilt))
+    })
+    .await??;
+    tracing::info!(
+        events = rebuilt.events,
+        rows = rebuilt.rows,
+        from = %format_lsn(confirmed),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "Rebuilt the key-state store from the topics"
+    );
+    Ok((store, Some(rebuilt), have))
+}
+
+/// Whether the topics went on without this store (numbered up to `ours`, identity `id`):
+/// their newest event is past its numbers, or was numbered by another store (topics
+/// recreated, or a store kept from before its slot was): the store must not be used as it is.
+fn behind(newest: Option<tail::Last>, ours: u64, id: u64) -> bool {
+    newest.is_some_and(|l| l.seq > ours || l.store.is_some_and(|s| s != id))
+}
+
+/// The snapshot a rebuilt store goes on from: the state record's, which must say that
+/// every table whose topic holds events was read to its end (`None` with
+/// `snapshot = "never"`). Otherwise a chunk in flight when the store that wrote them
+/// stopped may be partly in the topics, and reading it again would publish its rows twice.
+async fn recorded_snapshot(
+    cfg: &ValidatedCdc,
+    schemas: &[catalog::TableSchema],
+    with_events: &BTreeSet<&str>,
+) -> anyhow::Result<Option<SnapshotState>> {
+    let c = &cfg.config;
+    if c.capture.snapshot == SnapshotMode::Never {
+        return Ok(None);
     }
-    Ok(())
+    let (brokers, props, topic, slot) = (
+        c.kafka.brokers.clone(),
+        c.kafka.properties.clone(),
+        cfg.state_topic(),
+        c.capture.slot.clone(),
+    );
+    let record =
+        tokio::task::spawn_blocking(move || rebuild::read_state(&brokers, &props, &topic, &slot))
+            .await??;
+    let state = record.and_then(|r| r.snapshot).unwrap_or_default();
+    let unfinished: Vec<String> = schemas
+        .iter()
+        .filter(|s| with_events.contains(cfg.topic(&s.schema, &s.name).as_str()))
+        .map(|s| s.full_name())
+        .filter(|name| state.tables.get(name).is_none_or(|p| !p.done))
+        .collect();
+    if !unfinished.is_empty() {
+        anyhow::bail!(
+            "the topics hold events that this instance's key-state store did not write (a new \
+             state_dir, or another instance led since), and the state topic {} does not record \
+             the snapshot of {} as finished, so the store cannot be rebuilt from them without \
+             publishing rows twice: give this instance the state_dir of the one that wrote them, \
+             or start over (drop the slot {} and the topics)",
+            cfg.state_topic(),
+            unfinished.join(", "),
+            c.capture.slot
+        );
+    }
+    Ok(Some(state))
+}
+
+/// Records in the state topic that the snapshot is done and acknowledged (or that there
+/// is none), so that a store can be rebuilt from the topics (`rebuild.rs`). Written each
+/// time the stream starts; a failure is logged, not fatal: it only matters to a rebuild,
+/// which then says what is missing.
+async fn record_snapshot_state(capture: &Capture) {
+    let c = &capture.cfg.config;
+    let saved: Option<SnapshotState> = match capture.store.meta("snapshot") {
+        Ok(b) => b.and_then(|b| serde_json::from_slice(&b).ok()),
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot read the snapshot's progress");
+            return;
+        }
+    };
+    let snapshot = match (&c.capture.snapshot, saved) {
+        (SnapshotMode::Never, _) => None,
+        (SnapshotMode::Initial, Some(s)) if s.done() => Some(s),
+        _ => return,
+    };
+    let record = rebuild::StateRecord {
+        slot: c.capture.slot.clone(),
+        snapshot,
+        written_at_ms: envelope::now_ms(),
+    };
+    let topic = capture.cfg.state_topic();
+    if let Err(e) =
+        rebuild::record_state(&c.kafka.brokers, &c.kafka.properties, &topic, &record).await
+    {
+        tracing::warn!(error = %format!("{e:#}"), "Cannot record the capture's state: a store rebuilt from the topics will be refused");
+    }
 }
 
 /// After a crash: sends the outbox's events the broker does not have, and waits until it
 /// has them all.
-async fn resend_outbox(capture: &mut Capture) -> anyhow::Result<()> {
+async fn resend_outbox(capture: &mut Capture, have: &Highest) -> anyhow::Result<()> {
     let events = capture.store.outbox()?;
     if events.is_empty() {
         return Ok(());
     }
-    let partitions: BTreeSet<(String, i32)> = events
-        .iter()
-        .map(|e| (e.topic.to_string(), e.partition))
-        .collect();
-    let k = &capture.cfg.config.kafka;
-    let (brokers, props, rewind) = (k.brokers.clone(), k.properties.clone(), k.tail_rewind);
-    let have = tokio::task::spawn_blocking(move || {
-        tail::highest_seqs(&brokers, &props, &partitions, rewind)
-    })
-    .await??;
     let (mut sent, mut skipped) = (0usize, 0usize);
     let mut by_unit: VecDeque<(u64, Vec<&store::OutboxEvent>)> = VecDeque::new();
     for e in &events {
         if e.seq
             <= have
                 .get(&(e.topic.to_string(), e.partition))
-                .copied()
-                .unwrap_or(0)
+                .map_or(0, |l| l.seq)
         {
             skipped += 1;
             continue;
@@ -687,5 +832,24 @@ impl AdminSource for Admin {
 
     fn token(&self) -> Option<crate::secret::Secret> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_is_behind_the_topics_when_their_newest_event_is_not_its_own() {
+        let last = |seq, store| Some(tail::Last { seq, store });
+        // Empty topics, or the store's own events last: it goes on.
+        assert!(!behind(None, 10, 7));
+        assert!(!behind(last(10, Some(7)), 10, 7));
+        assert!(!behind(last(8, None), 10, 7));
+        // Events past its numbers (a new store, or another led since).
+        assert!(behind(last(11, Some(9)), 10, 7));
+        assert!(behind(last(11, None), 10, 7));
+        // Another store's events, numbered below this one's (topics recreated since).
+        assert!(behind(last(5, Some(9)), 10, 7));
     }
 }

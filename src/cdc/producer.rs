@@ -21,6 +21,9 @@ use crate::kafka::client_config;
 
 /// The header carrying an event's outbox sequence number.
 pub const SEQ_HEADER: &str = "chgate-seq";
+/// The header that names the store an event was numbered by (hex): a rebuild's sign that
+/// the topics went on without this store (`cdc/rebuild.rs`).
+pub const STORE_HEADER: &str = "chgate-store";
 
 /// The outcome of one message: its unit, and the error if the broker refused it.
 type Delivery = (u64, Option<String>);
@@ -72,6 +75,8 @@ pub struct EventProducer {
     pending: VecDeque<Pending>,
     /// Partitions per topic.
     partitions: std::collections::HashMap<String, i32>,
+    /// The store's id, in hex, for [`STORE_HEADER`].
+    store_id: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +114,7 @@ impl EventProducer {
             acks: rx,
             pending: VecDeque::new(),
             partitions: Default::default(),
+            store_id: String::new(),
         })
     }
 
@@ -188,6 +194,11 @@ impl EventProducer {
         });
     }
 
+    /// Names the store whose events this producer sends.
+    pub fn set_store(&mut self, id: u64) {
+        self.store_id = format!("{id:016x}");
+    }
+
     /// Queues one event; waits while librdkafka's queue is full.
     pub async fn send(&mut self, e: &OutboxEvent) -> Result<(), ProduceError> {
         if let Some(first) = &self.failed {
@@ -201,10 +212,17 @@ impl EventProducer {
             let mut record =
                 BaseRecord::<[u8], [u8], usize>::with_opaque_to(&e.topic, e.unit as usize)
                     .partition(e.partition)
-                    .headers(OwnedHeaders::new().insert(Header {
-                        key: SEQ_HEADER,
-                        value: Some(seq),
-                    }));
+                    .headers(
+                        OwnedHeaders::new_with_capacity(2)
+                            .insert(Header {
+                                key: SEQ_HEADER,
+                                value: Some(seq),
+                            })
+                            .insert(Header {
+                                key: STORE_HEADER,
+                                value: Some(self.store_id.as_bytes()),
+                            }),
+                    );
             if let Some(k) = &e.key {
                 record = record.key(&k[..]);
             }

@@ -337,6 +337,8 @@ pub struct Store {
     /// Buffers for a unit's outbox record, kept between commits.
     scratch: Vec<u8>,
     record: Vec<u8>,
+    /// Random, made when the file is: see [`Store::id`].
+    id: u64,
 }
 
 impl Store {
@@ -367,6 +369,28 @@ impl Store {
             committed: 0,
             scratch: Vec::new(),
             record: Vec::new(),
+            id: 0,
+        };
+        store.id = match store.meta("store_id")? {
+            Some(b) => read_u64(Some(b)),
+            None => {
+                use std::hash::{BuildHasher, Hasher};
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write_u128(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos()),
+                );
+                h.write_u32(std::process::id());
+                let id = h.finish();
+                let tx = store.db.begin_write().map_err(err)?;
+                tx.open_table(META)
+                    .map_err(err)?
+                    .insert("store_id", id.to_le_bytes().as_slice())
+                    .map_err(err)?;
+                tx.commit().map_err(err)?;
+                id
+            }
         };
         store.store_lsn = read_u64(store.meta("store_lsn")?);
         store.next_event = read_u64(store.meta("next_event")?).max(1);
@@ -376,6 +400,12 @@ impl Store {
         store.acked = store.committed;
         store.next_unit = read_u64(store.meta("next_unit")?).max(1);
         Ok(store)
+    }
+
+    /// The store's identity, random, made with its file: each event names the store that
+    /// numbered it, so that a store can tell whether the topics went on without it.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Whether this store has never committed a unit (its event numbers start at 1).
@@ -768,6 +798,88 @@ impl Store {
         Ok(())
     }
 
+    /// The last event this store numbered (0: none): an event in the topics numbered past
+    /// it was written by another store.
+    pub fn last_numbered(&self) -> u64 {
+        self.next_event - 1
+    }
+
+    /// Writes rows (or, `None`, removes them) straight into the file, in one durable
+    /// transaction: for a store rebuilt from the topics, outside any unit.
+    pub fn load_rows(
+        &mut self,
+        rows: impl Iterator<Item = (Vec<u8>, Option<StoredRow>)>,
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(err)?;
+        {
+            let mut t = tx.open_table(ROWS).map_err(err)?;
+            let mut value = Vec::new();
+            for (key, row) in rows {
+                match row {
+                    Some(r) => {
+                        value.clear();
+                        r.encode_into(&mut value);
+                        t.insert(key.as_slice(), value.as_slice()).map_err(err)?;
+                    }
+                    None => {
+                        t.remove(key.as_slice()).map_err(err)?;
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// Removes the rows of `table` whose key JSON `pick` takes, straight from the file.
+    pub fn remove_rows_where(
+        &mut self,
+        table: &str,
+        mut pick: impl FnMut(&[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut start = table.as_bytes().to_vec();
+        start.push(0);
+        let mut end = table.as_bytes().to_vec();
+        end.push(1);
+        let prefix = start.len();
+        let tx = self.db.begin_write().map_err(err)?;
+        {
+            let mut t = tx.open_table(ROWS).map_err(err)?;
+            t.retain_in(start.as_slice()..end.as_slice(), |k, _| {
+                !pick(k.get(prefix..).unwrap_or_default())
+            })
+            .map_err(err)?;
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// Takes the position and the snapshot's progress of a store rebuilt from the topics,
+    /// and numbers its events after `highest_seq`; committed at once.
+    pub fn adopt(
+        &mut self,
+        store_lsn: u64,
+        snapshot: Option<Vec<u8>>,
+        highest_seq: u64,
+    ) -> Result<(), StoreError> {
+        self.number_events_after(highest_seq);
+        let tx = self.db.begin_write().map_err(err)?;
+        {
+            let mut meta = tx.open_table(META).map_err(err)?;
+            meta.insert("store_lsn", store_lsn.to_le_bytes().as_slice())
+                .map_err(err)?;
+            match &snapshot {
+                Some(s) => meta.insert("snapshot", s.as_slice()).map_err(err)?,
+                None => meta.remove("snapshot").map_err(err)?,
+            };
+            meta.insert("next_event", self.next_event.to_le_bytes().as_slice())
+                .map_err(err)?;
+            meta.insert("next_unit", self.next_unit.to_le_bytes().as_slice())
+                .map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        self.store_lsn = store_lsn;
+        Ok(())
+    }
+
     /// Rows in the file (for the size-per-row figure).
     pub fn rows_on_disk(&self) -> Result<u64, StoreError> {
         let tx = self.db.begin_read().map_err(err)?;
@@ -931,6 +1043,39 @@ mod tests {
         assert_eq!(s.get(b"u\0a").unwrap(), row(1, "1"));
         assert_eq!(s.rows_on_disk().unwrap(), 2);
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn a_rebuilt_store_takes_rows_position_and_numbers_after_the_topics() {
+        let dir = temp();
+        {
+            let mut s = Store::open(&dir, 1 << 20).unwrap();
+            s.load_rows(
+                [
+                    (b"t\0{\"id\":1}".to_vec(), row(5, "1")),
+                    (b"t\0{\"id\":2}".to_vec(), row(6, "2")),
+                    (b"t\0{\"id\":3}".to_vec(), row(7, "3")),
+                    (b"u\0{\"id\":2}".to_vec(), row(8, "u2")),
+                ]
+                .into_iter(),
+            )
+            .unwrap();
+            s.load_rows([(b"t\0{\"id\":3}".to_vec(), None)].into_iter())
+                .unwrap();
+            // A truncate in one partition: the rows whose keys go there leave, only them.
+            s.remove_rows_where("t", |key| key == b"{\"id\":2}")
+                .unwrap();
+            s.adopt(40, Some(b"{}".to_vec()), 77).unwrap();
+        }
+        let s = Store::open(&dir, 1 << 20).unwrap();
+        assert_eq!(s.get(b"t\0{\"id\":1}").unwrap(), row(5, "1"));
+        assert_eq!(s.get(b"t\0{\"id\":2}").unwrap(), None);
+        assert_eq!(s.get(b"t\0{\"id\":3}").unwrap(), None);
+        assert_eq!(s.get(b"u\0{\"id\":2}").unwrap(), row(8, "u2"));
+        assert_eq!(s.store_lsn(), 40);
+        assert_eq!(s.last_numbered(), 77);
+        assert_eq!(s.meta("snapshot").unwrap(), Some(b"{}".to_vec()));
+        assert!(!s.is_new().unwrap());
     }
 
     #[test]

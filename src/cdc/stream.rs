@@ -150,6 +150,10 @@ impl Stream<'_> {
                 r = self.capture.producer.wait_ack(Duration::from_millis(50)) => {
                     r?;
                     self.settle()?;
+                    if self.confirmed != self.sent_status {
+                        // Events in Kafka that the slot does not count as sent yet.
+                        crate::failpoint::reach("cdc.acked_not_confirmed").await;
+                    }
                 }
                 _ = heartbeat.tick(), if !cfg.heartbeat.is_zero() => {
                     if let Err(e) = self.capture.catalog

@@ -15,12 +15,12 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use super::producer::SEQ_HEADER;
+use super::producer::{SEQ_HEADER, STORE_HEADER};
 use crate::kafka::client_config;
 
 /// A client context that does not log reaching a partition's end as an error: here it is
 /// the point.
-struct Quiet;
+pub(super) struct Quiet;
 
 impl rdkafka::ClientContext for Quiet {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
@@ -34,13 +34,21 @@ impl rdkafka::ClientContext for Quiet {
 
 impl rdkafka::consumer::ConsumerContext for Quiet {}
 
+/// The last event of a partition: its `chgate-seq`, and the store that numbered it (absent
+/// in events of chgate before 2026-12-07).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Last {
+    pub seq: u64,
+    pub store: Option<u64>,
+}
+
 /// The highest `chgate-seq` in each partition (absent: none found).
 pub fn highest_seqs(
     brokers: &str,
     properties: &std::collections::BTreeMap<String, String>,
     partitions: &BTreeSet<(String, i32)>,
     rewind: i64,
-) -> anyhow::Result<HashMap<(String, i32), u64>> {
+) -> anyhow::Result<HashMap<(String, i32), Last>> {
     let mut out = HashMap::new();
     let topics: BTreeSet<&String> = partitions.iter().map(|(t, _)| t).collect();
     for topic in topics {
@@ -61,7 +69,7 @@ fn read_topic(
     topic: &str,
     partitions: &[i32],
     rewind: i64,
-    out: &mut HashMap<(String, i32), u64>,
+    out: &mut HashMap<(String, i32), Last>,
 ) -> anyhow::Result<()> {
     let consumer: BaseConsumer<Quiet> = client_config(brokers, properties)
         .set("group.id", "chgate-cdc-tail")
@@ -91,14 +99,25 @@ fn read_topic(
         match consumer.poll(Duration::from_millis(500)) {
             None => {}
             Some(Ok(m)) => {
-                let seq = m.headers().and_then(|h| {
-                    h.iter()
-                        .find(|h| h.key == SEQ_HEADER)
-                        .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse::<u64>().ok())
-                });
-                if let Some(seq) = seq {
-                    let e = out.entry((topic.to_string(), m.partition())).or_insert(0);
-                    *e = seq.max(*e);
+                let header = |name: &str, radix: u32| {
+                    m.headers().and_then(|h| {
+                        h.iter().find(|h| h.key == name).and_then(|h| {
+                            u64::from_str_radix(std::str::from_utf8(h.value?).ok()?, radix).ok()
+                        })
+                    })
+                };
+                if let Some(seq) = header(SEQ_HEADER, 10) {
+                    let last = Last {
+                        seq,
+                        store: header(STORE_HEADER, 16),
+                    };
+                    out.entry((topic.to_string(), m.partition()))
+                        .and_modify(|e| {
+                            if seq > e.seq {
+                                *e = last;
+                            }
+                        })
+                        .or_insert(last);
                 }
             }
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {

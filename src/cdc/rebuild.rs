@@ -1,0 +1,492 @@
+//! A key-state store rebuilt from the topics, for an instance whose store did not write
+//! them: a standby taking over on another machine (its own `state_dir`), a former leader
+//! whose store fell behind while another led, a `state_dir` that was lost.
+//!
+//! The topics hold every event the capture published, each partition a gap-free prefix of
+//! what was sent to it, and every key's events in its one partition, in order. So the
+//! last event of each key is its last published state: its `after` (byte for byte the
+//! stored row) and `source.row_version` (the stored version), or, for a delete, no row.
+//! Folding the topics gives the store its leader had, minus what it had not sent.
+//!
+//! What comes next is the slot's: the stream resumes at its confirmed position, and the
+//! server sends again every transaction after it, some of which the topics already hold,
+//! wholly or in part (the old leader died with them in flight). [`Rebuilt`] says which
+//! changes those are: a change is in the topics if its key's last event there is at or
+//! past its version (a key's events are in order), or a truncate at or past it went to its
+//! partition. Those are skipped, the others published: nothing twice, nothing lost.
+//!
+//! The snapshot cannot be rebuilt so: a chunk in flight when the leader died is partly in
+//! the topics, and nothing says which rows. So the capture records in a state topic, once
+//! the snapshot is done and acknowledged, that it is ([`record_state`]); a rebuild needs
+//! that record for every table whose topic holds events, and refuses otherwise, saying
+//! what would let it go on.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::envelope::TableEnvelope;
+use super::producer::SEQ_HEADER;
+use super::snapshot::SnapshotState;
+use super::store::{row_key_into, Store, StoredRow};
+use super::tail::Quiet;
+use crate::kafka::client_config;
+use crate::kafka::partition::partition_for_key;
+
+/// A captured table's topic, as the fold needs it.
+pub struct TopicOf {
+    pub topic: String,
+    /// `schema.table`: the store's key prefix.
+    pub table: String,
+    pub envelope: Arc<TableEnvelope>,
+    pub partitions: i32,
+}
+
+/// What the topics hold past the slot's confirmed position: see the module doc.
+#[derive(Debug, Default)]
+pub struct Rebuilt {
+    /// The highest version of a streamed event (insert, update, delete, truncate) in the
+    /// topics: a change past it cannot be there.
+    pub max_version: u64,
+    /// Keys (store keys) whose last event is a delete past the confirmed position, and
+    /// its version.
+    deleted: HashMap<Vec<u8>, u64>,
+    /// The version of the last truncate each partition holds.
+    truncated: HashMap<(String, i32), u64>,
+    /// The highest `chgate-seq` in the topics: the store numbers its events after it.
+    pub highest_seq: u64,
+    /// Events read, rows the store holds after the fold (for the log).
+    pub events: u64,
+    pub rows: u64,
+}
+
+impl Rebuilt {
+    /// Whether the topics already hold the change of version `version` to the row with
+    /// this store key (in `partition` of `topic`); `stored` is the store's row for it.
+    pub fn holds(
+        &self,
+        store_key: &[u8],
+        stored: Option<&StoredRow>,
+        topic: &str,
+        partition: i32,
+        version: u64,
+    ) -> bool {
+        if version > self.max_version {
+            return false;
+        }
+        stored.is_some_and(|r| r.version >= version)
+            || self.deleted.get(store_key).is_some_and(|&v| v >= version)
+            || self.truncate_holds(topic, partition, version)
+    }
+
+    /// Whether `partition` of `topic` holds a truncate at or past `version`.
+    pub fn truncate_holds(&self, topic: &str, partition: i32, version: u64) -> bool {
+        self.truncated
+            .get(&(topic.to_string(), partition))
+            .is_some_and(|&v| v >= version)
+    }
+}
+
+/// The record the capture keeps in its state topic, keyed by its slot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateRecord {
+    pub slot: String,
+    /// The snapshot, done and acknowledged; `None` with `snapshot = "never"`.
+    pub snapshot: Option<SnapshotState>,
+    pub written_at_ms: i64,
+}
+
+/// Writes the capture's state record and waits for the broker to have it.
+pub async fn record_state(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topic: &str,
+    record: &StateRecord,
+) -> anyhow::Result<()> {
+    let producer: FutureProducer = client_config(brokers, properties)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()
+        .context("a producer for the state topic")?;
+    let value = serde_json::to_vec(record)?;
+    producer
+        .send(
+            FutureRecord::to(topic)
+                .partition(0)
+                .key(record.slot.as_bytes())
+                .payload(&value),
+            Duration::from_secs(60),
+        )
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("writing the state record to {topic}: {e}"))?;
+    Ok(())
+}
+
+/// The newest state record of `slot` in `topic` (partition 0), if any.
+pub fn read_state(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topic: &str,
+    slot: &str,
+) -> anyhow::Result<Option<StateRecord>> {
+    let mut found = None;
+    read_partitions(brokers, properties, topic, &[0], |m| {
+        if m.key() == Some(slot.as_bytes()) {
+            if let Some(v) = m.payload() {
+                let r: StateRecord = serde_json::from_slice(v).with_context(|| {
+                    format!("the state record at {topic}/0@{} is not one", m.offset())
+                })?;
+                found = Some(r);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(found)
+}
+
+/// Reads every message of the given partitions of `topic`, from the first the broker
+/// keeps to the end it reports when asked, handing each to `each`.
+fn read_partitions(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topic: &str,
+    partitions: &[i32],
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let consumer: BaseConsumer<Quiet> = client_config(brokers, properties)
+        .set("group.id", "chgate-cdc-rebuild")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .create_with_context(Quiet)?;
+    let mut list = TopicPartitionList::new();
+    let mut open = std::collections::BTreeSet::new();
+    for &p in partitions {
+        let (low, high) = match consumer.fetch_watermarks(topic, p, Duration::from_secs(10)) {
+            Ok(w) => w,
+            // A state topic nobody wrote yet.
+            Err(e)
+                if e.rdkafka_error_code()
+                    == Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e).with_context(|| format!("the offsets of {topic}/{p}")),
+        };
+        if high <= low {
+            continue;
+        }
+        if low > 0 {
+            tracing::warn!(
+                topic,
+                partition = p,
+                first_offset = low,
+                "The partition no longer starts at offset 0: unless compaction removed the \
+                 records before it (the last event of each key is kept), rows they held are \
+                 missing from the rebuilt store"
+            );
+        }
+        list.add_partition_offset(topic, p, Offset::Offset(low))?;
+        open.insert(p);
+    }
+    if open.is_empty() {
+        return Ok(());
+    }
+    consumer.assign(&list)?;
+    let mut last_progress = Instant::now();
+    while !open.is_empty() {
+        if last_progress.elapsed() > Duration::from_secs(120) {
+            anyhow::bail!("reading topic {topic}: no message for 2 minutes");
+        }
+        match consumer.poll(Duration::from_millis(500)) {
+            None => {}
+            Some(Ok(m)) => {
+                last_progress = Instant::now();
+                each(&m)?;
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+            }
+            Some(Err(e)) => return Err(e).with_context(|| format!("reading topic {topic}")),
+        }
+    }
+    Ok(())
+}
+
+/// An event's parts the fold needs.
+#[derive(Debug, PartialEq)]
+struct Parsed<'a> {
+    op: u8,
+    /// The key object as the capture wrote it (without `with_schema`'s wrapper).
+    key_json: &'a str,
+    after: Option<&'a str>,
+    version: u64,
+}
+
+#[derive(Deserialize)]
+struct WireValue<'a> {
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    op: Option<&'a str>,
+    #[serde(borrow, default)]
+    after: Option<&'a RawValue>,
+    #[serde(default)]
+    source: Option<WireSource>,
+}
+
+#[derive(Deserialize)]
+struct WireSource {
+    row_version: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct WireKey<'a> {
+    #[serde(borrow)]
+    payload: &'a RawValue,
+}
+
+/// Reads one event of the capture's (key and value as it wrote them).
+fn parse<'a>(key: &'a [u8], value: &'a [u8], with_schema: bool) -> anyhow::Result<Parsed<'a>> {
+    let key = std::str::from_utf8(key).context("the key is not UTF-8")?;
+    let key_json = if with_schema {
+        let k: WireKey = serde_json::from_str(key).context("the key has no payload")?;
+        k.payload.get()
+    } else {
+        key
+    };
+    let mut v: WireValue = serde_json::from_slice(value).context("the value is not an event")?;
+    if let Some(p) = v.payload {
+        v = serde_json::from_str(p.get()).context("the payload is not an event")?;
+    }
+    let op = match v.op {
+        Some(o) if o.len() == 1 && "crudt".contains(o) => o.as_bytes()[0],
+        other => anyhow::bail!("op {other:?} is none of c, r, u, d, t"),
+    };
+    let version = v
+        .source
+        .and_then(|s| s.row_version)
+        .context("no source.row_version: not an event of chgate's")?;
+    let after = v.after.map(RawValue::get);
+    if matches!(op, b'c' | b'r' | b'u') && after.is_none() {
+        anyhow::bail!("op {} without an after image", op as char);
+    }
+    Ok(Parsed {
+        op,
+        key_json,
+        after,
+        version,
+    })
+}
+
+/// Rows waiting to go into the store, written a batch at a time.
+const BATCH_ROWS: usize = 50_000;
+
+/// The fold of one topic's partitions into the store.
+struct Fold<'a> {
+    store: &'a mut Store,
+    t: &'a TopicOf,
+    with_schema: bool,
+    confirmed: u64,
+    pending: HashMap<Vec<u8>, Option<StoredRow>>,
+    out: &'a mut Rebuilt,
+    key: Vec<u8>,
+}
+
+impl Fold<'_> {
+    fn message(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()> {
+        self.out.events += 1;
+        if let Some(seq) = m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == SEQ_HEADER)
+                .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse::<u64>().ok())
+        }) {
+            self.out.highest_seq = self.out.highest_seq.max(seq);
+        }
+        // A tombstone follows each delete: the delete said it all.
+        let Some(value) = m.payload() else {
+            return Ok(());
+        };
+        let at = || format!("{}/{}@{}", self.t.topic, m.partition(), m.offset());
+        // A truncate is the one event without a key.
+        let Some(key) = m.key() else {
+            let p = parse(b"{}", value, false).with_context(at)?;
+            if p.op != b't' {
+                anyhow::bail!("{}: an event without a key that is no truncate", at());
+            }
+            return self.truncate(m.partition(), p.version);
+        };
+        let p = parse(key, value, self.with_schema).with_context(at)?;
+        if p.op == b't' {
+            anyhow::bail!("{}: a truncate with a key", at());
+        }
+        row_key_into(&self.t.table, p.key_json.as_bytes(), &mut self.key);
+        if p.op != b'r' {
+            self.out.max_version = self.out.max_version.max(p.version);
+        }
+        let row = match (p.op, p.after) {
+            (b'd', _) => {
+                if p.version > self.confirmed {
+                    self.out.deleted.insert(self.key.clone(), p.version);
+                }
+                None
+            }
+            (_, Some(after)) => {
+                self.out.deleted.remove(&self.key);
+                Some(StoredRow {
+                    version: p.version,
+                    regime: StoredRow::STREAMED,
+                    json: after.into(),
+                })
+            }
+            (_, None) => unreachable!("parse refuses a row event without an after image"),
+        };
+        self.pending.insert(self.key.clone(), row);
+        if self.pending.len() >= BATCH_ROWS {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// A truncate in partition `p`: the table's rows whose keys go to `p` leave.
+    fn truncate(&mut self, p: i32, version: u64) -> anyhow::Result<()> {
+        self.flush()?;
+        self.out.max_version = self.out.max_version.max(version);
+        let e = self
+            .out
+            .truncated
+            .entry((self.t.topic.clone(), p))
+            .or_insert(0);
+        *e = (*e).max(version);
+        let (envelope, with_schema, n) = (&self.t.envelope, self.with_schema, self.t.partitions);
+        self.store.remove_rows_where(&self.t.table, |key_json| {
+            partition_for_key(&envelope.key_bytes(key_json, with_schema), n) == p
+        })?;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        if !self.pending.is_empty() {
+            self.store.load_rows(self.pending.drain())?;
+        }
+        Ok(())
+    }
+}
+
+/// Folds every captured topic into `store` (emptied first). `confirmed` is the slot's
+/// confirmed position. Blocking: run it on a blocking thread.
+pub fn fold_topics(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topics: &[TopicOf],
+    with_schema: bool,
+    confirmed: u64,
+    store: &mut Store,
+) -> anyhow::Result<Rebuilt> {
+    store.reset()?;
+    let mut out = Rebuilt::default();
+    for t in topics {
+        let partitions: Vec<i32> = (0..t.partitions).collect();
+        let mut fold = Fold {
+            store,
+            t,
+            with_schema,
+            confirmed,
+            pending: HashMap::new(),
+            out: &mut out,
+            key: Vec::new(),
+        };
+        read_partitions(brokers, properties, &t.topic, &partitions, |m| {
+            fold.message(m)
+        })?;
+        fold.flush()?;
+    }
+    out.rows = store.rows_on_disk()?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_is_read_with_and_without_its_schema() {
+        let value = br#"{"before":null,"after":{"id":1,"n":"a \"b\""},"source":{"version":"x","row_version":42,"before_row_version":null},"op":"c","ts_ms":1,"transaction":null}"#;
+        let p = parse(br#"{"id":1}"#, value, false).unwrap();
+        assert_eq!(
+            p,
+            Parsed {
+                op: b'c',
+                key_json: r#"{"id":1}"#,
+                after: Some(r#"{"id":1,"n":"a \"b\""}"#),
+                version: 42
+            }
+        );
+        let wrapped = format!(
+            r#"{{"schema":{{"type":"struct","fields":[]}},"payload":{}}}"#,
+            std::str::from_utf8(value).unwrap()
+        );
+        let key = br#"{"schema":{"type":"struct"},"payload":{"id":1}}"#;
+        assert_eq!(parse(key, wrapped.as_bytes(), true).unwrap(), p);
+    }
+
+    #[test]
+    fn a_delete_and_a_truncate_have_no_after_image() {
+        let d =
+            br#"{"before":{"id":1},"after":null,"source":{"row_version":7},"op":"d","ts_ms":1}"#;
+        let p = parse(br#"{"id":1}"#, d, false).unwrap();
+        assert_eq!((p.op, p.after, p.version), (b'd', None, 7));
+        let t = br#"{"before":null,"after":null,"source":{"row_version":9},"op":"t","ts_ms":1,"transaction":null}"#;
+        let p = parse(b"{}", t, false).unwrap();
+        assert_eq!((p.op, p.version), (b't', 9));
+    }
+
+    #[test]
+    fn what_is_not_an_event_of_the_capture_is_refused_with_the_reason() {
+        let cases: [(&[u8], &str); 4] = [
+            (b"not json", "not an event"),
+            (br#"{"op":"x","source":{"row_version":1}}"#, "none of"),
+            (br#"{"op":"u","after":{"id":1},"source":{}}"#, "row_version"),
+            (
+                br#"{"op":"u","after":null,"source":{"row_version":1}}"#,
+                "without an after",
+            ),
+        ];
+        for (value, want) in cases {
+            let e = format!("{:#}", parse(br#"{"id":1}"#, value, false).unwrap_err());
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_change_is_held_when_its_key_or_partition_has_gone_past_it() {
+        let mut r = Rebuilt {
+            max_version: 100,
+            ..Default::default()
+        };
+        r.deleted.insert(b"t\0{\"id\":2}".to_vec(), 50);
+        r.truncated.insert(("top".into(), 1), 30);
+        let row = |version| StoredRow {
+            version,
+            regime: StoredRow::STREAMED,
+            json: "{}".into(),
+        };
+        let k1 = b"t\0{\"id\":1}";
+        assert!(r.holds(k1, Some(&row(60)), "top", 0, 60));
+        assert!(!r.holds(k1, Some(&row(60)), "top", 0, 61));
+        assert!(r.holds(b"t\0{\"id\":2}", None, "top", 0, 50));
+        assert!(!r.holds(b"t\0{\"id\":2}", None, "top", 0, 51));
+        assert!(r.holds(b"t\0{\"id\":3}", None, "top", 1, 30));
+        assert!(!r.holds(b"t\0{\"id\":3}", None, "top", 0, 30));
+        // Past everything the topics hold: never.
+        assert!(!r.holds(k1, Some(&row(500)), "top", 0, 101));
+    }
+}
