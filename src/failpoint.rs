@@ -70,18 +70,27 @@ pub fn parse(spec: &str) -> (HashMap<String, Action>, Vec<String>) {
 
 /// Reaches the failpoint `name`: dies or waits if the environment says so.
 pub async fn reach(name: &str) {
+    if let Some(d) = reach_now(name) {
+        tokio::time::sleep(d).await;
+    }
+}
+
+/// [`reach`] where nothing may await (between two steps that must not be torn apart by
+/// anything but the failpoint): dies at once, or returns the time to sleep.
+pub fn reach_now(name: &str) -> Option<std::time::Duration> {
     let table = table();
     if table.is_empty() {
-        return;
+        return None;
     }
     match table.get(name) {
-        None => {}
+        None => None,
         Some(Action::Kill) => {
             tracing::warn!(failpoint = name, "Failpoint: SIGKILL");
             // SAFETY: kill(2) on our own pid with a valid signal number.
             unsafe {
                 libc::kill(libc::getpid(), libc::SIGKILL);
             }
+            None
         }
         Some(Action::Sleep(d)) => {
             tracing::warn!(
@@ -89,7 +98,7 @@ pub async fn reach(name: &str) {
                 ms = d.as_millis() as u64,
                 "Failpoint: sleeping"
             );
-            tokio::time::sleep(*d).await;
+            Some(*d)
         }
     }
 }

@@ -1184,6 +1184,7 @@ fn the_standby_takes_over_when_the_leader_is_killed() {
         b.tail()
     );
     rt.block_on(load).unwrap();
+    rt.block_on(wait_caught_up(&db, &b));
     let held = b.metric("chgate_cdc_skipped_total", &["reason=\"in_topics\""]);
     assert!(
         held > 0.0,

@@ -44,8 +44,12 @@ pub struct Truncating {
     lsn: u64,
     /// The regimes of resumed snapshots that saw the truncate (their rows stay).
     seeing: Vec<u8>,
-    /// Rows are deleted one by one (`delete_rows`, or resumed snapshots saw it), and some
-    /// are left to read.
+    /// Each row goes with a delete event (`delete_rows`, or resumed snapshots saw it).
+    delete_rows: bool,
+    /// After a rebuild, with the topics holding this truncate in some partitions and rows
+    /// written after it: only the rows older than it go, one by one.
+    older_only: bool,
+    /// Rows are taken one by one, and some are left to read.
     rows_left: bool,
     /// The store key the next batch starts after.
     next: Option<Vec<u8>>,
@@ -122,6 +126,9 @@ pub struct Capture {
     /// What the topics hold past the slot's position, when the store was rebuilt from
     /// them: those changes are not published again.
     pub rebuilt: Option<Rebuilt>,
+    /// The topics' last events as a rebuild at this start read them: checked again once the
+    /// slot is this instance's (`tail::unchanged_since`).
+    pub rebuilt_from: Option<std::collections::HashMap<(String, i32), super::tail::Last>>,
 }
 
 impl Capture {
@@ -178,6 +185,7 @@ impl Capture {
             commit_times: VecDeque::new(),
             key_buf: Vec::new(),
             rebuilt: None,
+            rebuilt_from: None,
         }
     }
 
@@ -302,7 +310,12 @@ impl Capture {
                 // A key change is a delete of the old key and a create of the new one; a
                 // resumed snapshot may hold either half (each key lies in its own range).
                 let seen_new = self.seen_by_snapshot(&rel, tx, &new).await?
-                    || self.in_topics(&rel, &new, lsn)?;
+                    || self.in_topics(&rel, &new, lsn)?
+                    || old.as_ref().is_some_and(|(_, datums)| {
+                        // A key column TOASTed and unchanged: the key is the old tuple's.
+                        !rel.layout.key(&new, &mut Vec::new())
+                            && self.in_topics(&rel, datums, lsn).unwrap_or(false)
+                    });
                 let seen_old = match &old {
                     Some((_, datums))
                         if rel.layout.key_values(datums) != rel.layout.key_values(&new) =>
@@ -452,7 +465,20 @@ impl Capture {
             // A key column TOASTed and unchanged: the key is the old one.
             new_key.clone_from(&old_key);
         }
-        let prev = self.stored(t, &old_key)?;
+        let mut prev = self.stored(t, &old_key)?;
+        if prev.is_none() {
+            // After a rebuild, a key change whose delete half the topics hold: the row it
+            // took away still fills the new row's unchanged TOAST values.
+            let deleted = self.rebuilt.as_ref().and_then(|r| {
+                r.deleted_row(&self.store_key(t, &old_key), lsn)
+                    .map(|json| StoredRow {
+                        version: lsn,
+                        regime: StoredRow::STREAMED,
+                        json: json.into(),
+                    })
+            });
+            prev = deleted;
+        }
         let mut after = Vec::with_capacity(prev.as_ref().map_or(256, |p| p.json.len() + 16));
         if let Err(e) = rel
             .layout
@@ -545,12 +571,15 @@ impl Capture {
         let seeing = self.regimes_seeing(t, tx);
         let delete_rows =
             !seeing.is_empty() || self.cfg.config.capture.truncate == TruncateMode::DeleteRows;
+        let older_only = self.rebuilt.as_ref().is_some_and(|r| lsn <= r.max_version);
         Ok(Some(Truncating {
             t,
             tx,
             lsn,
             seeing,
-            rows_left: delete_rows,
+            delete_rows,
+            older_only,
+            rows_left: delete_rows || older_only,
             next: None,
         }))
     }
@@ -576,15 +605,21 @@ impl Capture {
                 if run.seeing.contains(&row.regime) {
                     continue;
                 }
-                let source = self.source(run.tx, run.lsn, run.lsn, Some(row.version));
-                self.emit(
-                    t,
-                    'd',
-                    key_json.as_bytes(),
-                    Some(row.json.as_bytes()),
-                    None,
-                    &source,
-                );
+                // Written after the truncate: the topics hold it (and the truncate before it).
+                if run.older_only && row.version >= run.lsn && row.regime == StoredRow::STREAMED {
+                    continue;
+                }
+                if run.delete_rows {
+                    let source = self.source(run.tx, run.lsn, run.lsn, Some(row.version));
+                    self.emit(
+                        t,
+                        'd',
+                        key_json.as_bytes(),
+                        Some(row.json.as_bytes()),
+                        None,
+                        &source,
+                    );
+                }
                 self.store.put(store_key, None);
             }
             run.next = batch.next;
@@ -596,7 +631,9 @@ impl Capture {
         if !run.seeing.is_empty() {
             return Ok(true);
         }
-        self.store.truncate(&self.tables[t].name);
+        if !run.older_only {
+            self.store.truncate(&self.tables[t].name);
+        }
         let source = self.source(run.tx, run.lsn, run.lsn, None);
         let value = self.tables[t]
             .envelope

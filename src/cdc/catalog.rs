@@ -382,6 +382,18 @@ pub async fn slot_confirmed(client: &Client, slot: &str) -> anyhow::Result<Optio
     Ok(Some(lsn.as_deref().and_then(parse_lsn).unwrap_or(0)))
 }
 
+/// The slot's restart position: the oldest change the server may send again.
+pub async fn slot_restart(client: &Client, slot: &str) -> anyhow::Result<Option<u64>> {
+    let row = client
+        .query_opt(
+            "SELECT restart_lsn::text FROM pg_replication_slots
+             WHERE slot_name = $1 AND database = current_database()",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.and_then(|r| parse_lsn(&r.get::<_, Option<String>>(0)?)))
+}
+
 /// The transactions that hold up a logical slot being created: PostgreSQL reaches the
 /// slot's consistent point only once every transaction with an xid that was running when it
 /// was asked has ended, in any database of the server. One line each: pid, database, user,

@@ -99,7 +99,10 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             run_stop.cancel();
         });
     }
-    let mut result = capture(cfg, run_stop, streaming).await;
+    let lost = leadership
+        .as_ref()
+        .map_or_else(CancellationToken::new, |l| l.lost.clone());
+    let mut result = capture(cfg, run_stop, lost, streaming).await;
     if leadership.as_ref().is_some_and(|l| l.lost.is_cancelled()) && result.is_ok() {
         result = Err(anyhow::anyhow!(
             "lost the leadership of the capture; restart to stand by"
@@ -112,9 +115,12 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     result
 }
 
+/// `lost` is cancelled when this instance is no longer the leader: then nothing more is
+/// sent, not even what waits to be acknowledged (the next leader sends it).
 async fn capture(
     cfg: Arc<ValidatedCdc>,
     stop: CancellationToken,
+    lost: CancellationToken,
     streaming: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     // Connecting, creating topics and resending the outbox can each wait on a server
@@ -134,10 +140,10 @@ async fn capture(
     if stop.is_cancelled() {
         return Ok(());
     }
-    record_snapshot_state(&capture).await;
+    record_snapshot_done(&capture).await;
     let sql = start_sql(&cfg, conn.server_version);
     streaming.store(true, Ordering::Relaxed);
-    let r = stream::run(&mut capture, conn, &sql, stop).await;
+    let r = stream::run(&mut capture, conn, &sql, stop, lost).await;
     streaming.store(false, Ordering::Relaxed);
     r
 }
@@ -176,14 +182,24 @@ async fn start(
         .iter()
         .map(|t| cfg.topic(&t.schema, &t.name))
         .collect();
-    let mut all = topics.clone();
-    all.push(cfg.state_topic());
-    producer.ensure_topics(&c.kafka, &all).await?;
-    let (store, rebuilt, have) =
+    producer.ensure_topics(&c.kafka, &topics).await?;
+    // One record per slot, the newest the one that counts: compacted, never expired.
+    producer
+        .ensure_topics_with(
+            &c.kafka,
+            &[cfg.state_topic()],
+            1,
+            &[("cleanup.policy", "compact")],
+        )
+        .await?;
+    let (store, rebuilt, have, rebuilt_now) =
         follow_the_topics(cfg, &catalog, &producer, &schemas, &topics, store).await?;
     tracing::info!(tables = %topics.join(", "), "Capturing");
     producer.set_store(store.id());
     let mut capture = Capture::new(cfg.clone(), catalog, schemas, store, producer);
+    if rebuilt_now {
+        capture.rebuilt_from = Some(have.clone());
+    }
     capture.rebuilt = rebuilt;
     // This instance captures the slot (alone, or elected).
     METRICS.cdc_leader.set(1);
@@ -236,6 +252,10 @@ type Highest = std::collections::HashMap<(String, i32), tail::Last>;
 ///   partition holds a higher number, so numbers starting again at 1 would be skipped;
 /// - with the slot there, it is rebuilt from the topics (`rebuild.rs`), which needs the
 ///   state record to say the snapshot was finished.
+///
+/// Returns the store; what the topics hold that the server may send again (from this
+/// rebuild, or kept from an earlier one); each partition's last event; and whether it was
+/// rebuilt now.
 async fn follow_the_topics(
     cfg: &Arc<ValidatedCdc>,
     catalog: &tokio_postgres::Client,
@@ -243,7 +263,7 @@ async fn follow_the_topics(
     schemas: &[catalog::TableSchema],
     topics: &[String],
     mut store: Store,
-) -> anyhow::Result<(Store, Option<rebuild::Rebuilt>, Highest)> {
+) -> anyhow::Result<(Store, Option<rebuild::Rebuilt>, Highest, bool)> {
     let partitions: BTreeSet<(String, i32)> = topics
         .iter()
         .flat_map(|t| (0..producer.partitions(t)).map(move |p| (t.clone(), p)))
@@ -257,7 +277,12 @@ async fn follow_the_topics(
     let newest = have.values().max_by_key(|l| l.seq).copied();
     let highest = newest.map_or(0, |l| l.seq);
     if !behind(newest, store.last_numbered(), store.id()) {
-        return Ok((store, None, have));
+        // A rebuild's knowledge of the topics, while the server may still send what they hold.
+        let rebuilt = store
+            .meta("rebuilt")?
+            .and_then(|b| serde_json::from_slice::<rebuild::Rebuilt>(&b).ok())
+            .filter(|r| r.pending(store.store_lsn()));
+        return Ok((store, rebuilt, have, false));
     }
     let c = &cfg.config.capture;
     let Some(confirmed) = catalog::slot_confirmed(catalog, &c.slot).await? else {
@@ -266,7 +291,7 @@ async fn follow_the_topics(
             "The topics already hold events, and the slot is new: numbering this store's after theirs"
         );
         store.number_events_after(highest);
-        return Ok((store, None, have));
+        return Ok((store, None, have, false));
     };
     let with_events: BTreeSet<&str> = have.keys().map(|(t, _)| t.as_str()).collect();
     let snapshot = recorded_snapshot(cfg, schemas, &with_events).await?;
@@ -296,6 +321,10 @@ async fn follow_the_topics(
             }
         })
         .collect();
+    let restart = catalog::slot_restart(catalog, &c.slot)
+        .await?
+        .unwrap_or(0)
+        .min(confirmed);
     let (brokers, props, with_schema) = (k.brokers.clone(), k.properties.clone(), k.with_schema);
     let (store, rebuilt) = tokio::task::spawn_blocking(move || {
         let rebuilt = rebuild::fold_topics(
@@ -303,11 +332,17 @@ async fn follow_the_topics(
             &props,
             &topics_of,
             with_schema,
-            confirmed,
+            restart,
             &mut store,
         )?;
         let snapshot = snapshot.map(|s| serde_json::to_vec(&s)).transpose()?;
-        store.adopt(confirmed, snapshot, rebuilt.highest_seq.max(highest))?;
+        let kept = serde_json::to_vec(&rebuilt)?;
+        store.adopt(
+            confirmed,
+            snapshot,
+            Some(kept),
+            rebuilt.highest_seq.max(highest),
+        )?;
         anyhow::Ok((store, rebuilt))
     })
     .await??;
@@ -318,7 +353,7 @@ async fn follow_the_topics(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "Rebuilt the key-state store from the topics"
     );
-    Ok((store, Some(rebuilt), have))
+    Ok((store, Some(rebuilt), have, true))
 }
 
 /// Whether the topics went on without this store (numbered up to `ours`, identity `id`):
@@ -376,7 +411,7 @@ async fn recorded_snapshot(
 /// is none), so that a store can be rebuilt from the topics (`rebuild.rs`). Written each
 /// time the stream starts; a failure is logged, not fatal: it only matters to a rebuild,
 /// which then says what is missing.
-async fn record_snapshot_state(capture: &Capture) {
+async fn record_snapshot_done(capture: &Capture) {
     let c = &capture.cfg.config;
     let saved: Option<SnapshotState> = match capture.store.meta("snapshot") {
         Ok(b) => b.and_then(|b| serde_json::from_slice(&b).ok()),
@@ -390,17 +425,21 @@ async fn record_snapshot_state(capture: &Capture) {
         (SnapshotMode::Initial, Some(s)) if s.done() => Some(s),
         _ => return,
     };
+    if let Err(e) = publish_state(capture, snapshot).await {
+        tracing::warn!(error = %format!("{e:#}"), "Cannot record the capture's state: a store rebuilt from the topics will be refused");
+    }
+}
+
+/// Writes the capture's state record (see `rebuild.rs`) and waits for the broker to have it.
+async fn publish_state(capture: &Capture, snapshot: Option<SnapshotState>) -> anyhow::Result<()> {
+    let c = &capture.cfg.config;
     let record = rebuild::StateRecord {
         slot: c.capture.slot.clone(),
         snapshot,
         written_at_ms: envelope::now_ms(),
     };
     let topic = capture.cfg.state_topic();
-    if let Err(e) =
-        rebuild::record_state(&c.kafka.brokers, &c.kafka.properties, &topic, &record).await
-    {
-        tracing::warn!(error = %format!("{e:#}"), "Cannot record the capture's state: a store rebuilt from the topics will be refused");
-    }
+    rebuild::record_state(&c.kafka.brokers, &c.kafka.properties, &topic, &record).await
 }
 
 /// After a crash: sends the outbox's events the broker does not have, and waits until it
@@ -519,7 +558,7 @@ async fn prepare_slot(
         .meta("snapshot")?
         .and_then(|b| serde_json::from_slice(&b).ok());
     if let (Some(_), Some(state), SnapshotMode::Initial) = (slot_lsn, &mut saved, &c.snapshot) {
-        follow_captured_tables(capture, state)?;
+        follow_captured_tables(capture, state).await?;
     }
     let mut conn = ReplicationConn::connect(&connect_params(&cfg))
         .await
@@ -569,7 +608,7 @@ async fn prepare_slot(
                             lsn_at: 0,
                         }],
                     );
-                    record_state(capture, &state)?;
+                    record_state(capture, &state).await?;
                     Some(SnapshotPlan { state, exported })
                 }
             }
@@ -594,7 +633,7 @@ async fn prepare_slot(
                 && capture.store.rows_on_disk()? == 0 =>
             {
                 let state = fresh(confirmed, Vec::new());
-                record_state(capture, &state)?;
+                record_state(capture, &state).await?;
                 Some(SnapshotPlan {
                     state,
                     exported: None,
@@ -612,7 +651,10 @@ async fn prepare_slot(
 /// publication took it in, and those the new snapshot already saw are skipped. One no
 /// longer captured is forgotten (else the snapshot would never be done), so it is read
 /// again if it comes back.
-fn follow_captured_tables(capture: &mut Capture, state: &mut SnapshotState) -> anyhow::Result<()> {
+async fn follow_captured_tables(
+    capture: &mut Capture,
+    state: &mut SnapshotState,
+) -> anyhow::Result<()> {
     let captured = |name: &String| capture.tables.iter().any(|t| &t.name == name);
     let removed: Vec<String> = state
         .tables
@@ -642,7 +684,7 @@ fn follow_captured_tables(capture: &mut Capture, state: &mut SnapshotState) -> a
             },
         );
     }
-    record_state(capture, state)?;
+    record_state(capture, state).await?;
     if !added.is_empty() {
         tracing::info!(tables = %added.join(", "), "Tables new to the capture: their existing rows are read first");
     }
@@ -652,13 +694,18 @@ fn follow_captured_tables(capture: &mut Capture, state: &mut SnapshotState) -> a
     Ok(())
 }
 
-fn record_state(capture: &mut Capture, state: &SnapshotState) -> anyhow::Result<()> {
+/// Records the snapshot's progress in the store, and in the state topic (waiting for the
+/// broker to have it), before any row of it is published: a rebuild must never take an
+/// earlier record (of a slot since created anew, say) for this snapshot's.
+async fn record_state(capture: &mut Capture, state: &SnapshotState) -> anyhow::Result<()> {
     capture
         .store
         .put_meta("snapshot", serde_json::to_vec(state)?);
     capture.close_unit(None, 0);
     capture.store.commit()?;
-    Ok(())
+    publish_state(capture, Some(state.clone()))
+        .await
+        .context("cannot record the snapshot's start in the state topic")
 }
 
 /// Reads every unfinished table, `snapshot_parallel` at a time; returns false if `stop`

@@ -124,12 +124,30 @@ impl EventProducer {
         cfg: &CdcKafkaConfig,
         topics: &[String],
     ) -> Result<(), ProduceError> {
+        self.ensure_topics_with(cfg, topics, cfg.partitions, &[])
+            .await
+    }
+
+    /// [`EventProducer::ensure_topics`] with a partition count and topic configs for the
+    /// ones it creates.
+    pub async fn ensure_topics_with(
+        &mut self,
+        cfg: &CdcKafkaConfig,
+        topics: &[String],
+        partitions: i32,
+        configs: &[(&str, &str)],
+    ) -> Result<(), ProduceError> {
         let admin: AdminClient<DefaultClientContext> = client_config(&cfg.brokers, &cfg.properties)
             .create()
             .map_err(|e| ProduceError(e.to_string()))?;
         let new: Vec<NewTopic> = topics
             .iter()
-            .map(|t| NewTopic::new(t, cfg.partitions, TopicReplication::Fixed(1)))
+            .map(|t| {
+                configs.iter().fold(
+                    NewTopic::new(t, partitions, TopicReplication::Fixed(1)),
+                    |n, (k, v)| n.set(k, v),
+                )
+            })
             .collect();
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         let results = admin

@@ -16,10 +16,11 @@
 //! partition. Those are skipped, the others published: nothing twice, nothing lost.
 //!
 //! The snapshot cannot be rebuilt so: a chunk in flight when the leader died is partly in
-//! the topics, and nothing says which rows. So the capture records in a state topic, once
-//! the snapshot is done and acknowledged, that it is ([`record_state`]); a rebuild needs
-//! that record for every table whose topic holds events, and refuses otherwise, saying
-//! what would let it go on.
+//! the topics, and nothing says which rows. So the capture keeps a record per slot in a
+//! state topic ([`record_state`]): the snapshot as planned, before any of its rows is
+//! published, and done, once it is acknowledged. A rebuild needs the record to say done for
+//! every table whose topic holds events, and refuses otherwise, saying what would let it go
+//! on.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -50,17 +51,23 @@ pub struct TopicOf {
     pub partitions: i32,
 }
 
-/// What the topics hold past the slot's confirmed position: see the module doc.
-#[derive(Debug, Default)]
+/// What the topics hold that the server may send again: see the module doc. Kept in the
+/// store (meta `rebuilt`) until the capture has passed the newest transaction the topics
+/// held, so a restart before that still knows.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rebuilt {
     /// The highest version of a streamed event (insert, update, delete, truncate) in the
     /// topics: a change past it cannot be there.
     pub max_version: u64,
-    /// Keys (store keys) whose last event is a delete past the confirmed position, and
-    /// its version.
-    deleted: HashMap<Vec<u8>, u64>,
-    /// The version of the last truncate each partition holds.
-    truncated: HashMap<(String, i32), u64>,
+    /// The highest commit position of a transaction with events in the topics: once the
+    /// store's position is past it, nothing the server sends is there.
+    pub max_commit: u64,
+    /// Keys (store keys) whose last event is a delete at or past the slot's restart
+    /// position (the oldest change the server can send again): its version, and the
+    /// deleted row (the delete's complete `before`).
+    deleted: HashMap<String, Deleted>,
+    /// The version of the last truncate each partition holds: (topic, partition, version).
+    truncated: Vec<(String, i32, u64)>,
     /// The highest `chgate-seq` in the topics: the store numbers its events after it.
     pub highest_seq: u64,
     /// Events read, rows the store holds after the fold (for the log).
@@ -68,9 +75,18 @@ pub struct Rebuilt {
     pub rows: u64,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Deleted {
+    version: u64,
+    before: Option<String>,
+}
+
 impl Rebuilt {
     /// Whether the topics already hold the change of version `version` to the row with
     /// this store key (in `partition` of `topic`); `stored` is the store's row for it.
+    /// A row the snapshot published does not count: a transaction that began before the
+    /// snapshot's consistent point and committed after it has changes below that point's
+    /// version, which the snapshot did not see.
     pub fn holds(
         &self,
         store_key: &[u8],
@@ -82,16 +98,48 @@ impl Rebuilt {
         if version > self.max_version {
             return false;
         }
-        stored.is_some_and(|r| r.version >= version)
-            || self.deleted.get(store_key).is_some_and(|&v| v >= version)
+        stored.is_some_and(|r| r.regime == StoredRow::STREAMED && r.version >= version)
+            || self
+                .deleted_at(store_key)
+                .is_some_and(|d| d.version >= version)
             || self.truncate_holds(topic, partition, version)
+    }
+
+    fn deleted_at(&self, store_key: &[u8]) -> Option<&Deleted> {
+        self.deleted.get(std::str::from_utf8(store_key).ok()?)
+    }
+
+    /// The row a delete of version `version` in the topics took away: for the other half
+    /// of a key-changing update (its delete is in the topics, its create is not), whose
+    /// unchanged TOAST values come from it.
+    pub fn deleted_row(&self, store_key: &[u8], version: u64) -> Option<&str> {
+        self.deleted_at(store_key)
+            .filter(|d| d.version == version)
+            .and_then(|d| d.before.as_deref())
     }
 
     /// Whether `partition` of `topic` holds a truncate at or past `version`.
     pub fn truncate_holds(&self, topic: &str, partition: i32, version: u64) -> bool {
         self.truncated
-            .get(&(topic.to_string(), partition))
-            .is_some_and(|&v| v >= version)
+            .iter()
+            .any(|(t, p, v)| t == topic && *p == partition && *v >= version)
+    }
+
+    /// Whether the server may still send a change the topics hold, the store being at
+    /// `store_lsn`.
+    pub fn pending(&self, store_lsn: u64) -> bool {
+        store_lsn <= self.max_commit
+    }
+
+    fn truncated_at(&mut self, topic: &str, partition: i32, version: u64) {
+        match self
+            .truncated
+            .iter_mut()
+            .find(|(t, p, _)| t == topic && *p == partition)
+        {
+            Some(e) => e.2 = e.2.max(version),
+            None => self.truncated.push((topic.to_string(), partition, version)),
+        }
     }
 }
 
@@ -99,7 +147,9 @@ impl Rebuilt {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateRecord {
     pub slot: String,
-    /// The snapshot, done and acknowledged; `None` with `snapshot = "never"`.
+    /// The snapshot: as planned when its slot was created or a table was added (before
+    /// any of its rows is published), done once it is acknowledged; `None` with
+    /// `snapshot = "never"`.
     pub snapshot: Option<SnapshotState>,
     pub written_at_ms: i64,
 }
@@ -166,6 +216,9 @@ fn read_partitions(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
+        // librdkafka's default prefetch is 64 MiB per partition: a topic of many
+        // partitions read whole would hold hundreds of MiB ahead of the fold.
+        .set("queued.max.messages.kbytes", "8192")
         .create_with_context(Quiet)?;
     let mut list = TopicPartitionList::new();
     let mut open = std::collections::BTreeSet::new();
@@ -228,7 +281,10 @@ struct Parsed<'a> {
     /// The key object as the capture wrote it (without `with_schema`'s wrapper).
     key_json: &'a str,
     after: Option<&'a str>,
+    before: Option<&'a str>,
     version: u64,
+    /// The commit position of its transaction (`source.sequence`'s first), if it says.
+    commit: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -238,14 +294,25 @@ struct WireValue<'a> {
     #[serde(borrow, default)]
     op: Option<&'a str>,
     #[serde(borrow, default)]
+    before: Option<&'a RawValue>,
+    #[serde(borrow, default)]
     after: Option<&'a RawValue>,
-    #[serde(default)]
-    source: Option<WireSource>,
+    #[serde(borrow, default)]
+    source: Option<WireSource<'a>>,
 }
 
 #[derive(Deserialize)]
-struct WireSource {
+struct WireSource<'a> {
     row_version: Option<u64>,
+    /// `["<commit lsn>","<lsn>"]`, as a string.
+    #[serde(borrow, default)]
+    sequence: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// The first number of Debezium's `sequence` string (`["1234","1240"]`).
+fn sequence_commit(sequence: &str) -> Option<u64> {
+    let first = sequence.strip_prefix("[\"")?.split('"').next()?;
+    first.parse().ok()
 }
 
 #[derive(Deserialize)]
@@ -271,11 +338,13 @@ fn parse<'a>(key: &'a [u8], value: &'a [u8], with_schema: bool) -> anyhow::Resul
         Some(o) if o.len() == 1 && "crudt".contains(o) => o.as_bytes()[0],
         other => anyhow::bail!("op {other:?} is none of c, r, u, d, t"),
     };
-    let version = v
-        .source
-        .and_then(|s| s.row_version)
+    let source = v.source.context("no source: not an event of chgate's")?;
+    let version = source
+        .row_version
         .context("no source.row_version: not an event of chgate's")?;
+    let commit = source.sequence.as_deref().and_then(sequence_commit);
     let after = v.after.map(RawValue::get);
+    let before = v.before.map(RawValue::get);
     if matches!(op, b'c' | b'r' | b'u') && after.is_none() {
         anyhow::bail!("op {} without an after image", op as char);
     }
@@ -283,7 +352,9 @@ fn parse<'a>(key: &'a [u8], value: &'a [u8], with_schema: bool) -> anyhow::Resul
         op,
         key_json,
         after,
+        before,
         version,
+        commit,
     })
 }
 
@@ -295,7 +366,8 @@ struct Fold<'a> {
     store: &'a mut Store,
     t: &'a TopicOf,
     with_schema: bool,
-    confirmed: u64,
+    /// The slot's restart position: no change before it can be sent again.
+    restart: u64,
     pending: HashMap<Vec<u8>, Option<StoredRow>>,
     out: &'a mut Rebuilt,
     key: Vec<u8>,
@@ -322,6 +394,9 @@ impl Fold<'_> {
             if p.op != b't' {
                 anyhow::bail!("{}: an event without a key that is no truncate", at());
             }
+            if let Some(c) = p.commit {
+                self.out.max_commit = self.out.max_commit.max(c);
+            }
             return self.truncate(m.partition(), p.version);
         };
         let p = parse(key, value, self.with_schema).with_context(at)?;
@@ -332,18 +407,29 @@ impl Fold<'_> {
         if p.op != b'r' {
             self.out.max_version = self.out.max_version.max(p.version);
         }
+        if let Some(c) = p.commit {
+            self.out.max_commit = self.out.max_commit.max(c);
+        }
+        let text = std::str::from_utf8(&self.key).unwrap_or_default();
         let row = match (p.op, p.after) {
             (b'd', _) => {
-                if p.version > self.confirmed {
-                    self.out.deleted.insert(self.key.clone(), p.version);
+                if p.version >= self.restart {
+                    let before = p.before.filter(|b| *b != "null").map(str::to_string);
+                    let d = Deleted {
+                        version: p.version,
+                        before,
+                    };
+                    self.out.deleted.insert(text.to_string(), d);
                 }
                 None
             }
             (_, Some(after)) => {
-                self.out.deleted.remove(&self.key);
+                self.out.deleted.remove(text);
                 Some(StoredRow {
                     version: p.version,
-                    regime: StoredRow::STREAMED,
+                    // A snapshot row: the initial snapshot's regime (which sees no
+                    // streamed transaction), and not a streamed change for `holds`.
+                    regime: if p.op == b'r' { 0 } else { StoredRow::STREAMED },
                     json: after.into(),
                 })
             }
@@ -360,12 +446,7 @@ impl Fold<'_> {
     fn truncate(&mut self, p: i32, version: u64) -> anyhow::Result<()> {
         self.flush()?;
         self.out.max_version = self.out.max_version.max(version);
-        let e = self
-            .out
-            .truncated
-            .entry((self.t.topic.clone(), p))
-            .or_insert(0);
-        *e = (*e).max(version);
+        self.out.truncated_at(&self.t.topic, p, version);
         let (envelope, with_schema, n) = (&self.t.envelope, self.with_schema, self.t.partitions);
         self.store.remove_rows_where(&self.t.table, |key_json| {
             partition_for_key(&envelope.key_bytes(key_json, with_schema), n) == p
@@ -375,20 +456,23 @@ impl Fold<'_> {
 
     fn flush(&mut self) -> anyhow::Result<()> {
         if !self.pending.is_empty() {
-            self.store.load_rows(self.pending.drain())?;
+            // In key order: the B-tree takes sorted inserts faster than random ones.
+            let mut rows: Vec<_> = self.pending.drain().collect();
+            rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            self.store.load_rows(rows.into_iter())?;
         }
         Ok(())
     }
 }
 
-/// Folds every captured topic into `store` (emptied first). `confirmed` is the slot's
-/// confirmed position. Blocking: run it on a blocking thread.
+/// Folds every captured topic into `store` (emptied first). `restart` is the slot's
+/// restart position. Blocking: run it on a blocking thread.
 pub fn fold_topics(
     brokers: &str,
     properties: &BTreeMap<String, String>,
     topics: &[TopicOf],
     with_schema: bool,
-    confirmed: u64,
+    restart: u64,
     store: &mut Store,
 ) -> anyhow::Result<Rebuilt> {
     store.reset()?;
@@ -399,7 +483,7 @@ pub fn fold_topics(
             store,
             t,
             with_schema,
-            confirmed,
+            restart,
             pending: HashMap::new(),
             out: &mut out,
             key: Vec::new(),
@@ -419,7 +503,7 @@ mod tests {
 
     #[test]
     fn an_event_is_read_with_and_without_its_schema() {
-        let value = br#"{"before":null,"after":{"id":1,"n":"a \"b\""},"source":{"version":"x","row_version":42,"before_row_version":null},"op":"c","ts_ms":1,"transaction":null}"#;
+        let value = br#"{"before":null,"after":{"id":1,"n":"a \"b\""},"source":{"version":"x","sequence":"[\"40\",\"42\"]","row_version":42,"before_row_version":null},"op":"c","ts_ms":1,"transaction":null}"#;
         let p = parse(br#"{"id":1}"#, value, false).unwrap();
         assert_eq!(
             p,
@@ -427,7 +511,9 @@ mod tests {
                 op: b'c',
                 key_json: r#"{"id":1}"#,
                 after: Some(r#"{"id":1,"n":"a \"b\""}"#),
-                version: 42
+                before: None,
+                version: 42,
+                commit: Some(40),
             }
         );
         let wrapped = format!(
@@ -472,21 +558,45 @@ mod tests {
             max_version: 100,
             ..Default::default()
         };
-        r.deleted.insert(b"t\0{\"id\":2}".to_vec(), 50);
-        r.truncated.insert(("top".into(), 1), 30);
-        let row = |version| StoredRow {
+        let before = Some("{\"id\":2,\"n\":\"wide\"}".to_string());
+        r.deleted.insert(
+            "t\0{\"id\":2}".into(),
+            Deleted {
+                version: 50,
+                before,
+            },
+        );
+        r.truncated_at("top", 1, 30);
+        r.truncated_at("top", 1, 20);
+        let row = |version, regime| StoredRow {
             version,
-            regime: StoredRow::STREAMED,
+            regime,
             json: "{}".into(),
         };
+        let streamed = StoredRow::STREAMED;
         let k1 = b"t\0{\"id\":1}";
-        assert!(r.holds(k1, Some(&row(60)), "top", 0, 60));
-        assert!(!r.holds(k1, Some(&row(60)), "top", 0, 61));
-        assert!(r.holds(b"t\0{\"id\":2}", None, "top", 0, 50));
-        assert!(!r.holds(b"t\0{\"id\":2}", None, "top", 0, 51));
+        assert!(r.holds(k1, Some(&row(60, streamed)), "top", 0, 60));
+        assert!(!r.holds(k1, Some(&row(60, streamed)), "top", 0, 61));
+        // A snapshot row says nothing of the changes after it.
+        assert!(!r.holds(k1, Some(&row(60, 0)), "top", 0, 59));
+        let k2 = b"t\0{\"id\":2}";
+        assert!(r.holds(k2, None, "top", 0, 50));
+        assert!(!r.holds(k2, None, "top", 0, 51));
+        assert_eq!(r.deleted_row(k2, 50), Some("{\"id\":2,\"n\":\"wide\"}"));
+        assert_eq!(r.deleted_row(k2, 49), None);
         assert!(r.holds(b"t\0{\"id\":3}", None, "top", 1, 30));
         assert!(!r.holds(b"t\0{\"id\":3}", None, "top", 0, 30));
         // Past everything the topics hold: never.
-        assert!(!r.holds(k1, Some(&row(500)), "top", 0, 101));
+        assert!(!r.holds(k1, Some(&row(500, streamed)), "top", 0, 101));
+        // Kept in the store as JSON, and read back the same.
+        let again: Rebuilt = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
+        assert_eq!(again, r);
+    }
+
+    #[test]
+    fn the_commit_position_is_the_first_of_the_sequence() {
+        assert_eq!(sequence_commit(r#"["1234","1240"]"#), Some(1234));
+        assert_eq!(sequence_commit("[]"), None);
+        assert_eq!(sequence_commit(r#"["x","1"]"#), None);
     }
 }

@@ -792,6 +792,7 @@ impl Store {
             meta.remove("store_lsn").map_err(err)?;
             meta.remove("snapshot").map_err(err)?;
             meta.remove("partial").map_err(err)?;
+            meta.remove("rebuilt").map_err(err)?;
         }
         tx.commit().map_err(err)?;
         self.store_lsn = 0;
@@ -858,6 +859,7 @@ impl Store {
         &mut self,
         store_lsn: u64,
         snapshot: Option<Vec<u8>>,
+        rebuilt: Option<Vec<u8>>,
         highest_seq: u64,
     ) -> Result<(), StoreError> {
         self.number_events_after(highest_seq);
@@ -866,10 +868,12 @@ impl Store {
             let mut meta = tx.open_table(META).map_err(err)?;
             meta.insert("store_lsn", store_lsn.to_le_bytes().as_slice())
                 .map_err(err)?;
-            match &snapshot {
-                Some(s) => meta.insert("snapshot", s.as_slice()).map_err(err)?,
-                None => meta.remove("snapshot").map_err(err)?,
-            };
+            for (name, value) in [("snapshot", &snapshot), ("rebuilt", &rebuilt)] {
+                match value {
+                    Some(v) => meta.insert(name, v.as_slice()).map_err(err)?,
+                    None => meta.remove(name).map_err(err)?,
+                };
+            }
             meta.insert("next_event", self.next_event.to_le_bytes().as_slice())
                 .map_err(err)?;
             meta.insert("next_unit", self.next_unit.to_le_bytes().as_slice())
@@ -1065,7 +1069,8 @@ mod tests {
             // A truncate in one partition: the rows whose keys go there leave, only them.
             s.remove_rows_where("t", |key| key == b"{\"id\":2}")
                 .unwrap();
-            s.adopt(40, Some(b"{}".to_vec()), 77).unwrap();
+            s.adopt(40, Some(b"{}".to_vec()), Some(b"[]".to_vec()), 77)
+                .unwrap();
         }
         let s = Store::open(&dir, 1 << 20).unwrap();
         assert_eq!(s.get(b"t\0{\"id\":1}").unwrap(), row(5, "1"));
@@ -1075,6 +1080,7 @@ mod tests {
         assert_eq!(s.store_lsn(), 40);
         assert_eq!(s.last_numbered(), 77);
         assert_eq!(s.meta("snapshot").unwrap(), Some(b"{}".to_vec()));
+        assert_eq!(s.meta("rebuilt").unwrap(), Some(b"[]".to_vec()));
         assert!(!s.is_new().unwrap());
     }
 

@@ -66,21 +66,30 @@ struct Stream<'a> {
     spill_dir: std::path::PathBuf,
     spill_limit: usize,
     confirmed: u64,
+    /// The last event acknowledged.
+    acked_seq: u64,
     sent_status: u64,
     server_end: u64,
     last_commit_ms: i64,
 }
 
 /// Streams from the slot's confirmed position until `stop`; then drains: waits for the
-/// broker to acknowledge what was sent, writes it and confirms it.
+/// broker to acknowledge what was sent, writes it and confirms it (unless `lost`: the
+/// leadership went).
 pub async fn run(
     capture: &mut Capture,
     mut conn: ReplicationConn,
     start_sql: &str,
     stop: CancellationToken,
+    lost: CancellationToken,
 ) -> anyhow::Result<()> {
     conn.start_replication(start_sql).await?;
+    if let Some(before) = capture.rebuilt_from.take() {
+        let k = &capture.cfg.config.kafka;
+        super::tail::unchanged_since(&k.brokers, &k.properties, k.tail_rewind, &before).await?;
+    }
     let confirmed = capture.store.store_lsn();
+    let capture_last = capture.store.last_numbered();
     let partial = capture.store.meta("partial")?.and_then(|b| {
         let lsn = u64::from_le_bytes(b.get(..8)?.try_into().ok()?);
         let n = u64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
@@ -103,11 +112,20 @@ pub async fn run(
         spill_dir,
         spill_limit,
         confirmed,
+        // Everything numbered so far is in (sent again, or drained after the snapshot).
+        acked_seq: capture_last,
         sent_status: 0,
         server_end: confirmed,
         last_commit_ms: 0,
     };
     let result = s.run(&stop).await;
+    if lost.is_cancelled() {
+        // Another instance leads, or soon will: what this one has not had acknowledged is
+        // dropped with its producer, and sent by the next leader (which may have read the
+        // topics already: nothing may land behind its back).
+        tracing::warn!("No longer the leader: stopping without sending or confirming more");
+        return result;
+    }
     s.drain().await;
     result
 }
@@ -150,10 +168,6 @@ impl Stream<'_> {
                 r = self.capture.producer.wait_ack(Duration::from_millis(50)) => {
                     r?;
                     self.settle()?;
-                    if self.confirmed != self.sent_status {
-                        // Events in Kafka that the slot does not count as sent yet.
-                        crate::failpoint::reach("cdc.acked_not_confirmed").await;
-                    }
                 }
                 _ = heartbeat.tick(), if !cfg.heartbeat.is_zero() => {
                     if let Err(e) = self.capture.catalog
@@ -187,9 +201,22 @@ impl Stream<'_> {
             && self.capture.store.open_events() == 0
     }
 
+    /// Takes the acknowledgements: the position they complete is confirmed next.
     fn settle(&mut self) -> anyhow::Result<()> {
-        if let Some(lsn) = self.capture.settle()?.and_then(|d| d.lsn) {
-            self.confirmed = self.confirmed.max(lsn);
+        let Some(done) = self.capture.settle()? else {
+            return Ok(());
+        };
+        let events = done.last_seq > self.acked_seq;
+        self.acked_seq = self.acked_seq.max(done.last_seq);
+        if let Some(lsn) = done.lsn.filter(|&l| l > self.confirmed) {
+            if events {
+                // Events in Kafka that the slot does not count as sent yet (a test kills
+                // the capture here: the next one gets them again from the server).
+                if let Some(d) = crate::failpoint::reach_now("cdc.acked_not_confirmed") {
+                    std::thread::sleep(d);
+                }
+            }
+            self.confirmed = lsn;
         }
         Ok(())
     }

@@ -128,3 +128,32 @@ fn read_topic(
     }
     Ok(())
 }
+
+/// After a rebuild, once this instance holds the slot (the previous leader can read no
+/// more changes): checks that no partition got an event since the rebuild read `before`,
+/// which a previous leader still delivering would have added behind the rebuild's back.
+pub async fn unchanged_since(
+    brokers: &str,
+    properties: &std::collections::BTreeMap<String, String>,
+    rewind: i64,
+    before: &HashMap<(String, i32), Last>,
+) -> anyhow::Result<()> {
+    let partitions: BTreeSet<(String, i32)> = before.keys().cloned().collect();
+    let (brokers, properties) = (brokers.to_string(), properties.clone());
+    let now = tokio::task::spawn_blocking(move || {
+        highest_seqs(&brokers, &properties, &partitions, rewind)
+    })
+    .await??;
+    for (partition, last) in &now {
+        if before.get(partition).is_none_or(|b| b.seq != last.seq) {
+            anyhow::bail!(
+                "{}/{}: an event arrived while this instance rebuilt its store (seq {}): the \
+                 previous leader was still sending; starting again",
+                partition.0,
+                partition.1,
+                last.seq
+            );
+        }
+    }
+    Ok(())
+}
