@@ -1152,6 +1152,7 @@ fn the_standby_takes_over_when_the_leader_is_killed() {
     );
     let mut a = Cdc { child, admin, log };
     a.wait_streaming(Duration::from_secs(120));
+    wait_logged(&a, "Recorded the capture's state");
     let b = Cdc::start(&cfg_b);
     wait_standing_by(&b);
     assert_eq!(b.metric("chgate_cdc_leader", &[]), 0.0);
@@ -1218,11 +1219,15 @@ fn the_standby_takes_over_when_the_leader_is_killed() {
 }
 
 fn wait_standing_by(cdc: &Cdc) {
+    wait_logged(cdc, "Standing by");
+}
+
+fn wait_logged(cdc: &Cdc, text: &str) {
     let t0 = Instant::now();
-    while !cdc.logged("Standing by") {
+    while !cdc.logged(text) {
         assert!(
             t0.elapsed() < Duration::from_secs(20),
-            "the instance did not stand by: {:?}",
+            "not logged within 20 s: {text:?}: {:?}",
             cdc.tail()
         );
         std::thread::sleep(Duration::from_millis(50));
@@ -1480,6 +1485,7 @@ fn a_lost_state_dir_is_rebuilt_from_the_topics() {
     let first = config(&db, &prefix, &common::tempfile_path("cdc-state"), 1000);
     let mut cdc = Cdc::start(&first);
     cdc.wait_streaming(Duration::from_secs(60));
+    wait_logged(&cdc, "Recorded the capture's state");
     db.exec(
         &rt,
         "UPDATE orders SET status = 'first' WHERE id <= 20; DELETE FROM orders WHERE id > 25; \

@@ -140,7 +140,7 @@ async fn capture(
     if stop.is_cancelled() {
         return Ok(());
     }
-    record_snapshot_done(&capture).await;
+    record_snapshot_done(&capture);
     let sql = start_sql(&cfg, conn.server_version);
     streaming.store(true, Ordering::Relaxed);
     let r = stream::run(&mut capture, conn, &sql, stop, lost).await;
@@ -409,9 +409,9 @@ async fn recorded_snapshot(
 
 /// Records in the state topic that the snapshot is done and acknowledged (or that there
 /// is none), so that a store can be rebuilt from the topics (`rebuild.rs`). Written each
-/// time the stream starts; a failure is logged, not fatal: it only matters to a rebuild,
-/// which then says what is missing.
-async fn record_snapshot_done(capture: &Capture) {
+/// time the stream starts, on a task of its own; a failure is logged, not fatal: it only
+/// matters to a rebuild, which then says what is missing.
+fn record_snapshot_done(capture: &Capture) {
     let c = &capture.cfg.config;
     let saved: Option<SnapshotState> = match capture.store.meta("snapshot") {
         Ok(b) => b.and_then(|b| serde_json::from_slice(&b).ok()),
@@ -425,19 +425,35 @@ async fn record_snapshot_done(capture: &Capture) {
         (SnapshotMode::Initial, Some(s)) if s.done() => Some(s),
         _ => return,
     };
-    if let Err(e) = publish_state(capture, snapshot).await {
-        tracing::warn!(error = %format!("{e:#}"), "Cannot record the capture's state: a store rebuilt from the topics will be refused");
+    let record = state_record(capture, snapshot);
+    let (kafka, topic) = (c.kafka.clone(), capture.cfg.state_topic());
+    // Beside the stream, which need not wait for it (a producer's start and a round trip).
+    tokio::spawn(async move {
+        let r = rebuild::record_state(&kafka.brokers, &kafka.properties, &topic, &record).await;
+        match r {
+            Ok(()) => tracing::info!(
+                topic,
+                "Recorded the capture's state: a store can be rebuilt from the topics"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "Cannot record the capture's state: a store rebuilt from the topics will be refused")
+            }
+        }
+    });
+}
+
+fn state_record(capture: &Capture, snapshot: Option<SnapshotState>) -> rebuild::StateRecord {
+    rebuild::StateRecord {
+        slot: capture.cfg.config.capture.slot.clone(),
+        snapshot,
+        written_at_ms: envelope::now_ms(),
     }
 }
 
 /// Writes the capture's state record (see `rebuild.rs`) and waits for the broker to have it.
 async fn publish_state(capture: &Capture, snapshot: Option<SnapshotState>) -> anyhow::Result<()> {
     let c = &capture.cfg.config;
-    let record = rebuild::StateRecord {
-        slot: c.capture.slot.clone(),
-        snapshot,
-        written_at_ms: envelope::now_ms(),
-    };
+    let record = state_record(capture, snapshot);
     let topic = capture.cfg.state_topic();
     rebuild::record_state(&c.kafka.brokers, &c.kafka.properties, &topic, &record).await
 }

@@ -218,7 +218,10 @@ fn read_partitions(
         .set("auto.offset.reset", "earliest")
         // librdkafka's default prefetch is 64 MiB per partition: a topic of many
         // partitions read whole would hold hundreds of MiB ahead of the fold.
-        .set("queued.max.messages.kbytes", "8192")
+        .set("queued.max.messages.kbytes", "16384")
+        // It reads to the end and stops: a fetch must not wait for more (librdkafka's
+        // default is 500 ms, and some brokers, tansu among them, use all of it).
+        .set("fetch.wait.max.ms", "10")
         .create_with_context(Quiet)?;
     let mut list = TopicPartitionList::new();
     let mut open = std::collections::BTreeSet::new();

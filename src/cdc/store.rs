@@ -805,13 +805,16 @@ impl Store {
         self.next_event - 1
     }
 
-    /// Writes rows (or, `None`, removes them) straight into the file, in one durable
-    /// transaction: for a store rebuilt from the topics, outside any unit.
+    /// Writes rows (or, `None`, removes them) straight into the file: for a store rebuilt
+    /// from the topics, outside any unit. Not durable by itself (no fsync per batch):
+    /// [`Store::adopt`]'s commit, which ends a rebuild, makes everything before it durable,
+    /// and a rebuild cut short starts again from an empty store.
     pub fn load_rows(
         &mut self,
         rows: impl Iterator<Item = (Vec<u8>, Option<StoredRow>)>,
     ) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(err)?;
+        let mut tx = self.db.begin_write().map_err(err)?;
+        tx.set_durability(redb::Durability::None).map_err(err)?;
         {
             let mut t = tx.open_table(ROWS).map_err(err)?;
             let mut value = Vec::new();
@@ -842,7 +845,9 @@ impl Store {
         let mut end = table.as_bytes().to_vec();
         end.push(1);
         let prefix = start.len();
-        let tx = self.db.begin_write().map_err(err)?;
+        // Part of a rebuild, like `load_rows`: durable with `adopt`.
+        let mut tx = self.db.begin_write().map_err(err)?;
+        tx.set_durability(redb::Durability::None).map_err(err)?;
         {
             let mut t = tx.open_table(ROWS).map_err(err)?;
             t.retain_in(start.as_slice()..end.as_slice(), |k, _| {

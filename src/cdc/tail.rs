@@ -76,6 +76,9 @@ fn read_topic(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
+        // It reads to the end and stops: a fetch must not wait for more (librdkafka's
+        // default is 500 ms, and some brokers, tansu among them, use all of it).
+        .set("fetch.wait.max.ms", "10")
         .create_with_context(Quiet)?;
     let mut list = TopicPartitionList::new();
     let mut open = BTreeSet::new();
