@@ -79,6 +79,9 @@ fn read_topic(
         // It reads to the end and stops: a fetch must not wait for more (librdkafka's
         // default is 500 ms, and some brokers, tansu among them, use all of it).
         .set("fetch.wait.max.ms", "10")
+        // It reads a few thousand events per partition: no need for librdkafka's 64 MiB
+        // of prefetch per partition.
+        .set("queued.max.messages.kbytes", "8192")
         .create_with_context(Quiet)?;
     let mut list = TopicPartitionList::new();
     let mut open = BTreeSet::new();
