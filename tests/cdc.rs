@@ -1106,11 +1106,12 @@ impl Drop for ClickHouseTables {
     }
 }
 
-/// Two instances of one capture, each with its own state directory (as on two machines):
-/// one leads, the other stands by; SIGKILL the leader mid-stream and the standby takes
-/// over within the ZooKeeper session timeout (plus its start), rebuilding its key-state
-/// store from the topics. Then the first comes back (its store now behind the topics),
-/// stands by, and takes over again when the second is killed: it rebuilds too. Nothing
+/// Two instances of one capture, each with its own state directory (as on two machines)
+/// and `follow = true`: one leads, the other stands by, folding the topics into its store;
+/// SIGKILL the leader mid-stream and the standby takes over within the ZooKeeper session
+/// timeout (plus its start), with the store it kept, caught up with what came since. Then
+/// the first comes back (its store now behind the topics), stands by (folding the topics
+/// from their start), and takes over again when the second is killed. Nothing
 /// is lost or published twice, and every `before` is complete: Kafka still folds to
 /// PostgreSQL.
 #[test]
@@ -1119,7 +1120,7 @@ fn the_standby_takes_over_when_the_leader_is_killed() {
     let db = rt.block_on(TestDb::create());
     let prefix = db.name.replace('_', "-");
     let coordination = format!(
-        "\n[coordination]\nzookeeper = [\"127.0.0.1:2181\"]\nroot = \"/chgate-tests/{}\"\nsession_timeout = \"3s\"\n",
+        "\n[coordination]\nzookeeper = [\"127.0.0.1:2181\"]\nroot = \"/chgate-tests/{}\"\nsession_timeout = \"3s\"\nfollow = true\n",
         db.name
     );
     let states = [
@@ -1155,6 +1156,10 @@ fn the_standby_takes_over_when_the_leader_is_killed() {
     wait_logged(&a, "Recorded the capture's state");
     let b = Cdc::start(&cfg_b);
     wait_standing_by(&b);
+    wait_logged(
+        &b,
+        "Folded the topics into this standby's store from their start",
+    );
     assert_eq!(b.metric("chgate_cdc_leader", &[]), 0.0);
     assert_eq!(a.metric("chgate_cdc_leader", &[]), 1.0);
     let status = common::curl(&["-s", &format!("http://{}/readyz", b.admin)]).status;
@@ -1180,8 +1185,8 @@ fn the_standby_takes_over_when_the_leader_is_killed() {
         "takeover took {takeover:?}"
     );
     assert!(
-        b.logged("Rebuilt the key-state store from the topics"),
-        "{:?}",
+        b.logged("\"went_on_from_the_standby_fold\":true"),
+        "the standby did not take over with the store it kept: {:?}",
         b.tail()
     );
     rt.block_on(load).unwrap();
@@ -1197,6 +1202,10 @@ fn the_standby_takes_over_when_the_leader_is_killed() {
     // The first instance again, its store behind what the second published.
     let a = Cdc::start(&cfg_a);
     wait_standing_by(&a);
+    wait_logged(
+        &a,
+        "Folded the topics into this standby's store from their start",
+    );
     let load = rt.spawn(workload(db.name.clone(), 22, 800, next_id.clone()));
     std::thread::sleep(Duration::from_millis(1500));
     let mut b = b;
@@ -1204,8 +1213,8 @@ fn the_standby_takes_over_when_the_leader_is_killed() {
     b.kill(&mut totals);
     a.wait_streaming(Duration::from_secs(30));
     assert!(
-        a.logged("rebuilding it from them"),
-        "a former leader's store, behind the topics, was used as it was: {:?}",
+        a.logged("\"went_on_from_the_standby_fold\":true"),
+        "a former leader's store, behind the topics, was not folded anew: {:?}",
         a.tail()
     );
     rt.block_on(load).unwrap();
@@ -1555,6 +1564,59 @@ fn a_lost_state_dir_is_rebuilt_from_the_topics() {
             );
         }
     }
+    check_topics_equal_postgres(&rt, &db, &prefix);
+}
+
+/// A capture killed after the broker acknowledged a transaction (a TRUNCATE, an insert
+/// after it, a key change of a row with a TOASTed value, an update) and before the slot was
+/// told: a new store rebuilt from the topics gets that transaction again from the server
+/// and publishes none of it twice (a second `t` would wipe the row inserted after it), and
+/// the rows changed next still carry complete `before` images.
+#[test]
+fn a_transaction_sent_again_after_a_rebuild_is_not_published_twice() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt.block_on(TestDb::create());
+    rt.block_on(seed(&db, 30, 5));
+    let prefix = db.name.replace('_', "-");
+    let first = config(&db, &prefix, &common::tempfile_path("cdc-state"), 1000);
+    let (child, admin, log) = common::spawn_logged_env(
+        "cdc",
+        &first,
+        &[("CHGATE_FAILPOINTS", "cdc.acked_not_confirmed=kill")],
+    );
+    let mut a = Cdc { child, admin, log };
+    a.wait_streaming(Duration::from_secs(60));
+    wait_logged(&a, "Recorded the capture's state");
+    db.exec(
+        &rt,
+        "BEGIN; TRUNCATE customers; INSERT INTO customers VALUES (100, 'after', 'a@x.io', now()); \
+         UPDATE orders SET id = id + 1000 WHERE id = 10; UPDATE orders SET status = 'moved' WHERE id = 11; \
+         COMMIT",
+    );
+    let t0 = Instant::now();
+    while a.child.try_wait().unwrap().is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", a.tail());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(a.logged("Failpoint: SIGKILL"), "{:?}", a.tail());
+
+    let second = config(&db, &prefix, &common::tempfile_path("cdc-state"), 1000);
+    let mut b = Cdc::start(&second);
+    b.wait_streaming(Duration::from_secs(60));
+    rt.block_on(wait_caught_up(&db, &b));
+    let held = b.metric("chgate_cdc_skipped_total", &["reason=\"in_topics\""]);
+    assert!(
+        held >= 3.0,
+        "changes found in the topics: {held}; {:?}",
+        b.tail()
+    );
+    db.exec(
+        &rt,
+        "UPDATE orders SET status = 'after' WHERE id IN (1010, 11, 20); \
+         UPDATE customers SET name = 'changed'; DELETE FROM orders WHERE id = 12",
+    );
+    rt.block_on(wait_caught_up(&db, &b));
+    b.term();
     check_topics_equal_postgres(&rt, &db, &prefix);
 }
 

@@ -35,6 +35,11 @@ pub struct CoordinationConfig {
     /// How long after a leader dies a standby takes over.
     #[serde(default = "default_session_timeout", with = "humantime_serde")]
     pub session_timeout: Duration,
+    /// Each instance has a `state_dir` of its own: a standby keeps its store current by
+    /// folding the topics while it waits (`cdc/follow.rs`), so taking over reads only what
+    /// came since. Never with a `state_dir` the instances share.
+    #[serde(default)]
+    pub follow: bool,
 }
 
 fn default_coordination_root() -> String {

@@ -1,14 +1,17 @@
 //! Active/standby: with `[coordination]`, instances of one capture (same slot) elect a
 //! leader through an ephemeral znode, `<root>/<slot>/leader`. The others wait on it; when
 //! the leader dies its session expires (`session_timeout`), the znode goes, and a standby
-//! takes over: opens the key-state store, sends what the outbox holds, and streams from the
-//! slot's confirmed position, so nothing is lost.
+//! takes over: opens its key-state store (rebuilt from the topics if they went on without
+//! it, see `rebuild.rs`), sends what the outbox holds, and streams from the slot's
+//! confirmed position, so nothing is lost.
 //!
-//! The store is the leader's: the instances must share `state_dir` (one volume that moves
-//! with the leader, or a shared file system); redb's file lock keeps a second writer out.
-//! A leader that loses its session (or stays disconnected for a session timeout) stops at
-//! once; PostgreSQL streams a slot to one connection at a time, which fences a leader that
-//! has not noticed yet.
+//! The instances share one `state_dir` (a volume that moves with the leader, or a shared
+//! file system; redb's file lock keeps a second writer out), or each has its own, and then
+//! a standby rebuilds its store when it takes over, or keeps it current while it waits
+//! (`coordination.follow`, `follow.rs`). A leader that loses its session (or stays
+//! disconnected for a session timeout) stops at once without sending more; PostgreSQL
+//! streams a slot to one connection at a time, which fences a leader that has not noticed
+//! yet.
 
 use std::time::Duration;
 
@@ -32,10 +35,12 @@ impl Drop for Leadership {
 }
 
 /// Waits until this instance leads the capture of `slot`; `None` if `stop` comes first.
+/// `standing_by` is cancelled once another instance is found leading.
 pub async fn acquire(
     cfg: &CoordinationConfig,
     slot: &str,
     stop: &CancellationToken,
+    standing_by: &CancellationToken,
 ) -> anyhow::Result<Option<Leadership>> {
     let servers = cfg.zookeeper.join(",");
     let client = tokio::time::timeout(
@@ -88,6 +93,7 @@ pub async fn acquire(
                 .unwrap_or_default();
             tracing::info!(leader = %holder, "Standing by: another instance captures this slot");
             announced = true;
+            standing_by.cancel();
         }
         METRICS.cdc_leader.set(0);
         tokio::select! {

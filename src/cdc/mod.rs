@@ -24,6 +24,7 @@ pub mod capture;
 pub mod catalog;
 pub mod config;
 pub mod envelope;
+pub mod follow;
 pub mod leader;
 pub mod pg;
 pub mod producer;
@@ -82,7 +83,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     };
     // With [coordination], wait to lead; the capture stops when leadership is lost.
     let leadership = match &cfg.config.coordination {
-        Some(co) => match leader::acquire(co, &cfg.config.capture.slot, &stop).await? {
+        Some(co) => match lead(&cfg, co, &stop).await? {
             Some(l) => Some(l),
             None => {
                 admin_stop.cancel();
@@ -117,6 +118,34 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
 
 /// `lost` is cancelled when this instance is no longer the leader: then nothing more is
 /// sent, not even what waits to be acknowledged (the next leader sends it).
+/// Waits to lead; with `coordination.follow`, folds the topics into the store meanwhile
+/// (`follow.rs`), and closes it before leading.
+async fn lead(
+    cfg: &Arc<ValidatedCdc>,
+    co: &config::CoordinationConfig,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<leader::Leadership>> {
+    let standing_by = CancellationToken::new();
+    let follow_stop = CancellationToken::new();
+    let follower = co.follow.then(|| {
+        tokio::spawn(follow::run(
+            cfg.clone(),
+            standing_by.clone(),
+            follow_stop.clone(),
+        ))
+    });
+    let acquired = leader::acquire(co, &cfg.config.capture.slot, stop, &standing_by).await;
+    follow_stop.cancel();
+    if let Some(f) = follower {
+        match f.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "Stopped following the topics"),
+            Err(e) => tracing::warn!(error = %e, "The follower of the topics failed"),
+        }
+    }
+    acquired
+}
+
 async fn capture(
     cfg: Arc<ValidatedCdc>,
     stop: CancellationToken,
@@ -276,7 +305,10 @@ async fn follow_the_topics(
     .await??;
     let newest = have.values().max_by_key(|l| l.seq).copied();
     let highest = newest.map_or(0, |l| l.seq);
-    if !behind(newest, store.last_numbered(), store.id()) {
+    // A standby's store that followed the topics (`follow.rs`) is a fold of them, never
+    // the store of a leader: it catches up, whatever the tails say.
+    let followed = store.meta("follow")?.is_some();
+    if !followed && !behind(newest, store.last_numbered(), store.id()) {
         // A rebuild's knowledge of the topics, while the server may still send what they hold.
         let rebuilt = store
             .meta("rebuilt")?
@@ -295,65 +327,79 @@ async fn follow_the_topics(
     };
     let with_events: BTreeSet<&str> = have.keys().map(|(t, _)| t.as_str()).collect();
     let snapshot = recorded_snapshot(cfg, schemas, &with_events).await?;
-    tracing::warn!(
-        ours = store.last_numbered(),
-        theirs = highest,
-        store = %format!("{:016x}", store.id()),
-        newest_by = %newest.and_then(|l| l.store).map_or("?".into(), |s| format!("{s:016x}")),
-        "The topics hold events this key-state store did not write (a new state_dir, or \
-         another instance led since): rebuilding it from them"
-    );
-    let started = std::time::Instant::now();
-    let topics_of: Vec<rebuild::TopicOf> = schemas
-        .iter()
-        .map(|s| {
-            let topic = cfg.topic(&s.schema, &s.name);
-            rebuild::TopicOf {
-                envelope: Arc::new(envelope::TableEnvelope::new(
-                    &c.name,
-                    &cfg.config.postgres.dbname,
-                    s,
-                    &topic,
-                )),
-                partitions: producer.partitions(&topic),
-                topic,
-                table: s.full_name(),
-            }
-        })
-        .collect();
+    if followed {
+        tracing::info!("Taking over with the store this standby kept from the topics");
+    } else {
+        tracing::warn!(
+            ours = store.last_numbered(),
+            theirs = highest,
+            store = %format!("{:016x}", store.id()),
+            newest_by = %newest.and_then(|l| l.store).map_or("?".into(), |s| format!("{s:016x}")),
+            "The topics hold events this key-state store did not write (a new state_dir, or \
+             another instance led since): rebuilding it from them"
+        );
+    }
     let restart = catalog::slot_restart(catalog, &c.slot)
         .await?
         .unwrap_or(0)
         .min(confirmed);
+    let topics_of = rebuild::topics_of(cfg, schemas, |t| producer.partitions(t));
+    let plan = Rebuild {
+        confirmed,
+        restart,
+        snapshot,
+        highest,
+    };
+    let (store, rebuilt) = rebuild_store(cfg, topics_of, plan, store).await?;
+    Ok((store, Some(rebuilt), have, true))
+}
+
+/// What a rebuild goes on from: the slot's positions, the recorded snapshot, the topics'
+/// highest `chgate-seq`.
+struct Rebuild {
+    confirmed: u64,
+    restart: u64,
+    snapshot: Option<SnapshotState>,
+    highest: u64,
+}
+
+/// Brings the store up to the topics' ends (`rebuild::catch_up`) and makes it the
+/// capture's, at the slot's confirmed position.
+async fn rebuild_store(
+    cfg: &ValidatedCdc,
+    topics_of: Vec<rebuild::TopicOf>,
+    plan: Rebuild,
+    mut store: Store,
+) -> anyhow::Result<(Store, rebuild::Rebuilt)> {
+    let started = std::time::Instant::now();
+    let k = &cfg.config.kafka;
     let (brokers, props, with_schema) = (k.brokers.clone(), k.properties.clone(), k.with_schema);
-    let (store, rebuilt) = tokio::task::spawn_blocking(move || {
-        let rebuilt = rebuild::fold_topics(
-            &brokers,
-            &props,
-            &topics_of,
+    let (store, rebuilt, went_on) = tokio::task::spawn_blocking(move || {
+        let never = std::sync::atomic::AtomicBool::new(false);
+        let src = rebuild::Topics {
+            brokers: &brokers,
+            properties: &props,
+            topics: &topics_of,
             with_schema,
-            restart,
-            &mut store,
-        )?;
-        let snapshot = snapshot.map(|s| serde_json::to_vec(&s)).transpose()?;
+        };
+        let (follow, went_on) = rebuild::catch_up(&src, plan.restart, &mut store, &never)?;
+        let rebuilt = follow.rebuilt;
+        let snapshot = plan.snapshot.map(|s| serde_json::to_vec(&s)).transpose()?;
         let kept = serde_json::to_vec(&rebuilt)?;
-        store.adopt(
-            confirmed,
-            snapshot,
-            Some(kept),
-            rebuilt.highest_seq.max(highest),
-        )?;
-        anyhow::Ok((store, rebuilt))
+        let highest = rebuilt.highest_seq.max(plan.highest);
+        store.adopt(plan.confirmed, snapshot, Some(kept), highest)?;
+        anyhow::Ok((store, rebuilt, went_on))
     })
     .await??;
     tracing::info!(
         events = rebuilt.events,
         rows = rebuilt.rows,
-        from = %format_lsn(confirmed),
+        from = %format_lsn(plan.confirmed),
+        went_on_from_the_standby_fold = went_on,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "Rebuilt the key-state store from the topics"
     );
-    Ok((store, Some(rebuilt), have, true))
+    Ok((store, rebuilt))
 }
 
 /// Whether the topics went on without this store (numbered up to `ours`, identity `id`):

@@ -77,6 +77,8 @@ pub struct EventProducer {
     partitions: std::collections::HashMap<String, i32>,
     /// The store's id, in hex, for [`STORE_HEADER`].
     store_id: String,
+    /// The last acknowledgement, or the moment the first unit went out after a quiet time.
+    last_ack: std::time::Instant,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +117,7 @@ impl EventProducer {
             pending: VecDeque::new(),
             partitions: Default::default(),
             store_id: String::new(),
+            last_ack: std::time::Instant::now(),
         })
     }
 
@@ -203,6 +206,10 @@ impl EventProducer {
         last_seq: u64,
         commit_ts_ms: i64,
     ) {
+        if events > 0 && self.pending.iter().all(|p| p.in_flight == 0) {
+            // Waiting starts now, not at the last acknowledgement of a while ago.
+            self.last_ack = std::time::Instant::now();
+        }
         self.pending.push_back(Pending {
             unit,
             in_flight: events,
@@ -280,7 +287,15 @@ impl EventProducer {
         if let Ok(i) = self.pending.binary_search_by_key(&unit, |p| p.unit) {
             self.pending[i].in_flight = self.pending[i].in_flight.saturating_sub(1);
         }
+        self.last_ack = std::time::Instant::now();
         Ok(())
+    }
+
+    /// How long events have waited for the broker with no acknowledgement at all, and how
+    /// many are in flight; `None` while acknowledgements come (or nothing waits).
+    pub fn stalled(&self) -> Option<(Duration, usize)> {
+        let waiting: usize = self.pending.iter().map(|p| p.in_flight).sum();
+        (waiting > 0).then(|| (self.last_ack.elapsed(), waiting))
     }
 
     /// Waits for the next acknowledgement (or `timeout`).

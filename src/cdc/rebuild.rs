@@ -23,6 +23,7 @@
 //! on.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,32 @@ pub struct TopicOf {
     pub table: String,
     pub envelope: Arc<TableEnvelope>,
     pub partitions: i32,
+}
+
+/// The captured tables' topics, as a fold of them needs them.
+pub fn topics_of(
+    cfg: &super::config::ValidatedCdc,
+    schemas: &[super::catalog::TableSchema],
+    partitions: impl Fn(&str) -> i32,
+) -> Vec<TopicOf> {
+    let c = &cfg.config;
+    schemas
+        .iter()
+        .map(|s| {
+            let topic = cfg.topic(&s.schema, &s.name);
+            TopicOf {
+                envelope: Arc::new(TableEnvelope::new(
+                    &c.capture.name,
+                    &c.postgres.dbname,
+                    s,
+                    &topic,
+                )),
+                partitions: partitions(&topic),
+                topic,
+                table: s.full_name(),
+            }
+        })
+        .collect()
 }
 
 /// What the topics hold that the server may send again: see the module doc. Kept in the
@@ -188,7 +215,8 @@ pub fn read_state(
     slot: &str,
 ) -> anyhow::Result<Option<StateRecord>> {
     let mut found = None;
-    read_partitions(brokers, properties, topic, &[0], |m| {
+    let never = AtomicBool::new(false);
+    read_partitions(brokers, properties, topic, &[(0, None)], &never, |m| {
         if m.key() == Some(slot.as_bytes()) {
             if let Some(v) = m.payload() {
                 let r: StateRecord = serde_json::from_slice(v).with_context(|| {
@@ -202,15 +230,29 @@ pub fn read_state(
     Ok(found)
 }
 
-/// Reads every message of the given partitions of `topic`, from the first the broker
-/// keeps to the end it reports when asked, handing each to `each`.
+/// A saved offset the partition no longer has: records were removed (retention), or the
+/// topic was made anew. The fold must start over from the partition's first record.
+#[derive(Debug, thiserror::Error)]
+#[error("{topic}/{partition}: the fold stopped at offset {saved}, and the partition now holds offsets {low} to {high}")]
+pub struct OffsetGone {
+    topic: String,
+    partition: i32,
+    saved: i64,
+    low: i64,
+    high: i64,
+}
+
+/// Reads every message of `topic`'s partitions, each from its start offset (`None`: the
+/// first the broker keeps) to the end it reports when asked, handing each to `each`.
+/// `Ok(false)` if `stop` was set first.
 fn read_partitions(
     brokers: &str,
     properties: &BTreeMap<String, String>,
     topic: &str,
-    partitions: &[i32],
+    starts: &[(i32, Option<i64>)],
+    stop: &AtomicBool,
     mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let consumer: BaseConsumer<Quiet> = client_config(brokers, properties)
         .set("group.id", "chgate-cdc-rebuild")
         .set("enable.auto.commit", "false")
@@ -225,7 +267,9 @@ fn read_partitions(
         .create_with_context(Quiet)?;
     let mut list = TopicPartitionList::new();
     let mut open = std::collections::BTreeSet::new();
-    for &p in partitions {
+    // Where each partition's read starts, and its offsets when asked.
+    let mut froms: BTreeMap<i32, (i64, i64, i64)> = BTreeMap::new();
+    for &(p, start) in starts {
         let (low, high) = match consumer.fetch_watermarks(topic, p, Duration::from_secs(10)) {
             Ok(w) => w,
             // A state topic nobody wrote yet.
@@ -237,28 +281,51 @@ fn read_partitions(
             }
             Err(e) => return Err(e).with_context(|| format!("the offsets of {topic}/{p}")),
         };
-        if high <= low {
+        // Not `saved > high`: some brokers (tansu among them) report an end short of the
+        // last record; a partition made anew, shorter than where the fold stopped, shows
+        // as the broker taking the read back to an earlier offset (below).
+        let from = match start {
+            Some(saved) if saved < low => {
+                return Err(OffsetGone {
+                    topic: topic.to_string(),
+                    partition: p,
+                    saved,
+                    low,
+                    high,
+                }
+                .into())
+            }
+            Some(saved) => saved,
+            None => {
+                if low > 0 && high > low {
+                    tracing::warn!(
+                        topic,
+                        partition = p,
+                        first_offset = low,
+                        "The partition no longer starts at offset 0: unless compaction removed \
+                         the records before it (the last event of each key is kept), rows they \
+                         held are missing from the rebuilt store"
+                    );
+                }
+                low
+            }
+        };
+        if high <= from && start.is_none() {
             continue;
         }
-        if low > 0 {
-            tracing::warn!(
-                topic,
-                partition = p,
-                first_offset = low,
-                "The partition no longer starts at offset 0: unless compaction removed the \
-                 records before it (the last event of each key is kept), rows they held are \
-                 missing from the rebuilt store"
-            );
-        }
-        list.add_partition_offset(topic, p, Offset::Offset(low))?;
+        list.add_partition_offset(topic, p, Offset::Offset(from))?;
         open.insert(p);
+        froms.insert(p, (from, low, high));
     }
     if open.is_empty() {
-        return Ok(());
+        return Ok(true);
     }
     consumer.assign(&list)?;
     let mut last_progress = Instant::now();
     while !open.is_empty() {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
         if last_progress.elapsed() > Duration::from_secs(120) {
             anyhow::bail!("reading topic {topic}: no message for 2 minutes");
         }
@@ -266,6 +333,20 @@ fn read_partitions(
             None => {}
             Some(Ok(m)) => {
                 last_progress = Instant::now();
+                if let Some(&(from, low, high)) = froms.get(&m.partition()) {
+                    if m.offset() < from {
+                        // The offset was past the partition's end: the broker took the read
+                        // back to its start.
+                        return Err(OffsetGone {
+                            topic: topic.to_string(),
+                            partition: m.partition(),
+                            saved: from,
+                            low,
+                            high,
+                        }
+                        .into());
+                    }
+                }
                 each(&m)?;
             }
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
@@ -274,7 +355,24 @@ fn read_partitions(
             Some(Err(e)) => return Err(e).with_context(|| format!("reading topic {topic}")),
         }
     }
-    Ok(())
+    Ok(true)
+}
+
+/// A topic's partition count, from the broker's metadata (blocking).
+pub fn partitions_of(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topic: &str,
+) -> anyhow::Result<i32> {
+    let consumer: BaseConsumer<Quiet> = client_config(brokers, properties)
+        .set("group.id", "chgate-cdc-rebuild")
+        .create_with_context(Quiet)?;
+    let m = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    m.topics()
+        .first()
+        .map(|t| t.partitions().len() as i32)
+        .filter(|&n| n > 0)
+        .with_context(|| format!("topic {topic} has no partitions"))
 }
 
 /// An event's parts the fold needs.
@@ -373,12 +471,15 @@ struct Fold<'a> {
     restart: u64,
     pending: HashMap<Vec<u8>, Option<StoredRow>>,
     out: &'a mut Rebuilt,
+    /// The next offset of each partition of the topic, as far as the fold went.
+    next: &'a mut BTreeMap<i32, i64>,
     key: Vec<u8>,
 }
 
 impl Fold<'_> {
     fn message(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()> {
         self.out.events += 1;
+        self.next.insert(m.partition(), m.offset() + 1);
         if let Some(seq) = m.headers().and_then(|h| {
             h.iter()
                 .find(|h| h.key == SEQ_HEADER)
@@ -468,36 +569,113 @@ impl Fold<'_> {
     }
 }
 
-/// Folds every captured topic into `store` (emptied first). `restart` is the slot's
-/// restart position. Blocking: run it on a blocking thread.
-pub fn fold_topics(
-    brokers: &str,
-    properties: &BTreeMap<String, String>,
-    topics: &[TopicOf],
-    with_schema: bool,
+/// A fold of the topics so far: where it stopped in each partition, and what it learned.
+/// A standby keeps it in its store (meta `follow`) between folds (`follow.rs`).
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Follow {
+    /// (topic, partition, next offset).
+    pub offsets: Vec<(String, i32, i64)>,
+    pub rebuilt: Rebuilt,
+}
+
+impl Follow {
+    fn next_of(&self, topic: &str) -> BTreeMap<i32, i64> {
+        self.offsets
+            .iter()
+            .filter(|(t, _, _)| t == topic)
+            .map(|(_, p, o)| (*p, *o))
+            .collect()
+    }
+
+    fn set_next(&mut self, topic: &str, next: BTreeMap<i32, i64>) {
+        self.offsets.retain(|(t, _, _)| t != topic);
+        self.offsets
+            .extend(next.into_iter().map(|(p, o)| (topic.to_string(), p, o)));
+    }
+}
+
+/// The captured topics and how to read them.
+pub struct Topics<'a> {
+    pub brokers: &'a str,
+    pub properties: &'a BTreeMap<String, String>,
+    pub topics: &'a [TopicOf],
+    pub with_schema: bool,
+}
+
+/// Folds the topics into `store` from where `follow` stopped, to their ends. `Ok(false)`
+/// if `stop` was set first (what was folded is in, and `follow` says how far).
+fn fold_from(
+    src: &Topics<'_>,
     restart: u64,
     store: &mut Store,
-) -> anyhow::Result<Rebuilt> {
-    store.reset()?;
-    let mut out = Rebuilt::default();
-    for t in topics {
-        let partitions: Vec<i32> = (0..t.partitions).collect();
+    follow: &mut Follow,
+    stop: &AtomicBool,
+) -> anyhow::Result<bool> {
+    for t in src.topics {
+        let mut next = follow.next_of(&t.topic);
+        let starts: Vec<(i32, Option<i64>)> = (0..t.partitions)
+            .map(|p| (p, next.get(&p).copied()))
+            .collect();
         let mut fold = Fold {
             store,
             t,
-            with_schema,
+            with_schema: src.with_schema,
             restart,
             pending: HashMap::new(),
-            out: &mut out,
+            out: &mut follow.rebuilt,
+            next: &mut next,
             key: Vec::new(),
         };
-        read_partitions(brokers, properties, &t.topic, &partitions, |m| {
+        let done = read_partitions(src.brokers, src.properties, &t.topic, &starts, stop, |m| {
             fold.message(m)
-        })?;
+        });
         fold.flush()?;
+        follow.set_next(&t.topic, next);
+        if !done? {
+            return Ok(false);
+        }
     }
-    out.rows = store.rows_on_disk()?;
-    Ok(out)
+    Ok(true)
+}
+
+/// Brings `store` up to the topics' ends: from where its last fold stopped (meta `follow`,
+/// a standby's), or from their starts into an emptied store. `restart` is the slot's
+/// restart position: deletes below it are forgotten (the server never sends them again).
+/// Returns the fold, and whether it went on from a saved one. Blocking: run it on a
+/// blocking thread.
+pub fn catch_up(
+    src: &Topics<'_>,
+    restart: u64,
+    store: &mut Store,
+    stop: &AtomicBool,
+) -> anyhow::Result<(Follow, bool)> {
+    let saved: Option<Follow> = store
+        .meta("follow")?
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let went_on = saved.is_some();
+    let mut follow = match saved {
+        Some(f) => f,
+        None => {
+            store.reset()?;
+            Follow::default()
+        }
+    };
+    let went_on = match fold_from(src, restart, store, &mut follow, stop) {
+        Err(e) if went_on && e.is::<OffsetGone>() => {
+            tracing::warn!(error = %e, "The topics no longer hold where the last fold stopped: folding them from their start");
+            store.reset()?;
+            follow = Follow::default();
+            fold_from(src, restart, store, &mut follow, stop)?;
+            false
+        }
+        r => {
+            r?;
+            went_on
+        }
+    };
+    follow.rebuilt.deleted.retain(|_, d| d.version >= restart);
+    follow.rebuilt.rows = store.rows_on_disk()?;
+    Ok((follow, went_on))
 }
 
 #[cfg(test)]
@@ -594,6 +772,19 @@ mod tests {
         // Kept in the store as JSON, and read back the same.
         let again: Rebuilt = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
         assert_eq!(again, r);
+    }
+
+    #[test]
+    fn a_fold_keeps_where_it_stopped_in_each_partition_of_each_topic() {
+        let mut f = Follow::default();
+        f.set_next("a", BTreeMap::from([(0, 10), (1, 4)]));
+        f.set_next("b", BTreeMap::from([(0, 7)]));
+        f.set_next("a", BTreeMap::from([(0, 12), (1, 4), (2, 1)]));
+        assert_eq!(f.next_of("a"), BTreeMap::from([(0, 12), (1, 4), (2, 1)]));
+        assert_eq!(f.next_of("b"), BTreeMap::from([(0, 7)]));
+        assert!(f.next_of("c").is_empty());
+        let again: Follow = serde_json::from_slice(&serde_json::to_vec(&f).unwrap()).unwrap();
+        assert_eq!(again, f);
     }
 
     #[test]

@@ -793,6 +793,7 @@ impl Store {
             meta.remove("snapshot").map_err(err)?;
             meta.remove("partial").map_err(err)?;
             meta.remove("rebuilt").map_err(err)?;
+            meta.remove("follow").map_err(err)?;
         }
         tx.commit().map_err(err)?;
         self.store_lsn = 0;
@@ -879,6 +880,8 @@ impl Store {
                     None => meta.remove(name).map_err(err)?,
                 };
             }
+            // A standby's fold no more: the store is the capture's now.
+            meta.remove("follow").map_err(err)?;
             meta.insert("next_event", self.next_event.to_le_bytes().as_slice())
                 .map_err(err)?;
             meta.insert("next_unit", self.next_unit.to_le_bytes().as_slice())
@@ -887,6 +890,20 @@ impl Store {
         tx.commit().map_err(err)?;
         self.store_lsn = store_lsn;
         Ok(())
+    }
+
+    /// Writes (or, `None`, removes) a record of the meta table at once, durably: for a
+    /// standby's fold of the topics (`follow.rs`), outside any unit.
+    pub fn set_meta_now(&mut self, name: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(err)?;
+        {
+            let mut meta = tx.open_table(META).map_err(err)?;
+            match value {
+                Some(v) => meta.insert(name, v).map_err(err)?,
+                None => meta.remove(name).map_err(err)?,
+            };
+        }
+        tx.commit().map_err(err)
     }
 
     /// Rows in the file (for the size-per-row figure).

@@ -47,6 +47,9 @@ const SLICE_BYTES: usize = 64 << 20;
 const FLUSH_EVENTS: usize = 5_000;
 const FLUSH_BYTES: usize = 64 << 20;
 
+/// How long the broker may acknowledge nothing before the capture says so (and again).
+const STALL_WARNING: Duration = Duration::from_secs(30);
+
 struct Stream<'a> {
     capture: &'a mut Capture,
     conn: ReplicationConn,
@@ -68,6 +71,8 @@ struct Stream<'a> {
     confirmed: u64,
     /// The last event acknowledged.
     acked_seq: u64,
+    /// When [`Stream::warn_if_stalled`] last warned.
+    stall_warned: Instant,
     sent_status: u64,
     server_end: u64,
     last_commit_ms: i64,
@@ -114,6 +119,9 @@ pub async fn run(
         confirmed,
         // Everything numbered so far is in (sent again, or drained after the snapshot).
         acked_seq: capture_last,
+        stall_warned: Instant::now()
+            .checked_sub(STALL_WARNING)
+            .unwrap_or_else(Instant::now),
         sent_status: 0,
         server_end: confirmed,
         last_commit_ms: 0,
@@ -164,6 +172,7 @@ impl Stream<'_> {
                         last_status = Instant::now();
                     }
                     self.lag_metrics();
+                    self.warn_if_stalled();
                 }
                 r = self.capture.producer.wait_ack(Duration::from_millis(50)) => {
                     r?;
@@ -191,6 +200,24 @@ impl Stream<'_> {
                     None => anyhow::bail!("the server ended the replication stream"),
                 },
             }
+        }
+    }
+
+    /// Says so, every [`STALL_WARNING`], while the broker acknowledges nothing (librdkafka
+    /// retries for ever: `message.timeout.ms = 0`), which nothing else would show.
+    fn warn_if_stalled(&mut self) {
+        let Some((waited, events)) = self.capture.producer.stalled() else {
+            return;
+        };
+        if waited >= STALL_WARNING && self.stall_warned.elapsed() >= STALL_WARNING {
+            self.stall_warned = Instant::now();
+            tracing::warn!(
+                waited_s = waited.as_secs(),
+                events,
+                confirmed = %format_lsn(self.confirmed),
+                "The broker has acknowledged no event for a while: the slot's position stays \
+                 where it is until it does"
+            );
         }
     }
 
