@@ -53,3 +53,32 @@ pub async fn slot_metrics(client: &Client, slot: &str) {
         );
     }
 }
+
+/// The WAL behind the slot's confirmed position beyond which a start says how long the
+/// first change may take.
+const FAR_BEHIND: i64 = 1 << 30;
+
+/// At the stream's start: warns when the server has much WAL past the slot's confirmed
+/// position. PostgreSQL decodes all of it (every database's) before it sends the next
+/// change, so a slot left idle while the server wrote gigabytes elsewhere starts slowly,
+/// with nothing else to show for it.
+pub async fn warn_if_far_behind(client: &Client, slot: &str) {
+    let row = client
+        .query_opt(
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await;
+    if let Ok(Some(row)) = row {
+        let behind: Option<i64> = row.get(0);
+        if let Some(b) = behind.filter(|&b| b > FAR_BEHIND) {
+            tracing::warn!(
+                slot,
+                behind_mib = b >> 20,
+                "The server has this much WAL past the slot's position; it decodes all of it \
+                 before the next change reaches the capture, which may take minutes"
+            );
+        }
+    }
+}

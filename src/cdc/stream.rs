@@ -104,6 +104,7 @@ pub async fn run(
     let spill_limit = capture.cfg.config.capture.spill_bytes.max(1);
     spill::clear(&spill_dir).with_context(|| format!("cannot empty {}", spill_dir.display()))?;
     tracing::info!(from = %format_lsn(confirmed), "Streaming changes");
+    super::slot::warn_if_far_behind(&capture.catalog, &capture.cfg.config.capture.slot).await;
     let mut s = Stream {
         capture,
         conn,
