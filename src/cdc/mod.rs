@@ -13,7 +13,8 @@
 //!   units), [`tail`] (what the broker has after a crash), [`rebuild`] (a store rebuilt
 //!   from the topics, for a standby or a lost `state_dir`);
 //! - [`capture`] (changes to events), [`snapshot`] (existing rows), [`stream`] (the
-//!   replication loop), and [`run`] here, which puts them in order.
+//!   replication loop), [`leader`] (active/standby), [`follow`] (a standby keeping its
+//!   store current from the topics), and [`run`] here, which puts them in order.
 //!
 //! The order of a start: validate the config; read the catalog and manage the
 //! publication; rebuild the store from the topics if they hold events it did not write;
