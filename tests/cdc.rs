@@ -221,6 +221,18 @@ impl Cdc {
         }
     }
 
+    /// Waits (up to `secs`) for the process to exit by itself; its status.
+    fn wait_exit(&mut self, secs: u64, what: &str) -> std::process::ExitStatus {
+        let end = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < end, "{what}: {:?}", self.tail());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn term(&mut self) {
         common::send_signal(&self.child.id().to_string(), "TERM");
         let end = Instant::now() + Duration::from_secs(40);
@@ -1166,15 +1178,7 @@ fn the_standby_takes_over_when_the_leader_is_killed() {
     assert_eq!(status, 503, "a standby is not ready");
 
     let load = rt.spawn(workload(db.name.clone(), 21, 800, next_id.clone()));
-    let t0 = Instant::now();
-    while a.child.try_wait().unwrap().is_none() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the failpoint did not kill the leader: {:?}",
-            a.tail()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    a.wait_exit(30, "the failpoint did not kill the leader");
     let killed = Instant::now();
     assert!(a.logged("Failpoint: SIGKILL"), "{:?}", a.tail());
     b.wait_streaming(Duration::from_secs(30));
@@ -1206,8 +1210,16 @@ fn the_standby_takes_over_when_the_leader_is_killed() {
         &a,
         "Folded the topics into this standby's store from their start",
     );
+    let published = b.metric("chgate_cdc_events_total", &[]);
     let load = rt.spawn(workload(db.name.clone(), 22, 800, next_id.clone()));
-    std::thread::sleep(Duration::from_millis(1500));
+    // Killed mid-stream: once the workload's events flow.
+    b.wait_metric(
+        "chgate_cdc_events_total",
+        &[],
+        published + 50.0,
+        30,
+        "the workload's events",
+    );
     let mut b = b;
     let mut totals = Totals::default();
     b.kill(&mut totals);
@@ -1332,14 +1344,7 @@ fn the_capture_speaks_tls_to_postgres_as_sslmode_says() {
         .unwrap();
     assert!(made.status.success(), "{made:?}");
     let mut refused = Cdc::start(&with_tls(&other.join("cert.pem")));
-    let end = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = refused.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < end, "kept going: {:?}", refused.tail());
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = refused.wait_exit(30, "kept going");
     assert!(!status.success());
     let said = refused.tail().join("\n");
     assert!(
@@ -1511,18 +1516,7 @@ fn a_lost_state_dir_is_rebuilt_from_the_topics() {
     );
     std::fs::write(&unrecorded, text).unwrap();
     let mut refused = Cdc::start(&unrecorded);
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(status) = refused.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "{:?}",
-            refused.tail()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = refused.wait_exit(60, "a rebuild without the state record kept going");
     assert!(!status.success(), "{:?}", refused.tail());
     assert!(
         refused.logged("does not record the snapshot of") && refused.logged("public.orders"),
@@ -1593,11 +1587,7 @@ fn a_transaction_sent_again_after_a_rebuild_is_not_published_twice() {
          UPDATE orders SET id = id + 1000 WHERE id = 10; UPDATE orders SET status = 'moved' WHERE id = 11; \
          COMMIT",
     );
-    let t0 = Instant::now();
-    while a.child.try_wait().unwrap().is_none() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", a.tail());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    a.wait_exit(30, "the failpoint did not kill the capture");
     assert!(a.logged("Failpoint: SIGKILL"), "{:?}", a.tail());
 
     let second = config(&db, &prefix, &common::tempfile_path("cdc-state"), 1000);

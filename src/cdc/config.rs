@@ -318,25 +318,18 @@ pub fn validate(config: CdcConfig, base: &Path) -> Result<ValidatedCdc, Vec<Prob
         .topic_prefix
         .clone()
         .unwrap_or_else(|| c.name.clone());
-    if prefix.is_empty()
-        || !prefix
-            .chars()
-            .all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch))
-    {
-        problems.push(Problem::new(
-            "kafka.topic_prefix",
-            format!("{prefix:?}: a Kafka topic name takes letters, digits, '.', '_' and '-'"),
-        ));
-    }
-    if let Some(t) = &config.kafka.state_topic {
-        if t.is_empty()
-            || !t
+    let topic_names = std::iter::once(("kafka.topic_prefix", Some(&prefix)))
+        .chain([("kafka.state_topic", config.kafka.state_topic.as_ref())]);
+    for (key, name) in topic_names {
+        let Some(name) = name else { continue };
+        if name.is_empty()
+            || !name
                 .chars()
                 .all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch))
         {
             problems.push(Problem::new(
-                "kafka.state_topic",
-                format!("{t:?}: a Kafka topic name takes letters, digits, '.', '_' and '-'"),
+                key,
+                format!("{name:?}: a Kafka topic name takes letters, digits, '.', '_' and '-'"),
             ));
         }
     }
