@@ -1836,3 +1836,126 @@ fn a_truncate_of_wide_rows_goes_in_slices_and_survives_a_kill() {
     let truncates = events.iter().filter(|e| op(e, "t")).count();
     assert_eq!(truncates, 3, "one truncate event per partition");
 }
+
+/// A transaction that began while the slot was being created and commits after the slot's
+/// consistent point: the exported snapshot does not see it, and its change's WAL record is
+/// below that point. Its update must still carry a version above the snapshot row's (else
+/// a ReplacingMergeTree target keeps the snapshot's older row). PostgreSQL moves a slot
+/// being created through its phases at each running-transactions record, which a
+/// `CHECKPOINT` writes; other tests' transactions can shift a phase, so an attempt that
+/// did not put the change below the consistent point is tried again on a new database.
+#[test]
+fn an_update_begun_before_the_consistent_point_outranks_the_snapshot_row() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut tries = Vec::new();
+    for _ in 0..3 {
+        // Created (and dropped) outside the runtime: its drop runs one of its own.
+        let db = rt.block_on(TestDb::create());
+        match rt.block_on(straddle_the_consistent_point(&db)) {
+            Ok(()) => return,
+            Err(why) => tries.push(why),
+        }
+    }
+    panic!("no attempt put a change below the consistent point: {tries:?}");
+}
+
+/// One attempt: `Err` when it could not line the transactions up (inconclusive); a failed
+/// check panics.
+async fn straddle_the_consistent_point(db: &TestDb) -> Result<(), String> {
+    seed(db, 3, 0).await;
+    let prefix = db.name.replace('_', "-");
+    let cfg = config(db, &prefix, &common::tempfile_path("cdc-state"), 1000);
+    let admin = pg("postgres").await;
+    let (t0, t1, t) = (pg(&db.name).await, pg(&db.name).await, pg(&db.name).await);
+    let checkpoints = || async {
+        for _ in 0..2 {
+            admin.batch_execute("CHECKPOINT").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    // T0 runs when the slot is asked for: the slot waits for it.
+    t0.batch_execute("BEGIN; SELECT txid_current()")
+        .await
+        .unwrap();
+    let cdc = Cdc::start(&cfg);
+    let reserved = format!(
+        "SELECT 1 FROM pg_replication_slots WHERE slot_name = '{}' AND restart_lsn IS NOT NULL",
+        db.slot
+    );
+    let end = Instant::now() + Duration::from_secs(30);
+    while admin.query(&reserved, &[]).await.unwrap().is_empty() {
+        assert!(Instant::now() < end, "no slot: {:?}", cdc.tail());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // T1 begins after the slot's first record: the slot's second phase waits for it.
+    t1.batch_execute("BEGIN; SELECT txid_current()")
+        .await
+        .unwrap();
+    t0.batch_execute("COMMIT").await.unwrap();
+    checkpoints().await;
+    // T begins after the second phase began: the consistent point does not wait for it.
+    t.batch_execute("BEGIN; UPDATE orders SET status = 'straddled' WHERE id = 1")
+        .await
+        .unwrap();
+    t1.batch_execute("COMMIT").await.unwrap();
+    checkpoints().await;
+    let end = Instant::now() + Duration::from_secs(15);
+    while !cdc.logged("Created the replication slot") && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let created = cdc.logged("Created the replication slot");
+    t.batch_execute("COMMIT").await.unwrap();
+    if !created {
+        return Err("the slot waited for T: a phase moved later".into());
+    }
+    wait_caught_up(db, &cdc).await;
+    let created: Vec<String> = cdc
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("Created the replication slot"))
+        .cloned()
+        .collect();
+    let consistent = created
+        .first()
+        .and_then(|l| serde_json::from_str::<Value>(l).ok())
+        .and_then(|v| v["consistent_point"].as_str().map(lsn))
+        .unwrap_or_else(|| panic!("no consistent point in the log: {created:?}"));
+    let events = read_topic(&format!("{prefix}.public.orders"));
+    let of_row_1 = |op: &str| {
+        events
+            .iter()
+            .filter_map(|e| e.value.as_ref())
+            .find(|v| v["op"] == op && v["after"]["id"] == 1)
+            .unwrap_or_else(|| panic!("no {op} event for order 1"))
+            .clone()
+    };
+    let (read, update) = (of_row_1("r"), of_row_1("u"));
+    let change_lsn = update["source"]["lsn"].as_u64().unwrap();
+    if change_lsn >= consistent {
+        return Err(format!(
+            "T's change at {change_lsn} is past the consistent point {consistent}"
+        ));
+    }
+    assert_eq!(read["after"]["status"], "old", "the snapshot saw T: {read}");
+    let (r, u) = (
+        read["source"]["row_version"].as_u64().unwrap(),
+        update["source"]["row_version"].as_u64().unwrap(),
+    );
+    assert!(
+        u > r,
+        "the update's version {u} is not above the snapshot row's {r}"
+    );
+    let (_, problems) = fold(&events);
+    assert!(problems.is_empty(), "{problems:?}");
+    assert!(cdc.errors().is_empty(), "{:?}", cdc.errors());
+    Ok(())
+}
+
+/// "16/B374D848" -> its 64-bit LSN.
+fn lsn(text: &str) -> u64 {
+    let (hi, lo) = text.split_once('/').expect("an LSN");
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}

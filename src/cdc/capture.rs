@@ -892,7 +892,7 @@ impl Capture {
         state: &mut SnapshotState,
     ) -> anyhow::Result<()> {
         let t = chunk.table;
-        let version = state.consistent_lsn;
+        let version = state.row_version();
         let n = chunk.rows.len();
         // The chunk's regime: the newest of its table (a new one comes with its first chunk).
         let regimes = state

@@ -626,8 +626,9 @@ async fn prepare_slot(
     let mut conn = ReplicationConn::connect(&connect_params(&cfg))
         .await
         .context("cannot open the replication connection")?;
-    let fresh = |consistent_lsn: u64, regimes: Vec<Regime>| SnapshotState {
+    let fresh = |consistent_lsn: u64, restart_lsn: u64, regimes: Vec<Regime>| SnapshotState {
         consistent_lsn,
+        row_version: Some(restart_lsn.saturating_sub(1)),
         tables: capture
             .tables
             .iter()
@@ -663,8 +664,10 @@ async fn prepare_slot(
             match c.snapshot {
                 SnapshotMode::Never => None,
                 SnapshotMode::Initial => {
+                    let restart = slot_start(capture, &c.slot).await?;
                     let state = fresh(
                         consistent,
+                        restart,
                         vec![Regime {
                             from: None,
                             snapshot: None,
@@ -695,7 +698,8 @@ async fn prepare_slot(
                 && capture.store.store_lsn() == 0
                 && capture.store.rows_on_disk()? == 0 =>
             {
-                let state = fresh(confirmed, Vec::new());
+                let restart = slot_start(capture, &c.slot).await?;
+                let state = fresh(confirmed, restart, Vec::new());
                 record_state(capture, &state).await?;
                 Some(SnapshotPlan {
                     state,
@@ -706,6 +710,16 @@ async fn prepare_slot(
         },
     };
     Ok((conn, plan))
+}
+
+/// The slot's restart LSN, before the capture confirms anything on it: no change the slot
+/// sends is below it (PostgreSQL decodes from there, and a slot being created waits for
+/// every transaction that began before it to end).
+async fn slot_start(capture: &Capture, slot: &str) -> anyhow::Result<u64> {
+    catalog::slot_restart(&capture.catalog, slot)
+        .await
+        .with_context(|| format!("cannot read the restart LSN of replication slot {slot:?}"))?
+        .with_context(|| format!("replication slot {slot:?} has no restart LSN"))
 }
 
 /// Brings a saved snapshot's tables in line with the tables captured now. One added after
@@ -793,6 +807,7 @@ async fn run_snapshot(
     tracing::info!(
         tables = todo.len(),
         consistent_point = %format_lsn(state.consistent_lsn),
+        row_version = state.row_version(),
         "Snapshot of the existing rows"
     );
     // One chunk read ahead: the reading tasks turn rows into events faster than they are
@@ -806,7 +821,7 @@ async fn run_snapshot(
             envelope: Arc::clone(&capture.tables[i].envelope),
             with_schema: capture.with_schema(),
             partitions: capture.producer.partitions(&capture.tables[i].topic),
-            version: state.consistent_lsn,
+            version: state.row_version(),
         };
         let after = state
             .tables

@@ -11,7 +11,12 @@
 //! so it brings transactions `T` already saw: an event is skipped when its transaction is
 //! visible in the snapshot its row's key range was read under (`Regime::sees`), which
 //! happens only for keys of a resumed range. So no row is missed and none is applied twice.
-//! Every snapshot row's version is the slot's start LSN, below every streamed change.
+//! Every snapshot row's version is one below the slot's restart LSN when the snapshot was
+//! planned, below every change the slot can send. Not the consistent point: a transaction
+//! that began before it (and was not yet running when the slot was asked for) commits
+//! after it, so the snapshot does not see it, yet its changes sit at LSNs below it; with
+//! the consistent point as the snapshot's version, ReplacingMergeTree would keep the
+//! snapshot's older row over that transaction's update.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -86,12 +91,22 @@ pub struct TableProgress {
 /// The snapshot's progress, in the store's `snapshot` record.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotState {
-    /// The LSN the slot started at: every snapshot row's version.
+    /// The slot's consistent point (the exported snapshot's LSN).
     pub consistent_lsn: u64,
+    /// Every snapshot row's version: one below the slot's restart LSN when the snapshot
+    /// was planned. `None` in a record of a version of chgate before it (which took the
+    /// consistent point).
+    #[serde(default)]
+    pub row_version: Option<u64>,
     pub tables: BTreeMap<String, TableProgress>,
 }
 
 impl SnapshotState {
+    /// Every snapshot row's version.
+    pub fn row_version(&self) -> u64 {
+        self.row_version.unwrap_or(self.consistent_lsn)
+    }
+
     pub fn done(&self) -> bool {
         self.tables.values().all(|t| t.done)
     }
@@ -190,7 +205,7 @@ pub struct EventShape {
     pub with_schema: bool,
     /// The topic's partitions.
     pub partitions: i32,
-    /// Every snapshot row's version: the LSN the slot started at.
+    /// Every snapshot row's version (`SnapshotState::row_version`).
     pub version: u64,
 }
 
