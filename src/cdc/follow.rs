@@ -25,7 +25,9 @@ use super::store::Store;
 pub const EVERY: Duration = Duration::from_secs(2);
 
 /// Follows the topics from the moment `standing_by` is cancelled (another instance leads)
-/// until `stop`; the store is closed when it returns.
+/// until `stop`; the store is closed when it returns. A failure (PostgreSQL or the broker
+/// away, the store not opened) is logged and tried again at the next turn, with a new
+/// connection: a standby that stopped following would take over with a full rebuild.
 pub async fn run(
     cfg: Arc<ValidatedCdc>,
     standing_by: CancellationToken,
@@ -35,33 +37,6 @@ pub async fn run(
         _ = standing_by.cancelled() => {}
         _ = stop.cancelled() => return Ok(()),
     }
-    let c = &cfg.config;
-    let catalog = catalog::connect(&cfg)
-        .await
-        .context("connecting to PostgreSQL to follow the topics")?;
-    let schemas = catalog::tables(&catalog, &c.capture.tables).await?;
-    let k = c.kafka.clone();
-    let names: Vec<String> = schemas
-        .iter()
-        .map(|s| cfg.topic(&s.schema, &s.name))
-        .collect();
-    let counts = tokio::task::spawn_blocking(move || {
-        names
-            .into_iter()
-            .map(|t| Ok((rebuild::partitions_of(&k.brokers, &k.properties, &t)?, t)))
-            .collect::<anyhow::Result<Vec<(i32, String)>>>()
-    })
-    .await??;
-    let topics: Arc<Vec<TopicOf>> = Arc::new(topics_of(&cfg, &schemas, |t| {
-        counts
-            .iter()
-            .find(|(_, name)| name == t)
-            .map_or(1, |(n, _)| *n)
-    }));
-    let mut store = Some(
-        Store::open(&c.capture.state_dir, c.capture.store_cache_mib << 20)
-            .context("opening the key-state store to follow the topics")?,
-    );
     // A fold under way ends at its next message once `stop` comes.
     let halt = Arc::new(AtomicBool::new(false));
     {
@@ -72,27 +47,20 @@ pub async fn run(
         });
     }
     tracing::info!("Following the topics while standing by");
+    let mut sources: Option<Sources> = None;
+    let mut store: Option<Store> = None;
     loop {
-        let restart = catalog::slot_restart(&catalog, &c.capture.slot)
-            .await?
-            .unwrap_or(0);
-        let mut s = store.take().context("the store is away")?;
-        let (cfg2, topics2, halt2) = (cfg.clone(), topics.clone(), halt.clone());
-        let (s, r) = tokio::task::spawn_blocking(move || {
-            let r = fold_once(&cfg2, &topics2, restart, &mut s, &halt2);
-            (s, r)
-        })
-        .await?;
-        store = Some(s);
-        match r {
-            Ok((events, rows, went_on)) if !went_on => tracing::info!(
+        match turn(&cfg, &mut sources, &mut store, &halt).await {
+            Ok(Some((events, rows))) => tracing::info!(
                 events,
                 rows,
                 "Folded the topics into this standby's store from their start"
             ),
-            Ok(_) => {}
+            Ok(None) => {}
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "Cannot fold the topics into this standby's store; trying again")
+                // Connected again at the next turn.
+                sources = None;
+                tracing::warn!(error = %format!("{e:#}"), "Cannot fold the topics into this standby's store; trying again");
             }
         }
         tokio::select! {
@@ -100,6 +68,80 @@ pub async fn run(
             _ = tokio::time::sleep(EVERY) => {}
         }
     }
+}
+
+/// What a fold reads: the catalog (for the slot's restart LSN) and the captured tables'
+/// topics.
+struct Sources {
+    catalog: tokio_postgres::Client,
+    topics: Arc<Vec<TopicOf>>,
+}
+
+impl Sources {
+    async fn connect(cfg: &Arc<ValidatedCdc>) -> anyhow::Result<Self> {
+        let c = &cfg.config;
+        let catalog = catalog::connect(cfg)
+            .await
+            .context("connecting to PostgreSQL to follow the topics")?;
+        let schemas = catalog::tables(&catalog, &c.capture.tables).await?;
+        let k = c.kafka.clone();
+        let names: Vec<String> = schemas
+            .iter()
+            .map(|s| cfg.topic(&s.schema, &s.name))
+            .collect();
+        let counts = tokio::task::spawn_blocking(move || {
+            names
+                .into_iter()
+                .map(|t| Ok((rebuild::partitions_of(&k.brokers, &k.properties, &t)?, t)))
+                .collect::<anyhow::Result<Vec<(i32, String)>>>()
+        })
+        .await??;
+        let topics = Arc::new(topics_of(cfg, &schemas, |t| {
+            counts
+                .iter()
+                .find(|(_, name)| name == t)
+                .map_or(1, |(n, _)| *n)
+        }));
+        Ok(Self { catalog, topics })
+    }
+}
+
+/// One turn: connects and opens the store if they are not yet, then folds what came since
+/// the last fold. Returns the events folded and the rows held when the fold started from
+/// the topics' start.
+async fn turn(
+    cfg: &Arc<ValidatedCdc>,
+    sources: &mut Option<Sources>,
+    store: &mut Option<Store>,
+    halt: &Arc<AtomicBool>,
+) -> anyhow::Result<Option<(u64, u64)>> {
+    let c = &cfg.config.capture;
+    if sources.is_none() {
+        *sources = Some(Sources::connect(cfg).await?);
+    }
+    let Some(src) = sources.as_ref() else {
+        return Ok(None);
+    };
+    if store.is_none() {
+        *store = Some(
+            Store::open(&c.state_dir, c.store_cache_mib << 20)
+                .context("opening the key-state store to follow the topics")?,
+        );
+    }
+    let restart = catalog::slot_restart(&src.catalog, &c.slot)
+        .await
+        .context("reading the slot's restart LSN")?
+        .unwrap_or(0);
+    let mut s = store.take().context("the store is away")?;
+    let (cfg2, topics, halt2) = (cfg.clone(), src.topics.clone(), halt.clone());
+    let (s, r) = tokio::task::spawn_blocking(move || {
+        let r = fold_once(&cfg2, &topics, restart, &mut s, &halt2);
+        (s, r)
+    })
+    .await?;
+    *store = Some(s);
+    let (events, rows, went_on) = r?;
+    Ok((!went_on).then_some((events, rows)))
 }
 
 /// One fold, its progress kept in the store; returns the events folded so far, the rows
