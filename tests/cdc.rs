@@ -1419,14 +1419,7 @@ fn a_partitioned_table_is_captured_once_under_its_own_name() {
     let state = common::tempfile_path("cdc-state");
     let cfg = config(&db, &prefix, &state, 1000);
     let mut refused = Cdc::start(&cfg);
-    let end = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = refused.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < end, "still running: {:?}", refused.tail());
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = refused.wait_exit(30, "still running");
     assert!(
         !status.success() && refused.logged("badident has REPLICA IDENTITY USING INDEX"),
         "{status}: {:?}",
@@ -1801,18 +1794,10 @@ fn a_truncate_of_wide_rows_goes_in_slices_and_survives_a_kill() {
         ROWS as f64
     );
     db.exec(&rt, "TRUNCATE wide");
-    let end = Instant::now() + Duration::from_secs(90);
-    let status = loop {
-        if let Some(status) = cdc.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < end,
-            "the truncate was not sliced (the failpoint never killed the capture): {:?}",
-            cdc.tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = cdc.wait_exit(
+        90,
+        "the truncate was not sliced (the failpoint never killed the capture)",
+    );
     assert!(!status.success(), "killed by the failpoint, not {status}");
     drop(cdc);
 
