@@ -130,5 +130,57 @@ fn walk_compressed(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, walk, walk_compressed);
+/// One LZ4 frame body of a String block decompressed, by lz4_flex and by the C library,
+/// the body written by the C library as ClickHouse writes it (its default acceleration).
+fn lz4_decompress(c: &mut Criterion) {
+    let strings = block(
+        40_000,
+        &[
+            ("String", &|b, r| string(b, format!("user-{r}").as_bytes())),
+            ("String", &|b, r| string(b, format!("{}", r * 3).as_bytes())),
+            ("String", &|b, r| {
+                string(
+                    b,
+                    format!("https://example.com/page/{}?q={}", r % 977, r * 31).as_bytes(),
+                )
+            }),
+        ],
+    );
+    let raw = &strings[..strings.len().min(1 << 20)];
+    let mut body = vec![0u8; raw.len() + raw.len() / 255 + 16];
+    // SAFETY: both buffers are valid for the lengths given; the bound is LZ4's.
+    let n = unsafe {
+        lz4_sys::LZ4_compress_default(
+            raw.as_ptr().cast(),
+            body.as_mut_ptr().cast(),
+            raw.len() as i32,
+            body.len() as i32,
+        )
+    };
+    assert!(n > 0);
+    body.truncate(n as usize);
+    let mut out = vec![0u8; raw.len()];
+    let mut group = c.benchmark_group("lz4_decompress");
+    group.throughput(Throughput::Bytes(raw.len() as u64));
+    group.bench_function("lz4_flex", |b| {
+        b.iter(|| lz4_flex::block::decompress_into(black_box(&body), &mut out).unwrap())
+    });
+    group.bench_function("lz4_c", |b| {
+        b.iter(|| {
+            // SAFETY: as above.
+            let got = unsafe {
+                lz4_sys::LZ4_decompress_safe(
+                    black_box(&body).as_ptr().cast(),
+                    out.as_mut_ptr().cast(),
+                    body.len() as i32,
+                    out.len() as i32,
+                )
+            };
+            assert_eq!(got as usize, raw.len());
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, walk, walk_compressed, lz4_decompress);
 criterion_main!(benches);
