@@ -23,15 +23,15 @@
 //! on.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -39,7 +39,7 @@ use super::envelope::TableEnvelope;
 use super::producer::SEQ_HEADER;
 use super::snapshot::SnapshotState;
 use super::store::{row_key_into, Store, StoredRow};
-use super::tail::Quiet;
+use super::tail::{read_partitions, OffsetGone, Quiet, Start};
 use crate::kafka::client_config;
 use crate::kafka::partition::partition_for_key;
 
@@ -216,146 +216,26 @@ pub fn read_state(
 ) -> anyhow::Result<Option<StateRecord>> {
     let mut found = None;
     let never = AtomicBool::new(false);
-    read_partitions(brokers, properties, topic, &[(0, None)], &never, |m| {
-        if m.key() == Some(slot.as_bytes()) {
-            if let Some(v) = m.payload() {
-                let r: StateRecord = serde_json::from_slice(v).with_context(|| {
-                    format!("the state record at {topic}/0@{} is not one", m.offset())
-                })?;
-                found = Some(r);
+    read_partitions(
+        brokers,
+        properties,
+        topic,
+        &[(0, Start::First)],
+        16384,
+        &never,
+        |m| {
+            if m.key() == Some(slot.as_bytes()) {
+                if let Some(v) = m.payload() {
+                    let r: StateRecord = serde_json::from_slice(v).with_context(|| {
+                        format!("the state record at {topic}/0@{} is not one", m.offset())
+                    })?;
+                    found = Some(r);
+                }
             }
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     Ok(found)
-}
-
-/// A saved offset the partition no longer has: records were removed (retention), or the
-/// topic was made anew. The fold must start over from the partition's first record.
-#[derive(Debug, thiserror::Error)]
-#[error("{topic}/{partition}: the fold stopped at offset {saved}, and the partition now holds offsets {low} to {high}")]
-pub struct OffsetGone {
-    topic: String,
-    partition: i32,
-    saved: i64,
-    low: i64,
-    high: i64,
-}
-
-/// Reads every message of `topic`'s partitions, each from its start offset (`None`: the
-/// first the broker keeps) to the end it reports when asked, handing each to `each`.
-/// `Ok(false)` if `stop` was set first.
-fn read_partitions(
-    brokers: &str,
-    properties: &BTreeMap<String, String>,
-    topic: &str,
-    starts: &[(i32, Option<i64>)],
-    stop: &AtomicBool,
-    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()>,
-) -> anyhow::Result<bool> {
-    let consumer: BaseConsumer<Quiet> = client_config(brokers, properties)
-        .set("group.id", "chgate-cdc-rebuild")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest")
-        // librdkafka's default prefetch is 64 MiB per partition: a topic of many
-        // partitions read whole would hold hundreds of MiB ahead of the fold.
-        .set("queued.max.messages.kbytes", "16384")
-        // It reads to the end and stops: a fetch must not wait for more (librdkafka's
-        // default is 500 ms, and some brokers, tansu among them, use all of it).
-        .set("fetch.wait.max.ms", "10")
-        .create_with_context(Quiet)?;
-    let mut list = TopicPartitionList::new();
-    let mut open = std::collections::BTreeSet::new();
-    // Where each partition's read starts, and its offsets when asked.
-    let mut froms: BTreeMap<i32, (i64, i64, i64)> = BTreeMap::new();
-    for &(p, start) in starts {
-        let (low, high) = match consumer.fetch_watermarks(topic, p, Duration::from_secs(10)) {
-            Ok(w) => w,
-            // A state topic nobody wrote yet.
-            Err(e)
-                if e.rdkafka_error_code()
-                    == Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition) =>
-            {
-                continue
-            }
-            Err(e) => return Err(e).with_context(|| format!("the offsets of {topic}/{p}")),
-        };
-        // Not `saved > high`: some brokers (tansu among them) report an end short of the
-        // last record; a partition made anew, shorter than where the fold stopped, shows
-        // as the broker taking the read back to an earlier offset (below).
-        let from = match start {
-            Some(saved) if saved < low => {
-                return Err(OffsetGone {
-                    topic: topic.to_string(),
-                    partition: p,
-                    saved,
-                    low,
-                    high,
-                }
-                .into())
-            }
-            Some(saved) => saved,
-            None => {
-                if low > 0 && high > low {
-                    tracing::warn!(
-                        topic,
-                        partition = p,
-                        first_offset = low,
-                        "The partition no longer starts at offset 0: unless compaction removed \
-                         the records before it (the last event of each key is kept), rows they \
-                         held are missing from the rebuilt store"
-                    );
-                }
-                low
-            }
-        };
-        if high <= from && start.is_none() {
-            continue;
-        }
-        list.add_partition_offset(topic, p, Offset::Offset(from))?;
-        open.insert(p);
-        froms.insert(p, (from, low, high));
-    }
-    if open.is_empty() {
-        return Ok(true);
-    }
-    consumer.assign(&list)?;
-    let mut last_progress = Instant::now();
-    while !open.is_empty() {
-        if stop.load(Ordering::Relaxed) {
-            return Ok(false);
-        }
-        if last_progress.elapsed() > Duration::from_secs(120) {
-            anyhow::bail!("reading topic {topic}: no message for 2 minutes");
-        }
-        match consumer.poll(Duration::from_millis(500)) {
-            None => {}
-            Some(Ok(m)) => {
-                last_progress = Instant::now();
-                if let Some(&(from, low, high)) = froms.get(&m.partition()) {
-                    if m.offset() < from {
-                        // The offset was past the partition's end: the broker took the read
-                        // back to its start.
-                        return Err(OffsetGone {
-                            topic: topic.to_string(),
-                            partition: m.partition(),
-                            saved: from,
-                            low,
-                            high,
-                        }
-                        .into());
-                    }
-                }
-                each(&m)?;
-            }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                open.remove(&p);
-            }
-            Some(Err(e)) => return Err(e).with_context(|| format!("reading topic {topic}")),
-        }
-    }
-    Ok(true)
 }
 
 /// A topic's partition count, from the broker's metadata (blocking).
@@ -613,8 +493,8 @@ fn fold_from(
 ) -> anyhow::Result<bool> {
     for t in src.topics {
         let mut next = follow.next_of(&t.topic);
-        let starts: Vec<(i32, Option<i64>)> = (0..t.partitions)
-            .map(|p| (p, next.get(&p).copied()))
+        let starts: Vec<(i32, Start)> = (0..t.partitions)
+            .map(|p| (p, next.get(&p).map_or(Start::First, |&o| Start::At(o))))
             .collect();
         let mut fold = Fold {
             store,
@@ -626,9 +506,15 @@ fn fold_from(
             next: &mut next,
             key: Vec::new(),
         };
-        let done = read_partitions(src.brokers, src.properties, &t.topic, &starts, stop, |m| {
-            fold.message(m)
-        });
+        let done = read_partitions(
+            src.brokers,
+            src.properties,
+            &t.topic,
+            &starts,
+            16384,
+            stop,
+            |m| fold.message(m),
+        );
         fold.flush()?;
         follow.set_next(&t.topic, next);
         if !done? {

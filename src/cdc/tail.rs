@@ -1,4 +1,6 @@
-//! After a crash: which events of the outbox the broker already has.
+//! Reading the captured topics' partitions (`read_partitions`: for the tails here, for
+//! a rebuild's fold in `rebuild.rs`), and after a crash: which events of the outbox the
+//! broker already has.
 //!
 //! The producer is idempotent and every event goes to a partition the capture chose, so a
 //! partition holds the capture's events in sequence order with no gap: the outbox events
@@ -8,9 +10,11 @@
 //! the test one among them, report the start of the last record batch or earlier, or
 //! answer a fetch from inside a batch with the next one) and goes to the real end.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -45,7 +49,7 @@ pub struct Last {
 /// The highest `chgate-seq` in each partition (absent: none found).
 pub fn highest_seqs(
     brokers: &str,
-    properties: &std::collections::BTreeMap<String, String>,
+    properties: &BTreeMap<String, String>,
     partitions: &BTreeSet<(String, i32)>,
     rewind: i64,
 ) -> anyhow::Result<HashMap<(String, i32), Last>> {
@@ -65,74 +69,187 @@ pub fn highest_seqs(
 /// One topic at a time: an end-of-partition event names only the partition.
 fn read_topic(
     brokers: &str,
-    properties: &std::collections::BTreeMap<String, String>,
+    properties: &BTreeMap<String, String>,
     topic: &str,
     partitions: &[i32],
     rewind: i64,
     out: &mut HashMap<(String, i32), Last>,
 ) -> anyhow::Result<()> {
+    let starts: Vec<(i32, Start)> = partitions
+        .iter()
+        .map(|&p| (p, Start::Last(rewind)))
+        .collect();
+    // A few thousand events per partition: no need for much prefetch.
+    let never = AtomicBool::new(false);
+    read_partitions(brokers, properties, topic, &starts, 8192, &never, |m| {
+        let header = |name: &str, radix: u32| {
+            m.headers().and_then(|h| {
+                h.iter().find(|h| h.key == name).and_then(|h| {
+                    u64::from_str_radix(std::str::from_utf8(h.value?).ok()?, radix).ok()
+                })
+            })
+        };
+        if let Some(seq) = header(SEQ_HEADER, 10) {
+            let last = Last {
+                seq,
+                store: header(STORE_HEADER, 16),
+            };
+            out.entry((topic.to_string(), m.partition()))
+                .and_modify(|e| {
+                    if seq > e.seq {
+                        *e = last;
+                    }
+                })
+                .or_insert(last);
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// A saved offset the partition no longer has: records were removed (retention), or the
+/// topic was made anew. The fold must start over from the partition's first record.
+#[derive(Debug, thiserror::Error)]
+#[error("{topic}/{partition}: the fold stopped at offset {saved}, and the partition now holds offsets {low} to {high}")]
+pub struct OffsetGone {
+    topic: String,
+    partition: i32,
+    saved: i64,
+    low: i64,
+    high: i64,
+}
+
+/// Where a partition's read starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Start {
+    /// The first record the broker keeps.
+    First,
+    /// A saved offset (where an earlier read stopped): [`OffsetGone`] if the partition no
+    /// longer has it.
+    At(i64),
+    /// So many offsets before the end the broker reports (see the module doc).
+    Last(i64),
+}
+
+/// Reads every message of `topic`'s partitions, each from its [`Start`] to the end it
+/// reports when asked, handing each to `each`; a partition that does not exist is left
+/// out. `prefetch_kib` caps librdkafka's prefetch per partition. `Ok(false)` if `stop` was
+/// set first.
+pub fn read_partitions(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topic: &str,
+    starts: &[(i32, Start)],
+    prefetch_kib: u32,
+    stop: &AtomicBool,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()>,
+) -> anyhow::Result<bool> {
     let consumer: BaseConsumer<Quiet> = client_config(brokers, properties)
-        .set("group.id", "chgate-cdc-tail")
+        .set("group.id", "chgate-cdc-read")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
+        // librdkafka's default prefetch is 64 MiB per partition: a topic of many
+        // partitions read whole would hold hundreds of MiB ahead of its reader.
+        .set("queued.max.messages.kbytes", prefetch_kib.to_string())
         // It reads to the end and stops: a fetch must not wait for more (librdkafka's
         // default is 500 ms, and some brokers, tansu among them, use all of it).
         .set("fetch.wait.max.ms", "10")
-        // It reads a few thousand events per partition: no need for librdkafka's 64 MiB
-        // of prefetch per partition.
-        .set("queued.max.messages.kbytes", "8192")
         .create_with_context(Quiet)?;
     let mut list = TopicPartitionList::new();
     let mut open = BTreeSet::new();
-    for &p in partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-        if high <= low {
+    // Where each partition's read from a saved offset starts, and its offsets when asked.
+    let mut froms: BTreeMap<i32, (i64, i64, i64)> = BTreeMap::new();
+    for &(p, start) in starts {
+        let (low, high) = match consumer.fetch_watermarks(topic, p, Duration::from_secs(10)) {
+            Ok(w) => w,
+            // A state topic nobody wrote yet.
+            Err(e)
+                if e.rdkafka_error_code()
+                    == Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e).with_context(|| format!("the offsets of {topic}/{p}")),
+        };
+        // Not `saved > high`: some brokers (tansu among them) report an end short of the
+        // last record; a partition made anew, shorter than where the fold stopped, shows
+        // as the broker taking the read back to an earlier offset (below).
+        let from = match start {
+            Start::At(saved) if saved < low => {
+                return Err(OffsetGone {
+                    topic: topic.to_string(),
+                    partition: p,
+                    saved,
+                    low,
+                    high,
+                }
+                .into())
+            }
+            Start::At(saved) => saved,
+            Start::Last(n) => (high - n).max(low),
+            Start::First => {
+                if low > 0 && high > low {
+                    tracing::warn!(
+                        topic,
+                        partition = p,
+                        first_offset = low,
+                        "The partition no longer starts at offset 0: unless compaction removed \
+                         the records before it (the last event of each key is kept), rows they \
+                         held are missing from the rebuilt store"
+                    );
+                }
+                low
+            }
+        };
+        if high <= from && !matches!(start, Start::At(_)) {
             continue;
         }
-        list.add_partition_offset(topic, p, Offset::Offset((high - rewind).max(low)))?;
+        list.add_partition_offset(topic, p, Offset::Offset(from))?;
         open.insert(p);
+        if let Start::At(_) = start {
+            froms.insert(p, (from, low, high));
+        }
     }
     if open.is_empty() {
-        return Ok(());
+        return Ok(true);
     }
     consumer.assign(&list)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last_progress = Instant::now();
     while !open.is_empty() {
-        if Instant::now() > deadline {
-            anyhow::bail!("reading the tails of topic {topic} took over 2 minutes");
+        if stop.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        if last_progress.elapsed() > Duration::from_secs(120) {
+            anyhow::bail!("reading topic {topic}: no message for 2 minutes");
         }
         match consumer.poll(Duration::from_millis(500)) {
             None => {}
             Some(Ok(m)) => {
-                let header = |name: &str, radix: u32| {
-                    m.headers().and_then(|h| {
-                        h.iter().find(|h| h.key == name).and_then(|h| {
-                            u64::from_str_radix(std::str::from_utf8(h.value?).ok()?, radix).ok()
-                        })
-                    })
-                };
-                if let Some(seq) = header(SEQ_HEADER, 10) {
-                    let last = Last {
-                        seq,
-                        store: header(STORE_HEADER, 16),
-                    };
-                    out.entry((topic.to_string(), m.partition()))
-                        .and_modify(|e| {
-                            if seq > e.seq {
-                                *e = last;
-                            }
-                        })
-                        .or_insert(last);
+                last_progress = Instant::now();
+                if let Some(&(from, low, high)) = froms.get(&m.partition()) {
+                    if m.offset() < from {
+                        // The offset was past the partition's end: the broker took the read
+                        // back to its start.
+                        return Err(OffsetGone {
+                            topic: topic.to_string(),
+                            partition: m.partition(),
+                            saved: from,
+                            low,
+                            high,
+                        }
+                        .into());
+                    }
                 }
+                each(&m)?;
             }
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
                 open.remove(&p);
             }
-            Some(Err(e)) => return Err(e.into()),
+            Some(Err(e)) => return Err(e).with_context(|| format!("reading topic {topic}")),
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// After a rebuild, once this instance holds the slot (the previous leader can read no
@@ -140,7 +257,7 @@ fn read_topic(
 /// which a previous leader still delivering would have added behind the rebuild's back.
 pub async fn unchanged_since(
     brokers: &str,
-    properties: &std::collections::BTreeMap<String, String>,
+    properties: &BTreeMap<String, String>,
     rewind: i64,
     before: &HashMap<(String, i32), Last>,
 ) -> anyhow::Result<()> {
