@@ -169,6 +169,14 @@ impl Cdc {
         Self { child, admin, log }
     }
 
+    /// A capture that dies (SIGKILL of itself) when it reaches the failpoint `name`.
+    fn start_killed_at(config: &std::path::Path, name: &str) -> Self {
+        let points = format!("{name}=kill");
+        let (child, admin, log) =
+            common::spawn_logged_env("cdc", config, &[("CHGATE_FAILPOINTS", &points)]);
+        Self { child, admin, log }
+    }
+
     fn metric(&self, name: &str, labels: &[&str]) -> f64 {
         let text = common::curl(&["-sS", &format!("http://{}/metrics", self.admin)]).body;
         common::metric_sum(&text, name, labels)
@@ -1158,12 +1166,7 @@ fn the_standby_takes_over_when_the_leader_is_killed() {
     // The first leader dies right after the broker acknowledged its first streamed
     // events, before it confirmed them to the slot: the server sends them again to the
     // next leader, whose rebuilt store must see that the topics hold them.
-    let (child, admin, log) = common::spawn_logged_env(
-        "cdc",
-        &cfg_a,
-        &[("CHGATE_FAILPOINTS", "cdc.acked_not_confirmed=kill")],
-    );
-    let mut a = Cdc { child, admin, log };
+    let mut a = Cdc::start_killed_at(&cfg_a, "cdc.acked_not_confirmed");
     a.wait_streaming(Duration::from_secs(120));
     wait_logged(&a, "Recorded the capture's state");
     let b = Cdc::start(&cfg_b);
@@ -1566,12 +1569,7 @@ fn a_transaction_sent_again_after_a_rebuild_is_not_published_twice() {
     rt.block_on(seed(&db, 30, 5));
     let prefix = db.name.replace('_', "-");
     let first = config(&db, &prefix, &common::tempfile_path("cdc-state"), 1000);
-    let (child, admin, log) = common::spawn_logged_env(
-        "cdc",
-        &first,
-        &[("CHGATE_FAILPOINTS", "cdc.acked_not_confirmed=kill")],
-    );
-    let mut a = Cdc { child, admin, log };
+    let mut a = Cdc::start_killed_at(&first, "cdc.acked_not_confirmed");
     a.wait_streaming(Duration::from_secs(60));
     wait_logged(&a, "Recorded the capture's state");
     db.exec(
@@ -1782,12 +1780,7 @@ fn a_truncate_of_wide_rows_goes_in_slices_and_survives_a_kill() {
     );
     let prefix = db.name.replace('_', "-");
     let cfg = config(&db, &prefix, &common::tempfile_path("cdc-state"), 5000);
-    let (child, admin, log) = common::spawn_logged_env(
-        "cdc",
-        &cfg,
-        &[("CHGATE_FAILPOINTS", "cdc.truncate_sliced=kill")],
-    );
-    let mut cdc = Cdc { child, admin, log };
+    let mut cdc = Cdc::start_killed_at(&cfg, "cdc.truncate_sliced");
     cdc.wait_streaming(Duration::from_secs(120));
     assert_eq!(
         cdc.metric("chgate_cdc_snapshot_rows_total", &["table=\"public.wide\""]),
@@ -1872,8 +1865,10 @@ async fn straddle_the_consistent_point(db: &TestDb) -> Result<(), String> {
         assert!(Instant::now() < end, "no slot: {:?}", cdc.tail());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // T1 begins after the slot's first record: the slot's second phase waits for it.
+    // A running-transactions record past the slot's start, before T1 has an xid: the
+    // slot's first phase ends at the first record with T0 gone, and T1 is not older.
+    admin.batch_execute("CHECKPOINT").await.unwrap();
+    // T1 begins after that record: the slot's second phase waits for it.
     t1.batch_execute("BEGIN; SELECT txid_current()")
         .await
         .unwrap();
