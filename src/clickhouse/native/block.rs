@@ -18,7 +18,7 @@ use super::reader::{Present, Reader, Result, WalkError};
 
 /// Nesting deeper than this in a type name is refused (it would only come from a peer
 /// trying to exhaust the stack).
-const MAX_DEPTH: u32 = 32;
+pub(super) const MAX_DEPTH: u32 = 32;
 
 /// How blocks are framed on the wire.
 #[derive(Debug, Clone, Copy, Default)]
@@ -114,19 +114,7 @@ fn walk(mut r: Reader<'_>, framing: Framing) -> Result<Block> {
     });
     for _ in 0..columns {
         let start = r.position();
-        r.string()?;
-        let ty = std::str::from_utf8(r.string()?)
-            .map_err(|_| WalkError::Malformed("a column type name that is not UTF-8"))?;
-        if !plain_quoted_names(ty) {
-            return Err(WalkError::Unsupported(
-                "a type name with a quoted element name that holds separators",
-            ));
-        }
-        if framing.custom_serialization && r.u8()? != 0 {
-            return Err(WalkError::Unsupported(
-                "sparse or other custom serialization",
-            ));
-        }
+        let ty = column_header(&mut r, framing)?;
         if let Some(s) = shape.as_mut() {
             match row_width(ty, 0) {
                 Some(w) => {
@@ -152,6 +140,25 @@ fn walk(mut r: Reader<'_>, framing: Framing) -> Result<Block> {
         len: r.position(),
         shape,
     })
+}
+
+/// A column's name, type name and (revision 54454 and later) custom-serialization byte:
+/// its type name, checked to be one this walk splits as the server does.
+pub(super) fn column_header<'a>(r: &mut Reader<'a>, framing: Framing) -> Result<&'a str> {
+    r.string()?;
+    let ty = std::str::from_utf8(r.string()?)
+        .map_err(|_| WalkError::Malformed("a column type name that is not UTF-8"))?;
+    if !plain_quoted_names(ty) {
+        return Err(WalkError::Unsupported(
+            "a type name with a quoted element name that holds separators",
+        ));
+    }
+    if framing.custom_serialization && r.u8()? != 0 {
+        return Err(WalkError::Unsupported(
+            "sparse or other custom serialization",
+        ));
+    }
+    Ok(ty)
 }
 
 /// The bytes per row of a column of type `ty`, if that is fixed: its data is then exactly
@@ -251,38 +258,40 @@ fn split(ty: &str) -> Result<(&str, Option<&str>)> {
 fn args(inner: &str) -> impl Iterator<Item = &str> {
     let mut rest = Some(inner);
     std::iter::from_fn(move || {
-        let s = rest?;
-        let mut depth = 0i32;
-        let mut quoted = false;
-        let mut escaped = false;
-        for (i, c) in s.char_indices() {
-            if quoted {
-                match c {
-                    _ if escaped => escaped = false,
-                    '\\' => escaped = true,
-                    '\'' => quoted = false,
-                    _ => {}
-                }
-                continue;
-            }
-            match c {
-                '\'' => quoted = true,
-                '(' => depth += 1,
-                ')' => depth -= 1,
-                ',' if depth == 0 => {
-                    rest = Some(&s[i + 1..]);
-                    return Some(s[..i].trim());
-                }
-                _ => {}
-            }
-        }
-        rest = None;
-        Some(s.trim())
+        let (first, after) = first_arg(rest?);
+        rest = after;
+        Some(first)
     })
 }
 
+/// The first of a type's comma-separated arguments, and the rest after its comma, if any.
+pub(super) fn first_arg(list: &str) -> (&str, Option<&str>) {
+    let mut depth = 0i32;
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, c) in list.char_indices() {
+        if quoted {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '\'' => quoted = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '\'' => quoted = true,
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => return (list[..i].trim(), Some(&list[i + 1..])),
+            _ => {}
+        }
+    }
+    (list.trim(), None)
+}
+
 /// A tuple element's type: `name Type` in a named tuple, else the whole argument.
-fn element(arg: &str) -> &str {
+pub(super) fn element(arg: &str) -> &str {
     let mut depth = 0i32;
     for (i, c) in arg.char_indices() {
         match c {
@@ -342,32 +351,105 @@ fn only_arg(inner: Option<&str>) -> Result<&str> {
     ))
 }
 
+/// How a column type's data is laid out, as both walks of a block step over it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Layout<'t> {
+    /// So many bytes per value.
+    Fixed(u64),
+    /// Length-prefixed values.
+    String,
+    /// A byte per value (the null map), then the values.
+    Nullable(&'t str),
+    /// Offsets (a u64 per value, the last one the number of elements), then the elements.
+    Array(&'t str),
+    /// Each element type's values in turn (the comma-separated list inside `Tuple(...)`).
+    Tuple(&'t str),
+    /// Offsets, then a tuple of the listed types (`Map`, `Nested`).
+    ArrayOfTuples(&'t str),
+    /// Granules of dictionary keys and indexes; the keys are strings (`None`) or values so
+    /// many bytes wide. A state prefix (the key version) comes before the data.
+    LowCardinality { keys: Option<u64> },
+    /// Laid out as a type named inside this one's name (a `SimpleAggregateFunction`'s).
+    As(&'t str),
+    /// Laid out as another type (the geo types).
+    Geo(&'static str),
+}
+
+/// The layout of `ty`; a type chgate cannot walk is refused here.
+pub(super) fn layout(ty: &str) -> Result<Layout<'_>> {
+    let (name, inner) = split(ty)?;
+    if let Some(width) = fixed_width(name, inner)? {
+        return Ok(Layout::Fixed(width));
+    }
+    Ok(match name {
+        "String" => Layout::String,
+        "Nullable" => Layout::Nullable(only_arg(inner)?),
+        "Array" => Layout::Array(only_arg(inner)?),
+        "Tuple" => Layout::Tuple(only_arg(inner)?),
+        // Map(K, V) and Nested(a A, b B) are arrays of tuples.
+        "Map" | "Nested" => Layout::ArrayOfTuples(only_arg(inner)?),
+        "LowCardinality" => Layout::LowCardinality {
+            keys: dictionary_keys(only_arg(inner)?)?,
+        },
+        "SimpleAggregateFunction" => Layout::As(simple_aggregate_type(inner)?),
+        "Point" => Layout::Geo("Tuple(Float64, Float64)"),
+        "Ring" | "LineString" => Layout::Geo("Array(Point)"),
+        "Polygon" | "MultiLineString" => Layout::Geo("Array(Ring)"),
+        "MultiPolygon" => Layout::Geo("Array(Polygon)"),
+        "AggregateFunction" => return Err(WalkError::Unsupported("AggregateFunction states")),
+        "Variant" | "Dynamic" | "JSON" | "Object" => {
+            return Err(WalkError::Unsupported("Variant, Dynamic and JSON columns"))
+        }
+        _ => return Err(WalkError::Unsupported("a type chgate does not know")),
+    })
+}
+
+/// The keys of a `LowCardinality(inner)` dictionary: strings (`None`) or values so many
+/// bytes wide. The dictionary holds `inner` without `Nullable`; ClickHouse takes only
+/// strings, numbers, dates and the like into a `LowCardinality`.
+fn dictionary_keys(inner: &str) -> Result<Option<u64>> {
+    let dictionary = match split(inner)? {
+        ("Nullable", Some(t)) => t,
+        _ => inner,
+    };
+    match split(dictionary)? {
+        ("String", None) => Ok(None),
+        (name, args) => Ok(Some(fixed_width(name, args)?.ok_or(
+            WalkError::Unsupported("a LowCardinality of a type ClickHouse does not allow in one"),
+        )?)),
+    }
+}
+
 /// Walks a column's state prefix: only `LowCardinality` has one (its key serialization
 /// version), wherever it is nested.
 fn prefix(ty: &str, r: &mut Reader<'_>, depth: u32) -> Result<()> {
     if depth > MAX_DEPTH {
         return Err(WalkError::Malformed("a type nested too deeply"));
     }
-    let (name, inner) = split(ty)?;
-    match name {
-        "LowCardinality" => {
-            if r.u64_le()? != 1 {
-                return Err(WalkError::Unsupported(
-                    "a LowCardinality key version other than 1",
-                ));
-            }
-            Ok(())
+    match layout(ty)? {
+        Layout::LowCardinality { .. } => key_version(r.u64_le()?),
+        Layout::Nullable(inner) | Layout::Array(inner) | Layout::As(inner) => {
+            prefix(inner, r, depth + 1)
         }
-        "Nullable" | "Array" => prefix(only_arg(inner)?, r, depth + 1),
-        "SimpleAggregateFunction" => prefix(simple_aggregate_type(inner)?, r, depth + 1),
-        "Tuple" | "Map" | "Nested" => {
-            for a in args(only_arg(inner)?) {
+        Layout::Tuple(list) | Layout::ArrayOfTuples(list) => {
+            for a in args(list) {
                 prefix(element(a), r, depth + 1)?;
             }
             Ok(())
         }
-        _ => Ok(()),
+        Layout::Geo(other) => prefix(other, r, depth + 1),
+        Layout::Fixed(_) | Layout::String => Ok(()),
     }
+}
+
+/// A `LowCardinality` column's state prefix: the key serialization version.
+pub(super) fn key_version(version: u64) -> Result<()> {
+    if version != 1 {
+        return Err(WalkError::Unsupported(
+            "a LowCardinality key version other than 1",
+        ));
+    }
+    Ok(())
 }
 
 fn simple_aggregate_type(inner: Option<&str>) -> Result<&str> {
@@ -388,89 +470,52 @@ impl Walk<'_, '_> {
         if depth > MAX_DEPTH {
             return Err(WalkError::Malformed("a type nested too deeply"));
         }
-        let (name, inner) = split(ty)?;
-        if let Some(width) = fixed_width(name, inner)? {
-            let len = rows
-                .checked_mul(width)
-                .ok_or(WalkError::Malformed("a column larger than memory"))?;
-            return self.r.skip(len);
-        }
-        match name {
-            "String" => self.values(None, rows),
-            "Nullable" => {
+        match layout(ty)? {
+            Layout::Fixed(width) => self.r.skip(column_bytes(rows, width)?),
+            Layout::String => self.values(None, rows),
+            Layout::Nullable(inner) => {
                 self.r.skip(rows)?;
-                self.data(only_arg(inner)?, rows, depth + 1)
+                self.data(inner, rows, depth + 1)
             }
-            "Array" => {
+            Layout::Array(inner) => {
                 let total = offsets(rows, self.r)?;
-                self.data(only_arg(inner)?, total, depth + 1)
+                self.data(inner, total, depth + 1)
             }
-            "Tuple" => {
-                for a in args(only_arg(inner)?) {
-                    self.data(element(a), rows, depth + 1)?;
-                }
-                Ok(())
-            }
-            // Map(K, V) and Nested(a A, b B) are arrays of tuples.
-            "Map" | "Nested" => {
+            Layout::Tuple(list) => self.elements(list, rows, depth),
+            Layout::ArrayOfTuples(list) => {
                 let total = offsets(rows, self.r)?;
-                for a in args(only_arg(inner)?) {
-                    self.data(element(a), total, depth + 1)?;
-                }
-                Ok(())
+                self.elements(list, total, depth)
             }
-            "LowCardinality" => self.low_cardinality(only_arg(inner)?, rows),
-            "SimpleAggregateFunction" => self.data(simple_aggregate_type(inner)?, rows, depth + 1),
-            "Point" => self.data("Tuple(Float64, Float64)", rows, depth + 1),
-            "Ring" | "LineString" => self.data("Array(Point)", rows, depth + 1),
-            "Polygon" | "MultiLineString" => self.data("Array(Ring)", rows, depth + 1),
-            "MultiPolygon" => self.data("Array(Polygon)", rows, depth + 1),
-            "AggregateFunction" => Err(WalkError::Unsupported("AggregateFunction states")),
-            "Variant" | "Dynamic" | "JSON" | "Object" => {
-                Err(WalkError::Unsupported("Variant, Dynamic and JSON columns"))
-            }
-            _ => Err(WalkError::Unsupported("a type chgate does not know")),
+            Layout::LowCardinality { keys } => self.low_cardinality(keys, rows),
+            Layout::As(other) => self.data(other, rows, depth + 1),
+            Layout::Geo(other) => self.data(other, rows, depth + 1),
         }
     }
 
-    /// `LowCardinality(T)` data: granules of [index type][dictionary keys][indexes] until
+    /// `rows` values of each type of a tuple's `list`, in turn.
+    fn elements(&mut self, list: &str, rows: u64, depth: u32) -> Result<()> {
+        for a in args(list) {
+            self.data(element(a), rows, depth + 1)?;
+        }
+        Ok(())
+    }
+
+    /// `LowCardinality` data: granules of [index type][dictionary keys][indexes] until
     /// the rows are covered (for no rows, one granule without indexes if the writer puts
-    /// one, see [`Framing`]). The dictionary holds `T` without `Nullable`.
-    fn low_cardinality(&mut self, inner: &str, rows: u64) -> Result<()> {
-        let dictionary = match split(inner)? {
-            ("Nullable", Some(t)) => t,
-            _ => inner,
-        };
-        // ClickHouse takes only strings, numbers, dates and the like into a LowCardinality.
-        // Their layout is read from the type's name once, here, not again for every
-        // granule: a granule can be 25 bytes, a name thousands (found by fuzzing).
-        let keys = match split(dictionary)? {
-            ("String", None) => None,
-            (name, args) => Some(fixed_width(name, args)?.ok_or(WalkError::Unsupported(
-                "a LowCardinality of a type ClickHouse does not allow in one",
-            ))?),
-        };
+    /// one, see [`Framing`]).
+    fn low_cardinality(&mut self, keys: Option<u64>, rows: u64) -> Result<()> {
         if rows == 0 {
             if self.empty_low_cardinality_granule {
                 let (_, indexes) = self.granule(keys)?;
-                if indexes != 0 {
-                    return Err(WalkError::Malformed("LowCardinality indexes for no rows"));
-                }
+                granule_indexes(indexes, 0)?;
             }
             return Ok(());
         }
         let mut left = rows;
         while left > 0 {
             let (key_width, indexes) = self.granule(keys)?;
-            if indexes == 0 || indexes > left {
-                return Err(WalkError::Malformed(
-                    "LowCardinality indexes that do not cover the rows",
-                ));
-            }
-            let len = indexes
-                .checked_mul(key_width)
-                .ok_or(WalkError::Malformed("a column larger than memory"))?;
-            self.r.skip(len)?;
+            granule_indexes(indexes, left)?;
+            self.r.skip(column_bytes(indexes, key_width)?)?;
             left -= indexes;
         }
         Ok(())
@@ -479,10 +524,50 @@ impl Walk<'_, '_> {
     /// A `LowCardinality` granule up to its indexes: their width and count. Its keys are
     /// strings (`None`), or values `keys` bytes wide.
     fn granule(&mut self, keys: Option<u64>) -> Result<(u64, u64)> {
+        let index = IndexType::read(self.r.u64_le()?)?;
+        if index.global_keys {
+            let count = self.r.u64_le()?;
+            self.values(keys, count)?;
+        }
+        if index.additional_keys {
+            let count = self.r.u64_le()?;
+            self.values(keys, count)?;
+        }
+        let indexes = self.r.u64_le()?;
+        Ok((index.key_width, indexes))
+    }
+
+    /// `count` strings (`width` None), or values `width` bytes wide.
+    fn values(&mut self, width: Option<u64>, count: u64) -> Result<()> {
+        match width {
+            Some(width) => self.r.skip(column_bytes(count, width)?),
+            None => self.r.skip_strings(count),
+        }
+    }
+}
+
+/// The bytes of `count` values `width` bytes wide.
+pub(super) fn column_bytes(count: u64, width: u64) -> Result<u64> {
+    count
+        .checked_mul(width)
+        .ok_or(WalkError::Malformed("a column larger than memory"))
+}
+
+/// A `LowCardinality` granule's index type: the width of its indexes, and which
+/// dictionary keys come before them (each as a u64 count, then the keys).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct IndexType {
+    pub key_width: u64,
+    /// The shared dictionary's keys (needed and updated).
+    pub global_keys: bool,
+    pub additional_keys: bool,
+}
+
+impl IndexType {
+    pub(super) fn read(index_type: u64) -> Result<Self> {
         const NEED_GLOBAL_DICTIONARY: u64 = 1 << 8;
         const HAS_ADDITIONAL_KEYS: u64 = 1 << 9;
         const NEED_UPDATE_DICTIONARY: u64 = 1 << 10;
-        let index_type = self.r.u64_le()?;
         let key_width = match index_type & 0xff {
             0 => 1,
             1 => 2,
@@ -494,30 +579,27 @@ impl Walk<'_, '_> {
                 ))
             }
         };
-        if index_type & NEED_GLOBAL_DICTIONARY != 0 && index_type & NEED_UPDATE_DICTIONARY != 0 {
-            let count = self.r.u64_le()?;
-            self.values(keys, count)?;
-        }
-        if index_type & HAS_ADDITIONAL_KEYS != 0 {
-            let count = self.r.u64_le()?;
-            self.values(keys, count)?;
-        }
-        let indexes = self.r.u64_le()?;
-        Ok((key_width, indexes))
+        Ok(Self {
+            key_width,
+            global_keys: index_type & NEED_GLOBAL_DICTIONARY != 0
+                && index_type & NEED_UPDATE_DICTIONARY != 0,
+            additional_keys: index_type & HAS_ADDITIONAL_KEYS != 0,
+        })
     }
+}
 
-    /// `count` strings (`width` None), or values `width` bytes wide.
-    fn values(&mut self, width: Option<u64>, count: u64) -> Result<()> {
-        match width {
-            Some(width) => {
-                let len = count
-                    .checked_mul(width)
-                    .ok_or(WalkError::Malformed("a column larger than memory"))?;
-                self.r.skip(len)
-            }
-            None => self.r.skip_strings(count),
-        }
+/// Checks a granule's index count against the `left` rows it is to cover (none: the
+/// granule a writer puts for no rows).
+pub(super) fn granule_indexes(indexes: u64, left: u64) -> Result<()> {
+    if left == 0 && indexes != 0 {
+        return Err(WalkError::Malformed("LowCardinality indexes for no rows"));
     }
+    if left > 0 && (indexes == 0 || indexes > left) {
+        return Err(WalkError::Malformed(
+            "LowCardinality indexes that do not cover the rows",
+        ));
+    }
+    Ok(())
 }
 
 /// An array column's offsets: one cumulative u64 per row; the last is how many values the

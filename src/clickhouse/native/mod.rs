@@ -12,6 +12,7 @@
 //!   included;
 //! - [`tail`]: the rest of a packet whose end is known before it is all at hand, passed
 //!   on as it comes;
+//! - [`stream`]: a block walked as its bytes come, so it can be passed on and let go;
 //! - [`lz4`]: the start of an LZ4 frame, decompressed without the rest;
 //! - [`settings`]: the binary form of each query setting, which a Query below revision 54429
 //!   can only be stepped over with.
@@ -23,6 +24,7 @@ pub mod lz4;
 pub mod reader;
 pub mod server;
 pub mod settings;
+pub mod stream;
 pub mod tail;
 
 pub use block::{walk_block, Block, Framing};
