@@ -298,8 +298,14 @@ fn stream<S: Stream>(what: &str, bytes: &[u8], new: impl Fn() -> S, chunk: usize
                     match tail.feed(&bytes[end..received]) {
                         Ok((n, true)) => break Ok(end + n),
                         Ok((n, false)) => {
+                            // A block walked as it comes leaves an item the bytes cut off
+                            // (a few bytes, a column's name and type at most) for the next.
                             end += n;
-                            assert_eq!(end, received, "{what}: a tail left bytes unread");
+                            assert!(
+                                received - end < 16 << 20,
+                                "{what}: a tail left {} bytes unread",
+                                received - end
+                            );
                             if received == bytes.len() {
                                 break Err(WalkError::Incomplete);
                             }

@@ -129,6 +129,104 @@ fn a_native_answer_of_big_blocks_streams_with_bounded_memory() {
     }
 }
 
+/// Blocks that must be walked value by value (strings) are not held whole either, when
+/// they come uncompressed: an answer in blocks of 4M rows (about 70 MiB each) and an
+/// INSERT of such blocks from a Native file both pass through the native relay as they
+/// come.
+#[test]
+fn native_string_blocks_stream_both_ways_with_bounded_memory() {
+    let node = "127.0.0.11";
+    let table = unique("strings");
+    direct(
+        node,
+        &format!("CREATE TABLE default.{table} (s String, n UInt64) ENGINE = Null"),
+    );
+    let text = config(&[(node, 8123)], "").replace(
+        "http_listen = \"127.0.0.1:0\"",
+        "http_listen = \"127.0.0.1:0\"\nnative_listen = \"127.0.0.1:0\"",
+    );
+    let p = ProxyProcess::start(&text);
+    let native = p.native.expect("a native listener");
+    let client = |user: &str| {
+        format!(
+            "clickhouse-client --host {} --port {} --user {user} --password {user}-pass \
+             --compression 0 --max_block_size 4194304",
+            native.ip(),
+            native.port()
+        )
+    };
+    let run = |script: String, what: &str| {
+        let child = Command::new("sh")
+            .args(["-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = output_within(child, Duration::from_secs(300), what);
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // A first login checks the password hash (Argon2id: ~19 MiB for a moment).
+    run(format!("{} -q 'SELECT 1'", client("bi")), "a first query");
+    run(format!("{} -q 'SELECT 1'", client("etl")), "a first query");
+    std::fs::write(format!("/proc/{}/clear_refs", p.child.id()), "5").unwrap();
+    let rows: u64 = 16 << 20;
+    let query =
+        format!("SELECT toString(number) AS s, number AS n FROM system.numbers LIMIT {rows}");
+    let start = Instant::now();
+    let answer = run(
+        format!(
+            "{} -q '{query} FORMAT Native' | tee /tmp/{table}.native | wc -c",
+            client("bi")
+        ),
+        "the answer",
+    );
+    let (_, hwm) = p.memory_kib();
+    eprintln!(
+        "{answer} bytes of String blocks read in {:.1} s; chgate high-water mark {hwm} KiB",
+        start.elapsed().as_secs_f64()
+    );
+    assert!(answer.parse::<u64>().unwrap() > 256 << 20, "{answer}");
+    assert!(
+        hwm < 48 * 1024,
+        "chgate peaked at {hwm} KiB reading String blocks"
+    );
+    let inserted = || {
+        direct(
+            node,
+            "SELECT sum(value) FROM system.events WHERE event = 'InsertedRows'",
+        )
+        .trim()
+        .parse::<u64>()
+        .unwrap_or(0)
+    };
+    let before = inserted();
+    let start = Instant::now();
+    run(
+        format!(
+            "{} -q 'INSERT INTO default.{table} FORMAT Native' < /tmp/{table}.native",
+            client("etl")
+        ),
+        "the INSERT",
+    );
+    let (_, hwm) = p.memory_kib();
+    eprintln!(
+        "the same blocks inserted in {:.1} s; chgate high-water mark {hwm} KiB",
+        start.elapsed().as_secs_f64()
+    );
+    let _ = std::fs::remove_file(format!("/tmp/{table}.native"));
+    assert!(inserted() - before >= rows, "ClickHouse received every row");
+    assert!(
+        hwm < 48 * 1024,
+        "chgate peaked at {hwm} KiB inserting String blocks"
+    );
+    direct(node, &format!("DROP TABLE default.{table}"));
+}
+
 #[test]
 fn sigterm_drains_in_flight_requests() {
     let p = ProxyProcess::start(&config(&demo_nodes(), ""));

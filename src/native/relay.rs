@@ -93,6 +93,8 @@ struct Relay<'f, S> {
     client_forwarded: usize,
     client_incomplete_at: usize,
     client_packets: ServerPackets,
+    /// The rest of a client block walked as it comes (see [`Relay::pass_client_tail`]).
+    client_tail: Option<Tail>,
     hello: Hello,
     user: Arc<User>,
     revision: u64,
@@ -143,6 +145,7 @@ where
         client_forwarded: 0,
         client_incomplete_at: 0,
         client_packets: ServerPackets::default(),
+        client_tail: None,
         session: SessionState {
             database: conn.hello.database.clone(),
             sets: Vec::new(),
@@ -409,6 +412,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
     /// Handles the client's packets at hand. `drained`: the socket had nothing more.
     async fn on_client(&mut self, drained: bool) -> Step {
         loop {
+            if self.client_tail.is_some() {
+                if self.pass_client_tail(0, None).await? {
+                    continue;
+                }
+                return Ok(());
+            }
             let Some(&first) = self.buf.first() else {
                 return Ok(());
             };
@@ -701,24 +710,62 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 Ok(true)
             }
             Err(WalkError::Incomplete) => {
+                if let Some((from, tail)) = self.client_packets.take_tail() {
+                    return self.pass_client_tail(from, Some(tail)).await;
+                }
                 self.forward_client_bytes(self.buf.len()).await?;
                 self.client_incomplete_at = self.buf.len();
                 Ok(false)
             }
-            Err(e) => {
-                // The node may have part of this block: it cannot go on either.
-                if let Some(u) = self.upstream.take() {
-                    tracing::debug!(
-                        node = u.backend.label(),
-                        "Native node connection dropped with an unreadable client block"
-                    );
-                }
-                if let Some(mut run) = self.running.take() {
-                    run.finish(Status::Error, None);
-                }
-                self.fail(unreadable("data block", &e)).await.map(|_| false)
-            }
+            Err(e) => self.client_block_unreadable(&e).await.map(|_| false),
         }
+    }
+
+    /// The client's block cannot be read on: the node may have part of it, so it cannot go
+    /// on either.
+    async fn client_block_unreadable(&mut self, e: &WalkError) -> Step {
+        if let Some(u) = self.upstream.take() {
+            tracing::debug!(
+                node = u.backend.label(),
+                "Native node connection dropped with an unreadable client block"
+            );
+        }
+        if let Some(mut run) = self.running.take() {
+            run.finish(Status::Error, None);
+        }
+        self.fail(unreadable("data block", e)).await
+    }
+
+    /// Passes on the bytes at hand of the client block walked as it comes (from `from`:
+    /// what comes before is the packet's too) and lets them go: `true` once the block
+    /// ended. `fresh`: the tail just found; else the one under way. A client's INSERT
+    /// block is thus never held whole, whatever its size: only the few bytes of an item
+    /// the last read cut off wait for the next.
+    async fn pass_client_tail(&mut self, from: usize, fresh: Option<Tail>) -> Result<bool, Close> {
+        if fresh.is_some() {
+            self.client_tail = fresh;
+        }
+        let Some(tail) = self.client_tail.as_mut() else {
+            return Ok(true);
+        };
+        let fed = tail.feed(&self.buf[from..]);
+        let (n, done) = match fed {
+            Ok(fed) => fed,
+            Err(e) => {
+                self.client_tail = None;
+                return self.client_block_unreadable(&e).await.map(|_| false);
+            }
+        };
+        let end = from + n;
+        self.forward_client_bytes(end).await?;
+        self.buf.advance(end);
+        self.client_forwarded = self.client_forwarded.saturating_sub(end);
+        self.client_incomplete_at = 0;
+        if done {
+            // (Never the empty block that ends the data: that one is whole at once.)
+            self.client_tail = None;
+        }
+        Ok(done)
     }
 
     /// Sends the client's bytes up to `end` of the buffer on to the node (unless they are
@@ -956,7 +1003,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             return Ok(false);
         };
         upstream.buf.advance(end);
-        upstream.forwarded = 0;
+        // (A block walked as it comes may leave a few bytes for its next feed.)
+        upstream.forwarded = upstream.forwarded.saturating_sub(end);
         upstream.incomplete_at = 0;
         if !done {
             if fresh.is_some() {

@@ -11,6 +11,7 @@ use super::client::put_str;
 pub use super::kind::Kind;
 use super::lz4;
 use super::reader::{Present, Reader, Result, WalkError};
+use super::stream::BlockStream;
 use super::tail::{misfit, FrameHeader, Tail, FRAME_CHECKSUM, LZ4, MAX_FRAME};
 use crate::clickhouse::rowbinary::write_varint;
 
@@ -104,6 +105,19 @@ pub struct ServerPackets {
     tail: Option<(usize, Tail)>,
 }
 
+/// What a block is to the reader: how much it may know of it beforehand, and whether it
+/// may be passed on before its end is found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// A block of the server's answer (Data, Totals, Extremes): the answer's blocks share
+    /// their layout.
+    Answer,
+    /// A server's Log block: small, held whole.
+    Log,
+    /// A client's block (external table, INSERT data).
+    ClientData,
+}
+
 /// What a compressed server block's shape says of where it ends.
 enum ByShape {
     /// At the end of this frame.
@@ -177,12 +191,13 @@ impl ServerPackets {
         packet
     }
 
-    /// After [`ServerPackets::next`] found a packet incomplete: whether its end is known all
-    /// the same (a block of the answer whose columns are all fixed-width, past its first
-    /// bytes), as where in the bytes it was given the rest of the packet starts and a
-    /// [`Tail`] to find that rest's end in the bytes to come. The bytes before that point
-    /// are the packet's; this reader needs none of them again: the packet is done with
-    /// here, the next call of `next` reads the packet after it.
+    /// After [`ServerPackets::next`] or [`ServerPackets::next_client`] found a packet
+    /// incomplete: whether its rest can be passed on as it comes (a block of the answer
+    /// whose columns are all fixed-width, past its first bytes: its end is known; any plain
+    /// block but a Log one: walked as it comes), as where in the bytes it was given the
+    /// rest of the packet starts and a [`Tail`] to find that rest's end in the bytes to
+    /// come. The bytes before that point are the packet's; this reader needs none of them
+    /// again: the packet is done with here, the next call reads the packet after it.
     pub fn take_tail(&mut self) -> Option<(usize, Tail)> {
         let tail = self.tail.take();
         if tail.is_some() {
@@ -196,10 +211,11 @@ impl ServerPackets {
     /// by [`super::client`]): a Data block of the query under way (compressed if the query
     /// said so), a Cancel or a Ping.
     pub fn next_client(&mut self, buf: &[u8], session: &Session) -> Result<ClientPacket> {
+        self.tail = None;
         let mut r = Reader::new(buf);
         let kind = match r.varuint()? {
             super::client::DATA => {
-                let block = self.data(&mut r, session, session.compression, false);
+                let block = self.data(&mut r, session, session.compression, Role::ClientData);
                 if !matches!(block, Err(WalkError::Incomplete)) {
                     self.resume = None;
                 }
@@ -249,7 +265,7 @@ impl ServerPackets {
                 self.answer(&mut r, session, Kind::Extremes)?,
             ),
             // Log blocks are never compressed at these revisions.
-            10 => (Kind::Log, self.data(&mut r, session, false, false)?.1),
+            10 => (Kind::Log, self.data(&mut r, session, false, Role::Log)?.1),
             11 => {
                 r.string()?;
                 r.string()?;
@@ -270,7 +286,7 @@ impl ServerPackets {
 
     /// A block of the answer (a `kind` packet's, past its type): its rows.
     fn answer(&mut self, r: &mut Reader<'_>, session: &Session, kind: Kind) -> Result<u64> {
-        let block = self.data(r, session, session.compression, true);
+        let block = self.data(r, session, session.compression, Role::Answer);
         if let Some((_, tail)) = self.tail.as_mut() {
             tail.kind = kind;
         }
@@ -278,14 +294,14 @@ impl ServerPackets {
     }
 
     /// A table name, then a block, plain or in compressed frames; its columns and rows.
-    /// `answer`: a block of the server's answer (Data, Totals, Extremes), whose layout the
-    /// answer's other blocks share.
+    /// A plain block not all at hand leaves a [`Tail`] that walks the rest as it comes,
+    /// unless it is a Log block.
     fn data(
         &mut self,
         r: &mut Reader<'_>,
         session: &Session,
         compressed: bool,
-        answer: bool,
+        role: Role,
     ) -> Result<(u64, u64)> {
         r.string()?;
         let framing = Framing {
@@ -293,8 +309,9 @@ impl ServerPackets {
             custom_serialization: session.revision >= WITH_CUSTOM_SERIALIZATION,
             empty_low_cardinality_granule: session.empty_low_cardinality_granule,
         };
+        let answer = role == Role::Answer;
         if !compressed {
-            return self.plain(r, framing, answer);
+            return self.plain(r, framing, role);
         }
         // The block ends at the end of one of its frames: read the frames at hand (their
         // headers: nothing is decompressed yet) and walk to exactly one of those ends,
@@ -440,7 +457,8 @@ impl ServerPackets {
 
     /// A plain block: walked, or (one of the answer's, whose layout is known) found from
     /// its row count, whether all of it is here (its length) or not (a tail).
-    fn plain(&mut self, r: &mut Reader<'_>, framing: Framing, answer: bool) -> Result<(u64, u64)> {
+    fn plain(&mut self, r: &mut Reader<'_>, framing: Framing, role: Role) -> Result<(u64, u64)> {
+        let answer = role == Role::Answer;
         let start = r.position();
         let rest = r.bytes_after()?;
         let fits = self
@@ -458,7 +476,16 @@ impl ServerPackets {
             r.seek(start + len as usize)?;
             return Ok((columns, rows));
         }
-        let block = walk_block(rest, framing)?;
+        let block = match walk_block(rest, framing) {
+            Err(WalkError::Incomplete) if role != Role::Log => {
+                // Walked on as its bytes come, and passed on and let go (a Log block is
+                // small, and held).
+                let tail = Tail::walk(Kind::Data, BlockStream::new(framing));
+                self.tail = Some((start, tail));
+                return Err(WalkError::Incomplete);
+            }
+            other => other?,
+        };
         if answer {
             self.shape = block.shape;
         }
@@ -1010,7 +1037,8 @@ mod tests {
     /// Once the shape of an answer's blocks is known, a block that is not all here yet
     /// leaves a tail as soon as its first bytes are (a compressed block: its first frame):
     /// the rest of the packet is found from the frames' headers alone, or its length, and
-    /// ends where the packet does. Without a shape, or past the answer's end, no tail.
+    /// ends where the packet does. Without a shape, or past the answer's end, no tail for a
+    /// compressed block; a plain one is walked as it comes.
     #[test]
     fn an_answers_fixed_width_blocks_leave_a_tail_once_their_first_bytes_are_here() {
         let session = COMPRESSED;
@@ -1060,22 +1088,28 @@ mod tests {
         data.extend(fixed_block(3000));
         let mut reader = ServerPackets::default();
         assert!(reader.next(&data[..100], &plain).is_err());
-        assert!(reader.take_tail().is_none(), "no shape yet");
+        // No shape yet: the block is walked as it comes.
+        let tail = tail_end(&mut reader, &data, 100, 999);
+        assert_eq!(tail.map(|(end, t)| (end, t.rows)), Some((data.len(), 3000)));
         assert_eq!(reader.next(&header, &plain).unwrap().len, header.len());
+        // Type, table name, BlockInfo, the column count, then two bytes of rows: from 13
+        // bytes on, the block's length is known; before, it is walked as it comes.
         for cut in [2, 5, 12, 13, 100, data.len() - 1] {
             assert_eq!(
                 reader.next(&data[..cut], &plain),
                 Err(WalkError::Incomplete)
             );
             let tail = tail_end(&mut reader, &data, cut, 999);
-            // Type, table name, BlockInfo, the column count, then two bytes of rows.
-            if cut < 13 {
-                assert!(tail.is_none(), "{cut}: the row count is not here");
-                continue;
-            }
             assert_eq!(tail.map(|(end, t)| (end, t.rows)), Some((data.len(), 3000)));
         }
-        // A client's blocks leave no tail.
+        // A client's plain block is walked as it comes.
+        let mut insert = vec![super::super::client::DATA as u8, 0];
+        insert.extend(fixed_block(3000));
+        let mut client = ServerPackets::default();
+        assert!(client.next_client(&insert[..100], &plain).is_err());
+        let tail = tail_end(&mut client, &insert, 100, 999);
+        assert_eq!(tail.map(|(end, _)| end), Some(insert.len()));
+        // A client's compressed blocks leave no tail: their frames are walked.
         let mut client = ServerPackets::default();
         let (client_header, _) = fixed_columns(2, 0, 1 << 20);
         let (client_data, _) = fixed_columns(2, 5000, 3000);

@@ -99,6 +99,10 @@ pub struct BlockStream {
 /// grows with the type's nesting, which is bounded ([`MAX_DEPTH`]), not with its width.
 const MAX_STACK: usize = 4 * MAX_DEPTH as usize + 8;
 
+/// The most bytes an item may take (a column's name and type, read whole): past this the
+/// bytes left for the next call would grow without end.
+const MAX_ITEM: usize = 16 << 20;
+
 impl BlockStream {
     pub fn new(framing: Framing) -> Self {
         Self {
@@ -159,6 +163,9 @@ impl BlockStream {
             if self.stack.len() > MAX_STACK {
                 return Err(WalkError::Malformed("a type nested too deeply"));
             }
+        }
+        if !self.done && bytes.len() - at > MAX_ITEM {
+            return Err(WalkError::Malformed("a column name or type over 16 MiB"));
         }
         Ok((at, self.done))
     }

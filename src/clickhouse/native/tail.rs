@@ -15,6 +15,7 @@
 
 use super::kind::Kind;
 use super::reader::{Result, WalkError};
+use super::stream::BlockStream;
 
 /// A compressed frame: a 16-byte checksum, the method, the compressed size (header
 /// included) and the decompressed size, both u32 little-endian; then the body.
@@ -77,19 +78,22 @@ impl FrameHeader {
     }
 }
 
-/// What is left of a packet whose end is known: its kind and rows (for the relay's
-/// accounting once it ends), and the bytes it still takes.
-#[derive(Debug, Clone)]
+/// What is left of a packet whose end is known, or found as it comes: its kind and rows
+/// (for the relay's accounting once it ends), and the bytes it still takes.
+#[derive(Debug)]
 pub struct Tail {
     pub kind: Kind,
     pub rows: u64,
     left: Left,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum Left {
     /// Bytes of a plain block.
     Bytes(u64),
+    /// A plain block walked as it comes (its columns are not all fixed-width, or its
+    /// layout is not known yet).
+    Walk(Box<BlockStream>),
     /// Compressed frames that hold `raw` more bytes of the block, whose frames so far held
     /// `filled`; of the frame under way, the header's first `have` bytes, and `body` bytes
     /// of its body still to come; `over`: that frame holds more than the block has left.
@@ -113,6 +117,15 @@ impl Tail {
         }
     }
 
+    /// A plain block walked as it comes, from its start.
+    pub(super) fn walk(kind: Kind, walk: BlockStream) -> Self {
+        Self {
+            kind,
+            rows: 0,
+            left: Left::Walk(Box::new(walk)),
+        }
+    }
+
     /// The rest of a compressed block of `len` bytes whose frames so far held `filled`:
     /// frames from where the tail is first fed.
     pub(super) fn frames(kind: Kind, rows: u64, filled: u64, len: u64) -> Self {
@@ -130,10 +143,17 @@ impl Tail {
         }
     }
 
-    /// Takes what of `bytes` (the next bytes from the node) is the packet's: how many, and
-    /// whether the packet ends there. Bytes after its end are not looked at.
+    /// Takes what of `bytes` (the next bytes from the peer) is the packet's: how many, and
+    /// whether the packet ends there. Bytes after its end are not looked at. A block walked
+    /// as it comes may leave the last few bytes (an item they cut off, a column's name and
+    /// type at most): they must come again, first, in the next call.
     pub fn feed(&mut self, bytes: &[u8]) -> Result<(usize, bool)> {
         match &mut self.left {
+            Left::Walk(walk) => {
+                let fed = walk.feed(bytes)?;
+                self.rows = walk.rows().unwrap_or(0);
+                Ok(fed)
+            }
             Left::Bytes(left) => {
                 let take = (*left).min(bytes.len() as u64);
                 *left -= take;
