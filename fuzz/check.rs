@@ -332,11 +332,22 @@ fn stream<S: Stream>(what: &str, bytes: &[u8], new: impl Fn() -> S, chunk: usize
             Err(e) => break Err(e),
         }
     };
-    assert_eq!(
-        (seen, relay_end),
-        (found.len(), end),
-        "{what}s received {chunk} bytes at a time end otherwise than those walked at once"
+    // A block passed on as a tail that walks its frames as they come decompresses a frame
+    // as soon as the walk's next item runs into it; a walk of all the bytes at once may
+    // first see that the item's length runs past every frame at hand and wait. So where
+    // that walk waits, the tail may already have found the frame unreadable: the same
+    // stop, found earlier, as the waiting walk must read that frame to go on.
+    let earlier = matches!(
+        (&relay_end, &end),
+        (Err(e), Err(WalkError::Incomplete)) if *e != WalkError::Incomplete
     );
+    if !(earlier && seen == found.len()) {
+        assert_eq!(
+            (seen, relay_end),
+            (found.len(), end),
+            "{what}s received {chunk} bytes at a time end otherwise than those walked at once"
+        );
+    }
     found.len()
 }
 

@@ -12,7 +12,7 @@ pub use super::kind::Kind;
 use super::lz4;
 use super::reader::{Present, Reader, Result, WalkError};
 use super::stream::BlockStream;
-use super::tail::{misfit, FrameHeader, Tail, FRAME_CHECKSUM, LZ4, MAX_FRAME};
+use super::tail::{self, misfit, FrameHeader, Tail, FRAME_CHECKSUM, LZ4, MAX_FRAME};
 use crate::clickhouse::rowbinary::write_varint;
 
 /// The highest revision whose server packets this module reads.
@@ -398,6 +398,13 @@ impl ServerPackets {
                         frames_end: frame_start,
                         checksum,
                     });
+                    // Or walked on as its frames come, from its first; unless the
+                    // answer's layout will tell its end from its first frame, which is
+                    // not all here yet.
+                    if !(answer && self.shape.is_some() && self.frames.is_empty()) {
+                        let walk = BlockStream::new(framing);
+                        self.tail = Some((blocks_at, Tail::walk_frames(Kind::Data, walk)));
+                    }
                     return Err(WalkError::Incomplete);
                 }
                 Err(e) => return Err(e),
@@ -618,19 +625,7 @@ impl ServerPackets {
         if self.scratch.len() < end {
             self.scratch.resize(end, 0);
         }
-        let out = &mut self.scratch[at..end];
-        match frame.method {
-            LZ4 => match lz4_flex::block::decompress_into(body, out) {
-                Ok(n) if n == out.len() => {}
-                _ => {
-                    return Err(WalkError::Malformed(
-                        "an LZ4 frame that does not decompress",
-                    ))
-                }
-            },
-            // Only LZ4 and stored frames (checked to be of the right size) get here.
-            _ => out.copy_from_slice(body),
-        }
+        tail::decompress(frame.method, body, &mut self.scratch[at..end])?;
         frame.at = Some(at);
         self.used = end;
         Ok(())
@@ -1022,15 +1017,17 @@ mod tests {
     ) -> Option<(usize, Tail)> {
         let (from, mut tail) = reader.take_tail()?;
         assert!(from <= cut);
-        let mut at = from;
+        // Each feed is given what the last did not take (a frame not all here, an item
+        // cut off) and `piece` more bytes.
+        let (mut at, mut given) = (from, from);
         loop {
-            let end = (at + piece).min(bytes.len());
-            let (n, done) = tail.feed(&bytes[at..end]).unwrap();
+            given = (given + piece).min(bytes.len());
+            let (n, done) = tail.feed(&bytes[at..given]).unwrap();
             at += n;
             if done {
                 return Some((at, tail));
             }
-            assert!(at < bytes.len(), "the tail never ended");
+            assert!(given < bytes.len(), "the tail never ended");
         }
     }
 
@@ -1068,14 +1065,16 @@ mod tests {
             // Whole, it is a packet, and no tail is left.
             assert_eq!(reader.next(&followed, &session).unwrap().len, data.len());
             assert!(reader.take_tail().is_none());
-            // The answer's end forgets the shape: no tail after it.
+            // The answer's end forgets the shape: the next block is walked as its frames
+            // come.
             assert_eq!(reader.next(&[5], &session).unwrap().kind, Kind::EndOfStream);
             let cut = first_frame_end + 10;
             assert_eq!(
                 reader.next(&data[..cut], &session),
                 Err(WalkError::Incomplete)
             );
-            assert!(reader.take_tail().is_none());
+            let tail = tail_end(&mut reader, &data, cut, 4000);
+            assert_eq!(tail.map(|(end, t)| (end, t.rows)), Some((data.len(), 5000)));
         }
         // Plain blocks: the tail is the block's length, once its row count is here.
         let plain = Session {
@@ -1109,16 +1108,19 @@ mod tests {
         assert!(client.next_client(&insert[..100], &plain).is_err());
         let tail = tail_end(&mut client, &insert, 100, 999);
         assert_eq!(tail.map(|(end, _)| end), Some(insert.len()));
-        // A client's compressed blocks leave no tail: their frames are walked.
+        // A client's compressed blocks never end by a layout: they are walked as their
+        // frames come.
         let mut client = ServerPackets::default();
         let (client_header, _) = fixed_columns(2, 0, 1 << 20);
         let (client_data, _) = fixed_columns(2, 5000, 3000);
         client.next_client(&client_header, &session).unwrap();
+        let cut = client_data.len() - 1;
         assert_eq!(
-            client.next_client(&client_data[..client_data.len() - 1], &session),
+            client.next_client(&client_data[..cut], &session),
             Err(WalkError::Incomplete)
         );
-        assert!(client.take_tail().is_none());
+        let tail = tail_end(&mut client, &client_data, cut, 4000);
+        assert_eq!(tail.map(|(end, _)| end), Some(client_data.len()));
     }
 
     /// A block of strings must be decompressed whole to be walked; what it grew is given
@@ -1183,10 +1185,11 @@ mod tests {
         assert_eq!(tail.feed(&packet[from..]), Err(want));
     }
 
-    /// A block that must be walked leaves no tail, and asking for one keeps where its walk
-    /// stopped: the next read goes on from there, not from the block's start.
+    /// A compressed block that must be walked, not all here, keeps where its walk stopped:
+    /// the next read goes on from there, not from the block's start. Or, asked for, a tail
+    /// walks its frames as they come, from the first.
     #[test]
-    fn asking_for_a_tail_keeps_a_walked_blocks_resume_point() {
+    fn a_block_not_all_here_is_resumed_or_walked_as_its_frames_come() {
         let session = COMPRESSED;
         let (packet, _) = numbers_then_strings(1000);
         let mut reader = ServerPackets::default();
@@ -1195,9 +1198,19 @@ mod tests {
             reader.next(&packet[..cut], &session),
             Err(WalkError::Incomplete)
         );
-        assert!(reader.take_tail().is_none());
         assert!(reader.resume.is_some(), "the resume point was dropped");
         assert_eq!(reader.next(&packet, &session).unwrap().len, packet.len());
+        // Or the block's frames are walked as they come, from its first.
+        assert_eq!(
+            reader.next(&packet[..cut], &session),
+            Err(WalkError::Incomplete)
+        );
+        let tail = tail_end(&mut reader, &packet, cut, 1000);
+        assert_eq!(
+            tail.map(|(end, t)| (end, t.rows)),
+            Some((packet.len(), 1000))
+        );
+        assert!(reader.resume.is_none());
     }
 
     fn kind_of(packet_type: u8) -> Kind {

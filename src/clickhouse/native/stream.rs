@@ -524,18 +524,18 @@ fn varuint(bytes: &[u8]) -> Result<Option<(u64, usize)>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::clickhouse::native::block::walk_block;
     use crate::clickhouse::native::test_random;
     use crate::clickhouse::rowbinary::write_varint;
 
-    const HTTP: Framing = Framing {
+    pub(in crate::clickhouse::native) const HTTP: Framing = Framing {
         block_info: false,
         custom_serialization: false,
         empty_low_cardinality_granule: false,
     };
-    const NATIVE: Framing = Framing {
+    pub(in crate::clickhouse::native) const NATIVE: Framing = Framing {
         block_info: true,
         custom_serialization: false,
         empty_low_cardinality_granule: true,
@@ -668,13 +668,16 @@ mod tests {
         }
     }
 
-    fn write_string(out: &mut Vec<u8>, s: &str) {
+    pub(in crate::clickhouse::native) fn write_string(out: &mut Vec<u8>, s: &str) {
         write_varint(out, s.len() as u64);
         out.extend_from_slice(s.as_bytes());
     }
 
     /// A random block in `framing` of up to three columns of [`TYPES`].
-    fn random_block(framing: Framing, rnd: &mut impl FnMut() -> u64) -> Vec<u8> {
+    pub(in crate::clickhouse::native) fn random_block(
+        framing: Framing,
+        rnd: &mut impl FnMut() -> u64,
+    ) -> Vec<u8> {
         let mut out = Vec::new();
         if framing.block_info {
             out.extend_from_slice(&[1, 0, 2, 0xff, 0xff, 0xff, 0xff, 0]);

@@ -94,6 +94,8 @@ enum Left {
     /// A plain block walked as it comes (its columns are not all fixed-width, or its
     /// layout is not known yet).
     Walk(Box<BlockStream>),
+    /// A compressed block walked as its frames come.
+    WalkFrames(Box<WalkedFrames>),
     /// Compressed frames that hold `raw` more bytes of the block, whose frames so far held
     /// `filled`; of the frame under way, the header's first `have` bytes, and `body` bytes
     /// of its body still to come; `over`: that frame holds more than the block has left.
@@ -126,6 +128,21 @@ impl Tail {
         }
     }
 
+    /// A compressed block walked as its frames come, from its first frame.
+    pub(super) fn walk_frames(kind: Kind, walk: BlockStream) -> Self {
+        Self {
+            kind,
+            rows: 0,
+            left: Left::WalkFrames(Box::new(WalkedFrames {
+                walk,
+                scratch: Vec::new(),
+                have: 0,
+                skipping: None,
+                filled: 0,
+            })),
+        }
+    }
+
     /// The rest of a compressed block of `len` bytes whose frames so far held `filled`:
     /// frames from where the tail is first fed.
     pub(super) fn frames(kind: Kind, rows: u64, filled: u64, len: u64) -> Self {
@@ -152,6 +169,11 @@ impl Tail {
             Left::Walk(walk) => {
                 let fed = walk.feed(bytes)?;
                 self.rows = walk.rows().unwrap_or(0);
+                Ok(fed)
+            }
+            Left::WalkFrames(frames) => {
+                let fed = frames.feed(bytes)?;
+                self.rows = frames.walk.rows().unwrap_or(0);
                 Ok(fed)
             }
             Left::Bytes(left) => {
@@ -208,6 +230,102 @@ impl Tail {
                     }
                 }
             }
+        }
+    }
+}
+
+/// A compressed block walked as its frames come. A frame is taken whole (an LZ4 block
+/// decompresses only whole): the bytes of one not all here are left for the next call.
+/// Decompressed, it is walked, and let go but for an item its end cut off, which the next
+/// frame's bytes are put after. A frame that holds nothing the walk reads (fixed-width
+/// values, a long string's middle) is stepped over as it comes, never decompressed. What
+/// is held: one frame, decompressed, and the compressed bytes of one frame.
+#[derive(Debug)]
+struct WalkedFrames {
+    walk: BlockStream,
+    /// Decompressed bytes: the first `have` are an item the walk has not taken yet.
+    scratch: Vec<u8>,
+    have: usize,
+    /// The body bytes, still to come, of a frame stepped over unread.
+    skipping: Option<u64>,
+    /// The block's bytes in its frames so far.
+    filled: u64,
+}
+
+impl WalkedFrames {
+    fn feed(&mut self, bytes: &[u8]) -> Result<(usize, bool)> {
+        let mut at = 0;
+        loop {
+            if let Some(left) = self.skipping {
+                let take = left.min((bytes.len() - at) as u64);
+                // At most the bytes at hand.
+                at += take as usize;
+                if take < left {
+                    self.skipping = Some(left - take);
+                    return Ok((at, false));
+                }
+                self.skipping = None;
+                // The frame stepped over may have held the end of the block.
+                if self.walk.feed(&[])?.1 {
+                    return Ok((at, true));
+                }
+            }
+            let Some(header) = bytes.get(at..at + HEADER) else {
+                return Ok((at, false));
+            };
+            let mut h = [0u8; HEADER];
+            h.copy_from_slice(header);
+            let frame = parse(&h)?;
+            if self.filled + frame.raw > MAX_FRAME {
+                return Err(WalkError::Malformed("a compressed block over 1 GiB"));
+            }
+            if self.have == 0 && frame.raw > 0 && self.walk.skippable() >= frame.raw {
+                self.filled += frame.raw;
+                self.walk.skip(frame.raw);
+                self.skipping = Some(frame.body_len);
+                at += HEADER;
+                continue;
+            }
+            // At most 1 GiB (checked by `parse`).
+            let end = at + HEADER + frame.body_len as usize;
+            let Some(body) = bytes.get(at + HEADER..end) else {
+                return Ok((at, false));
+            };
+            self.filled += frame.raw;
+            let total = self.have + frame.raw as usize;
+            if self.scratch.len() < total {
+                self.scratch.resize(total, 0);
+            }
+            decompress(frame.method, body, &mut self.scratch[self.have..total])?;
+            at = end;
+            let (n, done) = self.walk.feed(&self.scratch[..total])?;
+            if done {
+                if n != total {
+                    return Err(WalkError::Malformed(
+                        "a block that ends inside a compressed frame",
+                    ));
+                }
+                return Ok((at, true));
+            }
+            self.scratch.copy_within(n..total, 0);
+            self.have = total - n;
+        }
+    }
+}
+
+/// Decompresses a frame's `body` into `out`, which is exactly the bytes it holds.
+pub(super) fn decompress(method: u8, body: &[u8], out: &mut [u8]) -> Result<()> {
+    match method {
+        LZ4 => match lz4_flex::block::decompress_into(body, out) {
+            Ok(n) if n == out.len() => Ok(()),
+            _ => Err(WalkError::Malformed(
+                "an LZ4 frame that does not decompress",
+            )),
+        },
+        // Only LZ4 and stored frames (checked to be of the right size) get here.
+        _ => {
+            out.copy_from_slice(body);
+            Ok(())
         }
     }
 }
@@ -337,5 +455,127 @@ mod tests {
             let _ = end_in_pieces(Tail::frames(Kind::Data, 1, 0, raw), &bytes, piece);
             let _ = end_in_pieces(Tail::plain(Kind::Totals, 1, raw), &bytes, piece);
         }
+    }
+
+    /// `block` in frames of `size()` bytes of it each, LZ4 or stored by turns.
+    fn in_frames(block: &[u8], mut size: impl FnMut() -> usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        let mut lz4 = true;
+        while at < block.len() {
+            let end = (at + size().max(1)).min(block.len());
+            let raw = &block[at..end];
+            let body = if lz4 {
+                lz4_flex::block::compress(raw)
+            } else {
+                raw.to_vec()
+            };
+            out.extend(frame(if lz4 { LZ4 } else { NONE }, &body, raw.len() as u32));
+            lz4 = !lz4;
+            at = end;
+        }
+        out
+    }
+
+    /// Feeds `bytes` to `tail`, each call given what the last did not take and `piece`
+    /// more: where the packet ended, `None` if not in these bytes.
+    fn end_given_again(mut tail: Tail, bytes: &[u8], piece: usize) -> Result<Option<usize>> {
+        let (mut at, mut given) = (0, 0);
+        loop {
+            given = (given + piece).min(bytes.len());
+            let (n, done) = tail.feed(&bytes[at..given])?;
+            at += n;
+            if done {
+                return Ok(Some(at));
+            }
+            if given == bytes.len() {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn walk_frames(framing: crate::clickhouse::native::Framing) -> Tail {
+        Tail::walk_frames(Kind::Data, BlockStream::new(framing))
+    }
+
+    #[test]
+    fn walked_frames_end_with_the_frame_that_ends_the_block() {
+        use crate::clickhouse::native::stream::tests::{random_block, HTTP, NATIVE};
+        let mut rnd = crate::clickhouse::native::test_random(0xf4a3e5);
+        for round in 0..300 {
+            let framing = if round % 2 == 0 { HTTP } else { NATIVE };
+            let block = random_block(framing, &mut rnd);
+            let mut bytes = in_frames(&block, || (rnd() % 300) as usize);
+            let end = bytes.len();
+            // The next packet (an EndOfStream) is not looked at.
+            bytes.push(5);
+            for piece in [1, 30, 1000, 1 << 20] {
+                assert_eq!(
+                    end_given_again(walk_frames(framing), &bytes, piece),
+                    Ok(Some(end)),
+                    "round {round}, pieces of {piece}"
+                );
+            }
+            assert_eq!(
+                end_given_again(walk_frames(framing), &bytes[..end - 1], 64),
+                Ok(None)
+            );
+            // A block whose last frame holds a byte more ends inside it.
+            let mut longer = block.clone();
+            longer.push(0);
+            let bytes = in_frames(&longer, || 1 << 20);
+            assert_eq!(
+                end_given_again(walk_frames(framing), &bytes, 1 << 20),
+                Err(WalkError::Malformed(
+                    "a block that ends inside a compressed frame"
+                )),
+                "round {round}"
+            );
+        }
+    }
+
+    #[test]
+    fn frames_of_nothing_but_fixed_width_values_are_never_decompressed() {
+        use crate::clickhouse::native::stream::tests::{write_string, HTTP};
+        // One UInt64 column of 10,000 rows, then one String column.
+        let mut block = vec![2];
+        crate::clickhouse::rowbinary::write_varint(&mut block, 10_000);
+        write_string(&mut block, "n");
+        write_string(&mut block, "UInt64");
+        block.extend((0..80_000).map(|i| i as u8));
+        write_string(&mut block, "s");
+        write_string(&mut block, "String");
+        for _ in 0..10_000 {
+            write_string(&mut block, "value");
+        }
+        let mut bytes = in_frames(&block, || 1000);
+        // Spoil the bodies of the frames inside the numbers (frames 2 to 79; each stored
+        // one is 1025 bytes, each LZ4 one less): decompressing one would fail.
+        let mut at = 0;
+        let mut spoiled = 0;
+        for i in 0..in_frames(&block, || 1000).len() {
+            if at >= bytes.len() {
+                break;
+            }
+            let len = u32::from_le_bytes(bytes[at + 17..at + 21].try_into().unwrap()) as usize;
+            if (2..79).contains(&i) && bytes[at + FRAME_CHECKSUM] == LZ4 {
+                bytes[at + HEADER..at + FRAME_CHECKSUM + len].fill(0xff);
+                spoiled += 1;
+            }
+            at += FRAME_CHECKSUM + len;
+        }
+        assert!(spoiled > 30);
+        for piece in [7, 4096, 1 << 20] {
+            assert_eq!(
+                end_given_again(walk_frames(HTTP), &bytes, piece),
+                Ok(Some(bytes.len())),
+                "pieces of {piece}"
+            );
+        }
+        // The same spoiling in the strings is found.
+        let mut strings = in_frames(&block, || 1000);
+        let last = strings.len() - 300;
+        strings[last..].fill(0xff);
+        assert!(end_given_again(walk_frames(HTTP), &strings, 4096).is_err());
     }
 }
