@@ -6,6 +6,7 @@ use std::hint::black_box;
 
 use chgate::clickhouse::compress::lz4_block;
 use chgate::clickhouse::native::server::{ServerPackets, Session};
+use chgate::clickhouse::native::stream::BlockStream;
 use chgate::clickhouse::native::{walk_block, Framing};
 use chgate::clickhouse::rowbinary::write_varint;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -69,8 +70,28 @@ fn walk(c: &mut Criterion) {
         group.bench_function(name, |b| {
             b.iter(|| black_box(walk_block(black_box(bytes), Framing::default())))
         });
+        // The same block walked as it comes, in the relay's 64 KiB reads.
+        group.bench_function(format!("{name}_as_it_comes"), |b| {
+            b.iter(|| black_box(walk_in_reads(black_box(bytes), 64 << 10)))
+        });
     }
     group.finish();
+}
+
+/// Walks `bytes` as a relay does a block not all at hand: read by read, what a read left
+/// (an item it cut off) given again with the next. Where the block ended.
+fn walk_in_reads(bytes: &[u8], read: usize) -> Option<usize> {
+    let mut walk = BlockStream::new(Framing::default());
+    let (mut taken, mut given) = (0, 0);
+    while given < bytes.len() {
+        given = (given + read).min(bytes.len());
+        let (n, done) = walk.feed(&bytes[taken..given]).ok()?;
+        taken += n;
+        if done {
+            return Some(taken);
+        }
+    }
+    None
 }
 
 /// A server Data packet at revision 54412 carrying `block` in LZ4 frames of at most 1 MiB

@@ -24,11 +24,13 @@
 //! (a Query right behind an INSERT block, say) is decided on before it reaches the node,
 //! and no byte goes out twice.
 //!
-//! Memory: a packet being walked is held until its end is found. The node's blocks of an
-//! answer whose columns are all fixed-width are not: once a block's first bytes are here,
-//! its end is known ([`Tail`](crate::clickhouse::native::tail::Tail)), and the rest passes
-//! through as it comes and is let go, whatever the block's size. Between queries, buffers
-//! a big packet grew are given back ([`shrink`]).
+//! Memory: a block not all here when first read is not held: its rest passes through as
+//! it comes and is let go ([`Tail`](crate::clickhouse::native::tail::Tail)): an answer's
+//! fixed-width block by its known length, any other block (a node's or a client's) walked
+//! as it comes, a compressed one frame by frame. What is held is a packet that is short
+//! anyway (a Query, a Log block, a read's packet while the read may still move, a
+//! compressed block until its first frame is here), one compressed frame, and an item a
+//! read cut off. Between queries, buffers a big packet grew are given back ([`shrink`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -763,7 +765,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         self.client_incomplete_at = 0;
         if done {
             // (Never the empty block that ends the data: that one is whole at once.)
-            self.client_tail = None;
+            if let Some(tail) = self.client_tail.take() {
+                self.client_packets.give_back(tail);
+            }
         }
         Ok(done)
     }
@@ -1012,7 +1016,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             }
             return Ok(false);
         }
-        upstream.tail = None;
+        if let Some(tail) = upstream.tail.take().or(fresh) {
+            upstream.packets.give_back(tail);
+        }
         self.packet_ended(kind, rows, &[]).await
     }
 

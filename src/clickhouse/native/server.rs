@@ -103,6 +103,10 @@ pub struct ServerPackets {
     /// Left by the last call that found a packet incomplete, if the packet's end is known
     /// all the same: where in its bytes the rest of it starts, and that rest.
     tail: Option<(usize, Tail)>,
+    /// The decompression room of the last compressed block walked as its frames came,
+    /// given back ([`ServerPackets::give_back`]) for the next: a fresh one would be
+    /// allocated and faulted in again for every block.
+    spare: Vec<u8>,
 }
 
 /// What a block is to the reader: how much it may know of it beforehand, and whether it
@@ -205,6 +209,16 @@ impl ServerPackets {
             self.resume = None;
         }
         tail
+    }
+
+    /// Takes back what a [`Tail`] this reader made is done with (its decompression room),
+    /// for the next block's.
+    pub fn give_back(&mut self, tail: Tail) {
+        if let Some(room) = tail.into_room() {
+            if room.len() > self.spare.len() {
+                self.spare = room;
+            }
+        }
     }
 
     /// The client packet at the start of `buf`, other than a Hello or a Query (read whole
@@ -403,7 +417,8 @@ impl ServerPackets {
                     // not all here yet.
                     if !(answer && self.shape.is_some() && self.frames.is_empty()) {
                         let walk = BlockStream::new(framing);
-                        self.tail = Some((blocks_at, Tail::walk_frames(Kind::Data, walk)));
+                        let room = std::mem::take(&mut self.spare);
+                        self.tail = Some((blocks_at, Tail::walk_frames(Kind::Data, walk, room)));
                     }
                     return Err(WalkError::Incomplete);
                 }
@@ -508,6 +523,9 @@ impl ServerPackets {
 
     /// Gives back the scratch buffer if it is over `keep` bytes.
     fn release_scratch_over(&mut self, keep: usize) {
+        if self.spare.len() > keep {
+            self.spare = Vec::new();
+        }
         if self.scratch.len() > keep {
             self.scratch = Vec::new();
             self.used = 0;

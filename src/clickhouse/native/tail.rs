@@ -128,14 +128,15 @@ impl Tail {
         }
     }
 
-    /// A compressed block walked as its frames come, from its first frame.
-    pub(super) fn walk_frames(kind: Kind, walk: BlockStream) -> Self {
+    /// A compressed block walked as its frames come, from its first frame; `room`: a
+    /// decompression buffer to use (an earlier tail's, see [`Tail::into_room`]).
+    pub(super) fn walk_frames(kind: Kind, walk: BlockStream, room: Vec<u8>) -> Self {
         Self {
             kind,
             rows: 0,
             left: Left::WalkFrames(Box::new(WalkedFrames {
                 walk,
-                scratch: Vec::new(),
+                scratch: room,
                 have: 0,
                 skipping: None,
                 filled: 0,
@@ -157,6 +158,15 @@ impl Tail {
                 have: 0,
                 body: 0,
             },
+        }
+    }
+
+    /// The decompression buffer of a tail that is done with, for the next one: its
+    /// contents are never read before they are written again.
+    pub fn into_room(self) -> Option<Vec<u8>> {
+        match self.left {
+            Left::WalkFrames(frames) => Some(frames.scratch),
+            _ => None,
         }
     }
 
@@ -294,6 +304,9 @@ impl WalkedFrames {
             self.filled += frame.raw;
             let total = self.have + frame.raw as usize;
             if self.scratch.len() < total {
+                // As big as a frame needs, not twice that: the frames of one block hold
+                // about the same (the writer's buffer size).
+                self.scratch.reserve_exact(total - self.scratch.len());
                 self.scratch.resize(total, 0);
             }
             decompress(frame.method, body, &mut self.scratch[self.have..total])?;
@@ -495,7 +508,7 @@ mod tests {
     }
 
     fn walk_frames(framing: crate::clickhouse::native::Framing) -> Tail {
-        Tail::walk_frames(Kind::Data, BlockStream::new(framing))
+        Tail::walk_frames(Kind::Data, BlockStream::new(framing), Vec::new())
     }
 
     #[test]
