@@ -421,7 +421,8 @@ probe_timeout = "30s"
     let p = TestProxy::start(&text).await;
     let mut statuses = Vec::new();
     for i in 0..12 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // A failed node is back 1 ms later, in the view too (it republishes then).
+        tokio::time::sleep(Duration::from_millis(20)).await;
         let out = curl_async(vec![
             "-sS".into(),
             "-u".into(),

@@ -321,11 +321,21 @@ async fn supervise(shared: Arc<Shared>, stop: CancellationToken, probes: Cancell
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut current: Option<Arc<Topology>> = None;
+    // When the first backoff the last view excludes a node for ends: that node is
+    // published as back then, not at the next tick (a 1 ms backoff is not 250 ms).
+    let mut backoff_ends: Option<tokio::time::Instant> = None;
     loop {
+        let backoff_ended = async {
+            match backoff_ends {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = ticker.tick() => {}
             _ = shared.changed.notified() => {}
+            _ = backoff_ended => {}
         }
         let topology = shared.topology.load_full();
         if !current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &topology)) {
@@ -360,10 +370,23 @@ async fn supervise(shared: Arc<Shared>, stop: CancellationToken, probes: Cancell
             node.state.fold_passive();
         }
         shared.publish();
+        backoff_ends = first_backoff_end(&topology);
     }
     for (token, _) in node_tasks.values() {
         token.cancel();
     }
+}
+
+/// When the first node of `topology` now backing off may take requests again (a
+/// millisecond late, so it is past its backoff then), if one is backing off.
+fn first_backoff_end(topology: &Topology) -> Option<tokio::time::Instant> {
+    let left = topology
+        .nodes
+        .iter()
+        .filter(|n| n.node.backing_off())
+        .map(|n| n.node.backoff_left())
+        .min()?;
+    Some(tokio::time::Instant::now() + left + Duration::from_millis(1))
 }
 
 /// Sleeps until `at` or until stopped; false if stopped.
