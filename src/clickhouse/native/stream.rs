@@ -223,8 +223,7 @@ impl BlockStream {
                 // At most the bytes at hand.
                 *at += take as usize;
                 if take < n {
-                    self.stack.push(Task::Skip(n - take));
-                    return Ok(false);
+                    return self.wait(Task::Skip(n - take));
                 }
                 Ok(true)
             }
@@ -310,6 +309,8 @@ impl BlockStream {
         }
     }
 
+    /// Puts `task` (what is left of a step) back on the stack for the next bytes: `false`,
+    /// as [`BlockStream::step`] says when it needs bytes not here yet.
     fn wait(&mut self, task: Task) -> Result<bool> {
         self.stack.push(task);
         Ok(false)
@@ -379,16 +380,21 @@ impl BlockStream {
             tuple,
             depth,
         };
+        // `rows` values of the type inside this one (`Nullable`) or of the type it is laid
+        // out as (`As`, `Geo`), a level deeper as in [`super::block`]; those arms differ only
+        // in how that type is named (a part of this one's name, or a geo type's static name).
+        let deeper = |ty| Task::Data {
+            ty,
+            rows,
+            depth: depth + 1,
+        };
         match layout(self.text(ty))? {
             Layout::Fixed(width) => self.stack.push(Task::Skip(column_bytes(rows, width)?)),
             Layout::String => self.stack.push(Task::Strings(rows)),
             Layout::Nullable(inner) => {
                 let ty = self.within(ty, inner);
-                self.stack.push(Task::Data {
-                    ty,
-                    rows,
-                    depth: depth + 1,
-                });
+                self.stack.push(deeper(ty));
+                // The null map, a byte a row, comes first: pushed last.
                 self.stack.push(Task::Skip(rows));
             }
             Layout::Array(inner) => {
@@ -410,17 +416,9 @@ impl BlockStream {
             }
             Layout::As(other) => {
                 let ty = self.within(ty, other);
-                self.stack.push(Task::Data {
-                    ty,
-                    rows,
-                    depth: depth + 1,
-                });
+                self.stack.push(deeper(ty));
             }
-            Layout::Geo(other) => self.stack.push(Task::Data {
-                ty: Ty::Static(other),
-                rows,
-                depth: depth + 1,
-            }),
+            Layout::Geo(other) => self.stack.push(deeper(Ty::Static(other))),
         }
         Ok(true)
     }
@@ -437,14 +435,13 @@ impl BlockStream {
     ) -> Result<bool> {
         while left > 0 {
             let Some(offset) = take_u64(bytes, at) else {
-                self.stack.push(Task::Offsets {
+                return self.wait(Task::Offsets {
                     left,
                     last,
                     then,
                     tuple,
                     depth,
                 });
-                return Ok(false);
             };
             if offset < last {
                 return Err(WalkError::Malformed("array offsets that go down"));
@@ -498,8 +495,7 @@ impl BlockStream {
         }
         *at = pos;
         if left > 0 {
-            self.stack.push(Task::Strings(left));
-            return Ok(false);
+            return self.wait(Task::Strings(left));
         }
         Ok(true)
     }
