@@ -99,18 +99,9 @@ impl Frontend {
             return routes::not_found(req.uri().path());
         };
         let (parts, _) = req.into_parts();
-        let mut headers = parts.headers.clone();
-        rewrite::strip(&mut headers, rewrite::HOP_BY_HOP);
-        rewrite::strip(
-            &mut headers,
-            &[
-                "authorization",
-                "x-clickhouse-user",
-                "x-clickhouse-key",
-                "cookie",
-            ],
-        );
-        headers.remove(header::HOST);
+        let headers = rewrite::forwardable(&parts.headers, |n| {
+            rewrite::credential(n) || n == header::COOKIE
+        });
         let plan = Plan {
             cluster,
             statement: crate::gateway::Statement::Read,

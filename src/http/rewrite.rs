@@ -12,28 +12,35 @@ use super::credentials::decode_component;
 use crate::gateway::quota::upstream_execution_seconds;
 use crate::gateway::User;
 
-/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus `expect`: the
-/// proxy answers `100-continue` itself.
-pub const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "expect",
-];
+/// Whether a request header describes one hop, never forwarded (RFC 9110 7.6.1), plus
+/// `expect` (the proxy answers `100-continue` itself) and `host` (the node's is sent).
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "expect"
+            | "host"
+    )
+}
 
-/// Client credentials, never forwarded.
-const CREDENTIAL_HEADERS: &[&str] = &[
-    "authorization",
-    "x-clickhouse-user",
-    "x-clickhouse-key",
-    "x-clickhouse-ssl-certificate-auth",
-];
+/// Whether a request header carries the client's credentials, never forwarded.
+pub fn credential(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "authorization"
+            | "x-clickhouse-user"
+            | "x-clickhouse-key"
+            | "x-clickhouse-ssl-certificate-auth"
+    )
+}
 
 /// The URL query as forwarded, and what the frontend needs from it.
 #[derive(Debug, Default)]
@@ -173,34 +180,37 @@ fn push_decimal(out: &mut String, n: u64) {
     out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
 }
 
-/// Removes `names` and whatever `Connection` names.
-pub fn strip(headers: &mut HeaderMap, names: &[&str]) {
-    // Connection may name further hop-by-hop headers.
-    let listed: Vec<HeaderName> = headers
+/// A request's headers as they may go upstream, copied in one pass: without hop-by-hop
+/// headers (those `Connection` names too), `Host`, and what `drop` names.
+pub fn forwardable(client: &HeaderMap, drop: impl Fn(&HeaderName) -> bool) -> HeaderMap {
+    // Connection may name further hop-by-hop headers (rarely: no allocation without them).
+    let listed: Vec<HeaderName> = client
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for name in listed {
-        headers.remove(name);
+    let mut h = HeaderMap::with_capacity(client.keys_len() + 2);
+    for (name, value) in client {
+        if hop_by_hop(name) || drop(name) || listed.contains(name) {
+            continue;
+        }
+        h.append(name.clone(), value.clone());
     }
-    for name in names {
-        headers.remove(*name);
-    }
+    h
 }
 
 /// Headers of one hop in a response, dropped before it goes to the client. `Connection`,
 /// `Keep-Alive` and a plain `Transfer-Encoding: chunked` stay where the server put them
 /// (the client sees the server's header order): [`connection_headers`] gives the first two
 /// the client connection's values, and hyper frames the body by the third.
-const RESPONSE_HOP_BY_HOP: &[&str] = &[
-    "proxy-connection",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "upgrade",
+const RESPONSE_HOP_BY_HOP: [HeaderName; 5] = [
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
 ];
 
 /// Drops a response's hop-by-hop headers (see [`RESPONSE_HOP_BY_HOP`]), and whatever its
@@ -219,7 +229,7 @@ pub fn strip_response(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     for name in RESPONSE_HOP_BY_HOP {
-        headers.remove(*name);
+        headers.remove(name);
     }
     let chunked = headers
         .get(header::TRANSFER_ENCODING)
@@ -251,8 +261,10 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// `Keep-Alive: timeout=N`, N being chgate's own idle timeout for client connections.
 fn keep_alive_value(timeout: std::time::Duration) -> HeaderValue {
-    HeaderValue::from_str(&format!("timeout={}", timeout.as_secs()))
-        .unwrap_or_else(|_| HeaderValue::from_static("timeout=10"))
+    let mut value = String::with_capacity(32);
+    value.push_str("timeout=");
+    push_decimal(&mut value, timeout.as_secs());
+    HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("timeout=10"))
 }
 
 /// A proxied response's `Connection` and `Keep-Alive` describe chgate's connection to the
@@ -292,19 +304,39 @@ pub fn own_connection_headers(
 /// removed, the cluster account's added, the client's address appended to
 /// `X-Forwarded-For`.
 pub fn headers(client: &HeaderMap, user: &User, ip: IpAddr) -> HeaderMap {
-    let mut h = client.clone();
-    strip(&mut h, HOP_BY_HOP);
-    strip(&mut h, CREDENTIAL_HEADERS);
-    h.remove(header::HOST);
+    let mut h = forwardable(client, |n| credential(n) || n == X_FORWARDED_FOR);
     h.insert(header::AUTHORIZATION, user.account.authorization.clone());
-    let forwarded = match client.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.to_string(),
-    };
+    let mut forwarded = String::with_capacity(48);
+    if let Some(prev) = client.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        forwarded.push_str(prev);
+        forwarded.push_str(", ");
+    }
+    push_ip(&mut forwarded, ip);
     if let Ok(v) = HeaderValue::from_str(&forwarded) {
-        h.insert("x-forwarded-for", v);
+        h.insert(X_FORWARDED_FOR, v);
     }
     h
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// Appends `ip` as `Display` writes it; an IPv4 address (the usual one) without the
+/// formatting machinery.
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_decimal(out, u64::from(octet));
+            }
+        }
+        IpAddr::V6(_) => {
+            use std::fmt::Write as _;
+            let _ = write!(out, "{ip}");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -450,5 +482,27 @@ mod tests {
         assert!(h.get("host").is_none());
         assert_eq!(h["x-clickhouse-format"], "JSON");
         assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+
+        // Kept headers keep their order and every value; an earlier hop's address comes
+        // first; IPv6 as `Display` writes it.
+        let mut client = HeaderMap::new();
+        client.append("x-a", HeaderValue::from_static("1"));
+        client.append("te", HeaderValue::from_static("trailers"));
+        client.append("x-b", HeaderValue::from_static("2"));
+        client.append("x-a", HeaderValue::from_static("3"));
+        client.append("x-forwarded-for", HeaderValue::from_static("192.0.2.1"));
+        client.append("x-forwarded-for", HeaderValue::from_static("192.0.2.2"));
+        let h = headers(&client, &user, "2001:db8::1".parse().unwrap());
+        let kept: Vec<(&str, &str)> = h
+            .iter()
+            .filter(|(n, _)| n.as_str().starts_with("x-") && *n != "x-forwarded-for")
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(kept, [("x-a", "1"), ("x-a", "3"), ("x-b", "2")]);
+        assert!(h.get("te").is_none());
+        let forwarded: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(forwarded, ["192.0.2.1, 2001:db8::1"]);
+        let v4 = headers(&HeaderMap::new(), &user, "255.0.10.1".parse().unwrap());
+        assert_eq!(v4["x-forwarded-for"], "255.0.10.1");
     }
 }
