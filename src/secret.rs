@@ -97,6 +97,7 @@ mod tests {
             load(None, Some(Path::new("missing")), &dir),
             Err(SecretError::File { .. })
         ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -190,7 +190,7 @@ fn native_string_blocks_stream_both_ways_with_bounded_memory() {
     let rows: u64 = 16 << 20;
     let query =
         format!("SELECT toString(number) AS s, number AS n FROM system.numbers LIMIT {rows}");
-    let file = format!("/tmp/{table}.native");
+    let file = tempfile_path("strings").display().to_string();
     for compression in [0, 1] {
         // 5: the high-water mark starts again from the resident memory now (proc(5)).
         std::fs::write(format!("/proc/{}/clear_refs", p.child.id()), "5").unwrap();

@@ -951,8 +951,30 @@ mod tests {
         })
     }
 
-    fn temp() -> std::path::PathBuf {
-        std::env::temp_dir().join(format!("chgate-store-{}", uuid::Uuid::new_v4()))
+    /// A store directory of a test's own, removed when the test ends (passed or failed).
+    struct TempDir(std::path::PathBuf);
+
+    impl std::ops::Deref for TempDir {
+        type Target = std::path::Path;
+        fn deref(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl AsRef<std::path::Path> for TempDir {
+        fn as_ref(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn temp() -> TempDir {
+        TempDir(std::env::temp_dir().join(format!("chgate-store-{}", uuid::Uuid::new_v4())))
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -106,11 +106,48 @@ pub fn curl(args: &[&str]) -> CurlOutput {
 pub fn tempfile_path(prefix: &str) -> PathBuf {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static N: AtomicUsize = AtomicUsize::new(0);
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(sweep_stale_tempfiles);
     std::env::temp_dir().join(format!(
         "chgate-{prefix}-{}-{}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ))
+}
+
+/// Removes what earlier test processes left under [`tempfile_path`] names (a CDC test's
+/// state directory is ~150 MiB): entries `chgate-<prefix>-<pid>-<n>` whose process is gone.
+/// A failed run's files stay for inspection until the next run of a test binary.
+fn sweep_stale_tempfiles() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !name.starts_with("chgate-") {
+            continue;
+        }
+        // The pid is the second-to-last `-` field; the last is the counter, perhaps with
+        // an extension (`.toml`).
+        let mut fields = name.rsplit('-');
+        let (Some(n), Some(pid)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let n = n.split('.').next().unwrap_or(n);
+        let (Ok(_), Ok(pid)) = (n.parse::<u64>(), pid.parse::<u32>()) else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = entry.path();
+        let _ = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+    }
 }
 
 /// A self-signed certificate for `localhost` and 127.0.0.1, made with openssl in a fresh
