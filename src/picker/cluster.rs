@@ -627,3 +627,61 @@ async fn discovery_loop(shared: Arc<Shared>, stop: CancellationToken) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClusterConfig, PickerConfig, UpstreamConfig};
+    use crate::picker::purpose::Purpose;
+    use crate::upstream::UpstreamError;
+    use std::time::Instant;
+
+    fn refused(c: &Cluster) -> bool {
+        c.view().standings[0].get(Purpose::Read).is_err()
+    }
+
+    /// Waits (up to 2 s) for the first node to be refused or not, as `want` says.
+    async fn until(c: &Cluster, want: bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while refused(c) != want && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        refused(c) == want
+    }
+
+    /// A backoff shorter than the publish tick ends in the view when it ends in the node:
+    /// a view published during it is replaced then, not at the next tick (250 ms here).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backed_off_node_is_published_as_back_when_its_backoff_ends() {
+        let config: ClusterConfig = toml::from_str(
+            r#"shards = [{ replicas = [{ host = "127.0.0.1", http_port = 1 }, { host = "127.0.0.2", http_port = 1 }] }]"#,
+        )
+        .unwrap();
+        let picker = PickerConfig {
+            probe_interval: Duration::from_secs(60),
+            probe_retry_interval: Duration::from_secs(60),
+            ..PickerConfig::default()
+        };
+        let upstream = UpstreamConfig {
+            down_backoff_min: Duration::from_millis(100),
+            down_backoff_max: Duration::from_millis(100),
+            ..UpstreamConfig::default()
+        };
+        let cluster = Cluster::new("c", &config, &Default::default(), &upstream, &picker);
+        cluster.start();
+        for round in 0..5 {
+            let node = cluster.topology().nodes[0].clone();
+            node.node.back_off(&UpstreamError::ConnectTimeout);
+            let backed_off = Instant::now();
+            cluster.shared.changed.notify_one();
+            assert!(until(&cluster, true).await, "round {round}: never refused");
+            assert!(until(&cluster, false).await, "round {round}: never back");
+            let back = backed_off.elapsed();
+            // 100 ms of backoff and a millisecond; the tick alone would take 100-350 ms.
+            assert!(
+                back < Duration::from_millis(180),
+                "round {round}: back after {back:?}"
+            );
+        }
+    }
+}
