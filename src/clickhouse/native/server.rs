@@ -483,10 +483,17 @@ impl ServerPackets {
         let answer = role == Role::Answer;
         let start = r.position();
         let rest = r.bytes_after()?;
-        let fits = self
-            .shape
-            .filter(|_| answer)
-            .and_then(|shape| Some((shape, block_prefix(rest, framing).ok()?)))
+        let shape = self.shape.filter(|_| answer);
+        let prefix = shape.map(|_| block_prefix(rest, framing));
+        if let Some(Err(WalkError::Incomplete)) = prefix {
+            // Not even the block's first bytes (its row count) are here: wait for them (a
+            // few bytes), so the block is found from its shape as a walk of all its bytes
+            // finds it, not walked as it comes (the two could tell a block whose columns
+            // differ from the answer's apart differently).
+            return Err(WalkError::Incomplete);
+        }
+        let fits = shape
+            .zip(prefix.and_then(Result::ok))
             .filter(|(shape, (columns, _, _))| *columns == shape.columns);
         if let Some((shape, (columns, rows, prefix))) = fits {
             let len = shape_len(shape, prefix, rows)?;
@@ -1110,8 +1117,16 @@ mod tests {
         assert_eq!(tail.map(|(end, t)| (end, t.rows)), Some((data.len(), 3000)));
         assert_eq!(reader.next(&header, &plain).unwrap().len, header.len());
         // Type, table name, BlockInfo, the column count, then two bytes of rows: from 13
-        // bytes on, the block's length is known; before, it is walked as it comes.
-        for cut in [2, 5, 12, 13, 100, data.len() - 1] {
+        // bytes on, the block's length is known; before, the reader waits for those bytes
+        // (no tail), so the block is found from its shape however the bytes are cut.
+        for cut in [2, 5, 12] {
+            assert_eq!(
+                reader.next(&data[..cut], &plain),
+                Err(WalkError::Incomplete)
+            );
+            assert!(reader.take_tail().is_none(), "{cut}");
+        }
+        for cut in [13, 100, data.len() - 1] {
             assert_eq!(
                 reader.next(&data[..cut], &plain),
                 Err(WalkError::Incomplete)
