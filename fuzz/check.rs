@@ -146,6 +146,9 @@ trait Stream {
     fn tail_packet(_tail: &Tail, _len: usize) -> Option<Self::Packet> {
         None
     }
+    /// A tail this reader made ended: what it learned goes back to the reader, as the
+    /// relay gives it back.
+    fn tail_done(&mut self, _tail: Tail) {}
 }
 
 /// The server's side: [`ServerPackets::next`].
@@ -178,6 +181,10 @@ impl Stream for Server {
             len,
             rows: tail.rows,
         })
+    }
+
+    fn tail_done(&mut self, tail: Tail) {
+        self.packets.give_back(tail);
     }
 }
 
@@ -325,6 +332,7 @@ fn stream<S: Stream>(what: &str, bytes: &[u8], new: impl Fn() -> S, chunk: usize
                         );
                         seen += 1;
                         at = end;
+                        relay.tail_done(tail);
                     }
                     Err(e) => break Err(e),
                 }

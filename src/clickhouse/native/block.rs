@@ -164,7 +164,7 @@ pub(super) fn column_header<'a>(r: &mut Reader<'a>, framing: Framing) -> Result<
 /// The bytes per row of a column of type `ty`, if that is fixed: its data is then exactly
 /// rows times that, with no state prefix (`Nullable` adds its null map's byte; a `Tuple`'s
 /// elements follow each other).
-fn row_width(ty: &str, depth: u32) -> Option<u64> {
+pub(super) fn row_width(ty: &str, depth: u32) -> Option<u64> {
     if depth > MAX_DEPTH {
         return None;
     }

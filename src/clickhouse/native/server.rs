@@ -103,6 +103,10 @@ pub struct ServerPackets {
     /// Left by the last call that found a packet incomplete, if the packet's end is known
     /// all the same: where in its bytes the rest of it starts, and that rest.
     tail: Option<(usize, Tail)>,
+    /// The last tail left is a block of the answer walked as it comes: once it ends, its
+    /// layout is the answer's ([`ServerPackets::give_back`]), as when a block is walked
+    /// whole.
+    tail_answer: bool,
     /// The decompression room of the last compressed block walked as its frames came,
     /// given back ([`ServerPackets::give_back`]) for the next: a fresh one would be
     /// allocated and faulted in again for every block.
@@ -177,6 +181,7 @@ impl ServerPackets {
     /// there.
     pub fn next(&mut self, buf: &[u8], session: &Session) -> Result<Packet> {
         self.tail = None;
+        self.tail_answer = false;
         let packet = self.server_packet(buf, session);
         if !matches!(packet, Err(WalkError::Incomplete)) {
             self.resume = None;
@@ -211,9 +216,17 @@ impl ServerPackets {
         tail
     }
 
-    /// Takes back what a [`Tail`] this reader made is done with (its decompression room),
-    /// for the next block's.
+    /// Takes back what a [`Tail`] this reader made is done with: the layout of an answer's
+    /// block walked as it came (the next blocks are found from it, as after a block walked
+    /// whole: the answer must not depend on how its bytes were cut into reads), and its
+    /// decompression room, for the next block's. Called for the tail last taken, once it
+    /// ended, before the next packet is read.
     pub fn give_back(&mut self, tail: Tail) {
+        if std::mem::take(&mut self.tail_answer) {
+            if let Some(shape) = tail.walked_shape() {
+                self.shape = shape;
+            }
+        }
         if let Some(room) = tail.into_room() {
             if room.len() > self.spare.len() {
                 self.spare = room;
@@ -226,6 +239,7 @@ impl ServerPackets {
     /// said so), a Cancel or a Ping.
     pub fn next_client(&mut self, buf: &[u8], session: &Session) -> Result<ClientPacket> {
         self.tail = None;
+        self.tail_answer = false;
         let mut r = Reader::new(buf);
         let kind = match r.varuint()? {
             super::client::DATA => {
@@ -419,6 +433,7 @@ impl ServerPackets {
                         let walk = BlockStream::new(framing);
                         let room = std::mem::take(&mut self.spare);
                         self.tail = Some((blocks_at, Tail::walk_frames(Kind::Data, walk, room)));
+                        self.tail_answer = answer;
                     }
                     return Err(WalkError::Incomplete);
                 }
@@ -511,6 +526,7 @@ impl ServerPackets {
                 // small, and held).
                 let tail = Tail::walk(Kind::Data, BlockStream::new(framing));
                 self.tail = Some((start, tail));
+                self.tail_answer = answer;
                 return Err(WalkError::Incomplete);
             }
             other => other?,

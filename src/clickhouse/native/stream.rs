@@ -16,7 +16,7 @@
 
 use super::block::{
     block_prefix, column_bytes, column_header, element, first_arg, granule_indexes, key_version,
-    layout, Framing, IndexType, Layout, MAX_DEPTH,
+    layout, row_width, Framing, IndexType, Layout, Shape, MAX_DEPTH,
 };
 use super::reader::{Reader, Result, WalkError, MAX_VARUINT_BYTES};
 
@@ -93,6 +93,9 @@ pub struct BlockStream {
     ty: String,
     stack: Vec<Task>,
     done: bool,
+    /// The block's layout so far, as [`super::block`]'s walk finds it: `None` once a
+    /// column is not fixed-width.
+    shape: Option<Shape>,
 }
 
 /// How many steps the stack may hold: a tuple's elements are taken one by one, so the stack
@@ -112,7 +115,14 @@ impl BlockStream {
             ty: String::new(),
             stack: Vec::new(),
             done: false,
+            shape: None,
         }
+    }
+
+    /// The block's layout (`Some(None)`: not all its columns are fixed-width), once its
+    /// end was found: what a walk of all its bytes says ([`super::block::Block::shape`]).
+    pub fn shape(&self) -> Option<Option<Shape>> {
+        self.done.then_some(self.shape)
     }
 
     /// The block's rows, once its start was read.
@@ -179,6 +189,11 @@ impl BlockStream {
                 Ok((columns, rows, len)) => {
                     self.counts = Some((columns, rows));
                     self.columns_left = columns;
+                    self.shape = Some(Shape {
+                        columns,
+                        headers: 0,
+                        row_width: 0,
+                    });
                     *at += len;
                     Ok(true)
                 }
@@ -196,6 +211,15 @@ impl BlockStream {
             Err(WalkError::Incomplete) => return Ok(false),
             Err(e) => return Err(e),
         };
+        if let Some(shape) = self.shape.as_mut() {
+            match row_width(ty, 0) {
+                Some(width) => {
+                    shape.headers += r.position() as u64;
+                    shape.row_width = shape.row_width.saturating_add(width);
+                }
+                None => self.shape = None,
+            }
+        }
         self.ty.clear();
         self.ty.push_str(ty);
         *at += r.position();
@@ -700,7 +724,7 @@ pub(super) mod tests {
         bytes: &[u8],
         framing: Framing,
         mut piece: impl FnMut() -> usize,
-    ) -> Result<Option<usize>> {
+    ) -> Result<Option<(usize, Option<Shape>)>> {
         let mut walk = BlockStream::new(framing);
         let (mut taken, mut given) = (0, 0);
         loop {
@@ -709,8 +733,10 @@ pub(super) mod tests {
             assert!(taken + n <= given);
             taken += n;
             if done {
-                return Ok(Some(taken));
+                let shape = walk.shape().expect("a block that ended has its shape");
+                return Ok(Some((taken, shape)));
             }
+            assert_eq!(walk.shape(), None);
             if given == bytes.len() {
                 return Ok(None);
             }
@@ -718,9 +744,9 @@ pub(super) mod tests {
     }
 
     /// What the walk of whole blocks says of `bytes`, in the same terms.
-    fn whole_walk(bytes: &[u8], framing: Framing) -> Result<Option<usize>> {
+    fn whole_walk(bytes: &[u8], framing: Framing) -> Result<Option<(usize, Option<Shape>)>> {
         match walk_block(bytes, framing) {
-            Ok(block) => Ok(Some(block.len)),
+            Ok(block) => Ok(Some((block.len, block.shape))),
             Err(WalkError::Incomplete) => Ok(None),
             Err(e) => Err(e),
         }
@@ -733,21 +759,23 @@ pub(super) mod tests {
             let framing = if round % 2 == 0 { HTTP } else { NATIVE };
             let mut block = random_block(framing, &mut rnd);
             let len = block.len();
-            assert_eq!(whole_walk(&block, framing), Ok(Some(len)), "round {round}");
+            let want = whole_walk(&block, framing);
+            assert_eq!(
+                want.clone().map(|w| w.map(|(len, _)| len)),
+                Ok(Some(len)),
+                "round {round}"
+            );
             // The next packet's bytes follow: the walk stops before them.
             block.extend_from_slice(&[5, 1, 2, 3]);
             for piece in [1, 2, 3, 9, 64, 100_000] {
                 assert_eq!(
                     stream_walk(&block, framing, || piece),
-                    Ok(Some(len)),
+                    want,
                     "round {round}, pieces of {piece}"
                 );
             }
             let mut r = test_random(round + 1);
-            assert_eq!(
-                stream_walk(&block, framing, || (r() % 40) as usize),
-                Ok(Some(len))
-            );
+            assert_eq!(stream_walk(&block, framing, || (r() % 40) as usize), want);
             assert_eq!(stream_walk(&block[..len - 1], framing, || 7), Ok(None));
         }
     }

@@ -13,6 +13,7 @@
 //! Frames that do not end exactly where the block must are a stream chgate cannot follow:
 //! the packet is refused as malformed, as a walk would refuse it.
 
+use super::block::Shape;
 use super::kind::Kind;
 use super::reader::{Result, WalkError};
 use super::stream::BlockStream;
@@ -158,6 +159,16 @@ impl Tail {
                 have: 0,
                 body: 0,
             },
+        }
+    }
+
+    /// The layout of a block walked as it came (`Some(None)`: not all fixed-width), once
+    /// its end was found; `None` for a tail not walked or not done.
+    pub fn walked_shape(&self) -> Option<Option<Shape>> {
+        match &self.left {
+            Left::Walk(walk) => walk.shape(),
+            Left::WalkFrames(frames) => frames.walk.shape(),
+            Left::Bytes(_) | Left::Frames { .. } => None,
         }
     }
 
