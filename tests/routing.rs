@@ -421,8 +421,24 @@ probe_timeout = "30s"
     let p = TestProxy::start(&text).await;
     let mut statuses = Vec::new();
     for i in 0..12 {
-        // A failed node is back 1 ms later, in the view too (it republishes then).
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // A failed node is back 1 ms later, in the view too (it republishes then): each
+        // request waits for both nodes in the view, so each fails over.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let m = p.metrics().await;
+            let weighted = ports.iter().all(|port| {
+                let node = format!("node=\"127.0.0.1:{port}\"");
+                metric_sum(&m, "chgate_node_weight", &[&node, "purpose=\"read\""]) > 0.0
+            });
+            if weighted {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "request {i}: a failed node not back in the view after 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         let out = curl_async(vec![
             "-sS".into(),
             "-u".into(),
