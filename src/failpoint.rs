@@ -11,7 +11,8 @@
 //! Names in use: `ingest.inserted` (a segment's rows are in ClickHouse, its done record not
 //! yet written), `ingest.replay` (a writer is about to insert a segment rebuilt from a
 //! pending intent), `cdc.truncate_sliced` (the capture committed a slice of a truncate's
-//! deletes, more of them to come).
+//! deletes, more of them to come), `cdc.snapshot_chunk` (the capture applied a snapshot
+//! chunk: a test slows the snapshot down with `sleep` to act in the middle of it).
 
 use std::collections::HashMap;
 use std::sync::OnceLock;

@@ -86,6 +86,7 @@ pub struct Metrics {
     pub cdc_slot_safe_wal_bytes: IntGauge,
     pub cdc_slot_wal_status: IntGaugeVec,
     pub cdc_skipped: IntCounterVec,
+    pub cdc_reconciled_rows: IntCounterVec,
     pub cdc_transactions: IntCounterVec,
     pub cdc_spilled_bytes: IntCounter,
     pub cdc_outbox_events: IntGauge,
@@ -509,6 +510,11 @@ impl Metrics {
             "Changes not published, by reason: `seen_by_snapshot` (a resumed snapshot chunk already holds the change), `no_before` (an update or delete of a row the key-state store never saw: snapshot = never), `not_captured` (a table outside capture.tables), `in_topics` (after the store was rebuilt from the topics, a change the server sent again that the topics already hold).",
             &["reason"],
         );
+        let cdc_reconciled_rows = counter(
+            "chgate_cdc_reconciled_rows_total",
+            "Rows of a table read again to reconcile the topics with it (another instance's snapshot of it stopped part way), by table and outcome: `unchanged` (as the topics hold it: nothing published), `changed` (a `u` event from the published row), `new` (an `r` event), `gone` (published, no longer in the table: a `d` event).",
+            &["table", "outcome"],
+        );
         let cdc_transactions = counter(
             "chgate_cdc_transactions_total",
             "Transactions received from the replication stream, by kind: `whole` (sent after its commit), `streamed` (sent in progress, protocol v2, applied at its commit), `aborted` (streamed, then rolled back: nothing published), `already_published` (sent again after a restart, already in Kafka).",
@@ -686,6 +692,7 @@ impl Metrics {
             cdc_slot_safe_wal_bytes,
             cdc_slot_wal_status,
             cdc_skipped,
+            cdc_reconciled_rows,
             cdc_transactions,
             cdc_spilled_bytes,
             cdc_outbox_events,

@@ -22,6 +22,8 @@ use super::store::{row_key_into, Committed, Store, StoredRow};
 use crate::kafka::partition::partition_for_key;
 use crate::metrics::METRICS;
 
+mod reconcile;
+
 /// A captured table.
 pub struct Captured {
     pub schema: TableSchema,
@@ -902,8 +904,16 @@ impl Capture {
         let regime = (regimes + usize::from(chunk.new_regime.is_some())).saturating_sub(1);
         let regime = u8::try_from(regime).unwrap_or(StoredRow::STREAMED - 1);
         let topic = Arc::clone(&self.tables[t].topic);
+        let reconcile = state
+            .tables
+            .get(&self.tables[t].name)
+            .is_some_and(|p| p.reconcile);
         self.store.reserve(n);
         for ((key, row), event) in chunk.rows.iter().zip(chunk.events) {
+            if reconcile {
+                self.reconcile_row(t, (key, row), event, version, regime)?;
+                continue;
+            }
             self.store.add_event(
                 Arc::clone(&topic),
                 event.partition,
@@ -917,10 +927,12 @@ impl Capture {
             .cdc_snapshot_rows
             .with_label_values(&[name])
             .inc_by(n as u64);
-        METRICS
-            .cdc_events
-            .with_label_values(&[name, "r"])
-            .inc_by(n as u64);
+        if !reconcile {
+            METRICS
+                .cdc_events
+                .with_label_values(&[name, "r"])
+                .inc_by(n as u64);
+        }
         let progress = state.tables.entry(self.tables[t].name.clone()).or_default();
         if let Some(r) = chunk.new_regime {
             progress.regimes.push(r);
@@ -928,7 +940,9 @@ impl Capture {
         if chunk.last_key.is_some() {
             progress.after = chunk.last_key;
         }
-        progress.done |= chunk.last;
+        // A reconciled table is done once the rows not read again are deleted
+        // (`Capture::sweep_step`).
+        progress.done |= chunk.last && !progress.reconcile;
         self.store
             .put_meta("snapshot", serde_json::to_vec(state).unwrap_or_default());
         self.close_unit(None, 0);

@@ -410,10 +410,13 @@ fn behind(newest: Option<tail::Last>, ours: u64, id: u64) -> bool {
     newest.is_some_and(|l| l.seq > ours || l.store.is_some_and(|s| s != id))
 }
 
-/// The snapshot a rebuilt store goes on from: the state record's, which must say that
-/// every table whose topic holds events was read to its end (`None` with
-/// `snapshot = "never"`). Otherwise a chunk in flight when the store that wrote them
-/// stopped may be partly in the topics, and reading it again would publish its rows twice.
+/// The snapshot a rebuilt store goes on from: the state record's (`None` with
+/// `snapshot = "never"`). A table whose topic holds events and whose snapshot the record
+/// does not show finished (a chunk in flight when the store that wrote them stopped may be
+/// partly in the topics, and nothing says which rows) is read again to reconcile the topics
+/// with it (`capture/reconcile.rs`) rather than as a plain snapshot, which would publish its
+/// rows twice. Without a record of the slot's snapshot at all, its row version is not
+/// known: refused.
 async fn recorded_snapshot(
     cfg: &ValidatedCdc,
     schemas: &[catalog::TableSchema],
@@ -432,25 +435,45 @@ async fn recorded_snapshot(
     let record =
         tokio::task::spawn_blocking(move || rebuild::read_state(&brokers, &props, &topic, &slot))
             .await??;
-    let state = record.and_then(|r| r.snapshot).unwrap_or_default();
+    let recorded = record.and_then(|r| r.snapshot);
     let unfinished: Vec<String> = schemas
         .iter()
         .filter(|s| with_events.contains(cfg.topic(&s.schema, &s.name).as_str()))
         .map(|s| s.full_name())
-        .filter(|name| state.tables.get(name).is_none_or(|p| !p.done))
+        .filter(|name| {
+            recorded
+                .as_ref()
+                .and_then(|r| r.tables.get(name))
+                .is_none_or(|p| !p.done)
+        })
         .collect();
-    if !unfinished.is_empty() {
+    if unfinished.is_empty() {
+        return Ok(Some(recorded.unwrap_or_default()));
+    }
+    let Some(mut state) = recorded else {
         anyhow::bail!(
             "the topics hold events that this instance's key-state store did not write (a new \
-             state_dir, or another instance led since), and the state topic {} does not record \
-             the snapshot of {} as finished, so the store cannot be rebuilt from them without \
-             publishing rows twice: give this instance the state_dir of the one that wrote them, \
-             or start over (drop the slot {} and the topics)",
+             state_dir, or another instance led since), and the state topic {} holds no record \
+             of the snapshot of slot {} (so the version of the rows of {} is not known): give \
+             this instance the state_dir of the one that wrote them, or start over (drop the \
+             slot and the topics)",
             cfg.state_topic(),
+            c.capture.slot,
             unfinished.join(", "),
-            c.capture.slot
         );
+    };
+    for name in &unfinished {
+        state
+            .tables
+            .insert(name.clone(), snapshot::TableProgress::reconciling());
     }
+    tracing::warn!(
+        tables = %unfinished.join(", "),
+        "The state topic does not record the snapshot of these tables as finished, and their \
+         topics hold some of its rows: each is read again and compared with what the topics \
+         hold (a `u` event for a row changed since, a `d` for one gone, an `r` for one not \
+         published yet, nothing for the rest)"
+    );
     Ok(Some(state))
 }
 
@@ -639,6 +662,7 @@ async fn prepare_slot(
                         done: false,
                         after: None,
                         regimes: regimes.clone(),
+                        reconcile: false,
                     },
                 )
             })
@@ -758,6 +782,7 @@ async fn follow_captured_tables(
                 done: false,
                 after: None,
                 regimes: Vec::new(),
+                reconcile: false,
             },
         );
     }
@@ -794,6 +819,11 @@ async fn run_snapshot(
 ) -> anyhow::Result<bool> {
     let cfg = capture.cfg.clone();
     let c = &cfg.config.capture;
+    if let Some(before) = &capture.rebuilt_from {
+        // Before this instance publishes anything over a rebuilt store.
+        let k = &cfg.config.kafka;
+        tail::unchanged_since(&k.brokers, &k.properties, k.tail_rewind, before, None).await?;
+    }
     let mut state = plan.state;
     let mut todo: VecDeque<usize> = (0..capture.tables.len())
         .filter(|&i| {
@@ -879,7 +909,7 @@ async fn run_snapshot(
         };
         let Some(chunk) = chunk else { break };
         let chunk = chunk?;
-        let last = chunk.last;
+        let (last, table) = (chunk.last, chunk.table);
         capture.apply_chunk(chunk, &mut state).await?;
         finish_writing(capture, &mut writing).await?;
         writing = capture
@@ -887,6 +917,17 @@ async fn run_snapshot(
             .begin_commit()
             .map(|job| tokio::task::spawn_blocking(move || job.write()));
         capture.settle()?;
+        crate::failpoint::reach("cdc.snapshot_chunk").await;
+        let name = &capture.tables[table].name;
+        if last
+            && state
+                .tables
+                .get(name)
+                .is_some_and(|p| p.reconcile && !p.done)
+        {
+            finish_writing(capture, &mut writing).await?;
+            sweep(capture, table, &mut state).await?;
+        }
         if last {
             running -= 1;
             METRICS.cdc_snapshot_tables_pending.dec();
@@ -903,6 +944,20 @@ async fn run_snapshot(
         capture.snapshot = Some(state);
     }
     Ok(true)
+}
+
+/// Deletes the rows of a reconciled table that were not read again, a batch per commit
+/// (`Capture::sweep_step`); the table is done with the last.
+async fn sweep(capture: &mut Capture, t: usize, state: &mut SnapshotState) -> anyhow::Result<()> {
+    let mut after = None;
+    loop {
+        let done = capture.sweep_step(t, &mut after, state)?;
+        capture.flush().await?;
+        capture.settle()?;
+        if done {
+            return Ok(());
+        }
+    }
 }
 
 /// A snapshot chunk's commit on a blocking thread.

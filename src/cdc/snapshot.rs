@@ -86,6 +86,29 @@ pub struct TableProgress {
     /// The key of the last row published.
     pub after: Option<KeyText>,
     pub regimes: Vec<Regime>,
+    /// The table is read again to reconcile the topics with it (`capture/reconcile.rs`):
+    /// another instance's snapshot of it stopped part way, and the store, rebuilt from the
+    /// topics, holds the rows that one published. Its regime 0 stands for those rows (read
+    /// under no snapshot of this reading); the rows read again are compared with them,
+    /// and the ones not read again are deleted at the end.
+    #[serde(default)]
+    pub reconcile: bool,
+}
+
+impl TableProgress {
+    /// The progress of a table read again to reconcile the topics with it.
+    pub fn reconciling() -> Self {
+        Self {
+            done: false,
+            after: None,
+            regimes: vec![Regime {
+                from: None,
+                snapshot: None,
+                lsn_at: 0,
+            }],
+            reconcile: true,
+        }
+    }
 }
 
 /// The snapshot's progress, in the store's `snapshot` record.

@@ -91,7 +91,9 @@ pub async fn run(
     conn.start_replication(start_sql).await?;
     if let Some(before) = capture.rebuilt_from.take() {
         let k = &capture.cfg.config.kafka;
-        super::tail::unchanged_since(&k.brokers, &k.properties, k.tail_rewind, &before).await?;
+        let own = Some(capture.store.id());
+        super::tail::unchanged_since(&k.brokers, &k.properties, k.tail_rewind, &before, own)
+            .await?;
     }
     let confirmed = capture.store.store_lsn();
     let capture_last = capture.store.last_numbered();
