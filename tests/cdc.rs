@@ -1276,9 +1276,15 @@ fn a_standby_takes_over_mid_snapshot_and_reconciles_the_topics() {
     rt.block_on(seed(&db, 20000, 3000));
     let next_id = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(23001));
 
-    // The first leader reads a chunk every 300 ms: the test acts in the middle of it.
-    let mut a = Cdc::start_with_failpoints(&cfg_a, "cdc.snapshot_chunk=sleep(300)");
-    a.wait_mid_snapshot(3000.0);
+    // The first leader applies a chunk every 500 ms: the test acts in the middle of it.
+    let mut a = Cdc::start_with_failpoints(&cfg_a, "cdc.snapshot_chunk=sleep(500)");
+    a.wait_metric(
+        "chgate_cdc_snapshot_rows_total",
+        &["table=\"public.orders\""],
+        3000.0,
+        60,
+        "no snapshot progress on orders",
+    );
     let b = Cdc::start(&cfg_b);
     wait_standing_by(&b);
     // Rows the first leader has published change or go; the workload runs on.
@@ -1291,6 +1297,14 @@ fn a_standby_takes_over_mid_snapshot_and_reconciles_the_topics() {
     let load = rt.spawn(workload(db.name.clone(), 31, 600, next_id.clone()));
     std::thread::sleep(Duration::from_millis(300));
     let mut totals = Totals::default();
+    let published = a.metric(
+        "chgate_cdc_snapshot_rows_total",
+        &["table=\"public.orders\""],
+    );
+    assert!(
+        published < 20000.0,
+        "the snapshot of orders finished before the kill"
+    );
     a.kill(&mut totals);
     let killed = Instant::now();
     b.wait_streaming(Duration::from_secs(120));
@@ -1320,7 +1334,7 @@ fn a_standby_takes_over_mid_snapshot_and_reconciles_the_topics() {
     eprintln!(
         "orders reconciled: {unchanged} unchanged, {changed} changed, {new} new, {gone} gone"
     );
-    assert!(unchanged >= 1000.0, "{unchanged} unchanged");
+    assert!(unchanged >= 500.0, "{unchanged} unchanged");
     assert!(changed >= 43.0, "{changed} changed");
     assert!(new >= 1000.0, "{new} new");
     assert!(gone >= 20.0, "{gone} gone");
