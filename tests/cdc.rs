@@ -1797,9 +1797,56 @@ fn a_table_added_later_is_read_then_streamed() {
     let mut cdc = cdc;
     cdc.term();
     with_tables(r#"["public.orders"]"#);
-    let cdc = Cdc::start(&cfg);
+    let mut cdc = Cdc::start(&cfg);
     cdc.wait_streaming(Duration::from_secs(60));
     assert!(cdc.logged("no longer captured"), "{:?}", cdc.tail());
+    // Changed while out of the capture, then back: read again and reconciled with what
+    // was published of it (nothing twice; a `u` and a `d` from the published rows).
+    db.exec(
+        &rt,
+        "UPDATE customers SET name = 'unseen' WHERE id IN (23, 24);
+         DELETE FROM customers WHERE id = 25;
+         INSERT INTO customers VALUES (102, 'unseen new', 'u@x.io', now())",
+    );
+    cdc.term();
+    with_tables(r#"["public.orders", "public.customers"]"#);
+    let cdc = Cdc::start(&cfg);
+    cdc.wait_streaming(Duration::from_secs(60));
+    assert!(cdc.logged("Tables back in the capture"), "{:?}", cdc.tail());
+    let outcome = |o: &str| {
+        cdc.metric(
+            "chgate_cdc_reconciled_rows_total",
+            &[&format!("outcome=\"{o}\"")],
+        )
+    };
+    assert_eq!(
+        [outcome("changed"), outcome("gone"), outcome("new")],
+        [2.0, 1.0, 1.0]
+    );
+    assert_eq!(outcome("unchanged"), (want.len() - 3) as f64);
+    db.exec(
+        &rt,
+        "UPDATE customers SET name = 'streamed again' WHERE id = 23",
+    );
+    rt.block_on(wait_caught_up(&db, &cdc));
+    let (rows, problems) = fold(&read_topic(&format!("{prefix}.public.customers")));
+    assert!(problems.is_empty(), "{problems:?}");
+    let want: Vec<(i64, String)> = rt.block_on(async {
+        pg(&db.name)
+            .await
+            .query("SELECT id, name FROM customers ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    });
+    let got: Vec<(i64, String)> = rows
+        .iter()
+        .map(|(id, row)| (*id, row["name"].as_str().unwrap_or("?").to_string()))
+        .collect();
+    assert_eq!(got, want);
+    assert!(cdc.errors().is_empty(), "{:?}", cdc.errors());
 }
 
 /// With `with_schema`, a column added mid-stream is in the schema of the events that

@@ -751,7 +751,8 @@ async fn slot_start(capture: &Capture, slot: &str) -> anyhow::Result<u64> {
 /// regime, as for a resumed table): the stream brings its changes from when the
 /// publication took it in, and those the new snapshot already saw are skipped. One no
 /// longer captured is forgotten (else the snapshot would never be done), so it is read
-/// again if it comes back.
+/// again if it comes back: reconciled with the rows the store kept of it
+/// (`capture/reconcile.rs`), not published twice.
 async fn follow_captured_tables(
     capture: &mut Capture,
     state: &mut SnapshotState,
@@ -775,20 +776,28 @@ async fn follow_captured_tables(
     for name in &removed {
         state.tables.remove(name);
     }
+    let mut returning = Vec::new();
     for name in &added {
-        state.tables.insert(
-            name.clone(),
+        // Back after it was taken out: the store holds its rows as last captured.
+        let progress = if capture.mark_found(name).await? {
+            returning.push(name.clone());
+            TableProgress::reconciling()
+        } else {
             TableProgress {
                 done: false,
                 after: None,
                 regimes: Vec::new(),
                 reconcile: false,
-            },
-        );
+            }
+        };
+        state.tables.insert(name.clone(), progress);
     }
     record_state(capture, state).await?;
     if !added.is_empty() {
         tracing::info!(tables = %added.join(", "), "Tables new to the capture: their existing rows are read first");
+    }
+    if !returning.is_empty() {
+        tracing::info!(tables = %returning.join(", "), "Tables back in the capture: their rows are read again and compared with what the capture last published");
     }
     if !removed.is_empty() {
         tracing::info!(tables = %removed.join(", "), "Tables no longer captured: their snapshot progress is forgotten");

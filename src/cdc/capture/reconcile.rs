@@ -23,11 +23,14 @@
 //! lie above it (a WAL record takes more than one byte). So every row's versions still
 //! grow along its history, and VersionedCollapsingMergeTree gets exact cancel rows.
 //!
+//! The same goes for a table that comes back to the capture after it was taken out: the
+//! store still holds its rows as the capture last saw them, and the table changed unseen.
+//!
 //! The stored rows the reconcile has not read again are those marked with regime 0 (the
 //! placeholder [`super::super::snapshot::TableProgress::reconciling`] puts first: what the
-//! rebuild found in the topics) or as streamed (a table captured before, whose topic
-//! holds an earlier capture's changes); the stream does not run during a snapshot, so no
-//! row of the table is marked streamed by this one.
+//! rebuild found in the topics, or what [`Capture::mark_found`] marked) or as streamed (a
+//! table captured before, whose topic holds an earlier capture's changes); the stream does
+//! not run during a snapshot, so no row of the table is marked streamed by this one.
 
 use std::sync::Arc;
 
@@ -90,6 +93,39 @@ impl Capture {
             .with_label_values(&[self.tables[t].name.as_str(), outcome])
             .inc();
         Ok(())
+    }
+
+    /// Before a table that comes back to the capture is reconciled (its rows from an
+    /// earlier capture are still in the store, and the table changed meanwhile unseen):
+    /// marks every stored row of it as not read again (regime 0, whatever regime an
+    /// earlier snapshot read it under), a batch per commit. Whether it has any.
+    pub async fn mark_found(&mut self, table: &str) -> anyhow::Result<bool> {
+        let mut after: Option<Vec<u8>> = None;
+        let mut any = false;
+        loop {
+            let batch = self.store.rows_batch(
+                table,
+                after.as_deref(),
+                TRUNCATE_BATCH,
+                TRUNCATE_BATCH_BYTES,
+            )?;
+            any |= !batch.rows.is_empty();
+            for (store_key, _, row) in batch.rows {
+                if row.regime != FOUND_IN_TOPICS && row.regime != StoredRow::STREAMED {
+                    let row = StoredRow {
+                        regime: FOUND_IN_TOPICS,
+                        ..row
+                    };
+                    self.store.put(store_key, Some(row));
+                }
+            }
+            self.close_unit(None, 0);
+            self.flush().await?;
+            after = batch.next;
+            if after.is_none() {
+                return Ok(any);
+            }
+        }
     }
 
     /// Once a reconciled table is read to its end: a batch of its stored rows, from the
