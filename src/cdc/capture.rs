@@ -886,15 +886,16 @@ impl Capture {
         Ok(row.get::<_, Option<bool>>(0).unwrap_or(false))
     }
 
-    /// Publishes a snapshot chunk's rows as `r` events (written by its reading task) and
-    /// records the table's progress with them.
+    /// Publishes a snapshot chunk's rows as `r` events (written by its reading task), or
+    /// reconciles the table's topic with them (`capture/reconcile.rs`), and records the
+    /// table's progress with them.
     pub async fn apply_chunk(
         &mut self,
         chunk: Chunk,
         state: &mut SnapshotState,
     ) -> anyhow::Result<()> {
         let t = chunk.table;
-        let version = state.row_version();
+        let version = state.version_of(&self.tables[t].name);
         let n = chunk.rows.len();
         // The chunk's regime: the newest of its table (a new one comes with its first chunk).
         let regimes = state
@@ -904,10 +905,7 @@ impl Capture {
         let regime = (regimes + usize::from(chunk.new_regime.is_some())).saturating_sub(1);
         let regime = u8::try_from(regime).unwrap_or(StoredRow::STREAMED - 1);
         let topic = Arc::clone(&self.tables[t].topic);
-        let reconcile = state
-            .tables
-            .get(&self.tables[t].name)
-            .is_some_and(|p| p.reconcile);
+        let reconcile = state.reconciling(&self.tables[t].name).is_some();
         self.store.reserve(n);
         for ((key, row), event) in chunk.rows.iter().zip(chunk.events) {
             if reconcile {
@@ -940,9 +938,11 @@ impl Capture {
         if chunk.last_key.is_some() {
             progress.after = chunk.last_key;
         }
-        // A reconciled table is done once the rows not read again are deleted
-        // (`Capture::sweep_step`).
-        progress.done |= chunk.last && !progress.reconcile;
+        match progress.reconcile.as_mut() {
+            // Done once the rows not read again are deleted (`Capture::sweep_step`).
+            Some(r) => r.read |= chunk.last,
+            None => progress.done |= chunk.last,
+        }
         self.store
             .put_meta("snapshot", serde_json::to_vec(state).unwrap_or_default());
         self.close_unit(None, 0);

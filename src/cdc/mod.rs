@@ -39,7 +39,7 @@ pub mod stream;
 pub mod tail;
 pub mod value;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -228,7 +228,18 @@ async fn start(
     producer.set_store(store.id());
     let mut capture = Capture::new(cfg.clone(), catalog, schemas, store, producer);
     if rebuilt_now {
-        capture.rebuilt_from = Some(have.clone());
+        // Every partition, those still empty too: a previous leader's late event is found
+        // in one as well (`tail::unchanged_since`).
+        let mut from = have.clone();
+        for t in &topics {
+            for p in 0..capture.producer.partitions(t) {
+                from.entry((t.clone(), p)).or_insert(tail::Last {
+                    seq: 0,
+                    store: None,
+                });
+            }
+        }
+        capture.rebuilt_from = Some(from);
     }
     capture.rebuilt = rebuilt;
     // This instance captures the slot (alone, or elected).
@@ -281,7 +292,7 @@ type Highest = std::collections::HashMap<(String, i32), tail::Last>;
 ///   after theirs: the tail check after a crash counts an outbox event as sent when its
 ///   partition holds a higher number, so numbers starting again at 1 would be skipped;
 /// - with the slot there, it is rebuilt from the topics (`rebuild.rs`), which needs the
-///   state record to say the snapshot was finished.
+///   state record of the slot's snapshot (a table it does not say finished is reconciled).
 ///
 /// Returns the store; what the topics hold that the server may send again (from this
 /// rebuild, or kept from an earlier one); each partition's last event; and whether it was
@@ -463,10 +474,26 @@ async fn recorded_snapshot(
         );
     };
     for name in &unfinished {
+        // One above the table's last reconcile the record knows of (each records itself
+        // before it publishes anything), or above the first snapshot's rows.
+        let version = state.version_of(name).saturating_add(1);
         state
             .tables
-            .insert(name.clone(), snapshot::TableProgress::reconciling());
+            .insert(name.clone(), snapshot::TableProgress::reconciling(version));
     }
+    let record = rebuild::StateRecord {
+        slot: c.capture.slot.clone(),
+        snapshot: Some(state.clone()),
+        written_at_ms: envelope::now_ms(),
+    };
+    rebuild::record_state(
+        &c.kafka.brokers,
+        &c.kafka.properties,
+        &cfg.state_topic(),
+        &record,
+    )
+    .await
+    .context("cannot record the reconcile in the state topic")?;
     tracing::warn!(
         tables = %unfinished.join(", "),
         "The state topic does not record the snapshot of these tables as finished, and their \
@@ -651,6 +678,7 @@ async fn prepare_slot(
         .context("cannot open the replication connection")?;
     let fresh = |consistent_lsn: u64, restart_lsn: u64, regimes: Vec<Regime>| SnapshotState {
         consistent_lsn,
+        removed: BTreeMap::new(),
         row_version: Some(restart_lsn.saturating_sub(1)),
         tables: capture
             .tables
@@ -662,7 +690,7 @@ async fn prepare_slot(
                         done: false,
                         after: None,
                         regimes: regimes.clone(),
-                        reconcile: false,
+                        reconcile: None,
                     },
                 )
             })
@@ -774,20 +802,28 @@ async fn follow_captured_tables(
         return Ok(());
     }
     for name in &removed {
+        // Its events so far: below the store's position, or at its reconcile's version.
+        let reconciled = state.reconciling(name).map_or(0, |r| r.version);
         state.tables.remove(name);
+        let below = capture.store.store_lsn().max(reconciled);
+        state.removed.insert(name.clone(), below);
     }
     let mut returning = Vec::new();
     for name in &added {
-        // Back after it was taken out: the store holds its rows as last captured.
+        // Back after it was taken out: the store holds its rows as last captured, every
+        // event of it published below the store's position then (not known if it was
+        // taken out by a version of chgate before this record: the position now).
+        let out_since = state.removed.remove(name);
         let progress = if capture.mark_found(name).await? {
             returning.push(name.clone());
-            TableProgress::reconciling()
+            let below = out_since.unwrap_or_else(|| capture.store.store_lsn());
+            TableProgress::reconciling(below.max(state.row_version()).saturating_add(1))
         } else {
             TableProgress {
                 done: false,
                 after: None,
                 regimes: Vec::new(),
-                reconcile: false,
+                reconcile: None,
             }
         };
         state.tables.insert(name.clone(), progress);
@@ -860,7 +896,7 @@ async fn run_snapshot(
             envelope: Arc::clone(&capture.tables[i].envelope),
             with_schema: capture.with_schema(),
             partitions: capture.producer.partitions(&capture.tables[i].topic),
-            version: state.row_version(),
+            version: state.version_of(&capture.tables[i].name),
         };
         let after = state
             .tables
@@ -894,6 +930,18 @@ async fn run_snapshot(
             }
         });
     };
+    // A reconcile that read every row before a restart goes on with its deletes, without
+    // reading again.
+    for i in todo.clone() {
+        if state
+            .reconciling(&capture.tables[i].name)
+            .is_some_and(|r| r.read)
+        {
+            sweep(capture, i, &mut state).await?;
+            todo.retain(|&t| t != i);
+            METRICS.cdc_snapshot_tables_pending.dec();
+        }
+    }
     while running < c.snapshot_parallel {
         let Some(i) = todo.pop_front() else { break };
         start(capture, i, &state);
@@ -927,13 +975,7 @@ async fn run_snapshot(
             .map(|job| tokio::task::spawn_blocking(move || job.write()));
         capture.settle()?;
         crate::failpoint::reach("cdc.snapshot_chunk").await;
-        let name = &capture.tables[table].name;
-        if last
-            && state
-                .tables
-                .get(name)
-                .is_some_and(|p| p.reconcile && !p.done)
-        {
+        if last && state.reconciling(&capture.tables[table].name).is_some() {
             finish_writing(capture, &mut writing).await?;
             sweep(capture, table, &mut state).await?;
         }

@@ -18,9 +18,10 @@
 //! The snapshot cannot be rebuilt so: a chunk in flight when the leader died is partly in
 //! the topics, and nothing says which rows. So the capture keeps a record per slot in a
 //! state topic ([`record_state`]): the snapshot as planned, before any of its rows is
-//! published, and done, once it is acknowledged. A rebuild needs the record to say done for
-//! every table whose topic holds events, and refuses otherwise, saying what would let it go
-//! on.
+//! published, a reconcile as it starts, and done, once it is acknowledged. A table whose
+//! topic holds events that the record does not say done is reconciled
+//! (`capture/reconcile.rs`); without any record the rebuild is refused, saying what would
+//! let it go on.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicBool;

@@ -86,18 +86,34 @@ pub struct TableProgress {
     /// The key of the last row published.
     pub after: Option<KeyText>,
     pub regimes: Vec<Regime>,
-    /// The table is read again to reconcile the topics with it (`capture/reconcile.rs`):
-    /// another instance's snapshot of it stopped part way, and the store, rebuilt from the
-    /// topics, holds the rows that one published. Its regime 0 stands for those rows (read
-    /// under no snapshot of this reading); the rows read again are compared with them,
-    /// and the ones not read again are deleted at the end.
+    /// The table is read again to reconcile its topic with it (`capture/reconcile.rs`):
+    /// another instance's snapshot of it stopped part way (the store, rebuilt from the
+    /// topics, holds the rows that one published), or it comes back to the capture (the
+    /// store holds its rows as last published). Its regime 0 stands for those rows (read
+    /// under no snapshot of this reading); the rows read again are compared with them, and
+    /// the ones not read again are deleted at the end.
     #[serde(default)]
-    pub reconcile: bool,
+    pub reconcile: Option<Reconcile>,
+}
+
+/// A reconcile under way (see [`TableProgress::reconcile`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Reconcile {
+    /// The version of its events: above every version the table's topic holds, below every
+    /// change the stream can still send (`capture/reconcile.rs` says why).
+    pub version: u64,
+    /// Every row was read: only the deletes of the rows not read again are left, and a
+    /// restart goes on with them without reading again (a new reading could find a key
+    /// the sweep already deleted, inserted again since, and publish it at the same version
+    /// as its delete).
+    #[serde(default)]
+    pub read: bool,
 }
 
 impl TableProgress {
-    /// The progress of a table read again to reconcile the topics with it.
-    pub fn reconciling() -> Self {
+    /// The progress of a table read again to reconcile its topic with it, its events at
+    /// `version`.
+    pub fn reconciling(version: u64) -> Self {
         Self {
             done: false,
             after: None,
@@ -106,7 +122,10 @@ impl TableProgress {
                 snapshot: None,
                 lsn_at: 0,
             }],
-            reconcile: true,
+            reconcile: Some(Reconcile {
+                version,
+                read: false,
+            }),
         }
     }
 }
@@ -122,12 +141,27 @@ pub struct SnapshotState {
     #[serde(default)]
     pub row_version: Option<u64>,
     pub tables: BTreeMap<String, TableProgress>,
+    /// Tables taken out of the capture, and the store's position then: every event of
+    /// theirs published is below it (a table that comes back is reconciled above it).
+    #[serde(default)]
+    pub removed: BTreeMap<String, u64>,
 }
 
 impl SnapshotState {
     /// Every snapshot row's version.
     pub fn row_version(&self) -> u64 {
         self.row_version.unwrap_or(self.consistent_lsn)
+    }
+
+    /// The version of a table's snapshot events: its reconcile's, or every snapshot row's.
+    pub fn version_of(&self, table: &str) -> u64 {
+        self.reconciling(table)
+            .map_or_else(|| self.row_version(), |r| r.version)
+    }
+
+    /// The table's reconcile under way, if it is being reconciled.
+    pub fn reconciling(&self, table: &str) -> Option<Reconcile> {
+        self.tables.get(table).and_then(|p| p.reconcile)
     }
 
     pub fn done(&self) -> bool {

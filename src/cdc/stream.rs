@@ -91,6 +91,10 @@ pub async fn run(
     conn.start_replication(start_sql).await?;
     if let Some(before) = capture.rebuilt_from.take() {
         let k = &capture.cfg.config.kafka;
+        // Racing: a previous leader's event that landed in a partition after the check
+        // before the snapshot, and before this instance's first event there, is hidden
+        // behind ours. That leader stopped when its session expired, a session timeout
+        // before this instance led, so its last events landed long before.
         let own = Some(capture.store.id());
         super::tail::unchanged_since(&k.brokers, &k.properties, k.tail_rewind, &before, own)
             .await?;

@@ -16,13 +16,28 @@
 //! - and, once the table is read to its end, every stored row not read again (deleted
 //!   since) gets a `d` event with it as `before` ([`Capture::sweep_step`]).
 //!
-//! Versions: the first snapshot's rows carry the snapshot's row version, below every
-//! change the slot can send; a reconciling event carries the published row's version plus
-//! one. Changes of the row that the new snapshot saw are skipped by the stream (the
-//! regime's visibility check); those it did not see come later, at their own LSNs, which
-//! lie above it (a WAL record takes more than one byte). So every row's versions still
-//! grow along its history, and VersionedCollapsingMergeTree gets exact cancel rows.
+//! Versions: every event of a reconcile carries one version `v` (a key gets at most one
+//! event per reconcile: a key read is not read again, the sweep takes only keys not read,
+//! and once every row was read a restart goes on with the sweep without reading again).
+//! `v` must lie above every version the table's topic holds for the key, and below every
+//! change of the key the stream still sends that the new snapshot did not see:
 //!
+//! - after a takeover mid-snapshot, the topic holds the first snapshot's rows at its row
+//!   version `rv` (one below the slot's restart LSN when it was planned) and the events of
+//!   earlier reconciles, each at one more than the one before; the state record says which
+//!   was the last (it is written before a reconcile publishes anything), so `v` is one
+//!   more. The stream sends changes at their WAL records' LSNs, from the slot's restart
+//!   LSN on: `rv + 1` is that of a `running_xacts` record, and the next change lies at
+//!   least a record's length (24 bytes) above it, so some twenty reconciles of one
+//!   snapshot fit below it;
+//! - a table that comes back to the capture: its events were all published before it was
+//!   taken out, below the store's position then (kept in the snapshot state), and `v` is
+//!   one more. A change of a key the new snapshot saw differ (or appear) was made while the
+//!   table was out, after that position, and any later change of the key follows its
+//!   commit (row locks), above `v`.
+//!
+//! Changes the new snapshot saw are skipped by the stream (the regime's visibility check).
+
 //! The same goes for a table that comes back to the capture after it was taken out: the
 //! store still holds its rows as the capture last saw them, and the table changed unseen.
 //!
@@ -74,7 +89,7 @@ impl Capture {
                 "unchanged"
             }
             Some(stored) => {
-                let v = next_version(stored.version, version);
+                let v = following(stored.version, version);
                 let source = reconciling(v, stored.version);
                 self.emit(
                     t,
@@ -99,7 +114,7 @@ impl Capture {
     /// earlier capture are still in the store, and the table changed meanwhile unseen):
     /// marks every stored row of it as not read again (regime 0, whatever regime an
     /// earlier snapshot read it under), a batch per commit. Whether it has any.
-    pub async fn mark_found(&mut self, table: &str) -> anyhow::Result<bool> {
+    pub(in crate::cdc) async fn mark_found(&mut self, table: &str) -> anyhow::Result<bool> {
         let mut after: Option<Vec<u8>> = None;
         let mut any = false;
         loop {
@@ -133,14 +148,14 @@ impl Capture {
     /// unit). `Ok(true)` once the table is done, which is recorded with the batch; after a
     /// crash the table's last chunk is read again (none) and the sweep goes on: the rows
     /// deleted before are gone from the store.
-    pub fn sweep_step(
+    pub(in crate::cdc) fn sweep_step(
         &mut self,
         t: usize,
         after: &mut Option<Vec<u8>>,
         state: &mut SnapshotState,
     ) -> anyhow::Result<bool> {
         let name = self.tables[t].name.clone();
-        let snapshot_version = state.row_version();
+        let version = state.version_of(&name);
         let batch = self.store.rows_batch(
             &name,
             after.as_deref(),
@@ -152,7 +167,7 @@ impl Capture {
             if row.regime != FOUND_IN_TOPICS && row.regime != StoredRow::STREAMED {
                 continue;
             }
-            let v = next_version(row.version, snapshot_version);
+            let v = following(row.version, version);
             let source = reconciling(v, row.version);
             self.emit(
                 t,
@@ -197,10 +212,11 @@ impl Capture {
     }
 }
 
-/// The version of an event that follows a published row of version `published`: above it,
-/// and above the snapshot's row version (a row an earlier capture streamed may be older).
-fn next_version(published: u64, snapshot: u64) -> u64 {
-    published.max(snapshot).saturating_add(1)
+/// The version of a reconcile's event (at `version`) that follows a published row of
+/// version `published`: `version`, which is above every published one; should a row say
+/// otherwise, above it all the same, so versions never go back along a row's history.
+fn following(published: u64, version: u64) -> u64 {
+    version.max(published.saturating_add(1))
 }
 
 /// The source of a reconciling event: a snapshot's, at version `version`, following the
@@ -223,11 +239,11 @@ mod tests {
 
     #[test]
     fn a_reconciling_event_follows_the_published_row() {
-        // A snapshot row (at the snapshot's version) and a row an earlier capture streamed
-        // before the snapshot's version: both are followed from above.
-        assert_eq!(next_version(1000, 1000), 1001);
-        assert_eq!(next_version(400, 1000), 1001);
-        assert_eq!(next_version(5000, 1000), 5001);
-        assert_eq!(next_version(u64::MAX, 1), u64::MAX);
+        // The reconcile's version is above what was published...
+        assert_eq!(following(1000, 1001), 1001);
+        assert_eq!(following(400, 1001), 1001);
+        // ...and should a row be newer, the event still follows it.
+        assert_eq!(following(5000, 1001), 5001);
+        assert_eq!(following(u64::MAX, 1), u64::MAX);
     }
 }
