@@ -135,25 +135,90 @@ impl BlockStream {
         self.done
     }
 
-    /// How many bytes the walk will step over next without reading them (a fixed-width
-    /// column's values, a string's bytes): a compressed frame that holds no more than this
-    /// need not be decompressed ([`BlockStream::skip`]).
+    /// How many bytes the walk will step over next without reading them (fixed-width
+    /// values, a string's bytes; the null map and values of a `Nullable` of fixed width, a
+    /// tuple's fixed-width elements, one after the other): a compressed frame that holds no
+    /// more than this need not be decompressed ([`BlockStream::skip`]).
     pub fn skippable(&self) -> u64 {
-        match self.stack.last() {
-            Some(Task::Skip(n)) => *n,
-            _ => 0,
+        let mut total: u64 = 0;
+        for &task in self.stack.iter().rev() {
+            match self.unread(task).and_then(|bytes| total.checked_add(bytes)) {
+                Some(sum) => total = sum,
+                None => break,
+            }
         }
+        total
     }
 
     /// Steps over `n` bytes that the walk would not read, at most [`BlockStream::skippable`].
-    pub fn skip(&mut self, n: u64) {
-        if let Some(Task::Skip(left)) = self.stack.last_mut() {
-            let take = n.min(*left);
-            *left -= take;
-            if *left == 0 {
+    pub fn skip(&mut self, mut n: u64) {
+        while n > 0 {
+            let Some(&task) = self.stack.last() else {
+                return;
+            };
+            if let Task::Skip(left) = task {
+                let take = n.min(left);
+                n -= take;
                 self.stack.pop();
+                if take < left {
+                    self.stack.push(Task::Skip(left - take));
+                }
+                continue;
+            }
+            // A step of fixed-width bytes only: those bytes, as one to step over.
+            let Some(bytes) = self.unread(task) else {
+                return;
+            };
+            self.stack.pop();
+            if bytes > 0 {
+                self.stack.push(Task::Skip(bytes));
             }
         }
+    }
+
+    /// The bytes a step takes if they are all stepped over unread (the step would become
+    /// skips, as [`BlockStream::data`] and [`BlockStream::prefix`] lay a type out); `None`
+    /// if it reads any, or would refuse the type.
+    fn unread(&self, task: Task) -> Option<u64> {
+        match task {
+            Task::Skip(n) => Some(n),
+            Task::Data { ty, rows, depth } => self.fixed_bytes(ty, rows, depth),
+            Task::Elements { list, rows, depth } => self.fixed_elements(list, rows, depth),
+            // No bytes: a type of fixed width has no state prefix.
+            Task::Prefix { ty, depth } => self.fixed_bytes(ty, 1, depth).map(|_| 0),
+            Task::Prefixes { list, depth } => self.fixed_elements(list, 1, depth).map(|_| 0),
+            _ => None,
+        }
+    }
+
+    /// The bytes of `rows` values of `ty` at `depth`, if they are all fixed-width.
+    fn fixed_bytes(&self, ty: Ty, rows: u64, depth: u32) -> Option<u64> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        match layout(self.text(ty)).ok()? {
+            Layout::Fixed(width) => column_bytes(rows, width).ok(),
+            Layout::Nullable(inner) => {
+                let values = self.fixed_bytes(self.within(ty, inner), rows, depth + 1)?;
+                values.checked_add(rows)
+            }
+            Layout::Tuple(list) => self.fixed_elements(self.within(ty, list), rows, depth),
+            Layout::As(other) => self.fixed_bytes(self.within(ty, other), rows, depth + 1),
+            _ => None,
+        }
+    }
+
+    /// The bytes of `rows` values of each of a tuple's element types in `list` (at
+    /// `depth + 1`, as [`Task::Elements`] walks them), if they are all fixed-width.
+    fn fixed_elements(&self, list: Ty, rows: u64, depth: u32) -> Option<u64> {
+        let mut total: u64 = 0;
+        let mut next = Some(list);
+        while let Some(list) = next {
+            let (first, rest) = self.first_element(list);
+            total = total.checked_add(self.fixed_bytes(first, rows, depth + 1)?)?;
+            next = rest;
+        }
+        Some(total)
     }
 
     /// Walks on over `bytes`, the block's next bytes after those taken so far: how many of
@@ -778,6 +843,117 @@ pub(super) mod tests {
             assert_eq!(stream_walk(&block, framing, || (r() % 40) as usize), want);
             assert_eq!(stream_walk(&block[..len - 1], framing, || 7), Ok(None));
         }
+    }
+
+    /// Walks `bytes` as a relay given them in pieces of `piece` bytes, stepping over (as
+    /// [`BlockStream::skip`]) each piece that holds only bytes the walk says it would not
+    /// read: where the block ended (`None` if not in these bytes), and how many pieces were
+    /// stepped over.
+    fn skipping_walk(
+        bytes: &[u8],
+        framing: Framing,
+        piece: usize,
+    ) -> Result<(Option<usize>, usize)> {
+        let mut walk = BlockStream::new(framing);
+        let (mut taken, mut given, mut skipped) = (0, 0, 0);
+        while given < bytes.len() {
+            let before = given;
+            given = (given + piece).min(bytes.len());
+            // Nothing left over from the last piece, and this one all unread.
+            if taken == before && (given - before) as u64 <= walk.skippable() {
+                walk.skip((given - before) as u64);
+                taken = given;
+                skipped += 1;
+                continue;
+            }
+            let (n, done) = walk.feed(&bytes[taken..given])?;
+            taken += n;
+            if done {
+                return Ok((Some(taken), skipped));
+            }
+        }
+        Ok((None, skipped))
+    }
+
+    #[test]
+    fn stepping_over_what_the_walk_would_not_read_ends_where_the_whole_walk_does() {
+        let mut rnd = test_random(0x5c1b);
+        let mut skipped = 0;
+        for round in 0..400 {
+            let framing = if round % 2 == 0 { HTTP } else { NATIVE };
+            // Columns of fixed width only (their null maps and elements) every third time.
+            let mut block = if round % 3 == 0 {
+                fixed_block(framing, &mut rnd)
+            } else {
+                random_block(framing, &mut rnd)
+            };
+            let len = block.len();
+            block.extend_from_slice(&[5, 1, 2, 3]);
+            for piece in [1, 3, 8, 64] {
+                let (end, n) = skipping_walk(&block, framing, piece).expect("a walk");
+                assert_eq!(end, Some(len), "round {round}, pieces of {piece}");
+                skipped += n;
+            }
+        }
+        assert!(skipped > 1000, "{skipped} pieces stepped over");
+    }
+
+    #[test]
+    fn a_nullable_or_tuple_of_fixed_width_is_stepped_over_whole() {
+        for (ty, unread) in [
+            ("Nullable(UInt32)", 100 + 400),
+            ("Tuple(UInt8, Float64)", 900),
+            (
+                "Tuple(a Nullable(Int16), b Tuple(UInt8, Nullable(Float32)))",
+                300 + 100 + 500,
+            ),
+            ("Array(UInt8)", 0),
+            ("Nullable(String)", 100),
+        ] {
+            let mut block = vec![1];
+            write_varint(&mut block, 100);
+            write_string(&mut block, "c");
+            write_string(&mut block, ty);
+            let mut walk = BlockStream::new(HTTP);
+            let (n, done) = walk.feed(&block).unwrap();
+            assert_eq!((n, done), (block.len(), false), "{ty}");
+            assert_eq!(walk.skippable(), unread, "{ty}");
+            if unread > 0 {
+                // Stepped over in two parts, the block is done.
+                walk.skip(unread / 3);
+                walk.skip(unread - unread / 3);
+                assert_eq!(walk.skippable(), 0, "{ty}");
+                assert_eq!(walk.feed(&[]), Ok((0, ty != "Nullable(String)")), "{ty}");
+            }
+        }
+    }
+
+    /// A block of one to three columns of fixed-width types nested in `Nullable` and
+    /// `Tuple`.
+    fn fixed_block(framing: Framing, rnd: &mut impl FnMut() -> u64) -> Vec<u8> {
+        const FIXED: [&str; 5] = [
+            "Nullable(UInt32)",
+            "Tuple(UInt8, Float64)",
+            "Tuple(a Nullable(Int16), b Tuple(UInt8, Nullable(Float32)))",
+            "Nullable(Decimal(20, 2))",
+            "Int8",
+        ];
+        let mut out = Vec::new();
+        if framing.block_info {
+            out.extend_from_slice(&[1, 0, 2, 0xff, 0xff, 0xff, 0xff, 0]);
+        }
+        let columns = 1 + rnd() % 3;
+        let rows = [1, 2, 7, 100][(rnd() % 4) as usize];
+        write_varint(&mut out, columns);
+        write_varint(&mut out, rows);
+        for c in 0..columns {
+            let ty = FIXED[(rnd() % FIXED.len() as u64) as usize];
+            write_string(&mut out, &format!("c{c}"));
+            write_string(&mut out, ty);
+            write_prefix(ty, &mut out);
+            write_data(ty, rows, framing, &mut out, rnd);
+        }
+        out
     }
 
     #[test]
