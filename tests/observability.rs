@@ -24,6 +24,10 @@ fn exposition() -> String {
         .cdc_skipped
         .with_label_values(&["seen_by_snapshot"])
         .inc();
+    METRICS
+        .cdc_reconciled_rows
+        .with_label_values(&["public.t", "unchanged"])
+        .inc();
     METRICS.cdc_transactions.with_label_values(&["whole"]).inc();
     METRICS
         .cdc_slot_wal_status
