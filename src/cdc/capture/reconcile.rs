@@ -11,10 +11,13 @@
 //!
 //! - the same row: nothing is published (the row is marked as read again);
 //! - another row (the table changed since the first snapshot read it): a `u` event whose
-//!   `before` is the published row, at a version just above that row's;
+//!   `before` is the published row;
 //! - no row for the key: the row's `r` event, as in any snapshot;
 //! - and, once the table is read to its end, every stored row not read again (deleted
 //!   since) gets a `d` event with it as `before` ([`Capture::sweep_step`]).
+//!
+//! The same goes for a table that comes back to the capture after it was taken out: the
+//! store still holds its rows as the capture last saw them, and the table changed unseen.
 //!
 //! Versions: every event of a reconcile carries one version `v` (a key gets at most one
 //! event per reconcile: a key read is not read again, the sweep takes only keys not read,
@@ -37,9 +40,6 @@
 //!   commit (row locks), above `v`.
 //!
 //! Changes the new snapshot saw are skipped by the stream (the regime's visibility check).
-
-//! The same goes for a table that comes back to the capture after it was taken out: the
-//! store still holds its rows as the capture last saw them, and the table changed unseen.
 //!
 //! The stored rows the reconcile has not read again are those marked with regime 0 (the
 //! placeholder [`super::super::snapshot::TableProgress::reconciling`] puts first: what the
