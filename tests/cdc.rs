@@ -1143,20 +1143,7 @@ fn the_standby_takes_over_when_the_leader_is_killed() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let db = rt.block_on(TestDb::create());
     let prefix = db.name.replace('_', "-");
-    let coordination = format!(
-        "\n[coordination]\nzookeeper = [\"127.0.0.1:2181\"]\nroot = \"/chgate-tests/{}\"\nsession_timeout = \"3s\"\nfollow = true\n",
-        db.name
-    );
-    let states = [
-        common::tempfile_path("cdc-state-a"),
-        common::tempfile_path("cdc-state-b"),
-    ];
-    let [cfg_a, cfg_b] = states.clone().map(|state| {
-        let cfg = config(&db, &prefix, &state, 1000);
-        let text = std::fs::read_to_string(&cfg).unwrap() + &coordination;
-        std::fs::write(&cfg, text).unwrap();
-        cfg
-    });
+    let (states, [cfg_a, cfg_b]) = standby_pair(&db, &prefix);
     let next_id = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(1));
     rt.block_on(async {
         pg(&db.name)
@@ -1259,20 +1246,7 @@ fn a_standby_takes_over_mid_snapshot_and_reconciles_the_topics() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let db = rt.block_on(TestDb::create());
     let prefix = db.name.replace('_', "-");
-    let coordination = format!(
-        "\n[coordination]\nzookeeper = [\"127.0.0.1:2181\"]\nroot = \"/chgate-tests/{}\"\nsession_timeout = \"3s\"\nfollow = true\n",
-        db.name
-    );
-    let states = [
-        common::tempfile_path("cdc-state-a"),
-        common::tempfile_path("cdc-state-b"),
-    ];
-    let [cfg_a, cfg_b] = states.clone().map(|state| {
-        let cfg = config(&db, &prefix, &state, 1000);
-        let text = std::fs::read_to_string(&cfg).unwrap() + &coordination;
-        std::fs::write(&cfg, text).unwrap();
-        cfg
-    });
+    let (states, [cfg_a, cfg_b]) = standby_pair(&db, &prefix);
     rt.block_on(seed(&db, 20000, 3000));
     let next_id = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(23001));
 
@@ -1294,8 +1268,8 @@ fn a_standby_takes_over_mid_snapshot_and_reconciles_the_topics() {
          UPDATE orders SET note = 'narrowed' WHERE id IN (50, 60, 70); \
          DELETE FROM orders WHERE id BETWEEN 101 AND 120",
     );
+    // Runs on through the kill and the takeover.
     let load = rt.spawn(workload(db.name.clone(), 31, 600, next_id.clone()));
-    std::thread::sleep(Duration::from_millis(300));
     let mut totals = Totals::default();
     let published = a.metric(
         "chgate_cdc_snapshot_rows_total",
@@ -1372,6 +1346,27 @@ fn a_standby_takes_over_mid_snapshot_and_reconciles_the_topics() {
     for s in &states {
         let _ = std::fs::remove_dir_all(s);
     }
+}
+
+/// Two instances of one capture, each with its own `state_dir`, electing a leader in the
+/// stack's ZooKeeper (session timeout 3 s) and following the topics while standing by:
+/// their state directories and configs.
+fn standby_pair(db: &TestDb, prefix: &str) -> ([PathBuf; 2], [PathBuf; 2]) {
+    let coordination = format!(
+        "\n[coordination]\nzookeeper = [\"127.0.0.1:2181\"]\nroot = \"/chgate-tests/{}\"\nsession_timeout = \"3s\"\nfollow = true\n",
+        db.name
+    );
+    let states = [
+        common::tempfile_path("cdc-state-a"),
+        common::tempfile_path("cdc-state-b"),
+    ];
+    let configs = states.clone().map(|state| {
+        let cfg = config(db, prefix, &state, 1000);
+        let text = std::fs::read_to_string(&cfg).unwrap() + &coordination;
+        std::fs::write(&cfg, text).unwrap();
+        cfg
+    });
+    (states, configs)
 }
 
 fn wait_standing_by(cdc: &Cdc) {

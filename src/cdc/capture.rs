@@ -613,14 +613,7 @@ impl Capture {
                 }
                 if run.delete_rows {
                     let source = self.source(run.tx, run.lsn, run.lsn, Some(row.version));
-                    self.emit(
-                        t,
-                        'd',
-                        key_json.as_bytes(),
-                        Some(row.json.as_bytes()),
-                        None,
-                        &source,
-                    );
+                    self.emit_delete(t, &key_json, &row, &source);
                 }
                 self.store.put(store_key, None);
             }
@@ -685,6 +678,12 @@ impl Capture {
             }),
         );
         self.key_buf = key;
+    }
+
+    /// A `d` event for a stored row, its complete `before`.
+    fn emit_delete(&mut self, t: usize, key_json: &str, row: &StoredRow, source: &Source) {
+        let before = Some(row.json.as_bytes());
+        self.emit(t, 'd', key_json.as_bytes(), before, None, source);
     }
 
     /// Adds one event to the open unit (and Debezium's tombstone after a delete), for the

@@ -169,14 +169,7 @@ impl Capture {
             }
             let v = following(row.version, version);
             let source = reconciling(v, row.version);
-            self.emit(
-                t,
-                'd',
-                key_json.as_bytes(),
-                Some(row.json.as_bytes()),
-                None,
-                &source,
-            );
+            self.emit_delete(t, &key_json, &row, &source);
             self.store.put(store_key, None);
             gone += 1;
         }
